@@ -1,0 +1,29 @@
+/* dsctl.h — how a dsctl subcommand registers itself.
+ *
+ * Each subcommand lives in its own file client/dsctl_<name>.c and ends with
+ *     DSCTL_COMMAND(name, "one-line summary", fn);
+ * which places a descriptor in the "dsctl_cmds" linker section; dsctl.c walks that section.
+ * fn(argc, argv) gets argv[0] == the subcommand name and returns the process exit status:
+ *   0 success, 1 runtime failure (cannot reach the coordinator, I/O error), 2 usage error or
+ *   invalid input (bad flags, malformed file, infeasible plan), 3 not found (unknown node/job). */
+#ifndef DSCTL_H
+#define DSCTL_H
+
+enum {
+    DSCTL_EXIT_OK = 0,
+    DSCTL_EXIT_FAILURE = 1,
+    DSCTL_EXIT_USAGE = 2,
+    DSCTL_EXIT_NOT_FOUND = 3,
+};
+
+struct dsctl_command {
+    const char *name;
+    const char *summary;
+    int (*run)(int argc, char **argv);
+};
+
+#define DSCTL_COMMAND(n, s, fn)                                                               \
+    static const struct dsctl_command dsctl_cmd_##n                                           \
+        __attribute__((used, section("dsctl_cmds"), aligned(sizeof(void *)))) = {#n, s, fn}
+
+#endif
