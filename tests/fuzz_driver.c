@@ -12,6 +12,10 @@
 #include <sys/stat.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+/* Optional: a target may build valid seed inputs in code (e.g. packed protobuf envelopes)
+ * instead of committing binary corpus files. Returns the number of seeds written (each a
+ * malloc'd buffer the driver frees). */
+size_t ds_fuzz_seeds(uint8_t **bufs, size_t *sizes, size_t max) __attribute__((weak));
 
 #define MAX_INPUTS 512
 #define MAX_INPUT_BYTES (1u << 20)
@@ -142,6 +146,8 @@ int main(int argc, char **argv)
         else if (argv[i][0] != '-')
             add_path(argv[i]);
     }
+    if (ds_fuzz_seeds)
+        n_inputs += ds_fuzz_seeds(inputs + n_inputs, sizes + n_inputs, MAX_INPUTS - n_inputs);
     for (size_t i = 0; i < n_inputs; i++)
         LLVMFuzzerTestOneInput(inputs[i], sizes[i]);
     if (n_inputs == 0) { /* start from a few generic seeds */
