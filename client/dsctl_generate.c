@@ -1,0 +1,240 @@
+/* dsctl_generate.c — `dsctl generate --local`: run a checkpoint in-process (no daemon).
+ *
+ * Prints `tokens: a,b,c` (the generated ids) as its last line; with --logits-out writes float32
+ * little-endian logits, one row of vocab_size per position fed to the model (the prompt, then
+ * every generated token but the last). */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ds_engine.h"
+#include "ds_model.h"
+#include "dsctl.h"
+
+#define GEN_MAX_TOKENS 1000000
+
+static void gen_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: dsctl generate --local --model DIR --tokens ID,ID,... [options]\n"
+            "  --max-tokens N      tokens to generate (default 16)\n"
+            "  --greedy            argmax decoding (default when no --temperature)\n"
+            "  --temperature T     sample with temperature T > 0\n"
+            "  --top-p P           nucleus sampling mass (0, 1]\n"
+            "  --top-k K           keep the K most likely tokens\n"
+            "  --seed S            sampler seed (default 1)\n"
+            "  --threads N         compute threads (default: all online CPUs)\n"
+            "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
+            "  --stop-eos          stop at the config's eos_token_id\n");
+}
+
+static int parse_tokens(const char *s, int32_t **out, uint32_t *n)
+{
+    size_t cap = 16, cnt = 0;
+    int32_t *v = malloc(cap * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    const char *p = s;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long long x = strtoll(p, &end, 10);
+        if (end == p || errno || x < 0 || x > INT32_MAX || (*end && *end != ',') ||
+            cnt >= GEN_MAX_TOKENS) {
+            free(v);
+            return -EINVAL;
+        }
+        if (cnt == cap) {
+            cap *= 2;
+            int32_t *nv = realloc(v, cap * sizeof(*v));
+            if (!nv) {
+                free(v);
+                return -ENOMEM;
+            }
+            v = nv;
+        }
+        v[cnt++] = (int32_t)x;
+        p = *end ? end + 1 : end;
+    }
+    if (!cnt) {
+        free(v);
+        return -EINVAL;
+    }
+    *out = v;
+    *n = (uint32_t)cnt;
+    return 0;
+}
+
+static int parse_num(const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double d = strtod(s, &end);
+    if (end == s || *end || errno || !(d >= lo && d <= hi))
+        return -EINVAL;
+    *out = d;
+    return 0;
+}
+
+static int cmd_generate(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"local", no_argument, NULL, 'L'},        {"model", required_argument, NULL, 'm'},
+        {"tokens", required_argument, NULL, 't'}, {"max-tokens", required_argument, NULL, 'n'},
+        {"greedy", no_argument, NULL, 'g'},       {"temperature", required_argument, NULL, 'T'},
+        {"top-p", required_argument, NULL, 'p'},  {"top-k", required_argument, NULL, 'k'},
+        {"seed", required_argument, NULL, 's'},   {"threads", required_argument, NULL, 'j'},
+        {"logits-out", required_argument, NULL, 'o'}, {"stop-eos", no_argument, NULL, 'e'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *tokens_s = NULL, *logits_path = NULL;
+    bool local = false, stop_eos = false;
+    double max_tokens = 16, temp = 0, top_p = 1, top_k = 0, seed = 1, threads = 0;
+    ds_sampler smp = {.greedy = true, .temperature = 1, .top_p = 1};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        int bad = 0;
+        switch (c) {
+        case 'L': local = true; break;
+        case 'm': model = optarg; break;
+        case 't': tokens_s = optarg; break;
+        case 'n': bad = parse_num(optarg, 0, GEN_MAX_TOKENS, &max_tokens); break;
+        case 'g': smp.greedy = true; temp = 0; break;
+        case 'T': bad = parse_num(optarg, 0, 1e6, &temp); break;
+        case 'p': bad = parse_num(optarg, 1e-9, 1, &top_p); break;
+        case 'k': bad = parse_num(optarg, 0, 1e9, &top_k); break;
+        case 's': bad = parse_num(optarg, 0, 1.8e19, &seed); break;
+        case 'j': bad = parse_num(optarg, 0, 1024, &threads); break;
+        case 'o': logits_path = optarg; break;
+        case 'e': stop_eos = true; break;
+        case 'h': gen_usage(stdout); return DSCTL_EXIT_OK;
+        default: gen_usage(stderr); return DSCTL_EXIT_USAGE;
+        }
+        if (bad) {
+            fprintf(stderr, "dsctl generate: bad option value: %s\n", optarg);
+            return DSCTL_EXIT_USAGE;
+        }
+    }
+    if (!local) {
+        fprintf(stderr, "dsctl generate: only --local (in-process) is supported so far\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (!model || !tokens_s) {
+        gen_usage(stderr);
+        return DSCTL_EXIT_USAGE;
+    }
+    int32_t *prompt = NULL;
+    uint32_t np = 0;
+    if (parse_tokens(tokens_s, &prompt, &np) < 0) {
+        fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (temp > 0) {
+        smp.greedy = false;
+        smp.temperature = (float)temp;
+    }
+    smp.top_p = (float)top_p;
+    smp.top_k = (uint32_t)top_k;
+    ds_sampler_seed(&smp, (uint64_t)seed);
+
+    int ret = DSCTL_EXIT_FAILURE, rc;
+    ds_error err = {0};
+    ds_model *m = NULL;
+    ds_pool *pool = NULL;
+    ds_engine *eng = NULL;
+    FILE *lf = NULL;
+    float *logits = NULL;
+    int32_t *gen = NULL;
+    uint32_t ngen = 0, nmax = (uint32_t)max_tokens;
+    if ((rc = ds_model_open(model, NULL, &m, &err)) < 0) {
+        fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
+        ret = DSCTL_EXIT_USAGE;
+        goto out;
+    }
+    const ds_model_config *cfg = ds_model_get_config(m);
+    uint32_t V = cfg->vocab_size;
+    for (uint32_t i = 0; i < np; i++)
+        if ((uint32_t)prompt[i] >= V) {
+            fprintf(stderr, "dsctl generate: token %d is outside the vocabulary (%u)\n",
+                    prompt[i], V);
+            ret = DSCTL_EXIT_USAGE;
+            goto out;
+        }
+    if ((rc = ds_pool_new((uint32_t)threads, NULL, 0, &pool)) < 0) {
+        fprintf(stderr, "dsctl generate: thread pool: %s\n", strerror(-rc));
+        goto out;
+    }
+    if ((rc = ds_engine_new(m, pool, np + nmax + 1, &eng, &err)) < 0 ||
+        (rc = ds_engine_seq_add(eng)) < 0) {
+        fprintf(stderr, "dsctl generate: %s\n", rc == -ENOMEM ? "out of memory" : ds_error_str(&err));
+        goto out;
+    }
+    int seq = rc;
+    logits = malloc((size_t)np * V * sizeof(float));
+    gen = malloc((nmax + 1) * sizeof(*gen));
+    int *seqs = calloc(np, sizeof(int));
+    if (!logits || !gen || !seqs) {
+        free(seqs);
+        fprintf(stderr, "dsctl generate: out of memory\n");
+        goto out;
+    }
+    for (uint32_t i = 0; i < np; i++)
+        seqs[i] = seq;
+    if (logits_path && !(lf = fopen(logits_path, "wbe"))) {
+        free(seqs);
+        fprintf(stderr, "dsctl generate: %s: %s\n", logits_path, strerror(errno));
+        goto out;
+    }
+    /* Prefill: every prompt position in one pass. */
+    rc = nmax ? ds_engine_forward(eng, np, seqs, prompt, logits, &err) : 0;
+    free(seqs);
+    if (rc < 0) {
+        fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
+        goto out;
+    }
+    if (nmax && lf && fwrite(logits, sizeof(float), (size_t)np * V, lf) != (size_t)np * V)
+        goto write_fail;
+    const float *last = logits + (size_t)(np - 1) * V;
+    while (ngen < nmax) {
+        int32_t t = ds_sampler_pick(&smp, last, V);
+        gen[ngen++] = t;
+        if (ngen == nmax || (stop_eos && t == cfg->eos_token_id))
+            break;
+        if ((rc = ds_engine_forward(eng, 1, &seq, &t, logits, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
+            goto out;
+        }
+        if (lf && fwrite(logits, sizeof(float), V, lf) != V)
+            goto write_fail;
+        last = logits;
+    }
+    if (lf) {
+        int e = fclose(lf);
+        lf = NULL;
+        if (e)
+            goto write_fail;
+    }
+    printf("tokens: ");
+    for (uint32_t i = 0; i < ngen; i++)
+        printf("%s%d", i ? "," : "", gen[i]);
+    printf("\n");
+    ret = DSCTL_EXIT_OK;
+    goto out;
+write_fail:
+    fprintf(stderr, "dsctl generate: %s: write failed\n", logits_path);
+out:
+    if (lf)
+        fclose(lf);
+    free(gen);
+    free(logits);
+    free(prompt);
+    ds_engine_free(eng);
+    ds_pool_free(pool);
+    ds_model_free(m);
+    return ret;
+}
+
+DSCTL_COMMAND(generate, "generate tokens from a checkpoint (--local: in-process)", cmd_generate);

@@ -1,0 +1,148 @@
+/* ds_model.h — the DeepSeek-V2/V3 forward pass as separable units, and an in-process engine.
+ *
+ * A ds_model is an opened checkpoint directory: config.json + safetensors (mmap), weights kept
+ * at checkpoint precision (see ds_tensor.h). The forward pass is cut along the design's units
+ * so that the cluster can run each on a different node:
+ *
+ *   embed        token ids              -> hidden rows x            [n, D]
+ *   attn[l]      x, positions, KV caches -> x + MLA(norm(x)) = h     [n, D]
+ *                                          ffn_in = post_norm(h)    [n, D]
+ *                                          router top-k ids/weights [n, k] (MoE layers)
+ *   dense[l]     ffn_in -> FFN(ffn_in)                              [n, D] (dense layers)
+ *   shared[l]    ffn_in -> shared experts' FFN(ffn_in)              [n, D] (MoE layers)
+ *   expert[l][e] ffn_in rows routed to e -> expert_e(ffn_in)        [m, D] (unweighted)
+ *   combine      h + sum_k w_k * expert_k + shared  (ds_moe_combine, experts/ds_experts.h)
+ *                or h + dense (ds_unit_add)
+ *   head         x -> lm_head(norm(x)) logits                       [n, vocab]
+ *
+ * BIT-IDENTITY INVARIANT. Every unit computes each output row from its own input row only
+ * (attention also reads that row's KV cache), with a fixed accumulation order for every
+ * output element: 8 interleaved fp32 fused-multiply-add partial sums over the input dimension
+ * combined in a fixed tree (ds_weight_matmul), norms and softmaxes in one sequential pass per
+ * row. Threads split work only across output elements / rows / heads, never inside a sum. So
+ * a row's result is bit-identical whatever other rows share the batch, however the rows are
+ * split across calls, whatever the thread count, and on any x86-64 or other CPU (FMA is used
+ * explicitly on every path; the product is built with -ffp-contract=off). The distributed
+ * cluster relies on this to reproduce `dsctl generate --local` token for token. The MoE
+ * combine order is fixed too: the router's slot order, then the shared experts.
+ *
+ * Thread safety: a ds_model is read-only after open; units may run concurrently from several
+ * threads as long as no two calls write the same KV cache. */
+#ifndef DS_MODEL_H
+#define DS_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "ds_config.h"
+#include "ds_err.h"
+#include "ds_pool.h"
+#include "ds_tensor.h"
+
+enum ds_unit_kind {
+    DS_UNIT_EMBED,
+    DS_UNIT_ATTN,   /* layer l: norms, MLA, router gate (+ bias) */
+    DS_UNIT_DENSE,  /* layer l < first_k_dense_replace (or non-MoE layer) */
+    DS_UNIT_SHARED, /* layer l: shared experts */
+    DS_UNIT_EXPERT, /* layer l, expert e */
+    DS_UNIT_HEAD,   /* final norm + lm_head */
+};
+
+/* Which units to bind at open. NULL want = all. Unbound units return -ENOENT when called.
+ * Tensors of unbound units are neither validated against the config nor touched (the mapping
+ * is lazy, so they cost no memory). */
+typedef struct ds_model_open_opts {
+    bool (*want)(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert);
+    void *want_ctx;
+} ds_model_open_opts;
+
+typedef struct ds_model ds_model;
+
+/* Opens DIR (config.json + model.safetensors or model.safetensors.index.json). Validates every
+ * needed tensor's presence, dtype and shape against the config; errors name file and tensor.
+ * opts may be NULL. */
+int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **ret,
+                  ds_error *err);
+ds_model *ds_model_free(ds_model *m);
+const ds_model_config *ds_model_get_config(const ds_model *m);
+
+/* --- KV cache ---------------------------------------------------------------------------
+ * The compressed MLA cache of ONE sequence for the layers [layer_begin, layer_end): per
+ * layer, per position, the normalised latent c (kv_lora_rank floats) then the roped k_pe
+ * (qk_rope_head_dim floats). A node owns caches only for the layers it hosts. Capacity grows
+ * on demand up to max_positions. */
+typedef struct ds_kv_cache ds_kv_cache;
+
+int ds_kv_cache_new(const ds_model_config *c, uint32_t layer_begin, uint32_t layer_end,
+                    uint32_t max_positions, ds_kv_cache **ret);
+ds_kv_cache *ds_kv_cache_free(ds_kv_cache *kv);
+/* Positions stored for layer l (the next position to write is this value). */
+uint32_t ds_kv_cache_len(const ds_kv_cache *kv, uint32_t layer);
+/* Forgets positions >= len in every layer (rewind); len must be <= the current lengths. */
+int ds_kv_cache_truncate(ds_kv_cache *kv, uint32_t len);
+
+/* --- Units --------------------------------------------------------------------------------
+ * All row buffers are float32 row-major and caller-owned; n may be 0. pool may be NULL. */
+
+/* out[n, D] = embedding rows of tokens[n]; -ERANGE with err for an id outside the vocab. */
+int ds_unit_embed(const ds_model *m, ds_pool *pool, const int32_t *tokens, uint32_t n,
+                  float *out, ds_error *err);
+
+typedef struct ds_attn_out {
+    float *hidden;        /* [n, D] x + o_proj(MLA(input_layernorm(x))) */
+    float *ffn_in;        /* [n, D] post_attention_layernorm(hidden) */
+    int32_t *topk_ids;    /* [n, num_experts_per_tok] MoE layers only; may be NULL otherwise */
+    float *topk_weights;  /* [n, num_experts_per_tok] unbiased, normalised, scaled */
+} ds_attn_out;
+
+/* Attention unit of layer l for n rows. Row i belongs to the sequence whose cache is
+ * caches[i] and sits at positions[i]. Each row's latent/k_pe is written to its cache at
+ * positions[i] (which must be <= that cache's current length for l; a smaller value rewinds
+ * the cache), then the row attends to positions [0, positions[i]] of its cache. Rows of one
+ * sequence within a call must have consecutive increasing positions. The router runs here
+ * for MoE layers (the gate is part of attn[l]). */
+int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *x, uint32_t n,
+                 const uint32_t *positions, ds_kv_cache *const *caches, ds_attn_out *out,
+                 ds_error *err);
+
+/* out[n, D] = dense FFN of layer l (down(silu(gate x) * up x)) of ffn_in. */
+int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
+                  uint32_t n, float *out, ds_error *err);
+/* out[n, D] = shared experts' FFN of layer l (MoE layers with n_shared_experts > 0). */
+int ds_unit_shared(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
+                   uint32_t n, float *out, ds_error *err);
+/* out[n, D] = routed expert e of layer l applied to n rows (unweighted). */
+int ds_unit_expert(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t expert,
+                   const float *ffn_in, uint32_t n, float *out, ds_error *err);
+/* logits[n, vocab] = lm_head(norm(x)). */
+int ds_unit_head(const ds_model *m, ds_pool *pool, const float *x, uint32_t n, float *logits,
+                 ds_error *err);
+
+/* --- Router (DeepSeek's reference rules) ---------------------------------------------------
+ * scores: softmax (V2) or sigmoid (V3) of the gate logits, in fp32. Selection uses the scores
+ * plus bias when a bias is given (e_score_correction_bias, whatever the width); group-limited
+ * methods keep the topk_group best groups (group score: max for group_limited_greedy, sum of
+ * the top 2 biased scores for noaux_tc) and mask the others with -inf. Weights are the
+ * UNBIASED scores of the chosen experts, divided by their sum when norm_topk_prob (plus 1e-20
+ * for noaux_tc like the reference), times routed_scaling_factor. Ties choose the lower index.
+ * ids/weights: [num_experts_per_tok], in descending order of selection score. */
+void ds_router_select(const ds_model_config *c, const float *gate_logits, const float *bias,
+                      int32_t *ids, float *weights);
+
+/* hidden[n, D] += delta[n, D] (the dense-layer combine; same for every batch split). */
+void ds_unit_add(uint32_t d, uint32_t n, const float *delta, float *hidden);
+
+/* --- Sampling ------------------------------------------------------------------------------ */
+typedef struct ds_sampler {
+    bool greedy;        /* argmax (lowest id on ties); the other fields are ignored */
+    float temperature;  /* > 0 */
+    float top_p;        /* (0, 1]; 1 = off */
+    uint32_t top_k;     /* 0 = off */
+    uint64_t state;     /* PRNG state (xorshift64*), seeded with ds_sampler_seed */
+} ds_sampler;
+
+void ds_sampler_seed(ds_sampler *s, uint64_t seed);
+/* Picks a token id from logits[vocab]. */
+int32_t ds_sampler_pick(ds_sampler *s, const float *logits, uint32_t vocab);
+
+#endif

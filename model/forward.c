@@ -1,0 +1,437 @@
+/* forward.c — the units of ds_model.h: embedding, MLA attention in the absorbed form over the
+ * compressed KV cache, RMSNorm, YaRN rope on adjacent pairs, the router, FFNs, head.
+ * Every per-row computation has a fixed order (see the invariant in ds_model.h). */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_impl.h"
+
+/* ---- helpers ---- */
+
+static void rmsnorm(const float *x, const float *w, uint32_t d, double eps, float *out)
+{
+    double ss = 0;
+    for (uint32_t i = 0; i < d; i++)
+        ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / d + eps));
+    for (uint32_t i = 0; i < d; i++)
+        out[i] = w[i] * (x[i] * r);
+}
+
+/* Fixed-order dot product (same lane structure as the matmul kernel). */
+static float dotf(const float *a, const float *b, uint32_t n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint32_t n8 = n & ~7u;
+    for (uint32_t c = 0; c < n8; c += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] = fmaf(a[c + j], b[c + j], acc[j]);
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (uint32_t c = n8; c < n; c++)
+        s = fmaf(a[c], b[c], s);
+    return s;
+}
+
+static double yarn_mscale(double scale, double m)
+{
+    return scale <= 1.0 ? 1.0 : 0.1 * m * log(scale) + 1.0;
+}
+
+int ds_rope_init(const ds_model_config *c, ds_rope *r)
+{
+    uint32_t dim = c->qk_rope_head_dim, half = dim / 2;
+    r->inv_freq = calloc(half ? half : 1, sizeof(double));
+    if (!r->inv_freq)
+        return -ENOMEM;
+    double base = c->rope.theta;
+    for (uint32_t i = 0; i < half; i++)
+        r->inv_freq[i] = 1.0 / pow(base, (double)(2 * i) / dim);
+    r->attn_factor = 1.0;
+    r->softmax_scale = 1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim));
+    if (!c->rope.yarn || dim == 0)
+        return 0;
+    double f = c->rope.factor, orig = c->rope.original_max_position_embeddings;
+#define CORR(rot) (dim * log(orig / ((rot) * 2 * M_PI)) / (2 * log(base)))
+    double low = floor(CORR(c->rope.beta_fast)), high = ceil(CORR(c->rope.beta_slow));
+#undef CORR
+    if (low < 0)
+        low = 0;
+    if (high > dim - 1)
+        high = dim - 1;
+    if (low == high)
+        high += 0.001;
+    for (uint32_t i = 0; i < half; i++) {
+        double ramp = (i - low) / (high - low);
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        double fr = r->inv_freq[i];
+        r->inv_freq[i] = fr / f * ramp + fr * (1 - ramp);
+    }
+    r->attn_factor = yarn_mscale(f, c->rope.mscale) / yarn_mscale(f, c->rope.mscale_all_dim);
+    if (c->rope.mscale_all_dim) {
+        double ms = yarn_mscale(f, c->rope.mscale_all_dim);
+        r->softmax_scale *= ms * ms;
+    }
+    return 0;
+}
+
+/* Rotates adjacent pairs (x[2i], x[2i+1]) by pos * inv_freq[i]. */
+static void rope_apply(const ds_rope *r, uint32_t dim, uint32_t pos, float *x)
+{
+    for (uint32_t i = 0; i < dim / 2; i++) {
+        float ang = (float)pos * (float)r->inv_freq[i];
+        float cs = (float)(cos(ang) * r->attn_factor), sn = (float)(sin(ang) * r->attn_factor);
+        float a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i] = a * cs - b * sn;
+        x[2 * i + 1] = a * sn + b * cs;
+    }
+}
+
+static float silu(float g)
+{
+    return g / (1.0f + expf(-g));
+}
+
+/* ---- KV cache ---- */
+
+struct ds_kv_cache {
+    uint32_t layer_begin, layer_end;
+    uint32_t width;         /* C + dr floats per position */
+    uint32_t max_positions;
+    uint32_t cap;           /* positions allocated per layer */
+    uint32_t *len;          /* [layers] */
+    float **data;           /* [layers][cap * width] */
+};
+
+int ds_kv_cache_new(const ds_model_config *c, uint32_t lb, uint32_t le, uint32_t max_positions,
+                    ds_kv_cache **ret)
+{
+    if (lb > le || le > c->num_hidden_layers || max_positions == 0 || max_positions > (1u << 24))
+        return -EINVAL;
+    ds_kv_cache *kv = calloc(1, sizeof(*kv));
+    if (!kv)
+        return -ENOMEM;
+    kv->layer_begin = lb;
+    kv->layer_end = le;
+    kv->width = c->kv_lora_rank + c->qk_rope_head_dim;
+    kv->max_positions = max_positions;
+    uint32_t nl = le - lb ? le - lb : 1;
+    kv->len = calloc(nl, sizeof(*kv->len));
+    kv->data = calloc(nl, sizeof(*kv->data));
+    if (!kv->len || !kv->data) {
+        ds_kv_cache_free(kv);
+        return -ENOMEM;
+    }
+    *ret = kv;
+    return 0;
+}
+
+ds_kv_cache *ds_kv_cache_free(ds_kv_cache *kv)
+{
+    if (!kv)
+        return NULL;
+    if (kv->data)
+        for (uint32_t l = 0; l < kv->layer_end - kv->layer_begin; l++)
+            free(kv->data[l]);
+    free(kv->data);
+    free(kv->len);
+    free(kv);
+    return NULL;
+}
+
+uint32_t ds_kv_cache_len(const ds_kv_cache *kv, uint32_t layer)
+{
+    if (layer < kv->layer_begin || layer >= kv->layer_end)
+        return 0;
+    return kv->len[layer - kv->layer_begin];
+}
+
+int ds_kv_cache_truncate(ds_kv_cache *kv, uint32_t len)
+{
+    for (uint32_t l = 0; l < kv->layer_end - kv->layer_begin; l++) {
+        if (len > kv->len[l])
+            return -EINVAL;
+        kv->len[l] = len;
+    }
+    return 0;
+}
+
+static int kv_reserve(ds_kv_cache *kv, uint32_t need)
+{
+    if (need > kv->max_positions)
+        return -ENOSPC;
+    if (need <= kv->cap)
+        return 0;
+    uint32_t cap = kv->cap ? kv->cap : 64;
+    while (cap < need)
+        cap *= 2;
+    if (cap > kv->max_positions)
+        cap = kv->max_positions;
+    for (uint32_t l = 0; l < kv->layer_end - kv->layer_begin; l++) {
+        float *n = realloc(kv->data[l], (size_t)cap * kv->width * sizeof(float));
+        if (!n)
+            return -ENOMEM;
+        kv->data[l] = n;
+    }
+    kv->cap = cap;
+    return 0;
+}
+
+/* ---- units ---- */
+
+int ds_unit_embed(const ds_model *m, ds_pool *pool, const int32_t *tokens, uint32_t n,
+                  float *out, ds_error *err)
+{
+    if (!m->embed_bound)
+        return ds_error_set(err, -ENOENT, "embed unit not loaded");
+    for (uint32_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || (uint32_t)tokens[i] >= m->cfg.vocab_size)
+            return ds_error_set(err, -ERANGE, "token id %d outside the vocabulary [0, %u)",
+                                tokens[i], m->cfg.vocab_size);
+        ds_weight_row_f32(&m->embed, (uint32_t)tokens[i], out + (size_t)i * m->cfg.hidden_size);
+    }
+    return 0;
+}
+
+typedef struct attn_ctx {
+    const ds_model *m;
+    const ds_layer *L;
+    uint32_t n;
+    const uint32_t *pos;
+    ds_kv_cache *const *caches;
+    uint32_t layer;
+    const float *q;    /* [n, H*(dn+dr)] roped */
+    float *att;        /* [n, H*dv] */
+    int failed;
+} attn_ctx;
+
+/* One (row, head): absorbed MLA against the row's cache. */
+static void attn_task(void *arg, uint32_t t)
+{
+    attn_ctx *a = arg;
+    const ds_model_config *c = &a->m->cfg;
+    uint32_t H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    uint32_t dv = c->v_head_dim, C = c->kv_lora_rank;
+    uint32_t i = t / H, h = t % H;
+    const ds_kv_cache *kv = a->caches[i];
+    const float *cache = kv->data[a->layer - kv->layer_begin];
+    uint32_t T = a->pos[i] + 1;
+    const float *q = a->q + (size_t)i * H * (dn + dr) + (size_t)h * (dn + dr);
+    float *buf = malloc(((size_t)C * 2 + T + dv + C) * sizeof(float));
+    if (!buf) {
+        a->failed = -ENOMEM;
+        return;
+    }
+    float *qlat = buf, *olat = buf + C, *p = buf + 2 * (size_t)C, *wrow = p + T;
+    /* q_lat[c] = sum_d q_nope[d] * W_UK[h][d][c], d ascending */
+    memset(qlat, 0, C * sizeof(float));
+    for (uint32_t d = 0; d < dn; d++) {
+        ds_weight_row_f32(&a->L->kv_b, h * (dn + dv) + d, wrow);
+        for (uint32_t cc = 0; cc < C; cc++)
+            qlat[cc] = fmaf(q[d], wrow[cc], qlat[cc]);
+    }
+    float scale = (float)a->m->rope.softmax_scale;
+    float mx = -INFINITY;
+    for (uint32_t s = 0; s < T; s++) {
+        const float *e = cache + (size_t)s * kv->width;
+        float sc = dotf(qlat, e, C) + dotf(q + dn, e + C, dr);
+        p[s] = sc * scale;
+        if (p[s] > mx)
+            mx = p[s];
+    }
+    float sum = 0;
+    for (uint32_t s = 0; s < T; s++) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    memset(olat, 0, C * sizeof(float));
+    for (uint32_t s = 0; s < T; s++) {
+        const float *e = cache + (size_t)s * kv->width;
+        float w = p[s] / sum;
+        for (uint32_t cc = 0; cc < C; cc++)
+            olat[cc] = fmaf(w, e[cc], olat[cc]);
+    }
+    float *out = a->att + (size_t)i * H * dv + (size_t)h * dv;
+    for (uint32_t j = 0; j < dv; j++) {
+        ds_weight_row_f32(&a->L->kv_b, h * (dn + dv) + dn + j, wrow);
+        out[j] = dotf(wrow, olat, C);
+    }
+    free(buf);
+}
+
+int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *x, uint32_t n,
+                 const uint32_t *positions, ds_kv_cache *const *caches, ds_attn_out *out,
+                 ds_error *err)
+{
+    const ds_model_config *c = &m->cfg;
+    if (layer >= c->num_hidden_layers || !m->layers[layer].attn_bound)
+        return ds_error_set(err, -ENOENT, "attn[%u] unit not loaded", layer);
+    const ds_layer *L = &m->layers[layer];
+    if (n == 0)
+        return 0;
+    uint32_t D = c->hidden_size, H = c->num_attention_heads, dn = c->qk_nope_head_dim;
+    uint32_t dr = c->qk_rope_head_dim, dv = c->v_head_dim, C = c->kv_lora_rank;
+    uint32_t qw = H * (dn + dr), kvw = C + dr;
+    /* Validate caches and positions before touching anything. */
+    for (uint32_t i = 0; i < n; i++) {
+        ds_kv_cache *kv = caches[i];
+        if (!kv || layer < kv->layer_begin || layer >= kv->layer_end)
+            return ds_error_set(err, -EINVAL, "attn[%u]: row %u has no cache for this layer",
+                                layer, i);
+        uint32_t len = kv->len[layer - kv->layer_begin];
+        /* earlier rows of the same cache in this call extend it */
+        for (uint32_t j = 0; j < i; j++)
+            if (caches[j] == kv)
+                len = positions[j] + 1;
+        if (positions[i] > len)
+            return ds_error_set(err, -EINVAL, "attn[%u]: row %u position %u skips past cache "
+                                "length %u", layer, i, positions[i], len);
+        if (positions[i] >= kv->max_positions)
+            return ds_error_set(err, -ENOSPC, "attn[%u]: position %u beyond the cache's %u",
+                                layer, positions[i], kv->max_positions);
+    }
+    size_t qa_w = c->q_lora_rank ? c->q_lora_rank : 1;
+    float *xn = malloc((size_t)n * D * sizeof(float));
+    float *qa = malloc((size_t)n * qa_w * sizeof(float));
+    float *q = malloc((size_t)n * qw * sizeof(float));
+    float *kva = malloc((size_t)n * kvw * sizeof(float));
+    float *att = malloc((size_t)n * H * dv * sizeof(float));
+    int rc = 0;
+    if (!xn || !qa || !q || !kva || !att) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        rmsnorm(x + (size_t)i * D, L->attn_norm, D, c->rms_norm_eps, xn + (size_t)i * D);
+    if (c->q_lora_rank) {
+        ds_weight_matmul(&L->q_a, xn, n, qa, pool);
+        /* HF uses eps 1e-6 for the LoRA norms whatever rms_norm_eps says. */
+        for (uint32_t i = 0; i < n; i++)
+            rmsnorm(qa + i * qa_w, L->q_a_norm, c->q_lora_rank, 1e-6, qa + i * qa_w);
+        ds_weight_matmul(&L->q_b, qa, n, q, pool);
+    } else {
+        ds_weight_matmul(&L->q_b, xn, n, q, pool);
+    }
+    ds_weight_matmul(&L->kv_a, xn, n, kva, pool);
+    for (uint32_t i = 0; i < n; i++) {
+        float *kr = kva + (size_t)i * kvw;
+        rmsnorm(kr, L->kv_a_norm, C, 1e-6, kr);
+        rope_apply(&m->rope, dr, positions[i], kr + C);
+        for (uint32_t h = 0; h < H; h++)
+            rope_apply(&m->rope, dr, positions[i], q + (size_t)i * qw + h * (dn + dr) + dn);
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        ds_kv_cache *kv = caches[i];
+        uint32_t li = layer - kv->layer_begin;
+        if ((rc = kv_reserve(kv, positions[i] + 1)) < 0) {
+            ds_error_set(err, rc, "attn[%u]: KV cache", layer);
+            goto out;
+        }
+        memcpy(kv->data[li] + (size_t)positions[i] * kvw, kva + (size_t)i * kvw,
+               kvw * sizeof(float));
+        kv->len[li] = positions[i] + 1;
+    }
+    attn_ctx a = {m, L, n, positions, caches, layer, q, att, 0};
+    ds_pool_run(pool, n * H, attn_task, &a);
+    if (a.failed) {
+        rc = ds_error_set(err, a.failed, "attn[%u]: out of memory", layer);
+        goto out;
+    }
+    ds_weight_matmul(&L->o, att, n, out->hidden, pool);
+    for (size_t i = 0; i < (size_t)n * D; i++)
+        out->hidden[i] += x[i];
+    for (uint32_t i = 0; i < n; i++)
+        rmsnorm(out->hidden + (size_t)i * D, L->ffn_norm, D, c->rms_norm_eps,
+                out->ffn_in + (size_t)i * D);
+    if (L->moe && out->topk_ids && out->topk_weights) {
+        uint32_t E = c->n_routed_experts, k = c->num_experts_per_tok;
+        float *logits = malloc((size_t)n * E * sizeof(float));
+        if (!logits) {
+            rc = -ENOMEM;
+            goto out;
+        }
+        ds_weight_matmul(&L->gate, out->ffn_in, n, logits, pool);
+        for (uint32_t i = 0; i < n; i++)
+            ds_router_select(c, logits + (size_t)i * E, L->gate_bias, out->topk_ids + i * k,
+                             out->topk_weights + i * k);
+        free(logits);
+    }
+out:
+    free(xn);
+    free(qa);
+    free(q);
+    free(kva);
+    free(att);
+    return rc;
+}
+
+static int ffn_run(const ds_ffn *f, ds_pool *pool, const float *x, uint32_t n, float *out)
+{
+    uint32_t I = f->gate.rows;
+    float *g = malloc((size_t)n * I * sizeof(float) + 1);
+    float *u = malloc((size_t)n * I * sizeof(float) + 1);
+    if (!g || !u) {
+        free(g);
+        free(u);
+        return -ENOMEM;
+    }
+    ds_weight_matmul(&f->gate, x, n, g, pool);
+    ds_weight_matmul(&f->up, x, n, u, pool);
+    for (size_t i = 0; i < (size_t)n * I; i++)
+        g[i] = silu(g[i]) * u[i];
+    ds_weight_matmul(&f->down, g, n, out, pool);
+    free(g);
+    free(u);
+    return 0;
+}
+
+int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
+                  uint32_t n, float *out, ds_error *err)
+{
+    if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].dense.bound)
+        return ds_error_set(err, -ENOENT, "dense[%u] unit not loaded", layer);
+    int rc = ffn_run(&m->layers[layer].dense, pool, ffn_in, n, out);
+    return rc < 0 ? ds_error_set(err, rc, "dense[%u]: out of memory", layer) : 0;
+}
+
+int ds_unit_shared(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
+                   uint32_t n, float *out, ds_error *err)
+{
+    if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].shared.bound)
+        return ds_error_set(err, -ENOENT, "shared[%u] unit not loaded", layer);
+    int rc = ffn_run(&m->layers[layer].shared, pool, ffn_in, n, out);
+    return rc < 0 ? ds_error_set(err, rc, "shared[%u]: out of memory", layer) : 0;
+}
+
+int ds_unit_expert(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t expert,
+                   const float *ffn_in, uint32_t n, float *out, ds_error *err)
+{
+    if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].experts ||
+        expert >= m->cfg.n_routed_experts || !m->layers[layer].experts[expert].bound)
+        return ds_error_set(err, -ENOENT, "expert[%u][%u] unit not loaded", layer, expert);
+    int rc = ffn_run(&m->layers[layer].experts[expert], pool, ffn_in, n, out);
+    return rc < 0 ? ds_error_set(err, rc, "expert[%u][%u]: out of memory", layer, expert) : 0;
+}
+
+int ds_unit_head(const ds_model *m, ds_pool *pool, const float *x, uint32_t n, float *logits,
+                 ds_error *err)
+{
+    if (!m->head_bound)
+        return ds_error_set(err, -ENOENT, "head unit not loaded");
+    uint32_t D = m->cfg.hidden_size;
+    float *xn = malloc((size_t)n * D * sizeof(float) + 1);
+    if (!xn)
+        return ds_error_set(err, -ENOMEM, "head: out of memory");
+    for (uint32_t i = 0; i < n; i++)
+        rmsnorm(x + (size_t)i * D, m->final_norm, D, m->cfg.rms_norm_eps, xn + (size_t)i * D);
+    ds_weight_matmul(&m->lm_head, xn, n, logits, pool);
+    free(xn);
+    return 0;
+}
+
+void ds_unit_add(uint32_t d, uint32_t n, const float *delta, float *hidden)
+{
+    for (size_t i = 0; i < (size_t)d * n; i++)
+        hidden[i] += delta[i];
+}

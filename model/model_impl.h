@@ -1,0 +1,54 @@
+/* model_impl.h — the private layout of ds_model shared by the model sources. */
+#ifndef DS_MODEL_IMPL_H
+#define DS_MODEL_IMPL_H
+
+#include "ds_model.h"
+
+typedef struct ds_ffn {
+    bool bound;
+    ds_weight gate, up; /* [I, D] */
+    ds_weight down;     /* [D, I] */
+} ds_ffn;
+
+typedef struct ds_layer {
+    bool moe;               /* routed MoE FFN (else dense) */
+    bool attn_bound;
+    const float *attn_norm; /* [D] input_layernorm */
+    const float *ffn_norm;  /* [D] post_attention_layernorm */
+    ds_weight q_a;          /* [q_lora_rank, D] (q LoRA only) */
+    const float *q_a_norm;  /* [q_lora_rank] */
+    ds_weight q_b;          /* [H*(dn+dr), q_lora_rank or D] (q_b_proj or q_proj) */
+    ds_weight kv_a;         /* [C + dr, D] */
+    const float *kv_a_norm; /* [C] */
+    ds_weight kv_b;         /* [H*(dn+dv), C]: per head dn rows W_UK then dv rows W_UV */
+    ds_weight o;            /* [D, H*dv] */
+    ds_weight gate;         /* [E, D] router (MoE) */
+    const float *gate_bias; /* [E] e_score_correction_bias or NULL */
+    ds_ffn dense;           /* dense layers */
+    ds_ffn shared;          /* MoE layers with shared experts */
+    ds_ffn *experts;        /* [E] MoE layers */
+} ds_layer;
+
+typedef struct ds_rope {
+    double *inv_freq;       /* [dr/2] after YaRN */
+    double attn_factor;     /* multiplies cos and sin (YaRN mscale ratio) */
+    double softmax_scale;   /* (dn+dr)^-0.5 * mscale_all^2 */
+} ds_rope;
+
+struct ds_model {
+    char *dir;
+    ds_model_config cfg;
+    ds_st *st;
+    bool embed_bound, head_bound;
+    ds_weight embed;          /* [V, D] */
+    const float *final_norm;  /* [D] */
+    ds_weight lm_head;        /* [V, D] */
+    ds_layer *layers;         /* [num_hidden_layers] */
+    ds_rope rope;
+    void **owned;             /* converted copies freed with the model */
+    size_t n_owned, cap_owned;
+};
+
+int ds_rope_init(const ds_model_config *c, ds_rope *r);
+
+#endif
