@@ -25,8 +25,19 @@
 
 /* Medium model (about 350 MB of BF16). */
 enum {
-    B_VOCAB = 16384, B_D = 1024, B_LAYERS = 5, B_HEADS = 8, B_KV = 256, B_NOPE = 64,
-    B_ROPE = 32, B_V = 64, B_E = 32, B_K = 6, B_SHARED = 2, B_MOE_I = 256, B_DENSE_I = 2816,
+    B_VOCAB = 16384,
+    B_D = 1024,
+    B_LAYERS = 5,
+    B_HEADS = 8,
+    B_KV = 256,
+    B_NOPE = 64,
+    B_ROPE = 32,
+    B_V = 64,
+    B_E = 32,
+    B_K = 6,
+    B_SHARED = 2,
+    B_MOE_I = 256,
+    B_DENSE_I = 2816,
 };
 
 typedef struct bt {
@@ -237,7 +248,7 @@ static double stream_copy_gbs(ds_pool *pool)
 
 int main(int argc, char **argv)
 {
-    uint32_t threads = 0, ntok = 24;
+    uint32_t threads = 0, ntok = 128;
     const char *keep = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc)

@@ -17,17 +17,17 @@
 
 static void gen_usage(FILE *f)
 {
-    fprintf(f,
-            "usage: dsctl generate --local --model DIR --tokens ID,ID,... [options]\n"
-            "  --max-tokens N      tokens to generate (default 16)\n"
-            "  --greedy            argmax decoding (default when no --temperature)\n"
-            "  --temperature T     sample with temperature T > 0\n"
-            "  --top-p P           nucleus sampling mass (0, 1]\n"
-            "  --top-k K           keep the K most likely tokens\n"
-            "  --seed S            sampler seed (default 1)\n"
-            "  --threads N         compute threads (default: all online CPUs)\n"
-            "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
-            "  --stop-eos          stop at the config's eos_token_id\n");
+    fprintf(f, "usage: dsctl generate --local --model DIR --tokens ID,ID,... [options]\n"
+               "  --max-tokens N      tokens to generate (default 16)\n"
+               "  --greedy            argmax decoding (default when no --temperature)\n"
+               "  --temperature T     sample with temperature T > 0\n"
+               "  --top-p P           nucleus sampling mass (0, 1]\n"
+               "  --top-k K           keep the K most likely tokens\n"
+               "  --seed S            sampler seed (default 1)\n"
+               "  --threads N         compute threads (default: all online CPUs)\n"
+               "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
+               "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
+               "  --stop-eos          stop at the config's eos_token_id\n");
 }
 
 static int parse_tokens(const char *s, int32_t **out, uint32_t *n)
@@ -67,6 +67,33 @@ static int parse_tokens(const char *s, int32_t **out, uint32_t *n)
     return 0;
 }
 
+/* "0-3,8" -> cpu ids (at most max). */
+static int parse_cpus(const char *s, int *cpus, uint32_t max, uint32_t *n)
+{
+    *n = 0;
+    while (*s) {
+        char *end;
+        long a = strtol(s, &end, 10), b = a;
+        if (end == s || a < 0 || a > 65535)
+            return -EINVAL;
+        if (*end == '-') {
+            s = end + 1;
+            b = strtol(s, &end, 10);
+            if (end == s || b < a || b > 65535)
+                return -EINVAL;
+        }
+        for (long c = a; c <= b; c++) {
+            if (*n >= max)
+                return -ERANGE;
+            cpus[(*n)++] = (int)c;
+        }
+        if (*end && *end != ',')
+            return -EINVAL;
+        s = *end ? end + 1 : end;
+    }
+    return *n ? 0 : -EINVAL;
+}
+
 static int parse_num(const char *s, double lo, double hi, double *out)
 {
     char *end;
@@ -81,16 +108,26 @@ static int parse_num(const char *s, double lo, double hi, double *out)
 static int cmd_generate(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"local", no_argument, NULL, 'L'},        {"model", required_argument, NULL, 'm'},
-        {"tokens", required_argument, NULL, 't'}, {"max-tokens", required_argument, NULL, 'n'},
-        {"greedy", no_argument, NULL, 'g'},       {"temperature", required_argument, NULL, 'T'},
-        {"top-p", required_argument, NULL, 'p'},  {"top-k", required_argument, NULL, 'k'},
-        {"seed", required_argument, NULL, 's'},   {"threads", required_argument, NULL, 'j'},
-        {"logits-out", required_argument, NULL, 'o'}, {"stop-eos", no_argument, NULL, 'e'},
-        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+        {"local", no_argument, NULL, 'L'},
+        {"model", required_argument, NULL, 'm'},
+        {"tokens", required_argument, NULL, 't'},
+        {"max-tokens", required_argument, NULL, 'n'},
+        {"greedy", no_argument, NULL, 'g'},
+        {"temperature", required_argument, NULL, 'T'},
+        {"top-p", required_argument, NULL, 'p'},
+        {"top-k", required_argument, NULL, 'k'},
+        {"seed", required_argument, NULL, 's'},
+        {"threads", required_argument, NULL, 'j'},
+        {"cpus", required_argument, NULL, 'c'},
+        {"logits-out", required_argument, NULL, 'o'},
+        {"stop-eos", no_argument, NULL, 'e'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL;
-    bool local = false, stop_eos = false;
+    bool local = false, stop_eos = false, greedy = false;
+    int cpus[1024];
+    uint32_t n_cpus = 0;
     double max_tokens = 16, temp = 0, top_p = 1, top_k = 0, seed = 1, threads = 0;
     ds_sampler smp = {.greedy = true, .temperature = 1, .top_p = 1};
     int c;
@@ -98,20 +135,51 @@ static int cmd_generate(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         int bad = 0;
         switch (c) {
-        case 'L': local = true; break;
-        case 'm': model = optarg; break;
-        case 't': tokens_s = optarg; break;
-        case 'n': bad = parse_num(optarg, 0, GEN_MAX_TOKENS, &max_tokens); break;
-        case 'g': smp.greedy = true; temp = 0; break;
-        case 'T': bad = parse_num(optarg, 0, 1e6, &temp); break;
-        case 'p': bad = parse_num(optarg, 1e-9, 1, &top_p); break;
-        case 'k': bad = parse_num(optarg, 0, 1e9, &top_k); break;
-        case 's': bad = parse_num(optarg, 0, 1.8e19, &seed); break;
-        case 'j': bad = parse_num(optarg, 0, 1024, &threads); break;
-        case 'o': logits_path = optarg; break;
-        case 'e': stop_eos = true; break;
-        case 'h': gen_usage(stdout); return DSCTL_EXIT_OK;
-        default: gen_usage(stderr); return DSCTL_EXIT_USAGE;
+        case 'L':
+            local = true;
+            break;
+        case 'm':
+            model = optarg;
+            break;
+        case 't':
+            tokens_s = optarg;
+            break;
+        case 'n':
+            bad = parse_num(optarg, 0, GEN_MAX_TOKENS, &max_tokens);
+            break;
+        case 'g':
+            greedy = true; /* wins over --temperature */
+            break;
+        case 'T':
+            bad = parse_num(optarg, 0, 1e6, &temp);
+            break;
+        case 'p':
+            bad = parse_num(optarg, 1e-9, 1, &top_p);
+            break;
+        case 'k':
+            bad = parse_num(optarg, 0, 1e9, &top_k);
+            break;
+        case 's':
+            bad = parse_num(optarg, 0, 1.8e19, &seed);
+            break;
+        case 'j':
+            bad = parse_num(optarg, 0, 1024, &threads);
+            break;
+        case 'c':
+            bad = parse_cpus(optarg, cpus, 1024, &n_cpus);
+            break;
+        case 'o':
+            logits_path = optarg;
+            break;
+        case 'e':
+            stop_eos = true;
+            break;
+        case 'h':
+            gen_usage(stdout);
+            return DSCTL_EXIT_OK;
+        default:
+            gen_usage(stderr);
+            return DSCTL_EXIT_USAGE;
         }
         if (bad) {
             fprintf(stderr, "dsctl generate: bad option value: %s\n", optarg);
@@ -132,7 +200,7 @@ static int cmd_generate(int argc, char **argv)
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }
-    if (temp > 0) {
+    if (temp > 0 && !greedy) {
         smp.greedy = false;
         smp.temperature = (float)temp;
     }
@@ -158,18 +226,19 @@ static int cmd_generate(int argc, char **argv)
     uint32_t V = cfg->vocab_size;
     for (uint32_t i = 0; i < np; i++)
         if ((uint32_t)prompt[i] >= V) {
-            fprintf(stderr, "dsctl generate: token %d is outside the vocabulary (%u)\n",
-                    prompt[i], V);
+            fprintf(stderr, "dsctl generate: token %d is outside the vocabulary (%u)\n", prompt[i],
+                    V);
             ret = DSCTL_EXIT_USAGE;
             goto out;
         }
-    if ((rc = ds_pool_new((uint32_t)threads, NULL, 0, &pool)) < 0) {
+    if ((rc = ds_pool_new((uint32_t)threads, n_cpus ? cpus : NULL, n_cpus, &pool)) < 0) {
         fprintf(stderr, "dsctl generate: thread pool: %s\n", strerror(-rc));
         goto out;
     }
     if ((rc = ds_engine_new(m, pool, np + nmax + 1, &eng, &err)) < 0 ||
         (rc = ds_engine_seq_add(eng)) < 0) {
-        fprintf(stderr, "dsctl generate: %s\n", rc == -ENOMEM ? "out of memory" : ds_error_str(&err));
+        fprintf(stderr, "dsctl generate: %s\n",
+                rc == -ENOMEM ? "out of memory" : ds_error_str(&err));
         goto out;
     }
     int seq = rc;

@@ -15,19 +15,19 @@
 #include <unistd.h>
 
 struct ds_pool {
-    uint32_t n_threads;          /* workers + the caller */
-    pthread_t *threads;          /* n_threads - 1 */
-    pthread_mutex_t run_lock;    /* serialises ds_pool_run callers */
-    pthread_mutex_t lock;        /* guards gen, stop, active */
-    pthread_cond_t wake;         /* workers wait here for a new generation */
-    pthread_cond_t done;         /* the caller waits here for active == 0 */
-    uint64_t gen;                /* incremented per ds_pool_run */
+    uint32_t n_threads;       /* workers + the caller */
+    pthread_t *threads;       /* n_threads - 1 */
+    pthread_mutex_t run_lock; /* serialises ds_pool_run callers */
+    pthread_mutex_t lock;     /* guards gen, stop, active */
+    pthread_cond_t wake;      /* workers wait here for a new generation */
+    pthread_cond_t done;      /* the caller waits here for active == 0 */
+    uint64_t gen;             /* incremented per ds_pool_run */
     bool stop;
-    uint32_t active;             /* workers still inside the current generation */
+    uint32_t active; /* workers still inside the current generation */
     ds_pool_fn fn;
     void *ctx;
-    uint32_t n;                  /* indices in the current run */
-    atomic_uint next;            /* next index to hand out */
+    uint32_t n;       /* indices in the current run */
+    atomic_uint next; /* next index to hand out */
 };
 
 static void pool_drain(ds_pool *p)
@@ -40,12 +40,29 @@ static void pool_drain(ds_pool *p)
     }
 }
 
+/* Decode issues thousands of short parallel loops per second; a worker that polls for a
+ * while before sleeping avoids a futex wake-up per loop. */
+#define POOL_SPIN 20000
+
+static inline void pool_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 static void *pool_worker(void *arg)
 {
     ds_pool *p = arg;
     uint64_t seen = 0;
     pthread_mutex_lock(&p->lock);
     for (;;) {
+        if (!p->stop && atomic_load(&p->gen) == seen) {
+            pthread_mutex_unlock(&p->lock);
+            for (int i = 0; i < POOL_SPIN && atomic_load(&p->gen) == seen; i++)
+                pool_relax();
+            pthread_mutex_lock(&p->lock);
+        }
         while (!p->stop && p->gen == seen)
             pthread_cond_wait(&p->wake, &p->lock);
         if (p->stop)

@@ -90,8 +90,7 @@ int ds_engine_forward(ds_engine *e, uint32_t n, const int *seqs, const int32_t *
     }
     for (uint32_t i = 0; i < n; i++) {
         if (seqs[i] < 0 || seqs[i] >= ENGINE_MAX_SEQS || !e->seqs[seqs[i]]) {
-            rc = ds_error_set(err, -EINVAL, "engine: row %u names unknown sequence %d", i,
-                              seqs[i]);
+            rc = ds_error_set(err, -EINVAL, "engine: row %u names unknown sequence %d", i, seqs[i]);
             goto out;
         }
         caches[i] = e->seqs[seqs[i]];

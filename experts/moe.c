@@ -6,8 +6,7 @@
 
 #include "ds_experts.h"
 
-int ds_moe_group(uint32_t n, uint32_t k, const int32_t *ids, uint32_t n_experts,
-                 ds_moe_groups *g)
+int ds_moe_group(uint32_t n, uint32_t k, const int32_t *ids, uint32_t n_experts, ds_moe_groups *g)
 {
     memset(g, 0, sizeof(*g));
     g->n_experts = n_experts;

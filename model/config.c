@@ -13,11 +13,11 @@
 
 #include "ds_config.h"
 
-#define CFG_MAX_VOCAB (1u << 22)
-#define CFG_MAX_DIM (1u << 17)
-#define CFG_MAX_LAYERS 1024u
-#define CFG_MAX_HEADS 4096u
-#define CFG_MAX_EXPERTS 65536u
+#define CFG_MAX_VOCAB        (1u << 22)
+#define CFG_MAX_DIM          (1u << 17)
+#define CFG_MAX_LAYERS       1024u
+#define CFG_MAX_HEADS        4096u
+#define CFG_MAX_EXPERTS      65536u
 #define CFG_MAX_CONFIG_BYTES (16u << 20)
 
 /* Reads an optional unsigned field; null counts as "absent" (q_lora_rank: null in V2-Lite). */
@@ -37,8 +37,8 @@ static int cfg_u32(json_t *root, const char *key, uint32_t def, uint32_t lo, uin
     else
         return ds_error_set(err, -EBADMSG, "config field '%s' is not an integer", key);
     if (d < lo || d > hi)
-        return ds_error_set(err, -ERANGE, "config field '%s' = %.0f is outside [%u, %u]", key,
-                            d, lo, hi);
+        return ds_error_set(err, -ERANGE, "config field '%s' = %.0f is outside [%u, %u]", key, d,
+                            lo, hi);
     *out = (uint32_t)d;
     return 0;
 }
@@ -55,8 +55,8 @@ static int cfg_f64(json_t *root, const char *key, double def, double lo, double 
         return ds_error_set(err, -EBADMSG, "config field '%s' is not a number", key);
     double d = json_number_value(v);
     if (!(d >= lo && d <= hi))
-        return ds_error_set(err, -ERANGE, "config field '%s' = %g is outside [%g, %g]", key, d,
-                            lo, hi);
+        return ds_error_set(err, -ERANGE, "config field '%s' = %g is outside [%g, %g]", key, d, lo,
+                            hi);
     *out = d;
     return 0;
 }
@@ -88,8 +88,7 @@ static const char *cfg_str(json_t *root, const char *key, int *rc, ds_error *err
 }
 
 /* bos/eos may be an int, null, or (rarely) a list; we keep the first. */
-static int cfg_token_id(json_t *root, const char *key, uint32_t vocab, int32_t *out,
-                        ds_error *err)
+static int cfg_token_id(json_t *root, const char *key, uint32_t vocab, int32_t *out, ds_error *err)
 {
     json_t *v = json_object_get(root, key);
     *out = -1;
@@ -103,8 +102,8 @@ static int cfg_token_id(json_t *root, const char *key, uint32_t vocab, int32_t *
         return ds_error_set(err, -EBADMSG, "config field '%s' is not a token id", key);
     json_int_t id = json_integer_value(v);
     if (id < 0 || (uint64_t)id >= vocab)
-        return ds_error_set(err, -ERANGE, "config field '%s' = %lld is outside the vocabulary",
-                            key, (long long)id);
+        return ds_error_set(err, -ERANGE, "config field '%s' = %lld is outside the vocabulary", key,
+                            (long long)id);
     *out = (int32_t)id;
     return 0;
 }
@@ -151,8 +150,10 @@ static int cfg_rope(json_t *root, ds_model_config *c, ds_error *err)
     if (!type || !strcmp(type, "default"))
         return 0;
     if (strcmp(type, "yarn") != 0)
-        return ds_error_set(err, -EINVAL, "config field 'rope_scaling.type' = '%s' is not "
-                            "supported (only yarn or default)", type);
+        return ds_error_set(err, -EINVAL,
+                            "config field 'rope_scaling.type' = '%s' is not "
+                            "supported (only yarn or default)",
+                            type);
     r->yarn = true;
     if ((rc = cfg_f64(rs, "factor", 1.0, 1.0, 1e6, &r->factor, err)) < 0 ||
         (rc = cfg_u32(rs, "original_max_position_embeddings", c->max_position_embeddings, 1,
@@ -174,7 +175,8 @@ static int cfg_arch(json_t *root, ds_model_config *c, ds_error *err)
     if (archs && json_is_array(archs)) {
         size_t i;
         json_t *a;
-        json_array_foreach(archs, i, a) {
+        json_array_foreach(archs, i, a)
+        {
             const char *s = json_string_value(a);
             if (!s)
                 continue;
@@ -199,7 +201,8 @@ static int cfg_arch(json_t *root, ds_model_config *c, ds_error *err)
         c->arch = DS_ARCH_DEEPSEEK_V2;
         return 0;
     }
-    return ds_error_set(err, -EINVAL, "config: neither 'architectures' nor 'model_type' names "
+    return ds_error_set(err, -EINVAL,
+                        "config: neither 'architectures' nor 'model_type' names "
                         "DeepseekV2ForCausalLM / DeepseekV3ForCausalLM");
 }
 
@@ -223,8 +226,7 @@ static int cfg_dtype(json_t *root, ds_model_config *c, ds_error *err)
         else if (!strcmp(dt, "bfloat16"))
             c->dtype = DS_DTYPE_BF16;
         else
-            return ds_error_set(err, -EINVAL, "config field 'torch_dtype' = '%s' unsupported",
-                                dt);
+            return ds_error_set(err, -EINVAL, "config field 'torch_dtype' = '%s' unsupported", dt);
     }
     json_t *q = json_object_get(root, "quantization_config");
     if (!q || json_is_null(q))
@@ -238,8 +240,10 @@ static int cfg_dtype(json_t *root, ds_model_config *c, ds_error *err)
     if (rc < 0)
         return rc;
     if ((fmt && strcmp(fmt, "e4m3") != 0) || (method && strcmp(method, "fp8") != 0))
-        return ds_error_set(err, -EINVAL, "config: quantization_config (fmt '%s', method '%s') "
-                            "unsupported; only fp8 e4m3", fmt ? fmt : "-", method ? method : "-");
+        return ds_error_set(err, -EINVAL,
+                            "config: quantization_config (fmt '%s', method '%s') "
+                            "unsupported; only fp8 e4m3",
+                            fmt ? fmt : "-", method ? method : "-");
     c->dtype = DS_DTYPE_F8_E4M3;
     json_t *bs = json_object_get(q, "weight_block_size");
     if (bs && !json_is_null(bs)) {
@@ -296,23 +300,26 @@ static int cfg_check(ds_model_config *c, ds_error *err)
 {
     if (c->n_routed_experts) {
         if (c->num_experts_per_tok < 1 || c->num_experts_per_tok > c->n_routed_experts)
-            return ds_error_set(err, -EINVAL, "config: num_experts_per_tok %u must be in [1, "
-                                "n_routed_experts %u]", c->num_experts_per_tok,
-                                c->n_routed_experts);
+            return ds_error_set(err, -EINVAL,
+                                "config: num_experts_per_tok %u must be in [1, "
+                                "n_routed_experts %u]",
+                                c->num_experts_per_tok, c->n_routed_experts);
         if (c->n_routed_experts % c->n_group)
-            return ds_error_set(err, -EINVAL, "config: n_routed_experts %u is not divisible by "
-                                "n_group %u", c->n_routed_experts, c->n_group);
+            return ds_error_set(err, -EINVAL,
+                                "config: n_routed_experts %u is not divisible by "
+                                "n_group %u",
+                                c->n_routed_experts, c->n_group);
         if (c->topk_group < 1 || c->topk_group > c->n_group)
             return ds_error_set(err, -EINVAL, "config: topk_group %u must be in [1, n_group %u]",
                                 c->topk_group, c->n_group);
         if (c->topk_method == DS_TOPK_NOAUX_TC && c->n_group > 1 &&
             c->n_routed_experts / c->n_group < 2)
             return ds_error_set(err, -EINVAL, "config: noaux_tc needs >= 2 experts per group");
-        if ((uint64_t)c->topk_group * (c->n_routed_experts / c->n_group) <
-            c->num_experts_per_tok)
-            return ds_error_set(err, -EINVAL, "config: topk_group %u groups hold fewer than "
-                                "num_experts_per_tok %u experts", c->topk_group,
-                                c->num_experts_per_tok);
+        if ((uint64_t)c->topk_group * (c->n_routed_experts / c->n_group) < c->num_experts_per_tok)
+            return ds_error_set(err, -EINVAL,
+                                "config: topk_group %u groups hold fewer than "
+                                "num_experts_per_tok %u experts",
+                                c->topk_group, c->num_experts_per_tok);
         if (c->moe_intermediate_size < 1)
             return ds_error_set(err, -EINVAL, "config: moe_intermediate_size must be > 0");
     }
@@ -330,8 +337,7 @@ static int cfg_check(ds_model_config *c, ds_error *err)
     return 0;
 }
 
-int ds_model_config_parse(const char *json_text, size_t len, ds_model_config *out,
-                          ds_error *err)
+int ds_model_config_parse(const char *json_text, size_t len, ds_model_config *out, ds_error *err)
 {
     if (!json_text || !out)
         return ds_error_set(err, -EINVAL, "config: NULL argument");
@@ -341,8 +347,8 @@ int ds_model_config_parse(const char *json_text, size_t len, ds_model_config *ou
     json_error_t jerr;
     json_t *root = json_loadb(json_text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
-        return ds_error_set(err, -EBADMSG, "config: bad JSON at line %d column %d: %s",
-                            jerr.line, jerr.column, jerr.text);
+        return ds_error_set(err, -EBADMSG, "config: bad JSON at line %d column %d: %s", jerr.line,
+                            jerr.column, jerr.text);
     ds_model_config c;
     memset(&c, 0, sizeof(c));
     int rc = -EBADMSG;
@@ -358,10 +364,10 @@ int ds_model_config_parse(const char *json_text, size_t len, ds_model_config *ou
         (rc = cfg_u32(root, "hidden_size", 0, 1, CFG_MAX_DIM, &c.hidden_size, err)) < 0 ||
         (rc = cfg_u32(root, "intermediate_size", 0, 0, CFG_MAX_DIM * 4, &c.intermediate_size,
                       err)) < 0 ||
-        (rc = cfg_u32(root, "moe_intermediate_size", 0, 0, CFG_MAX_DIM,
-                      &c.moe_intermediate_size, err)) < 0 ||
-        (rc = cfg_u32(root, "num_hidden_layers", 0, 1, CFG_MAX_LAYERS, &c.num_hidden_layers,
+        (rc = cfg_u32(root, "moe_intermediate_size", 0, 0, CFG_MAX_DIM, &c.moe_intermediate_size,
                       err)) < 0 ||
+        (rc = cfg_u32(root, "num_hidden_layers", 0, 1, CFG_MAX_LAYERS, &c.num_hidden_layers, err)) <
+            0 ||
         (rc = cfg_u32(root, "num_attention_heads", 0, 1, CFG_MAX_HEADS, &c.num_attention_heads,
                       err)) < 0 ||
         (rc = cfg_u32(root, "q_lora_rank", 0, 0, CFG_MAX_DIM, &c.q_lora_rank, err)) < 0 ||
@@ -369,17 +375,16 @@ int ds_model_config_parse(const char *json_text, size_t len, ds_model_config *ou
         (rc = cfg_u32(root, "qk_nope_head_dim", 0, 0, 4096, &c.qk_nope_head_dim, err)) < 0 ||
         (rc = cfg_u32(root, "qk_rope_head_dim", 0, 0, 4096, &c.qk_rope_head_dim, err)) < 0 ||
         (rc = cfg_u32(root, "v_head_dim", 0, 1, 4096, &c.v_head_dim, err)) < 0 ||
-        (rc = cfg_u32(root, "n_routed_experts", 0, 0, CFG_MAX_EXPERTS, &c.n_routed_experts,
-                      err)) < 0 ||
+        (rc = cfg_u32(root, "n_routed_experts", 0, 0, CFG_MAX_EXPERTS, &c.n_routed_experts, err)) <
+            0 ||
         (rc = cfg_u32(root, "n_shared_experts", 0, 0, 1024, &c.n_shared_experts, err)) < 0 ||
-        (rc = cfg_u32(root, "num_experts_per_tok", 0, 0, CFG_MAX_EXPERTS,
-                      &c.num_experts_per_tok, err)) < 0 ||
+        (rc = cfg_u32(root, "num_experts_per_tok", 0, 0, CFG_MAX_EXPERTS, &c.num_experts_per_tok,
+                      err)) < 0 ||
         (rc = cfg_u32(root, "n_group", 1, 1, CFG_MAX_EXPERTS, &n_group, err)) < 0 ||
         (rc = cfg_u32(root, "topk_group", 1, 1, CFG_MAX_EXPERTS, &topk_group, err)) < 0 ||
-        (rc = cfg_u32(root, "first_k_dense_replace", 0, 0, CFG_MAX_LAYERS,
-                      &c.first_k_dense_replace, err)) < 0 ||
-        (rc = cfg_u32(root, "moe_layer_freq", 1, 1, CFG_MAX_LAYERS, &c.moe_layer_freq, err)) <
-            0 ||
+        (rc = cfg_u32(root, "first_k_dense_replace", 0, 0, CFG_MAX_LAYERS, &c.first_k_dense_replace,
+                      err)) < 0 ||
+        (rc = cfg_u32(root, "moe_layer_freq", 1, 1, CFG_MAX_LAYERS, &c.moe_layer_freq, err)) < 0 ||
         (rc = cfg_bool(root, "norm_topk_prob", v3, &c.norm_topk_prob, err)) < 0 ||
         (rc = cfg_f64(root, "routed_scaling_factor", v3 ? 2.5 : 1.0, 0.0, 1e6,
                       &c.routed_scaling_factor, err)) < 0 ||
@@ -433,6 +438,5 @@ int ds_model_config_load(const char *path, ds_model_config *out, ds_error *err)
 
 bool ds_model_config_layer_is_moe(const ds_model_config *c, uint32_t l)
 {
-    return c->n_routed_experts > 0 && l >= c->first_k_dense_replace &&
-           l % c->moe_layer_freq == 0;
+    return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
 }

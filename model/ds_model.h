@@ -17,7 +17,7 @@
  *
  * BIT-IDENTITY INVARIANT. Every unit computes each output row from its own input row only
  * (attention also reads that row's KV cache), with a fixed accumulation order for every
- * output element: 8 interleaved fp32 fused-multiply-add partial sums over the input dimension
+ * output element: 16 interleaved fp32 fused-multiply-add partial sums over the input dimension
  * combined in a fixed tree (ds_weight_matmul), norms and softmaxes in one sequential pass per
  * row. Threads split work only across output elements / rows / heads, never inside a sum. So
  * a row's result is bit-identical whatever other rows share the batch, however the rows are
@@ -61,8 +61,7 @@ typedef struct ds_model ds_model;
 /* Opens DIR (config.json + model.safetensors or model.safetensors.index.json). Validates every
  * needed tensor's presence, dtype and shape against the config; errors name file and tensor.
  * opts may be NULL. */
-int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **ret,
-                  ds_error *err);
+int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **ret, ds_error *err);
 ds_model *ds_model_free(ds_model *m);
 const ds_model_config *ds_model_get_config(const ds_model *m);
 
@@ -85,14 +84,14 @@ int ds_kv_cache_truncate(ds_kv_cache *kv, uint32_t len);
  * All row buffers are float32 row-major and caller-owned; n may be 0. pool may be NULL. */
 
 /* out[n, D] = embedding rows of tokens[n]; -ERANGE with err for an id outside the vocab. */
-int ds_unit_embed(const ds_model *m, ds_pool *pool, const int32_t *tokens, uint32_t n,
-                  float *out, ds_error *err);
+int ds_unit_embed(const ds_model *m, ds_pool *pool, const int32_t *tokens, uint32_t n, float *out,
+                  ds_error *err);
 
 typedef struct ds_attn_out {
-    float *hidden;        /* [n, D] x + o_proj(MLA(input_layernorm(x))) */
-    float *ffn_in;        /* [n, D] post_attention_layernorm(hidden) */
-    int32_t *topk_ids;    /* [n, num_experts_per_tok] MoE layers only; may be NULL otherwise */
-    float *topk_weights;  /* [n, num_experts_per_tok] unbiased, normalised, scaled */
+    float *hidden;       /* [n, D] x + o_proj(MLA(input_layernorm(x))) */
+    float *ffn_in;       /* [n, D] post_attention_layernorm(hidden) */
+    int32_t *topk_ids;   /* [n, num_experts_per_tok] MoE layers only; may be NULL otherwise */
+    float *topk_weights; /* [n, num_experts_per_tok] unbiased, normalised, scaled */
 } ds_attn_out;
 
 /* Attention unit of layer l for n rows. Row i belongs to the sequence whose cache is
@@ -106,8 +105,8 @@ int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *
                  ds_error *err);
 
 /* out[n, D] = dense FFN of layer l (down(silu(gate x) * up x)) of ffn_in. */
-int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
-                  uint32_t n, float *out, ds_error *err);
+int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in, uint32_t n,
+                  float *out, ds_error *err);
 /* out[n, D] = shared experts' FFN of layer l (MoE layers with n_shared_experts > 0). */
 int ds_unit_shared(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
                    uint32_t n, float *out, ds_error *err);
@@ -134,11 +133,11 @@ void ds_unit_add(uint32_t d, uint32_t n, const float *delta, float *hidden);
 
 /* --- Sampling ------------------------------------------------------------------------------ */
 typedef struct ds_sampler {
-    bool greedy;        /* argmax (lowest id on ties); the other fields are ignored */
-    float temperature;  /* > 0 */
-    float top_p;        /* (0, 1]; 1 = off */
-    uint32_t top_k;     /* 0 = off */
-    uint64_t state;     /* PRNG state (xorshift64*), seeded with ds_sampler_seed */
+    bool greedy;       /* argmax (lowest id on ties); the other fields are ignored */
+    float temperature; /* > 0 */
+    float top_p;       /* (0, 1]; 1 = off */
+    uint32_t top_k;    /* 0 = off */
+    uint64_t state;    /* PRNG state (xorshift64*), seeded with ds_sampler_seed */
 } ds_sampler;
 
 void ds_sampler_seed(ds_sampler *s, uint64_t seed);

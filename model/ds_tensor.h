@@ -34,8 +34,8 @@ enum ds_st_dtype {
 #define DS_ST_MAX_DIMS 8
 
 typedef struct ds_st_tensor {
-    const char *name;               /* tensor name (owned by the ds_st) */
-    const char *file;               /* path of the file holding it */
+    const char *name; /* tensor name (owned by the ds_st) */
+    const char *file; /* path of the file holding it */
     enum ds_st_dtype dtype;
     uint32_t ndim;
     uint64_t shape[DS_ST_MAX_DIMS]; /* elements per dim */
@@ -51,8 +51,7 @@ int ds_st_open_dir(const char *dir, ds_st **ret, ds_error *err);
 int ds_st_open_file(const char *path, ds_st **ret, ds_error *err);
 /* Parses an in-memory safetensors image (not copied: buf must outlive the ds_st); name is used
  * in errors. The fuzz target uses this. */
-int ds_st_open_buffer(const void *buf, size_t len, const char *name, ds_st **ret,
-                      ds_error *err);
+int ds_st_open_buffer(const void *buf, size_t len, const char *name, ds_st **ret, ds_error *err);
 ds_st *ds_st_free(ds_st *st);
 
 /* The tensor called name, or NULL. */
@@ -64,10 +63,10 @@ const char *ds_st_dtype_name(enum ds_st_dtype dt);
 
 /* A linear weight y = W x with W [rows, cols]. */
 typedef struct ds_weight {
-    enum ds_dtype dtype;    /* F32, BF16 or F8_E4M3 (F16 is converted to F32 at load) */
-    uint32_t rows, cols;    /* out features, in features */
-    const void *data;       /* rows*cols elements of dtype, row-major */
-    const float *scale_inv; /* F8 only: [ceil(rows/br), ceil(cols/bc)] */
+    enum ds_dtype dtype;             /* F32, BF16 or F8_E4M3 (F16 is converted to F32 at load) */
+    uint32_t rows, cols;             /* out features, in features */
+    const void *data;                /* rows*cols elements of dtype, row-major */
+    const float *scale_inv;          /* F8 only: [ceil(rows/br), ceil(cols/bc)] */
     uint32_t block_rows, block_cols; /* F8 block size (128x128) */
 } ds_weight;
 
@@ -81,7 +80,7 @@ uint16_t ds_f32_to_bf16(float f); /* round to nearest even */
 void ds_weight_row_f32(const ds_weight *w, uint32_t r, float *out);
 
 /* y[i*rows + o] = sum_c W[o,c] * x[i*cols + c] for n input rows. Each output element is one
- * dot product with a fixed accumulation order (8 interleaved fp32 partial sums combined in a
+ * dot product with a fixed accumulation order (16 interleaved fp32 partial sums combined in a
  * fixed tree, fused multiply-add), so the value does not depend on n, on the other rows, on
  * the thread count or on the CPU's vector ISA. pool may be NULL. */
 struct ds_pool;

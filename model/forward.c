@@ -53,7 +53,7 @@ int ds_rope_init(const ds_model_config *c, ds_rope *r)
     if (!c->rope.yarn || dim == 0)
         return 0;
     double f = c->rope.factor, orig = c->rope.original_max_position_embeddings;
-#define CORR(rot) (dim * log(orig / ((rot) * 2 * M_PI)) / (2 * log(base)))
+#define CORR(rot) (dim * log(orig / ((rot)*2 * M_PI)) / (2 * log(base)))
     double low = floor(CORR(c->rope.beta_fast)), high = ceil(CORR(c->rope.beta_slow));
 #undef CORR
     if (low < 0)
@@ -97,11 +97,11 @@ static float silu(float g)
 
 struct ds_kv_cache {
     uint32_t layer_begin, layer_end;
-    uint32_t width;         /* C + dr floats per position */
+    uint32_t width; /* C + dr floats per position */
     uint32_t max_positions;
-    uint32_t cap;           /* positions allocated per layer */
-    uint32_t *len;          /* [layers] */
-    float **data;           /* [layers][cap * width] */
+    uint32_t cap;  /* positions allocated per layer */
+    uint32_t *len; /* [layers] */
+    float **data;  /* [layers][cap * width] */
 };
 
 int ds_kv_cache_new(const ds_model_config *c, uint32_t lb, uint32_t le, uint32_t max_positions,
@@ -180,8 +180,8 @@ static int kv_reserve(ds_kv_cache *kv, uint32_t need)
 
 /* ---- units ---- */
 
-int ds_unit_embed(const ds_model *m, ds_pool *pool, const int32_t *tokens, uint32_t n,
-                  float *out, ds_error *err)
+int ds_unit_embed(const ds_model *m, ds_pool *pool, const int32_t *tokens, uint32_t n, float *out,
+                  ds_error *err)
 {
     if (!m->embed_bound)
         return ds_error_set(err, -ENOENT, "embed unit not loaded");
@@ -201,8 +201,8 @@ typedef struct attn_ctx {
     const uint32_t *pos;
     ds_kv_cache *const *caches;
     uint32_t layer;
-    const float *q;    /* [n, H*(dn+dr)] roped */
-    float *att;        /* [n, H*dv] */
+    const float *q; /* [n, H*(dn+dr)] roped */
+    float *att;     /* [n, H*dv] */
     int failed;
 } attn_ctx;
 
@@ -277,19 +277,21 @@ int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *
     for (uint32_t i = 0; i < n; i++) {
         ds_kv_cache *kv = caches[i];
         if (!kv || layer < kv->layer_begin || layer >= kv->layer_end)
-            return ds_error_set(err, -EINVAL, "attn[%u]: row %u has no cache for this layer",
-                                layer, i);
+            return ds_error_set(err, -EINVAL, "attn[%u]: row %u has no cache for this layer", layer,
+                                i);
         uint32_t len = kv->len[layer - kv->layer_begin];
         /* earlier rows of the same cache in this call extend it */
         for (uint32_t j = 0; j < i; j++)
             if (caches[j] == kv)
                 len = positions[j] + 1;
         if (positions[i] > len)
-            return ds_error_set(err, -EINVAL, "attn[%u]: row %u position %u skips past cache "
-                                "length %u", layer, i, positions[i], len);
+            return ds_error_set(err, -EINVAL,
+                                "attn[%u]: row %u position %u skips past cache "
+                                "length %u",
+                                layer, i, positions[i], len);
         if (positions[i] >= kv->max_positions)
-            return ds_error_set(err, -ENOSPC, "attn[%u]: position %u beyond the cache's %u",
-                                layer, positions[i], kv->max_positions);
+            return ds_error_set(err, -ENOSPC, "attn[%u]: position %u beyond the cache's %u", layer,
+                                positions[i], kv->max_positions);
     }
     size_t qa_w = c->q_lora_rank ? c->q_lora_rank : 1;
     float *xn = malloc((size_t)n * D * sizeof(float));
@@ -386,8 +388,8 @@ static int ffn_run(const ds_ffn *f, ds_pool *pool, const float *x, uint32_t n, f
     return 0;
 }
 
-int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
-                  uint32_t n, float *out, ds_error *err)
+int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in, uint32_t n,
+                  float *out, ds_error *err)
 {
     if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].dense.bound)
         return ds_error_set(err, -ENOENT, "dense[%u] unit not loaded", layer);

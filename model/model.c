@@ -43,8 +43,10 @@ static int m_vec(ds_model *m, const char *name, uint32_t len, const float **out,
     if (!t)
         return -ENOENT;
     if (t->ndim != 1 || t->shape[0] != len)
-        return ds_error_set(err, -EBADMSG, "%s: tensor '%s' has shape %s[%llu...] (%u dims), "
-                            "expected [%u]", t->file, name, "", (unsigned long long)(t->ndim ? t->shape[0] : 0),
+        return ds_error_set(err, -EBADMSG,
+                            "%s: tensor '%s' has shape %s[%llu...] (%u dims), "
+                            "expected [%u]",
+                            t->file, name, "", (unsigned long long)(t->ndim ? t->shape[0] : 0),
                             t->ndim, len);
     float *v = malloc((size_t)len * sizeof(float) + 1);
     int rc = m_own(m, v);
@@ -68,8 +70,10 @@ static int m_vec(ds_model *m, const char *name, uint32_t len, const float **out,
             break;
         }
         default:
-            return ds_error_set(err, -EBADMSG, "%s: tensor '%s' has dtype %s, expected F32, "
-                                "BF16 or F16", t->file, name, ds_st_dtype_name(t->dtype));
+            return ds_error_set(err, -EBADMSG,
+                                "%s: tensor '%s' has dtype %s, expected F32, "
+                                "BF16 or F16",
+                                t->file, name, ds_st_dtype_name(t->dtype));
         }
     }
     *out = v;
@@ -83,9 +87,10 @@ static int m_weight(ds_model *m, const char *name, uint32_t rows, uint32_t cols,
     if (!t)
         return -ENOENT;
     if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
-        return ds_error_set(err, -EBADMSG, "%s: tensor '%s' has shape [%llu, %llu] (%u dims), "
-                            "the config needs [%u, %u]", t->file, name,
-                            (unsigned long long)(t->ndim > 0 ? t->shape[0] : 0),
+        return ds_error_set(err, -EBADMSG,
+                            "%s: tensor '%s' has shape [%llu, %llu] (%u dims), "
+                            "the config needs [%u, %u]",
+                            t->file, name, (unsigned long long)(t->ndim > 0 ? t->shape[0] : 0),
                             (unsigned long long)(t->ndim > 1 ? t->shape[1] : 0), t->ndim, rows,
                             cols);
     memset(w, 0, sizeof(*w));
@@ -127,9 +132,11 @@ static int m_weight(ds_model *m, const char *name, uint32_t rows, uint32_t cols,
         uint32_t br = m->cfg.fp8_block_rows, bc = m->cfg.fp8_block_cols;
         uint64_t nr = (rows + (uint64_t)br - 1) / br, nc = (cols + (uint64_t)bc - 1) / bc;
         if (s->dtype != DS_ST_F32 || s->ndim != 2 || s->shape[0] != nr || s->shape[1] != nc)
-            return ds_error_set(err, -EBADMSG, "%s: tensor '%s' must be F32 [%llu, %llu] "
-                                "(block scales of '%s')", s->file, sname,
-                                (unsigned long long)nr, (unsigned long long)nc, name);
+            return ds_error_set(err, -EBADMSG,
+                                "%s: tensor '%s' must be F32 [%llu, %llu] "
+                                "(block scales of '%s')",
+                                s->file, sname, (unsigned long long)nr, (unsigned long long)nc,
+                                name);
         w->dtype = DS_DTYPE_F8_E4M3;
         w->block_rows = br;
         w->block_cols = bc;
@@ -146,11 +153,12 @@ static int m_weight(ds_model *m, const char *name, uint32_t rows, uint32_t cols,
         return 0;
     }
     default:
-        return ds_error_set(err, -EBADMSG, "%s: tensor '%s' has dtype %s; a linear weight must "
-                            "be F32, F16, BF16 or F8_E4M3", t->file, name,
-                            ds_st_dtype_name(t->dtype));
+        return ds_error_set(err, -EBADMSG,
+                            "%s: tensor '%s' has dtype %s; a linear weight must "
+                            "be F32, F16, BF16 or F8_E4M3",
+                            t->file, name, ds_st_dtype_name(t->dtype));
     }
-realign: {
+realign : {
     /* safetensors does not promise alignment; copy the rare unaligned tensor once. */
     void *c = malloc(t->nbytes + 1);
     int rc = m_own(m, c);
@@ -256,8 +264,7 @@ static int m_bind_layer(ds_model *m, uint32_t l, const ds_model_open_opts *o, ds
     }
     if (c->n_shared_experts && m_want(o, DS_UNIT_SHARED, l, 0)) {
         NAME(n, "model.layers.%u.mlp.shared_experts", l);
-        if ((rc = m_ffn(m, n, c->moe_intermediate_size * c->n_shared_experts, &L->shared,
-                        err)) < 0)
+        if ((rc = m_ffn(m, n, c->moe_intermediate_size * c->n_shared_experts, &L->shared, err)) < 0)
             return rc;
     }
     L->experts = calloc(c->n_routed_experts, sizeof(*L->experts));
@@ -273,8 +280,7 @@ static int m_bind_layer(ds_model *m, uint32_t l, const ds_model_open_opts *o, ds
     return 0;
 }
 
-int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **ret,
-                  ds_error *err)
+int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **ret, ds_error *err)
 {
     ds_model *m = calloc(1, sizeof(*m));
     if (!m)
@@ -299,8 +305,8 @@ int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **re
         goto fail;
     }
     if (m_want(opts, DS_UNIT_EMBED, 0, 0)) {
-        if ((rc = m_weight(m, "model.embed_tokens.weight", c->vocab_size, c->hidden_size,
-                           &m->embed, err)) < 0)
+        if ((rc = m_weight(m, "model.embed_tokens.weight", c->vocab_size, c->hidden_size, &m->embed,
+                           err)) < 0)
             goto fail;
         m->embed_bound = true;
     }

@@ -11,7 +11,7 @@ typedef struct ds_ffn {
 } ds_ffn;
 
 typedef struct ds_layer {
-    bool moe;               /* routed MoE FFN (else dense) */
+    bool moe; /* routed MoE FFN (else dense) */
     bool attn_bound;
     const float *attn_norm; /* [D] input_layernorm */
     const float *ffn_norm;  /* [D] post_attention_layernorm */
@@ -30,9 +30,9 @@ typedef struct ds_layer {
 } ds_layer;
 
 typedef struct ds_rope {
-    double *inv_freq;       /* [dr/2] after YaRN */
-    double attn_factor;     /* multiplies cos and sin (YaRN mscale ratio) */
-    double softmax_scale;   /* (dn+dr)^-0.5 * mscale_all^2 */
+    double *inv_freq;     /* [dr/2] after YaRN */
+    double attn_factor;   /* multiplies cos and sin (YaRN mscale ratio) */
+    double softmax_scale; /* (dn+dr)^-0.5 * mscale_all^2 */
 } ds_rope;
 
 struct ds_model {
@@ -40,12 +40,12 @@ struct ds_model {
     ds_model_config cfg;
     ds_st *st;
     bool embed_bound, head_bound;
-    ds_weight embed;          /* [V, D] */
-    const float *final_norm;  /* [D] */
-    ds_weight lm_head;        /* [V, D] */
-    ds_layer *layers;         /* [num_hidden_layers] */
+    ds_weight embed;         /* [V, D] */
+    const float *final_norm; /* [D] */
+    ds_weight lm_head;       /* [V, D] */
+    ds_layer *layers;        /* [num_hidden_layers] */
     ds_rope rope;
-    void **owned;             /* converted copies freed with the model */
+    void **owned; /* converted copies freed with the model */
     size_t n_owned, cap_owned;
 };
 

@@ -23,12 +23,12 @@
 #include "ds_tensor.h"
 
 #define ST_MAX_HEADER (256u << 20) /* 256 MiB of JSON is far above any real checkpoint */
-#define ST_MAX_FILES 4096
-#define ST_MAX_PATH 4096
+#define ST_MAX_FILES  4096
+#define ST_MAX_PATH   4096
 
 typedef struct st_file {
     char *path;
-    void *map;     /* whole file mapping (NULL for a caller buffer) */
+    void *map; /* whole file mapping (NULL for a caller buffer) */
     size_t size;
 } st_file;
 
@@ -44,9 +44,9 @@ static const struct {
     enum ds_st_dtype dt;
     size_t size;
 } st_dtypes[] = {
-    {"F32", DS_ST_F32, 4},     {"F16", DS_ST_F16, 2}, {"BF16", DS_ST_BF16, 2},
+    {"F32", DS_ST_F32, 4},         {"F16", DS_ST_F16, 2}, {"BF16", DS_ST_BF16, 2},
     {"F8_E4M3", DS_ST_F8_E4M3, 1}, {"I32", DS_ST_I32, 4}, {"I64", DS_ST_I64, 8},
-    {"U8", DS_ST_U8, 1},       {"I8", DS_ST_I8, 1},
+    {"U8", DS_ST_U8, 1},           {"I8", DS_ST_I8, 1},
 };
 
 size_t ds_st_dtype_size(enum ds_st_dtype dt)
@@ -127,15 +127,17 @@ static int st_parse(ds_st *st, const uint8_t *buf, size_t len, const char *path,
         return ds_error_set(err, -EBADMSG, "%s: header length %llu exceeds the %u limit", path,
                             (unsigned long long)hlen, ST_MAX_HEADER);
     if (hlen > len - 8)
-        return ds_error_set(err, -EBADMSG, "%s: header length %llu runs past the end of the "
-                            "file (%zu bytes)", path, (unsigned long long)hlen, len);
+        return ds_error_set(err, -EBADMSG,
+                            "%s: header length %llu runs past the end of the "
+                            "file (%zu bytes)",
+                            path, (unsigned long long)hlen, len);
     const uint8_t *data = buf + 8 + hlen;
     uint64_t data_len = len - 8 - hlen;
     json_error_t jerr;
     json_t *root = json_loadb((const char *)buf + 8, hlen, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
-        return ds_error_set(err, -EBADMSG, "%s: header is not valid JSON (%s at column %d)",
-                            path, jerr.text, jerr.column);
+        return ds_error_set(err, -EBADMSG, "%s: header is not valid JSON (%s at column %d)", path,
+                            jerr.text, jerr.column);
     int rc = 0;
     st_span *spans = NULL;
     size_t n_spans = 0;
@@ -150,7 +152,8 @@ static int st_parse(ds_st *st, const uint8_t *buf, size_t len, const char *path,
     }
     const char *key;
     json_t *val;
-    json_object_foreach(root, key, val) {
+    json_object_foreach(root, key, val)
+    {
         if (!strcmp(key, "__metadata__")) {
             if (!json_is_object(val)) {
                 rc = ds_error_set(err, -EBADMSG, "%s: __metadata__ is not an object", path);
@@ -159,17 +162,17 @@ static int st_parse(ds_st *st, const uint8_t *buf, size_t len, const char *path,
             continue;
         }
         if (!json_is_object(val)) {
-            rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s': entry is not an object", path,
-                              key);
+            rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s': entry is not an object", path, key);
             goto out;
         }
         const char *dts = json_string_value(json_object_get(val, "dtype"));
         json_t *shape = json_object_get(val, "shape");
         json_t *offs = json_object_get(val, "data_offsets");
-        if (!dts || !json_is_array(shape) || !json_is_array(offs) ||
-            json_array_size(offs) != 2) {
-            rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s': needs dtype, shape and "
-                              "data_offsets [begin, end]", path, key);
+        if (!dts || !json_is_array(shape) || !json_is_array(offs) || json_array_size(offs) != 2) {
+            rc = ds_error_set(err, -EBADMSG,
+                              "%s: tensor '%s': needs dtype, shape and "
+                              "data_offsets [begin, end]",
+                              path, key);
             goto out;
         }
         ds_st_tensor t;
@@ -195,8 +198,10 @@ static int st_parse(ds_st *st, const uint8_t *buf, size_t len, const char *path,
         for (uint32_t d = 0; d < t.ndim; d++) {
             json_t *dim = json_array_get(shape, d);
             if (!json_is_integer(dim) || json_integer_value(dim) < 0) {
-                rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s': shape[%u] is not a "
-                                  "non-negative integer", path, key, d);
+                rc = ds_error_set(err, -EBADMSG,
+                                  "%s: tensor '%s': shape[%u] is not a "
+                                  "non-negative integer",
+                                  path, key, d);
                 goto out;
             }
             t.shape[d] = (uint64_t)json_integer_value(dim);
@@ -214,16 +219,19 @@ static int st_parse(ds_st *st, const uint8_t *buf, size_t len, const char *path,
         }
         uint64_t ob = (uint64_t)json_integer_value(b), oe = (uint64_t)json_integer_value(e);
         if (oe > data_len) {
-            rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s': data_offsets [%llu, %llu) run "
-                              "past the data area (%llu bytes; file truncated?)", path, key,
-                              (unsigned long long)ob, (unsigned long long)oe,
+            rc = ds_error_set(err, -EBADMSG,
+                              "%s: tensor '%s': data_offsets [%llu, %llu) run "
+                              "past the data area (%llu bytes; file truncated?)",
+                              path, key, (unsigned long long)ob, (unsigned long long)oe,
                               (unsigned long long)data_len);
             goto out;
         }
         if ((uint64_t)bytes != oe - ob) {
-            rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s': shape and dtype %s need %llu "
-                              "bytes but data_offsets span %llu", path, key, dts,
-                              (unsigned long long)bytes, (unsigned long long)(oe - ob));
+            rc = ds_error_set(err, -EBADMSG,
+                              "%s: tensor '%s': shape and dtype %s need %llu "
+                              "bytes but data_offsets span %llu",
+                              path, key, dts, (unsigned long long)bytes,
+                              (unsigned long long)(oe - ob));
             goto out;
         }
         if (st->n_tensors == st->cap_tensors) {
@@ -256,8 +264,8 @@ static int st_parse(ds_st *st, const uint8_t *buf, size_t len, const char *path,
         if (spans[i].end == spans[i].begin)
             continue;
         if (max_name && spans[i].begin < max_end) {
-            rc = ds_error_set(err, -EBADMSG, "%s: tensors '%s' and '%s' overlap", path,
-                              max_name, spans[i].name);
+            rc = ds_error_set(err, -EBADMSG, "%s: tensors '%s' and '%s' overlap", path, max_name,
+                              spans[i].name);
             goto out;
         }
         if (spans[i].end > max_end) {
@@ -277,8 +285,7 @@ static int st_finish(ds_st *st, ds_error *err)
     for (size_t i = 1; i < st->n_tensors; i++)
         if (!strcmp(st->tensors[i].name, st->tensors[i - 1].name))
             return ds_error_set(err, -EBADMSG, "%s: tensor '%s' appears twice (also in %s)",
-                                st->tensors[i].file, st->tensors[i].name,
-                                st->tensors[i - 1].file);
+                                st->tensors[i].file, st->tensors[i].name, st->tensors[i - 1].file);
     return 0;
 }
 
@@ -391,11 +398,14 @@ int ds_st_open_dir(const char *dir, ds_st **ret, ds_error *err)
     }
     const char *key;
     json_t *v;
-    json_object_foreach(wm, key, v) {
+    json_object_foreach(wm, key, v)
+    {
         const char *fn = json_string_value(v);
         if (!fn || !*fn || strchr(fn, '/') || !strcmp(fn, "..") || !strcmp(fn, ".")) {
-            rc = ds_error_set(err, -EBADMSG, "%s: weight_map['%s'] is not a file name in the "
-                              "checkpoint directory", path, key);
+            rc = ds_error_set(err, -EBADMSG,
+                              "%s: weight_map['%s'] is not a file name in the "
+                              "checkpoint directory",
+                              path, key);
             goto out;
         }
         names[n++] = (char *)fn;
@@ -420,13 +430,14 @@ int ds_st_open_dir(const char *dir, ds_st **ret, ds_error *err)
     if ((rc = st_finish(st, err)) < 0)
         goto out;
     /* Every tensor the index names must be in the shard it names. */
-    json_object_foreach(wm, key, v) {
+    json_object_foreach(wm, key, v)
+    {
         const ds_st_tensor *t = ds_st_find(st, key);
         const char *fn = json_string_value(v);
         size_t fl = strlen(fn), pl = t ? strlen(t->file) : 0;
         if (!t || pl < fl + 1 || strcmp(t->file + pl - fl, fn) || t->file[pl - fl - 1] != '/') {
-            rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s' is not in %s as the index says",
-                              path, key, fn);
+            rc = ds_error_set(err, -EBADMSG, "%s: tensor '%s' is not in %s as the index says", path,
+                              key, fn);
             goto out;
         }
     }

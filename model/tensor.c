@@ -1,9 +1,9 @@
 /* tensor.c — element conversions and the one matmul kernel every linear layer uses.
  *
- * The kernel computes each output element as a dot product with 8 interleaved partial sums
- * (lane j accumulates elements j, j+8, j+16, ... with fmaf), then combines the lanes in a fixed
- * tree and adds the tail in order. The same order runs on every path: an AVX2+FMA clone chosen
- * at run time and a portable one, so results are identical across machines (the product is
+ * The kernel computes each output element as a dot product with 16 interleaved partial sums
+ * (lane j accumulates elements j, j+16, j+32, ... with fmaf), then combines the lanes in a
+ * fixed tree and adds the tail in order. The same order runs on every path: an AVX2+FMA kernel
+ * chosen at run time and a portable one, so results are identical across machines (the product is
  * built with -ffp-contract=off so the compiler cannot fuse differently). Threads split output
  * rows of W; several input rows share one pass over W's row (weight streaming). BF16 rows are
  * widened in registers (no staging buffer); FP8 rows are dequantised into a row buffer. */
@@ -105,9 +105,15 @@ void ds_tensor_force_portable(bool on)
     force_portable = on;
 }
 
-/* Lane tree shared by every path: ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)). */
-static inline float lane_sum(const float *a)
+/* The canonical order, shared by every path: 16 partial sums, lane j accumulating (fmaf) the
+ * elements c = j mod 16 below cols rounded down to 16; then a[j] = acc[j] + acc[j + 8]; then
+ * ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)); then the tail elements in order with fmaf. Two
+ * independent 8-wide chains hide the FMA latency on one row. */
+static inline float lane_sum(const float *acc16)
 {
+    float a[8];
+    for (int j = 0; j < 8; j++)
+        a[j] = acc16[j] + acc16[j + 8];
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
@@ -115,17 +121,16 @@ static inline float lane_sum(const float *a)
 static void dot_rows_portable(const float *wr, const uint16_t *wb, const float *x, uint32_t cols,
                               uint32_t nr, float *out, size_t out_stride)
 {
-    uint32_t c8 = cols & ~7u;
+    uint32_t c16 = cols & ~15u;
     for (uint32_t i = 0; i < nr; i++) {
         const float *xi = x + (size_t)i * cols;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (uint32_t c = 0; c < cols; c++) {
+        float acc[16] = {0};
+        for (uint32_t c = 0; c < c16; c++) {
             float w = wb ? ds_bf16_to_f32(wb[c]) : wr[c];
-            if (c < c8)
-                acc[c & 7] = fmaf(w, xi[c], acc[c & 7]);
+            acc[c & 15] = fmaf(w, xi[c], acc[c & 15]);
         }
         float s = lane_sum(acc);
-        for (uint32_t c = c8; c < cols; c++)
+        for (uint32_t c = c16; c < cols; c++)
             s = fmaf(wb ? ds_bf16_to_f32(wb[c]) : wr[c], xi[c], s);
         out[i * out_stride] = s;
     }
@@ -134,41 +139,51 @@ static void dot_rows_portable(const float *wr, const uint16_t *wb, const float *
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-__attribute__((target("avx2,fma"))) static void
-dot_rows_avx2(const float *wr, const uint16_t *wb, const float *x, uint32_t cols, uint32_t nr,
-              float *out, size_t out_stride)
+__attribute__((target("avx2,fma"))) static inline __m256 load8(const float *wr, const uint16_t *wb,
+                                                               uint32_t c)
 {
-    uint32_t c8 = cols & ~7u;
-    __m256 acc[DOT_ROWS];
+    if (wb)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + c))), 16));
+    return _mm256_loadu_ps(wr + c);
+}
+
+__attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *wr, const uint16_t *wb,
+                                                              const float *x, uint32_t cols,
+                                                              uint32_t nr, float *out,
+                                                              size_t out_stride)
+{
+    uint32_t c16 = cols & ~15u;
+    __m256 lo[DOT_ROWS], hi[DOT_ROWS];
     for (uint32_t i = 0; i < DOT_ROWS; i++)
-        acc[i] = _mm256_setzero_ps();
-    for (uint32_t c = 0; c < c8; c += 8) {
-        __m256 w;
-        if (wb)
-            w = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + c))), 16));
-        else
-            w = _mm256_loadu_ps(wr + c);
+        lo[i] = hi[i] = _mm256_setzero_ps();
+    for (uint32_t c = 0; c < c16; c += 16) {
+        __m256 w0 = load8(wr, wb, c), w1 = load8(wr, wb, c + 8);
         switch (nr) {
         case 4:
-            acc[3] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 3 * (size_t)cols + c), acc[3]);
+            lo[3] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 3 * (size_t)cols + c), lo[3]);
+            hi[3] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 3 * (size_t)cols + c + 8), hi[3]);
             /* fall through */
         case 3:
-            acc[2] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 2 * (size_t)cols + c), acc[2]);
+            lo[2] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 2 * (size_t)cols + c), lo[2]);
+            hi[2] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 2 * (size_t)cols + c + 8), hi[2]);
             /* fall through */
         case 2:
-            acc[1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (size_t)cols + c), acc[1]);
+            lo[1] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)cols + c), lo[1]);
+            hi[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + (size_t)cols + c + 8), hi[1]);
             /* fall through */
         default:
-            acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c), acc[0]);
+            lo[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c), lo[0]);
+            hi[0] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c + 8), hi[0]);
         }
     }
     for (uint32_t i = 0; i < nr; i++) {
-        float a[8];
-        _mm256_storeu_ps(a, acc[i]);
+        float a[16];
+        _mm256_storeu_ps(a, lo[i]);
+        _mm256_storeu_ps(a + 8, hi[i]);
         float s = lane_sum(a);
         const float *xi = x + (size_t)i * cols;
-        for (uint32_t c = c8; c < cols; c++)
+        for (uint32_t c = c16; c < cols; c++)
             s = fmaf(wb ? ds_bf16_to_f32(wb[c]) : wr[c], xi[c], s);
         out[i * out_stride] = s;
     }

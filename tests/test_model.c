@@ -126,8 +126,7 @@ static void test_reference_logits(void **state)
                              gen[s]);
                 if (s + 1 == ng)
                     break;
-                assert_int_equal(ds_engine_forward(e, 1, &seq, &t, lg + (size_t)rows * V, &err),
-                                 0);
+                assert_int_equal(ds_engine_forward(e, 1, &seq, &t, lg + (size_t)rows * V, &err), 0);
                 rows++;
             }
             double md = 0;
@@ -438,6 +437,47 @@ static void test_fp8_matmul(void **state)
     free(q);
 }
 
+/* The AVX2 and portable kernels, and 1 vs 5 rows per call, give identical bits. */
+static void test_kernel_identity(void **state)
+{
+    (void)state;
+    enum { R = 37, C = 1001, N = 5 };
+    uint16_t *wb = malloc(R * C * 2);
+    float *wf = malloc(R * C * 4), *x = malloc(N * C * 4);
+    float y1[N * R], y2[N * R], y3[R];
+    uint32_t s = 12345;
+    for (int i = 0; i < R * C; i++) {
+        s = s * 1103515245u + 12345u;
+        wf[i] = ((float)(s >> 8) / 16777216.0f - 0.5f);
+        wb[i] = ds_f32_to_bf16(wf[i]);
+    }
+    for (int i = 0; i < N * C; i++)
+        x[i] = sinf((float)i * 0.37f);
+    for (int t = 0; t < 2; t++) {
+        ds_weight w = {
+            t ? DS_DTYPE_BF16 : DS_DTYPE_F32, R, C, t ? (void *)wb : (void *)wf, NULL, 0, 0};
+        ds_tensor_force_portable(false);
+        ds_weight_matmul(&w, x, N, y1, NULL);
+        ds_tensor_force_portable(true);
+        ds_weight_matmul(&w, x, N, y2, NULL);
+        ds_tensor_force_portable(false);
+        assert_memory_equal(y1, y2, sizeof(y1));
+        for (int i = 0; i < N; i++) {
+            ds_weight_matmul(&w, x + (size_t)i * C, 1, y3, NULL);
+            assert_memory_equal(y3, y1 + (size_t)i * R, sizeof(y3));
+        }
+        for (int r = 0; r < R; r++) {
+            double ref = 0;
+            for (int c = 0; c < C; c++)
+                ref += (double)(t ? ds_bf16_to_f32(wb[r * C + c]) : wf[r * C + c]) * x[c];
+            assert_float_equal(y1[r], ref, 1e-4);
+        }
+    }
+    free(wb);
+    free(wf);
+    free(x);
+}
+
 static void test_sampler(void **state)
 {
     (void)state;
@@ -561,10 +601,8 @@ static void test_config_bad(void **state)
 {
     (void)state;
     expect_cfg_error("\"hidden_size\":7168", "\"hidden_size\":-1", -ERANGE, "hidden_size");
-    expect_cfg_error("\"hidden_size\":7168", "\"hidden_size\":99999999999", -ERANGE,
-                     "hidden_size");
-    expect_cfg_error("\"hidden_size\":7168", "\"hidden_size\":\"big\"", -EBADMSG,
-                     "hidden_size");
+    expect_cfg_error("\"hidden_size\":7168", "\"hidden_size\":99999999999", -ERANGE, "hidden_size");
+    expect_cfg_error("\"hidden_size\":7168", "\"hidden_size\":\"big\"", -EBADMSG, "hidden_size");
     expect_cfg_error("\"topk_group\":4", "\"topk_group\":9", -EINVAL, "topk_group");
     expect_cfg_error("\"n_group\":8", "\"n_group\":7", -EINVAL, "n_group");
     expect_cfg_error("\"num_experts_per_tok\":8", "\"num_experts_per_tok\":300", -EINVAL,
@@ -616,20 +654,22 @@ static void test_safetensors_hostile(void **state)
 {
     (void)state;
     expect_st("{\"a\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},"
-              "\"__metadata__\":{\"format\":\"pt\"}}", 16, 0, "");
-    expect_st("{\"a\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]}}", 8,
-              -EBADMSG, "'a'"); /* truncated data */
-    expect_st("{\"a\":{\"dtype\":\"BF16\",\"shape\":[2,2],\"data_offsets\":[0,16]}}", 16,
-              -EBADMSG, "'a'"); /* dtype size does not match the span */
+              "\"__metadata__\":{\"format\":\"pt\"}}",
+              16, 0, "");
+    expect_st("{\"a\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]}}", 8, -EBADMSG,
+              "'a'"); /* truncated data */
+    expect_st("{\"a\":{\"dtype\":\"BF16\",\"shape\":[2,2],\"data_offsets\":[0,16]}}", 16, -EBADMSG,
+              "'a'"); /* dtype size does not match the span */
     expect_st("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-              "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", 16, -EBADMSG,
-              "overlap");
+              "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
+              16, -EBADMSG, "overlap");
     expect_st("{\"a\":{\"dtype\":\"Q4\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8, -EBADMSG,
               "dtype");
     expect_st("{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", 8, -EBADMSG,
               "shape");
     expect_st("{\"a\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904,8],"
-              "\"data_offsets\":[0,8]}}", 8, -EBADMSG, "'a'");
+              "\"data_offsets\":[0,8]}}",
+              8, -EBADMSG, "'a'");
     expect_st("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}", 8, -EBADMSG,
               "'a'");
     expect_st("{\"a\":", 0, -EBADMSG, "JSON");
@@ -718,6 +758,54 @@ static void test_checkpoint_hostile(void **state)
     rmdir(dir);
 }
 
+/* The external interface: dsctl generate --local ... --logits-out FILE, last line tokens. */
+static void test_dsctl_generate(void **state)
+{
+    (void)state;
+    const char *names[] = {"v3_qlora_group_yarn", "v2_group_limited", "v3_fp8"};
+    for (int mi = 0; mi < 3; mi++) {
+        int32_t prompt[64], gen[64];
+        uint32_t np, ng;
+        size_t nref;
+        read_ref(names[mi], 1, prompt, &np, gen, &ng);
+        float *ref = read_f32(names[mi], 1, &nref);
+        char cmd[2048], toks[512] = "", out[4096] = "", last[4096] = "";
+        for (uint32_t i = 0; i < np; i++)
+            snprintf(toks + strlen(toks), sizeof(toks) - strlen(toks), "%s%d", i ? "," : "",
+                     prompt[i]);
+        char lpath[] = "/tmp/ds_test_logits_XXXXXX";
+        int fd = mkstemp(lpath);
+        assert_true(fd >= 0);
+        close(fd);
+        snprintf(cmd, sizeof(cmd),
+                 DS_BINARY_ROOT "/client/dsctl generate --local --model " REF
+                                "%s --tokens %s --max-tokens %u --greedy --logits-out %s "
+                                "--threads 2",
+                 names[mi], toks, ng, lpath);
+        FILE *p = popen(cmd, "r");
+        assert_non_null(p);
+        while (fgets(out, sizeof(out), p))
+            memcpy(last, out, sizeof(out));
+        assert_int_equal(pclose(p), 0);
+        char want[1024] = "tokens: ";
+        for (uint32_t i = 0; i < ng; i++)
+            snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? "," : "",
+                     gen[i]);
+        strcat(want, "\n");
+        assert_string_equal(last, want);
+        FILE *f = fopen(lpath, "rb");
+        assert_non_null(f);
+        float *got = malloc((nref + 1) * sizeof(float));
+        assert_int_equal(fread(got, sizeof(float), nref + 1, f), nref);
+        fclose(f);
+        unlink(lpath);
+        for (size_t i = 0; i < nref; i++)
+            assert_true(fabs((double)got[i] - ref[i]) <= 1e-3);
+        free(got);
+        free(ref);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -731,6 +819,7 @@ int main(void)
         cmocka_unit_test(test_router_group_top2),
         cmocka_unit_test(test_router_v2),
         cmocka_unit_test(test_combine_and_group),
+        cmocka_unit_test(test_kernel_identity),
         cmocka_unit_test(test_sampler),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_units_separable),
@@ -738,6 +827,7 @@ int main(void)
         cmocka_unit_test(test_reference_logits),
         cmocka_unit_test(test_bit_identity),
         cmocka_unit_test(test_kv_vs_recompute),
+        cmocka_unit_test(test_dsctl_generate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
