@@ -1,0 +1,376 @@
+/* client.c — libdsclient (ds_client.h).
+ *
+ * A handle owns one DEALER socket and a queue of messages that arrived for someone else
+ * (another job or request of the same handle). Calls hold the handle's mutex only while they
+ * touch the socket or the queue, and wait in short slices, so threads pulling different jobs
+ * on one handle make progress together. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <zmq.h>
+
+#include "ds_client.h"
+#include "ds_wire.h"
+
+#define SLICE_MS 20
+#define MAX_QUEUE 65536
+
+struct qmsg {
+    struct qmsg *next;
+    Dsd__Envelope *env;
+};
+
+struct ds_client {
+    pthread_mutex_t mu;
+    void *ctx, *sock;
+    int timeout_ms;
+    uint64_t next_req;
+    struct qmsg *head, *tail;
+    size_t n_queued;
+    char err[512];
+};
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static int set_err(ds_client *c, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof(c->err), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static int map_code(Dsd__ErrorCode code)
+{
+    switch (code) {
+    case DSD__ERROR_CODE__ERROR_CODE_VERSION: return -EPROTONOSUPPORT;
+    case DSD__ERROR_CODE__ERROR_CODE_MALFORMED: return -EINVAL;
+    case DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE: return -EMSGSIZE;
+    case DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB: return -ESRCH;
+    case DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT: return -ENOENT;
+    case DSD__ERROR_CODE__ERROR_CODE_BUSY: return -EBUSY;
+    default: return -EIO;
+    }
+}
+
+int ds_client_connect(const char *endpoint, const ds_client_opts *opts, ds_client **ret)
+{
+    ds_client *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    pthread_mutex_init(&c->mu, NULL);
+    c->timeout_ms = opts && opts->timeout_ms > 0 ? opts->timeout_ms : 30000;
+    c->ctx = zmq_ctx_new();
+    c->sock = c->ctx ? zmq_socket(c->ctx, ZMQ_DEALER) : NULL;
+    if (!c->sock) {
+        ds_client_close(c);
+        return -ENOMEM;
+    }
+    int zero = 0;
+    zmq_setsockopt(c->sock, ZMQ_LINGER, &zero, sizeof(zero));
+    if (opts && opts->server_public_key) {
+        char pub[41], sec[41];
+        const char *p = opts->public_key, *s = opts->secret_key;
+        if (!p || !s) {
+            if (zmq_curve_keypair(pub, sec) < 0) {
+                ds_client_close(c);
+                return -ENOTSUP;
+            }
+            p = pub;
+            s = sec;
+        }
+        if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, opts->server_public_key, 40) < 0 ||
+            zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, p, 40) < 0 ||
+            zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, s, 40) < 0) {
+            ds_client_close(c);
+            return -EINVAL;
+        }
+    }
+    if (zmq_connect(c->sock, endpoint) < 0) {
+        ds_client_close(c);
+        return -EINVAL;
+    }
+    *ret = c;
+    return 0;
+}
+
+ds_client *ds_client_close(ds_client *c)
+{
+    if (!c)
+        return NULL;
+    while (c->head) {
+        struct qmsg *q = c->head;
+        c->head = q->next;
+        ds_wire_free(q->env);
+        free(q);
+    }
+    if (c->sock)
+        zmq_close(c->sock);
+    if (c->ctx)
+        zmq_ctx_term(c->ctx);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+    return NULL;
+}
+
+const char *ds_client_error(ds_client *c)
+{
+    return c ? c->err : "no handle";
+}
+
+/* Sends env (locked by the caller). */
+static int send_env(ds_client *c, Dsd__Envelope *env)
+{
+    uint8_t *buf;
+    size_t len;
+    int rc = ds_wire_pack(env, &buf, &len);
+    if (rc < 0)
+        return set_err(c, rc, "cannot encode the request");
+    rc = zmq_send(c->sock, buf, len, ZMQ_DONTWAIT) < 0 ? -zmq_errno() : 0;
+    free(buf);
+    if (rc == -EAGAIN)
+        return set_err(c, -ETIMEDOUT, "the coordinator is not reachable");
+    return rc < 0 ? set_err(c, rc, "send: %s", zmq_strerror(-rc)) : 0;
+}
+
+/* Reads every waiting message into the queue (locked by the caller). */
+static void pump(ds_client *c)
+{
+    for (int guard = 0; guard < 4096; guard++) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, c->sock, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            return;
+        }
+        int more = 0;
+        size_t sz = sizeof(more);
+        zmq_getsockopt(c->sock, ZMQ_RCVMORE, &more, &sz);
+        Dsd__Envelope *env = NULL;
+        bool ok = !more && ds_wire_unpack(zmq_msg_data(&m), zmq_msg_size(&m), &env, NULL) == 0;
+        zmq_msg_close(&m);
+        while (more) { /* the server never sends tensor frames to clients: drop them */
+            zmq_msg_init(&m);
+            zmq_msg_recv(&m, c->sock, 0);
+            zmq_msg_close(&m);
+            zmq_getsockopt(c->sock, ZMQ_RCVMORE, &more, &sz);
+        }
+        if (!ok || c->n_queued >= MAX_QUEUE) {
+            if (env)
+                ds_wire_free(env);
+            continue;
+        }
+        struct qmsg *q = calloc(1, sizeof(*q));
+        if (!q) {
+            ds_wire_free(env);
+            continue;
+        }
+        q->env = env;
+        if (c->tail)
+            c->tail->next = q;
+        else
+            c->head = q;
+        c->tail = q;
+        c->n_queued++;
+    }
+}
+
+typedef bool (*match_fn)(const Dsd__Envelope *env, uint64_t key);
+
+/* Waits for a queued message that match() accepts and removes it from the queue. */
+static int wait_for(ds_client *c, match_fn match, uint64_t key, int timeout_ms,
+                    Dsd__Envelope **out)
+{
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms < 0 ? c->timeout_ms : timeout_ms);
+    for (;;) {
+        pthread_mutex_lock(&c->mu);
+        pump(c);
+        struct qmsg *prev = NULL;
+        for (struct qmsg *q = c->head; q; prev = q, q = q->next)
+            if (match(q->env, key)) {
+                if (prev)
+                    prev->next = q->next;
+                else
+                    c->head = q->next;
+                if (c->tail == q)
+                    c->tail = prev;
+                c->n_queued--;
+                pthread_mutex_unlock(&c->mu);
+                *out = q->env;
+                free(q);
+                return 0;
+            }
+        uint64_t now = now_ms();
+        if (now >= deadline) {
+            pthread_mutex_unlock(&c->mu);
+            return set_err(c, -ETIMEDOUT, "no answer from the coordinator in time");
+        }
+        zmq_pollitem_t it = {.socket = c->sock, .events = ZMQ_POLLIN};
+        long slice = (long)(deadline - now) < SLICE_MS ? (long)(deadline - now) : SLICE_MS;
+        zmq_poll(&it, 1, slice);
+        pthread_mutex_unlock(&c->mu);
+    }
+}
+
+static bool match_req(const Dsd__Envelope *env, uint64_t req)
+{
+    return env->request_id == req && (env->body_case == DSD__ENVELOPE__BODY_STATUS_REPLY ||
+                                      env->body_case == DSD__ENVELOPE__BODY_ERROR);
+}
+
+static bool match_job(const Dsd__Envelope *env, uint64_t job)
+{
+    return env->body_case == DSD__ENVELOPE__BODY_TOKEN && env->token->job == job;
+}
+
+/* Sends env and waits for its StatusReply; *json gets a copy. */
+static int call(ds_client *c, Dsd__Envelope *env, char **json)
+{
+    pthread_mutex_lock(&c->mu);
+    uint64_t req = env->request_id = ++c->next_req;
+    int rc = send_env(c, env);
+    pthread_mutex_unlock(&c->mu);
+    if (rc < 0)
+        return rc;
+    Dsd__Envelope *r = NULL;
+    if ((rc = wait_for(c, match_req, req, -1, &r)) < 0)
+        return rc;
+    if (r->body_case == DSD__ENVELOPE__BODY_ERROR) {
+        rc = set_err(c, map_code(r->error->code), "%s", r->error->message ? r->error->message : "");
+    } else if (json) {
+        *json = strdup(r->status_reply->json ? r->status_reply->json : "null");
+        rc = *json ? 0 : -ENOMEM;
+    }
+    ds_wire_free(r);
+    return rc;
+}
+
+int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
+{
+    if (!c || !req || !job || (!req->n_tokens && !req->prompt))
+        return -EINVAL;
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__Submit sb = DSD__SUBMIT__INIT;
+    Dsd__Sampling sm = DSD__SAMPLING__INIT;
+    sm.temperature = req->temperature;
+    sm.top_p = req->top_p;
+    sm.top_k = req->top_k;
+    sm.seed = req->seed;
+    sb.prompt = (char *)(req->prompt ? req->prompt : "");
+    sb.n_tokens = req->n_tokens;
+    sb.tokens = (uint32_t *)req->tokens;
+    sb.sampling = &sm;
+    sb.max_tokens = req->max_tokens;
+    sb.n_stop = req->n_stop;
+    sb.stop = (char **)req->stop;
+    env.body_case = DSD__ENVELOPE__BODY_SUBMIT;
+    env.submit = &sb;
+    char *js = NULL;
+    int rc = call(c, &env, &js);
+    if (rc < 0)
+        return rc;
+    unsigned long long id = 0;
+    rc = sscanf(js, "{\"job\":%llu}", &id) == 1 ? 0 : set_err(c, -EIO, "bad acknowledgement");
+    free(js);
+    if (rc == 0)
+        *job = id;
+    return rc;
+}
+
+int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout_ms)
+{
+    Dsd__Envelope *r = NULL;
+    int rc = wait_for(c, match_job, job, timeout_ms, &r);
+    if (rc < 0)
+        return rc;
+    memset(tok, 0, sizeof(*tok));
+    tok->job = r->token->job;
+    tok->id = r->token->id;
+    tok->last = r->token->last;
+    const char *fr = r->token->finish_reason ? r->token->finish_reason : "";
+    /* a bare end notice (cancelled, error) carries no token */
+    tok->has_id = !(tok->last && (!strcmp(fr, "cancelled") || !strcmp(fr, "error")));
+    snprintf(tok->finish_reason, sizeof(tok->finish_reason), "%s", fr);
+    ds_wire_free(r);
+    return 0;
+}
+
+int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_token_fn fn,
+                       void *ctx, uint64_t *job_out)
+{
+    uint64_t job;
+    int rc = ds_client_submit(c, req, &job);
+    if (rc < 0)
+        return rc;
+    if (job_out)
+        *job_out = job;
+    for (;;) {
+        ds_client_token t;
+        if ((rc = ds_client_next(c, job, &t, -1)) < 0) {
+            ds_client_cancel(c, job);
+            return rc;
+        }
+        if (fn(ctx, &t)) {
+            ds_client_cancel(c, job);
+            return set_err(c, -ECANCELED, "cancelled by the callback");
+        }
+        if (t.last)
+            return !strcmp(t.finish_reason, "error") ? set_err(c, -EIO, "the job failed on the "
+                                                                       "cluster")
+                                                     : 0;
+    }
+}
+
+int ds_client_cancel(ds_client *c, uint64_t job)
+{
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__Cancel cc = DSD__CANCEL__INIT;
+    cc.job = job;
+    env.body_case = DSD__ENVELOPE__BODY_CANCEL;
+    env.cancel = &cc;
+    pthread_mutex_lock(&c->mu);
+    env.request_id = ++c->next_req;
+    int rc = send_env(c, &env);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+int ds_client_status(ds_client *c, const char *what, char **json)
+{
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__StatusRequest sr = DSD__STATUS_REQUEST__INIT;
+    sr.what = (char *)what;
+    env.body_case = DSD__ENVELOPE__BODY_STATUS_REQUEST;
+    env.status_request = &sr;
+    return call(c, &env, json);
+}
+
+int ds_client_drain(ds_client *c, const char *node, bool undrain, char **json)
+{
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__Drain dr = DSD__DRAIN__INIT;
+    dr.node = (char *)node;
+    dr.undrain = undrain;
+    env.body_case = DSD__ENVELOPE__BODY_DRAIN;
+    env.drain = &dr;
+    char *tmp = NULL;
+    int rc = call(c, &env, json ? json : &tmp);
+    free(tmp);
+    return rc;
+}
+
+int ds_client_replan(ds_client *c, char **json)
+{
+    return ds_client_status(c, "replan", json);
+}

@@ -1,0 +1,168 @@
+/* dsd.h — internals shared by the files of the dsd daemon (not a public header).
+ *
+ * The daemon is a few subsystems: the options table (dsd_options.c), message framing over
+ * ZeroMQ (dsd_net.c), the node's unit host that runs the model units it was assigned
+ * (dsd_host.c), the coordinator's scheduler thread that drives decode steps across the cluster
+ * (dsd_sched.c), and the event loop with membership, heartbeats and plan rollout (dsd_main.c).
+ * The event loop owns membership and the socket state; the scheduler thread owns the jobs and
+ * talks to the loop only over an inproc PAIR socket. */
+#ifndef DSD_H
+#define DSD_H
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <zmq.h>
+
+#include "ds_err.h"
+#include "ds_model.h"
+#include "ds_wire.h"
+
+/* ---- options (dsd_options.c) -------------------------------------------------------------- */
+#define DSD_STR_MAX 256
+
+typedef struct dsd_opts {
+    char role[16];                 /* coordinator | worker */
+    char node[64];                 /* node name, unique in the cluster */
+    char coordinator[DSD_STR_MAX]; /* worker: control endpoint of the coordinator */
+    char control_bind[DSD_STR_MAX];
+    char client_bind[DSD_STR_MAX];
+    char data_bind[DSD_STR_MAX];
+    char data_advertise[DSD_STR_MAX]; /* endpoint peers connect to; default data_bind */
+    char model[PATH_MAX];             /* checkpoint directory */
+    char state_dir[PATH_MAX];
+    char log_level[16];
+    char cluster[64];
+    int64_t expect_workers;   /* coordinator: workers to wait for before planning */
+    int64_t heartbeat_ms;     /* heartbeat period */
+    int64_t heartbeat_misses; /* missed periods before a peer is declared failed */
+    int64_t threads;          /* compute threads, 0 = all CPUs */
+    int64_t max_jobs;         /* concurrent jobs the coordinator accepts */
+    int64_t max_context;      /* positions per sequence (prompt + generated) */
+    int64_t step_timeout_ms;  /* a unit host that does not answer in this time fails the step */
+    int64_t max_request_bytes; /* largest client request accepted */
+    bool compute;             /* coordinator also hosts units */
+} dsd_opts;
+
+void dsd_opts_defaults(dsd_opts *o);
+/* Sets one option from text; -EINVAL/-ERANGE with err naming the key. reload_only: refuse
+ * (-EPERM) an option that cannot change while running. */
+int dsd_opts_set(dsd_opts *o, const char *key, const char *value, ds_error *err);
+/* Reads a key = value file (# comments, blank lines). Errors name file and line. */
+int dsd_opts_load_file(dsd_opts *o, const char *path, ds_error *err);
+/* Parses argv: --config=PATH, --key=value overrides, --help. Fills *config with the config
+ * path used (may be NULL when none). Returns 1 when --help was printed. */
+int dsd_opts_parse(dsd_opts *o, int argc, char **argv, const char **config, ds_error *err);
+/* Applies the reloadable options of next onto cur and logs the ones that changed; a
+ * non-reloadable difference is logged as ignored. */
+void dsd_opts_apply_reload(dsd_opts *cur, const dsd_opts *next);
+void dsd_opts_help(FILE *f);
+/* Checks cross-option rules (worker needs coordinator, ...). */
+int dsd_opts_check(const dsd_opts *o, ds_error *err);
+/* Writes the resolved options as JSON-able key = value lines (for `dsd --print-config`). */
+void dsd_opts_print(const dsd_opts *o, FILE *f);
+
+/* ---- messages (dsd_net.c) ----------------------------------------------------------------- */
+#define DSD_MAX_PEER_ID 256
+
+typedef struct dsd_msg {
+    uint8_t peer[DSD_MAX_PEER_ID]; /* ROUTER identity of the sender */
+    size_t peer_len;               /* 0 when received on a DEALER/PAIR */
+    Dsd__Envelope *env;            /* validated envelope; NULL when refused */
+    zmq_msg_t frames[DS_WIRE_MAX_TENSOR_FRAMES];
+    uint32_t n_frames;
+    Dsd__ErrorCode refused;        /* why the message was refused (when env == NULL) */
+} dsd_msg;
+
+/* Receives one multipart message. router: the first frame is the peer identity. Returns 0
+ * with m->env set, or a negative errno: -EAGAIN nothing to read, -EPROTO the message was
+ * refused (m->refused and err say why; m->peer is kept so the caller can answer). Frames
+ * beyond the envelope are checked against its tensor descriptors (count and byte size). */
+int dsd_msg_recv(void *sock, bool router, size_t max_envelope, dsd_msg *m, ds_error *err);
+void dsd_msg_close(dsd_msg *m);
+const void *dsd_msg_frame(const dsd_msg *m, uint32_t i, size_t *len);
+
+/* Sends [peer,] envelope, frames. TAKES OWNERSHIP of every frames[i] (malloc'd; set to NULL):
+ * they go out without a copy (zmq_msg_init_data) and zmq frees them once written, which is
+ * safe even when a peer dies with the message still queued. n_frames must match env->tensors. */
+int dsd_send(void *sock, const void *peer, size_t peer_len, Dsd__Envelope *env, void **frames,
+             const size_t *sizes, uint32_t n_frames);
+int dsd_send_error(void *sock, const void *peer, size_t peer_len, uint64_t request_id,
+                   Dsd__ErrorCode code, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+void dsd_tensor_desc(Dsd__TensorDesc *td, uint32_t *shape_buf, Dsd__Dtype dt, uint32_t d0,
+                     uint32_t d1);
+uint64_t dsd_now_ns(void);
+
+/* ---- unit host (dsd_host.c) --------------------------------------------------------------- */
+typedef struct dsd_host dsd_host;
+
+/* Units a host serves, as parsed from a plan for one node. */
+typedef struct dsd_units {
+    bool embed, head;
+    uint32_t n_layers, n_experts;
+    bool *attn;    /* [n_layers] (attention + router + shared/dense beside it) */
+    bool *expert;  /* [n_layers * n_experts] */
+} dsd_units;
+
+void dsd_units_clear(dsd_units *u);
+int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads,
+                 uint32_t max_context, dsd_host **ret, ds_error *err);
+dsd_host *dsd_host_free(dsd_host *h);
+const ds_model *dsd_host_model(const dsd_host *h);
+ds_pool *dsd_host_pool(const dsd_host *h);
+/* Serves one data-plane message from a peer on the data ROUTER (step, dispatch, cancel,
+ * link_probe); answers on sock. Bad messages are answered with an Error and logged. */
+void dsd_host_serve(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_version);
+/* JSON object of this node's measured per-unit compute times: {"attn[3]": {"s":..,"calls":..}}. */
+char *dsd_host_stats_json(dsd_host *h);
+
+/* ---- plan (dsd_plan.c) -------------------------------------------------------------------- */
+typedef struct dsd_plan {
+    uint64_t version;
+    uint32_t n_nodes;
+    char (*nodes)[64];           /* [n_nodes] node names; nodes[0] = coordinator */
+    char (*endpoints)[DSD_STR_MAX]; /* [n_nodes] data endpoints */
+    uint32_t n_layers, n_experts, first_moe;
+    int32_t embed, head;         /* node index */
+    int32_t *attn;               /* [n_layers] node index */
+    int32_t *expert;             /* [n_layers * n_experts] node index, -1 for dense layers */
+} dsd_plan;
+
+/* Round-robin plan that spreads attention layers and experts over every node (the coordinator
+ * keeps embed and head). */
+int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
+                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX], bool coord_computes,
+                   uint64_t version);
+void dsd_plan_clear(dsd_plan *p);
+/* Plan JSON document: {"version":..,"units":{"attn[0]":"node",..},"nodes":{..}}. */
+char *dsd_plan_json(const dsd_plan *p);
+/* The units node `idx` hosts. */
+int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u);
+/* Fills a wire Plan (units + data endpoints); the strings point into p. Free with
+ * dsd_plan_wire_clear. */
+int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w);
+void dsd_plan_wire_clear(Dsd__Plan *w);
+/* Units of node `self` from a received wire plan; validates every unit name and index. */
+int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_model_config *c,
+                             dsd_units *u, ds_error *err);
+/* Parses "attn[3]", "expert[3][17]", "embed", "head", "dense[0]", "shared[2]". */
+int dsd_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint32_t *expert);
+
+/* ---- scheduler (dsd_sched.c) -------------------------------------------------------------- */
+typedef struct dsd_sched dsd_sched;
+
+/* Starts the coordinator's scheduler thread. It connects to every node's data endpoint,
+ * calibrates the links, then serves jobs arriving on the inproc PAIR `pipe_endpoint`
+ * (the event loop forwards [client-id, envelope] pairs and receives replies the same way). */
+int dsd_sched_start(void *zctx, const char *pipe_endpoint, const dsd_plan *plan, dsd_host *host,
+                    const dsd_opts *o, dsd_sched **ret, ds_error *err);
+void dsd_sched_stop(dsd_sched *s);
+/* Snapshots (JSON text, caller frees) the scheduler publishes for status requests. */
+char *dsd_sched_json(dsd_sched *s, const char *what);
+
+/* ---- notify (dsd_notify.c) ---------------------------------------------------------------- */
+void dsd_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif

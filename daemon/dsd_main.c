@@ -1,0 +1,907 @@
+/* dsd_main.c — the dsd daemon: options, roles, and the event loop that owns membership,
+ * heartbeats, plan rollout, the client socket and the node's data socket.
+ *
+ * Life of a node: parse options (one table, dsd_options.c) -> bind sockets -> describe the
+ * local devices -> worker: hello to the coordinator until welcomed; coordinator: wait for
+ * expect_workers hellos -> the coordinator builds a plan and sends each node its part -> every
+ * node opens its units (mmap) and reports LoadProgress -> the coordinator starts the scheduler
+ * thread and serves clients. SIGTERM/SIGINT stop the loop cleanly; SIGHUP reloads the
+ * reloadable options. Under systemd: READY=1 once devices are known and the node has joined
+ * (the coordinator: once the cluster serves), STATUS=<one line> on every change, WATCHDOG=1
+ * from the loop at half the watchdog period. */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <systemd/sd-daemon.h>
+
+#include "ds_log.h"
+#include "ds_version.h"
+#include "dsd.h"
+
+#define MAX_NODES 64
+#define SCHED_PIPE "inproc://dsd-sched"
+
+struct node {
+    char name[64];
+    char endpoint[DSD_STR_MAX];
+    json_t *devices;   /* array of device objects from the hello */
+    uint64_t last_seen_ns;
+    bool loaded, failed, drained, has_model_copy;
+    char state[16];
+};
+
+struct dsd {
+    dsd_opts o, cli_o;
+    const char *config_path;
+    int argc;
+    char **argv;
+    bool coordinator;
+    void *zctx, *data, *control, *client, *pipe;
+    int sigfd;
+    /* membership (coordinator: all nodes, nodes[0] = self) */
+    struct node nodes[MAX_NODES];
+    uint32_t n_nodes;
+    dsd_plan plan;
+    bool have_plan, serving, stopping;
+    dsd_host *host;
+    dsd_sched *sched;
+    uint64_t plan_version;
+    /* worker */
+    bool welcomed;
+    uint64_t last_coord_ns, last_hello_ns, hb_seq;
+    char state[16];
+    uint64_t last_hb_ns, last_wd_ns, wd_usec;
+};
+
+
+/* ---- local devices ------------------------------------------------------------------------ */
+
+static json_t *local_devices(void)
+{
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    return json_pack("[{s:s,s:s,s:s,s:I,s:i}]", "name", "cpu0", "kind", "cpu", "klass", "server",
+                     "memory_bytes", (json_int_t)pages * psz, "cores", (int)ncpu);
+}
+
+static void set_state(struct dsd *d, const char *st)
+{
+    if (!strcmp(d->state, st))
+        return;
+    snprintf(d->state, sizeof(d->state), "%s", st);
+    uint32_t up = 0;
+    for (uint32_t i = 0; i < d->n_nodes; i++)
+        up += !d->nodes[i].failed;
+    if (d->coordinator)
+        dsd_notify("STATUS=%s: coordinator, %u/%u nodes up, plan v%llu", st, up, d->n_nodes,
+                   (unsigned long long)d->plan_version);
+    else
+        dsd_notify("STATUS=%s: worker %s, plan v%llu", st, d->o.node,
+                   (unsigned long long)d->plan_version);
+    ds_log_notice("state: %s", st);
+}
+
+/* ---- plan rollout ------------------------------------------------------------------------- */
+
+static int open_host(struct dsd *d, const dsd_units *u, ds_error *err)
+{
+    d->host = dsd_host_free(d->host);
+    return dsd_host_new(d->o.model, u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context,
+                        &d->host, err);
+}
+
+static void write_plan_file(struct dsd *d, const char *json)
+{
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof(path), "%s/plan.json", d->o.state_dir);
+    FILE *f = fopen(path, "we");
+    if (!f) {
+        ds_log_warn("%s: %s (plan not saved)", path, strerror(errno));
+        return;
+    }
+    fprintf(f, "%s\n", json);
+    fclose(f);
+}
+
+static void maybe_serve(struct dsd *d);
+
+static int rollout(struct dsd *d)
+{
+    ds_error err = {0};
+    ds_model *probe = NULL;
+    /* the coordinator reads the model's shape from its own copy (units unbound: no weights) */
+    static const ds_model_open_opts none = {0};
+    (void)none;
+    int rc = ds_model_open(d->o.model, NULL, &probe, &err);
+    if (rc < 0) {
+        ds_log_err("plan: cannot read the model: %s", ds_error_str(&err));
+        return rc;
+    }
+    const ds_model_config *c = ds_model_get_config(probe);
+    char (*names)[64] = calloc(MAX_NODES, 64);
+    char (*eps)[DSD_STR_MAX] = calloc(MAX_NODES, DSD_STR_MAX);
+    uint32_t n = 0;
+    int32_t idx_of[MAX_NODES];
+    for (uint32_t i = 0; names && eps && i < d->n_nodes; i++) {
+        if (d->nodes[i].failed || d->nodes[i].drained) {
+            idx_of[i] = -1;
+            continue;
+        }
+        if (i == 0 && !d->o.compute) {
+            /* still listed first (embed/head), but the builder gives it no other unit */
+        }
+        idx_of[i] = (int32_t)n;
+        snprintf(names[n], 64, "%s", d->nodes[i].name);
+        snprintf(eps[n], DSD_STR_MAX, "%s", d->nodes[i].endpoint);
+        n++;
+    }
+    dsd_plan_clear(&d->plan);
+    rc = names && eps ? dsd_plan_build(&d->plan, c, n, (const char(*)[64])names,
+                                       (const char(*)[DSD_STR_MAX])eps, d->o.compute,
+                                       d->plan_version + 1)
+                      : -ENOMEM;
+    free(names);
+    free(eps);
+    if (rc < 0) {
+        ds_model_free(probe);
+        ds_log_err("plan: cannot build a plan over %u nodes: %s", n, strerror(-rc));
+        return rc;
+    }
+    d->plan_version = d->plan.version;
+    d->have_plan = true;
+    Dsd__Plan wp;
+    if ((rc = dsd_plan_to_wire(&d->plan, &wp)) < 0) {
+        ds_model_free(probe);
+        return rc;
+    }
+    write_plan_file(d, wp.json);
+    ds_log_notice("plan v%llu over %u nodes", (unsigned long long)d->plan_version, n);
+    for (uint32_t i = 1; i < d->n_nodes; i++) {
+        d->nodes[i].loaded = false;
+        if (idx_of[i] < 0)
+            continue;
+        Dsd__Envelope env = DSD__ENVELOPE__INIT;
+        env.body_case = DSD__ENVELOPE__BODY_PLAN;
+        env.plan = &wp;
+        dsd_send(d->control, d->nodes[i].name, strlen(d->nodes[i].name), &env, NULL, NULL, 0);
+    }
+    dsd_plan_wire_clear(&wp);
+    dsd_units u;
+    if ((rc = dsd_plan_units_of(&d->plan, 0, &u)) == 0) {
+        rc = open_host(d, &u, &err);
+        dsd_units_clear(&u);
+    }
+    ds_model_free(probe);
+    if (rc < 0) {
+        ds_log_err("plan: loading the coordinator's units failed: %s", ds_error_str(&err));
+        return rc;
+    }
+    d->nodes[0].loaded = true;
+    set_state(d, "loading");
+    maybe_serve(d);
+    return 0;
+}
+
+static void maybe_serve(struct dsd *d)
+{
+    if (d->serving || !d->have_plan)
+        return;
+    for (uint32_t i = 0; i < d->n_nodes; i++)
+        if (!d->nodes[i].loaded && !d->nodes[i].failed && !d->nodes[i].drained)
+            return;
+    ds_error err = {0};
+    if (dsd_sched_start(d->zctx, SCHED_PIPE, &d->plan, d->host, &d->o, &d->sched, &err) < 0) {
+        ds_log_err("scheduler: %s", ds_error_str(&err));
+        return;
+    }
+    d->serving = true;
+    set_state(d, "serving");
+    sd_notify(0, "READY=1");
+}
+
+static void stop_sched(struct dsd *d)
+{
+    if (!d->sched)
+        return;
+    zmq_send(d->pipe, "STOP", 4, 0);
+    dsd_sched_stop(d->sched);
+    d->sched = NULL;
+    d->serving = false;
+}
+
+/* ---- status JSON -------------------------------------------------------------------------- */
+
+static json_t *sched_obj(struct dsd *d, const char *what)
+{
+    char *s = dsd_sched_json(d->sched, what);
+    json_t *j = s ? json_loads(s, 0, NULL) : NULL;
+    free(s);
+    return j ? j : json_null();
+}
+
+static char *status_json(struct dsd *d, const char *what, int *code)
+{
+    json_t *r = NULL;
+    uint64_t now = dsd_now_ns();
+    *code = 0;
+    if (!strcmp(what, "cluster") || !strcmp(what, "status") || !strcmp(what, "devices") ||
+        !strcmp(what, "")) {
+        json_t *nodes = json_array();
+        for (uint32_t i = 0; i < d->n_nodes; i++) {
+            struct node *n = &d->nodes[i];
+            const char *st = n->failed ? "failed" : n->drained ? "draining" : n->loaded ? "serving" : "loading";
+            if (i == 0)
+                st = d->state;
+            json_array_append_new(
+                nodes, json_pack("{s:s,s:s,s:s,s:s,s:I,s:O,s:b,s:b}", "name", n->name, "role",
+                                 i == 0 ? "coordinator" : "worker", "state", st, "endpoint",
+                                 n->endpoint, "heartbeat_age_ms",
+                                 (json_int_t)(i == 0 ? 0 : (now - n->last_seen_ns) / 1000000),
+                                 "devices", n->devices ? n->devices : json_array(), "drained",
+                                 n->drained, "has_model_copy", n->has_model_copy));
+        }
+        json_t *st = sched_obj(d, "stats");
+        json_t *links = json_is_object(st) ? json_object_get(st, "links") : NULL;
+        r = json_pack("{s:s,s:s,s:s,s:I,s:o,s:O}", "cluster", d->o.cluster, "coordinator",
+                      d->o.node, "state", d->state, "plan_version", (json_int_t)d->plan_version,
+                      "nodes", nodes, "links", links ? links : json_array());
+        json_decref(st);
+    } else if (!strcmp(what, "jobs")) {
+        r = sched_obj(d, "jobs");
+    } else if (!strcmp(what, "placement")) {
+        char *pj = d->have_plan ? dsd_plan_json(&d->plan) : NULL;
+        json_t *plan = pj ? json_loads(pj, 0, NULL) : json_null();
+        free(pj);
+        char *hs = dsd_host_stats_json(d->host);
+        json_t *local = hs ? json_loads(hs, 0, NULL) : json_null();
+        free(hs);
+        r = json_pack("{s:o,s:o,s:o}", "plan", plan ? plan : json_null(), "measured",
+                      sched_obj(d, "stats"), "coordinator_units", local ? local : json_null());
+    } else if (!strcmp(what, "expert_stats")) {
+        json_t *st = sched_obj(d, "stats");
+        json_t *es = json_is_object(st) ? json_object_get(st, "expert_stats") : NULL;
+        r = es ? json_incref(es) : json_null();
+        json_decref(st);
+    } else {
+        *code = DSD__ERROR_CODE__ERROR_CODE_MALFORMED;
+        return NULL;
+    }
+    char *s = json_dumps(r, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(r);
+    return s;
+}
+
+static void reply_json(void *sock, const void *peer, size_t pl, uint64_t req, const char *json)
+{
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__StatusReply sr = DSD__STATUS_REPLY__INIT;
+    sr.json = (char *)json;
+    env.request_id = req;
+    env.body_case = DSD__ENVELOPE__BODY_STATUS_REPLY;
+    env.status_reply = &sr;
+    dsd_send(sock, peer, pl, &env, NULL, NULL, 0);
+}
+
+static struct node *node_find(struct dsd *d, const char *name, size_t len)
+{
+    for (uint32_t i = 0; i < d->n_nodes; i++)
+        if (strlen(d->nodes[i].name) == len && !memcmp(d->nodes[i].name, name, len))
+            return &d->nodes[i];
+    return NULL;
+}
+
+/* ---- coordinator: client socket ----------------------------------------------------------- */
+
+static void forward_to_sched(struct dsd *d, dsd_msg *m)
+{
+    uint8_t *buf;
+    size_t len;
+    if (ds_wire_pack(m->env, &buf, &len) < 0)
+        return;
+    zmq_send(d->pipe, m->peer, m->peer_len, ZMQ_SNDMORE);
+    zmq_send(d->pipe, buf, len, 0);
+    free(buf);
+}
+
+static void on_client(struct dsd *d)
+{
+    dsd_msg m;
+    ds_error err = {0};
+    int rc = dsd_msg_recv(d->client, true, (size_t)d->o.max_request_bytes, &m, &err);
+    if (rc == -EAGAIN)
+        return;
+    if (rc < 0) {
+        ds_log_warn("client: refused a request: %s", ds_error_str(&err));
+        if (m.peer_len)
+            dsd_send_error(d->client, m.peer, m.peer_len, 0, m.refused, "%s", ds_error_str(&err));
+        return;
+    }
+    Dsd__Envelope *env = m.env;
+    switch (env->body_case) {
+    case DSD__ENVELOPE__BODY_SUBMIT:
+    case DSD__ENVELOPE__BODY_CANCEL:
+        if (!d->serving) {
+            dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                           DSD__ERROR_CODE__ERROR_CODE_BUSY, "the cluster is not serving yet (%s)",
+                           d->state);
+            break;
+        }
+        forward_to_sched(d, &m);
+        break;
+    case DSD__ENVELOPE__BODY_STATUS_REQUEST: {
+        const char *what = env->status_request->what ? env->status_request->what : "";
+        if (!strcmp(what, "replan")) {
+            char *js = dsd_sched_json(d->sched, "jobs");
+            json_t *j = js ? json_loads(js, 0, NULL) : NULL;
+            free(js);
+            size_t running = j ? json_array_size(json_object_get(j, "jobs")) : 0;
+            json_decref(j);
+            if (running) {
+                dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                               DSD__ERROR_CODE__ERROR_CODE_BUSY,
+                               "%zu jobs are running; replan when idle", running);
+                break;
+            }
+            stop_sched(d);
+            if (rollout(d) < 0) {
+                dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                               DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "replan failed (see log)");
+                break;
+            }
+            char buf[96];
+            snprintf(buf, sizeof(buf), "{\"plan_version\":%llu}", (unsigned long long)d->plan_version);
+            reply_json(d->client, m.peer, m.peer_len, env->request_id, buf);
+            break;
+        }
+        int code;
+        char *s = status_json(d, what, &code);
+        if (!s) {
+            ds_log_warn("client: unknown status request '%.64s'", what);
+            dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                           DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "unknown status '%.64s'", what);
+            break;
+        }
+        reply_json(d->client, m.peer, m.peer_len, env->request_id, s);
+        free(s);
+        break;
+    }
+    case DSD__ENVELOPE__BODY_DRAIN: {
+        const char *name = env->drain->node ? env->drain->node : "";
+        struct node *n = node_find(d, name, strlen(name));
+        if (!n) {
+            dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                           DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "no node named '%.64s'", name);
+            break;
+        }
+        n->drained = !env->drain->undrain;
+        ds_log_notice("node %s %s by a client", n->name, n->drained ? "drained" : "undrained");
+        if (n != &d->nodes[0])
+            dsd_send(d->control, n->name, strlen(n->name), env, NULL, NULL, 0);
+        char buf[160];
+        snprintf(buf, sizeof(buf), "{\"node\":\"%s\",\"drained\":%s}", n->name,
+                 n->drained ? "true" : "false");
+        reply_json(d->client, m.peer, m.peer_len, env->request_id, buf);
+        break;
+    }
+    default:
+        ds_log_warn("client: refused '%s': not a client request", ds_wire_body_name(env));
+        dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                       DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "'%s' is not a client request",
+                       ds_wire_body_name(env));
+    }
+    dsd_msg_close(&m);
+}
+
+static void on_pipe(struct dsd *d)
+{
+    for (int guard = 0; guard < 1024; guard++) {
+        zmq_msg_t a, b;
+        zmq_msg_init(&a);
+        if (zmq_msg_recv(&a, d->pipe, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&a);
+            return;
+        }
+        zmq_msg_init(&b);
+        zmq_msg_recv(&b, d->pipe, 0);
+        int r = zmq_send(d->client, zmq_msg_data(&a), zmq_msg_size(&a), ZMQ_SNDMORE);
+        if (r >= 0)
+            r = zmq_send(d->client, zmq_msg_data(&b), zmq_msg_size(&b), 0);
+        if (r < 0 && zmq_errno() == EHOSTUNREACH) {
+            /* the client is gone: cancel its job so nothing runs for nobody */
+            Dsd__Envelope *env = NULL;
+            if (ds_wire_unpack(zmq_msg_data(&b), zmq_msg_size(&b), &env, NULL) == 0) {
+                if (env->body_case == DSD__ENVELOPE__BODY_TOKEN && !env->token->last) {
+                    Dsd__Envelope ce = DSD__ENVELOPE__INIT;
+                    Dsd__Cancel cc = DSD__CANCEL__INIT;
+                    cc.job = env->token->job;
+                    ce.body_case = DSD__ENVELOPE__BODY_CANCEL;
+                    ce.cancel = &cc;
+                    uint8_t *buf;
+                    size_t len;
+                    if (ds_wire_pack(&ce, &buf, &len) == 0) {
+                        ds_log_notice("client of job %llu disconnected: cancelling",
+                                      (unsigned long long)cc.job);
+                        zmq_send(d->pipe, "", 0, ZMQ_SNDMORE);
+                        zmq_send(d->pipe, buf, len, 0);
+                        free(buf);
+                    }
+                }
+                ds_wire_free(env);
+            }
+        }
+        zmq_msg_close(&a);
+        zmq_msg_close(&b);
+    }
+}
+
+/* ---- coordinator: control socket ---------------------------------------------------------- */
+
+static void on_control_coord(struct dsd *d)
+{
+    dsd_msg m;
+    ds_error err = {0};
+    int rc = dsd_msg_recv(d->control, true, DS_WIRE_MAX_ENVELOPE_BYTES, &m, &err);
+    if (rc == -EAGAIN)
+        return;
+    if (rc < 0) {
+        ds_log_warn("control: refused a message from '%.*s': %s", (int)m.peer_len,
+                    (const char *)m.peer, ds_error_str(&err));
+        if (m.peer_len)
+            dsd_send_error(d->control, m.peer, m.peer_len, 0, m.refused, "%s", ds_error_str(&err));
+        return;
+    }
+    Dsd__Envelope *env = m.env;
+    struct node *n = node_find(d, (const char *)m.peer, m.peer_len);
+    switch (env->body_case) {
+    case DSD__ENVELOPE__BODY_HELLO: {
+        Dsd__Hello *h = env->hello;
+        if (!h->node || strlen(h->node) != m.peer_len || memcmp(h->node, m.peer, m.peer_len) ||
+            !h->data_endpoint || !h->data_endpoint[0] || strlen(h->data_endpoint) >= DSD_STR_MAX) {
+            ds_log_warn("control: refused hello: node name must equal the socket identity and a "
+                        "data endpoint is required");
+            dsd_send_error(d->control, m.peer, m.peer_len, env->request_id,
+                           DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "bad hello");
+            break;
+        }
+        if (!n) {
+            if (d->n_nodes >= MAX_NODES) {
+                dsd_send_error(d->control, m.peer, m.peer_len, env->request_id,
+                               DSD__ERROR_CODE__ERROR_CODE_BUSY, "cluster full");
+                break;
+            }
+            n = &d->nodes[d->n_nodes++];
+            memset(n, 0, sizeof(*n));
+            snprintf(n->name, sizeof(n->name), "%s", h->node);
+            ds_log_notice("node %s joined (%s)", n->name, h->data_endpoint);
+        } else if (n->failed) {
+            ds_log_notice("node %s rejoined", n->name);
+        }
+        n->failed = false;
+        n->loaded = false;
+        n->has_model_copy = h->has_model_copy;
+        snprintf(n->endpoint, sizeof(n->endpoint), "%s", h->data_endpoint);
+        json_decref(n->devices);
+        n->devices = json_array();
+        for (size_t i = 0; i < h->n_devices && i < 64; i++)
+            json_array_append_new(n->devices,
+                                  json_pack("{s:s,s:s,s:s,s:I}", "name", h->devices[i]->name ?: "",
+                                            "kind", h->devices[i]->kind ?: "", "klass",
+                                            h->devices[i]->klass ?: "", "memory_bytes",
+                                            (json_int_t)h->devices[i]->memory_bytes));
+        n->last_seen_ns = dsd_now_ns();
+        Dsd__Envelope rep = DSD__ENVELOPE__INIT;
+        Dsd__Welcome w = DSD__WELCOME__INIT;
+        w.cluster = d->o.cluster;
+        w.node_id = (uint64_t)(n - d->nodes);
+        w.heartbeat_ms = (uint32_t)d->o.heartbeat_ms;
+        rep.request_id = env->request_id;
+        rep.body_case = DSD__ENVELOPE__BODY_WELCOME;
+        rep.welcome = &w;
+        dsd_send(d->control, m.peer, m.peer_len, &rep, NULL, NULL, 0);
+        set_state(d, d->serving ? "serving" : "joining");
+        if (!d->have_plan && d->n_nodes >= 1 + (uint32_t)d->o.expect_workers)
+            rollout(d);
+        else if (d->have_plan && !d->serving)
+            rollout(d); /* a node (re)joined during rollout: roll out again */
+        break;
+    }
+    case DSD__ENVELOPE__BODY_HEARTBEAT:
+        if (!n) {
+            dsd_send_error(d->control, m.peer, m.peer_len, env->request_id,
+                           DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "unknown node: say hello");
+            break;
+        }
+        n->last_seen_ns = dsd_now_ns();
+        if (n->failed) {
+            n->failed = false;
+            ds_log_notice("node %s is back", n->name);
+        }
+        {
+            Dsd__Envelope rep = DSD__ENVELOPE__INIT;
+            Dsd__Heartbeat hb = DSD__HEARTBEAT__INIT;
+            hb.seq = env->heartbeat->seq;
+            hb.plan_version = d->plan_version;
+            hb.state = d->state;
+            rep.body_case = DSD__ENVELOPE__BODY_HEARTBEAT;
+            rep.heartbeat = &hb;
+            dsd_send(d->control, m.peer, m.peer_len, &rep, NULL, NULL, 0);
+        }
+        break;
+    case DSD__ENVELOPE__BODY_LOAD_PROGRESS:
+        if (!n)
+            break;
+        if (env->load_progress->plan_version != d->plan_version) {
+            ds_log_warn("node %s: load progress for plan v%llu, current v%llu (ignored)", n->name,
+                        (unsigned long long)env->load_progress->plan_version,
+                        (unsigned long long)d->plan_version);
+            break;
+        }
+        if (env->load_progress->error && env->load_progress->error[0]) {
+            ds_log_err("node %s failed to load: %s", n->name, env->load_progress->error);
+            n->failed = true;
+            break;
+        }
+        if (env->load_progress->done) {
+            n->loaded = true;
+            ds_log_notice("node %s loaded plan v%llu", n->name, (unsigned long long)d->plan_version);
+            maybe_serve(d);
+        }
+        break;
+    case DSD__ENVELOPE__BODY_STEP_STATS:
+    case DSD__ENVELOPE__BODY_ERROR:
+        break;
+    default:
+        ds_log_warn("control: refused '%s' from %.*s: not a control message",
+                    ds_wire_body_name(env), (int)m.peer_len, (const char *)m.peer);
+        dsd_send_error(d->control, m.peer, m.peer_len, env->request_id,
+                       DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "'%s' is not a control message",
+                       ds_wire_body_name(env));
+    }
+    dsd_msg_close(&m);
+}
+
+/* ---- worker: control socket --------------------------------------------------------------- */
+
+static void send_hello(struct dsd *d)
+{
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__Hello h = DSD__HELLO__INIT;
+    Dsd__Device dev = DSD__DEVICE__INIT, *devp = &dev;
+    json_t *devs = local_devices(), *d0 = json_array_get(devs, 0);
+    dev.name = (char *)json_string_value(json_object_get(d0, "name"));
+    dev.kind = (char *)json_string_value(json_object_get(d0, "kind"));
+    dev.klass = (char *)json_string_value(json_object_get(d0, "klass"));
+    dev.memory_bytes = (uint64_t)json_integer_value(json_object_get(d0, "memory_bytes"));
+    h.node = d->o.node;
+    h.data_endpoint = d->o.data_advertise;
+    h.n_devices = 1;
+    h.devices = &devp;
+    h.node_class = "server";
+    h.has_model_copy = access(d->o.model, R_OK) == 0;
+    env.body_case = DSD__ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    dsd_send(d->control, NULL, 0, &env, NULL, NULL, 0);
+    json_decref(devs);
+    d->last_hello_ns = dsd_now_ns();
+}
+
+static void on_control_worker(struct dsd *d)
+{
+    dsd_msg m;
+    ds_error err = {0};
+    int rc = dsd_msg_recv(d->control, false, DS_WIRE_MAX_ENVELOPE_BYTES, &m, &err);
+    if (rc == -EAGAIN)
+        return;
+    if (rc < 0) {
+        ds_log_warn("control: refused a message from the coordinator: %s", ds_error_str(&err));
+        return;
+    }
+    Dsd__Envelope *env = m.env;
+    d->last_coord_ns = dsd_now_ns();
+    switch (env->body_case) {
+    case DSD__ENVELOPE__BODY_WELCOME:
+        if (!d->welcomed) {
+            d->welcomed = true;
+            ds_log_notice("joined cluster '%s' as node %llu", env->welcome->cluster ?: "",
+                          (unsigned long long)env->welcome->node_id);
+            set_state(d, "joined");
+            sd_notify(0, "READY=1");
+        }
+        break;
+    case DSD__ENVELOPE__BODY_PLAN: {
+        Dsd__Plan *p = env->plan;
+        Dsd__Envelope rep = DSD__ENVELOPE__INIT;
+        Dsd__LoadProgress lp = DSD__LOAD_PROGRESS__INIT;
+        lp.plan_version = p->version;
+        ds_model *probe = NULL;
+        dsd_units u = {0};
+        set_state(d, "loading");
+        rc = ds_model_open(d->o.model, NULL, &probe, &err);
+        if (rc == 0)
+            rc = dsd_plan_units_from_wire(p, d->o.node, ds_model_get_config(probe), &u, &err);
+        if (rc == 0)
+            rc = open_host(d, &u, &err);
+        dsd_units_clear(&u);
+        ds_model_free(probe);
+        if (rc < 0) {
+            ds_log_err("plan v%llu: %s", (unsigned long long)p->version, ds_error_str(&err));
+            lp.error = (char *)ds_error_str(&err);
+            set_state(d, "failed");
+        } else {
+            d->plan_version = p->version;
+            if (p->json)
+                write_plan_file(d, p->json);
+            lp.done = true;
+            set_state(d, "serving");
+        }
+        rep.body_case = DSD__ENVELOPE__BODY_LOAD_PROGRESS;
+        rep.load_progress = &lp;
+        dsd_send(d->control, NULL, 0, &rep, NULL, NULL, 0);
+        break;
+    }
+    case DSD__ENVELOPE__BODY_DRAIN:
+        ds_log_notice("coordinator %s this node", env->drain->undrain ? "undrained" : "drained");
+        set_state(d, env->drain->undrain ? "serving" : "draining");
+        break;
+    case DSD__ENVELOPE__BODY_HEARTBEAT:
+        break;
+    case DSD__ENVELOPE__BODY_ERROR:
+        ds_log_err("coordinator refused us: %s", env->error->message ?: "");
+        if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_VERSION)
+            d->stopping = true;
+        else if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT)
+            d->welcomed = false; /* the coordinator forgot us (restart): join again */
+        break;
+    default:
+        ds_log_warn("control: ignored '%s' from the coordinator", ds_wire_body_name(env));
+    }
+    dsd_msg_close(&m);
+}
+
+/* ---- data socket -------------------------------------------------------------------------- */
+
+static void on_data(struct dsd *d)
+{
+    dsd_msg m;
+    ds_error err = {0};
+    int rc = dsd_msg_recv(d->data, true, DS_WIRE_MAX_ENVELOPE_BYTES, &m, &err);
+    if (rc == -EAGAIN)
+        return;
+    if (rc < 0) {
+        ds_log_warn("data: refused a message: %s", ds_error_str(&err));
+        if (m.peer_len)
+            dsd_send_error(d->data, m.peer, m.peer_len, 0, m.refused, "%s", ds_error_str(&err));
+        return;
+    }
+    dsd_host_serve(d->host, d->data, &m, d->plan_version);
+    dsd_msg_close(&m);
+}
+
+/* ---- timers ------------------------------------------------------------------------------- */
+
+static void on_timer(struct dsd *d)
+{
+    uint64_t now = dsd_now_ns(), hb = (uint64_t)d->o.heartbeat_ms * 1000000ull;
+    if (d->wd_usec && now - d->last_wd_ns >= d->wd_usec * 500ull) {
+        sd_notify(0, "WATCHDOG=1");
+        d->last_wd_ns = now;
+    }
+    if (now - d->last_hb_ns < hb)
+        return;
+    d->last_hb_ns = now;
+    uint64_t dead = hb * (uint64_t)d->o.heartbeat_misses;
+    if (d->coordinator) {
+        for (uint32_t i = 1; i < d->n_nodes; i++) {
+            struct node *n = &d->nodes[i];
+            if (!n->failed && now - n->last_seen_ns > dead) {
+                n->failed = true;
+                ds_log_err("node %s failed: no heartbeat for %llu ms", n->name,
+                           (unsigned long long)((now - n->last_seen_ns) / 1000000));
+                set_state(d, d->serving ? "degraded" : d->state);
+            }
+        }
+        return;
+    }
+    if (!d->welcomed) {
+        send_hello(d);
+        return;
+    }
+    if (now - d->last_coord_ns > dead) {
+        ds_log_err("coordinator lost: no reply for %llu ms; joining again",
+                   (unsigned long long)((now - d->last_coord_ns) / 1000000));
+        d->welcomed = false;
+        set_state(d, "joining");
+        send_hello(d);
+        return;
+    }
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__Heartbeat h = DSD__HEARTBEAT__INIT;
+    h.seq = ++d->hb_seq;
+    h.plan_version = d->plan_version;
+    h.state = d->state;
+    env.body_case = DSD__ENVELOPE__BODY_HEARTBEAT;
+    env.heartbeat = &h;
+    dsd_send(d->control, NULL, 0, &env, NULL, NULL, 0);
+}
+
+static void on_signal(struct dsd *d)
+{
+    struct signalfd_siginfo si;
+    while (read(d->sigfd, &si, sizeof(si)) == sizeof(si)) {
+        if (si.ssi_signo == SIGHUP) {
+            sd_notify(0, "RELOADING=1");
+            dsd_opts next;
+            dsd_opts_defaults(&next);
+            ds_error err = {0};
+            const char *cfg;
+            if (dsd_opts_parse(&next, d->argc, d->argv, &cfg, &err) < 0)
+                ds_log_err("reload: %s (kept the running options)", ds_error_str(&err));
+            else {
+                dsd_opts_apply_reload(&d->o, &next);
+                enum ds_log_level lv;
+                if (ds_log_level_parse(d->o.log_level, &lv) == 0)
+                    ds_log_set_level(lv);
+            }
+            sd_notify(0, "READY=1");
+        } else {
+            ds_log_notice("signal %u: shutting down", si.ssi_signo);
+            d->stopping = true;
+        }
+    }
+}
+
+/* ---- main --------------------------------------------------------------------------------- */
+
+static void *bind_sock(void *zctx, int type, const char *ep, ds_error *err)
+{
+    void *s = zmq_socket(zctx, type);
+    int zero = 0;
+    zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof(zero));
+    if (zmq_bind(s, ep) < 0) {
+        ds_error_set(err, -EADDRINUSE, "bind %s: %s", ep, zmq_strerror(zmq_errno()));
+        zmq_close(s);
+        return NULL;
+    }
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    struct dsd d = {0};
+    ds_error err = {0};
+    dsd_opts_defaults(&d.o);
+    int rc = dsd_opts_parse(&d.o, argc, argv, &d.config_path, &err);
+    if (rc == 1)
+        return 0;
+    if (!d.o.node[0])
+        gethostname(d.o.node, sizeof(d.o.node) - 1);
+    if (rc == 0)
+        rc = dsd_opts_check(&d.o, &err);
+    if (rc < 0) {
+        fprintf(stderr, "dsd: %s\n", ds_error_str(&err));
+        return 2;
+    }
+    d.argc = argc;
+    d.argv = argv;
+    enum ds_log_level lv;
+    if (ds_log_level_parse(d.o.log_level, &lv) == 0)
+        ds_log_set_level(lv);
+    if (!d.o.data_advertise[0])
+        snprintf(d.o.data_advertise, sizeof(d.o.data_advertise), "%s", d.o.data_bind);
+    d.coordinator = !strcmp(d.o.role, "coordinator");
+    if (mkdir(d.o.state_dir, 0750) < 0 && errno != EEXIST)
+        ds_log_warn("state directory %s: %s", d.o.state_dir, strerror(errno));
+
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGHUP);
+    sigprocmask(SIG_BLOCK, &mask, NULL); /* before any thread starts: all inherit the mask */
+    signal(SIGPIPE, SIG_IGN);
+    d.sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+
+    d.zctx = zmq_ctx_new();
+    int ret = 1;
+    if (!(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, &err)))
+        goto out;
+    if (d.coordinator) {
+        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind, &err)) ||
+            !(d.client = bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, &err)) ||
+            !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, &err)))
+            goto out;
+        int one = 1;
+        zmq_setsockopt(d.client, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
+        int ivl = 1000, ttl = 5000;
+        zmq_setsockopt(d.client, ZMQ_HEARTBEAT_IVL, &ivl, sizeof(ivl));
+        zmq_setsockopt(d.client, ZMQ_HEARTBEAT_TIMEOUT, &ttl, sizeof(ttl));
+        struct node *self = &d.nodes[d.n_nodes++];
+        snprintf(self->name, sizeof(self->name), "%s", d.o.node);
+        snprintf(self->endpoint, sizeof(self->endpoint), "%s", d.o.data_advertise);
+        self->devices = local_devices();
+        self->has_model_copy = true;
+    } else {
+        d.control = zmq_socket(d.zctx, ZMQ_DEALER);
+        int zero = 0;
+        zmq_setsockopt(d.control, ZMQ_LINGER, &zero, sizeof(zero));
+        zmq_setsockopt(d.control, ZMQ_ROUTING_ID, d.o.node, strlen(d.o.node));
+        if (zmq_connect(d.control, d.o.coordinator) < 0) {
+            ds_error_set(&err, -EINVAL, "connect %s: %s", d.o.coordinator,
+                         zmq_strerror(zmq_errno()));
+            goto out;
+        }
+    }
+    sd_watchdog_enabled(0, &d.wd_usec);
+    ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node,
+                  d.o.data_advertise);
+    set_state(&d, "joining");
+    if (d.coordinator && d.o.expect_workers == 0 && rollout(&d) < 0)
+        goto out;
+    if (!d.coordinator)
+        send_hello(&d);
+    while (!d.stopping) {
+        zmq_pollitem_t it[5] = {
+            {.fd = d.sigfd, .events = ZMQ_POLLIN},
+            {.socket = d.data, .events = ZMQ_POLLIN},
+            {.socket = d.control, .events = ZMQ_POLLIN},
+        };
+        int n = 3;
+        if (d.coordinator) {
+            it[n++] = (zmq_pollitem_t){.socket = d.client, .events = ZMQ_POLLIN};
+            it[n++] = (zmq_pollitem_t){.socket = d.pipe, .events = ZMQ_POLLIN};
+        }
+        long tmo = (long)d.o.heartbeat_ms;
+        if (d.wd_usec && (long)(d.wd_usec / 2000) < tmo)
+            tmo = (long)(d.wd_usec / 2000) + 1;
+        if (zmq_poll(it, n, tmo) < 0 && zmq_errno() != EINTR)
+            break;
+        if (it[0].revents)
+            on_signal(&d);
+        if (it[1].revents)
+            for (int k = 0; k < 64; k++) {
+                int ev = 0;
+                size_t sz = sizeof(ev);
+                zmq_getsockopt(d.data, ZMQ_EVENTS, &ev, &sz);
+                if (!(ev & ZMQ_POLLIN))
+                    break;
+                on_data(&d);
+            }
+        if (it[2].revents)
+            d.coordinator ? on_control_coord(&d) : on_control_worker(&d);
+        if (d.coordinator && it[3].revents)
+            on_client(&d);
+        if (d.coordinator && it[4].revents)
+            on_pipe(&d);
+        on_timer(&d);
+    }
+    ret = 0;
+out:
+    if (err.code)
+        ds_log_err("%s", ds_error_str(&err));
+    sd_notify(0, "STOPPING=1");
+    if (d.sched)
+        stop_sched(&d);
+    d.host = dsd_host_free(d.host);
+    dsd_plan_clear(&d.plan);
+    for (uint32_t i = 0; i < d.n_nodes; i++)
+        json_decref(d.nodes[i].devices);
+    if (d.data)
+        zmq_close(d.data);
+    if (d.control)
+        zmq_close(d.control);
+    if (d.client)
+        zmq_close(d.client);
+    if (d.pipe)
+        zmq_close(d.pipe);
+    zmq_ctx_term(d.zctx);
+    if (d.sigfd >= 0)
+        close(d.sigfd);
+    ds_log_notice("stopped");
+    return ret;
+}

@@ -1,0 +1,297 @@
+/* dsd_options.c — every dsd option lives in ONE table (name, type, bounds, default, help,
+ * reloadable). The table drives the config file parser, the --key=value command line, the
+ * SIGHUP reload and `dsd --help`, so an option cannot be documented in one place and parsed
+ * differently in another. Precedence: defaults < config file < command line. */
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ds_log.h"
+#include "dsd.h"
+
+enum opt_type { OPT_STR, OPT_INT, OPT_BOOL, OPT_ENUM };
+
+struct opt {
+    const char *name;
+    enum opt_type type;
+    size_t off;
+    size_t size;      /* OPT_STR: buffer size */
+    int64_t min, max; /* OPT_INT bounds, inclusive */
+    const char *def;
+    const char *choices; /* OPT_ENUM: "a|b|c" */
+    bool reloadable;
+    const char *help;
+};
+
+#define S(f) offsetof(dsd_opts, f), sizeof(((dsd_opts *)0)->f)
+#define I(f) offsetof(dsd_opts, f), 0
+
+static const struct opt OPTS[] = {
+    {"role", OPT_ENUM, S(role), 0, 0, "coordinator", "coordinator|worker", false,
+     "coordinator holds membership, the plan and the job queue; worker hosts units"},
+    {"node", OPT_STR, S(node), 0, 0, "", NULL, false, "node name, unique in the cluster (default: hostname)"},
+    {"cluster", OPT_STR, S(cluster), 0, 0, "dsd", NULL, false, "cluster name (coordinator)"},
+    {"coordinator", OPT_STR, S(coordinator), 0, 0, "", NULL, false,
+     "worker: control endpoint of the coordinator, e.g. tcp://10.0.0.1:7100"},
+    {"control_bind", OPT_STR, S(control_bind), 0, 0, "tcp://*:7100", NULL, false,
+     "coordinator: where workers connect (ZeroMQ endpoint)"},
+    {"client_bind", OPT_STR, S(client_bind), 0, 0, "tcp://*:7101", NULL, false,
+     "coordinator: where clients (libdsclient, dsctl) connect"},
+    {"data_bind", OPT_STR, S(data_bind), 0, 0, "tcp://127.0.0.1:7102", NULL, false,
+     "where this node's data ROUTER listens"},
+    {"data_advertise", OPT_STR, S(data_advertise), 0, 0, "", NULL, false,
+     "data endpoint peers connect to (default: data_bind)"},
+    {"model", OPT_STR, S(model), 0, 0, "/var/lib/dsd/model", NULL, false,
+     "checkpoint directory (config.json + safetensors), mmapped"},
+    {"state_dir", OPT_STR, S(state_dir), 0, 0, "/var/lib/dsd", NULL, false,
+     "state directory (current plan, node identity)"},
+    {"log_level", OPT_ENUM, S(log_level), 0, 0, "info", "err|warning|notice|info|debug", true,
+     "log verbosity"},
+    {"expect_workers", OPT_INT, I(expect_workers), 0, 1024, "0", NULL, false,
+     "coordinator: workers that must join before the plan is rolled out"},
+    {"heartbeat_ms", OPT_INT, I(heartbeat_ms), 20, 60000, "1000", NULL, true,
+     "heartbeat period in milliseconds"},
+    {"heartbeat_misses", OPT_INT, I(heartbeat_misses), 2, 100, "5", NULL, true,
+     "missed heartbeats before a peer is declared failed"},
+    {"threads", OPT_INT, I(threads), 0, 1024, "0", NULL, false,
+     "compute threads (0: all online CPUs)"},
+    {"max_jobs", OPT_INT, I(max_jobs), 1, 4096, "64", NULL, true,
+     "coordinator: concurrent jobs accepted; more are refused with BUSY"},
+    {"max_context", OPT_INT, I(max_context), 2, 1 << 20, "4096", NULL, false,
+     "positions per sequence (prompt + generated), capped by the model"},
+    {"step_timeout_ms", OPT_INT, I(step_timeout_ms), 100, 3600000, "30000", NULL, true,
+     "a unit host that does not answer within this time fails the step"},
+    {"max_request_bytes", OPT_INT, I(max_request_bytes), 256, 16 << 20, "1048576", NULL, true,
+     "largest client request accepted (bytes); larger ones are refused with TOO_LARGE"},
+    {"compute", OPT_BOOL, I(compute), 0, 1, "true", NULL, false,
+     "coordinator: also host units (embed and head always stay on the coordinator)"},
+};
+#define N_OPTS (sizeof(OPTS) / sizeof(OPTS[0]))
+
+static const struct opt *opt_find(const char *name)
+{
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (!strcmp(OPTS[i].name, name))
+            return &OPTS[i];
+    return NULL;
+}
+
+static int opt_apply(dsd_opts *o, const struct opt *p, const char *v, ds_error *err)
+{
+    char *base = (char *)o + p->off;
+    switch (p->type) {
+    case OPT_STR:
+        if (strlen(v) >= p->size)
+            return ds_error_set(err, -ERANGE, "option %s: value longer than %zu bytes", p->name,
+                                p->size - 1);
+        strcpy(base, v);
+        return 0;
+    case OPT_ENUM: {
+        size_t n = strlen(v);
+        const char *c = p->choices;
+        while (c && *c) {
+            const char *bar = strchr(c, '|');
+            size_t len = bar ? (size_t)(bar - c) : strlen(c);
+            if (len == n && !strncmp(c, v, n) && n < p->size) {
+                strcpy(base, v);
+                return 0;
+            }
+            c = bar ? bar + 1 : NULL;
+        }
+        return ds_error_set(err, -EINVAL, "option %s: '%s' is not one of %s", p->name, v,
+                            p->choices);
+    }
+    case OPT_INT: {
+        char *end;
+        errno = 0;
+        long long x = strtoll(v, &end, 10);
+        if (end == v || *end || errno)
+            return ds_error_set(err, -EINVAL, "option %s: '%s' is not an integer", p->name, v);
+        if (x < p->min || x > p->max)
+            return ds_error_set(err, -ERANGE, "option %s: %lld outside [%lld, %lld]", p->name, x,
+                                (long long)p->min, (long long)p->max);
+        *(int64_t *)base = x;
+        return 0;
+    }
+    case OPT_BOOL:
+        if (!strcmp(v, "true") || !strcmp(v, "yes") || !strcmp(v, "1") || !strcmp(v, "on"))
+            *(bool *)base = true;
+        else if (!strcmp(v, "false") || !strcmp(v, "no") || !strcmp(v, "0") || !strcmp(v, "off"))
+            *(bool *)base = false;
+        else
+            return ds_error_set(err, -EINVAL, "option %s: '%s' is not a boolean", p->name, v);
+        return 0;
+    }
+    return -EINVAL;
+}
+
+void dsd_opts_defaults(dsd_opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    for (size_t i = 0; i < N_OPTS; i++) {
+        int r = opt_apply(o, &OPTS[i], OPTS[i].def, NULL);
+        (void)r; /* defaults are in range by construction (checked by test_daemon) */
+    }
+}
+
+int dsd_opts_set(dsd_opts *o, const char *key, const char *value, ds_error *err)
+{
+    const struct opt *p = opt_find(key);
+    if (!p)
+        return ds_error_set(err, -ENOENT, "unknown option '%s' (see dsd --help)", key);
+    return opt_apply(o, p, value, err);
+}
+
+static char *trim(char *s)
+{
+    while (*s == ' ' || *s == '\t')
+        s++;
+    char *e = s + strlen(s);
+    while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r'))
+        *--e = 0;
+    return s;
+}
+
+int dsd_opts_load_file(dsd_opts *o, const char *path, ds_error *err)
+{
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return ds_error_set(err, -errno, "%s: %s", path, strerror(errno));
+    char line[4096];
+    unsigned ln = 0;
+    int rc = 0;
+    while (fgets(line, sizeof(line), f)) {
+        ln++;
+        if (!strchr(line, '\n') && !feof(f)) {
+            rc = ds_error_set(err, -ERANGE, "%s:%u: line longer than %zu bytes", path, ln,
+                              sizeof(line) - 2);
+            break;
+        }
+        char *s = trim(line);
+        if (!*s || *s == '#')
+            continue;
+        char *eq = strchr(s, '=');
+        if (!eq) {
+            rc = ds_error_set(err, -EINVAL, "%s:%u: expected 'key = value'", path, ln);
+            break;
+        }
+        *eq = 0;
+        char *k = trim(s), *v = trim(eq + 1);
+        size_t vl = strlen(v);
+        if (vl >= 2 && v[0] == '"' && v[vl - 1] == '"') {
+            v[vl - 1] = 0;
+            v++;
+        }
+        if ((rc = dsd_opts_set(o, k, v, err)) < 0) {
+            ds_error_prefix(err, "%s:%u", path, ln);
+            break;
+        }
+    }
+    fclose(f);
+    return rc;
+}
+
+int dsd_opts_parse(dsd_opts *o, int argc, char **argv, const char **config, ds_error *err)
+{
+    *config = NULL;
+    bool explicit_config = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            dsd_opts_help(stdout);
+            return 1;
+        }
+        if (!strncmp(argv[i], "--config=", 9)) {
+            *config = argv[i] + 9;
+            explicit_config = true;
+        }
+    }
+    if (!explicit_config && access("/etc/dsd/dsd.conf", R_OK) == 0)
+        *config = "/etc/dsd/dsd.conf";
+    int rc;
+    if (*config && **config && (rc = dsd_opts_load_file(o, *config, err)) < 0)
+        return rc;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strncmp(a, "--config=", 9))
+            continue;
+        if (strncmp(a, "--", 2) || !strchr(a, '='))
+            return ds_error_set(err, -EINVAL, "argument '%s': expected --key=value", a);
+        char key[64];
+        size_t kl = (size_t)(strchr(a, '=') - a - 2);
+        if (kl >= sizeof(key))
+            return ds_error_set(err, -EINVAL, "argument '%s': key too long", a);
+        memcpy(key, a + 2, kl);
+        key[kl] = 0;
+        for (char *c = key; *c; c++)
+            if (*c == '-')
+                *c = '_';
+        if ((rc = dsd_opts_set(o, key, strchr(a, '=') + 1, err)) < 0)
+            return rc;
+    }
+    return 0;
+}
+
+int dsd_opts_check(const dsd_opts *o, ds_error *err)
+{
+    if (!strcmp(o->role, "worker") && !o->coordinator[0])
+        return ds_error_set(err, -EINVAL, "option coordinator: a worker needs the coordinator's "
+                                          "control endpoint");
+    if (!o->node[0])
+        return ds_error_set(err, -EINVAL, "option node: empty node name");
+    for (const char *c = o->node; *c; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
+              *c == '-' || *c == '_' || *c == '.'))
+            return ds_error_set(err, -EINVAL, "option node: '%s' may only use [A-Za-z0-9._-]",
+                                o->node);
+    return 0;
+}
+
+void dsd_opts_apply_reload(dsd_opts *cur, const dsd_opts *next)
+{
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *p = &OPTS[i];
+        size_t sz = p->type == OPT_INT ? sizeof(int64_t) : p->type == OPT_BOOL ? sizeof(bool) : p->size;
+        char *a = (char *)cur + p->off;
+        const char *b = (const char *)next + p->off;
+        if (!memcmp(a, b, sz))
+            continue;
+        if (!p->reloadable) {
+            ds_log_warn("reload: option %s cannot change while running; restart to apply", p->name);
+            continue;
+        }
+        memcpy(a, b, sz);
+        ds_log_notice("reload: option %s changed", p->name);
+    }
+}
+
+void dsd_opts_help(FILE *f)
+{
+    fprintf(f, "usage: dsd [--config=PATH] [--key=value ...]\n\n"
+               "Options (config file: key = value; command line: --key=value, '-' or '_'):\n");
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *p = &OPTS[i];
+        char range[96] = "";
+        if (p->type == OPT_INT)
+            snprintf(range, sizeof(range), " [%lld..%lld]", (long long)p->min, (long long)p->max);
+        else if (p->type == OPT_ENUM)
+            snprintf(range, sizeof(range), " {%s}", p->choices);
+        fprintf(f, "  %-18s %s%s\n  %-18s default: %s%s\n", p->name, p->help, range, "",
+                p->def[0] ? p->def : "(empty)", p->reloadable ? "; reloadable with SIGHUP" : "");
+    }
+}
+
+void dsd_opts_print(const dsd_opts *o, FILE *f)
+{
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *p = &OPTS[i];
+        const char *base = (const char *)o + p->off;
+        if (p->type == OPT_INT)
+            fprintf(f, "%s = %lld\n", p->name, (long long)*(const int64_t *)base);
+        else if (p->type == OPT_BOOL)
+            fprintf(f, "%s = %s\n", p->name, *(const bool *)base ? "true" : "false");
+        else
+            fprintf(f, "%s = %s\n", p->name, base);
+    }
+}

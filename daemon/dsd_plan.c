@@ -1,0 +1,249 @@
+/* dsd_plan.c — the plan the coordinator rolls out: unit -> node, with the data endpoint of
+ * every node. Until the placement solver is wired in, the coordinator builds a round-robin
+ * plan that deliberately spreads attention layers and routed experts over every node (the
+ * cluster tests need every node to host both kinds of unit); embed and head stay on the
+ * coordinator, which samples. Shared experts and dense FFNs run beside their attention. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "dsd.h"
+
+void dsd_units_clear(dsd_units *u)
+{
+    free(u->attn);
+    free(u->expert);
+    memset(u, 0, sizeof(*u));
+}
+
+void dsd_plan_clear(dsd_plan *p)
+{
+    free(p->nodes);
+    free(p->endpoints);
+    free(p->attn);
+    free(p->expert);
+    memset(p, 0, sizeof(*p));
+}
+
+int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
+                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
+                   bool coord_computes, uint64_t version)
+{
+    memset(p, 0, sizeof(*p));
+    if (n_nodes == 0 || (!coord_computes && n_nodes < 2))
+        return -EINVAL;
+    p->version = version;
+    p->n_nodes = n_nodes;
+    p->n_layers = c->num_hidden_layers;
+    p->n_experts = c->n_routed_experts;
+    p->nodes = calloc(n_nodes, sizeof(*p->nodes));
+    p->endpoints = calloc(n_nodes, sizeof(*p->endpoints));
+    p->attn = calloc(p->n_layers, sizeof(*p->attn));
+    p->expert = calloc((size_t)p->n_layers * (p->n_experts ? p->n_experts : 1), sizeof(*p->expert));
+    if (!p->nodes || !p->endpoints || !p->attn || !p->expert) {
+        dsd_plan_clear(p);
+        return -ENOMEM;
+    }
+    memcpy(p->nodes, names, n_nodes * sizeof(*p->nodes));
+    memcpy(p->endpoints, endpoints, n_nodes * sizeof(*p->endpoints));
+    p->embed = p->head = 0;
+    /* Compute nodes: all, or all but the coordinator. Attention starts at the first worker so
+     * that a 2-layer model on coordinator + 2 workers puts one layer on each worker. */
+    uint32_t first = coord_computes ? 0 : 1, n_comp = n_nodes - first;
+    uint32_t shift = n_nodes > 1 && coord_computes ? 1 : 0;
+    for (uint32_t l = 0; l < p->n_layers; l++) {
+        p->attn[l] = (int32_t)(first + (l + shift) % n_comp);
+        bool moe = ds_model_config_layer_is_moe(c, l);
+        for (uint32_t e = 0; e < p->n_experts; e++)
+            p->expert[(size_t)l * p->n_experts + e] =
+                moe ? (int32_t)(first + (e + l) % n_comp) : -1;
+    }
+    return 0;
+}
+
+char *dsd_plan_json(const dsd_plan *p)
+{
+    json_t *root = json_object(), *units = json_object(), *nodes = json_object();
+    json_object_set_new(root, "version", json_integer((json_int_t)p->version));
+    for (uint32_t i = 0; i < p->n_nodes; i++)
+        json_object_set_new(nodes, p->nodes[i], json_string(p->endpoints[i]));
+    json_object_set_new(units, "embed", json_string(p->nodes[p->embed]));
+    char name[64];
+    for (uint32_t l = 0; l < p->n_layers; l++) {
+        snprintf(name, sizeof(name), "attn[%u]", l);
+        json_object_set_new(units, name, json_string(p->nodes[p->attn[l]]));
+        for (uint32_t e = 0; e < p->n_experts; e++) {
+            int32_t h = p->expert[(size_t)l * p->n_experts + e];
+            if (h < 0)
+                continue;
+            snprintf(name, sizeof(name), "expert[%u][%u]", l, e);
+            json_object_set_new(units, name, json_string(p->nodes[h]));
+        }
+    }
+    json_object_set_new(units, "head", json_string(p->nodes[p->head]));
+    json_object_set_new(root, "units", units);
+    json_object_set_new(root, "nodes", nodes);
+    char *s = json_dumps(root, JSON_SORT_KEYS | JSON_COMPACT);
+    json_decref(root);
+    return s;
+}
+
+static int units_alloc(dsd_units *u, uint32_t L, uint32_t E)
+{
+    memset(u, 0, sizeof(*u));
+    u->n_layers = L;
+    u->n_experts = E;
+    u->attn = calloc(L ? L : 1, sizeof(bool));
+    u->expert = calloc((size_t)(L ? L : 1) * (E ? E : 1), sizeof(bool));
+    if (!u->attn || !u->expert) {
+        dsd_units_clear(u);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u)
+{
+    int rc = units_alloc(u, p->n_layers, p->n_experts);
+    if (rc < 0)
+        return rc;
+    u->embed = p->embed == (int32_t)idx;
+    u->head = p->head == (int32_t)idx;
+    for (uint32_t l = 0; l < p->n_layers; l++) {
+        u->attn[l] = p->attn[l] == (int32_t)idx;
+        for (uint32_t e = 0; e < p->n_experts; e++)
+            u->expert[(size_t)l * p->n_experts + e] =
+                p->expert[(size_t)l * p->n_experts + e] == (int32_t)idx;
+    }
+    return 0;
+}
+
+int dsd_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint32_t *expert)
+{
+    unsigned a, b;
+    int n = 0;
+    *layer = *expert = 0;
+    if (!strcmp(s, "embed")) {
+        *kind = DS_UNIT_EMBED;
+        return 0;
+    }
+    if (!strcmp(s, "head")) {
+        *kind = DS_UNIT_HEAD;
+        return 0;
+    }
+    if (sscanf(s, "expert[%u][%u]%n", &a, &b, &n) == 2 && n && !s[n]) {
+        *kind = DS_UNIT_EXPERT;
+        *layer = a;
+        *expert = b;
+        return 0;
+    }
+    static const struct { const char *fmt; enum ds_unit_kind k; } one[] = {
+        {"attn[%u]%n", DS_UNIT_ATTN}, {"dense[%u]%n", DS_UNIT_DENSE}, {"shared[%u]%n", DS_UNIT_SHARED}};
+    for (size_t i = 0; i < 3; i++) {
+        n = 0;
+        if (sscanf(s, one[i].fmt, &a, &n) == 1 && n && !s[n]) {
+            *kind = one[i].k;
+            *layer = a;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
+{
+    dsd__plan__init(w);
+    w->version = p->version;
+    w->json = dsd_plan_json(p);
+    size_t n = 2 + p->n_layers + (size_t)p->n_layers * p->n_experts;
+    w->units = calloc(n, sizeof(*w->units));
+    Dsd__PlanUnit *pu = calloc(n, sizeof(*pu));
+    char *names = calloc(n, 32);
+    w->data_endpoints = calloc(p->n_nodes, sizeof(*w->data_endpoints));
+    Dsd__Plan__DataEndpointsEntry *de = calloc(p->n_nodes, sizeof(*de));
+    if (!w->json || !w->units || !pu || !names || !w->data_endpoints || !de) {
+        free(pu);
+        free(names);
+        free(de);
+        dsd_plan_wire_clear(w);
+        return -ENOMEM;
+    }
+    size_t k = 0;
+#define ADD(node, ...)                                                                          \
+    do {                                                                                        \
+        dsd__plan_unit__init(&pu[k]);                                                           \
+        snprintf(names + k * 32, 32, __VA_ARGS__);                                              \
+        pu[k].unit = names + k * 32;                                                            \
+        pu[k].device = p->nodes[node];                                                          \
+        w->units[k] = &pu[k];                                                                   \
+        k++;                                                                                    \
+    } while (0)
+    ADD(p->embed, "embed");
+    for (uint32_t l = 0; l < p->n_layers; l++) {
+        ADD(p->attn[l], "attn[%u]", l);
+        for (uint32_t e = 0; e < p->n_experts; e++)
+            if (p->expert[(size_t)l * p->n_experts + e] >= 0)
+                ADD(p->expert[(size_t)l * p->n_experts + e], "expert[%u][%u]", l, e);
+    }
+    ADD(p->head, "head");
+#undef ADD
+    w->n_units = k;
+    for (uint32_t i = 0; i < p->n_nodes; i++) {
+        dsd__plan__data_endpoints_entry__init(&de[i]);
+        de[i].key = p->nodes[i];
+        de[i].value = p->endpoints[i];
+        w->data_endpoints[i] = &de[i];
+    }
+    w->n_data_endpoints = p->n_nodes;
+    return 0;
+}
+
+void dsd_plan_wire_clear(Dsd__Plan *w)
+{
+    if (w->n_units) {
+        free((char *)w->units[0]->unit); /* names block */
+        free(w->units[0]);               /* PlanUnit block */
+    }
+    if (w->n_data_endpoints)
+        free(w->data_endpoints[0]);
+    free(w->units);
+    free(w->data_endpoints);
+    free(w->json);
+    dsd__plan__init(w);
+}
+
+int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_model_config *c,
+                             dsd_units *u, ds_error *err)
+{
+    uint32_t L = c->num_hidden_layers, E = c->n_routed_experts;
+    int rc = units_alloc(u, L, E);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < w->n_units; i++) {
+        const Dsd__PlanUnit *pu = w->units[i];
+        enum ds_unit_kind kind;
+        uint32_t l, e;
+        if (!pu->unit || !pu->device || dsd_unit_parse(pu->unit, &kind, &l, &e) < 0 ||
+            (kind != DS_UNIT_EMBED && kind != DS_UNIT_HEAD && l >= L) ||
+            (kind == DS_UNIT_EXPERT && (e >= E || !ds_model_config_layer_is_moe(c, l)))) {
+            dsd_units_clear(u);
+            return ds_error_set(err, -EPROTO, "plan: unit %zu '%s' is not a unit of this model",
+                                i, pu->unit ? pu->unit : "(null)");
+        }
+        if (strcmp(pu->device, self) && strncmp(pu->device, self, strlen(self)))
+            continue;
+        /* "node" or "node/device" both name this node */
+        size_t sl = strlen(self);
+        if (pu->device[sl] && pu->device[sl] != '/')
+            continue;
+        switch (kind) {
+        case DS_UNIT_EMBED: u->embed = true; break;
+        case DS_UNIT_HEAD: u->head = true; break;
+        case DS_UNIT_ATTN: case DS_UNIT_DENSE: case DS_UNIT_SHARED: u->attn[l] = true; break;
+        case DS_UNIT_EXPERT: u->expert[(size_t)l * E + e] = true; break;
+        }
+    }
+    return 0;
+}
