@@ -316,7 +316,7 @@ static int forward(dsd_sched *s, uint32_t n, const int32_t *tokens, const uint64
     size_t rowb = (size_t)n * D * sizeof(float);
     float *x = malloc(rowb), *eo = malloc(rowb * K), *sel = NULL;
     uint32_t *rows_of = malloc((size_t)n * sizeof(uint32_t));
-    struct pending *pend = calloc(N, sizeof(*pend));
+    struct pending *pend = calloc(N + 1, sizeof(*pend)); /* attn + one per node */
     uint32_t n_pend = 0;
     int rc = -ENOMEM;
     if (!x || !eo || !rows_of || !pend) {

@@ -9,7 +9,6 @@
 #include <string.h>
 
 #include "ds_backend.h"
-#include "ds_log.h"
 
 #ifndef DS_BACKEND_PLUGIN_DIR
 #define DS_BACKEND_PLUGIN_DIR ""
@@ -89,6 +88,17 @@ static int load_plugin(const char *kind, void **dl, const ds_backend_ops **ops, 
     return ds_error_set(err, -ENOENT, "%s backend not available: %s", kind, last);
 }
 
+/* Every backend kind: built in (ops) or a plugin loaded on first use (ops NULL). Adding a
+ * backend adds one line here. */
+static const struct {
+    const char *kind;
+    const ds_backend_ops *ops;
+} registry[] = {
+    {"cpu", &ds_backend_cpu_ops},
+    {"opencl", &ds_backend_opencl_ops},
+    {"cuda", NULL},
+};
+
 int ds_backend_open(const char *spec, ds_backend **ret, ds_error *err)
 {
     *ret = NULL;
@@ -112,20 +122,25 @@ int ds_backend_open(const char *spec, ds_backend **ret, ds_error *err)
     ds_backend *b = calloc(1, sizeof(*b));
     if (!b)
         return ds_error_set(err, -ENOMEM, "backend: out of memory");
-    int rc = 0;
-    if (!strcmp(kind, "cpu"))
-        b->ops = &ds_backend_cpu_ops;
-    else if (!strcmp(kind, "opencl"))
-        b->ops = &ds_backend_opencl_ops;
-    else if (!strcmp(kind, "cuda"))
-        rc = load_plugin(kind, &b->dl, &b->ops, err);
-    else
+    int rc = 1; /* no such kind */
+    for (size_t i = 0; i < sizeof(registry) / sizeof(registry[0]); i++) {
+        if (strcmp(kind, registry[i].kind))
+            continue;
+        if (registry[i].ops) {
+            b->ops = registry[i].ops;
+            rc = 0;
+        } else {
+            rc = load_plugin(kind, &b->dl, &b->ops, err);
+        }
+        break;
+    }
+    if (rc == 1)
         rc = ds_error_set(err, -EINVAL, "backend '%s': unknown kind '%s'", spec, kind);
     if (rc == 0)
         rc = b->ops->open(arg, &b->impl, b->device, sizeof(b->device), err);
     if (rc < 0) {
-        if (b->dl)
-            dlclose(b->dl);
+        /* A plugin stays loaded even when its device is absent: its runtime may already have
+         * registered exit handlers (see ds_backend_free). */
         free(b);
         return rc;
     }
@@ -203,16 +218,15 @@ static bool in_range(const ds_bk_buf *buf, size_t off, size_t len, size_t el)
     return off <= cap && len <= cap - off;
 }
 
-#define CHECK(cond, ...)                                                                         \
-    do {                                                                                         \
-        if (!(cond))                                                                             \
-            return ds_error_set(err, -ERANGE, __VA_ARGS__);                                      \
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            return ds_error_set(err, -ERANGE, __VA_ARGS__);                                        \
     } while (0)
 
 int ds_bk_buf_write(ds_bk_buf *buf, size_t off, const void *src, size_t bytes, ds_error *err)
 {
-    CHECK(in_range(buf, off, bytes, 1), "buffer write [%zu, +%zu) outside the buffer", off,
-          bytes);
+    CHECK(in_range(buf, off, bytes, 1), "buffer write [%zu, +%zu) outside the buffer", off, bytes);
     if (!bytes)
         return 0;
     return buf->b->ops->buf_write(buf->b->impl, buf->h, off, src, bytes, err);
@@ -220,8 +234,7 @@ int ds_bk_buf_write(ds_bk_buf *buf, size_t off, const void *src, size_t bytes, d
 
 int ds_bk_buf_read(ds_bk_buf *buf, size_t off, void *dst, size_t bytes, ds_error *err)
 {
-    CHECK(in_range(buf, off, bytes, 1), "buffer read [%zu, +%zu) outside the buffer", off,
-          bytes);
+    CHECK(in_range(buf, off, bytes, 1), "buffer read [%zu, +%zu) outside the buffer", off, bytes);
     if (!bytes)
         return 0;
     return buf->b->ops->buf_read(buf->b->impl, buf->h, off, dst, bytes, err);
@@ -231,8 +244,7 @@ int ds_bk_buf_read(ds_bk_buf *buf, size_t off, void *dst, size_t bytes, ds_error
 
 #define MAX_SIDE (1u << 20)
 
-int ds_bk_weight_new(ds_backend *b, const ds_bk_weight_desc *d, ds_bk_weight **ret,
-                     ds_error *err)
+int ds_bk_weight_new(ds_backend *b, const ds_bk_weight_desc *d, ds_bk_weight **ret, ds_error *err)
 {
     *ret = NULL;
     if (d->dtype != DS_BK_F32 && d->dtype != DS_BK_BF16 && d->dtype != DS_BK_F8_E4M3)
@@ -240,9 +252,8 @@ int ds_bk_weight_new(ds_backend *b, const ds_bk_weight_desc *d, ds_bk_weight **r
     if (!d->rows || !d->cols || d->rows > MAX_SIDE || d->cols > MAX_SIDE || !d->data)
         return ds_error_set(err, -ERANGE, "weight: shape [%u, %u] outside [1, %u]", d->rows,
                             d->cols, MAX_SIDE);
-    if (d->dtype == DS_BK_F8_E4M3 &&
-        (!d->scale_inv || !d->block_rows || !d->block_cols || d->block_rows > MAX_SIDE ||
-         d->block_cols > MAX_SIDE))
+    if (d->dtype == DS_BK_F8_E4M3 && (!d->scale_inv || !d->block_rows || !d->block_cols ||
+                                      d->block_rows > MAX_SIDE || d->block_cols > MAX_SIDE))
         return ds_error_set(err, -EINVAL, "weight: FP8 needs scale_inv and block sizes");
     ds_bk_weight *w = calloc(1, sizeof(*w));
     if (!w)
@@ -294,12 +305,12 @@ static bool same(const ds_backend *b, const ds_bk_buf *x)
     return !x || x->b == b;
 }
 
-#define SAME(b, ...)                                                                             \
-    do {                                                                                         \
-        const ds_bk_buf *bufs_[] = {__VA_ARGS__};                                                \
-        for (size_t i_ = 0; i_ < sizeof(bufs_) / sizeof(bufs_[0]); i_++)                         \
-            if (!same(b, bufs_[i_]))                                                             \
-                return ds_error_set(err, -EINVAL, "buffers of another backend");                 \
+#define SAME(b, ...)                                                                               \
+    do {                                                                                           \
+        const ds_bk_buf *bufs_[] = {__VA_ARGS__};                                                  \
+        for (size_t i_ = 0; i_ < sizeof(bufs_) / sizeof(bufs_[0]); i_++)                           \
+            if (!same(b, bufs_[i_]))                                                               \
+                return ds_error_set(err, -EINVAL, "buffers of another backend");                   \
     } while (0)
 
 int ds_bk_matmul(ds_bk_weight *w, ds_bk_buf *x, size_t x_off, uint32_t n, ds_bk_buf *y,
@@ -307,17 +318,17 @@ int ds_bk_matmul(ds_bk_weight *w, ds_bk_buf *x, size_t x_off, uint32_t n, ds_bk_
 {
     ds_backend *b = w->b;
     SAME(b, x, y);
-    CHECK(in_range(x, x_off, (size_t)n * w->desc.cols, 4), "matmul: x [%u, %u] at %zu outside",
-          n, w->desc.cols, x_off);
-    CHECK(in_range(y, y_off, (size_t)n * w->desc.rows, 4), "matmul: y [%u, %u] at %zu outside",
-          n, w->desc.rows, y_off);
+    CHECK(in_range(x, x_off, (size_t)n * w->desc.cols, 4), "matmul: x [%u, %u] at %zu outside", n,
+          w->desc.cols, x_off);
+    CHECK(in_range(y, y_off, (size_t)n * w->desc.rows, 4), "matmul: y [%u, %u] at %zu outside", n,
+          w->desc.rows, y_off);
     if (!n)
         return 0;
     return b->ops->matmul(b->impl, w->h, &w->desc, x->h, x_off, n, y->h, y_off, err);
 }
 
-int ds_bk_rmsnorm(ds_bk_buf *x, ds_bk_buf *gamma, uint32_t n, uint32_t d, float eps,
-                  ds_bk_buf *y, ds_error *err)
+int ds_bk_rmsnorm(ds_bk_buf *x, ds_bk_buf *gamma, uint32_t n, uint32_t d, float eps, ds_bk_buf *y,
+                  ds_error *err)
 {
     CHECK(x && gamma && y, "rmsnorm: missing buffer");
     SAME(x->b, gamma, y);
@@ -345,15 +356,13 @@ int ds_bk_rope(ds_bk_buf *x, uint32_t n, uint32_t heads, uint32_t stride, uint32
 }
 
 int ds_bk_mla_decode(ds_bk_buf *q_lat, ds_bk_buf *q_pe, ds_bk_buf *cache, uint32_t heads,
-                     uint32_t C, uint32_t R, uint32_t t, float scale, ds_bk_buf *out,
-                     ds_error *err)
+                     uint32_t C, uint32_t R, uint32_t t, float scale, ds_bk_buf *out, ds_error *err)
 {
     CHECK(q_lat && q_pe && cache && out, "mla: missing buffer");
     SAME(q_lat->b, q_pe, cache, out);
     CHECK(heads && C && t, "mla: empty shape (heads %u, C %u, t %u)", heads, C, t);
     CHECK(in_range(q_lat, 0, (size_t)heads * C, 4) && in_range(q_pe, 0, (size_t)heads * R, 4) &&
-              in_range(cache, 0, (size_t)t * (C + R), 4) &&
-              in_range(out, 0, (size_t)heads * C, 4),
+              in_range(cache, 0, (size_t)t * (C + R), 4) && in_range(out, 0, (size_t)heads * C, 4),
           "mla: H %u C %u R %u t %u outside the buffers", heads, C, R, t);
     return q_lat->b->ops->mla_decode(q_lat->b->impl, q_lat->h, q_pe->h, cache->h, heads, C, R, t,
                                      scale, out->h, err);
@@ -380,8 +389,8 @@ int ds_bk_topk(ds_bk_buf *scores, ds_bk_buf *bias, uint32_t n, uint32_t E, uint3
           "topk: [%u, %u] k %u outside the buffers", n, E, k);
     if (!n)
         return 0;
-    return scores->b->ops->topk(scores->b->impl, scores->h, bias ? bias->h : NULL, n, E, k,
-                                ids->h, weights->h, err);
+    return scores->b->ops->topk(scores->b->impl, scores->h, bias ? bias->h : NULL, n, E, k, ids->h,
+                                weights->h, err);
 }
 
 int ds_bk_add(ds_bk_buf *y, ds_bk_buf *x, size_t count, ds_error *err)

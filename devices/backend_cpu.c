@@ -178,7 +178,8 @@ static int cpu_mla_decode(void *impl, void *qlp, void *qpp, void *cp, uint32_t h
     if (!s)
         return ds_error_set(err, -ENOMEM, "cpu: mla scores");
     for (uint32_t h = 0; h < heads; h++) {
-        const float *ql = (const float *)qlp + (size_t)h * C, *qp = (const float *)qpp + (size_t)h * R;
+        const float *ql = (const float *)qlp + (size_t)h * C,
+                    *qp = (const float *)qpp + (size_t)h * R;
         float *o = (float *)op + (size_t)h * C;
         float mx = -INFINITY;
         for (uint32_t j = 0; j < t; j++) {

@@ -22,11 +22,26 @@
 
 #define NB 4 /* input rows per matmul work-item (kernels/ops.cl) */
 
-enum { K_MM_F32, K_MM_BF16, K_MM_F8, K_MV_F32, K_MV_BF16, K_MV_F8, K_RMSNORM, K_ROPE, K_MLA, K_SWIGLU, K_TOPK, K_ADD, K_SCALE, K_COPY4, K_N };
+enum {
+    K_MM_F32,
+    K_MM_BF16,
+    K_MM_F8,
+    K_MV_F32,
+    K_MV_BF16,
+    K_MV_F8,
+    K_RMSNORM,
+    K_ROPE,
+    K_MLA,
+    K_SWIGLU,
+    K_TOPK,
+    K_ADD,
+    K_SCALE,
+    K_COPY4,
+    K_N
+};
 static const char *const kernel_names[K_N] = {
-    "matmul_f32", "matmul_bf16", "matmul_f8", "matvec_f32", "matvec_bf16", "matvec_f8",
-    "rmsnorm",    "rope",        "mla_decode", "swiglu",    "topk",        "add",
-    "scale",      "copy4"};
+    "matmul_f32", "matmul_bf16", "matmul_f8", "matvec_f32", "matvec_bf16", "matvec_f8", "rmsnorm",
+    "rope",       "mla_decode",  "swiglu",    "topk",       "add",         "scale",     "copy4"};
 
 typedef struct ocl {
     cl_context ctx;
@@ -34,12 +49,12 @@ typedef struct ocl {
     cl_command_queue q;
     cl_program prog;
     cl_kernel k[K_N];
-    cl_mem lut;        /* [256] float: FP8 E4M3 values */
-    size_t max_wg;     /* CL_DEVICE_MAX_WORK_GROUP_SIZE */
-    size_t mm_rpg;     /* matmul rows per work-group (local size 16 x mm_rpg) */
-    size_t red_wg;     /* rmsnorm / mla work-group size (power of two) */
-    cl_ulong local_mem;/* bytes of local memory */
-    cl_uint units;     /* CL_DEVICE_MAX_COMPUTE_UNITS */
+    cl_mem lut;         /* [256] float: FP8 E4M3 values */
+    size_t max_wg;      /* CL_DEVICE_MAX_WORK_GROUP_SIZE */
+    size_t mm_rpg;      /* matmul rows per work-group (local size 16 x mm_rpg) */
+    size_t red_wg;      /* rmsnorm / mla work-group size (power of two) */
+    cl_ulong local_mem; /* bytes of local memory */
+    cl_uint units;      /* CL_DEVICE_MAX_COMPUTE_UNITS */
 } ocl;
 
 typedef struct ocl_weight {
@@ -49,10 +64,9 @@ typedef struct ocl_weight {
 
 static int cl_fail(ds_error *err, cl_int e, const char *what)
 {
-    return ds_error_set(err, e == CL_MEM_OBJECT_ALLOCATION_FAILURE || e == CL_OUT_OF_HOST_MEMORY
-                                 ? -ENOMEM
-                                 : -EIO,
-                        "opencl: %s failed (error %d)", what, (int)e);
+    return ds_error_set(
+        err, e == CL_MEM_OBJECT_ALLOCATION_FAILURE || e == CL_OUT_OF_HOST_MEMORY ? -ENOMEM : -EIO,
+        "opencl: %s failed (error %d)", what, (int)e);
 }
 
 static uint64_t fnv(uint64_t h, const void *p, size_t n)
@@ -126,15 +140,15 @@ static int build_program(ocl *o, cl_platform_id plat, ds_error *err)
         if (f) {
             unsigned char *bin = NULL;
             long n = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
-            if (n > 0 && n < (64l << 20) && fseek(f, 0, SEEK_SET) == 0 && (bin = malloc((size_t)n)) &&
-                fread(bin, 1, (size_t)n, f) == (size_t)n) {
+            if (n > 0 && n < (64l << 20) && fseek(f, 0, SEEK_SET) == 0 &&
+                (bin = malloc((size_t)n)) && fread(bin, 1, (size_t)n, f) == (size_t)n) {
                 size_t sz = (size_t)n;
                 const unsigned char *bp = bin;
                 cl_int st;
                 o->prog = clCreateProgramWithBinary(o->ctx, 1, &o->dev, &sz, &bp, &st, &e);
-                if (o->prog && (e != CL_SUCCESS || st != CL_SUCCESS ||
-                                clBuildProgram(o->prog, 1, &o->dev, build_opts, NULL, NULL) !=
-                                    CL_SUCCESS)) {
+                if (o->prog &&
+                    (e != CL_SUCCESS || st != CL_SUCCESS ||
+                     clBuildProgram(o->prog, 1, &o->dev, build_opts, NULL, NULL) != CL_SUCCESS)) {
                     clReleaseProgram(o->prog);
                     o->prog = NULL;
                 }
@@ -166,8 +180,8 @@ static int build_program(ocl *o, cl_platform_id plat, ds_error *err)
         unsigned char *bin = malloc(bsz);
         char tmp[1100];
         snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
-        if (bin && clGetProgramInfo(o->prog, CL_PROGRAM_BINARIES, sizeof(bin), &bin, NULL) ==
-                       CL_SUCCESS) {
+        if (bin &&
+            clGetProgramInfo(o->prog, CL_PROGRAM_BINARIES, sizeof(bin), &bin, NULL) == CL_SUCCESS) {
             FILE *f = fopen(tmp, "wb");
             /* Written aside then renamed: a concurrent reader never sees half a binary. */
             if (f && fwrite(bin, 1, bsz, f) == bsz && fclose(f) == 0)
@@ -279,10 +293,14 @@ static int ocl_open(const char *arg, void **impl, char *name, size_t name_len, d
     clGetDeviceInfo(dev, CL_DEVICE_LOCAL_MEM_SIZE, sizeof(o->local_mem), &o->local_mem, NULL);
     /* matmul: 16 lanes per row, as many rows per group as the kernel allows up to 16
      * (256 work-items: a good occupancy on GPUs, small enough for low-end ones). */
-    size_t kwg = 0;
-    clGetKernelWorkGroupInfo(o->k[K_MM_BF16], dev, CL_KERNEL_WORK_GROUP_SIZE, sizeof(kwg), &kwg,
-                             NULL);
-    size_t lim = kwg && kwg < o->max_wg ? kwg : o->max_wg;
+    size_t lim = o->max_wg;
+    for (int i = K_MM_F32; i <= K_MV_F8; i++) { /* the smallest limit of the matmul kernels */
+        size_t kwg = 0;
+        if (clGetKernelWorkGroupInfo(o->k[i], dev, CL_KERNEL_WORK_GROUP_SIZE, sizeof(kwg), &kwg,
+                                     NULL) == CL_SUCCESS &&
+            kwg && kwg < lim)
+            lim = kwg;
+    }
     o->mm_rpg = lim / 16;
     if (o->mm_rpg > 16)
         o->mm_rpg = 16;
@@ -361,8 +379,7 @@ static int ocl_copy(void *impl, void *dst, size_t dst_off, void *src, size_t src
         size_t cap = (size_t)o->units * 4 * 256;
         return run_1d(o, K_COPY4, (size_t)n4 < cap ? (size_t)n4 : cap, err);
     }
-    e = clEnqueueCopyBuffer(o->q, (cl_mem)src, (cl_mem)dst, src_off, dst_off, bytes, 0, NULL,
-                            NULL);
+    e = clEnqueueCopyBuffer(o->q, (cl_mem)src, (cl_mem)dst, src_off, dst_off, bytes, 0, NULL, NULL);
     return e == CL_SUCCESS ? 0 : cl_fail(err, e, "clEnqueueCopyBuffer");
 }
 
@@ -430,6 +447,8 @@ static int ocl_matmul(void *impl, void *wp, const ds_bk_weight_desc *d, void *x,
     cl_uint rows = d->rows, cols = d->cols, n_ = n;
     cl_uint brow = d->block_rows ? d->block_rows : 1, bcol = d->block_cols ? d->block_cols : 1;
     cl_uint nbc = (cols + bcol - 1) / bcol;
+    if ((bcol & (bcol - 1)) == 0) /* power of two: the kernel shifts (kernels/ops.cl, w_f8) */
+        bcol = 0x80000000u | (cl_uint)__builtin_ctz(bcol);
     cl_ulong xo = x_off, yo = y_off;
     cl_mem xm = x, ym = y;
     cl_int e = 0;
@@ -454,8 +473,8 @@ static int ocl_matmul(void *impl, void *wp, const ds_bk_weight_desc *d, void *x,
     return run(o, ki, 3, global, local, err);
 }
 
-static int ocl_rmsnorm(void *impl, void *x, void *gamma, uint32_t n, uint32_t d, float eps,
-                       void *y, ds_error *err)
+static int ocl_rmsnorm(void *impl, void *x, void *gamma, uint32_t n, uint32_t d, float eps, void *y,
+                       ds_error *err)
 {
     ocl *o = impl;
     cl_kernel k = o->k[K_RMSNORM];
@@ -496,14 +515,13 @@ static int ocl_rope(void *impl, void *x, uint32_t n, uint32_t heads, uint32_t st
 }
 
 static int ocl_mla_decode(void *impl, void *q_lat, void *q_pe, void *cache, uint32_t heads,
-                          uint32_t C, uint32_t R, uint32_t t, float scale, void *out,
-                          ds_error *err)
+                          uint32_t C, uint32_t R, uint32_t t, float scale, void *out, ds_error *err)
 {
     ocl *o = impl;
     cl_kernel k = o->k[K_MLA];
     cl_int e;
-    cl_mem scores = clCreateBuffer(o->ctx, CL_MEM_READ_WRITE, (size_t)heads * t * sizeof(float),
-                                   NULL, &e);
+    cl_mem scores =
+        clCreateBuffer(o->ctx, CL_MEM_READ_WRITE, (size_t)heads * t * sizeof(float), NULL, &e);
     if (!scores)
         return cl_fail(err, e, "mla scratch");
     cl_mem a = q_lat, b = q_pe, c = cache, om = out;

@@ -58,8 +58,8 @@ static int mv_op(void *p)
     return ds_bk_matmul(c->w, c->x, 0, 1, c->y, 0, c->err);
 }
 
-int ds_backend_probe(ds_backend *b, uint32_t rows, uint32_t cols, size_t copy_bytes,
-                     double seconds, ds_bk_probe *out, ds_error *err)
+int ds_backend_probe(ds_backend *b, uint32_t rows, uint32_t cols, size_t copy_bytes, double seconds,
+                     ds_bk_probe *out, ds_error *err)
 {
     memset(out, 0, sizeof(*out));
     if (!rows || !cols || rows > 65536 || cols > 65536 || copy_bytes < 16 ||
@@ -108,8 +108,8 @@ int ds_backend_probe(ds_backend *b, uint32_t rows, uint32_t cols, size_t copy_by
         (rc = ds_bk_buf_write(mc.x, 0, xh, (size_t)cols * 4, err)) < 0)
         goto mv_out;
     for (int dt = 0; dt < 3; dt++) {
-        ds_bk_weight_desc d = {(enum ds_bk_dtype)dt, rows, cols, data,
-                               dt == DS_BK_F8_E4M3 ? scale : NULL, 128, 128};
+        ds_bk_weight_desc d = {
+            (enum ds_bk_dtype)dt, rows, cols, data, dt == DS_BK_F8_E4M3 ? scale : NULL, 128, 128};
         if ((rc = ds_bk_weight_new(b, &d, &mc.w, err)) < 0)
             goto mv_out;
         t = timed(b, seconds, mv_op, &mc, err);

@@ -94,7 +94,7 @@ static int opencl_discover(ds_device_list *l, const ds_devices_options *opt, ds_
             d->fp16 = strstr(ext, "cl_khr_fp16") != NULL;
             d->fp64 = strstr(ext, "cl_khr_fp64") != NULL;
             if (type & CL_DEVICE_TYPE_CPU) {
-                d->kind = DS_DEVICE_KIND_ACCEL;
+                d->kind = DS_DEVICE_KIND_CPU;
                 d->unified_memory = true;
                 if (first_cpu)
                     snprintf(d->shares_silicon_with, sizeof(d->shares_silicon_with), "%s",

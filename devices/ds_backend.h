@@ -79,15 +79,15 @@ typedef struct ds_backend_ops {
     /* MLA decode over the latent cache of one sequence: cache [t, C + R] (latent then rope
      * part per position), q_lat [H, C], q_pe [H, R]; per head s_j = (q_lat.c_j + q_pe.kpe_j)
      * * scale, p = softmax(s), out[H, C] = sum_j p_j c_j. */
-    int (*mla_decode)(void *impl, void *q_lat, void *q_pe, void *cache, uint32_t heads,
-                      uint32_t C, uint32_t R, uint32_t t, float scale, void *out, ds_error *err);
+    int (*mla_decode)(void *impl, void *q_lat, void *q_pe, void *cache, uint32_t heads, uint32_t C,
+                      uint32_t R, uint32_t t, float scale, void *out, ds_error *err);
     /* g[i] = silu(g[i]) * u[i] = g/(1+exp(-g)) * u for count elements. */
     int (*swiglu)(void *impl, void *g, void *u, size_t count, ds_error *err);
     /* Per row of scores [n, E]: the k largest of scores + bias (bias [E] may be NULL), ties to
      * the lower index, in descending order: ids [n, k] (int32), weights [n, k] = the unbiased
      * scores of the chosen ids. */
-    int (*topk)(void *impl, void *scores, void *bias, uint32_t n, uint32_t E, uint32_t k,
-                void *ids, void *weights, ds_error *err);
+    int (*topk)(void *impl, void *scores, void *bias, uint32_t n, uint32_t E, uint32_t k, void *ids,
+                void *weights, ds_error *err);
     /* y[i] += x[i] */
     int (*add)(void *impl, void *y, void *x, size_t count, ds_error *err);
     /* y[i] *= s */
@@ -122,8 +122,7 @@ int ds_bk_buf_read(ds_bk_buf *buf, size_t off, void *dst, size_t bytes, ds_error
 
 /* Uploads a weight (validated: dtype, non-zero shape below 2^20 per side, F8 scales and
  * block sizes present). The host data may be released after the call. */
-int ds_bk_weight_new(ds_backend *b, const ds_bk_weight_desc *d, ds_bk_weight **ret,
-                     ds_error *err);
+int ds_bk_weight_new(ds_backend *b, const ds_bk_weight_desc *d, ds_bk_weight **ret, ds_error *err);
 ds_bk_weight *ds_bk_weight_free(ds_bk_weight *w);
 uint32_t ds_bk_weight_rows(const ds_bk_weight *w);
 uint32_t ds_bk_weight_cols(const ds_bk_weight *w);
@@ -134,8 +133,8 @@ size_t ds_bk_weight_bytes(const ds_bk_weight *w);
  * / int32); every range is checked against the buffers (-ERANGE with err). */
 int ds_bk_matmul(ds_bk_weight *w, ds_bk_buf *x, size_t x_off, uint32_t n, ds_bk_buf *y,
                  size_t y_off, ds_error *err);
-int ds_bk_rmsnorm(ds_bk_buf *x, ds_bk_buf *gamma, uint32_t n, uint32_t d, float eps,
-                  ds_bk_buf *y, ds_error *err);
+int ds_bk_rmsnorm(ds_bk_buf *x, ds_bk_buf *gamma, uint32_t n, uint32_t d, float eps, ds_bk_buf *y,
+                  ds_error *err);
 int ds_bk_rope(ds_bk_buf *x, uint32_t n, uint32_t heads, uint32_t stride, uint32_t off,
                uint32_t dim, ds_bk_buf *cs, ds_bk_buf *sn, ds_error *err);
 int ds_bk_mla_decode(ds_bk_buf *q_lat, ds_bk_buf *q_pe, ds_bk_buf *cache, uint32_t heads,
@@ -160,8 +159,8 @@ typedef struct ds_bk_probe {
     double copy_gbs;      /* GB/s, 1e9 bytes */
     double matvec_gbs[3]; /* indexed by enum ds_bk_dtype */
 } ds_bk_probe;
-int ds_backend_probe(ds_backend *b, uint32_t rows, uint32_t cols, size_t copy_bytes,
-                     double seconds, ds_bk_probe *out, ds_error *err);
+int ds_backend_probe(ds_backend *b, uint32_t rows, uint32_t cols, size_t copy_bytes, double seconds,
+                     ds_bk_probe *out, ds_error *err);
 
 /* Built-in tables (the generic layer and tests use them; units go through ds_backend_open). */
 extern const ds_backend_ops ds_backend_cpu_ops;

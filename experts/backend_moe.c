@@ -33,8 +33,8 @@ static int upload(ds_backend_moe *bm, const ds_st *st, const char *name, uint32_
     if (!t)
         return ds_error_set(err, -ENOENT, "tensor '%s' not found", name);
     if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
-        return ds_error_set(err, -EBADMSG, "%s: tensor '%s' must be [%u, %u]", t->file, name,
-                            rows, cols);
+        return ds_error_set(err, -EBADMSG, "%s: tensor '%s' must be [%u, %u]", t->file, name, rows,
+                            cols);
     ds_bk_weight_desc d = {DS_BK_F32, rows, cols, t->data, NULL, 0, 0};
     float *tmp = NULL;
     switch (t->dtype) {
@@ -218,10 +218,9 @@ int ds_backend_moe_run(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, 
         if (!cnt)
             continue;
         bm_expert *x = &bm->ex[(size_t)layer * c->n_routed_experts + e];
-        if ((rc = ds_bk_matmul(x->gate, bm->in, (size_t)b0 * D, cnt, bm->g, (size_t)b0 * I,
-                               err)) < 0 ||
-            (rc = ds_bk_matmul(x->up, bm->in, (size_t)b0 * D, cnt, bm->u, (size_t)b0 * I, err)) <
-                0)
+        if ((rc = ds_bk_matmul(x->gate, bm->in, (size_t)b0 * D, cnt, bm->g, (size_t)b0 * I, err)) <
+                0 ||
+            (rc = ds_bk_matmul(x->up, bm->in, (size_t)b0 * D, cnt, bm->u, (size_t)b0 * I, err)) < 0)
             goto out;
     }
     /* SwiGLU over all slots at once: elementwise, so one launch serves every expert. In exact
@@ -246,8 +245,8 @@ int ds_backend_moe_run(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, 
         if (!cnt)
             continue;
         bm_expert *x = &bm->ex[(size_t)layer * c->n_routed_experts + e];
-        if ((rc = ds_bk_matmul(x->down, bm->g, (size_t)b0 * I, cnt, bm->out, (size_t)b0 * D,
-                               err)) < 0)
+        if ((rc = ds_bk_matmul(x->down, bm->g, (size_t)b0 * I, cnt, bm->out, (size_t)b0 * D, err)) <
+            0)
             goto out;
     }
     if ((rc = ds_bk_buf_read(bm->out, 0, bm->host, (size_t)rows * D * 4, err)) < 0)

@@ -165,8 +165,9 @@ static void run_model_mode(const char *name, int which, bool exact)
             fail_msg("%s/%d on %s: step %d token %d, HF reference %d", name, which, spec, s, tb,
                      hf[s]);
     }
-    fprintf(stderr, "  %s/ref_%d on %s, SwiGLU on the %s: %d tokens identical; logits %llu/%llu "
-                    "bit-identical, max |diff| %.3g; %.1f KiB of experts on the device\n",
+    fprintf(stderr,
+            "  %s/ref_%d on %s, SwiGLU on the %s: %d tokens identical; logits %llu/%llu "
+            "bit-identical, max |diff| %.3g; %.1f KiB of experts on the device\n",
             name, which, spec, exact ? "host" : "device", ng, (unsigned long long)same,
             (unsigned long long)total, maxdiff, ds_backend_moe_bytes(bm) / 1024.0);
     assert_true(maxdiff <= 1e-4);
@@ -251,9 +252,12 @@ int main(int argc, char **argv)
     }
     fprintf(stderr, "test_backend_e2e: experts on %s '%s'\n", spec, ds_backend_device(B));
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_v3_bf16),       cmocka_unit_test(test_v3_fp8),
-        cmocka_unit_test(test_v3_qlora_group_yarn), cmocka_unit_test(test_v3_noqlora_d72),
-        cmocka_unit_test(test_v2_greedy),     cmocka_unit_test(test_v2_group_limited),
+        cmocka_unit_test(test_v3_bf16),
+        cmocka_unit_test(test_v3_fp8),
+        cmocka_unit_test(test_v3_qlora_group_yarn),
+        cmocka_unit_test(test_v3_noqlora_d72),
+        cmocka_unit_test(test_v2_greedy),
+        cmocka_unit_test(test_v2_group_limited),
         cmocka_unit_test(test_errors),
     };
     int rc = cmocka_run_group_tests_name(spec, tests, NULL, NULL);

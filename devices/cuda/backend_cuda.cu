@@ -19,10 +19,10 @@
 
 #include "ds_backend.h"
 
-#define NB 4              /* input rows per matmul thread */
-#define RPG 16            /* matmul rows per block: block (16, RPG) = 256 threads */
-#define CUBLAS_MIN_N 16   /* batches at least this large go to cuBLAS */
-#define STAGE (8u << 20)  /* bytes per pinned staging slot */
+#define NB           4          /* input rows per matmul thread */
+#define RPG          16         /* matmul rows per block: block (16, RPG) = 256 threads */
+#define CUBLAS_MIN_N 16         /* batches at least this large go to cuBLAS */
+#define STAGE        (8u << 20) /* bytes per pinned staging slot */
 
 static int set_err(ds_error *err, int code, const char *fmt, ...)
 {
@@ -40,7 +40,9 @@ static int set_err(ds_error *err, int code, const char *fmt, ...)
 static float fp8_value(unsigned v)
 {
     unsigned s = v >> 7, e = (v >> 3) & 0xf, m = v & 7;
-    float f = e == 15 && m == 7 ? NAN : e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(m | 8), (int)e - 10);
+    float f = e == 15 && m == 7 ? NAN
+              : e == 0          ? ldexpf((float)m, -9)
+                                : ldexpf((float)(m | 8), (int)e - 10);
     return s ? -f : f;
 }
 
@@ -50,23 +52,23 @@ static int cu_fail(ds_error *err, cudaError_t e, const char *what)
                    cudaGetErrorString(e));
 }
 
-#define CU(call, what)                                                                           \
-    do {                                                                                         \
-        cudaError_t e_ = (call);                                                                 \
-        if (e_ != cudaSuccess)                                                                   \
-            return cu_fail(err, e_, what);                                                       \
+#define CU(call, what)                                                                             \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess)                                                                     \
+            return cu_fail(err, e_, what);                                                         \
     } while (0)
 
 typedef struct cu_ctx {
     int dev;
     cudaStream_t compute, copy;
-    cudaEvent_t copied;          /* recorded on copy after a write; compute waits on it */
-    unsigned char *stage[2];     /* pinned staging slots */
-    cudaEvent_t stage_free[2];   /* recorded when a slot's copy is done */
+    cudaEvent_t copied;        /* recorded on copy after a write; compute waits on it */
+    unsigned char *stage[2];   /* pinned staging slots */
+    cudaEvent_t stage_free[2]; /* recorded when a slot's copy is done */
     cublasHandle_t blas;
-    float *scratch;              /* widened weight for cuBLAS (float32), grown on demand */
-    size_t scratch_n;            /* floats */
-    float *lut;                  /* [256] FP8 values on the device */
+    float *scratch;   /* widened weight for cuBLAS (float32), grown on demand */
+    size_t scratch_n; /* floats */
+    float *lut;       /* [256] FP8 values on the device */
 } cu_ctx;
 
 typedef struct cu_weight {
@@ -83,7 +85,9 @@ __device__ __forceinline__ float wload(int dt, const void *w, size_t i, unsigned
         return ((const float *)w)[i];
     if (dt == DS_BK_BF16)
         return __uint_as_float((unsigned)((const unsigned short *)w)[i] << 16);
-    return __fmul_rn(lut[((const unsigned char *)w)[i]], srow[c / bcol]);
+    /* bcol with the top bit set: log2 of a power-of-two block width (a shift, not a division) */
+    unsigned cb = (bcol & 0x80000000u) ? c >> (bcol & 31u) : c / bcol;
+    return __fmul_rn(lut[((const unsigned char *)w)[i]], srow[cb]);
 }
 
 template <int DT>
@@ -323,10 +327,10 @@ static int cu_open(const char *arg, void **impl, char *name, size_t name_len, ds
     int rc = 0;
     float lut[256];
     cudaDeviceProp prop;
-#define TRY(call, what)                                                                          \
-    if ((e = (call)) != cudaSuccess) {                                                           \
-        rc = cu_fail(err, e, what);                                                              \
-        goto fail;                                                                               \
+#define TRY(call, what)                                                                            \
+    if ((e = (call)) != cudaSuccess) {                                                             \
+        rc = cu_fail(err, e, what);                                                                \
+        goto fail;                                                                                 \
     }
     TRY(cudaSetDevice(dev), "cudaSetDevice");
     TRY(cudaStreamCreateWithFlags(&c->compute, cudaStreamNonBlocking), "stream");
@@ -471,6 +475,8 @@ static int cu_matmul(void *impl, void *wp, const ds_bk_weight_desc *d, void *xp,
     float *y = (float *)yp + y_off;
     unsigned brow = d->block_rows ? d->block_rows : 1, bcol = d->block_cols ? d->block_cols : 1;
     unsigned nbc = (d->cols + bcol - 1) / bcol;
+    if ((bcol & (bcol - 1)) == 0)
+        bcol = 0x80000000u | (unsigned)__builtin_ctz(bcol);
     CU(cudaSetDevice(c->dev), "cudaSetDevice");
     if (n >= CUBLAS_MIN_N) {
         /* y^T [rows, n] = W [rows, cols] x^T: in cuBLAS's column-major terms
@@ -499,23 +505,23 @@ static int cu_matmul(void *impl, void *wp, const ds_bk_weight_desc *d, void *xp,
             A = c->scratch;
         }
         const float one = 1.0f, zero = 0.0f;
-        cublasStatus_t st = cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d->rows, (int)n,
-                                        (int)d->cols, &one, A, (int)d->cols, x, (int)d->cols,
-                                        &zero, y, (int)d->rows);
-        return st == CUBLAS_STATUS_SUCCESS ? 0
-                                           : set_err(err, -EIO, "cuda: cublasSgemm failed (%d)",
-                                                     (int)st);
+        cublasStatus_t st =
+            cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d->rows, (int)n, (int)d->cols, &one,
+                        A, (int)d->cols, x, (int)d->cols, &zero, y, (int)d->rows);
+        return st == CUBLAS_STATUS_SUCCESS
+                   ? 0
+                   : set_err(err, -EIO, "cuda: cublasSgemm failed (%d)", (int)st);
     }
     dim3 block(16, RPG), grid((d->rows + RPG - 1) / RPG, (n + NB - 1) / NB);
     if (d->dtype == DS_BK_F32)
         k_matmul<DS_BK_F32><<<grid, block, 0, c->compute>>>(w->data, w->scale, c->lut, d->rows,
-                                                             d->cols, nbc, brow, bcol, x, n, y);
+                                                            d->cols, nbc, brow, bcol, x, n, y);
     else if (d->dtype == DS_BK_BF16)
         k_matmul<DS_BK_BF16><<<grid, block, 0, c->compute>>>(w->data, w->scale, c->lut, d->rows,
-                                                              d->cols, nbc, brow, bcol, x, n, y);
+                                                             d->cols, nbc, brow, bcol, x, n, y);
     else
-        k_matmul<DS_BK_F8_E4M3><<<grid, block, 0, c->compute>>>(
-            w->data, w->scale, c->lut, d->rows, d->cols, nbc, brow, bcol, x, n, y);
+        k_matmul<DS_BK_F8_E4M3><<<grid, block, 0, c->compute>>>(w->data, w->scale, c->lut, d->rows,
+                                                                d->cols, nbc, brow, bcol, x, n, y);
     return launch_check(err, "matmul");
 }
 
@@ -539,8 +545,8 @@ static int cu_rope(void *impl, void *x, uint32_t n, uint32_t heads, uint32_t str
 {
     cu_ctx *c = (cu_ctx *)impl;
     unsigned nv = n * heads;
-    k_rope<<<blocks_for((size_t)nv * (dim / 2)), 256, 0, c->compute>>>((float *)x, nv, heads, stride, off, dim, (const float *)cs,
-                                        (const float *)sn);
+    k_rope<<<blocks_for((size_t)nv * (dim / 2)), 256, 0, c->compute>>>(
+        (float *)x, nv, heads, stride, off, dim, (const float *)cs, (const float *)sn);
     return launch_check(err, "rope");
 }
 
@@ -605,8 +611,8 @@ static int cu_finish(void *impl, ds_error *err)
 
 /* The one exported symbol (positional: C++17 has no designated initialisers). */
 extern "C" __attribute__((visibility("default"))) const ds_backend_ops ds_backend_cuda_ops = {
-    DS_BACKEND_ABI, "cuda",    cu_open,   cu_close,  cu_buf_alloc, cu_buf_free,
-    cu_buf_write,   cu_buf_read, cu_weight_upload, cu_weight_free, cu_matmul, cu_rmsnorm,
-    cu_rope,        cu_mla,    cu_swiglu, cu_topk,   cu_add,       cu_scale,
-    cu_copy,        cu_finish,
+    DS_BACKEND_ABI, "cuda",       cu_open,     cu_close,         cu_buf_alloc,
+    cu_buf_free,    cu_buf_write, cu_buf_read, cu_weight_upload, cu_weight_free,
+    cu_matmul,      cu_rmsnorm,   cu_rope,     cu_mla,           cu_swiglu,
+    cu_topk,        cu_add,       cu_scale,    cu_copy,          cu_finish,
 };

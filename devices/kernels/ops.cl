@@ -24,8 +24,11 @@ static inline float w_bf16(__global const void *w, ulong i, uint c, __global con
 static inline float w_f8(__global const void *w, ulong i, uint c, __global const float *srow,
                          __constant float *lut, uint bcol)
 {
-    /* (value * block scale) rounded to float, then the fma: the engine's order. */
-    return lut[((__global const uchar *)w)[i]] * srow[c / bcol];
+    /* (value * block scale) rounded to float, then the fma: the engine's order. bcol with the
+     * top bit set is log2 of a power-of-two block width (128 in DeepSeek-V3): a shift instead
+     * of an integer division per element. */
+    uint cb = (bcol & 0x80000000u) ? c >> (bcol & 31u) : c / bcol;
+    return lut[((__global const uchar *)w)[i]] * srow[cb];
 }
 
 /* y[i, r] = sum_c W[r, c] x[i, c]. Work-group (16, RPG): lane j of the 16 accumulates the
