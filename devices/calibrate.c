@@ -28,14 +28,14 @@
 #include "ds_backend.h"
 #include "ds_log.h"
 
-#define CALIB_VERSION 1
-#define CACHE_FILE "devices-calibration.json"
+#define CALIB_VERSION   1
+#define CACHE_FILE      "devices-calibration.json"
 #define CACHE_MAX_BYTES (1u << 20)
-#define MATVEC_COLS 7168u /* DeepSeek-V3 hidden size: rows of this length, as decode streams */
-#define BATCH_ROWS 32u
-#define FLOPS_DIM 1024u
-#define MAX_REPEATS 50u
-#define MAX_THREADS 256u
+#define MATVEC_COLS     7168u /* DeepSeek-V3 hidden size: rows of this length, as decode streams */
+#define BATCH_ROWS      32u
+#define FLOPS_DIM       1024u
+#define MAX_REPEATS     50u
+#define MAX_THREADS     256u
 
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -70,9 +70,9 @@ struct cpu_ctx {
     const float *x; /* matvec: [cols]; matmul: [BATCH_ROWS, FLOPS_DIM] */
     float *y;       /* matvec: [rows]; matmul: [BATCH_ROWS, FLOPS_DIM] */
     size_t rows, cols;
-    float *dst;        /* copy */
-    const float *src;  /* copy */
-    size_t count;      /* copy: floats */
+    float *dst;       /* copy */
+    const float *src; /* copy */
+    size_t count;     /* copy: floats */
     unsigned nthreads;
     cpu_set_t set;
     bool bind;
@@ -186,7 +186,11 @@ static int calibrate_cpu(ds_device_info *d, uint64_t matvec_bytes, uint32_t repe
     if (rows < 64)
         rows = 64;
     size_t wcount = rows * MATVEC_COLS;
-    float *w = malloc(wcount * sizeof(float));
+    /* The matmul reuses the buffer: [1024, 1024] weights then [32, 1024] inputs. */
+    size_t alloc = wcount > (size_t)FLOPS_DIM * (FLOPS_DIM + BATCH_ROWS)
+                       ? wcount
+                       : (size_t)FLOPS_DIM * (FLOPS_DIM + BATCH_ROWS);
+    float *w = malloc(alloc * sizeof(float));
     float *x = malloc(MATVEC_COLS * sizeof(float));
     float *y = malloc(rows * sizeof(float) > FLOPS_DIM * BATCH_ROWS * sizeof(float)
                           ? rows * sizeof(float)
@@ -200,7 +204,7 @@ static int calibrate_cpu(ds_device_info *d, uint64_t matvec_bytes, uint32_t repe
         goto out;
     }
     /* Touch everything first: a first pass would measure page faults, not memory. */
-    for (size_t i = 0; i < wcount; i++)
+    for (size_t i = 0; i < alloc; i++)
         w[i] = (float)((i * 2654435761u) & 1023) * (1.0f / 1024);
     for (size_t i = 0; i < MATVEC_COLS; i++)
         x[i] = 1.0f / (float)(i + 1);
@@ -263,7 +267,9 @@ static int calibrate_backend(ds_device_info *d, uint64_t matvec_bytes, uint32_t 
     if (rows < 64)
         rows = 64;
     size_t wcount = (size_t)rows * MATVEC_COLS;
-    size_t big = wcount > (size_t)BATCH_ROWS * FLOPS_DIM ? wcount : BATCH_ROWS * FLOPS_DIM;
+    size_t big = wcount > (size_t)FLOPS_DIM * (FLOPS_DIM + BATCH_ROWS)
+                     ? wcount
+                     : (size_t)FLOPS_DIM * (FLOPS_DIM + BATCH_ROWS);
     float *host = malloc(big * sizeof(float));
     double *v = calloc(repeats, sizeof(double));
     ds_bk_weight *w = NULL, *wf = NULL;
@@ -276,8 +282,8 @@ static int calibrate_backend(ds_device_info *d, uint64_t matvec_bytes, uint32_t 
         host[i] = (float)((i * 2654435761u) & 1023) * (1.0f / 1024);
     size_t ybytes = (rows > BATCH_ROWS * FLOPS_DIM ? rows : BATCH_ROWS * FLOPS_DIM) * sizeof(float);
     ds_bk_weight_desc desc = {.dtype = DS_BK_F32, .rows = rows, .cols = MATVEC_COLS, .data = host};
-    ds_bk_weight_desc fdesc = {.dtype = DS_BK_F32, .rows = FLOPS_DIM, .cols = FLOPS_DIM,
-                               .data = host};
+    ds_bk_weight_desc fdesc = {
+        .dtype = DS_BK_F32, .rows = FLOPS_DIM, .cols = FLOPS_DIM, .data = host};
     if ((r = ds_bk_weight_new(b, &desc, &w, err)) < 0 ||
         (r = ds_bk_weight_new(b, &fdesc, &wf, err)) < 0 ||
         (r = ds_bk_buf_new(b, (size_t)BATCH_ROWS * MATVEC_COLS * sizeof(float), &x, err)) < 0 ||
@@ -365,8 +371,8 @@ static int measure_from(json_t *o, const char *key, ds_measure *m, const char *d
     json_int_t n;
     if (!json_is_array(a) || json_array_size(a) != 3 || !json_is_number(json_array_get(a, 0)) ||
         !json_is_number(json_array_get(a, 1)) || !json_is_integer(json_array_get(a, 2)))
-        return ds_error_set(err, -EBADMSG, "device %s: %s: expected [value, spread, repeats]",
-                            dev, key);
+        return ds_error_set(err, -EBADMSG, "device %s: %s: expected [value, spread, repeats]", dev,
+                            key);
     v = json_number_value(json_array_get(a, 0));
     s = json_number_value(json_array_get(a, 1));
     n = json_integer_value(json_array_get(a, 2));
@@ -420,8 +426,7 @@ static int cache_parse(const char *text, size_t len, const char *fp, ds_device_l
     {
         ds_device_info tmp;
         if (!json_is_object(o)) {
-            r = ds_error_set(err, -EBADMSG, "calibration cache: device %.40s: not an object",
-                             name);
+            r = ds_error_set(err, -EBADMSG, "calibration cache: device %.40s: not an object", name);
             goto out;
         }
         for (size_t i = 0; i < sizeof(figures) / sizeof(figures[0]); i++)
@@ -466,13 +471,13 @@ static int cache_write(const char *dir, const char *fp, const ds_device_list *l,
         json_t *o = json_object();
         for (size_t i = 0; i < sizeof(figures) / sizeof(figures[0]); i++) {
             const ds_measure *m = figure(d, i);
-            json_object_set_new(o, figures[i], json_pack("[f, f, i]", m->value, m->spread,
-                                                        (int)m->repeats));
+            json_object_set_new(o, figures[i],
+                                json_pack("[f, f, i]", m->value, m->spread, (int)m->repeats));
         }
         json_object_set_new(devs, d->name, o);
     }
-    json_t *root = json_pack("{s:i, s:s, s:o}", "version", CALIB_VERSION, "fingerprint", fp,
-                             "devices", devs);
+    json_t *root =
+        json_pack("{s:i, s:s, s:o}", "version", CALIB_VERSION, "fingerprint", fp, "devices", devs);
     char path[4096], tmp[4200];
     snprintf(path, sizeof(path), "%s/%s", dir, CACHE_FILE);
     snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
@@ -547,8 +552,15 @@ int ds_device_list_calibrate(ds_device_list *l, const ds_calibrate_options *opt,
         /* isa is read only when the topology is this machine's: bind only then. */
         if (!strcmp(d->source, "cpu"))
             r = calibrate_cpu(d, bytes, repeats, here && d->isa != 0, &derr);
-        else
+        else {
             r = calibrate_backend(d, bytes, repeats, &derr);
+            if (r < 0 && !strcmp(d->source, "cuda")) {
+                ds_log_info("calibration: %s; using the CUDA driver API alone",
+                            ds_error_str(&derr));
+                ds_error_clear(&derr);
+                r = ds_devices_cuda_calibrate(d, NULL, bytes, repeats, &derr);
+            }
+        }
         if (r < 0) {
             /* One device failing to measure must not hide the others: warn, leave it 0. */
             ds_log_warn("calibration: %s", ds_error_str(&derr));

@@ -32,9 +32,12 @@ double ds_devices_now(void)
 const char *ds_device_kind_name(ds_device_kind k)
 {
     switch (k) {
-    case DS_DEVICE_KIND_CPU: return "cpu";
-    case DS_DEVICE_KIND_GPU: return "gpu";
-    case DS_DEVICE_KIND_ACCEL: return "accel";
+    case DS_DEVICE_KIND_CPU:
+        return "cpu";
+    case DS_DEVICE_KIND_GPU:
+        return "gpu";
+    case DS_DEVICE_KIND_ACCEL:
+        return "accel";
     }
     return "?";
 }
@@ -325,8 +328,8 @@ static json_t *spec_node(const ds_device_list *l)
     for (size_t i = 0; i < l->n; i++)
         if (!l->dev[i].excluded)
             json_array_append_new(devs, spec_device(&l->dev[i]));
-    return json_pack("{s:s, s:s, s:o}", "name", l->node_name, "class", l->node_class,
-                     "devices", devs);
+    return json_pack("{s:s, s:s, s:o}", "name", l->node_name, "class", l->node_class, "devices",
+                     devs);
 }
 
 static int dump(json_t *j, char **out, ds_error *err)
@@ -368,9 +371,13 @@ static json_t *full_device(const ds_device_info *d)
         set_int(o, "l2_bytes", d->l2_bytes);
         set_int(o, "l3_bytes", d->l3_bytes);
         json_t *isa = json_array();
-        static const struct { unsigned bit; const char *name; } f[] = {
-            {DS_ISA_FMA, "fma"},         {DS_ISA_AVX2, "avx2"}, {DS_ISA_AVX512F, "avx512f"},
-            {DS_ISA_AVX512_BF16, "avx512_bf16"}, {DS_ISA_AMX, "amx"}, {DS_ISA_NEON, "neon"},
+        static const struct {
+            unsigned bit;
+            const char *name;
+        } f[] = {
+            {DS_ISA_FMA, "fma"},         {DS_ISA_AVX2, "avx2"},
+            {DS_ISA_AVX512F, "avx512f"}, {DS_ISA_AVX512_BF16, "avx512_bf16"},
+            {DS_ISA_AMX, "amx"},         {DS_ISA_NEON, "neon"},
             {DS_ISA_SVE, "sve"},
         };
         for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)

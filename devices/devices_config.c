@@ -18,8 +18,8 @@
 #include "devices_impl.h"
 #include "ds_log.h"
 
-#define CONFIG_MAX_BYTES (1u << 20)
-#define CONFIG_LINE_MAX 1024
+#define CONFIG_MAX_BYTES   (1u << 20)
+#define CONFIG_LINE_MAX    1024
 #define CONFIG_ENTRIES_MAX DS_DEVICES_MAX
 
 struct dev_setting {
@@ -101,12 +101,23 @@ int ds_devices_parse_bytes(const char *s, uint64_t *ret)
             return -EINVAL;
         double base = dec ? 1000.0 : 1024.0;
         switch (u) {
-        case 'B': mul = 1; break;
-        case 'K': mul = base; break;
-        case 'M': mul = base * base; break;
-        case 'G': mul = base * base * base; break;
-        case 'T': mul = base * base * base * base; break;
-        default: return -EINVAL;
+        case 'B':
+            mul = 1;
+            break;
+        case 'K':
+            mul = base;
+            break;
+        case 'M':
+            mul = base * base;
+            break;
+        case 'G':
+            mul = base * base * base;
+            break;
+        case 'T':
+            mul = base * base * base * base;
+            break;
+        default:
+            return -EINVAL;
         }
     }
     double b = v * mul;
@@ -143,6 +154,8 @@ static int parse_line(ds_devices_config *c, char *key, char *val, const char *or
                       unsigned lineno, ds_error *err)
 {
     bool b;
+    char full[CONFIG_LINE_MAX]; /* the key as written, for messages (parsing cuts it up) */
+    snprintf(full, sizeof(full), "%s", key);
     if (!strcmp(key, "node.name")) {
         if (!valid_name(val) || strlen(val) >= sizeof(c->node_name))
             goto bad_value;
@@ -180,8 +193,8 @@ static int parse_line(ds_devices_config *c, char *key, char *val, const char *or
         for (char *tok = strtok_r(val, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
             tok = trim(tok);
             if (!valid_name(tok))
-                return ds_error_set(err, -EINVAL, "%s:%u: exclude: bad device name '%.40s'",
-                                    origin, lineno, tok);
+                return ds_error_set(err, -EINVAL, "%s:%u: exclude: bad device name '%.40s'", origin,
+                                    lineno, tok);
             if (c->n_exclude == CONFIG_ENTRIES_MAX)
                 return ds_error_set(err, -ERANGE, "%s:%u: exclude: more than %u names", origin,
                                     lineno, CONFIG_ENTRIES_MAX);
@@ -233,7 +246,7 @@ static int parse_line(ds_devices_config *c, char *key, char *val, const char *or
     }
     return ds_error_set(err, -EINVAL, "%s:%u: unknown key '%.60s'", origin, lineno, key);
 bad_value:
-    return ds_error_set(err, -EINVAL, "%s:%u: %s: bad value '%.60s'", origin, lineno, key, val);
+    return ds_error_set(err, -EINVAL, "%s:%u: %.80s: bad value '%.60s'", origin, lineno, full, val);
 }
 
 int ds_devices_config_parse(const char *text, size_t len, const char *origin,

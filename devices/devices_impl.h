@@ -41,6 +41,11 @@ bool ds_devices_config_use_opencl_cpu(const ds_devices_config *c);
 bool ds_devices_config_source_enabled(const ds_devices_config *c, const char *source, bool dflt);
 void ds_devices_config_apply(const ds_devices_config *c, ds_device_list *l);
 
+/* CUDA figures through the driver API alone (copies, a memset as the smallest launch, an
+ * FP32 peak estimate for FLOP/s): used when the cuda backend plugin is not available. */
+int ds_devices_cuda_calibrate(ds_device_info *d, const char *lib, uint64_t bytes, uint32_t repeats,
+                              ds_error *err);
+
 /* Monotonic seconds. */
 double ds_devices_now(void);
 

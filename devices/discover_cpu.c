@@ -127,8 +127,7 @@ static int cpu_discover(ds_device_list *l, const ds_devices_options *opt, ds_err
         return ds_error_set(err, -ENOMEM, "hwloc: topology init failed");
     int r = 0;
     if (opt->hwloc_xml && hwloc_topology_set_xml(t, opt->hwloc_xml) < 0)
-        r = ds_error_set(err, -EINVAL, "%s: hwloc cannot read this XML topology",
-                         opt->hwloc_xml);
+        r = ds_error_set(err, -EINVAL, "%s: hwloc cannot read this XML topology", opt->hwloc_xml);
     else if (!opt->hwloc_xml && opt->hwloc_synthetic &&
              hwloc_topology_set_synthetic(t, opt->hwloc_synthetic) < 0)
         r = ds_error_set(err, -EINVAL, "hwloc: bad synthetic topology '%.100s'",

@@ -12,7 +12,7 @@
 #include "devices_impl.h"
 
 #define MAX_PLATFORMS 16
-#define MAX_DEVICES 32
+#define MAX_DEVICES   32
 
 static void info_text(cl_device_id dev, cl_device_info what, char *dst, size_t cap)
 {
@@ -82,8 +82,7 @@ static int opencl_discover(ds_device_list *l, const ds_devices_options *opt, ds_
             d->max_alloc_bytes = info_u64(ds[k], CL_DEVICE_MAX_MEM_ALLOC_SIZE);
             d->local_mem_bytes = info_u64(ds[k], CL_DEVICE_LOCAL_MEM_SIZE);
             cl_bool unified = CL_FALSE;
-            clGetDeviceInfo(ds[k], CL_DEVICE_HOST_UNIFIED_MEMORY, sizeof(unified), &unified,
-                            NULL);
+            clGetDeviceInfo(ds[k], CL_DEVICE_HOST_UNIFIED_MEMORY, sizeof(unified), &unified, NULL);
             d->unified_memory = unified == CL_TRUE;
             char ext[4096];
             size_t n = 0;

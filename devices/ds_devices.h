@@ -26,10 +26,10 @@
 
 #include "ds_err.h"
 
-#define DS_DEVICE_NAME_MAX 32
+#define DS_DEVICE_NAME_MAX  32
 #define DS_DEVICE_CLASS_MAX 16
-#define DS_DEVICE_TEXT_MAX 128
-#define DS_DEVICES_MAX 256 /* devices per node: a limit on what a config or topology can make */
+#define DS_DEVICE_TEXT_MAX  128
+#define DS_DEVICES_MAX      256 /* devices per node: a limit on what a config or topology can make */
 
 typedef enum ds_device_kind {
     DS_DEVICE_KIND_CPU = 0,
@@ -57,35 +57,35 @@ typedef struct ds_measure {
 
 /* One device: what discovery found, what configuration set, what calibration measured. */
 typedef struct ds_device_info {
-    char name[DS_DEVICE_NAME_MAX];       /* "cpu0", "opencl1", "cuda0" */
-    char source[16];                     /* discovery source: "cpu", "opencl", "cuda" */
+    char name[DS_DEVICE_NAME_MAX]; /* "cpu0", "opencl1", "cuda0" */
+    char source[16];               /* discovery source: "cpu", "opencl", "cuda" */
     ds_device_kind kind;
     char class_name[DS_DEVICE_CLASS_MAX]; /* "server", "gpu", "edge" (config may override) */
-    char model[DS_DEVICE_TEXT_MAX];      /* CPU model / OpenCL or CUDA device name */
+    char model[DS_DEVICE_TEXT_MAX];       /* CPU model / OpenCL or CUDA device name */
     char vendor[64];
-    char driver[64];                     /* driver / OpenCL version string; "" for cpu */
-    char labels[DS_DEVICE_TEXT_MAX];     /* comma-separated operator labels */
+    char driver[64];                              /* driver / OpenCL version string; "" for cpu */
+    char labels[DS_DEVICE_TEXT_MAX];              /* comma-separated operator labels */
     char shares_silicon_with[DS_DEVICE_NAME_MAX]; /* device on the same silicon, "" if none */
-    char cpuset[64];                     /* cpu: hwloc cpuset as a list ("0-15"); "" otherwise */
-    char backend_spec[24];               /* what ds_backend_open takes: "opencl:1", "cuda:0" */
-    int numa_node;                       /* OS NUMA index (cpu), NUMA affinity (gpu); -1 unknown */
-    uint32_t package;                    /* cpu: package (socket) index */
-    uint32_t cores, pus;                 /* cpu: physical cores and hardware threads */
-    uint32_t compute_units;              /* cpu: cores; OpenCL: compute units; CUDA: SMs */
-    uint32_t clock_mhz;                  /* max clock, 0 if unknown */
-    uint32_t isa;                        /* DS_ISA_* bits (cpu) */
-    uint64_t l2_bytes, l3_bytes;         /* cpu: per core L2, L3 of the domain; 0 if unknown */
-    uint64_t memory_bytes;               /* usable memory after the operator's cap */
-    uint64_t memory_found_bytes;         /* what discovery found before the cap */
-    uint64_t memory_free_bytes;          /* free at discovery, 0 if unknown */
-    uint64_t max_alloc_bytes;            /* OpenCL max single allocation, 0 otherwise */
-    uint64_t local_mem_bytes;            /* OpenCL local / CUDA shared memory per group */
-    uint32_t cc_major, cc_minor;         /* CUDA compute capability */
-    char pci_bus[20];                    /* CUDA: "0000:65:00.0" */
-    uint32_t pcie_gen, pcie_width;       /* CUDA: current PCIe link, 0 if unknown */
-    bool fp16, fp64;                     /* OpenCL: extensions present */
-    bool unified_memory;                 /* memory shared with the host (integrated GPU, PoCL) */
-    bool excluded;                       /* by configuration: listed, never placed, not measured */
+    char cpuset[64];               /* cpu: hwloc cpuset as a list ("0-15"); "" otherwise */
+    char backend_spec[24];         /* what ds_backend_open takes: "opencl:1", "cuda:0" */
+    int numa_node;                 /* OS NUMA index (cpu), NUMA affinity (gpu); -1 unknown */
+    uint32_t package;              /* cpu: package (socket) index */
+    uint32_t cores, pus;           /* cpu: physical cores and hardware threads */
+    uint32_t compute_units;        /* cpu: cores; OpenCL: compute units; CUDA: SMs */
+    uint32_t clock_mhz;            /* max clock, 0 if unknown */
+    uint32_t isa;                  /* DS_ISA_* bits (cpu) */
+    uint64_t l2_bytes, l3_bytes;   /* cpu: per core L2, L3 of the domain; 0 if unknown */
+    uint64_t memory_bytes;         /* usable memory after the operator's cap */
+    uint64_t memory_found_bytes;   /* what discovery found before the cap */
+    uint64_t memory_free_bytes;    /* free at discovery, 0 if unknown */
+    uint64_t max_alloc_bytes;      /* OpenCL max single allocation, 0 otherwise */
+    uint64_t local_mem_bytes;      /* OpenCL local / CUDA shared memory per group */
+    uint32_t cc_major, cc_minor;   /* CUDA compute capability */
+    char pci_bus[20];              /* CUDA: "0000:65:00.0" */
+    uint32_t pcie_gen, pcie_width; /* CUDA: current PCIe link, 0 if unknown */
+    bool fp16, fp64;               /* OpenCL: extensions present */
+    bool unified_memory;           /* memory shared with the host (integrated GPU, PoCL) */
+    bool excluded;                 /* by configuration: listed, never placed, not measured */
     /* calibration (all 0 until ds_device_list_calibrate) */
     bool calibrated, from_cache;
     ds_measure mem_bw;      /* bytes/s a matvec streams weights at (bounds decode) */
@@ -125,10 +125,10 @@ const char *ds_device_list_node_class(const ds_device_list *l);
 const char *ds_device_list_fingerprint(const ds_device_list *l);
 
 typedef struct ds_calibrate_options {
-    const char *state_dir;      /* cache directory; NULL: no cache */
-    bool force;                 /* re-measure even on a cache hit (dsctl devices --calibrate) */
-    uint64_t matvec_bytes;      /* weight bytes one matvec streams; 0: 128 MiB */
-    uint32_t repeats;           /* per figure; 0: 5 */
+    const char *state_dir;        /* cache directory; NULL: no cache */
+    bool force;                   /* re-measure even on a cache hit (dsctl devices --calibrate) */
+    uint64_t matvec_bytes;        /* weight bytes one matvec streams; 0: 128 MiB */
+    uint32_t repeats;             /* per figure; 0: 5 */
     const char *fingerprint_salt; /* mixed into the fingerprint (tests, calibration changes) */
 } ds_calibrate_options;
 

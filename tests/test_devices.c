@@ -18,6 +18,7 @@
 #include <cmocka.h>
 #include <jansson.h>
 
+#include "devices_impl.h" /* ds_devices_cuda_calibrate */
 #include "ds_devices.h"
 
 static char xml_2p4n[4096];
@@ -99,11 +100,27 @@ static void test_no_opencl_no_cuda_is_empty(void **state)
     }
 }
 
+static void test_cuda_calibrate_without_driver(void **state)
+{
+    (void)state;
+    /* The driver-API fallback of calibration refuses cleanly where there is no driver. */
+    ds_device_info d = {.name = "cuda0", .source = "cuda", .backend_spec = "cuda:0"};
+    const char *libs[] = {"/nonexistent/libcuda.so.1", "/usr/local/cuda/lib64/stubs/libcuda.so"};
+    for (size_t k = 0; k < 2; k++) {
+        ds_error err = {0};
+        assert_int_equal(ds_devices_cuda_calibrate(&d, libs[k], 1u << 20, 3, &err), -ENOENT);
+        assert_non_null(strstr(err.msg, "cuda0"));
+        assert_true(d.mem_bw.value == 0 && d.host_link.value == 0);
+    }
+    ds_device_info bad = {.name = "x", .source = "cuda", .backend_spec = "opencl:0"};
+    assert_int_equal(ds_devices_cuda_calibrate(&bad, NULL, 1u << 20, 3, NULL), -EINVAL);
+}
+
 static void test_bad_topology(void **state)
 {
     (void)state;
-    ds_devices_options o = {.hwloc_xml = "/nonexistent/topo.xml", .no_opencl = true,
-                            .no_cuda = true};
+    ds_devices_options o = {
+        .hwloc_xml = "/nonexistent/topo.xml", .no_opencl = true, .no_cuda = true};
     ds_error err = {0};
     ds_device_list *l = NULL;
     assert_true(ds_device_list_discover(&o, &l, &err) < 0);
@@ -237,13 +254,16 @@ static void test_parse_bytes(void **state)
 
 /* ---- calibration cache ---- */
 
-#define SMALL "numa:1(memory=1GiB) core:2 pu:1"
+#define SMALL  "numa:1(memory=1GiB) core:2 pu:1"
 #define SMALL2 "numa:1(memory=2GiB) core:2 pu:1"
 
 static int calibrate(ds_device_list *l, const char *dir, const char *salt, bool force)
 {
-    ds_calibrate_options o = {.state_dir = dir, .matvec_bytes = 1u << 20, .repeats = 2,
-                              .fingerprint_salt = salt, .force = force};
+    ds_calibrate_options o = {.state_dir = dir,
+                              .matvec_bytes = 1u << 20,
+                              .repeats = 2,
+                              .fingerprint_salt = salt,
+                              .force = force};
     ds_error err = {0};
     int r = ds_device_list_calibrate(l, &o, &err);
     if (r < 0)
@@ -306,10 +326,7 @@ static void test_calibration_cache(void **state)
 
     /* Corrupt files of several kinds: re-measured, then the rewritten file hits again. */
     static const char *const corrupt[] = {
-        "{garbage",
-        "",
-        "[1,2,3]",
-        "{\"version\": 1, \"fingerprint\": 7, \"devices\": {}}",
+        "{garbage", "", "[1,2,3]", "{\"version\": 1, \"fingerprint\": 7, \"devices\": {}}",
         NULL, /* right fingerprint, a negative bandwidth: filled below */
         NULL, /* right fingerprint, device missing */
     };
@@ -382,6 +399,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_synthetic_no_numa_level),
         cmocka_unit_test(test_no_opencl_no_cuda_is_empty),
         cmocka_unit_test(test_bad_topology),
+        cmocka_unit_test(test_cuda_calibrate_without_driver),
         cmocka_unit_test(test_config_exclude_cap_class),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_parse_bytes),
