@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# bench_cluster.sh — in one run, on this machine:
+#  1. tokens/s of an N-process cluster (coordinator + N-1 workers on loopback) against the
+#     single-process engine (`dsctl generate --local`), same model, same tokens, and the ratio;
+#  2. the per-layer routing overhead of the cluster ((cluster s/token - local s/token) / layers)
+#     against a raw ZeroMQ round trip of one activation row on the same loopback link.
+# usage: DS_BUILD=build DS_ROOT=. bench/bench_cluster.sh [MODEL_DIR] [WORKERS] [TOKENS]
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+: "${DS_ROOT:=$(cd "$here/.." && pwd)}"
+: "${DS_BUILD:=$DS_ROOT/build}"
+export DS_ROOT DS_BUILD
+. "$DS_ROOT/tests/cluster/lib.sh"
+trap cluster_cleanup EXIT
+model=${1:-$DS_ROOT/tests/data/ref/v3_bf16}
+[ -f "$DS_ROOT/models/tiny/config.json" ] && [ -z "${1:-}" ] && model=$DS_ROOT/models/tiny
+workers=${2:-2}
+ntok=${3:-48}
+layers=$(grep -o '"num_hidden_layers": *[0-9]*' "$model/config.json" | grep -o '[0-9]*$')
+hidden=$(grep -o '"hidden_size": *[0-9]*' "$model/config.json" | grep -o '[0-9]*$')
+prompt=5,6,7
+
+t0=$(date +%s.%N)
+local_out=$("$DSCTL" generate --local --model "$model" --tokens $prompt --max-tokens "$ntok" --threads 1 | tail -n1)
+t1=$(date +%s.%N)
+cluster_start "$model" "$workers" || exit 1
+"$DSCTL" submit --tokens $prompt --max-tokens 2 >/dev/null # warm-up (connections, page-in)
+t2=$(date +%s.%N)
+cluster_out=$("$DSCTL" submit --tokens $prompt --max-tokens "$ntok" | tail -n1)
+t3=$(date +%s.%N)
+raw=$("$DS_BUILD/bench/bench_cluster_rtt" 1 "$hidden" 2000 | awk '{print $2}')
+[ "$local_out" = "$cluster_out" ] && same=yes || same=NO
+awk -v l="$(echo "$t1 - $t0" | bc)" -v c="$(echo "$t3 - $t2" | bc)" -v n="$ntok" \
+    -v L="$layers" -v raw="$raw" -v w="$workers" -v same="$same" 'BEGIN {
+    printf "model layers %d, %d tokens, greedy, 1 compute thread per process\n", L, n
+    printf "%-44s %10.1f tok/s\n", "single-process engine (dsctl generate --local)", n / l
+    printf "%-44s %10.1f tok/s\n", sprintf("cluster: coordinator + %d workers (loopback)", w), n / c
+    printf "%-44s %10.3f\n", "ratio cluster / single-process", (n / c) / (n / l)
+    over = (c / n - l / n) / L * 1e6
+    printf "%-44s %10.1f us\n", "per-layer routing overhead (cluster)", over
+    printf "%-44s %10.1f us\n", "raw ZeroMQ round trip, 1 row, same link", raw
+    printf "%-44s %10.2f\n", "ratio overhead / raw round trip", over / raw
+    printf "%-44s %10s\n", "tokens identical", same
+}'

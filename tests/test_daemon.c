@@ -1,0 +1,306 @@
+/* test_daemon.c — dsd internals (the options table, the plan builder and wire plan, unit
+ * names) and bad peers against a live daemon: a wrong protocol version on the control socket,
+ * a garbled frame, an oversized message, a step for a layer this node does not host, a
+ * dispatch for an unknown expert, a cancel for an unknown job: each is refused with an Error
+ * and a log line, and the daemon keeps serving. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include "dsd.h"
+#include "dsd_spawn.h"
+
+static void test_options_table(void **state)
+{
+    (void)state;
+    dsd_opts o;
+    dsd_opts_defaults(&o);
+    assert_string_equal(o.role, "coordinator");
+    assert_int_equal(o.heartbeat_ms, 1000);
+    assert_true(o.compute);
+    ds_error err = {0};
+    assert_int_equal(dsd_opts_set(&o, "heartbeat_ms", "5", &err), -ERANGE);
+    assert_non_null(strstr(err.msg, "heartbeat_ms"));
+    assert_int_equal(dsd_opts_set(&o, "heartbeat_ms", "250", &err), 0);
+    assert_int_equal(o.heartbeat_ms, 250);
+    assert_int_equal(dsd_opts_set(&o, "role", "boss", &err), -EINVAL);
+    assert_int_equal(dsd_opts_set(&o, "nosuch", "1", &err), -ENOENT);
+    assert_int_equal(dsd_opts_set(&o, "compute", "maybe", &err), -EINVAL);
+    assert_int_equal(dsd_opts_set(&o, "compute", "off", &err), 0);
+    assert_false(o.compute);
+    /* config file, then command line wins */
+    char path[] = "/tmp/dsd-conf-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    const char *conf = "# comment\n\nrole = worker\n node = edge-1 \ncoordinator = \"tcp://h:1\"\n"
+                       "heartbeat_ms = 300\n";
+    assert_int_equal(write(fd, conf, strlen(conf)), (ssize_t)strlen(conf));
+    close(fd);
+    char cfg_arg[64];
+    snprintf(cfg_arg, sizeof(cfg_arg), "--config=%s", path);
+    char *argv[] = {"dsd", cfg_arg, "--heartbeat-ms=400", NULL};
+    const char *cfg;
+    dsd_opts_defaults(&o);
+    assert_int_equal(dsd_opts_parse(&o, 3, argv, &cfg, &err), 0);
+    assert_string_equal(o.role, "worker");
+    assert_string_equal(o.node, "edge-1");
+    assert_string_equal(o.coordinator, "tcp://h:1");
+    assert_int_equal(o.heartbeat_ms, 400);
+    assert_int_equal(dsd_opts_check(&o, &err), 0);
+    /* a bad line names file and line */
+    FILE *f = fopen(path, "w");
+    fputs("role = worker\nthis is not an option line\n", f);
+    fclose(f);
+    dsd_opts_defaults(&o);
+    assert_int_equal(dsd_opts_load_file(&o, path, &err), -EINVAL);
+    assert_non_null(strstr(err.msg, ":2:"));
+    unlink(path);
+    /* reload applies only reloadable options */
+    dsd_opts cur, next;
+    dsd_opts_defaults(&cur);
+    next = cur;
+    next.heartbeat_ms = 777;
+    snprintf(next.role, sizeof(next.role), "worker");
+    dsd_opts_apply_reload(&cur, &next);
+    assert_int_equal(cur.heartbeat_ms, 777);
+    assert_string_equal(cur.role, "coordinator");
+    /* worker without coordinator is refused */
+    dsd_opts_defaults(&o);
+    snprintf(o.role, sizeof(o.role), "worker");
+    snprintf(o.node, sizeof(o.node), "n1");
+    assert_int_equal(dsd_opts_check(&o, &err), -EINVAL);
+}
+
+static void test_unit_names(void **state)
+{
+    (void)state;
+    enum ds_unit_kind k;
+    uint32_t l, e;
+    assert_int_equal(dsd_unit_parse("expert[3][17]", &k, &l, &e), 0);
+    assert_int_equal(k, DS_UNIT_EXPERT);
+    assert_int_equal(l, 3);
+    assert_int_equal(e, 17);
+    assert_int_equal(dsd_unit_parse("attn[2]", &k, &l, &e), 0);
+    assert_int_equal(k, DS_UNIT_ATTN);
+    assert_int_equal(l, 2);
+    assert_int_equal(dsd_unit_parse("head", &k, &l, &e), 0);
+    assert_int_equal(k, DS_UNIT_HEAD);
+    assert_int_equal(dsd_unit_parse("attn[2]x", &k, &l, &e), -EINVAL);
+    assert_int_equal(dsd_unit_parse("expert[1]", &k, &l, &e), -EINVAL);
+    assert_int_equal(dsd_unit_parse("", &k, &l, &e), -EINVAL);
+}
+
+static void test_plan_spreads_units(void **state)
+{
+    (void)state;
+    ds_model *m;
+    ds_error err = {0};
+    assert_int_equal(ds_model_open(DS_TEST_DATA "/ref/v3_bf16", NULL, &m, &err), 0);
+    const ds_model_config *c = ds_model_get_config(m);
+    char names[3][64] = {"coord", "w1", "w2"};
+    char eps[3][DSD_STR_MAX] = {"tcp://a:1", "tcp://b:1", "tcp://c:1"};
+    dsd_plan p;
+    assert_int_equal(dsd_plan_build(&p, c, 3, (const char(*)[64])names,
+                                    (const char(*)[DSD_STR_MAX])eps, true, 1), 0);
+    /* every node hosts at least one expert; attention goes to workers first */
+    int experts[3] = {0};
+    for (uint32_t l = 0; l < p.n_layers; l++)
+        for (uint32_t e = 0; e < p.n_experts; e++) {
+            int32_t h = p.expert[l * p.n_experts + e];
+            assert_true(ds_model_config_layer_is_moe(c, l) ? h >= 0 && h < 3 : h == -1);
+            if (h >= 0)
+                experts[h]++;
+        }
+    for (int i = 0; i < 3; i++)
+        assert_true(experts[i] > 0);
+    assert_int_equal(p.attn[0], 1);
+    assert_int_equal(p.attn[1], 2);
+    /* wire round trip: each node gets exactly its units */
+    Dsd__Plan w;
+    assert_int_equal(dsd_plan_to_wire(&p, &w), 0);
+    for (uint32_t node = 0; node < 3; node++) {
+        dsd_units a, b;
+        assert_int_equal(dsd_plan_units_of(&p, node, &a), 0);
+        assert_int_equal(dsd_plan_units_from_wire(&w, names[node], c, &b, &err), 0);
+        assert_int_equal(a.embed, b.embed);
+        assert_int_equal(a.head, b.head);
+        assert_memory_equal(a.attn, b.attn, p.n_layers * sizeof(bool));
+        assert_memory_equal(a.expert, b.expert, (size_t)p.n_layers * p.n_experts * sizeof(bool));
+        dsd_units_clear(&a);
+        dsd_units_clear(&b);
+    }
+    /* a unit the model does not have is refused */
+    char *saved = w.units[1]->unit;
+    w.units[1]->unit = "expert[0][99]";
+    dsd_units u;
+    assert_int_equal(dsd_plan_units_from_wire(&w, "w1", c, &u, &err), -EPROTO);
+    w.units[1]->unit = saved;
+    dsd_plan_wire_clear(&w);
+    dsd_plan_clear(&p);
+    ds_model_free(m);
+}
+
+/* ---- bad peers against a live daemon ------------------------------------------------------ */
+
+static Dsd__Envelope *ask(void *s, const void *data, size_t len, int more_frames,
+                          const void *frame, size_t flen)
+{
+    zmq_send(s, data, len, more_frames ? ZMQ_SNDMORE : 0);
+    if (more_frames)
+        zmq_send(s, frame, flen, 0);
+    static uint8_t buf[1 << 16];
+    int n = zmq_recv(s, buf, sizeof(buf), 0);
+    if (n <= 0)
+        return NULL;
+    return dsd__envelope__unpack(NULL, (size_t)n, buf);
+}
+
+static void *dealer(void *ctx, const char *ep, const char *id)
+{
+    void *s = zmq_socket(ctx, ZMQ_DEALER);
+    int zero = 0, tmo = 5000;
+    zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof(zero));
+    zmq_setsockopt(s, ZMQ_RCVTIMEO, &tmo, sizeof(tmo));
+    if (id)
+        zmq_setsockopt(s, ZMQ_ROUTING_ID, id, strlen(id));
+    zmq_connect(s, ep);
+    return s;
+}
+
+static size_t pack(Dsd__Envelope *e, uint32_t version, uint8_t *buf)
+{
+    e->protocol_version = version;
+    return dsd__envelope__pack(e, buf);
+}
+
+static void expect_error(Dsd__Envelope *r, Dsd__ErrorCode code)
+{
+    assert_non_null(r);
+    assert_int_equal(r->body_case, DSD__ENVELOPE__BODY_ERROR);
+    assert_int_equal(r->error->code, code);
+    dsd__envelope__free_unpacked(r, NULL);
+}
+
+static void test_bad_peers(void **state)
+{
+    (void)state;
+    struct dsd_proc p;
+    assert_int_equal(dsd_spawn(&p, NULL, NULL), 0);
+    dsd_sleep_ms(300);
+    void *ctx = zmq_ctx_new();
+    void *ctl = dealer(ctx, p.control_ep, "intruder"), *dat = dealer(ctx, p.data_ep, NULL);
+    static uint8_t buf[1 << 16];
+    /* wrong protocol version */
+    Dsd__Envelope e = DSD__ENVELOPE__INIT;
+    Dsd__Hello h = DSD__HELLO__INIT;
+    h.node = "intruder";
+    h.data_endpoint = "tcp://127.0.0.1:1";
+    e.body_case = DSD__ENVELOPE__BODY_HELLO;
+    e.hello = &h;
+    size_t n = pack(&e, 7, buf);
+    expect_error(ask(ctl, buf, n, 0, NULL, 0), DSD__ERROR_CODE__ERROR_CODE_VERSION);
+    /* garbled frame */
+    expect_error(ask(ctl, "\x0a\xff\xff\xff\xff\x0f", 6, 0, NULL, 0),
+                 DSD__ERROR_CODE__ERROR_CODE_MALFORMED);
+    /* oversized message (over DS_WIRE_MAX_ENVELOPE_BYTES) */
+    size_t big_len = DS_WIRE_MAX_ENVELOPE_BYTES + 16;
+    uint8_t *big = calloc(1, big_len);
+    expect_error(ask(dat, big, big_len, 0, NULL, 0), DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE);
+    free(big);
+    /* a step for a layer that does not exist on this model / node */
+    Dsd__Envelope se = DSD__ENVELOPE__INIT;
+    Dsd__StepHeader sh = DSD__STEP_HEADER__INIT;
+    Dsd__TensorDesc td = DSD__TENSOR_DESC__INIT, *tdp = &td;
+    uint32_t shape[2] = {1, 64};
+    uint64_t seq = 1;
+    uint32_t pos = 0;
+    td.dtype = DSD__DTYPE__DTYPE_F32;
+    td.n_shape = 2;
+    td.shape = shape;
+    sh.plan_version = 1;
+    sh.layer = 57;
+    sh.n_seq_ids = 1;
+    sh.seq_ids = &seq;
+    sh.n_positions = 1;
+    sh.positions = &pos;
+    se.body_case = DSD__ENVELOPE__BODY_STEP;
+    se.step = &sh;
+    se.n_tensor_frames = 1;
+    se.n_tensors = 1;
+    se.tensors = &tdp;
+    float row[64] = {0};
+    n = pack(&se, DS_PROTOCOL_VERSION, buf);
+    expect_error(ask(dat, buf, n, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT);
+    /* a frame whose size does not match its descriptor */
+    sh.layer = 0;
+    n = pack(&se, DS_PROTOCOL_VERSION, buf);
+    expect_error(ask(dat, buf, n, 1, row, 10), DSD__ERROR_CODE__ERROR_CODE_MALFORMED);
+    /* a dispatch for an expert id out of range */
+    Dsd__Envelope de = DSD__ENVELOPE__INIT;
+    Dsd__DispatchHeader dh = DSD__DISPATCH_HEADER__INIT;
+    uint32_t pr = 0, pe = 4000;
+    float pw = 1;
+    dh.plan_version = 1;
+    dh.layer = 1;
+    dh.rows = 1;
+    dh.n_pair_rows = dh.n_pair_experts = dh.n_pair_weights = 1;
+    dh.pair_rows = &pr;
+    dh.pair_experts = &pe;
+    dh.pair_weights = &pw;
+    de.body_case = DSD__ENVELOPE__BODY_DISPATCH;
+    de.dispatch = &dh;
+    de.n_tensor_frames = 1;
+    de.n_tensors = 1;
+    de.tensors = &tdp;
+    n = pack(&de, DS_PROTOCOL_VERSION, buf);
+    expect_error(ask(dat, buf, n, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT);
+    /* a heartbeat from a node that never said hello */
+    Dsd__Envelope he = DSD__ENVELOPE__INIT;
+    Dsd__Heartbeat hb = DSD__HEARTBEAT__INIT;
+    he.body_case = DSD__ENVELOPE__BODY_HEARTBEAT;
+    he.heartbeat = &hb;
+    n = pack(&he, DS_PROTOCOL_VERSION, buf);
+    expect_error(ask(ctl, buf, n, 0, NULL, 0), DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT);
+    /* a cancel for an unknown job on the client socket */
+    void *cli = dealer(ctx, p.client_ep, NULL);
+    Dsd__Envelope ce = DSD__ENVELOPE__INIT;
+    Dsd__Cancel cc = DSD__CANCEL__INIT;
+    cc.job = 424242;
+    ce.body_case = DSD__ENVELOPE__BODY_CANCEL;
+    ce.cancel = &cc;
+    n = pack(&ce, DS_PROTOCOL_VERSION, buf);
+    expect_error(ask(cli, buf, n, 0, NULL, 0), DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB);
+    /* still serving: a status request gets an answer */
+    Dsd__Envelope qe = DSD__ENVELOPE__INIT;
+    Dsd__StatusRequest sr = DSD__STATUS_REQUEST__INIT;
+    sr.what = "status";
+    qe.body_case = DSD__ENVELOPE__BODY_STATUS_REQUEST;
+    qe.status_request = &sr;
+    n = pack(&qe, DS_PROTOCOL_VERSION, buf);
+    Dsd__Envelope *r = ask(cli, buf, n, 0, NULL, 0);
+    assert_non_null(r);
+    assert_int_equal(r->body_case, DSD__ENVELOPE__BODY_STATUS_REPLY);
+    assert_non_null(strstr(r->status_reply->json, "\"state\":\"serving\""));
+    dsd__envelope__free_unpacked(r, NULL);
+    zmq_close(ctl);
+    zmq_close(dat);
+    zmq_close(cli);
+    zmq_ctx_term(ctx);
+    assert_true(dsd_alive(&p));
+    assert_true(dsd_log_count(&p, "refused") >= 7);
+    assert_int_equal(dsd_stop(&p), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_options_table),
+        cmocka_unit_test(test_unit_names),
+        cmocka_unit_test(test_plan_spreads_units),
+        cmocka_unit_test(test_bad_peers),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,67 @@
+/* test_notify.c — the systemd notify protocol against a real NOTIFY_SOCKET this test listens
+ * on: dsd (a coordinator alone, which serves as soon as its own units are loaded) must send
+ * STATUS lines, READY=1 once serving, and WATCHDOG=1 keep-alives when WATCHDOG_USEC is set, in
+ * that order: no READY before a STATUS, no WATCHDOG before READY. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cmocka.h>
+
+#include "dsd_spawn.h"
+
+static void test_ready_status_watchdog(void **state)
+{
+    (void)state;
+    char path[108];
+    snprintf(path, sizeof(path), "/tmp/dsd-notify-%d.sock", (int)getpid());
+    unlink(path);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    struct timeval tv = {.tv_sec = 10};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    static char env1[160], env2[64];
+    snprintf(env1, sizeof(env1), "NOTIFY_SOCKET=%s", path);
+    snprintf(env2, sizeof(env2), "WATCHDOG_USEC=200000"); /* 0.2 s: keep-alives every 0.1 s */
+    putenv(env2);
+    struct dsd_proc p;
+    assert_int_equal(dsd_spawn(&p, NULL, env1), 0);
+    unsetenv("WATCHDOG_USEC");
+    int seen_status = -1, seen_ready = -1, seen_wd = -1, n_wd = 0;
+    for (int i = 0; i < 400 && n_wd < 3; i++) {
+        char buf[1024];
+        ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+        if (n <= 0)
+            break;
+        buf[n] = 0;
+        if (!strncmp(buf, "STATUS=", 7) && seen_status < 0)
+            seen_status = i;
+        if (strstr(buf, "READY=1") && seen_ready < 0)
+            seen_ready = i;
+        if (strstr(buf, "WATCHDOG=1")) {
+            if (seen_wd < 0)
+                seen_wd = i;
+            n_wd += seen_ready >= 0;
+        }
+    }
+    int st = dsd_stop(&p);
+    close(fd);
+    unlink(path);
+    assert_int_equal(st, 0); /* clean shutdown on SIGTERM */
+    assert_true(seen_status >= 0);
+    assert_true(seen_ready > seen_status);
+    assert_true(n_wd >= 3);
+    assert_true(seen_wd >= 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_ready_status_watchdog)};
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
