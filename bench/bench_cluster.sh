@@ -20,19 +20,25 @@ layers=$(grep -o '"num_hidden_layers": *[0-9]*' "$model/config.json" | grep -o '
 hidden=$(grep -o '"hidden_size": *[0-9]*' "$model/config.json" | grep -o '[0-9]*$')
 prompt=5,6,7
 
-t0=$(date +%s.%N)
-local_out=$("$DSCTL" generate --local --model "$model" --tokens $prompt --max-tokens "$ntok" --threads 1 | tail -n1)
-t1=$(date +%s.%N)
+# Each side is timed as (run of ntok+1 tokens) - (run of 1 token): process start, model
+# open and prefill cancel out, leaving ntok decode steps.
+now() { date +%s.%N; }
+"$DSCTL" generate --local --model "$model" --tokens $prompt --max-tokens 1 --threads 1 >/dev/null # page-in
+a=$(now); "$DSCTL" generate --local --model "$model" --tokens $prompt --max-tokens 1 --threads 1 >/dev/null; b=$(now)
+local_out=$("$DSCTL" generate --local --model "$model" --tokens $prompt --max-tokens $((ntok + 1)) --threads 1 | tail -n1)
+c=$(now)
+t0=0; t1=$(echo "($c - $b) - ($b - $a)" | bc)
 cluster_start "$model" "$workers" || exit 1
 "$DSCTL" submit --tokens $prompt --max-tokens 2 >/dev/null # warm-up (connections, page-in)
-t2=$(date +%s.%N)
-cluster_out=$("$DSCTL" submit --tokens $prompt --max-tokens "$ntok" | tail -n1)
-t3=$(date +%s.%N)
+a=$(now); "$DSCTL" submit --tokens $prompt --max-tokens 1 >/dev/null; b=$(now)
+cluster_out=$("$DSCTL" submit --tokens $prompt --max-tokens $((ntok + 1)) | tail -n1)
+c=$(now)
+t2=0; t3=$(echo "($c - $b) - ($b - $a)" | bc)
 raw=$("$DS_BUILD/bench/bench_cluster_rtt" 1 "$hidden" 2000 | awk '{print $2}')
 [ "$local_out" = "$cluster_out" ] && same=yes || same=NO
 awk -v l="$(echo "$t1 - $t0" | bc)" -v c="$(echo "$t3 - $t2" | bc)" -v n="$ntok" \
     -v L="$layers" -v raw="$raw" -v w="$workers" -v same="$same" 'BEGIN {
-    printf "model layers %d, %d tokens, greedy, 1 compute thread per process\n", L, n
+    printf "model layers %d, %d decode steps (startup and prefill subtracted), greedy, 1 compute thread per process\n", L, n
     printf "%-44s %10.1f tok/s\n", "single-process engine (dsctl generate --local)", n / l
     printf "%-44s %10.1f tok/s\n", sprintf("cluster: coordinator + %d workers (loopback)", w), n / c
     printf "%-44s %10.3f\n", "ratio cluster / single-process", (n / c) / (n / l)

@@ -38,3 +38,7 @@ install(TARGETS dsclient_static dsclient_shared
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(FILES ${CMAKE_CURRENT_SOURCE_DIR}/ds_client.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/dsclient.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
+# examples/dsclient_example.c: the whole client cycle in under a page (built against the
+# static library here; installed users build it with pkg-config).
+add_executable(dsclient_example ${PROJECT_SOURCE_DIR}/examples/dsclient_example.c)
+target_link_libraries(dsclient_example PRIVATE dsclient_static)

@@ -19,12 +19,12 @@ static void cluster_table(json_t *j)
             printf("%-16s %-8s %-8s %-8s %.1f GiB\n", json_string_value(json_object_get(n, "name")),
                    json_string_value(json_object_get(d, "name")),
                    json_string_value(json_object_get(d, "kind")),
-                   json_string_value(json_object_get(d, "klass")),
+                   json_string_value(json_object_get(d, "class")),
                    (double)json_integer_value(json_object_get(d, "memory_bytes")) / (1 << 30));
-    printf("\n%-16s %-16s %-12s %s\n", "FROM", "TO", "LATENCY", "BANDWIDTH");
+    printf("\n%-16s %-16s %-12s %s\n", "A", "B", "LATENCY", "BANDWIDTH");
     json_array_foreach(json_object_get(j, "links"), i, n)
-        printf("%-16s %-16s %8.1f us  %.1f MB/s\n", json_string_value(json_object_get(n, "from")),
-               json_string_value(json_object_get(n, "to")),
+        printf("%-16s %-16s %8.1f us  %.1f MB/s\n", json_string_value(json_object_get(n, "a")),
+               json_string_value(json_object_get(n, "b")),
                json_real_value(json_object_get(n, "latency_s")) * 1e6,
                json_real_value(json_object_get(n, "bandwidth_bytes_per_s")) / 1e6);
 }

@@ -1,23 +1,34 @@
 /* dsctl_generate.c — `dsctl generate --local`: run a checkpoint in-process (no daemon).
  *
- * Prints `tokens: a,b,c` (the generated ids) as its last line; with --logits-out writes float32
- * little-endian logits, one row of vocab_size per position fed to the model (the prompt, then
- * every generated token but the last). */
+ * The prompt is either ids (--tokens) or text (positional argument, "-" = stdin), encoded with
+ * the model directory's tokenizer.json (BOS per tokenizer_config.json). For a text prompt the
+ * generated text is streamed to stdout as tokens arrive (whole UTF-8 characters only) and
+ * generation stops at EOS unless --ignore-eos. Either way the last line printed is
+ * `tokens: a,b,c` (the generated ids); with --logits-out writes float32 little-endian logits,
+ * one row of vocab_size per position fed to the model (the prompt, then every generated token
+ * but the last). --experts-on SPEC runs every routed expert on a compute backend
+ * (experts/ds_backend_moe.h) instead of the CPU engine. */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ds_backend_moe.h"
 #include "ds_engine.h"
 #include "ds_model.h"
+#include "ds_tokenizer.h"
 #include "dsctl.h"
 
 #define GEN_MAX_TOKENS 1000000
+#define GEN_MAX_PROMPT_BYTES (16u << 20) /* text prompt read from stdin */
 
 static void gen_usage(FILE *f)
 {
     fprintf(f, "usage: dsctl generate --local --model DIR --tokens ID,ID,... [options]\n"
+               "       dsctl generate --local --model DIR [options] TEXT|-\n"
+               "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json;\n"
+               "                      the generated text is streamed to stdout\n"
                "  --max-tokens N      tokens to generate (default 16)\n"
                "  --greedy            argmax decoding (default when no --temperature)\n"
                "  --temperature T     sample with temperature T > 0\n"
@@ -27,7 +38,9 @@ static void gen_usage(FILE *f)
                "  --threads N         compute threads (default: all online CPUs)\n"
                "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
                "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
-               "  --stop-eos          stop at the config's eos_token_id\n");
+               "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
+               "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
+               "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n");
 }
 
 static int parse_tokens(const char *s, int32_t **out, uint32_t *n)
@@ -105,6 +118,67 @@ static int parse_num(const char *s, double lo, double hi, double *out)
     return 0;
 }
 
+/* Reads all of stdin (at most GEN_MAX_PROMPT_BYTES). */
+static int read_stdin(char **out, size_t *len)
+{
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    if (!buf)
+        return -ENOMEM;
+    for (;;) {
+        if (n == cap) {
+            if (cap >= GEN_MAX_PROMPT_BYTES) {
+                free(buf);
+                return -EFBIG;
+            }
+            cap *= 2;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                free(buf);
+                return -ENOMEM;
+            }
+            buf = nb;
+        }
+        size_t r = fread(buf + n, 1, cap - n, stdin);
+        n += r;
+        if (r == 0) {
+            if (ferror(stdin)) {
+                free(buf);
+                return -EIO;
+            }
+            break;
+        }
+    }
+    *out = buf;
+    *len = n;
+    return 0;
+}
+
+/* ds_engine's expert runner on a ds_backend_moe (same contract as ds_moe_run_experts). */
+static int run_on_backend(void *ctx, uint32_t layer, const float *ffn_in, uint32_t n,
+                          const int32_t *ids, float *out, ds_error *err)
+{
+    return ds_backend_moe_run(ctx, layer, ffn_in, n, ids, out, err);
+}
+
+/* Writes the bytes of one streamed token to stdout right away. */
+static int stream_token(ds_tok_stream *ts, int32_t id, bool *nl_last)
+{
+    const char *b;
+    size_t len;
+    ds_error err = {0};
+    if (ds_tok_stream_push(ts, id, &b, &len, &err) < 0) {
+        fprintf(stderr, "dsctl generate: decode: %s\n", ds_error_str(&err));
+        return -EINVAL;
+    }
+    if (len) {
+        fwrite(b, 1, len, stdout);
+        fflush(stdout);
+        *nl_last = b[len - 1] == '\n';
+    }
+    return 0;
+}
+
 static int cmd_generate(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -121,11 +195,13 @@ static int cmd_generate(int argc, char **argv)
         {"cpus", required_argument, NULL, 'c'},
         {"logits-out", required_argument, NULL, 'o'},
         {"stop-eos", no_argument, NULL, 'e'},
+        {"ignore-eos", no_argument, NULL, 'I'},
+        {"experts-on", required_argument, NULL, 'x'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    const char *model = NULL, *tokens_s = NULL, *logits_path = NULL;
-    bool local = false, stop_eos = false, greedy = false;
+    const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *experts_on = NULL;
+    bool local = false, stop_eos = false, ignore_eos = false, greedy = false;
     int cpus[1024];
     uint32_t n_cpus = 0;
     double max_tokens = 16, temp = 0, top_p = 1, top_k = 0, seed = 1, threads = 0;
@@ -174,6 +250,12 @@ static int cmd_generate(int argc, char **argv)
         case 'e':
             stop_eos = true;
             break;
+        case 'I':
+            ignore_eos = true;
+            break;
+        case 'x':
+            experts_on = optarg;
+            break;
         case 'h':
             gen_usage(stdout);
             return DSCTL_EXIT_OK;
@@ -190,13 +272,16 @@ static int cmd_generate(int argc, char **argv)
         fprintf(stderr, "dsctl generate: only --local (in-process) is supported so far\n");
         return DSCTL_EXIT_USAGE;
     }
-    if (!model || !tokens_s) {
+    const char *text_arg = optind < argc ? argv[optind] : NULL;
+    if (!model || !!tokens_s == !!text_arg || optind + (text_arg ? 1 : 0) != argc) {
+        if (tokens_s && text_arg)
+            fprintf(stderr, "dsctl generate: give either --tokens or a text prompt, not both\n");
         gen_usage(stderr);
         return DSCTL_EXIT_USAGE;
     }
     int32_t *prompt = NULL;
     uint32_t np = 0;
-    if (parse_tokens(tokens_s, &prompt, &np) < 0) {
+    if (tokens_s && parse_tokens(tokens_s, &prompt, &np) < 0) {
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }
@@ -210,6 +295,13 @@ static int cmd_generate(int argc, char **argv)
 
     int ret = DSCTL_EXIT_FAILURE, rc;
     ds_error err = {0};
+    ds_tokenizer *tok = NULL;
+    ds_tok_stream *ts = NULL;
+    ds_backend *bk = NULL;
+    ds_backend_moe *bm = NULL;
+    char *text = NULL;
+    bool nl_last = true; /* the streamed text ended with a newline (or is empty) */
+    int32_t eos = -1;
     ds_model *m = NULL;
     ds_pool *pool = NULL;
     ds_engine *eng = NULL;
@@ -224,7 +316,51 @@ static int cmd_generate(int argc, char **argv)
     }
     const ds_model_config *cfg = ds_model_get_config(m);
     uint32_t V = cfg->vocab_size;
-    for (uint32_t i = 0; i < np; i++)
+    if (stop_eos)
+        eos = cfg->eos_token_id;
+    if (text_arg) {
+        size_t tlen, nids;
+        int32_t *ids = NULL;
+        if ((rc = ds_tokenizer_load(model, &tok, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
+            ret = DSCTL_EXIT_USAGE;
+            goto out;
+        }
+        if (strcmp(text_arg, "-") == 0) {
+            if ((rc = read_stdin(&text, &tlen)) < 0) {
+                fprintf(stderr, "dsctl generate: reading the prompt from stdin: %s\n",
+                        rc == -EFBIG ? "longer than 16 MiB" : strerror(-rc));
+                ret = DSCTL_EXIT_USAGE;
+                goto out;
+            }
+        } else {
+            tlen = strlen(text_arg);
+        }
+        rc = ds_tokenizer_encode(tok, text ? text : text_arg, tlen, true, &ids, &nids, &err);
+        if (rc < 0) {
+            fprintf(stderr, "dsctl generate: encoding the prompt: %s\n", ds_error_str(&err));
+            ret = DSCTL_EXIT_USAGE;
+            goto out;
+        }
+        if (nids == 0 || nids > GEN_MAX_TOKENS) {
+            free(ids);
+            fprintf(stderr, "dsctl generate: the prompt encodes to %zu tokens (need 1..%d)\n",
+                    nids, GEN_MAX_TOKENS);
+            ret = DSCTL_EXIT_USAGE;
+            goto out;
+        }
+        prompt = ids;
+        np = (uint32_t)nids;
+        if (!ignore_eos) {
+            eos = ds_tokenizer_eos_id(tok);
+            if (eos < 0)
+                eos = cfg->eos_token_id;
+        }
+        if ((rc = ds_tok_stream_new(tok, true, &ts)) < 0) {
+            fprintf(stderr, "dsctl generate: out of memory\n");
+            goto out;
+        }
+    }    for (uint32_t i = 0; i < np; i++)
         if ((uint32_t)prompt[i] >= V) {
             fprintf(stderr, "dsctl generate: token %d is outside the vocabulary (%u)\n", prompt[i],
                     V);
@@ -242,6 +378,15 @@ static int cmd_generate(int argc, char **argv)
         goto out;
     }
     int seq = rc;
+    if (experts_on) {
+        if ((rc = ds_backend_open(experts_on, &bk, &err)) < 0 ||
+            (rc = ds_backend_moe_new(m, model, bk, &bm, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: --experts-on %s: %s\n", experts_on,
+                    ds_error_str(&err));
+            goto out;
+        }
+        ds_engine_set_moe_runner(eng, run_on_backend, bm);
+    }
     logits = malloc((size_t)np * V * sizeof(float));
     gen = malloc((nmax + 1) * sizeof(*gen));
     int *seqs = calloc(np, sizeof(int));
@@ -270,7 +415,9 @@ static int cmd_generate(int argc, char **argv)
     while (ngen < nmax) {
         int32_t t = ds_sampler_pick(&smp, last, V);
         gen[ngen++] = t;
-        if (ngen == nmax || (stop_eos && t == cfg->eos_token_id))
+        if (ts && !(t == eos) && stream_token(ts, t, &nl_last) < 0)
+            goto out;
+        if (ngen == nmax || (eos >= 0 && t == eos))
             break;
         if ((rc = ds_engine_forward(eng, 1, &seq, &t, logits, &err)) < 0) {
             fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
@@ -286,6 +433,17 @@ static int cmd_generate(int argc, char **argv)
         if (e)
             goto write_fail;
     }
+    if (ts) {
+        const char *b;
+        size_t len;
+        ds_tok_stream_flush(ts, &b, &len);
+        if (len) {
+            fwrite(b, 1, len, stdout);
+            nl_last = b[len - 1] == '\n';
+        }
+        if (!nl_last)
+            printf("\n"); /* `tokens:` stays on a line of its own */
+    }
     printf("tokens: ");
     for (uint32_t i = 0; i < ngen; i++)
         printf("%s%d", i ? "," : "", gen[i]);
@@ -300,7 +458,12 @@ out:
     free(gen);
     free(logits);
     free(prompt);
+    free(text);
+    ds_tok_stream_free(ts);
+    ds_tokenizer_free(tok);
     ds_engine_free(eng);
+    ds_backend_moe_free(bm);
+    ds_backend_free(bk);
     ds_pool_free(pool);
     ds_model_free(m);
     return ret;

@@ -44,6 +44,8 @@ typedef struct dsd_opts {
     int64_t step_timeout_ms;  /* a unit host that does not answer in this time fails the step */
     int64_t max_request_bytes; /* largest client request accepted */
     bool compute;             /* coordinator also hosts units */
+    bool calibrate;           /* measure devices at start (cached in state_dir) */
+    bool discover_opencl;     /* include OpenCL devices in discovery */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -73,6 +75,7 @@ typedef struct dsd_msg {
     Dsd__Envelope *env;            /* validated envelope; NULL when refused */
     zmq_msg_t frames[DS_WIRE_MAX_TENSOR_FRAMES];
     uint32_t n_frames;
+    void *aligned[DS_WIRE_MAX_TENSOR_FRAMES]; /* copies of frames zmq delivered misaligned */
     Dsd__ErrorCode refused;        /* why the message was refused (when env == NULL) */
 } dsd_msg;
 
@@ -82,7 +85,10 @@ typedef struct dsd_msg {
  * beyond the envelope are checked against its tensor descriptors (count and byte size). */
 int dsd_msg_recv(void *sock, bool router, size_t max_envelope, dsd_msg *m, ds_error *err);
 void dsd_msg_close(dsd_msg *m);
-const void *dsd_msg_frame(const dsd_msg *m, uint32_t i, size_t *len);
+/* Frame i's data, 16-byte aligned: zmq's receive buffers may put a frame at any offset, and
+ * the kernels read floats, so a misaligned frame is copied once (kept until dsd_msg_close);
+ * an aligned one is used in place. NULL when i is out of range or memory runs out. */
+const void *dsd_msg_frame(dsd_msg *m, uint32_t i, size_t *len);
 
 /* Sends [peer,] envelope, frames. TAKES OWNERSHIP of every frames[i] (malloc'd; set to NULL):
  * they go out without a copy (zmq_msg_init_data) and zmq frees them once written, which is

@@ -221,10 +221,12 @@ static void serve_step(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_versio
     for (uint32_t i = 0; i < 5; i++)
         if (!(fr[i] = malloc(sizes[i])))
             REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
+    const float *xin = dsd_msg_frame(m, 0, NULL);
+    if (!xin)
+        REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
     uint64_t t0 = dsd_now_ns();
     ds_attn_out ao = {fr[0], fr[1], fr[2], fr[3]};
-    int rc = ds_unit_attn(h->m, h->pool, st->layer, dsd_msg_frame(m, 0, NULL), n, pos, caches,
-                          &ao, &err);
+    int rc = ds_unit_attn(h->m, h->pool, st->layer, xin, n, pos, caches, &ao, &err);
     if (rc >= 0 && moe && c->n_shared_experts)
         rc = ds_unit_shared(h->m, h->pool, st->layer, fr[1], n, fr[4], &err);
     if (rc >= 0 && !moe) {
@@ -331,6 +333,8 @@ static void serve_dispatch(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_ve
         idx[cnt[d->pair_experts[p]]++] = p;
     /* cnt[e] is now the end of expert e's group */
     const float *rows = dsd_msg_frame(m, 0, NULL);
+    if (!rows)
+        REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
     uint64_t t0 = dsd_now_ns();
     uint32_t start = 0;
     for (uint32_t e = 0; e < E; e++) {
@@ -394,7 +398,8 @@ static void serve_probe(void *sock, dsd_msg *m)
     void *fr[DS_WIRE_MAX_TENSOR_FRAMES];
     size_t sz[DS_WIRE_MAX_TENSOR_FRAMES];
     for (uint32_t i = 0; i < m->n_frames; i++) {
-        const void *src = dsd_msg_frame(m, i, &sz[i]);
+        const void *src = zmq_msg_data(&m->frames[i]);
+        sz[i] = zmq_msg_size(&m->frames[i]);
         fr[i] = malloc(sz[i] ? sz[i] : 1);
         if (!fr[i]) {
             for (uint32_t j = 0; j < i; j++)

@@ -20,6 +20,7 @@
 #include <jansson.h>
 #include <systemd/sd-daemon.h>
 
+#include "ds_devices.h"
 #include "ds_log.h"
 #include "ds_version.h"
 #include "dsd.h"
@@ -34,6 +35,7 @@ struct node {
     uint64_t last_seen_ns;
     bool loaded, failed, drained, has_model_copy;
     char state[16];
+    char klass[16];    /* server | gpu | edge */
 };
 
 struct dsd {
@@ -62,12 +64,60 @@ struct dsd {
 
 /* ---- local devices ------------------------------------------------------------------------ */
 
+static json_t *g_devices; /* this node's cluster-spec device array (devices/ discovery) */
+static char g_node_class[16] = "server";
+
+/* Discovers (and, when asked, calibrates) this node's devices; falls back to one CPU device
+ * described from sysconf when discovery fails, so a node can still join. */
+static void discover_devices(const dsd_opts *o)
+{
+    ds_devices_options dopt = {.no_opencl = !o->discover_opencl};
+    ds_device_list *l = NULL;
+    ds_error err = {0};
+    char *js = NULL;
+    json_t *node = NULL;
+    if (ds_device_list_discover(&dopt, &l, &err) == 0) {
+        ds_calibrate_options copt = {.state_dir = o->state_dir};
+        if (o->calibrate && ds_device_list_calibrate(l, &copt, &err) < 0)
+            ds_log_warn("device calibration: %s", ds_error_str(&err));
+        if (ds_device_list_spec_json(l, &js, &err) == 0)
+            node = json_loads(js, 0, NULL);
+        snprintf(g_node_class, sizeof(g_node_class), "%s", ds_device_list_node_class(l));
+    } else {
+        ds_log_warn("device discovery: %s (reporting one CPU device)", ds_error_str(&err));
+    }
+    free(js);
+    ds_device_list_free(l);
+    json_t *devs = node ? json_object_get(node, "devices") : NULL;
+    if (devs && json_array_size(devs)) {
+        g_devices = json_incref(devs);
+    } else {
+        long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+        g_devices = json_pack("[{s:s,s:s,s:s,s:I}]", "name", "cpu0", "kind", "cpu", "class",
+                              "server", "memory_bytes", (json_int_t)pages * psz);
+    }
+    json_decref(node);
+    ds_log_info("%zu devices discovered", json_array_size(g_devices));
+}
+
 static json_t *local_devices(void)
 {
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-    return json_pack("[{s:s,s:s,s:s,s:I,s:i}]", "name", "cpu0", "kind", "cpu", "klass", "server",
-                     "memory_bytes", (json_int_t)pages * psz, "cores", (int)ncpu);
+    return json_deep_copy(g_devices);
+}
+
+static json_t *device_from_wire(const Dsd__Device *d)
+{
+    json_t *o = json_pack("{s:s,s:s,s:s,s:I,s:f,s:f}", "name", d->name ?: "", "kind",
+                          d->kind ?: "", "class", d->klass ?: "", "memory_bytes",
+                          (json_int_t)d->memory_bytes, "mem_bw_bytes_per_s", d->mem_bw_bytes_per_s,
+                          "flops", d->flops);
+    if (d->host_link_bytes_per_s > 0)
+        json_object_set_new(o, "host_link_bytes_per_s", json_real(d->host_link_bytes_per_s));
+    if (d->launch_s > 0)
+        json_object_set_new(o, "launch_s", json_real(d->launch_s));
+    if (d->shares_silicon_with && d->shares_silicon_with[0])
+        json_object_set_new(o, "shares_silicon_with", json_string(d->shares_silicon_with));
+    return o;
 }
 
 static void set_state(struct dsd *d, const char *st)
@@ -230,8 +280,34 @@ static char *status_json(struct dsd *d, const char *what, int *code)
     json_t *r = NULL;
     uint64_t now = dsd_now_ns();
     *code = 0;
-    if (!strcmp(what, "cluster") || !strcmp(what, "status") || !strcmp(what, "devices") ||
-        !strcmp(what, "")) {
+    if (!strcmp(what, "cluster")) {
+        /* the cluster spec of docs/cluster-spec.md, links calibrated over the real sockets */
+        json_t *nodes = json_array(), *links = json_array();
+        for (uint32_t i = 0; i < d->n_nodes; i++) {
+            struct node *n = &d->nodes[i];
+            if (n->failed)
+                continue;
+            json_array_append_new(nodes, json_pack("{s:s,s:s,s:O}", "name", n->name, "class",
+                                                   n->klass[0] ? n->klass : "server", "devices",
+                                                   n->devices ? n->devices : json_array()));
+        }
+        json_t *st = sched_obj(d, "stats");
+        size_t i;
+        json_t *lk;
+        json_array_foreach(json_is_object(st) ? json_object_get(st, "links") : NULL, i, lk) {
+            const char *a = json_string_value(json_object_get(lk, "from"));
+            const char *b = json_string_value(json_object_get(lk, "to"));
+            double bw = json_number_value(json_object_get(lk, "bandwidth_bytes_per_s"));
+            if (!a || !b || !strcmp(a, b) || bw <= 0)
+                continue; /* a node's link to itself is host memory, not a link */
+            json_array_append_new(links, json_pack("{s:s,s:s,s:f,s:f}", "a", a, "b", b,
+                                                   "latency_s",
+                                                   json_number_value(json_object_get(lk, "latency_s")),
+                                                   "bandwidth_bytes_per_s", bw));
+        }
+        json_decref(st);
+        r = json_pack("{s:o,s:o}", "nodes", nodes, "links", links);
+    } else if (!strcmp(what, "status") || !strcmp(what, "devices") || !strcmp(what, "")) {
         json_t *nodes = json_array();
         for (uint32_t i = 0; i < d->n_nodes; i++) {
             struct node *n = &d->nodes[i];
@@ -489,11 +565,8 @@ static void on_control_coord(struct dsd *d)
         json_decref(n->devices);
         n->devices = json_array();
         for (size_t i = 0; i < h->n_devices && i < 64; i++)
-            json_array_append_new(n->devices,
-                                  json_pack("{s:s,s:s,s:s,s:I}", "name", h->devices[i]->name ?: "",
-                                            "kind", h->devices[i]->kind ?: "", "klass",
-                                            h->devices[i]->klass ?: "", "memory_bytes",
-                                            (json_int_t)h->devices[i]->memory_bytes));
+            json_array_append_new(n->devices, device_from_wire(h->devices[i]));
+        snprintf(n->klass, sizeof(n->klass), "%s", h->node_class ? h->node_class : "server");
         n->last_seen_ns = dsd_now_ns();
         Dsd__Envelope rep = DSD__ENVELOPE__INIT;
         Dsd__Welcome w = DSD__WELCOME__INIT;
@@ -572,17 +645,32 @@ static void send_hello(struct dsd *d)
 {
     Dsd__Envelope env = DSD__ENVELOPE__INIT;
     Dsd__Hello h = DSD__HELLO__INIT;
-    Dsd__Device dev = DSD__DEVICE__INIT, *devp = &dev;
-    json_t *devs = local_devices(), *d0 = json_array_get(devs, 0);
-    dev.name = (char *)json_string_value(json_object_get(d0, "name"));
-    dev.kind = (char *)json_string_value(json_object_get(d0, "kind"));
-    dev.klass = (char *)json_string_value(json_object_get(d0, "klass"));
-    dev.memory_bytes = (uint64_t)json_integer_value(json_object_get(d0, "memory_bytes"));
+    enum { MAXD = 32 };
+    Dsd__Device dev[MAXD], *devp[MAXD];
+    json_t *devs = local_devices(), *x;
+    size_t i, nd = 0;
+    json_array_foreach(devs, i, x) {
+        if (nd >= MAXD)
+            break;
+        dsd__device__init(&dev[nd]);
+        dev[nd].name = (char *)(json_string_value(json_object_get(x, "name")) ?: "");
+        dev[nd].kind = (char *)(json_string_value(json_object_get(x, "kind")) ?: "");
+        dev[nd].klass = (char *)(json_string_value(json_object_get(x, "class")) ?: "");
+        dev[nd].memory_bytes = (uint64_t)json_integer_value(json_object_get(x, "memory_bytes"));
+        dev[nd].mem_bw_bytes_per_s = json_number_value(json_object_get(x, "mem_bw_bytes_per_s"));
+        dev[nd].flops = json_number_value(json_object_get(x, "flops"));
+        dev[nd].host_link_bytes_per_s = json_number_value(json_object_get(x, "host_link_bytes_per_s"));
+        dev[nd].launch_s = json_number_value(json_object_get(x, "launch_s"));
+        dev[nd].shares_silicon_with =
+            (char *)(json_string_value(json_object_get(x, "shares_silicon_with")) ?: "");
+        devp[nd] = &dev[nd];
+        nd++;
+    }
     h.node = d->o.node;
     h.data_endpoint = d->o.data_advertise;
-    h.n_devices = 1;
-    h.devices = &devp;
-    h.node_class = "server";
+    h.n_devices = nd;
+    h.devices = devp;
+    h.node_class = g_node_class;
     h.has_model_copy = access(d->o.model, R_OK) == 0;
     env.body_case = DSD__ENVELOPE__BODY_HELLO;
     env.hello = &h;
@@ -824,9 +912,12 @@ int main(int argc, char **argv)
         struct node *self = &d.nodes[d.n_nodes++];
         snprintf(self->name, sizeof(self->name), "%s", d.o.node);
         snprintf(self->endpoint, sizeof(self->endpoint), "%s", d.o.data_advertise);
+        discover_devices(&d.o);
         self->devices = local_devices();
+        snprintf(self->klass, sizeof(self->klass), "%s", g_node_class);
         self->has_model_copy = true;
     } else {
+        discover_devices(&d.o);
         d.control = zmq_socket(d.zctx, ZMQ_DEALER);
         int zero = 0;
         zmq_setsockopt(d.control, ZMQ_LINGER, &zero, sizeof(zero));
@@ -900,6 +991,7 @@ out:
     if (d.pipe)
         zmq_close(d.pipe);
     zmq_ctx_term(d.zctx);
+    json_decref(g_devices);
     if (d.sigfd >= 0)
         close(d.sigfd);
     ds_log_notice("stopped");

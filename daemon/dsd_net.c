@@ -124,22 +124,35 @@ refuse:
 
 void dsd_msg_close(dsd_msg *m)
 {
-    for (uint32_t i = 0; i < m->n_frames; i++)
+    for (uint32_t i = 0; i < m->n_frames; i++) {
         zmq_msg_close(&m->frames[i]);
+        free(m->aligned[i]);
+        m->aligned[i] = NULL;
+    }
     m->n_frames = 0;
     if (m->env)
         ds_wire_free(m->env);
     m->env = NULL;
 }
 
-const void *dsd_msg_frame(const dsd_msg *m, uint32_t i, size_t *len)
+const void *dsd_msg_frame(dsd_msg *m, uint32_t i, size_t *len)
 {
     if (i >= m->n_frames)
         return NULL;
-    zmq_msg_t *f = (zmq_msg_t *)&m->frames[i];
+    zmq_msg_t *f = &m->frames[i];
+    size_t n = zmq_msg_size(f);
     if (len)
-        *len = zmq_msg_size(f);
-    return zmq_msg_data(f);
+        *len = n;
+    void *d = zmq_msg_data(f);
+    if (!((uintptr_t)d & 15))
+        return d;
+    if (!m->aligned[i]) {
+        m->aligned[i] = aligned_alloc(16, (n + 15) & ~(size_t)15);
+        if (!m->aligned[i])
+            return NULL;
+        memcpy(m->aligned[i], d, n);
+    }
+    return m->aligned[i];
 }
 
 static void frame_free(void *data, void *hint)

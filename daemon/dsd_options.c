@@ -67,6 +67,10 @@ static const struct opt OPTS[] = {
      "largest client request accepted (bytes); larger ones are refused with TOO_LARGE"},
     {"compute", OPT_BOOL, I(compute), 0, 1, "true", NULL, false,
      "coordinator: also host units (embed and head always stay on the coordinator)"},
+    {"calibrate", OPT_BOOL, I(calibrate), 0, 1, "true", NULL, false,
+     "measure the devices at start (memory bandwidth, FLOP/s; cached in state_dir)"},
+    {"discover_opencl", OPT_BOOL, I(discover_opencl), 0, 1, "true", NULL, false,
+     "include OpenCL devices when discovering this node's devices"},
 };
 #define N_OPTS (sizeof(OPTS) / sizeof(OPTS[0]))
 

@@ -268,11 +268,8 @@ static int wait_replies(dsd_sched *s, struct pending *p, uint32_t n, ds_error *e
             ls->rtt_s += rtt;
             ls->messages++;
             ls->bytes += pp->bytes;
-            for (uint32_t f = 0; f < m.n_frames; f++) {
-                size_t fl;
-                dsd_msg_frame(&m, f, &fl);
-                ls->bytes += fl;
-            }
+            for (uint32_t f = 0; f < m.n_frames; f++)
+                ls->bytes += zmq_msg_size(&m.frames[f]);
             if (m.env->body_case == DSD__ENVELOPE__BODY_COMBINE)
                 ls->compute_s += m.env->combine->compute_s;
         }
@@ -370,7 +367,12 @@ static int forward(dsd_sched *s, uint32_t n, const int32_t *tokens, const uint64
         }
         s->attn_s[l] += r->env->combine->compute_s;
         s->attn_calls[l]++;
-        memcpy(x, dsd_msg_frame(r, 0, NULL), rowb);
+        const float *hid = dsd_msg_frame(r, 0, NULL);
+        if (!hid) {
+            rc = ds_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        memcpy(x, hid, rowb);
         if (!moe) {
             pending_close(pend, n_pend);
             n_pend = 0;
@@ -380,6 +382,10 @@ static int forward(dsd_sched *s, uint32_t n, const int32_t *tokens, const uint64
         const int32_t *ids = dsd_msg_frame(r, 2, NULL);
         const float *w = dsd_msg_frame(r, 3, NULL);
         const float *shared = want == 5 ? dsd_msg_frame(r, 4, NULL) : NULL;
+        if (!fin || !ids || !w || (want == 5 && !shared)) {
+            rc = ds_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
         for (uint32_t i = 0; i < n * K; i++)
             if (ids[i] < 0 || (uint32_t)ids[i] >= E) {
                 rc = ds_error_set(err, -EPROTO, "node %s: expert id %d out of range",
@@ -481,6 +487,10 @@ static int forward(dsd_sched *s, uint32_t n, const int32_t *tokens, const uint64
             }
             s->expert_s[node] += dr->env->combine->compute_s;
             const float *o = dsd_msg_frame(dr, 0, NULL);
+            if (!o) {
+                rc = ds_error_set(err, -ENOMEM, "out of memory");
+                break;
+            }
             uint32_t base = slot_node_start[node];
             for (uint32_t p = 0; p < P; p++)
                 memcpy(eo + (size_t)pair_slot_all[base + p] * D, o + (size_t)p * D,

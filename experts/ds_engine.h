@@ -16,6 +16,15 @@ typedef struct ds_engine ds_engine;
 int ds_engine_new(const ds_model *m, ds_pool *pool, uint32_t max_positions, ds_engine **ret,
                   ds_error *err);
 ds_engine *ds_engine_free(ds_engine *e);
+/* Runs the routed experts of one MoE layer with the contract of ds_moe_run_experts
+ * (experts/ds_experts.h): out[(i*k + s), D] = expert_{ids[i*k+s]}(ffn_in[i]). ctx is the
+ * runner's own state (e.g. a ds_backend_moe). */
+typedef int (*ds_moe_runner_fn)(void *ctx, uint32_t layer, const float *ffn_in, uint32_t n,
+                                const int32_t *ids, float *out, ds_error *err);
+/* Replaces ds_moe_run_experts for every MoE layer by fn(ctx, ...) (fn NULL: back to the CPU
+ * experts of m). ctx is borrowed and must outlive the engine's use of it. The runner must be
+ * bit-identical to ds_moe_run_experts for the engine's tokens to stay exact. */
+void ds_engine_set_moe_runner(ds_engine *e, ds_moe_runner_fn fn, void *ctx);
 /* Adds a sequence (empty cache); returns its id (>= 0) or a negative errno. */
 int ds_engine_seq_add(ds_engine *e);
 void ds_engine_seq_remove(ds_engine *e, int seq);

@@ -13,6 +13,8 @@ struct ds_engine {
     ds_pool *pool;
     uint32_t max_positions;
     ds_kv_cache **seqs; /* [ENGINE_MAX_SEQS], NULL = free slot */
+    ds_moe_runner_fn runner; /* NULL: ds_moe_run_experts on m */
+    void *runner_ctx;        /* borrowed, passed to runner */
 };
 
 int ds_engine_new(const ds_model *m, ds_pool *pool, uint32_t max_positions, ds_engine **ret,
@@ -28,6 +30,12 @@ int ds_engine_new(const ds_model *m, ds_pool *pool, uint32_t max_positions, ds_e
     e->max_positions = max_positions;
     *ret = e;
     return 0;
+}
+
+void ds_engine_set_moe_runner(ds_engine *e, ds_moe_runner_fn fn, void *ctx)
+{
+    e->runner = fn;
+    e->runner_ctx = fn ? ctx : NULL;
 }
 
 ds_engine *ds_engine_free(ds_engine *e)
@@ -106,7 +114,9 @@ int ds_engine_forward(ds_engine *e, uint32_t n, const int *seqs, const int32_t *
         if ((rc = ds_unit_attn(m, e->pool, l, x, n, pos, caches, &ao, err)) < 0)
             goto out;
         if (ds_model_config_layer_is_moe(c, l)) {
-            if ((rc = ds_moe_run_experts(m, e->pool, l, fin, n, ids, eo, err)) < 0)
+            rc = e->runner ? e->runner(e->runner_ctx, l, fin, n, ids, eo, err)
+                           : ds_moe_run_experts(m, e->pool, l, fin, n, ids, eo, err);
+            if (rc < 0)
                 goto out;
             const float *sh = NULL;
             if (c->n_shared_experts) {

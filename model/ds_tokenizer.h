@@ -28,18 +28,18 @@
 #include "ds_err.h"
 
 /* Input limits (external files are validated against them; -ERANGE past a limit). */
-#define DS_TOK_MAX_FILE_BYTES (64u << 20)  /* tokenizer.json size */
-#define DS_TOK_MAX_VOCAB (1u << 20)        /* ids in vocab + added tokens */
-#define DS_TOK_MAX_TOKEN_BYTES 1024u       /* one token's decoded length */
-#define DS_TOK_MAX_TEXT_BYTES (256u << 20) /* one encode call's input */
+#define DS_TOK_MAX_FILE_BYTES  (64u << 20)  /* tokenizer.json size */
+#define DS_TOK_MAX_VOCAB       (1u << 20)   /* ids in vocab + added tokens */
+#define DS_TOK_MAX_TOKEN_BYTES 1024u        /* one token's decoded length */
+#define DS_TOK_MAX_TEXT_BYTES  (256u << 20) /* one encode call's input */
 
 typedef struct ds_tokenizer ds_tokenizer;
 
 /* Loads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json. */
 int ds_tokenizer_load(const char *dir, ds_tokenizer **ret, ds_error *err);
 /* Same from explicit paths; config_path may be NULL (then no BOS is added). */
-int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path,
-                            ds_tokenizer **ret, ds_error *err);
+int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path, ds_tokenizer **ret,
+                            ds_error *err);
 ds_tokenizer *ds_tokenizer_free(ds_tokenizer *t);
 
 /* Number of ids (max id + 1 over vocab and added tokens). */

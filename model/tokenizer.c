@@ -13,7 +13,6 @@
  *
  * The decoded bytes of every id are computed once at load (ByteLevel decoder: a token whose
  * every code point is in the byte map becomes those bytes, any other token its own UTF-8). */
-#define _GNU_SOURCE
 #include "ds_tokenizer.h"
 
 #include <errno.h>
@@ -27,7 +26,7 @@
 #include <pcre2.h>
 
 #define MAX_PRETOK_STEPS 16
-#define MAX_MERGES (4u << 20)
+#define MAX_MERGES       (4u << 20)
 
 /* GPT-2's pre-tokenizer regex (ByteLevel use_regex=true). */
 static const char GPT2_PATTERN[] =
@@ -68,15 +67,15 @@ struct added_token {
 };
 
 struct ds_tokenizer {
-    uint32_t n_ids;          /* max id + 1 */
-    char **tok_str;          /* [n_ids] vocab/added spelling, NULL for holes */
-    uint8_t *dec;            /* decoded bytes of all ids back to back */
-    uint32_t *dec_off;       /* [n_ids + 1] offsets into dec */
-    uint8_t *special;        /* [n_ids] 1 for special added tokens */
-    struct str_map vocab;    /* model vocab spelling -> id */
+    uint32_t n_ids;       /* max id + 1 */
+    char **tok_str;       /* [n_ids] vocab/added spelling, NULL for holes */
+    uint8_t *dec;         /* decoded bytes of all ids back to back */
+    uint32_t *dec_off;    /* [n_ids + 1] offsets into dec */
+    uint8_t *special;     /* [n_ids] 1 for special added tokens */
+    struct str_map vocab; /* model vocab spelling -> id */
     struct pair_entry *pairs;
-    uint32_t pair_cap;       /* power of two */
-    int32_t byte_id[256];    /* id of the byte-level symbol of each byte, -1 if absent */
+    uint32_t pair_cap;    /* power of two */
+    int32_t byte_id[256]; /* id of the byte-level symbol of each byte, -1 if absent */
     struct added_token *added;
     uint32_t n_added;
     struct pretok_step steps[MAX_PRETOK_STEPS];
@@ -298,8 +297,8 @@ static bool valid_utf8(const char *s, size_t n)
     return true;
 }
 
-static int compile_re(const char *pat, size_t len, bool literal, pcre2_code **ret,
-                      const char *path, ds_error *err)
+static int compile_re(const char *pat, size_t len, bool literal, pcre2_code **ret, const char *path,
+                      ds_error *err)
 {
     int ec;
     PCRE2_SIZE eo;
@@ -342,8 +341,7 @@ static int add_step(ds_tokenizer *t, json_t *pt, const char *path, ds_error *err
         json_array_foreach(arr, i, el)
         {
             if (!json_is_object(el))
-                return ds_error_set(err, -EBADMSG, "%s: pretokenizers[%zu] not an object", path,
-                                    i);
+                return ds_error_set(err, -EBADMSG, "%s: pretokenizers[%zu] not an object", path, i);
             const char *ty = json_string_value(json_object_get(el, "type"));
             if (ty && strcmp(ty, "Sequence") == 0)
                 return ds_error_set(err, -EBADMSG, "%s: nested pre_tokenizer Sequence", path);
@@ -392,8 +390,7 @@ static int add_step(ds_tokenizer *t, json_t *pt, const char *path, ds_error *err
     json_t *rx = json_object_get(pat, "Regex"), *lit = json_object_get(pat, "String");
     json_t *p = rx ? rx : lit;
     if (!json_is_string(p))
-        return ds_error_set(err, -EBADMSG, "%s: Split pattern needs \"Regex\" or \"String\"",
-                            path);
+        return ds_error_set(err, -EBADMSG, "%s: Split pattern needs \"Regex\" or \"String\"", path);
     int r = compile_re(json_string_value(p), json_string_length(p), !rx, &s->re, path, err);
     if (r < 0)
         return r;
@@ -441,14 +438,13 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
         return ds_error_set(err, -EBADMSG, "%s: no \"model\" object", path);
     const char *type = json_string_value(json_object_get(model, "type"));
     if (type && strcmp(type, "BPE") != 0)
-        return ds_error_set(err, -EINVAL, "%s: model type \"%s\" is not supported (BPE only)",
-                            path, type);
+        return ds_error_set(err, -EINVAL, "%s: model type \"%s\" is not supported (BPE only)", path,
+                            type);
     const char *pfx = json_string_value(json_object_get(model, "continuing_subword_prefix"));
     const char *sfx = json_string_value(json_object_get(model, "end_of_word_suffix"));
     if ((pfx && *pfx) || (sfx && *sfx) || json_is_true(json_object_get(model, "byte_fallback")))
-        return ds_error_set(err, -EINVAL,
-                            "%s: BPE subword prefix/suffix or byte_fallback is not supported",
-                            path);
+        return ds_error_set(
+            err, -EINVAL, "%s: BPE subword prefix/suffix or byte_fallback is not supported", path);
     json_t *dropout = json_object_get(model, "dropout");
     if (dropout && !json_is_null(dropout) && json_number_value(dropout) != 0.0)
         return ds_error_set(err, -EINVAL, "%s: BPE dropout is not supported", path);
@@ -475,8 +471,8 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
     {
         if (!json_is_integer(v) || json_integer_value(v) < 0 ||
             json_integer_value(v) >= DS_TOK_MAX_VOCAB)
-            return ds_error_set(err, -ERANGE, "%s: vocab id of \"%.64s\" not in [0, %u)", path,
-                                k, DS_TOK_MAX_VOCAB);
+            return ds_error_set(err, -ERANGE, "%s: vocab id of \"%.64s\" not in [0, %u)", path, k,
+                                DS_TOK_MAX_VOCAB);
         if (json_integer_value(v) > max_id)
             max_id = json_integer_value(v);
     }
@@ -488,8 +484,10 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
         if (!json_is_integer(id) || json_integer_value(id) < 0 ||
             json_integer_value(id) >= DS_TOK_MAX_VOCAB ||
             !json_is_string(json_object_get(el, "content")))
-            return ds_error_set(err, -EBADMSG, "%s: added_tokens[%zu] needs an id in [0, %u) "
-                                "and a content string", path, i, DS_TOK_MAX_VOCAB);
+            return ds_error_set(err, -EBADMSG,
+                                "%s: added_tokens[%zu] needs an id in [0, %u) "
+                                "and a content string",
+                                path, i, DS_TOK_MAX_VOCAB);
         if (json_integer_value(id) > max_id)
             max_id = json_integer_value(id);
     }
@@ -509,7 +507,8 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
         r = set_token(t, json_integer_value(v), k, path, err);
         if (r < 0)
             return r;
-        if (!str_map_put(&t->vocab, t->tok_str[json_integer_value(v)], (int32_t)json_integer_value(v)))
+        if (!str_map_put(&t->vocab, t->tok_str[json_integer_value(v)],
+                         (int32_t)json_integer_value(v)))
             return ds_error_set(err, -EBADMSG, "%s: vocab token \"%.64s\" twice", path, k);
     }
 
@@ -525,12 +524,11 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
         json_t *c = json_object_get(el, "content");
         a->len = (uint32_t)json_string_length(c);
         if (a->len == 0 || a->len > DS_TOK_MAX_TOKEN_BYTES)
-            return ds_error_set(err, -ERANGE, "%s: added_tokens[%zu] content of %u bytes", path,
-                                i, a->len);
+            return ds_error_set(err, -ERANGE, "%s: added_tokens[%zu] content of %u bytes", path, i,
+                                a->len);
         if (json_is_true(json_object_get(el, "single_word")))
             return ds_error_set(err, -EINVAL,
-                                "%s: added_tokens[%zu] single_word=true is not supported", path,
-                                i);
+                                "%s: added_tokens[%zu] single_word=true is not supported", path, i);
         a->content = strndup(json_string_value(c), a->len);
         if (!a->content || strlen(a->content) != a->len)
             return a->content ? ds_error_set(err, -EBADMSG, "%s: added token with NUL", path)
@@ -573,8 +571,10 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
             free(a);
             free(b);
             return r == -ENOMEM ? r
-                                : ds_error_set(err, r, "%s: merges[%zu] is neither \"a b\" nor "
-                                               "[\"a\", \"b\"]", path, i);
+                                : ds_error_set(err, r,
+                                               "%s: merges[%zu] is neither \"a b\" nor "
+                                               "[\"a\", \"b\"]",
+                                               path, i);
         }
         size_t la = strlen(a), lb = strlen(b);
         char *ab = malloc(la + lb + 1);
@@ -589,8 +589,10 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
         int32_t iab = str_map_get(&t->vocab, ab, la + lb);
         free(ab);
         if (ia < 0 || ib < 0 || iab < 0) {
-            r = ds_error_set(err, -EBADMSG, "%s: merges[%zu] \"%.64s\" + \"%.64s\" uses a "
-                             "token missing from the vocab", path, i, a, b);
+            r = ds_error_set(err, -EBADMSG,
+                             "%s: merges[%zu] \"%.64s\" + \"%.64s\" uses a "
+                             "token missing from the vocab",
+                             path, i, a, b);
             free(a);
             free(b);
             return r;
@@ -649,8 +651,8 @@ static int build_decode(ds_tokenizer *t, const char *path, ds_error *err)
             o += n;
         }
         if (o - start > DS_TOK_MAX_TOKEN_BYTES)
-            return ds_error_set(err, -ERANGE, "%s: token %u decodes to %zu bytes (limit %u)",
-                                path, id, o - start, DS_TOK_MAX_TOKEN_BYTES);
+            return ds_error_set(err, -ERANGE, "%s: token %u decodes to %zu bytes (limit %u)", path,
+                                id, o - start, DS_TOK_MAX_TOKEN_BYTES);
     }
     t->dec_off[t->n_ids] = (uint32_t)o;
     return 0;
@@ -665,8 +667,8 @@ static int32_t lookup_special(const ds_tokenizer *t, json_t *v)
     return ds_tokenizer_token_to_id(t, json_string_value(v));
 }
 
-int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path,
-                            ds_tokenizer **ret, ds_error *err)
+int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path, ds_tokenizer **ret,
+                            ds_error *err)
 {
     json_t *root = NULL, *cfg = NULL;
     ds_tokenizer *t = calloc(1, sizeof(*t));
@@ -940,8 +942,8 @@ static int bpe_piece(const ds_tokenizer *t, struct bpe_work *w, const uint8_t *s
         }
     }
     for (size_t i = 0; i < n; i++)
-        w->sym[i] = (struct bpe_sym){t->byte_id[s[i]], (int32_t)i - 1,
-                                     i + 1 < n ? (int32_t)i + 1 : -1};
+        w->sym[i] =
+            (struct bpe_sym){t->byte_id[s[i]], (int32_t)i - 1, i + 1 < n ? (int32_t)i + 1 : -1};
     /* The heap starts with at most n - 1 candidates; each applied merge pops one and pushes at
      * most 2, and there are at most n - 1 merges, so it never holds more than 2n. */
     size_t hn = 0;
@@ -1015,8 +1017,8 @@ static int pretok_apply(const struct pretok_step *st, char **text, size_t *text_
         for (;;) {
             size_t ms0 = len, me0 = len;
             while (pos < len) {
-                int rc = pcre2_match(st->re, (PCRE2_SPTR)subj, len, pos, PCRE2_NO_UTF_CHECK,
-                                     md, NULL);
+                int rc =
+                    pcre2_match(st->re, (PCRE2_SPTR)subj, len, pos, PCRE2_NO_UTF_CHECK, md, NULL);
                 if (rc < 0)
                     break;
                 PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
@@ -1077,8 +1079,7 @@ static int pretok_apply(const struct pretok_step *st, char **text, size_t *text_
                 } else if (m && st->behavior == SPLIT_MERGED_PREV && !prev_match &&
                            out->n > first) {
                     out->v[out->n - 1].len += l;
-                } else if (m && st->behavior == SPLIT_CONTIGUOUS && prev_match &&
-                           out->n > first) {
+                } else if (m && st->behavior == SPLIT_CONTIGUOUS && prev_match && out->n > first) {
                     out->v[out->n - 1].len += l;
                 } else
                     r = spans_push(out, off + ms[i].s, l);
@@ -1122,9 +1123,9 @@ static bool is_ascii_space(char c)
 }
 
 /* Encodes a segment with no added tokens in it. */
-static int encode_segment(const ds_tokenizer *t, char **text, size_t *text_len,
-                          size_t *text_cap, size_t off, size_t len, struct bpe_work *w,
-                          pcre2_match_data **md, struct ids_buf *out)
+static int encode_segment(const ds_tokenizer *t, char **text, size_t *text_len, size_t *text_cap,
+                          size_t off, size_t len, struct bpe_work *w, pcre2_match_data **md,
+                          struct ids_buf *out)
 {
     struct spans a = {0}, b = {0};
     int r = spans_push(&a, off, len);
@@ -1211,8 +1212,7 @@ int ds_tokenizer_encode(const ds_tokenizer *t, const char *text_in, size_t len, 
     size_t ns = 0, cs = 0, ns2 = 0, cs2 = 0;
     int r = 0;
     for (uint32_t s = 0; s < t->n_steps; s++)
-        if (t->steps[s].re && !(md[s] = pcre2_match_data_create_from_pattern(t->steps[s].re,
-                                                                            NULL)))
+        if (t->steps[s].re && !(md[s] = pcre2_match_data_create_from_pattern(t->steps[s].re, NULL)))
             r = -ENOMEM;
     if (r == 0 && add_special && t->add_bos)
         r = ids_push(&out, t->bos);
@@ -1308,9 +1308,9 @@ int ds_tokenizer_decode(const ds_tokenizer *t, const int32_t *ids, size_t n, boo
 struct ds_tok_stream {
     const ds_tokenizer *t;
     bool skip_special;
-    char held[8];      /* bytes of an incomplete UTF-8 sequence (at most 3) */
+    char held[8]; /* bytes of an incomplete UTF-8 sequence (at most 3) */
     size_t n_held;
-    char *buf;         /* output of the last call */
+    char *buf; /* output of the last call */
     size_t cap;
 };
 

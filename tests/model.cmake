@@ -6,3 +6,13 @@ ds_add_fuzz(NAME fuzz_safetensors SOURCES fuzz_safetensors.c LIBS ds_model
             CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/safetensors ITERATIONS 200000)
 ds_add_fuzz(NAME fuzz_config SOURCES fuzz_config.c LIBS ds_model
             CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/config ITERATIONS 100000)
+# dsctl generate --experts-on SPEC (every routed expert on a compute backend) against the CPU
+# engine: same tokens, byte-identical logits file. opencl (PoCL in CI) outside the sanitizer run;
+# the cpu backend as a fast unit test.
+ds_add_test(NAME test_model_generate SOURCES test_model_generate.c LIBS ds_devices
+            ARGS opencl LABELS opencl TIMEOUT 300)
+set_tests_properties(test_model_generate PROPERTIES SKIP_RETURN_CODE 77)
+add_dependencies(test_model_generate dsctl)
+target_compile_definitions(test_model_generate PRIVATE _GNU_SOURCE)
+add_test(NAME test_model_generate_cpu COMMAND test_model_generate cpu)
+set_tests_properties(test_model_generate_cpu PROPERTIES LABELS unit TIMEOUT 120)

@@ -8,7 +8,9 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <errno.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -189,6 +191,49 @@ static void run_two_seqs(ds_model *m, ds_pool *pool, bool together, float *out_a
     }
     free(lg);
     ds_engine_free(e);
+}
+
+/* ds_moe_run_experts: the batched path (one pool loop over the active experts, taken when
+ * they are at least as many as the threads) gives the bits of the sequential path (NULL pool),
+ * and out-of-range routing ids are refused. */
+static void test_moe_batched(void **state)
+{
+    (void)state;
+    ds_model *m = open_model("v3_fp8");
+    const ds_model_config *c = ds_model_get_config(m);
+    uint32_t D = c->hidden_size, k = c->num_experts_per_tok, n = 6, E = c->n_routed_experts;
+    float *x = malloc((size_t)n * D * 4), *o1 = malloc((size_t)n * k * D * 4);
+    float *o2 = malloc((size_t)n * k * D * 4);
+    int32_t *ids = malloc((size_t)n * k * 4);
+    assert_true(x && o1 && o2 && ids);
+    for (size_t i = 0; i < (size_t)n * D; i++)
+        x[i] = sinf((float)i * 0.37f);
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t s = 0; s < k; s++)
+            ids[i * k + s] = (int32_t)((i + s * 3) % E);
+    ds_pool *p2 = NULL;
+    ds_error err = {0};
+    assert_int_equal(ds_pool_new(2, NULL, 0, &p2), 0);
+    assert_int_equal(ds_moe_run_experts(m, NULL, 1, x, n, ids, o1, &err), 0);
+    assert_int_equal(ds_moe_run_experts(m, p2, 1, x, n, ids, o2, &err), 0);
+    assert_memory_equal(o1, o2, (size_t)n * k * D * 4);
+    /* Each slot equals its expert run alone on its row. */
+    float *one = malloc((size_t)D * 4);
+    assert_non_null(one);
+    for (uint32_t j = 0; j < n * k; j++) {
+        assert_int_equal(ds_unit_expert(m, NULL, 1, (uint32_t)ids[j], x + (size_t)(j / k) * D, 1,
+                                        one, &err), 0);
+        assert_memory_equal(one, o2 + (size_t)j * D, (size_t)D * 4);
+    }
+    ids[5] = (int32_t)E;
+    assert_int_equal(ds_moe_run_experts(m, p2, 1, x, n, ids, o2, &err), -ERANGE);
+    free(one);
+    ds_pool_free(p2);
+    free(x);
+    free(o1);
+    free(o2);
+    free(ids);
+    ds_model_free(m);
 }
 
 static void test_bit_identity(void **state)
@@ -415,6 +460,57 @@ static void test_conversions(void **state)
 }
 
 /* FP8 matmul with partial edge blocks equals the dequantised float computation. */
+/* FP8 dequantisation (per-block, SIMD bit arithmetic or LUT): every byte value 0..255 (NaNs,
+ * subnormals, both zeros) in blocks of 128 and of 100 (tails inside blocks), row 1 of a 2-row
+ * block grid, must give exactly the scalar definition ds_fp8_e4m3_to_f32(v) * scale, bit for
+ * bit, on the vector and on the portable path. */
+static void test_fp8_dequant_exhaustive(void **state)
+{
+    (void)state;
+    const uint32_t bcs[2] = {128, 100};
+    for (int bi = 0; bi < 2; bi++) {
+        uint32_t cols = 2 * 256 + 13, bc = bcs[bi], nbc = (cols + bc - 1) / bc;
+        uint8_t *data = malloc((size_t)2 * cols);
+        float *scale = malloc((size_t)2 * nbc * sizeof(float));
+        float *got = malloc(cols * sizeof(float)), *gotp = malloc(cols * sizeof(float));
+        assert_true(data && scale && got && gotp);
+        for (uint32_t i = 0; i < 2 * cols; i++)
+            data[i] = (uint8_t)(i * 7 + (i >> 8));
+        for (uint32_t i = 0; i < 2 * nbc; i++)
+            scale[i] = 0.75f + 0.3125f * (float)i;
+        /* Edge scales: tiny (denormal products), huge (past the vector path's range),
+         * negative, and a denormal scale. */
+        scale[1] = 3e-38f;
+        scale[2] = 300.f;
+        scale[nbc] = -1.5f;
+        scale[nbc + 1] = 1e-40f;
+        ds_weight w = {DS_DTYPE_F8_E4M3, 2, cols, data, scale, 1, bc};
+        for (uint32_t r = 0; r < 2; r++) {
+            ds_tensor_force_portable(false);
+            ds_weight_row_f32(&w, r, got);
+            ds_tensor_force_portable(true);
+            ds_weight_row_f32(&w, r, gotp);
+            ds_tensor_force_portable(false);
+            for (uint32_t c = 0; c < cols; c++) {
+                float want = ds_fp8_e4m3_to_f32(data[(size_t)r * cols + c]) *
+                             scale[(size_t)r * nbc + c / bc];
+                assert_memory_equal(&got[c], &want, 4);
+                assert_memory_equal(&gotp[c], &want, 4);
+            }
+        }
+        /* Every byte value was covered. */
+        bool seen[256] = {false};
+        for (uint32_t i = 0; i < 2 * cols; i++)
+            seen[data[i]] = true;
+        for (int v = 0; v < 256; v++)
+            assert_true(seen[v]);
+        free(data);
+        free(scale);
+        free(got);
+        free(gotp);
+    }
+}
+
 static void test_fp8_matmul(void **state)
 {
     (void)state;
@@ -813,6 +909,7 @@ int main(void)
         cmocka_unit_test(test_config_bad),
         cmocka_unit_test(test_conversions),
         cmocka_unit_test(test_fp8_matmul),
+        cmocka_unit_test(test_fp8_dequant_exhaustive),
         cmocka_unit_test(test_safetensors_hostile),
         cmocka_unit_test(test_checkpoint_hostile),
         cmocka_unit_test(test_router_inf_mask),
@@ -826,6 +923,7 @@ int main(void)
         cmocka_unit_test(test_open_subset),
         cmocka_unit_test(test_reference_logits),
         cmocka_unit_test(test_bit_identity),
+        cmocka_unit_test(test_moe_batched),
         cmocka_unit_test(test_kv_vs_recompute),
         cmocka_unit_test(test_dsctl_generate),
     };

@@ -1,7 +1,8 @@
 /* test_notify.c — the systemd notify protocol against a real NOTIFY_SOCKET this test listens
  * on: dsd (a coordinator alone, which serves as soon as its own units are loaded) must send
  * STATUS lines, READY=1 once serving, and WATCHDOG=1 keep-alives when WATCHDOG_USEC is set, in
- * that order: no READY before a STATUS, no WATCHDOG before READY. */
+ * that order: no READY before a STATUS, no WATCHDOG before READY; then SIGHUP gives
+ * RELOADING=1 followed by READY=1, and SIGTERM a clean exit 0. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -50,6 +51,23 @@ static void test_ready_status_watchdog(void **state)
             n_wd += seen_ready >= 0;
         }
     }
+    /* SIGHUP: reload, announced as RELOADING=1 then READY=1 */
+    kill(p.pid, SIGHUP);
+    int seen_reloading = -1, seen_ready2 = -1;
+    for (int i = 0; i < 400 && seen_ready2 < 0; i++) {
+        char buf[1024];
+        ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+        if (n <= 0)
+            break;
+        buf[n] = 0;
+        if (strstr(buf, "RELOADING=1") && seen_reloading < 0)
+            seen_reloading = i;
+        if (strstr(buf, "READY=1") && seen_reloading >= 0)
+            seen_ready2 = i;
+    }
+    assert_true(seen_reloading >= 0);
+    assert_true(seen_ready2 > seen_reloading);
+    assert_true(dsd_log_count(&p, "signal") == 0); /* SIGHUP did not stop it */
     int st = dsd_stop(&p);
     close(fd);
     unlink(path);

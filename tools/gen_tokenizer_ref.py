@@ -13,7 +13,9 @@ Builds three tokenizers into tests/data/tokenizer/<name>/:
             behaviour) then ByteLevel without regex; merges rewritten in the "a b" spelling;
             a non-special added token; BOS given as a plain string in the config;
   prefix    the tiny vocabulary with ByteLevel add_prefix_space=true and an lstrip/rstrip
-            added token.
+            added token;
+  behaviors the tiny vocabulary behind Splits with every behaviour (MergedWithPrevious,
+            MergedWithNext, Removed, Contiguous, Isolated; Regex and String patterns).
 and encodes every case of corpus.hex with each (encode(text, add_special_tokens=False)).
 
 Invalid UTF-8: HF works on Python str, so a case's bytes are given to HF as
@@ -125,11 +127,23 @@ def main():
                                        lstrip=True, rstrip=True, normalized=False,
                                        special=True))
 
+    # Every Split behaviour, on the tiny vocabulary (HF must agree on each).
+    behav = json.loads(json.dumps(tiny))
+    def split(pat, beh, lit=False):
+        return dict(type="Split", pattern={"String" if lit else "Regex": pat}, behavior=beh,
+                    invert=False)
+    behav["pre_tokenizer"] = dict(type="Sequence", pretokenizers=[
+        split(r"\p{N}+", "MergedWithPrevious"), split(r"[.,!?;:]", "MergedWithNext"),
+        split("\t", "Removed", lit=True), split("-", "Contiguous", lit=True),
+        split(r"\s+", "Isolated"),
+        dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)])
+
     toks = {
         "tiny": (tiny, dict(add_bos_token=True, bos_token=dict(content=BOS, __type="AddedToken"),
                             eos_token=dict(content=EOS, __type="AddedToken"))),
         "v3style": (v3style(docs), dict(add_bos_token=True, bos_token=BOS, eos_token=EOS)),
         "prefix": (prefix, dict(add_bos_token=False, bos_token=BOS, eos_token=EOS)),
+        "behaviors": (behav, dict(add_bos_token=False)),
     }
     cases = corpus_cases()
     with open(os.path.join(out, "corpus.hex"), "w") as f:

@@ -17,14 +17,14 @@ cluster_start() {
     "$DSD" --node=coord --role=coordinator --expect_workers="$n" \
         --control_bind="tcp://127.0.0.1:$BASE_PORT" --client_bind="tcp://127.0.0.1:$((BASE_PORT + 1))" \
         --data_bind="tcp://127.0.0.1:$((BASE_PORT + 2))" --model="$model" \
-        --state_dir="$CLUSTER_DIR/coord" --threads=1 --heartbeat_ms=200 "$@" \
+        --state_dir="$CLUSTER_DIR/coord" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false "$@" \
         >"$CLUSTER_DIR/coord.log" 2>&1 &
     CLUSTER_PIDS+=($!)
     local i
     for ((i = 1; i <= n; i++)); do
         "$DSD" --node="w$i" --role=worker --coordinator="tcp://127.0.0.1:$BASE_PORT" \
             --data_bind="tcp://127.0.0.1:$((BASE_PORT + 2 + i))" --model="$model" \
-            --state_dir="$CLUSTER_DIR/w$i" --threads=1 --heartbeat_ms=200 "$@" \
+            --state_dir="$CLUSTER_DIR/w$i" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false "$@" \
             >"$CLUSTER_DIR/w$i.log" 2>&1 &
         CLUSTER_PIDS+=($!)
     done
