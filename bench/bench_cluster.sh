@@ -16,6 +16,8 @@ model=${1:-$DS_ROOT/tests/data/ref/v3_bf16}
 [ -f "$DS_ROOT/models/tiny/config.json" ] && [ -z "${1:-}" ] && model=$DS_ROOT/models/tiny
 workers=${2:-2}
 ntok=${3:-48}
+maxpos=$(grep -o '"max_position_embeddings": *[0-9]*' "$model/config.json" | grep -o '[0-9]*$')
+[ $((ntok + 8)) -gt "$maxpos" ] && ntok=$((maxpos - 8)) # prompt + tokens must fit the context
 layers=$(grep -o '"num_hidden_layers": *[0-9]*' "$model/config.json" | grep -o '[0-9]*$')
 hidden=$(grep -o '"hidden_size": *[0-9]*' "$model/config.json" | grep -o '[0-9]*$')
 prompt=5,6,7
@@ -35,15 +37,21 @@ cluster_out=$("$DSCTL" submit --tokens $prompt --max-tokens $((ntok + 1)) | tail
 c=$(now)
 t2=0; t3=$(echo "($c - $b) - ($b - $a)" | bc)
 raw=$("$DS_BUILD/bench/bench_cluster_rtt" 1 "$hidden" 2000 | awk '{print $2}')
+# routing overhead as the coordinator measured it: per request, round trip minus the host's
+# compute time, summed over every link, per step and layer
+xfer=$("$DSCTL" placement --json | awk -F': ' '/"measured_transfer_s"/ {gsub(/,/, "", $2); s += $2} END {print s}')
+steps=$("$DSCTL" jobs --json | awk -F': ' '/"steps"/ {gsub(/,/, "", $2); print $2}')
 [ "$local_out" = "$cluster_out" ] && same=yes || same=NO
 awk -v l="$(echo "$t1 - $t0" | bc)" -v c="$(echo "$t3 - $t2" | bc)" -v n="$ntok" \
-    -v L="$layers" -v raw="$raw" -v w="$workers" -v same="$same" 'BEGIN {
+    -v L="$layers" -v raw="$raw" -v w="$workers" -v same="$same" -v xfer="$xfer" \
+    -v steps="$steps" 'BEGIN {
     printf "model layers %d, %d decode steps (startup and prefill subtracted), greedy, 1 compute thread per process\n", L, n
     printf "%-44s %10.1f tok/s\n", "single-process engine (dsctl generate --local)", n / l
     printf "%-44s %10.1f tok/s\n", sprintf("cluster: coordinator + %d workers (loopback)", w), n / c
     printf "%-44s %10.3f\n", "ratio cluster / single-process", (n / c) / (n / l)
-    over = (c / n - l / n) / L * 1e6
-    printf "%-44s %10.1f us\n", "per-layer routing overhead (cluster)", over
+    over = xfer / steps / L * 1e6
+    printf "%-44s %10.1f us\n", "per-layer routing overhead (measured)", over
+    printf "%-44s %10.1f us\n", "per-layer time difference cluster - local", (c / n - l / n) / L * 1e6
     printf "%-44s %10.1f us\n", "raw ZeroMQ round trip, 1 row, same link", raw
     printf "%-44s %10.2f\n", "ratio overhead / raw round trip", over / raw
     printf "%-44s %10s\n", "tokens identical", same

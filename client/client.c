@@ -17,7 +17,7 @@
 #include "ds_client.h"
 #include "ds_wire.h"
 
-#define SLICE_MS 20
+#define SLICE_MS  20
 #define MAX_QUEUE 65536
 
 struct qmsg {
@@ -54,13 +54,20 @@ static int set_err(ds_client *c, int code, const char *fmt, ...)
 static int map_code(Dsd__ErrorCode code)
 {
     switch (code) {
-    case DSD__ERROR_CODE__ERROR_CODE_VERSION: return -EPROTONOSUPPORT;
-    case DSD__ERROR_CODE__ERROR_CODE_MALFORMED: return -EINVAL;
-    case DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE: return -EMSGSIZE;
-    case DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB: return -ESRCH;
-    case DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT: return -ENOENT;
-    case DSD__ERROR_CODE__ERROR_CODE_BUSY: return -EBUSY;
-    default: return -EIO;
+    case DSD__ERROR_CODE__ERROR_CODE_VERSION:
+        return -EPROTONOSUPPORT;
+    case DSD__ERROR_CODE__ERROR_CODE_MALFORMED:
+        return -EINVAL;
+    case DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE:
+        return -EMSGSIZE;
+    case DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB:
+        return -ESRCH;
+    case DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT:
+        return -ENOENT;
+    case DSD__ERROR_CODE__ERROR_CODE_BUSY:
+        return -EBUSY;
+    default:
+        return -EIO;
     }
 }
 
@@ -189,8 +196,7 @@ static void pump(ds_client *c)
 typedef bool (*match_fn)(const Dsd__Envelope *env, uint64_t key);
 
 /* Waits for a queued message that match() accepts and removes it from the queue. */
-static int wait_for(ds_client *c, match_fn match, uint64_t key, int timeout_ms,
-                    Dsd__Envelope **out)
+static int wait_for(ds_client *c, match_fn match, uint64_t key, int timeout_ms, Dsd__Envelope **out)
 {
     uint64_t deadline = now_ms() + (uint64_t)(timeout_ms < 0 ? c->timeout_ms : timeout_ms);
     for (;;) {
@@ -306,8 +312,8 @@ int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout
     return 0;
 }
 
-int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_token_fn fn,
-                       void *ctx, uint64_t *job_out)
+int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_token_fn fn, void *ctx,
+                       uint64_t *job_out)
 {
     uint64_t job;
     int rc = ds_client_submit(c, req, &job);
@@ -326,8 +332,9 @@ int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_tok
             return set_err(c, -ECANCELED, "cancelled by the callback");
         }
         if (t.last)
-            return !strcmp(t.finish_reason, "error") ? set_err(c, -EIO, "the job failed on the "
-                                                                       "cluster")
+            return !strcmp(t.finish_reason, "error") ? set_err(c, -EIO,
+                                                               "the job failed on the "
+                                                               "cluster")
                                                      : 0;
     }
 }

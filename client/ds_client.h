@@ -33,22 +33,22 @@ typedef struct ds_client_opts {
 typedef struct ds_client_request {
     const uint32_t *tokens; /* prompt token ids (n_tokens > 0), or */
     size_t n_tokens;
-    const char *prompt;     /* text (needs a tokenizer on the coordinator) */
-    float temperature;      /* 0 = greedy */
-    float top_p;            /* (0, 1]; 0 = off */
-    uint32_t top_k;         /* 0 = off */
-    uint64_t seed;          /* sampler seed (dsctl's default is 1) */
-    uint32_t max_tokens;    /* > 0 */
+    const char *prompt;      /* text (needs a tokenizer on the coordinator) */
+    float temperature;       /* 0 = greedy */
+    float top_p;             /* (0, 1]; 0 = off */
+    uint32_t top_k;          /* 0 = off */
+    uint64_t seed;           /* sampler seed (dsctl's default is 1) */
+    uint32_t max_tokens;     /* > 0 */
     const char *const *stop; /* "eos", "id:N" (text stops need a tokenizer) */
     size_t n_stop;
 } ds_client_request;
 
 typedef struct ds_client_token {
     uint64_t job;
-    uint32_t id;               /* token id (meaningless when last && n == 0) */
-    bool has_id;               /* false for a bare end-of-job notice (cancel, error) */
-    bool last;                 /* the job is over after this one */
-    char finish_reason[16];    /* length | stop | cancelled | error when last */
+    uint32_t id;            /* token id (meaningless when last && n == 0) */
+    bool has_id;            /* false for a bare end-of-job notice (cancel, error) */
+    bool last;              /* the job is over after this one */
+    char finish_reason[16]; /* length | stop | cancelled | error when last */
 } ds_client_token;
 
 /* Connects to endpoint (e.g. "tcp://127.0.0.1:7101"). opts may be NULL. */
@@ -65,8 +65,8 @@ int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job);
 int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout_ms);
 /* Callback mode: fn gets every token; returning non-zero cancels the job (-ECANCELED). */
 typedef int (*ds_client_token_fn)(void *ctx, const ds_client_token *tok);
-int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_token_fn fn,
-                       void *ctx, uint64_t *job);
+int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_token_fn fn, void *ctx,
+                       uint64_t *job);
 /* Cancels a job of this handle; its stream ends with finish_reason "cancelled". */
 int ds_client_cancel(ds_client *c, uint64_t job);
 /* Status document (JSON) of "status", "cluster", "jobs", "placement", "devices",

@@ -30,8 +30,9 @@ static int drain_common(int argc, char **argv, bool undrain)
             json = true;
         else {
             FILE *f = ch == 'h' ? stdout : stderr;
-            fprintf(f, "usage: dsctl %s NODE [--endpoint E] [--json]\n"
-                       "  %s a node: %s the next plan (dsctl replan)\n",
+            fprintf(f,
+                    "usage: dsctl %s NODE [--endpoint E] [--json]\n"
+                    "  %s a node: %s the next plan (dsctl replan)\n",
                     argv[0], undrain ? "undrain" : "drain",
                     undrain ? "it takes units again from" : "it gets no units in");
             return ch == 'h' ? DSCTL_EXIT_OK : DSCTL_EXIT_USAGE;

@@ -70,14 +70,20 @@ static int parse_ids(const char *s, uint32_t **out, size_t *n)
 
 int dsctl_generate_cluster(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"endpoint", required_argument, NULL, 'e'}, {"tokens", required_argument, NULL, 't'},
-        {"max-tokens", required_argument, NULL, 'n'}, {"greedy", no_argument, NULL, 'g'},
-        {"temperature", required_argument, NULL, 'T'}, {"top-p", required_argument, NULL, 'p'},
-        {"top-k", required_argument, NULL, 'k'}, {"seed", required_argument, NULL, 's'},
-        {"stop-eos", no_argument, NULL, 'E'}, {"stop", required_argument, NULL, 'S'},
-        {"stream", no_argument, NULL, 'r'}, {"cancel-after", required_argument, NULL, 'c'},
-        {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"endpoint", required_argument, NULL, 'e'},
+                                         {"tokens", required_argument, NULL, 't'},
+                                         {"max-tokens", required_argument, NULL, 'n'},
+                                         {"greedy", no_argument, NULL, 'g'},
+                                         {"temperature", required_argument, NULL, 'T'},
+                                         {"top-p", required_argument, NULL, 'p'},
+                                         {"top-k", required_argument, NULL, 'k'},
+                                         {"seed", required_argument, NULL, 's'},
+                                         {"stop-eos", no_argument, NULL, 'E'},
+                                         {"stop", required_argument, NULL, 'S'},
+                                         {"stream", no_argument, NULL, 'r'},
+                                         {"cancel-after", required_argument, NULL, 'c'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
     const char *ep = NULL, *toks = NULL, *stops[16];
     size_t n_stop = 0;
     double max_tokens = 16, temp = 0, top_p = 0, top_k = 0, seed = 1, cancel_after = -1;
@@ -88,15 +94,33 @@ int dsctl_generate_cluster(int argc, char **argv)
         char *end = NULL;
         double *dst = NULL;
         switch (ch) {
-        case 'e': ep = optarg; break;
-        case 't': toks = optarg; break;
-        case 'n': dst = &max_tokens; break;
-        case 'g': greedy = true; break;
-        case 'T': dst = &temp; break;
-        case 'p': dst = &top_p; break;
-        case 'k': dst = &top_k; break;
-        case 's': dst = &seed; break;
-        case 'c': dst = &cancel_after; break;
+        case 'e':
+            ep = optarg;
+            break;
+        case 't':
+            toks = optarg;
+            break;
+        case 'n':
+            dst = &max_tokens;
+            break;
+        case 'g':
+            greedy = true;
+            break;
+        case 'T':
+            dst = &temp;
+            break;
+        case 'p':
+            dst = &top_p;
+            break;
+        case 'k':
+            dst = &top_k;
+            break;
+        case 's':
+            dst = &seed;
+            break;
+        case 'c':
+            dst = &cancel_after;
+            break;
         case 'E':
         case 'S':
             if (n_stop >= 16) {
@@ -105,9 +129,15 @@ int dsctl_generate_cluster(int argc, char **argv)
             }
             stops[n_stop++] = ch == 'E' ? "eos" : optarg;
             break;
-        case 'r': stream = true; break;
-        case 'h': gc_usage(stdout); return DSCTL_EXIT_OK;
-        default: gc_usage(stderr); return DSCTL_EXIT_USAGE;
+        case 'r':
+            stream = true;
+            break;
+        case 'h':
+            gc_usage(stdout);
+            return DSCTL_EXIT_OK;
+        default:
+            gc_usage(stderr);
+            return DSCTL_EXIT_USAGE;
         }
         if (dst) {
             *dst = strtod(optarg, &end);
@@ -127,10 +157,15 @@ int dsctl_generate_cluster(int argc, char **argv)
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }
-    ds_client_request req = {.tokens = ids, .n_tokens = n, .temperature = greedy ? 0 : (float)temp,
-                             .top_p = (float)top_p, .top_k = (uint32_t)top_k,
-                             .seed = (uint64_t)seed, .max_tokens = (uint32_t)max_tokens,
-                             .stop = stops, .n_stop = n_stop};
+    ds_client_request req = {.tokens = ids,
+                             .n_tokens = n,
+                             .temperature = greedy ? 0 : (float)temp,
+                             .top_p = (float)top_p,
+                             .top_k = (uint32_t)top_k,
+                             .seed = (uint64_t)seed,
+                             .max_tokens = (uint32_t)max_tokens,
+                             .stop = stops,
+                             .n_stop = n_stop};
     ds_client *c = NULL;
     const char *endpoint = dsctl_endpoint(ep);
     uint64_t job = 0;

@@ -23,11 +23,13 @@ static const char *unit_node(json_t *units, const char *name)
 
 static int cmd_placement(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"endpoint", required_argument, NULL, 'e'}, {"json", no_argument, NULL, 'j'},
-        {"layer", required_argument, NULL, 'l'},    {"unit", required_argument, NULL, 'u'},
-        {"explain", no_argument, NULL, 'x'},        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"endpoint", required_argument, NULL, 'e'},
+                                         {"json", no_argument, NULL, 'j'},
+                                         {"layer", required_argument, NULL, 'l'},
+                                         {"unit", required_argument, NULL, 'u'},
+                                         {"explain", no_argument, NULL, 'x'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
     const char *ep = NULL, *unit = NULL;
     bool json = false, explain = false;
     long only_layer = -1;
@@ -36,10 +38,18 @@ static int cmd_placement(int argc, char **argv)
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         char *end;
         switch (ch) {
-        case 'e': ep = optarg; break;
-        case 'j': json = true; break;
-        case 'u': unit = optarg; break;
-        case 'x': explain = true; break;
+        case 'e':
+            ep = optarg;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'u':
+            unit = optarg;
+            break;
+        case 'x':
+            explain = true;
+            break;
         case 'l':
             only_layer = strtol(optarg, &end, 10);
             if (end == optarg || *end || only_layer < 0 || only_layer > 100000) {
@@ -48,10 +58,11 @@ static int cmd_placement(int argc, char **argv)
             }
             break;
         default:
-            fprintf(ch == 'h' ? stdout : stderr,
-                    "usage: dsctl placement [--endpoint E] [--json] [--layer L] [--unit U] "
-                    "[--explain]\n"
-                    "  unit -> node map of the running plan with measured compute and link times\n");
+            fprintf(
+                ch == 'h' ? stdout : stderr,
+                "usage: dsctl placement [--endpoint E] [--json] [--layer L] [--unit U] "
+                "[--explain]\n"
+                "  unit -> node map of the running plan with measured compute and link times\n");
             return ch == 'h' ? DSCTL_EXIT_OK : DSCTL_EXIT_USAGE;
         }
     }
@@ -113,11 +124,12 @@ static int cmd_placement(int argc, char **argv)
         }
         printf("%s\n", any ? "" : "(dense)");
     }
-    printf("\n%-16s %-12s %-12s %-14s %-14s %-10s %s\n", "LINK", "LATENCY", "BANDWIDTH",
-           "PRED/MSG", "MEAS XFER/MSG", "MESSAGES", "EXPERT COMPUTE");
+    printf("\n%-16s %-12s %-12s %-14s %-14s %-10s %s\n", "LINK", "LATENCY", "BANDWIDTH", "PRED/MSG",
+           "MEAS XFER/MSG", "MESSAGES", "EXPERT COMPUTE");
     size_t i;
     json_t *lk;
-    json_array_foreach(json_object_get(meas, "links"), i, lk) {
+    json_array_foreach(json_object_get(meas, "links"), i, lk)
+    {
         double lat = json_real_value(json_object_get(lk, "latency_s"));
         double bw = json_real_value(json_object_get(lk, "bandwidth_bytes_per_s"));
         double msgs = (double)json_integer_value(json_object_get(lk, "messages"));
@@ -129,8 +141,8 @@ static int cmd_placement(int argc, char **argv)
         snprintf(l1, sizeof(l1), "%s->%s", json_string_value(json_object_get(lk, "from")),
                  json_string_value(json_object_get(lk, "to")));
         snprintf(l2, sizeof(l2), "%.1f MB/s", bw / 1e6);
-        printf("%-16s %-9.1f us %-12s %-11.1f us %-11.1f us %-10.0f %.3f ms\n", l1, lat * 1e6,
-               l2, pred * 1e6, msgs > 0 ? tr / msgs * 1e6 : 0.0, msgs,
+        printf("%-16s %-9.1f us %-12s %-11.1f us %-11.1f us %-10.0f %.3f ms\n", l1, lat * 1e6, l2,
+               pred * 1e6, msgs > 0 ? tr / msgs * 1e6 : 0.0, msgs,
                json_real_value(json_object_get(lk, "expert_compute_s")) * 1e3);
     }
     if (explain)

@@ -24,10 +24,16 @@ int dsctl_simple_query(int argc, char **argv, const char *what, const char *usag
 int dsctl_exit_code(int rc)
 {
     switch (rc) {
-    case 0: return DSCTL_EXIT_OK;
-    case -EINVAL: case -EMSGSIZE: return DSCTL_EXIT_USAGE;
-    case -ESRCH: case -ENOENT: return DSCTL_EXIT_NOT_FOUND;
-    default: return DSCTL_EXIT_FAILURE;
+    case 0:
+        return DSCTL_EXIT_OK;
+    case -EINVAL:
+    case -EMSGSIZE:
+        return DSCTL_EXIT_USAGE;
+    case -ESRCH:
+    case -ENOENT:
+        return DSCTL_EXIT_NOT_FOUND;
+    default:
+        return DSCTL_EXIT_FAILURE;
     }
 }
 
@@ -85,10 +91,18 @@ int dsctl_simple_query(int argc, char **argv, const char *what, const char *usag
     optind = 1;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
-        case 'e': ep = optarg; break;
-        case 'j': json = true; break;
-        case 'h': printf("%s", usage); return DSCTL_EXIT_OK;
-        default: fprintf(stderr, "%s", usage); return DSCTL_EXIT_USAGE;
+        case 'e':
+            ep = optarg;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'h':
+            printf("%s", usage);
+            return DSCTL_EXIT_OK;
+        default:
+            fprintf(stderr, "%s", usage);
+            return DSCTL_EXIT_USAGE;
         }
     }
     if (optind < argc) {
@@ -125,8 +139,7 @@ static void status_table(json_t *j)
         printf("%-16s %-12s %-10s %-8s %-12s %s\n", json_string_value(json_object_get(n, "name")),
                json_string_value(json_object_get(n, "role")),
                json_string_value(json_object_get(n, "state")),
-               json_is_true(json_object_get(n, "drained")) ? "yes" : "no",
-               ({
+               json_is_true(json_object_get(n, "drained")) ? "yes" : "no", ({
                    static char b[32];
                    snprintf(b, sizeof(b), "%lld ms ago",
                             (long long)json_integer_value(json_object_get(n, "heartbeat_age_ms")));

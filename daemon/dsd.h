@@ -35,17 +35,17 @@ typedef struct dsd_opts {
     char state_dir[PATH_MAX];
     char log_level[16];
     char cluster[64];
-    int64_t expect_workers;   /* coordinator: workers to wait for before planning */
-    int64_t heartbeat_ms;     /* heartbeat period */
-    int64_t heartbeat_misses; /* missed periods before a peer is declared failed */
-    int64_t threads;          /* compute threads, 0 = all CPUs */
-    int64_t max_jobs;         /* concurrent jobs the coordinator accepts */
-    int64_t max_context;      /* positions per sequence (prompt + generated) */
-    int64_t step_timeout_ms;  /* a unit host that does not answer in this time fails the step */
+    int64_t expect_workers;    /* coordinator: workers to wait for before planning */
+    int64_t heartbeat_ms;      /* heartbeat period */
+    int64_t heartbeat_misses;  /* missed periods before a peer is declared failed */
+    int64_t threads;           /* compute threads, 0 = all CPUs */
+    int64_t max_jobs;          /* concurrent jobs the coordinator accepts */
+    int64_t max_context;       /* positions per sequence (prompt + generated) */
+    int64_t step_timeout_ms;   /* a unit host that does not answer in this time fails the step */
     int64_t max_request_bytes; /* largest client request accepted */
-    bool compute;             /* coordinator also hosts units */
-    bool calibrate;           /* measure devices at start (cached in state_dir) */
-    bool discover_opencl;     /* include OpenCL devices in discovery */
+    bool compute;              /* coordinator also hosts units */
+    bool calibrate;            /* measure devices at start (cached in state_dir) */
+    bool discover_opencl;      /* include OpenCL devices in discovery */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -76,7 +76,7 @@ typedef struct dsd_msg {
     zmq_msg_t frames[DS_WIRE_MAX_TENSOR_FRAMES];
     uint32_t n_frames;
     void *aligned[DS_WIRE_MAX_TENSOR_FRAMES]; /* copies of frames zmq delivered misaligned */
-    Dsd__ErrorCode refused;        /* why the message was refused (when env == NULL) */
+    Dsd__ErrorCode refused;                   /* why the message was refused (when env == NULL) */
 } dsd_msg;
 
 /* Receives one multipart message. router: the first frame is the peer identity. Returns 0
@@ -108,8 +108,8 @@ typedef struct dsd_host dsd_host;
 typedef struct dsd_units {
     bool embed, head;
     uint32_t n_layers, n_experts;
-    bool *attn;    /* [n_layers] (attention + router + shared/dense beside it) */
-    bool *expert;  /* [n_layers * n_experts] */
+    bool *attn;   /* [n_layers] (attention + router + shared/dense beside it) */
+    bool *expert; /* [n_layers * n_experts] */
 } dsd_units;
 
 void dsd_units_clear(dsd_units *u);
@@ -128,19 +128,18 @@ char *dsd_host_stats_json(dsd_host *h);
 typedef struct dsd_plan {
     uint64_t version;
     uint32_t n_nodes;
-    char (*nodes)[64];           /* [n_nodes] node names; nodes[0] = coordinator */
+    char (*nodes)[64];              /* [n_nodes] node names; nodes[0] = coordinator */
     char (*endpoints)[DSD_STR_MAX]; /* [n_nodes] data endpoints */
     uint32_t n_layers, n_experts, first_moe;
-    int32_t embed, head;         /* node index */
-    int32_t *attn;               /* [n_layers] node index */
-    int32_t *expert;             /* [n_layers * n_experts] node index, -1 for dense layers */
+    int32_t embed, head; /* node index */
+    int32_t *attn;       /* [n_layers] node index */
+    int32_t *expert;     /* [n_layers * n_experts] node index, -1 for dense layers */
 } dsd_plan;
 
 /* Round-robin plan that spreads attention layers and experts over every node (the coordinator
  * keeps embed and head). */
-int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
-                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX], bool coord_computes,
-                   uint64_t version);
+int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
+                   const char (*endpoints)[DSD_STR_MAX], bool coord_computes, uint64_t version);
 void dsd_plan_clear(dsd_plan *p);
 /* Plan JSON document: {"version":..,"units":{"attn[0]":"node",..},"nodes":{..}}. */
 char *dsd_plan_json(const dsd_plan *p);

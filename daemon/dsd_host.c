@@ -36,7 +36,7 @@ struct dsd_host {
     uint32_t max_context;
     struct seq_cache *seqs; /* [HOST_MAX_SEQS], kv == NULL: free */
     uint32_t n_seqs;
-    double *attn_s;   /* [L] seconds of compute in attn[l] (+ shared/dense beside it) */
+    double *attn_s; /* [L] seconds of compute in attn[l] (+ shared/dense beside it) */
     uint64_t *attn_calls;
     double *expert_s; /* [L*E] */
     uint64_t *expert_rows;
@@ -46,9 +46,13 @@ static bool host_want(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_
 {
     const dsd_units *u = ctx;
     switch (kind) {
-    case DS_UNIT_EMBED: return u->embed;
-    case DS_UNIT_HEAD: return u->head;
-    case DS_UNIT_ATTN: case DS_UNIT_DENSE: case DS_UNIT_SHARED:
+    case DS_UNIT_EMBED:
+        return u->embed;
+    case DS_UNIT_HEAD:
+        return u->head;
+    case DS_UNIT_ATTN:
+    case DS_UNIT_DENSE:
+    case DS_UNIT_SHARED:
         return layer < u->n_layers && u->attn[layer];
     case DS_UNIT_EXPERT:
         return layer < u->n_layers && expert < u->n_experts &&
@@ -68,7 +72,8 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
     h->u = *units;
     h->u.attn = calloc(units->n_layers ? units->n_layers : 1, sizeof(bool));
     h->u.expert = calloc((size_t)(units->n_layers ? units->n_layers : 1) *
-                             (units->n_experts ? units->n_experts : 1), sizeof(bool));
+                             (units->n_experts ? units->n_experts : 1),
+                         sizeof(bool));
     if (!h->u.attn || !h->u.expert)
         goto fail;
     memcpy(h->u.attn, units->attn, units->n_layers * sizeof(bool));
@@ -81,8 +86,8 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
         rc = ds_error_set(err, -EINVAL, "%s: model shape differs from the plan's", model_dir);
         goto fail;
     }
-    h->max_context = max_context < h->c->max_position_embeddings ? max_context
-                                                                 : h->c->max_position_embeddings;
+    h->max_context =
+        max_context < h->c->max_position_embeddings ? max_context : h->c->max_position_embeddings;
     uint32_t L = h->c->num_hidden_layers, E = h->c->n_routed_experts ? h->c->n_routed_experts : 1;
     rc = -ENOMEM;
     h->seqs = calloc(HOST_MAX_SEQS, sizeof(*h->seqs));
@@ -164,13 +169,13 @@ static bool tensor_is(const Dsd__TensorDesc *t, Dsd__Dtype dt, uint32_t d0, uint
     return t->dtype == dt && t->n_shape == 2 && t->shape[0] == d0 && t->shape[1] == d1;
 }
 
-#define REFUSE(code, ...)                                                                     \
-    do {                                                                                      \
-        char _b[400];                                                                         \
-        snprintf(_b, sizeof(_b), __VA_ARGS__);                                                \
-        ds_log_warn("data: refused %s from peer: %s", ds_wire_body_name(env), _b);            \
-        dsd_send_error(sock, m->peer, m->peer_len, env->request_id, code, "%s", _b);          \
-        goto out;                                                                             \
+#define REFUSE(code, ...)                                                                          \
+    do {                                                                                           \
+        char _b[400];                                                                              \
+        snprintf(_b, sizeof(_b), __VA_ARGS__);                                                     \
+        ds_log_warn("data: refused %s from peer: %s", ds_wire_body_name(env), _b);                 \
+        dsd_send_error(sock, m->peer, m->peer_len, env->request_id, code, "%s", _b);               \
+        goto out;                                                                                  \
     } while (0)
 
 static void serve_step(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_version)
@@ -207,8 +212,9 @@ static void serve_step(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_versio
         bool follows = i > 0 && st->seq_ids[i - 1] == st->seq_ids[i];
         if (pos[i] >= h->max_context ||
             (follows ? pos[i] != pos[i - 1] + 1 : pos[i] > ds_kv_cache_len(sc->kv, st->layer)))
-            REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "row %u: position %u invalid for job %llu",
-                   i, pos[i], (unsigned long long)st->seq_ids[i]);
+            REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+                   "row %u: position %u invalid for job %llu", i, pos[i],
+                   (unsigned long long)st->seq_ids[i]);
         for (uint32_t j = 0; !follows && j < i; j++)
             if (st->seq_ids[j] == st->seq_ids[i])
                 REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
@@ -217,7 +223,8 @@ static void serve_step(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_versio
     bool moe = ds_model_config_layer_is_moe(c, st->layer);
     uint32_t nf = moe ? (c->n_shared_experts ? 5 : 4) : 1;
     size_t rowb = (size_t)n * D * sizeof(float);
-    size_t sizes[5] = {rowb, rowb, (size_t)n * K * sizeof(int32_t), (size_t)n * K * sizeof(float), rowb};
+    size_t sizes[5] = {rowb, rowb, (size_t)n * K * sizeof(int32_t), (size_t)n * K * sizeof(float),
+                       rowb};
     for (uint32_t i = 0; i < 5; i++)
         if (!(fr[i] = malloc(sizes[i])))
             REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
@@ -302,13 +309,15 @@ static void serve_dispatch(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_ve
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "plan version %llu, serving %llu",
                (unsigned long long)d->plan_version, (unsigned long long)plan_version);
     if (d->layer >= L || !ds_model_config_layer_is_moe(c, d->layer))
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "layer %u has no routed experts", d->layer);
+        REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "layer %u has no routed experts",
+               d->layer);
     if (R == 0 || R > HOST_MAX_ROWS || P == 0 || P > (uint64_t)R * E || d->n_pair_experts != P ||
         d->n_pair_weights != P || m->n_frames != 1 ||
         !tensor_is(env->tensors[0], DSD__DTYPE__DTYPE_F32, R, D))
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
                "dispatch: need pairs (rows, experts, weights) of one length and one f32 frame "
-               "[rows, %u]", D);
+               "[rows, %u]",
+               D);
     for (uint32_t p = 0; p < P; p++) {
         if (d->pair_rows[p] >= R)
             REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "pair %u: row %u of %u", p,
@@ -454,16 +463,18 @@ char *dsd_host_stats_json(dsd_host *h)
         for (uint32_t l = 0; l < L; l++) {
             if (h->attn_calls[l]) {
                 snprintf(name, sizeof(name), "attn[%u]", l);
-                json_object_set_new(o, name, json_pack("{s:f,s:I}", "compute_s", h->attn_s[l],
-                                                       "calls", (json_int_t)h->attn_calls[l]));
+                json_object_set_new(o, name,
+                                    json_pack("{s:f,s:I}", "compute_s", h->attn_s[l], "calls",
+                                              (json_int_t)h->attn_calls[l]));
             }
             for (uint32_t e = 0; e < E; e++) {
                 size_t i = (size_t)l * E + e;
                 if (!h->expert_rows[i])
                     continue;
                 snprintf(name, sizeof(name), "expert[%u][%u]", l, e);
-                json_object_set_new(o, name, json_pack("{s:f,s:I}", "compute_s", h->expert_s[i],
-                                                       "rows", (json_int_t)h->expert_rows[i]));
+                json_object_set_new(o, name,
+                                    json_pack("{s:f,s:I}", "compute_s", h->expert_s[i], "rows",
+                                              (json_int_t)h->expert_rows[i]));
             }
         }
     }

@@ -25,17 +25,17 @@
 #include "ds_version.h"
 #include "dsd.h"
 
-#define MAX_NODES 64
+#define MAX_NODES  64
 #define SCHED_PIPE "inproc://dsd-sched"
 
 struct node {
     char name[64];
     char endpoint[DSD_STR_MAX];
-    json_t *devices;   /* array of device objects from the hello */
+    json_t *devices; /* array of device objects from the hello */
     uint64_t last_seen_ns;
     bool loaded, failed, drained, has_model_copy;
     char state[16];
-    char klass[16];    /* server | gpu | edge */
+    char klass[16]; /* server | gpu | edge */
 };
 
 struct dsd {
@@ -60,7 +60,6 @@ struct dsd {
     char state[16];
     uint64_t last_hb_ns, last_wd_ns, wd_usec;
 };
-
 
 /* ---- local devices ------------------------------------------------------------------------ */
 
@@ -107,10 +106,9 @@ static json_t *local_devices(void)
 
 static json_t *device_from_wire(const Dsd__Device *d)
 {
-    json_t *o = json_pack("{s:s,s:s,s:s,s:I,s:f,s:f}", "name", d->name ?: "", "kind",
-                          d->kind ?: "", "class", d->klass ?: "", "memory_bytes",
-                          (json_int_t)d->memory_bytes, "mem_bw_bytes_per_s", d->mem_bw_bytes_per_s,
-                          "flops", d->flops);
+    json_t *o = json_pack("{s:s,s:s,s:s,s:I,s:f,s:f}", "name", d->name ?: "", "kind", d->kind ?: "",
+                          "class", d->klass ?: "", "memory_bytes", (json_int_t)d->memory_bytes,
+                          "mem_bw_bytes_per_s", d->mem_bw_bytes_per_s, "flops", d->flops);
     if (d->host_link_bytes_per_s > 0)
         json_object_set_new(o, "host_link_bytes_per_s", json_real(d->host_link_bytes_per_s));
     if (d->launch_s > 0)
@@ -142,8 +140,8 @@ static void set_state(struct dsd *d, const char *st)
 static int open_host(struct dsd *d, const dsd_units *u, ds_error *err)
 {
     d->host = dsd_host_free(d->host);
-    return dsd_host_new(d->o.model, u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context,
-                        &d->host, err);
+    return dsd_host_new(d->o.model, u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context, &d->host,
+                        err);
 }
 
 static void write_plan_file(struct dsd *d, const char *json)
@@ -174,8 +172,8 @@ static int rollout(struct dsd *d)
         return rc;
     }
     const ds_model_config *c = ds_model_get_config(probe);
-    char (*names)[64] = calloc(MAX_NODES, 64);
-    char (*eps)[DSD_STR_MAX] = calloc(MAX_NODES, DSD_STR_MAX);
+    char(*names)[64] = calloc(MAX_NODES, 64);
+    char(*eps)[DSD_STR_MAX] = calloc(MAX_NODES, DSD_STR_MAX);
     uint32_t n = 0;
     int32_t idx_of[MAX_NODES];
     for (uint32_t i = 0; names && eps && i < d->n_nodes; i++) {
@@ -192,10 +190,10 @@ static int rollout(struct dsd *d)
         n++;
     }
     dsd_plan_clear(&d->plan);
-    rc = names && eps ? dsd_plan_build(&d->plan, c, n, (const char(*)[64])names,
-                                       (const char(*)[DSD_STR_MAX])eps, d->o.compute,
-                                       d->plan_version + 1)
-                      : -ENOMEM;
+    rc = names && eps
+             ? dsd_plan_build(&d->plan, c, n, (const char(*)[64])names,
+                              (const char(*)[DSD_STR_MAX])eps, d->o.compute, d->plan_version + 1)
+             : -ENOMEM;
     free(names);
     free(eps);
     if (rc < 0) {
@@ -294,16 +292,17 @@ static char *status_json(struct dsd *d, const char *what, int *code)
         json_t *st = sched_obj(d, "stats");
         size_t i;
         json_t *lk;
-        json_array_foreach(json_is_object(st) ? json_object_get(st, "links") : NULL, i, lk) {
+        json_array_foreach(json_is_object(st) ? json_object_get(st, "links") : NULL, i, lk)
+        {
             const char *a = json_string_value(json_object_get(lk, "from"));
             const char *b = json_string_value(json_object_get(lk, "to"));
             double bw = json_number_value(json_object_get(lk, "bandwidth_bytes_per_s"));
             if (!a || !b || !strcmp(a, b) || bw <= 0)
                 continue; /* a node's link to itself is host memory, not a link */
-            json_array_append_new(links, json_pack("{s:s,s:s,s:f,s:f}", "a", a, "b", b,
-                                                   "latency_s",
-                                                   json_number_value(json_object_get(lk, "latency_s")),
-                                                   "bandwidth_bytes_per_s", bw));
+            json_array_append_new(links,
+                                  json_pack("{s:s,s:s,s:f,s:f}", "a", a, "b", b, "latency_s",
+                                            json_number_value(json_object_get(lk, "latency_s")),
+                                            "bandwidth_bytes_per_s", bw));
         }
         json_decref(st);
         r = json_pack("{s:o,s:o}", "nodes", nodes, "links", links);
@@ -311,7 +310,10 @@ static char *status_json(struct dsd *d, const char *what, int *code)
         json_t *nodes = json_array();
         for (uint32_t i = 0; i < d->n_nodes; i++) {
             struct node *n = &d->nodes[i];
-            const char *st = n->failed ? "failed" : n->drained ? "draining" : n->loaded ? "serving" : "loading";
+            const char *st = n->failed    ? "failed"
+                             : n->drained ? "draining"
+                             : n->loaded  ? "serving"
+                                          : "loading";
             if (i == 0)
                 st = d->state;
             json_array_append_new(
@@ -431,7 +433,8 @@ static void on_client(struct dsd *d)
                 break;
             }
             char buf[96];
-            snprintf(buf, sizeof(buf), "{\"plan_version\":%llu}", (unsigned long long)d->plan_version);
+            snprintf(buf, sizeof(buf), "{\"plan_version\":%llu}",
+                     (unsigned long long)d->plan_version);
             reply_json(d->client, m.peer, m.peer_len, env->request_id, buf);
             break;
         }
@@ -622,7 +625,8 @@ static void on_control_coord(struct dsd *d)
         }
         if (env->load_progress->done) {
             n->loaded = true;
-            ds_log_notice("node %s loaded plan v%llu", n->name, (unsigned long long)d->plan_version);
+            ds_log_notice("node %s loaded plan v%llu", n->name,
+                          (unsigned long long)d->plan_version);
             maybe_serve(d);
         }
         break;
@@ -649,7 +653,8 @@ static void send_hello(struct dsd *d)
     Dsd__Device dev[MAXD], *devp[MAXD];
     json_t *devs = local_devices(), *x;
     size_t i, nd = 0;
-    json_array_foreach(devs, i, x) {
+    json_array_foreach(devs, i, x)
+    {
         if (nd >= MAXD)
             break;
         dsd__device__init(&dev[nd]);
@@ -659,7 +664,8 @@ static void send_hello(struct dsd *d)
         dev[nd].memory_bytes = (uint64_t)json_integer_value(json_object_get(x, "memory_bytes"));
         dev[nd].mem_bw_bytes_per_s = json_number_value(json_object_get(x, "mem_bw_bytes_per_s"));
         dev[nd].flops = json_number_value(json_object_get(x, "flops"));
-        dev[nd].host_link_bytes_per_s = json_number_value(json_object_get(x, "host_link_bytes_per_s"));
+        dev[nd].host_link_bytes_per_s =
+            json_number_value(json_object_get(x, "host_link_bytes_per_s"));
         dev[nd].launch_s = json_number_value(json_object_get(x, "launch_s"));
         dev[nd].shares_silicon_with =
             (char *)(json_string_value(json_object_get(x, "shares_silicon_with")) ?: "");
@@ -929,8 +935,7 @@ int main(int argc, char **argv)
         }
     }
     sd_watchdog_enabled(0, &d.wd_usec);
-    ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node,
-                  d.o.data_advertise);
+    ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node, d.o.data_advertise);
     set_state(&d, "joining");
     if (d.coordinator && d.o.expect_workers == 0 && rollout(&d) < 0)
         goto out;

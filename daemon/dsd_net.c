@@ -100,9 +100,9 @@ int dsd_msg_recv(void *sock, bool router, size_t max_envelope, dsd_msg *m, ds_er
         int64_t want = ds_wire_tensor_bytes(m->env->tensors[m->n_frames - 1]);
         if (want < 0 || (size_t)want != zmq_msg_size(f)) {
             drain_rest(sock);
-            rc = ds_error_set(err, -EPROTO, "%s: tensor frame %u has %zu bytes, descriptor says %lld",
-                              ds_wire_body_name(m->env), m->n_frames - 1, zmq_msg_size(f),
-                              (long long)want);
+            rc = ds_error_set(
+                err, -EPROTO, "%s: tensor frame %u has %zu bytes, descriptor says %lld",
+                ds_wire_body_name(m->env), m->n_frames - 1, zmq_msg_size(f), (long long)want);
             goto refuse;
         }
     }

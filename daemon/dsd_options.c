@@ -31,7 +31,8 @@ struct opt {
 static const struct opt OPTS[] = {
     {"role", OPT_ENUM, S(role), 0, 0, "coordinator", "coordinator|worker", false,
      "coordinator holds membership, the plan and the job queue; worker hosts units"},
-    {"node", OPT_STR, S(node), 0, 0, "", NULL, false, "node name, unique in the cluster (default: hostname)"},
+    {"node", OPT_STR, S(node), 0, 0, "", NULL, false,
+     "node name, unique in the cluster (default: hostname)"},
     {"cluster", OPT_STR, S(cluster), 0, 0, "dsd", NULL, false, "cluster name (coordinator)"},
     {"coordinator", OPT_STR, S(coordinator), 0, 0, "", NULL, false,
      "worker: control endpoint of the coordinator, e.g. tcp://10.0.0.1:7100"},
@@ -240,8 +241,9 @@ int dsd_opts_parse(dsd_opts *o, int argc, char **argv, const char **config, ds_e
 int dsd_opts_check(const dsd_opts *o, ds_error *err)
 {
     if (!strcmp(o->role, "worker") && !o->coordinator[0])
-        return ds_error_set(err, -EINVAL, "option coordinator: a worker needs the coordinator's "
-                                          "control endpoint");
+        return ds_error_set(err, -EINVAL,
+                            "option coordinator: a worker needs the coordinator's "
+                            "control endpoint");
     if (!o->node[0])
         return ds_error_set(err, -EINVAL, "option node: empty node name");
     for (const char *c = o->node; *c; c++)
@@ -256,7 +258,9 @@ void dsd_opts_apply_reload(dsd_opts *cur, const dsd_opts *next)
 {
     for (size_t i = 0; i < N_OPTS; i++) {
         const struct opt *p = &OPTS[i];
-        size_t sz = p->type == OPT_INT ? sizeof(int64_t) : p->type == OPT_BOOL ? sizeof(bool) : p->size;
+        size_t sz = p->type == OPT_INT    ? sizeof(int64_t)
+                    : p->type == OPT_BOOL ? sizeof(bool)
+                                          : p->size;
         char *a = (char *)cur + p->off;
         const char *b = (const char *)next + p->off;
         if (!memcmp(a, b, sz))

@@ -27,9 +27,8 @@ void dsd_plan_clear(dsd_plan *p)
     memset(p, 0, sizeof(*p));
 }
 
-int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
-                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
-                   bool coord_computes, uint64_t version)
+int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
+                   const char (*endpoints)[DSD_STR_MAX], bool coord_computes, uint64_t version)
 {
     memset(p, 0, sizeof(*p));
     if (n_nodes == 0 || (!coord_computes && n_nodes < 2))
@@ -139,8 +138,12 @@ int dsd_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint
         *expert = b;
         return 0;
     }
-    static const struct { const char *fmt; enum ds_unit_kind k; } one[] = {
-        {"attn[%u]%n", DS_UNIT_ATTN}, {"dense[%u]%n", DS_UNIT_DENSE}, {"shared[%u]%n", DS_UNIT_SHARED}};
+    static const struct {
+        const char *fmt;
+        enum ds_unit_kind k;
+    } one[] = {{"attn[%u]%n", DS_UNIT_ATTN},
+               {"dense[%u]%n", DS_UNIT_DENSE},
+               {"shared[%u]%n", DS_UNIT_SHARED}};
     for (size_t i = 0; i < 3; i++) {
         n = 0;
         if (sscanf(s, one[i].fmt, &a, &n) == 1 && n && !s[n]) {
@@ -171,14 +174,14 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
         return -ENOMEM;
     }
     size_t k = 0;
-#define ADD(node, ...)                                                                          \
-    do {                                                                                        \
-        dsd__plan_unit__init(&pu[k]);                                                           \
-        snprintf(names + k * 32, 32, __VA_ARGS__);                                              \
-        pu[k].unit = names + k * 32;                                                            \
-        pu[k].device = p->nodes[node];                                                          \
-        w->units[k] = &pu[k];                                                                   \
-        k++;                                                                                    \
+#define ADD(node, ...)                                                                             \
+    do {                                                                                           \
+        dsd__plan_unit__init(&pu[k]);                                                              \
+        snprintf(names + k * 32, 32, __VA_ARGS__);                                                 \
+        pu[k].unit = names + k * 32;                                                               \
+        pu[k].device = p->nodes[node];                                                             \
+        w->units[k] = &pu[k];                                                                      \
+        k++;                                                                                       \
     } while (0)
     ADD(p->embed, "embed");
     for (uint32_t l = 0; l < p->n_layers; l++) {
@@ -229,8 +232,8 @@ int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_mode
             (kind != DS_UNIT_EMBED && kind != DS_UNIT_HEAD && l >= L) ||
             (kind == DS_UNIT_EXPERT && (e >= E || !ds_model_config_layer_is_moe(c, l)))) {
             dsd_units_clear(u);
-            return ds_error_set(err, -EPROTO, "plan: unit %zu '%s' is not a unit of this model",
-                                i, pu->unit ? pu->unit : "(null)");
+            return ds_error_set(err, -EPROTO, "plan: unit %zu '%s' is not a unit of this model", i,
+                                pu->unit ? pu->unit : "(null)");
         }
         if (strcmp(pu->device, self) && strncmp(pu->device, self, strlen(self)))
             continue;
@@ -239,10 +242,20 @@ int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_mode
         if (pu->device[sl] && pu->device[sl] != '/')
             continue;
         switch (kind) {
-        case DS_UNIT_EMBED: u->embed = true; break;
-        case DS_UNIT_HEAD: u->head = true; break;
-        case DS_UNIT_ATTN: case DS_UNIT_DENSE: case DS_UNIT_SHARED: u->attn[l] = true; break;
-        case DS_UNIT_EXPERT: u->expert[(size_t)l * E + e] = true; break;
+        case DS_UNIT_EMBED:
+            u->embed = true;
+            break;
+        case DS_UNIT_HEAD:
+            u->head = true;
+            break;
+        case DS_UNIT_ATTN:
+        case DS_UNIT_DENSE:
+        case DS_UNIT_SHARED:
+            u->attn[l] = true;
+            break;
+        case DS_UNIT_EXPERT:
+            u->expert[(size_t)l * E + e] = true;
+            break;
         }
     }
     return 0;

@@ -32,10 +32,10 @@ struct job {
     uint64_t request_id;
     int32_t *prompt;
     uint32_t n_prompt;
-    uint32_t fed;        /* positions already fed */
+    uint32_t fed; /* positions already fed */
     uint32_t max_tokens;
     uint32_t n_gen;
-    int32_t next;        /* token to feed next (decode) */
+    int32_t next; /* token to feed next (decode) */
     ds_sampler smp;
     int32_t stop_ids[SCHED_MAX_STOP];
     uint32_t n_stop;
@@ -60,12 +60,12 @@ struct dsd_sched {
     struct job *jobs;
     uint32_t max_jobs;
     uint64_t next_job, next_req, step, jobs_done;
-    struct link_stat *links;   /* [n_nodes] */
-    double *attn_s;            /* [L] measured compute per attention layer */
+    struct link_stat *links; /* [n_nodes] */
+    double *attn_s;          /* [L] measured compute per attention layer */
     uint64_t *attn_calls;
-    double *expert_s;          /* [n_nodes] measured expert compute per node */
-    uint64_t *expert_counts;   /* [L * E] routing counts */
-    pthread_mutex_t mu;        /* guards the snapshots below */
+    double *expert_s;        /* [n_nodes] measured expert compute per node */
+    uint64_t *expert_counts; /* [L * E] routing counts */
+    pthread_mutex_t mu;      /* guards the snapshots below */
     char *jobs_json, *stats_json, *links_json;
 };
 
@@ -149,12 +149,12 @@ static void publish(dsd_sched *s)
         struct link_stat *ls = &s->links[n];
         double tr = ls->rtt_s - ls->compute_s;
         json_array_append_new(
-            links, json_pack("{s:s,s:s,s:f,s:f,s:f,s:f,s:I,s:I,s:f}", "from", s->plan.nodes[0],
-                             "to", s->plan.nodes[n], "latency_s", ls->latency_s,
-                             "bandwidth_bytes_per_s", ls->bandwidth_bytes_per_s,
-                             "measured_transfer_s", tr > 0 ? tr : 0.0, "measured_compute_s",
-                             ls->compute_s, "messages", (json_int_t)ls->messages, "bytes",
-                             (json_int_t)ls->bytes, "expert_compute_s", s->expert_s[n]));
+            links,
+            json_pack("{s:s,s:s,s:f,s:f,s:f,s:f,s:I,s:I,s:f}", "from", s->plan.nodes[0], "to",
+                      s->plan.nodes[n], "latency_s", ls->latency_s, "bandwidth_bytes_per_s",
+                      ls->bandwidth_bytes_per_s, "measured_transfer_s", tr > 0 ? tr : 0.0,
+                      "measured_compute_s", ls->compute_s, "messages", (json_int_t)ls->messages,
+                      "bytes", (json_int_t)ls->bytes, "expert_compute_s", s->expert_s[n]));
     }
     char name[64];
     for (uint32_t l = 0; l < L; l++) {
@@ -167,11 +167,12 @@ static void publish(dsd_sched *s)
             continue;
         json_t *row = json_array();
         for (uint32_t e = 0; e < E; e++)
-            json_array_append_new(row, json_integer((json_int_t)s->expert_counts[(size_t)l * E + e]));
+            json_array_append_new(row,
+                                  json_integer((json_int_t)s->expert_counts[(size_t)l * E + e]));
         json_array_append_new(counts, json_pack("{s:i,s:o}", "layer", (int)l, "counts", row));
     }
-    json_t *st = json_pack("{s:o,s:o,s:{s:i,s:o}}", "links", links, "units", units,
-                           "expert_stats", "n_routed_experts", (int)E, "layers", counts);
+    json_t *st = json_pack("{s:o,s:o,s:{s:i,s:o}}", "links", links, "units", units, "expert_stats",
+                           "n_routed_experts", (int)E, "layers", counts);
     char *a = json_dumps(jr, JSON_COMPACT), *b = json_dumps(st, JSON_COMPACT);
     json_decref(jr);
     json_decref(st);
@@ -205,8 +206,8 @@ struct pending {
     bool done;
 };
 
-static int send_req(dsd_sched *s, struct pending *p, uint32_t node, Dsd__Envelope *env,
-                    void **fr, const size_t *sz, uint32_t n)
+static int send_req(dsd_sched *s, struct pending *p, uint32_t node, Dsd__Envelope *env, void **fr,
+                    const size_t *sz, uint32_t n)
 {
     memset(p, 0, sizeof(*p));
     p->node = node;
@@ -533,11 +534,11 @@ static void handle_submit(dsd_sched *s, void *pipe, const uint8_t *peer, size_t 
                        ? (uint32_t)s->o.max_context
                        : c->max_position_embeddings;
     char msg[256];
-#define BAD(code, ...)                                                                        \
-    do {                                                                                      \
-        snprintf(msg, sizeof(msg), __VA_ARGS__);                                              \
-        pipe_error(pipe, peer, pl, env->request_id, code, msg);                              \
-        return;                                                                               \
+#define BAD(code, ...)                                                                             \
+    do {                                                                                           \
+        snprintf(msg, sizeof(msg), __VA_ARGS__);                                                   \
+        pipe_error(pipe, peer, pl, env->request_id, code, msg);                                    \
+        return;                                                                                    \
     } while (0)
     if (!sb->n_tokens)
         BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
@@ -547,11 +548,12 @@ static void handle_submit(dsd_sched *s, void *pipe, const uint8_t *peer, size_t 
     if (sb->n_tokens >= ctx || sb->max_tokens == 0 || sb->n_tokens + sb->max_tokens > ctx)
         BAD(DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE,
             "prompt (%zu tokens) + max_tokens (%u) must fit the context of %u and max_tokens "
-            "must be > 0", sb->n_tokens, sb->max_tokens, ctx);
+            "must be > 0",
+            sb->n_tokens, sb->max_tokens, ctx);
     for (size_t i = 0; i < sb->n_tokens; i++)
         if (sb->tokens[i] >= c->vocab_size)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "token %zu: id %u outside the vocabulary (%u)",
-                i, sb->tokens[i], c->vocab_size);
+            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+                "token %zu: id %u outside the vocabulary (%u)", i, sb->tokens[i], c->vocab_size);
     float temp = sb->sampling ? sb->sampling->temperature : 0;
     float top_p = sb->sampling && sb->sampling->top_p > 0 ? sb->sampling->top_p : 1;
     if (!(temp >= 0 && temp <= 1e6) || !(top_p > 0 && top_p <= 1))
@@ -593,8 +595,10 @@ static void handle_submit(dsd_sched *s, void *pipe, const uint8_t *peer, size_t 
     j->max_tokens = sb->max_tokens;
     j->n_stop = (uint32_t)sb->n_stop;
     memcpy(j->stop_ids, stops, sb->n_stop * sizeof(int32_t));
-    j->smp = (ds_sampler){.greedy = temp == 0, .temperature = temp > 0 ? temp : 1,
-                          .top_p = top_p, .top_k = sb->sampling ? sb->sampling->top_k : 0};
+    j->smp = (ds_sampler){.greedy = temp == 0,
+                          .temperature = temp > 0 ? temp : 1,
+                          .top_p = top_p,
+                          .top_k = sb->sampling ? sb->sampling->top_k : 0};
     ds_sampler_seed(&j->smp, sb->sampling ? sb->sampling->seed : 1);
     /* acknowledge with the job id so the client can cancel before the first token */
     Dsd__Envelope ack = DSD__ENVELOPE__INIT;
@@ -683,8 +687,8 @@ fail:
         for (uint32_t i = 0; i < nj; i++) {
             struct job *j = jl[i];
             j->fed = j->fed < j->n_prompt ? j->n_prompt : j->fed + 1;
-            int32_t t = ds_sampler_pick(&j->smp, logits + (size_t)i * s->c->vocab_size,
-                                        s->c->vocab_size);
+            int32_t t =
+                ds_sampler_pick(&j->smp, logits + (size_t)i * s->c->vocab_size, s->c->vocab_size);
             j->n_gen++;
             j->next = t;
             const char *reason = j->n_gen >= j->max_tokens ? "length" : NULL;

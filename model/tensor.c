@@ -119,13 +119,12 @@ __attribute__((target("avx2,fma"))) static void fp8_dequant_avx2(const uint8_t *
 }
 #endif
 
+static bool use_avx2(void);
+
 static void fp8_dequant(const uint8_t *p, uint32_t len, float scale, float *out)
 {
 #if defined(__x86_64__)
-    static int have = -1;
-    if (have < 0)
-        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (have && !force_portable) {
+    if (use_avx2()) {
         fp8_dequant_avx2(p, len, scale, out);
         return;
     }
@@ -282,14 +281,23 @@ __attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *wr, c
 }
 #endif
 
-static void dot_rows(const float *wr, const uint16_t *wb, const float *x, uint32_t cols,
-                     uint32_t nr, float *out, size_t out_stride)
+static bool use_avx2(void)
 {
 #if defined(__x86_64__)
     static int have = -1;
     if (have < 0)
         have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (have && !force_portable) {
+    return have && !force_portable;
+#else
+    return false;
+#endif
+}
+
+static void dot_rows(const float *wr, const uint16_t *wb, const float *x, uint32_t cols,
+                     uint32_t nr, float *out, size_t out_stride)
+{
+#if defined(__x86_64__)
+    if (use_avx2()) {
         dot_rows_avx2(wr, wb, NULL, x, cols, nr, out, out_stride);
         return;
     }
@@ -311,6 +319,23 @@ static void mm_task(void *arg, uint32_t t)
     const ds_weight *w = m->w;
     uint32_t r0 = t * m->rows_per_task;
     uint32_t r1 = r0 + m->rows_per_task < w->rows ? r0 + m->rows_per_task : w->rows;
+#if defined(__x86_64__)
+    /* FP8 with AVX2: dequantised in registers inside the dot kernel (no row buffer). */
+    if (w->dtype == DS_DTYPE_F8_E4M3 && w->block_cols >= 16 && w->block_cols % 16 == 0 &&
+        use_avx2()) {
+        uint32_t nbc = (w->cols + w->block_cols - 1) / w->block_cols;
+        for (uint32_t r = r0; r < r1; r++) {
+            fp8_row f = {(const uint8_t *)w->data + (size_t)r * w->cols,
+                         w->scale_inv + (size_t)(r / w->block_rows) * nbc, w->block_cols};
+            for (uint32_t i = 0; i < m->n; i += DOT_ROWS) {
+                uint32_t nr = m->n - i < DOT_ROWS ? m->n - i : DOT_ROWS;
+                dot_rows_avx2(NULL, NULL, &f, m->x + (size_t)i * w->cols, w->cols, nr,
+                              m->y + (size_t)i * w->rows + r, w->rows);
+            }
+        }
+        return;
+    }
+#endif
     float *buf = NULL;
     if (w->dtype == DS_DTYPE_F8_E4M3) {
         buf = malloc(w->cols * sizeof(float));

@@ -14,7 +14,7 @@
 
 #include "ds_client.h"
 #include "ds_wire.h"
-#include "dsd_spawn.h"
+#include "cluster/dsd_spawn.h"
 
 static struct dsd_proc g_dsd;
 
@@ -134,8 +134,8 @@ static void test_callback_and_stop_id(void **state)
     while (want[first] != want[3])
         first++;
     const char *stops[] = {stop};
-    ds_client_request r = {.tokens = prompt, .n_tokens = 3, .max_tokens = 12, .seed = 1,
-                           .stop = stops, .n_stop = 1};
+    ds_client_request r = {
+        .tokens = prompt, .n_tokens = 3, .max_tokens = 12, .seed = 1, .stop = stops, .n_stop = 1};
     struct cb_ctx x = {0};
     assert_int_equal(ds_client_generate(c, &r, on_token, &x, NULL), 0);
     assert_int_equal(x.n, first + 1);

@@ -11,7 +11,7 @@
 #include <cmocka.h>
 
 #include "dsd.h"
-#include "dsd_spawn.h"
+#include "cluster/dsd_spawn.h"
 
 static void test_options_table(void **state)
 {
@@ -104,7 +104,8 @@ static void test_plan_spreads_units(void **state)
     char eps[3][DSD_STR_MAX] = {"tcp://a:1", "tcp://b:1", "tcp://c:1"};
     dsd_plan p;
     assert_int_equal(dsd_plan_build(&p, c, 3, (const char(*)[64])names,
-                                    (const char(*)[DSD_STR_MAX])eps, true, 1), 0);
+                                    (const char(*)[DSD_STR_MAX])eps, true, 1),
+                     0);
     /* every node hosts at least one expert; attention goes to workers first */
     int experts[3] = {0};
     for (uint32_t l = 0; l < p.n_layers; l++)
@@ -145,8 +146,8 @@ static void test_plan_spreads_units(void **state)
 
 /* ---- bad peers against a live daemon ------------------------------------------------------ */
 
-static Dsd__Envelope *ask(void *s, const void *data, size_t len, int more_frames,
-                          const void *frame, size_t flen)
+static Dsd__Envelope *ask(void *s, const void *data, size_t len, int more_frames, const void *frame,
+                          size_t flen)
 {
     zmq_send(s, data, len, more_frames ? ZMQ_SNDMORE : 0);
     if (more_frames)

@@ -539,19 +539,29 @@ static void test_kernel_identity(void **state)
     (void)state;
     enum { R = 37, C = 1001, N = 5 };
     uint16_t *wb = malloc(R * C * 2);
-    float *wf = malloc(R * C * 4), *x = malloc(N * C * 4);
+    uint8_t *w8 = malloc(R * C);
+    float *wf = malloc(R * C * 4), *x = malloc(N * C * 4), *sc = malloc(R * C * 4);
     float y1[N * R], y2[N * R], y3[R];
     uint32_t s = 12345;
     for (int i = 0; i < R * C; i++) {
         s = s * 1103515245u + 12345u;
         wf[i] = ((float)(s >> 8) / 16777216.0f - 0.5f);
         wb[i] = ds_f32_to_bf16(wf[i]);
+        w8[i] = (uint8_t)(s >> 24);
+        if ((w8[i] & 0x7f) == 0x7f) /* no NaN weights: the double reference below */
+            w8[i] ^= 1;
+        sc[i] = 0.01f * (float)(1 + i % 5); /* more than enough block scales */
     }
+    /* F32, BF16, then FP8 with blocks 128 x 128 and 16 x 32 (the fused AVX2 kernel) and
+     * 8 x 100 (row buffer path), all against the portable kernel and a double reference. */
+    const uint32_t f8_br[3] = {128, 16, 8}, f8_bc[3] = {128, 32, 100};
     for (int i = 0; i < N * C; i++)
         x[i] = sinf((float)i * 0.37f);
-    for (int t = 0; t < 2; t++) {
+    for (int t = 0; t < 5; t++) {
         ds_weight w = {
             t ? DS_DTYPE_BF16 : DS_DTYPE_F32, R, C, t ? (void *)wb : (void *)wf, NULL, 0, 0};
+        if (t >= 2)
+            w = (ds_weight){DS_DTYPE_F8_E4M3, R, C, w8, sc, f8_br[t - 2], f8_bc[t - 2]};
         ds_tensor_force_portable(false);
         ds_weight_matmul(&w, x, N, y1, NULL);
         ds_tensor_force_portable(true);
@@ -564,11 +574,20 @@ static void test_kernel_identity(void **state)
         }
         for (int r = 0; r < R; r++) {
             double ref = 0;
-            for (int c = 0; c < C; c++)
-                ref += (double)(t ? ds_bf16_to_f32(wb[r * C + c]) : wf[r * C + c]) * x[c];
-            assert_float_equal(y1[r], ref, 1e-4);
+            for (int c = 0; c < C; c++) {
+                double wv = t ? ds_bf16_to_f32(wb[r * C + c]) : wf[r * C + c];
+                if (t >= 2) {
+                    uint32_t nbc = (C + w.block_cols - 1) / w.block_cols;
+                    wv = (double)ds_fp8_e4m3_to_f32(w8[r * C + c]) *
+                         sc[(r / w.block_rows) * nbc + c / w.block_cols];
+                }
+                ref += wv * x[c];
+            }
+            assert_float_equal(y1[r], ref, t >= 2 ? 2e-3 : 1e-4);
         }
     }
+    free(w8);
+    free(sc);
     free(wb);
     free(wf);
     free(x);

@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "dsd_spawn.h"
+#include "cluster/dsd_spawn.h"
 
 static void test_ready_status_watchdog(void **state)
 {

@@ -43,8 +43,17 @@ static inline int dsd_spawn(struct dsd_proc *p, const char *const *extra, const 
         snprintf(a[2], 300, "--data_bind=%s", p->data_ep);
         snprintf(a[3], 300, "--state_dir=%s", p->state_dir);
         snprintf(a[4], 300, "--model=%s/ref/v3_bf16", DS_TEST_DATA);
-        const char *argv[32] = {DS_BINARY_ROOT "/daemon/dsd", "--node=solo", "--threads=1",
-                                "--heartbeat_ms=100", "--calibrate=false", "--discover_opencl=false", a[0], a[1], a[2], a[3], a[4]};
+        const char *argv[32] = {DS_BINARY_ROOT "/daemon/dsd",
+                                "--node=solo",
+                                "--threads=1",
+                                "--heartbeat_ms=100",
+                                "--calibrate=false",
+                                "--discover_opencl=false",
+                                a[0],
+                                a[1],
+                                a[2],
+                                a[3],
+                                a[4]};
         int n = 11;
         for (int i = 0; extra && extra[i] && n < 30; i++)
             argv[n++] = extra[i];
