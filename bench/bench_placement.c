@@ -118,7 +118,7 @@ static void plan_time(const char *root)
     size_t L = cfg.num_hidden_layers, E = cfg.n_routed_experts;
     double *st = malloc(L * E * sizeof *st);
     for (size_t i = 0; i < L * E && st; i++)
-        st[i] = 1.0 / (1.0 + (double)((i * 2654435761u) % E));
+        st[i] = 1.0 / (1.0 + (double)(((i / E) * 7919u + (i % E) * 2654435761u) % E));
     o.expert_stats = st;
     ds_plan *p2 = NULL;
     double t2 = now();

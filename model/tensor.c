@@ -6,8 +6,10 @@
  * chosen at run time and a portable one, so results are identical across machines (the product is
  * built with -ffp-contract=off so the compiler cannot fuse differently). Threads split output
  * rows of W; several input rows share one pass over W's row (weight streaming). BF16 rows are
- * widened in registers (no staging buffer); FP8 rows are dequantised into a row buffer, one
- * 128-column scale block at a time (bit arithmetic or LUT, then one multiply per element). */
+ * widened in registers (no staging buffer). FP8 with AVX2 (block width a multiple of 16) is
+ * dequantised in registers inside the same kernel, the block scale loaded once per block;
+ * otherwise FP8 rows go through a row buffer filled one scale block at a time. Either way each
+ * weight is the single product fp8 * scale, so the values and the order are those above. */
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>

@@ -122,8 +122,8 @@ typedef struct ds_plan_options {
     const char *const *exclude; /* "node/device" or "node" names, n_exclude of them */
     size_t n_exclude;
     bool no_replicas;          /* do not replicate hot experts (benchmarks comparing to MILP) */
-    uint32_t exact_max_vars;   /* MILP used when experts x devices <= this (0 = 2048) */
-    double exact_time_limit_s; /* GLPK time limit per MoE layer (0 = 2 s) */
+    uint32_t exact_max_vars;   /* MILP used when experts x devices <= this (0 = 1024) */
+    double exact_time_limit_s; /* GLPK time limit per distinct MoE layer problem (0 = 1 s) */
 } ds_plan_options;
 
 typedef struct ds_plan ds_plan;
@@ -162,8 +162,8 @@ char *ds_plan_to_json(const ds_plan *p);
 /* Human-readable report; explain adds the bottleneck and the runner-up. */
 void ds_plan_print(const ds_plan *p, void *file, bool explain);
 
-/* Predicted decode step seconds of any strategy on the same inputs (for benchmarks and the
- * "runner-up" in --explain); NAN/negative on failure with err set. */
+/* The objective value (seconds per step for latency, per pipelined batch for throughput) of
+ * one strategy on the same inputs (benchmarks); negative on failure with err set. */
 double ds_plan_eval_strategy(const ds_cluster *cl, const ds_model_config *cfg,
                              const ds_plan_options *opt, enum ds_strategy s, ds_error *err);
 

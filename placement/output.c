@@ -134,6 +134,7 @@ int ds_plan_solve(const ds_cluster *cl, const ds_model_config *cfg, const ds_pla
         pl_cand *c = &p->cand[i];
         c->s = order[i];
         c->obj = INFINITY;
+        /* The MILP is the slow one: only when asked for (auto or exact). */
         bool want = p->requested == DS_STRAT_AUTO || p->requested == order[i] ||
                     order[i] != DS_STRAT_EXACT;
         if (order[i] == DS_STRAT_EXACT && (!small || !x->E) && p->requested != DS_STRAT_EXACT)

@@ -118,8 +118,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
     if (x->reserve >= 1 || !isfinite(x->reserve))
         return ds_error_set(err, -ERANGE, "plan: memory reserve %g must be below 1", x->reserve);
     x->no_replicas = o->no_replicas;
-    x->exact_max_vars = o->exact_max_vars ? o->exact_max_vars : 2048;
-    x->exact_tl = o->exact_time_limit_s > 0 ? o->exact_time_limit_s : 2.0;
+    x->exact_max_vars = o->exact_max_vars ? o->exact_max_vars : 1024;
+    x->exact_tl = o->exact_time_limit_s > 0 ? o->exact_time_limit_s : 1.0;
     size_t nn2 = (size_t)x->nn * x->nn;
     x->lat = calloc(nn2, sizeof *x->lat);
     x->bw = calloc(nn2, sizeof *x->bw);

@@ -13,3 +13,5 @@ ds_add_script_test(NAME test_systemd_verify
                    LABELS unit TIMEOUT 60)
 ds_add_fuzz(NAME fuzz_daemon SOURCES fuzz_daemon.c LIBS ds_daemon ITERATIONS 30000)
 target_compile_definitions(fuzz_daemon PRIVATE DS_TEST_DATA="${DS_TEST_DATA}")
+ds_add_script_test(NAME test_netns COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_netns.sh
+                   LABELS netns TIMEOUT 300)
