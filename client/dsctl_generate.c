@@ -383,6 +383,8 @@ static int cmd_generate(int argc, char **argv)
             (rc = ds_backend_moe_new(m, model, bk, &bm, &err)) < 0) {
             fprintf(stderr, "dsctl generate: --experts-on %s: %s\n", experts_on,
                     ds_error_str(&err));
+            if (rc == -EINVAL)
+                ret = DSCTL_EXIT_USAGE; /* a malformed SPEC, not a runtime failure */
             goto out;
         }
         ds_engine_set_moe_runner(eng, run_on_backend, bm);

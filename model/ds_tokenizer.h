@@ -58,8 +58,8 @@ const char *ds_tokenizer_id_to_token(const ds_tokenizer *t, int32_t id);
 /* token string (vocab spelling) -> id, or -1. */
 int32_t ds_tokenizer_token_to_id(const ds_tokenizer *t, const char *token);
 
-/* Encodes len bytes of text (any bytes; invalid UTF-8 is encoded byte by byte as the byte-level
- * symbols of those bytes). add_special: prepend BOS when the config asks for it. On success
+/* Encodes len bytes of text (any bytes; invalid UTF-8 is first replaced by U+FFFD per maximal
+ * invalid subpart, as Python's errors="replace" does, so ids match HF's). add_special: prepend BOS when the config asks for it. On success
  * *ids is a malloc'd array (caller frees) of *n ids. */
 int ds_tokenizer_encode(const ds_tokenizer *t, const char *text, size_t len, bool add_special,
                         int32_t **ids, size_t *n, ds_error *err);

@@ -134,17 +134,13 @@ int ds_plan_solve(const ds_cluster *cl, const ds_model_config *cfg, const ds_pla
         pl_cand *c = &p->cand[i];
         c->s = order[i];
         c->obj = INFINITY;
-        /* The MILP is the slow one: only when asked for (auto or exact). */
-        bool want = p->requested == DS_STRAT_AUTO || p->requested == order[i] ||
-                    order[i] != DS_STRAT_EXACT;
-        if (order[i] == DS_STRAT_EXACT && (!small || !x->E) && p->requested != DS_STRAT_EXACT)
-            want = false;
-        if (order[i] == DS_STRAT_HEURISTIC && p->requested != DS_STRAT_AUTO &&
-            p->requested != DS_STRAT_HEURISTIC && p->requested != DS_STRAT_EXACT)
-            want = true;
-        if (!want) {
+        /* The MILP is the slow one: run only for auto (when small) or when asked for. */
+        if (order[i] == DS_STRAT_EXACT && p->requested != DS_STRAT_EXACT &&
+            (p->requested != DS_STRAT_AUTO || !small || !x->E)) {
             c->rc = -ENOENT;
-            snprintf(c->why, sizeof c->why, "not run (instance too large for the MILP)");
+            snprintf(c->why, sizeof c->why, "not run (%s)",
+                     p->requested != DS_STRAT_AUTO ? "not requested"
+                                                   : "instance too large for the MILP");
             continue;
         }
         bool no;

@@ -260,6 +260,39 @@ static void test_generate_text(void **state)
     rmdir(dir);
 }
 
+/* models/tiny (the trained demo model, when present): a text prompt gives English — mostly
+ * ASCII letters and spaces, with common English words — and the last line is the ids. */
+static void test_generate_tiny_english(void **state)
+{
+    (void)state;
+    if (access(DS_SOURCE_ROOT "/models/tiny/model.safetensors", R_OK) != 0 ||
+        access(DS_SOURCE_ROOT "/models/tiny/tokenizer.json", R_OK) != 0) {
+        printf("models/tiny not present: skipped\n");
+        return;
+    }
+    size_t len;
+    char *o = run_all(DSCTL " generate --local --model " DS_SOURCE_ROOT "/models/tiny "
+                            "'The meaning of life is' --max-tokens 40 --greedy --ignore-eos "
+                            "--threads 2",
+                      &len);
+    int32_t ids[256];
+    uint32_t n;
+    size_t tl = split_output(o, len, ids, &n);
+    assert_int_equal(n, 40);
+    o[tl] = 0;
+    size_t letters = 0, words = 0;
+    for (size_t i = 0; i < tl; i++)
+        if ((o[i] >= 'a' && o[i] <= 'z') || (o[i] >= 'A' && o[i] <= 'Z') || o[i] == ' ')
+            letters++;
+    const char *common[] = {" the ", " of ", " a ", " is ", " and ", " to ", " in ", " it "};
+    for (int i = 0; i < 8; i++)
+        if (strstr(o, common[i]))
+            words++;
+    if (letters * 10 < tl * 8 || words < 2)
+        fail_msg("not English: [%s]", o);
+    free(o);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1)
@@ -275,6 +308,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_generate_experts_on),
         cmocka_unit_test(test_generate_text),
+        cmocka_unit_test(test_generate_tiny_english),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
