@@ -185,7 +185,7 @@ static void gap(int n)
         if (ds_cluster_parse(spec, o, &cl, &err))
             continue;
         ds_plan_options po = {.batch = 1 + (uint32_t)(urand() * 32), .context = 512,
-                              .no_replicas = true, .exact_time_limit_s = 5};
+                              .no_replicas = true, .exact_time_limit_s = 1};
         double h = ds_plan_eval_strategy(cl, &c, &po, DS_STRAT_HEURISTIC, &err);
         double x = ds_plan_eval_strategy(cl, &c, &po, DS_STRAT_EXACT, &err);
         ds_cluster_free(cl);
@@ -204,7 +204,7 @@ static void gap(int n)
 int main(int argc, char **argv)
 {
     const char *root = argc > 1 ? argv[1] : ".";
-    int n = argc > 2 ? atoi(argv[2]) : 60;
+    int n = argc > 2 ? atoi(argv[2]) : 10;
     int losses = suite(root);
     plan_time(root);
     gap(n);

@@ -4,4 +4,4 @@
 ds_add_test(NAME test_placement SOURCES test_placement.c LIBS ds_placement PkgConfig::JANSSON
             LABELS unit TIMEOUT 120)
 ds_add_fuzz(NAME fuzz_cluster_spec SOURCES fuzz_cluster_spec.c LIBS ds_placement
-            CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/cluster ITERATIONS 3000)
+            CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/cluster ITERATIONS 20000)
