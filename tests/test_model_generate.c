@@ -260,6 +260,48 @@ static void test_generate_text(void **state)
     rmdir(dir);
 }
 
+/* The shipped model with every routed expert on the device: the same streamed text, tokens
+ * and logits (byte for byte) as the CPU engine, which test_tiny_model checks against HF. */
+static void test_generate_tiny_experts_on(void **state)
+{
+    (void)state;
+    if (access(DS_SOURCE_ROOT "/models/tiny/model.safetensors", R_OK) != 0) {
+        printf("models/tiny not present: skipped\n");
+        return;
+    }
+    char lp[2][32] = {"/tmp/ds_tiny_cpu_XXXXXX", "/tmp/ds_tiny_dev_XXXXXX"};
+    char out[2][8192];
+    unsigned char *lg[2];
+    size_t ln[2];
+    for (int r = 0; r < 2; r++) {
+        int fd = mkstemp(lp[r]);
+        assert_true(fd >= 0);
+        close(fd);
+        char cmd[4096], extra[128] = "";
+        if (r)
+            snprintf(extra, sizeof(extra), " --experts-on %s", spec);
+        snprintf(cmd, sizeof(cmd),
+                 DSCTL " generate --local --model " DS_SOURCE_ROOT "/models/tiny --max-tokens 24 "
+                       "--greedy --ignore-eos --logits-out %s --threads 2%s "
+                       "'The meaning of life is'",
+                 lp[r], extra);
+        FILE *p = popen(cmd, "r");
+        assert_non_null(p);
+        size_t n = fread(out[r], 1, sizeof(out[r]) - 1, p);
+        out[r][n] = 0;
+        assert_int_equal(pclose(p), 0);
+        lg[r] = read_all(lp[r], &ln[r]);
+        unlink(lp[r]);
+    }
+    assert_non_null(strstr(out[0], "tokens: "));
+    assert_string_equal(out[0], out[1]);
+    assert_true(ln[0] > 0);
+    assert_int_equal(ln[0], ln[1]);
+    assert_memory_equal(lg[0], lg[1], ln[0]);
+    free(lg[0]);
+    free(lg[1]);
+}
+
 /* models/tiny (the trained demo model, when present): a text prompt gives English — mostly
  * ASCII letters and spaces, with common English words — and the last line is the ids. */
 static void test_generate_tiny_english(void **state)
@@ -309,6 +351,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_generate_experts_on),
         cmocka_unit_test(test_generate_text),
         cmocka_unit_test(test_generate_tiny_english),
+        cmocka_unit_test(test_generate_tiny_experts_on),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
