@@ -22,6 +22,8 @@
 
 /* The cluster side of `dsctl generate` (client/dsctl_generate_cluster.c). */
 int dsctl_generate_cluster(int argc, char **argv);
+/* Text prompts on the cluster (client/dsctl_generate_text.c). */
+int dsctl_generate_cluster_text(int argc, char **argv);
 
 #define GEN_MAX_TOKENS 1000000
 #define GEN_MAX_PROMPT_BYTES (16u << 20) /* text prompt read from stdin */
@@ -30,6 +32,7 @@ static void gen_usage(FILE *f)
 {
     fprintf(f, "usage: dsctl generate --local --model DIR --tokens ID,ID,... [options]\n"
                "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl submit --help)\n"
+               "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text prompt)\n"
                "       dsctl generate --local --model DIR [options] TEXT|-\n"
                "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json;\n"
                "                      the generated text is streamed to stdout\n"
@@ -186,15 +189,19 @@ static int stream_token(ds_tok_stream *ts, int32_t id, bool *nl_last)
 static int cmd_generate(int argc, char **argv)
 {
     /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c). */
-    bool want_local = false, want_help = false;
+    bool want_local = false, want_help = false, has_model = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--local") == 0)
             want_local = true;
+        else if (strcmp(argv[i], "--model") == 0 || strncmp(argv[i], "--model=", 8) == 0)
+            has_model = true;
         else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
             want_help = true;
         else if (strcmp(argv[i], "--") == 0)
             break;
     }
+    if (!want_local && !want_help && has_model) /* text prompt, tokenized here */
+        return dsctl_generate_cluster_text(argc, argv);
     if (!want_local && !want_help)
         return dsctl_generate_cluster(argc, argv);
     static const struct option opts[] = {
