@@ -22,7 +22,7 @@ echo "-- dsctl status --"
 "$DSCTL" status
 echo "-- dsctl placement --"
 "$DSCTL" placement
-echo "-- dsctl generate (on the cluster) --"
+echo "-- dsctl generate (on the cluster), prompt: $PROMPT --"
 "$DSCTL" generate --model "$MODEL" --max-tokens 48 --greedy "$PROMPT"
 echo "-- dsctl generate --local (the same model in one process, for comparison) --"
 "$DSCTL" generate --local --model "$MODEL" --max-tokens 48 --greedy "$PROMPT"
