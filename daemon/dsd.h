@@ -46,6 +46,10 @@ typedef struct dsd_opts {
     bool compute;              /* coordinator also hosts units */
     bool calibrate;            /* measure devices at start (cached in state_dir) */
     bool discover_opencl;      /* include OpenCL devices in discovery */
+    char devices_config[PATH_MAX]; /* devices operator config (memory_cap, ...), "" = none */
+    char plan_strategy[32];    /* coordinator: auto | <ds_strategy name> | round-robin */
+    int64_t plan_batch;        /* workload the planner optimises: rows per decode step */
+    int64_t plan_context;      /* tokens of context per sequence, 0 = max_context */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -134,6 +138,9 @@ typedef struct dsd_plan {
     int32_t embed, head; /* node index */
     int32_t *attn;       /* [n_layers] node index */
     int32_t *expert;     /* [n_layers * n_experts] node index, -1 for dense layers */
+    char strategy[32];   /* strategy requested ("round-robin" or a ds_strategy name) */
+    char solver[32];     /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
+    char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
 } dsd_plan;
 
 /* Round-robin plan that spreads attention layers and experts over every node (the coordinator
@@ -141,6 +148,23 @@ typedef struct dsd_plan {
 int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
                    const char (*endpoints)[DSD_STR_MAX], bool coord_computes, uint64_t version);
 void dsd_plan_clear(dsd_plan *p);
+/* Plan from the placement solver (placement/ds_placement.h) over a cluster spec whose nodes
+ * are exactly names[0..n_nodes) (spec_json: docs/cluster-spec.md, built by the coordinator
+ * from the nodes' reported devices and the measured links). embed and head are pinned to the
+ * coordinator (names[0]), which embeds and samples; each unit goes to the node hosting the
+ * device the solver chose. -ENOSPC infeasible, -EINVAL bad spec/strategy; err says why. */
+int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
+                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
+                   const char *strategy, uint32_t batch, uint32_t context, uint64_t version,
+                   ds_error *err);
+/* dsd_solve.c (kept apart: ds_placement.h and ds_model.h both declare enum ds_unit_kind):
+ * runs the solver and fills embed/head, attn[n_layers], expert[n_layers * n_experts] (-1 for
+ * dense layers) with node indices into names; solver (32 bytes) gets the solver's name and
+ * *solver_json the placement plan JSON (malloc'd). */
+int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
+                    const char (*names)[64], const char *strategy, uint32_t batch,
+                    uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
+                    int32_t *expert, char *solver, char **solver_json, ds_error *err);
 /* Plan JSON document: {"version":..,"units":{"attn[0]":"node",..},"nodes":{..}}. */
 char *dsd_plan_json(const dsd_plan *p);
 /* The units node `idx` hosts. */

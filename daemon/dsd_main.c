@@ -54,6 +54,8 @@ struct dsd {
     dsd_host *host;
     dsd_sched *sched;
     uint64_t plan_version;
+    json_t *links;         /* links measured by the last scheduler (cluster-spec form), or NULL */
+    char plan_error[512];  /* why the last plan failed ("" when it did not) */
     /* worker */
     bool welcomed;
     uint64_t last_coord_ns, last_hello_ns, hb_seq;
@@ -70,7 +72,8 @@ static char g_node_class[16] = "server";
  * described from sysconf when discovery fails, so a node can still join. */
 static void discover_devices(const dsd_opts *o)
 {
-    ds_devices_options dopt = {.no_opencl = !o->discover_opencl};
+    ds_devices_options dopt = {.no_opencl = !o->discover_opencl,
+                               .config_path = o->devices_config[0] ? o->devices_config : NULL};
     ds_device_list *l = NULL;
     ds_error err = {0};
     char *js = NULL;
@@ -135,6 +138,70 @@ static void set_state(struct dsd *d, const char *st)
     ds_log_notice("state: %s", st);
 }
 
+/* ---- cluster spec ------------------------------------------------------------------------- */
+
+static json_t *sched_obj(struct dsd *d, const char *what);
+
+/* Links in cluster-spec form from the scheduler's calibration (a node's link to itself is host
+ * memory, not a link). */
+static json_t *spec_links(json_t *st)
+{
+    json_t *links = json_array(), *lk;
+    size_t i;
+    json_array_foreach(json_is_object(st) ? json_object_get(st, "links") : NULL, i, lk)
+    {
+        const char *a = json_string_value(json_object_get(lk, "from"));
+        const char *b = json_string_value(json_object_get(lk, "to"));
+        double bw = json_number_value(json_object_get(lk, "bandwidth_bytes_per_s"));
+        if (!a || !b || !strcmp(a, b) || bw <= 0)
+            continue;
+        json_array_append_new(links, json_pack("{s:s,s:s,s:f,s:f}", "a", a, "b", b, "latency_s",
+                                               json_number_value(json_object_get(lk, "latency_s")),
+                                               "bandwidth_bytes_per_s", bw));
+    }
+    return links;
+}
+
+/* The cluster spec of docs/cluster-spec.md: the nodes' reported devices and the links measured
+ * over the real sockets (the running scheduler's, else the last one's). planned_only: leave
+ * out failed and drained nodes (the planner's view); links to nodes left out are dropped. */
+static json_t *cluster_spec(struct dsd *d, bool planned_only)
+{
+    json_t *nodes = json_array(), *links;
+    for (uint32_t i = 0; i < d->n_nodes; i++) {
+        struct node *n = &d->nodes[i];
+        if (n->failed || (planned_only && n->drained))
+            continue;
+        json_array_append_new(nodes, json_pack("{s:s,s:s,s:o}", "name", n->name, "class",
+                                               n->klass[0] ? n->klass : "server", "devices",
+                                               n->devices ? json_incref(n->devices)
+                                                          : json_array()));
+    }
+    if (d->sched) {
+        json_t *st = sched_obj(d, "stats");
+        links = spec_links(st);
+        json_decref(st);
+    } else {
+        links = d->links ? json_deep_copy(d->links) : json_array();
+    }
+    /* keep only links between listed nodes */
+    for (size_t i = json_array_size(links); i-- > 0;) {
+        json_t *lk = json_array_get(links, i);
+        int found = 0;
+        size_t k;
+        json_t *nd;
+        json_array_foreach(nodes, k, nd)
+        {
+            const char *nm = json_string_value(json_object_get(nd, "name"));
+            found += !strcmp(nm, json_string_value(json_object_get(lk, "a"))) +
+                     !strcmp(nm, json_string_value(json_object_get(lk, "b")));
+        }
+        if (found < 2)
+            json_array_remove(links, i);
+    }
+    return json_pack("{s:o,s:o}", "nodes", nodes, "links", links);
+}
+
 /* ---- plan rollout ------------------------------------------------------------------------- */
 
 static int open_host(struct dsd *d, const dsd_units *u, ds_error *err)
@@ -190,15 +257,48 @@ static int rollout(struct dsd *d)
         n++;
     }
     dsd_plan_clear(&d->plan);
-    rc = names && eps
-             ? dsd_plan_build(&d->plan, c, n, (const char(*)[64])names,
-                              (const char(*)[DSD_STR_MAX])eps, d->o.compute, d->plan_version + 1)
-             : -ENOMEM;
+    d->have_plan = false;
+    d->plan_error[0] = 0;
+    bool rr = !strcmp(d->o.plan_strategy, "round-robin");
+    if (!names || !eps) {
+        rc = -ENOMEM;
+    } else if (rr) {
+        rc = dsd_plan_build(&d->plan, c, n, (const char(*)[64])names,
+                            (const char(*)[DSD_STR_MAX])eps, d->o.compute, d->plan_version + 1);
+        if (rc < 0)
+            ds_error_set(&err, rc, "round-robin plan over %u nodes: %s", n, strerror(-rc));
+    } else if (!d->o.compute) {
+        rc = ds_error_set(&err, -EINVAL, "compute = false needs plan_strategy = round-robin "
+                                         "(the solver would place units on the coordinator)");
+    } else {
+        json_t *spec = cluster_spec(d, true);
+        char *sj = json_dumps(spec, JSON_COMPACT);
+        json_decref(spec);
+        uint32_t ctx = (uint32_t)(d->o.plan_context ? d->o.plan_context : d->o.max_context);
+        if (ctx > c->max_position_embeddings)
+            ctx = c->max_position_embeddings;
+        rc = sj ? dsd_plan_solve(&d->plan, c, sj, n, (const char(*)[64])names,
+                                 (const char(*)[DSD_STR_MAX])eps, d->o.plan_strategy,
+                                 (uint32_t)d->o.plan_batch, ctx, d->plan_version + 1, &err)
+                : -ENOMEM;
+        free(sj);
+        /* the solver ran on this thread (up to seconds for the exact MILP): peers were not
+         * silent meanwhile, the loop was busy, so their heartbeat clocks restart now */
+        uint64_t now = dsd_now_ns();
+        for (uint32_t i = 1; i < d->n_nodes; i++)
+            if (!d->nodes[i].failed)
+                d->nodes[i].last_seen_ns = now;
+    }
     free(names);
     free(eps);
     if (rc < 0) {
         ds_model_free(probe);
-        ds_log_err("plan: cannot build a plan over %u nodes: %s", n, strerror(-rc));
+        snprintf(d->plan_error, sizeof(d->plan_error), "%s",
+                 err.msg[0] ? ds_error_str(&err) : strerror(-rc));
+        ds_log_err("plan: no plan over %u nodes (strategy %s): %s; the cluster does not serve",
+                   n, d->o.plan_strategy, d->plan_error);
+        set_state(d, "no-plan");
+        dsd_notify("STATUS=no plan: %s", d->plan_error);
         return rc;
     }
     d->plan_version = d->plan.version;
@@ -209,7 +309,8 @@ static int rollout(struct dsd *d)
         return rc;
     }
     write_plan_file(d, wp.json);
-    ds_log_notice("plan v%llu over %u nodes", (unsigned long long)d->plan_version, n);
+    ds_log_notice("plan v%llu over %u nodes (strategy %s, solver %s)",
+                  (unsigned long long)d->plan_version, n, d->plan.strategy, d->plan.solver);
     for (uint32_t i = 1; i < d->n_nodes; i++) {
         d->nodes[i].loaded = false;
         if (idx_of[i] < 0)
@@ -257,6 +358,10 @@ static void stop_sched(struct dsd *d)
 {
     if (!d->sched)
         return;
+    json_t *st = sched_obj(d, "stats");
+    json_decref(d->links);
+    d->links = spec_links(st); /* the next plan keeps the measured links */
+    json_decref(st);
     zmq_send(d->pipe, "STOP", 4, 0);
     dsd_sched_stop(d->sched);
     d->sched = NULL;
@@ -280,32 +385,7 @@ static char *status_json(struct dsd *d, const char *what, int *code)
     *code = 0;
     if (!strcmp(what, "cluster")) {
         /* the cluster spec of docs/cluster-spec.md, links calibrated over the real sockets */
-        json_t *nodes = json_array(), *links = json_array();
-        for (uint32_t i = 0; i < d->n_nodes; i++) {
-            struct node *n = &d->nodes[i];
-            if (n->failed)
-                continue;
-            json_array_append_new(nodes, json_pack("{s:s,s:s,s:O}", "name", n->name, "class",
-                                                   n->klass[0] ? n->klass : "server", "devices",
-                                                   n->devices ? n->devices : json_array()));
-        }
-        json_t *st = sched_obj(d, "stats");
-        size_t i;
-        json_t *lk;
-        json_array_foreach(json_is_object(st) ? json_object_get(st, "links") : NULL, i, lk)
-        {
-            const char *a = json_string_value(json_object_get(lk, "from"));
-            const char *b = json_string_value(json_object_get(lk, "to"));
-            double bw = json_number_value(json_object_get(lk, "bandwidth_bytes_per_s"));
-            if (!a || !b || !strcmp(a, b) || bw <= 0)
-                continue; /* a node's link to itself is host memory, not a link */
-            json_array_append_new(links,
-                                  json_pack("{s:s,s:s,s:f,s:f}", "a", a, "b", b, "latency_s",
-                                            json_number_value(json_object_get(lk, "latency_s")),
-                                            "bandwidth_bytes_per_s", bw));
-        }
-        json_decref(st);
-        r = json_pack("{s:o,s:o}", "nodes", nodes, "links", links);
+        r = cluster_spec(d, false);
     } else if (!strcmp(what, "status") || !strcmp(what, "devices") || !strcmp(what, "")) {
         json_t *nodes = json_array();
         for (uint32_t i = 0; i < d->n_nodes; i++) {
@@ -317,11 +397,12 @@ static char *status_json(struct dsd *d, const char *what, int *code)
             if (i == 0)
                 st = d->state;
             json_array_append_new(
-                nodes, json_pack("{s:s,s:s,s:s,s:s,s:I,s:O,s:b,s:b}", "name", n->name, "role",
+                nodes, json_pack("{s:s,s:s,s:s,s:s,s:I,s:o,s:b,s:b}", "name", n->name, "role",
                                  i == 0 ? "coordinator" : "worker", "state", st, "endpoint",
                                  n->endpoint, "heartbeat_age_ms",
                                  (json_int_t)(i == 0 ? 0 : (now - n->last_seen_ns) / 1000000),
-                                 "devices", n->devices ? n->devices : json_array(), "drained",
+                                 "devices",
+                                 n->devices ? json_incref(n->devices) : json_array(), "drained",
                                  n->drained, "has_model_copy", n->has_model_copy));
         }
         json_t *st = sched_obj(d, "stats");
@@ -329,6 +410,8 @@ static char *status_json(struct dsd *d, const char *what, int *code)
         r = json_pack("{s:s,s:s,s:s,s:I,s:o,s:O}", "cluster", d->o.cluster, "coordinator",
                       d->o.node, "state", d->state, "plan_version", (json_int_t)d->plan_version,
                       "nodes", nodes, "links", links ? links : json_array());
+        if (d->plan_error[0])
+            json_object_set_new(r, "plan_error", json_string(d->plan_error));
         json_decref(st);
     } else if (!strcmp(what, "jobs")) {
         r = sched_obj(d, "jobs");
@@ -339,8 +422,15 @@ static char *status_json(struct dsd *d, const char *what, int *code)
         char *hs = dsd_host_stats_json(d->host);
         json_t *local = hs ? json_loads(hs, 0, NULL) : json_null();
         free(hs);
-        r = json_pack("{s:o,s:o,s:o}", "plan", plan ? plan : json_null(), "measured",
-                      sched_obj(d, "stats"), "coordinator_units", local ? local : json_null());
+        /* the solver's predicted per-device / per-link times beside the measured ones */
+        json_t *pred = d->have_plan && d->plan.solver_json
+                           ? json_loads(d->plan.solver_json, 0, NULL)
+                           : NULL;
+        r = json_pack("{s:o,s:o,s:o,s:o}", "plan", plan ? plan : json_null(), "measured",
+                      sched_obj(d, "stats"), "coordinator_units", local ? local : json_null(),
+                      "predicted", pred ? pred : json_null());
+        if (d->plan_error[0])
+            json_object_set_new(r, "plan_error", json_string(d->plan_error));
     } else if (!strcmp(what, "expert_stats")) {
         json_t *st = sched_obj(d, "stats");
         json_t *es = json_is_object(st) ? json_object_get(st, "expert_stats") : NULL;
@@ -985,6 +1075,7 @@ out:
         stop_sched(&d);
     d.host = dsd_host_free(d.host);
     dsd_plan_clear(&d.plan);
+    json_decref(d.links);
     for (uint32_t i = 0; i < d.n_nodes; i++)
         json_decref(d.nodes[i].devices);
     if (d.data)

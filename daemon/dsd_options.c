@@ -72,6 +72,15 @@ static const struct opt OPTS[] = {
      "measure the devices at start (memory bandwidth, FLOP/s; cached in state_dir)"},
     {"discover_opencl", OPT_BOOL, I(discover_opencl), 0, 1, "true", NULL, false,
      "include OpenCL devices when discovering this node's devices"},
+    {"devices_config", OPT_STR, S(devices_config), 0, 0, "", NULL, false,
+     "devices operator config file (docs/devices.md: memory_cap, ...), empty for none"},
+    {"plan_strategy", OPT_STR, S(plan_strategy), 0, 0, "auto", NULL, true,
+     "coordinator: placement strategy (auto, heuristic, exact, mem-proportional, ...; "
+     "round-robin = the built-in debugging plan, not the solver)"},
+    {"plan_batch", OPT_INT, I(plan_batch), 1, 4096, "1", NULL, true,
+     "coordinator: sequences decoded together that the planner optimises for"},
+    {"plan_context", OPT_INT, I(plan_context), 0, 1 << 20, "0", NULL, true,
+     "coordinator: context tokens per sequence the planner reserves KV for (0: max_context)"},
 };
 #define N_OPTS (sizeof(OPTS) / sizeof(OPTS[0]))
 

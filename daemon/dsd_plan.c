@@ -1,8 +1,9 @@
 /* dsd_plan.c — the plan the coordinator rolls out: unit -> node, with the data endpoint of
- * every node. Until the placement solver is wired in, the coordinator builds a round-robin
- * plan that deliberately spreads attention layers and routed experts over every node (the
- * cluster tests need every node to host both kinds of unit); embed and head stay on the
- * coordinator, which samples. Shared experts and dense FFNs run beside their attention. */
+ * every node. The coordinator asks the placement solver (dsd_plan_solve -> dsd_solve.c); the
+ * built-in round-robin plan (dsd_plan_build) spreads attention layers and routed experts over
+ * every node and is used only when asked for (plan_strategy = round-robin, for tests and
+ * debugging). embed and head stay on the coordinator, which samples. Shared experts and dense
+ * FFNs run beside their attention. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +25,50 @@ void dsd_plan_clear(dsd_plan *p)
     free(p->endpoints);
     free(p->attn);
     free(p->expert);
+    free(p->solver_json);
     memset(p, 0, sizeof(*p));
+}
+
+static int plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
+                      const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
+                      uint64_t version)
+{
+    memset(p, 0, sizeof(*p));
+    p->version = version;
+    p->n_nodes = n_nodes;
+    p->n_layers = c->num_hidden_layers;
+    p->n_experts = c->n_routed_experts;
+    p->nodes = calloc(n_nodes, sizeof(*p->nodes));
+    p->endpoints = calloc(n_nodes, sizeof(*p->endpoints));
+    p->attn = calloc(p->n_layers ? p->n_layers : 1, sizeof(*p->attn));
+    p->expert = calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1),
+                       sizeof(*p->expert));
+    if (!p->nodes || !p->endpoints || !p->attn || !p->expert) {
+        dsd_plan_clear(p);
+        return -ENOMEM;
+    }
+    memcpy(p->nodes, names, n_nodes * sizeof(*p->nodes));
+    memcpy(p->endpoints, endpoints, n_nodes * sizeof(*p->endpoints));
+    return 0;
+}
+
+int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
+                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
+                   const char *strategy, uint32_t batch, uint32_t context, uint64_t version,
+                   ds_error *err)
+{
+    memset(p, 0, sizeof(*p));
+    if (n_nodes == 0)
+        return ds_error_set(err, -EINVAL, "plan: no node");
+    int rc = plan_alloc(p, c, n_nodes, names, endpoints, version);
+    if (rc < 0)
+        return rc;
+    snprintf(p->strategy, sizeof(p->strategy), "%s", strategy);
+    rc = dsd_solve_units(c, spec_json, n_nodes, names, strategy, batch, context, &p->embed,
+                         &p->head, p->attn, p->expert, p->solver, &p->solver_json, err);
+    if (rc < 0)
+        dsd_plan_clear(p);
+    return rc;
 }
 
 int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
@@ -33,20 +77,11 @@ int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, cons
     memset(p, 0, sizeof(*p));
     if (n_nodes == 0 || (!coord_computes && n_nodes < 2))
         return -EINVAL;
-    p->version = version;
-    p->n_nodes = n_nodes;
-    p->n_layers = c->num_hidden_layers;
-    p->n_experts = c->n_routed_experts;
-    p->nodes = calloc(n_nodes, sizeof(*p->nodes));
-    p->endpoints = calloc(n_nodes, sizeof(*p->endpoints));
-    p->attn = calloc(p->n_layers, sizeof(*p->attn));
-    p->expert = calloc((size_t)p->n_layers * (p->n_experts ? p->n_experts : 1), sizeof(*p->expert));
-    if (!p->nodes || !p->endpoints || !p->attn || !p->expert) {
-        dsd_plan_clear(p);
-        return -ENOMEM;
-    }
-    memcpy(p->nodes, names, n_nodes * sizeof(*p->nodes));
-    memcpy(p->endpoints, endpoints, n_nodes * sizeof(*p->endpoints));
+    int rc = plan_alloc(p, c, n_nodes, names, endpoints, version);
+    if (rc < 0)
+        return rc;
+    snprintf(p->strategy, sizeof(p->strategy), "round-robin");
+    snprintf(p->solver, sizeof(p->solver), "round-robin");
     p->embed = p->head = 0;
     /* Compute nodes: all, or all but the coordinator. Attention starts at the first worker so
      * that a 2-layer model on coordinator + 2 workers puts one layer on each worker. */
@@ -66,6 +101,8 @@ char *dsd_plan_json(const dsd_plan *p)
 {
     json_t *root = json_object(), *units = json_object(), *nodes = json_object();
     json_object_set_new(root, "version", json_integer((json_int_t)p->version));
+    json_object_set_new(root, "strategy", json_string(p->strategy));
+    json_object_set_new(root, "solver", json_string(p->solver));
     for (uint32_t i = 0; i < p->n_nodes; i++)
         json_object_set_new(nodes, p->nodes[i], json_string(p->endpoints[i]));
     json_object_set_new(units, "embed", json_string(p->nodes[p->embed]));

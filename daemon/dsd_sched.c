@@ -842,6 +842,7 @@ int dsd_sched_start(void *zctx, const char *pipe_endpoint, const dsd_plan *plan,
     s->o = *o;
     s->c = ds_model_get_config(dsd_host_model(host));
     s->plan = *plan;
+    s->plan.solver_json = NULL; /* the loop's; the scheduler needs only the unit map */
     uint32_t N = plan->n_nodes, L = plan->n_layers, E = plan->n_experts ? plan->n_experts : 1;
     /* deep copy the plan arrays */
     s->plan.nodes = malloc(N * sizeof(*s->plan.nodes));

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # netns test (label `netns`, needs root): a small cluster in network namespaces joined by veth
-# pairs to a bridge. The edge worker's link is shaped with tc netem (100 Mbit, 5 ms). Checks:
-# the coordinator's link calibration over the real sockets sees the slow link (latency >= 4 ms
-# to the edge, < 2 ms to the fast worker) in `dsctl cluster --json`, and generation over the
-# shaped link is still token-identical to `dsctl generate --local`.
-# NOT YET CHECKED: that the planner keeps latency-critical units off the slow link — dsd still
-# uses its built-in round-robin plan (docs/daemon.md, Limits). Skips cleanly without root or
-# when namespaces / netem cannot be created.
+# pairs to a bridge. The "edge box" worker's link is shaped with tc tbf (100 Mbit; netem is not
+# in every kernel: then tbf alone) and its memory is capped. Checks: the coordinator's link
+# calibration over the real sockets sees the slow edge link (bandwidth below the fast one's) in
+# `dsctl cluster --json`; after `dsctl replan` (the plan made with the measured links) the
+# placement solver keeps the latency-critical units (embed, head, every attn[l]) off the edge;
+# generation is still token-identical to `dsctl generate --local`. Skips cleanly without root
+# or when namespaces / the bridge cannot be created.
 set -u
 : "${DS_BUILD:?}" "${DS_ROOT:?}"
 DSD="$DS_BUILD/daemon/dsd"
@@ -40,38 +40,61 @@ for n in "${NS[@]}"; do
     i=$((i + 1))
 done
 shaped=1
-if ! ip netns exec "${NS[2]}" tc qdisc add dev eth0 root netem delay 5ms rate 100mbit 2>/dev/null; then
-    # without sch_netem the namespaces still test the cluster over veth; the latency check
-    # below is then skipped, and said so
-    echo "NOTE: tc netem is not available (sch_netem): links unshaped, latency check skipped"
+if ! ip netns exec "${NS[2]}" tc qdisc add dev eth0 root tbf rate 100mbit burst 32kbit latency 400ms 2>/dev/null; then
+    echo "NOTE: tc tbf is not available: links unshaped, bandwidth check skipped"
     shaped=0
 fi
 model="$DS_ROOT/tests/data/ref/v3_bf16"
 [ -f "$DS_ROOT/models/tiny/config.json" ] && model="$DS_ROOT/models/tiny"
-common=(--model="$model" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false)
+common=(--model="$model" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false
+        --plan_context=64 --heartbeat_misses=30) # the solver runs on the coordinator's loop
+# memory caps (devices memory_cap): coordinator and fast worker 60% of the checkpoint each (the
+# model needs both), the edge box 30%
+bytes=$(cat "$model"/*.safetensors | wc -c)
+printf 'device.cpu0.memory_cap = %d\n' $((bytes * 60 / 100)) >"$tmp/big.conf"
+printf 'device.cpu0.memory_cap = %d\n' $((bytes * 30 / 100)) >"$tmp/edge.conf"
 ip netns exec "${NS[0]}" "$DSD" --node=coord --expect_workers=2 --control_bind=tcp://10.77.0.1:7100 \
     --client_bind=tcp://10.77.0.1:7101 --data_bind=tcp://10.77.0.1:7102 --state_dir="$tmp/c" \
-    "${common[@]}" >"$tmp/c.log" 2>&1 &
+    --devices_config="$tmp/big.conf" "${common[@]}" >"$tmp/c.log" 2>&1 &
 PIDS+=($!)
 ip netns exec "${NS[1]}" "$DSD" --node=fast --role=worker --coordinator=tcp://10.77.0.1:7100 \
-    --data_bind=tcp://10.77.0.2:7102 --state_dir="$tmp/f" "${common[@]}" >"$tmp/f.log" 2>&1 &
+    --data_bind=tcp://10.77.0.2:7102 --state_dir="$tmp/f" --devices_config="$tmp/big.conf" \
+    "${common[@]}" >"$tmp/f.log" 2>&1 &
 PIDS+=($!)
 ip netns exec "${NS[2]}" "$DSD" --node=edge --role=worker --coordinator=tcp://10.77.0.1:7100 \
-    --data_bind=tcp://10.77.0.3:7102 --state_dir="$tmp/e" "${common[@]}" >"$tmp/e.log" 2>&1 &
+    --data_bind=tcp://10.77.0.3:7102 --state_dir="$tmp/e" --devices_config="$tmp/edge.conf" \
+    "${common[@]}" >"$tmp/e.log" 2>&1 &
 PIDS+=($!)
 export DSD_ENDPOINT=tcp://10.77.0.1:7101
 ctl() { ip netns exec "${NS[0]}" "$DSCTL" "$@"; }
 for _ in $(seq 150); do ctl status --json 2>/dev/null | grep -q '"state": "serving"' && break; sleep 0.2; done
 fail=0
-spec=$(ctl cluster --json)
-lat() { echo "$spec" | tr -d ' \n' | grep -o "\"b\":\"$1\",\"bandwidth_bytes_per_s\":[0-9.e+-]*,\"latency_s\":[0-9.e+-]*" | grep -o '[0-9.e+-]*$'; }
-le=$(lat edge); lf=$(lat fast)
-echo "calibrated latency: fast $lf s, edge $le s"
-[ -n "$le" ] && [ -n "$lf" ] || { echo "FAIL: links missing from the cluster spec"; fail=1; }
+# the scheduler calibrates the links once serving: wait (bounded) for the edge link
+for _ in $(seq 100); do
+    spec=$(ctl cluster --json)
+    echo "$spec" | tr -d ' \n' | grep -q '"b":"edge"' && break
+    sleep 0.1
+done
+link() { echo "$spec" | tr -d ' \n' | grep -o "\"b\":\"$1\",\"bandwidth_bytes_per_s\":[0-9.e+-]*,\"latency_s\":[0-9.e+-]*" | grep -o "[0-9.e+-]*,\"latency_s\":[0-9.e+-]*" | sed 's/,"latency_s":/ /'; }
+read -r be le <<<"$(link edge)"
+read -r bf lf <<<"$(link fast)"
+echo "calibrated: fast $bf B/s $lf s, edge $be B/s $le s"
+[ -n "$be" ] && [ -n "$bf" ] || { echo "FAIL: links missing from the cluster spec"; fail=1; }
 if [ $shaped = 1 ]; then
-    awk -v e="${le:-0}" -v f="${lf:-1}" 'BEGIN { exit !(e >= 0.004 && f < 0.002) }' ||
+    # tbf at 100 Mbit = 12.5 MB/s; the unshaped veth is far faster
+    awk -v e="${be:-1e12}" -v f="${bf:-0}" 'BEGIN { exit !(e < 5e7 && f > 4 * e) }' ||
         { echo "FAIL: calibration does not show the shaped edge link"; fail=1; }
 fi
+# plan again now that the links are measured: the solver sees the slow edge link
+ctl replan >/dev/null || { echo "FAIL: replan"; fail=1; }
+for _ in $(seq 150); do ctl status --json 2>/dev/null | grep -q '"state": "serving"' && break; sleep 0.2; done
+plan=$(ctl placement --json)
+solver=$(echo "$plan" | grep -m1 -o '"solver": "[^"]*"' | cut -d'"' -f4)
+n_edge=$(echo "$plan" | grep -Ec '"(attn\[[0-9]+\]|embed|head)": "edge"')
+n_edge_exp=$(echo "$plan" | grep -Ec '"expert\[[0-9]+\]\[[0-9]+\]": "edge"')
+echo "plan (solver '$solver'): edge hosts $n_edge latency-critical units, $n_edge_exp experts"
+[ -n "$solver" ] && [ "$solver" != round-robin ] || { echo "FAIL: not the solver's plan"; fail=1; }
+[ "$n_edge" = 0 ] || { echo "FAIL: embed/head/attention placed on the slow edge box"; fail=1; }
 for p in "5,6,7" "10,20,30,40"; do
     want=$("$DSCTL" generate --local --model "$model" --tokens "$p" --max-tokens 8 --threads 1 | tail -n1)
     got=$(timeout 120 ip netns exec "${NS[0]}" "$DSCTL" submit --tokens "$p" --max-tokens 8 | tail -n1)

@@ -1,0 +1,112 @@
+/* dsd_solve.c — the coordinator's call into the placement solver (placement/ds_placement.h):
+ * cluster spec + model config + workload -> unit -> node. Kept in its own file because
+ * ds_placement.h and ds_model.h (pulled in by dsd.h) both declare enum ds_unit_kind, with the
+ * same enumerators in the same order. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ds_config.h"
+#include "ds_err.h"
+#include "ds_placement.h"
+
+int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
+                    const char (*names)[64], const char *strategy, uint32_t batch,
+                    uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
+                    int32_t *expert, char *solver, char **solver_json, ds_error *err);
+
+/* Node index (into names) of the device the solver gave a unit; -1 when absent. */
+static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t *node_of_spec,
+                         enum ds_unit_kind k, uint32_t l, uint32_t e)
+{
+    int dev = ds_plan_unit_device(sp, k, l, e, 0);
+    if (dev < 0)
+        return -1;
+    const ds_pl_device *d = ds_cluster_device(cl, dev);
+    return d ? node_of_spec[d->node_index] : -1;
+}
+
+int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
+                    const char (*names)[64], const char *strategy, uint32_t batch,
+                    uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
+                    int32_t *expert, char *solver, char **solver_json, ds_error *err)
+{
+    ds_plan_options opt = {.batch = batch ? batch : 1, .context = context ? context : 1,
+                           .objective = DS_OBJ_LATENCY};
+    if (ds_strategy_parse(strategy, &opt.strategy) < 0)
+        return ds_error_set(err, -EINVAL, "plan_strategy '%s': unknown strategy", strategy);
+    if (n_nodes == 0 || n_nodes > DS_PL_MAX_NODES)
+        return ds_error_set(err, -EINVAL, "plan: %u nodes", n_nodes);
+    ds_cluster *cl = NULL;
+    ds_plan *sp = NULL;
+    int32_t *node_of_spec = NULL;
+    int rc = ds_cluster_parse(spec_json, strlen(spec_json), &cl, err);
+    if (rc < 0)
+        return rc;
+    /* embed and head stay on the coordinator (names[0]): it embeds the tokens and samples */
+    int ndev = ds_cluster_n_devices(cl), coord_dev = -1;
+    for (int i = 0; i < ndev && coord_dev < 0; i++)
+        if (!strcmp(ds_cluster_device(cl, i)->node, names[0]))
+            coord_dev = i;
+    if (coord_dev < 0) {
+        rc = ds_error_set(err, -EINVAL, "plan: the coordinator '%s' reports no device", names[0]);
+        goto out;
+    }
+    const ds_pl_device *cd = ds_cluster_device(cl, coord_dev);
+    ds_pin pins[2];
+    memset(pins, 0, sizeof(pins));
+    snprintf(pins[0].unit, sizeof(pins[0].unit), "embed");
+    snprintf(pins[1].unit, sizeof(pins[1].unit), "head");
+    snprintf(pins[0].device, sizeof(pins[0].device), "%s/%s", cd->node, cd->name);
+    snprintf(pins[1].device, sizeof(pins[1].device), "%s/%s", cd->node, cd->name);
+    opt.pins = pins;
+    opt.n_pins = 2;
+    int nn = ds_cluster_n_nodes(cl);
+    node_of_spec = calloc((size_t)(nn > 0 ? nn : 1), sizeof(*node_of_spec));
+    if (!node_of_spec) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (int i = 0; i < nn; i++) {
+        node_of_spec[i] = -1;
+        for (uint32_t j = 0; j < n_nodes; j++)
+            if (!strcmp(ds_cluster_node_name(cl, i), names[j]))
+                node_of_spec[i] = (int32_t)j;
+        if (node_of_spec[i] < 0) {
+            rc = ds_error_set(err, -EINVAL, "plan: spec node '%s' is not a planned node",
+                              ds_cluster_node_name(cl, i));
+            goto out;
+        }
+    }
+    if ((rc = ds_plan_solve(cl, c, &opt, &sp, err)) < 0)
+        goto out;
+    ds_plan_summary sum;
+    ds_plan_get_summary(sp, &sum);
+    snprintf(solver, 32, "%s", sum.solver ? sum.solver : "?");
+    *solver_json = ds_plan_to_json(sp);
+    *embed = unit_node(sp, cl, node_of_spec, DS_UNIT_EMBED, 0, 0);
+    *head = unit_node(sp, cl, node_of_spec, DS_UNIT_HEAD, 0, 0);
+    bool bad = *embed != 0 || *head != 0;
+    uint32_t L = c->num_hidden_layers, E = c->n_routed_experts;
+    for (uint32_t l = 0; l < L && !bad; l++) {
+        /* dense[l] / shared[l] run beside attn[l] in dsd's hosts (one step request per layer) */
+        attn[l] = unit_node(sp, cl, node_of_spec, DS_UNIT_ATTN, l, 0);
+        bad = attn[l] < 0;
+        bool moe = ds_model_config_layer_is_moe(c, l);
+        for (uint32_t e = 0; e < E && !bad; e++) {
+            int32_t h = moe ? unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e) : -1;
+            bad = moe && h < 0;
+            expert[(size_t)l * E + e] = h;
+        }
+    }
+    if (bad)
+        rc = ds_error_set(err, -EPROTO, "plan: the solver left a unit unplaced or moved embed/head");
+out:
+    free(node_of_spec);
+    ds_plan_free(sp);
+    ds_cluster_free(cl);
+    return rc;
+}
