@@ -49,7 +49,10 @@ static int local_tokens(const char *prompt, int n, uint32_t *out)
 static int setup(void **state)
 {
     (void)state;
-    if (dsd_spawn(&g_dsd, (const char *const[]){"--max_request_bytes=4096", "--max_jobs=32", NULL},
+    if (dsd_spawn(&g_dsd, (const char *const[]){"--max_request_bytes=4096", "--max_jobs=32",
+                                            /* protocol tests: a trivial plan keeps start-up
+                                             * fast under ASan on a loaded machine */
+                                            "--plan_strategy=round-robin", NULL},
                   NULL) < 0)
         return -1;
     /* wait (bounded) for it to serve */
@@ -68,6 +71,13 @@ static int setup(void **state)
         }
         dsd_sleep_ms(50);
     }
+    fprintf(stderr, "dsd did not reach serving; its log (%s):\n", g_dsd.log);
+    FILE *f = fopen(g_dsd.log, "r");
+    char line[1024];
+    while (f && fgets(line, sizeof(line), f))
+        fputs(line, stderr);
+    if (f)
+        fclose(f);
     return -1;
 }
 
