@@ -22,6 +22,8 @@ echo "-- dsctl status --"
 "$DSCTL" status
 echo "-- dsctl placement --"
 "$DSCTL" placement
+"$DSCTL" placement --json | grep -m2 -oE '"(strategy|solver)": *"[^"]*"' | tr '\n' ' '
+echo "(which placement strategy and solver made this plan)"
 echo "-- dsctl generate (on the cluster), prompt: $PROMPT --"
 "$DSCTL" generate --model "$MODEL" --max-tokens 48 --greedy "$PROMPT"
 echo "-- dsctl generate --local (the same model in one process, for comparison) --"
