@@ -33,27 +33,6 @@ struct ds_bk_weight {
     ds_bk_weight_desc desc; /* shape/dtype (host pointers cleared: not kept) */
 };
 
-float ds_bk_bf16_to_f32(uint16_t v)
-{
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-float ds_bk_fp8_to_f32(uint8_t v)
-{
-    uint32_t s = v >> 7, e = (v >> 3) & 0xf, m = v & 7;
-    float f;
-    if (e == 15 && m == 7)
-        f = NAN;
-    else if (e == 0)
-        f = ldexpf((float)m, -9);
-    else
-        f = ldexpf((float)(m | 8), (int)e - 10);
-    return s ? -f : f;
-}
-
 /* Loads libds_backend_cuda.so: $DS_BACKEND_PLUGIN_DIR, then the build's plugin dir, then the
  * dynamic linker's search path. */
 static int load_plugin(const char *kind, void **dl, const ds_backend_ops **ops, ds_error *err)

@@ -25,7 +25,7 @@ static int cpu_open(const char *arg, void **impl, char *name, size_t name_len, d
     if (arg && strcmp(arg, "0"))
         return ds_error_set(err, -ENOENT, "cpu backend: only device 0 exists");
     for (int i = 0; i < 256; i++)
-        fp8_lut[i] = ds_bk_fp8_to_f32((uint8_t)i);
+        fp8_lut[i] = ds_fp8_e4m3_to_f32((uint8_t)i);
     snprintf(name, name_len, "host cpu (reference)");
     *impl = NULL;
     return 0;
@@ -101,7 +101,7 @@ static inline float w_at(const cpu_weight *w, const ds_bk_weight_desc *d, const 
     case DS_BK_F32:
         return ((const float *)w->data)[base + c];
     case DS_BK_BF16:
-        return ds_bk_bf16_to_f32(((const uint16_t *)w->data)[base + c]);
+        return ds_bf16_to_f32(((const uint16_t *)w->data)[base + c]);
     default:
         return fp8_lut[((const uint8_t *)w->data)[base + c]] * srow[c / d->block_cols];
     }

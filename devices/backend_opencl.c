@@ -280,7 +280,7 @@ static int ocl_open(const char *arg, void **impl, char *name, size_t name_len, d
     }
     float lut[256];
     for (int i = 0; i < 256; i++)
-        lut[i] = ds_bk_fp8_to_f32((uint8_t)i);
+        lut[i] = ds_fp8_e4m3_to_f32((uint8_t)i);
     o->lut = clCreateBuffer(o->ctx, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, sizeof(lut), lut, &e);
     if (!o->lut) {
         rc = cl_fail(err, e, "lut buffer");

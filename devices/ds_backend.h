@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "ds_err.h"
+#include "ds_numeric.h" /* exact scalar conversions, shared with the engine */
 
 #ifdef __cplusplus
 extern "C" {
@@ -165,10 +166,6 @@ int ds_backend_probe(ds_backend *b, uint32_t rows, uint32_t cols, size_t copy_by
 /* Built-in tables (the generic layer and tests use them; units go through ds_backend_open). */
 extern const ds_backend_ops ds_backend_cpu_ops;
 extern const ds_backend_ops ds_backend_opencl_ops;
-
-/* Exact scalar conversions shared by the backends (no model dependency). */
-float ds_bk_bf16_to_f32(uint16_t v);
-float ds_bk_fp8_to_f32(uint8_t v);
 
 #ifdef __cplusplus
 }

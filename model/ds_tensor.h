@@ -19,6 +19,7 @@
 
 #include "ds_config.h"
 #include "ds_err.h"
+#include "ds_numeric.h"
 
 enum ds_st_dtype {
     DS_ST_F32,
@@ -70,11 +71,7 @@ typedef struct ds_weight {
     uint32_t block_rows, block_cols; /* F8 block size (128x128) */
 } ds_weight;
 
-/* Scalar conversions (exact). */
-float ds_bf16_to_f32(uint16_t v);
-float ds_f16_to_f32(uint16_t v);
-float ds_fp8_e4m3_to_f32(uint8_t v);
-uint16_t ds_f32_to_bf16(float f); /* round to nearest even */
+/* Scalar conversions (exact): ds_numeric.h. */
 
 /* Row r of W as float32 into out[cols]. */
 void ds_weight_row_f32(const ds_weight *w, uint32_t r, float *out);

@@ -36,7 +36,7 @@ static int set_err(ds_error *err, int code, const char *fmt, ...)
     return code;
 }
 
-/* Exact FP8 E4M3 value (a copy of ds_bk_fp8_to_f32: the plugin links nothing of dsd). */
+/* Exact FP8 E4M3 value (a copy of ds_fp8_e4m3_to_f32: the plugin links nothing of dsd). */
 static float fp8_value(unsigned v)
 {
     unsigned s = v >> 7, e = (v >> 3) & 0xf, m = v & 7;
