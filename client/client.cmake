@@ -21,8 +21,8 @@ foreach(kind static shared)
     target_link_libraries(dsclient_${kind} PUBLIC PkgConfig::ZMQ PkgConfig::PROTOBUFC Threads::Threads)
 endforeach()
 target_link_libraries(dsctl PRIVATE dsclient_static PkgConfig::JANSSON)
-file(CONFIGURE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/dsclient.pc @ONLY CONTENT [=[
-prefix=@CMAKE_INSTALL_PREFIX@
+file(CONFIGURE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/dsclient.pc.in @ONLY CONTENT [=[
+prefix=%PREFIX%
 libdir=${prefix}/@CMAKE_INSTALL_LIBDIR@
 includedir=${prefix}/@CMAKE_INSTALL_INCLUDEDIR@
 
@@ -37,7 +37,14 @@ Cflags: -I${includedir}
 install(TARGETS dsclient_static dsclient_shared
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(FILES ${CMAKE_CURRENT_SOURCE_DIR}/ds_client.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-install(FILES ${CMAKE_CURRENT_BINARY_DIR}/dsclient.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
+# prefix= is written at install time, from the prefix being installed to: the .deb's prefix
+# (/usr, chosen by CPack) is not the configure-time CMAKE_INSTALL_PREFIX (/usr/local).
+install(CODE "
+    file(READ \"${CMAKE_CURRENT_BINARY_DIR}/dsclient.pc.in\" _pc)
+    string(REPLACE \"%PREFIX%\" \"\${CMAKE_INSTALL_PREFIX}\" _pc \"\${_pc}\")
+    file(WRITE \"${CMAKE_CURRENT_BINARY_DIR}/pc-staged/dsclient.pc\" \"\${_pc}\")
+    file(INSTALL \"${CMAKE_CURRENT_BINARY_DIR}/pc-staged/dsclient.pc\"
+         DESTINATION \"\${CMAKE_INSTALL_PREFIX}/${CMAKE_INSTALL_LIBDIR}/pkgconfig\")")
 # examples/dsclient_example.c: the whole client cycle in under a page (built against the
 # static library here; installed users build it with pkg-config).
 add_executable(dsclient_example ${PROJECT_SOURCE_DIR}/examples/dsclient_example.c)

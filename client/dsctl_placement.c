@@ -1,6 +1,7 @@
 /* dsctl_placement.c — `dsctl placement`: where every unit runs (per layer: the attention host;
  * per MoE layer: expert -> node), with the measured compute time per unit and per node and the
- * measured transfer time per link, side by side with the calibrated link figures. */
+ * measured transfer time per link, side by side with the calibrated link figures and the
+ * solver's predicted times per step. The table itself: dsctl_placement_table.c. */
 #include <getopt.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -10,16 +11,11 @@
 #include <jansson.h>
 
 #include "dsctl.h"
+#include "dsctl_placement_table.h"
 
 int dsctl_exit_code(int rc);
 const char *dsctl_endpoint(const char *opt);
 int dsctl_fetch(const char *cmd, const char *endpoint, const char *what, json_t **out);
-
-static const char *unit_node(json_t *units, const char *name)
-{
-    const char *s = json_string_value(json_object_get(units, name));
-    return s ? s : "-";
-}
 
 static int cmd_placement(int argc, char **argv)
 {
@@ -96,62 +92,7 @@ static int cmd_placement(int argc, char **argv)
         json_decref(j);
         return DSCTL_EXIT_OK;
     }
-    printf("plan v%lld   embed -> %s   head -> %s\n",
-           (long long)json_integer_value(json_object_get(json_object_get(j, "plan"), "version")),
-           unit_node(units, "embed"), unit_node(units, "head"));
-    printf("%-6s %-14s %-14s %s\n", "LAYER", "ATTENTION", "MEASURED", "EXPERTS (expert:node)");
-    json_t *mus = json_object_get(meas, "units");
-    char name[64];
-    for (long l = 0; l < 100000; l++) {
-        snprintf(name, sizeof(name), "attn[%ld]", l);
-        if (!json_object_get(units, name))
-            break;
-        if (only_layer >= 0 && l != only_layer)
-            continue;
-        json_t *mu = json_object_get(mus, name);
-        double ms = json_real_value(json_object_get(mu, "measured_compute_s")) * 1e3;
-        long calls = (long)json_integer_value(json_object_get(mu, "calls"));
-        char mbuf[32];
-        snprintf(mbuf, sizeof(mbuf), "%.3f ms/call", calls ? ms / (double)calls : 0.0);
-        printf("%-6ld %-14s %-14s ", l, unit_node(units, name), mbuf);
-        int any = 0;
-        for (long e = 0; e < 1 << 16; e++) {
-            snprintf(name, sizeof(name), "expert[%ld][%ld]", l, e);
-            const char *n = json_string_value(json_object_get(units, name));
-            if (!n)
-                break;
-            printf("%s%ld:%s", any++ ? " " : "", e, n);
-        }
-        printf("%s\n", any ? "" : "(dense)");
-    }
-    printf("\n%-16s %-12s %-12s %-14s %-14s %-10s %s\n", "LINK", "LATENCY", "BANDWIDTH", "PRED/MSG",
-           "MEAS XFER/MSG", "MESSAGES", "EXPERT COMPUTE");
-    size_t i;
-    json_t *lk;
-    json_array_foreach(json_object_get(meas, "links"), i, lk)
-    {
-        double lat = json_real_value(json_object_get(lk, "latency_s"));
-        double bw = json_real_value(json_object_get(lk, "bandwidth_bytes_per_s"));
-        double msgs = (double)json_integer_value(json_object_get(lk, "messages"));
-        double bytes = (double)json_integer_value(json_object_get(lk, "bytes"));
-        double tr = json_real_value(json_object_get(lk, "measured_transfer_s"));
-        /* predicted per message from calibration: 2 x latency (there and back) + bytes/bw */
-        double pred = msgs > 0 ? 2 * lat + (bw > 0 ? bytes / msgs / bw : 0) : 0;
-        char l1[32], l2[32];
-        snprintf(l1, sizeof(l1), "%s->%s", json_string_value(json_object_get(lk, "from")),
-                 json_string_value(json_object_get(lk, "to")));
-        snprintf(l2, sizeof(l2), "%.1f MB/s", bw / 1e6);
-        printf("%-16s %-9.1f us %-12s %-11.1f us %-11.1f us %-10.0f %.3f ms\n", l1, lat * 1e6, l2,
-               pred * 1e6, msgs > 0 ? tr / msgs * 1e6 : 0.0, msgs,
-               json_real_value(json_object_get(lk, "expert_compute_s")) * 1e3);
-    }
-    if (explain)
-        printf("\nwhy: embed and head stay on the coordinator, which samples; attention layers "
-               "start at the first worker and go round the nodes; experts of layer l go round "
-               "the nodes starting at l, so every node hosts both kinds of unit; shared experts "
-               "and dense FFNs run beside their attention. Predicted per message = 2 x link "
-               "latency + bytes / bandwidth (calibrated at start); measured = round trip minus "
-               "the host's reported compute time.\n");
+    dsctl_placement_print(stdout, j, only_layer, explain);
     json_decref(j);
     return DSCTL_EXIT_OK;
 }

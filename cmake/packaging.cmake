@@ -1,7 +1,7 @@
 # Install rules for the systemd integration and the .deb (CPack). Included from the top-level
 # CMakeLists.txt after the subdirectories (one line: include(cmake/packaging.cmake)).
 #   cmake --install build --prefix /usr     binaries, unit, sysusers/tmpfiles, config, header,
-#                                           library, pkg-config file
+#                                           library, pkg-config file, dsctl bash completion
 #   cpack --config build/CPackConfig.cmake -G DEB
 include(GNUInstallDirs)
 set(DS_SYSTEMD_UNITDIR "lib/systemd/system" CACHE STRING "systemd unit directory (relative to prefix)")
@@ -12,6 +12,9 @@ install(FILES ${PROJECT_SOURCE_DIR}/systemd/dsd.tmpfiles DESTINATION lib/tmpfile
 # a conffile in the .deb)
 set(DS_CONFDIR "/etc/dsd" CACHE PATH "where dsd.conf is installed")
 install(FILES ${PROJECT_SOURCE_DIR}/systemd/dsd.conf DESTINATION ${DS_CONFDIR})
+# bash completion for dsctl (bash-completion loads completions/<command> on first use)
+install(FILES ${PROJECT_SOURCE_DIR}/client/dsctl.bash-completion
+        DESTINATION ${CMAKE_INSTALL_DATADIR}/bash-completion/completions RENAME dsctl)
 install(FILES ${PROJECT_SOURCE_DIR}/docs/operations.md ${PROJECT_SOURCE_DIR}/docs/daemon.md
               ${PROJECT_SOURCE_DIR}/docs/client.md DESTINATION ${CMAKE_INSTALL_DOCDIR} OPTIONAL)
 
@@ -22,6 +25,10 @@ set(CPACK_PACKAGE_DESCRIPTION_SUMMARY "heterogeneous compute scheduler for DeepS
 set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
 set(CPACK_GENERATOR "DEB")
 set(CPACK_PACKAGING_INSTALL_PREFIX "/usr")
+# with CPACK_SET_DESTDIR the staging install uses CPACK_INSTALL_PREFIX, not the prefix above:
+# without it the .deb would carry the build's CMAKE_INSTALL_PREFIX (/usr/local by default),
+# where the unit's /usr/sbin/dsd and the sysusers/tmpfiles directories are not.
+set(CPACK_INSTALL_PREFIX "/usr")
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
 set(CPACK_DEBIAN_PACKAGE_SECTION "science")
 set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)

@@ -15,3 +15,16 @@ ds_add_fuzz(NAME fuzz_daemon SOURCES fuzz_daemon.c LIBS ds_daemon ITERATIONS 300
 target_compile_definitions(fuzz_daemon PRIVATE DS_TEST_DATA="${DS_TEST_DATA}")
 ds_add_script_test(NAME test_netns COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_netns.sh
                    LABELS netns TIMEOUT 300)
+# client/dsctl.bash-completion against the build's dsctl --help texts.
+ds_add_script_test(NAME test_completion COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_completion.sh
+                   LABELS unit TIMEOUT 60)
+# the .deb: contents always; a real install + purge only as root on a host without dsd
+# installed (exit 77 = skipped otherwise).
+ds_add_script_test(NAME test_deb_package COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_deb_package.sh
+                   LABELS package TIMEOUT 600)
+set_tests_properties(test_deb_package PROPERTIES SKIP_RETURN_CODE 77)
+# the human table of dsctl placement (predicted vs measured) on hand-written replies
+ds_add_test(NAME test_dsctl_placement
+            SOURCES test_dsctl_placement.c ${PROJECT_SOURCE_DIR}/client/dsctl_placement_table.c
+            LIBS PkgConfig::JANSSON LABELS unit TIMEOUT 30)
+target_include_directories(test_dsctl_placement PRIVATE ${PROJECT_SOURCE_DIR}/client)

@@ -15,6 +15,7 @@ PKGS=(
   libpcre2-dev
   libglpk-dev
   iproute2
+  jq
 )
 
 missing=()

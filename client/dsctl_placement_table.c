@@ -1,0 +1,286 @@
+/* dsctl_placement_table.c — the human table of `dsctl placement`: where every unit runs (per
+ * layer: the attention host; per MoE layer: expert -> node), the measured compute time per
+ * unit and per link beside the calibrated link figures, and the solver's predicted time per
+ * decode step per node/device and per link beside the measured one.
+ *
+ * Reads only the JSON of the coordinator's "placement" reply; a missing or null part prints
+ * "-" (a round-robin plan has "predicted": null). The lines before the predicted-vs-measured
+ * section are the historical output, kept as they were for tools that read them. */
+#include "dsctl_placement_table.h"
+
+#include <string.h>
+
+#define MAX_NODES 256
+
+static const char *unit_node(json_t *units, const char *name)
+{
+    const char *s = json_string_value(json_object_get(units, name));
+    return s ? s : "-";
+}
+
+static double num(json_t *o, const char *key)
+{
+    return json_number_value(json_object_get(o, key));
+}
+
+/* "1.234 ms", or "-" when !have */
+static const char *fmt_ms(char *buf, size_t n, bool have, double s)
+{
+    if (!have)
+        return "-";
+    snprintf(buf, n, "%.3f ms", s * 1e3);
+    return buf;
+}
+
+static void print_layers(FILE *f, json_t *units, json_t *meas, long only_layer)
+{
+    fprintf(f, "%-6s %-14s %-14s %s\n", "LAYER", "ATTENTION", "MEASURED", "EXPERTS (expert:node)");
+    json_t *mus = json_object_get(meas, "units");
+    char name[64];
+    for (long l = 0; l < 100000; l++) {
+        snprintf(name, sizeof(name), "attn[%ld]", l);
+        if (!json_object_get(units, name))
+            break;
+        if (only_layer >= 0 && l != only_layer)
+            continue;
+        json_t *mu = json_object_get(mus, name);
+        double ms = num(mu, "measured_compute_s") * 1e3;
+        long calls = (long)json_integer_value(json_object_get(mu, "calls"));
+        char mbuf[32];
+        snprintf(mbuf, sizeof(mbuf), "%.3f ms/call", calls ? ms / (double)calls : 0.0);
+        fprintf(f, "%-6ld %-14s %-14s ", l, unit_node(units, name), mbuf);
+        int any = 0;
+        for (long e = 0; e < 1 << 16; e++) {
+            snprintf(name, sizeof(name), "expert[%ld][%ld]", l, e);
+            const char *n = json_string_value(json_object_get(units, name));
+            if (!n)
+                break;
+            fprintf(f, "%s%ld:%s", any++ ? " " : "", e, n);
+        }
+        fprintf(f, "%s\n", any ? "" : "(dense)");
+    }
+}
+
+static void print_links(FILE *f, json_t *meas)
+{
+    fprintf(f, "\n%-16s %-12s %-12s %-14s %-14s %-10s %s\n", "LINK", "LATENCY", "BANDWIDTH",
+            "PRED/MSG", "MEAS XFER/MSG", "MESSAGES", "EXPERT COMPUTE");
+    size_t i;
+    json_t *lk;
+    json_array_foreach(json_object_get(meas, "links"), i, lk)
+    {
+        double lat = num(lk, "latency_s");
+        double bw = num(lk, "bandwidth_bytes_per_s");
+        double msgs = (double)json_integer_value(json_object_get(lk, "messages"));
+        double bytes = (double)json_integer_value(json_object_get(lk, "bytes"));
+        double tr = num(lk, "measured_transfer_s");
+        /* predicted per message from calibration: 2 x latency (there and back) + bytes/bw */
+        double pred = msgs > 0 ? 2 * lat + (bw > 0 ? bytes / msgs / bw : 0) : 0;
+        const char *from = json_string_value(json_object_get(lk, "from"));
+        const char *to = json_string_value(json_object_get(lk, "to"));
+        char l1[32], l2[32];
+        snprintf(l1, sizeof(l1), "%s->%s", from ? from : "?", to ? to : "?");
+        snprintf(l2, sizeof(l2), "%.1f MB/s", bw / 1e6);
+        fprintf(f, "%-16s %-9.1f us %-12s %-11.1f us %-11.1f us %-10.0f %.3f ms\n", l1, lat * 1e6,
+                l2, pred * 1e6, msgs > 0 ? tr / msgs * 1e6 : 0.0, msgs,
+                num(lk, "expert_compute_s") * 1e3);
+    }
+}
+
+/* Decode steps the measurements cover: every step calls every attention layer once, so the
+ * most calls of any attention unit (0 when nothing ran yet). */
+static long measured_steps(json_t *meas)
+{
+    long steps = 0;
+    const char *name;
+    json_t *mu;
+    json_object_foreach(json_object_get(meas, "units"), name, mu)
+    {
+        long calls = (long)json_integer_value(json_object_get(mu, "calls"));
+        if (!strncmp(name, "attn[", 5) && calls > steps)
+            steps = calls;
+    }
+    return steps;
+}
+
+/* whether device name "node/dev" belongs to node */
+static bool device_on(const char *dev, const char *node)
+{
+    size_t n = strlen(node);
+    return dev && !strncmp(dev, node, n) && dev[n] == '/';
+}
+
+#define MAX_NODE_NAME 128
+
+static void node_add(char (*nodes)[MAX_NODE_NAME], int *n, const char *name, size_t len)
+{
+    if (!name || *n >= MAX_NODES || len >= MAX_NODE_NAME)
+        return;
+    for (int i = 0; i < *n; i++)
+        if (strlen(nodes[i]) == len && !strncmp(nodes[i], name, len))
+            return;
+    memcpy(nodes[*n], name, len);
+    nodes[(*n)++][len] = '\0';
+}
+
+static json_t *measured_link_to(json_t *meas, const char *node)
+{
+    size_t i;
+    json_t *lk;
+    json_array_foreach(json_object_get(meas, "links"), i, lk)
+    {
+        const char *to = json_string_value(json_object_get(lk, "to"));
+        if (to && !strcmp(to, node))
+            return lk;
+    }
+    return NULL;
+}
+
+/* the predicted link between a and b in either direction, or NULL */
+static json_t *predicted_link(json_t *pred, const char *a, const char *b)
+{
+    size_t i;
+    json_t *lk;
+    json_array_foreach(json_object_get(pred, "links"), i, lk)
+    {
+        const char *x = json_string_value(json_object_get(lk, "a"));
+        const char *y = json_string_value(json_object_get(lk, "b"));
+        if (x && y && ((!strcmp(x, a) && !strcmp(y, b)) || (!strcmp(x, b) && !strcmp(y, a))))
+            return lk;
+    }
+    return NULL;
+}
+
+static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
+{
+    bool have_pred = json_is_object(pred);
+    long steps = measured_steps(meas);
+    char b1[32], b2[32];
+    json_t *ps = json_object_get(pred, "predicted");
+    fprintf(f, "\nPREDICTED VS MEASURED per decode step (predicted step %s",
+            fmt_ms(b1, sizeof(b1),
+                   have_pred && json_is_number(json_object_get(ps, "decode_step_s")),
+                   num(ps, "decode_step_s")));
+    const char *bneck = json_string_value(json_object_get(ps, "bottleneck"));
+    const char *solver = json_string_value(json_object_get(pred, "solver"));
+    if (bneck)
+        fprintf(f, ", bottleneck %s", bneck);
+    if (solver)
+        fprintf(f, ", solver %s", solver);
+    if (!have_pred)
+        fprintf(f, ", no solver prediction for this plan");
+    fprintf(f, "; measured over %ld steps)\n", steps);
+
+    /* nodes in the coordinator's order (its links), then any only the solver names */
+    static char nodes[MAX_NODES][MAX_NODE_NAME]; /* 32 KiB: off the stack; dsctl is one thread */
+    int nn = 0;
+    size_t i;
+    json_t *o;
+    json_array_foreach(json_object_get(meas, "links"), i, o)
+    {
+        const char *to = json_string_value(json_object_get(o, "to"));
+        if (to)
+            node_add(nodes, &nn, to, strlen(to));
+    }
+    json_array_foreach(json_object_get(pred, "devices"), i, o)
+    {
+        const char *dev = json_string_value(json_object_get(o, "device"));
+        const char *slash = dev ? strchr(dev, '/') : NULL;
+        if (slash)
+            node_add(nodes, &nn, dev, (size_t)(slash - dev));
+    }
+
+    fprintf(f, "%-24s %-16s %s\n", "NODE/DEVICE", "PRED BUSY/STEP", "MEAS COMPUTE/STEP");
+    for (int n = 0; n < nn; n++) {
+        const char *node = nodes[n];
+        double busy = 0;
+        bool any_dev = false;
+        json_array_foreach(json_object_get(pred, "devices"), i, o)
+        {
+            if (device_on(json_string_value(json_object_get(o, "device")), node)) {
+                busy += num(o, "busy_s");
+                any_dev = true;
+            }
+        }
+        json_t *lk = measured_link_to(meas, node);
+        fprintf(f, "%-24s %-16s %s\n", node, fmt_ms(b1, sizeof(b1), have_pred && any_dev, busy),
+                fmt_ms(b2, sizeof(b2), lk && steps > 0,
+                       steps > 0 ? num(lk, "measured_compute_s") / (double)steps : 0));
+        json_array_foreach(json_object_get(pred, "devices"), i, o)
+        {
+            const char *dev = json_string_value(json_object_get(o, "device"));
+            if (!device_on(dev, node))
+                continue;
+            char label[160];
+            snprintf(label, sizeof(label), "  %s", dev);
+            fprintf(f, "%-24s %-16s %s\n", label, fmt_ms(b1, sizeof(b1), true, num(o, "busy_s")),
+                    "-");
+        }
+    }
+
+    /* links: the measured ones (the coordinator's), then any only the solver predicts. A link
+     * the solver does not list carries no traffic in its plan: predicted 0. */
+    fprintf(f, "%-24s %-16s %s\n", "NODE PAIR", "PRED XFER/STEP", "MEAS XFER/STEP");
+    json_array_foreach(json_object_get(meas, "links"), i, o)
+    {
+        const char *from = json_string_value(json_object_get(o, "from"));
+        const char *to = json_string_value(json_object_get(o, "to"));
+        if (!from || !to || !strcmp(from, to))
+            continue; /* the coordinator's own units: no network link */
+        json_t *pl = predicted_link(pred, from, to);
+        char label[160];
+        snprintf(label, sizeof(label), "%s<->%s", from, to);
+        fprintf(f, "%-24s %-16s %s\n", label,
+                fmt_ms(b1, sizeof(b1), have_pred, pl ? num(pl, "seconds_per_step") : 0),
+                fmt_ms(b2, sizeof(b2), steps > 0,
+                       steps > 0 ? num(o, "measured_transfer_s") / (double)steps : 0));
+    }
+    json_array_foreach(json_object_get(pred, "links"), i, o)
+    {
+        const char *a = json_string_value(json_object_get(o, "a"));
+        const char *b = json_string_value(json_object_get(o, "b"));
+        if (!a || !b)
+            continue;
+        bool measured = false;
+        size_t k;
+        json_t *m;
+        json_array_foreach(json_object_get(meas, "links"), k, m)
+        {
+            const char *from = json_string_value(json_object_get(m, "from"));
+            const char *to = json_string_value(json_object_get(m, "to"));
+            if (from && to &&
+                ((!strcmp(from, a) && !strcmp(to, b)) || (!strcmp(from, b) && !strcmp(to, a))))
+                measured = true;
+        }
+        if (measured)
+            continue;
+        char label[160];
+        snprintf(label, sizeof(label), "%s<->%s", a, b);
+        fprintf(f, "%-24s %-16s %s\n", label,
+                fmt_ms(b1, sizeof(b1), true, num(o, "seconds_per_step")), "-");
+    }
+}
+
+void dsctl_placement_print(FILE *f, json_t *pl, long only_layer, bool explain)
+{
+    json_t *plan = json_object_get(pl, "plan");
+    json_t *units = json_object_get(plan, "units");
+    json_t *meas = json_object_get(pl, "measured");
+    fprintf(f, "plan v%lld   embed -> %s   head -> %s\n",
+            (long long)json_integer_value(json_object_get(plan, "version")),
+            unit_node(units, "embed"), unit_node(units, "head"));
+    print_layers(f, units, meas, only_layer);
+    print_links(f, meas);
+    print_predicted_vs_measured(f, json_object_get(pl, "predicted"), meas);
+    if (explain)
+        fprintf(f,
+                "\nwhy: embed and head stay on the coordinator, which samples; attention layers "
+                "start at the first worker and go round the nodes; experts of layer l go round "
+                "the nodes starting at l, so every node hosts both kinds of unit; shared experts "
+                "and dense FFNs run beside their attention. Predicted per message = 2 x link "
+                "latency + bytes / bandwidth (calibrated at start); measured = round trip minus "
+                "the host's reported compute time. Per decode step: predicted = the solver's "
+                "busy seconds per device (summed per node) and per link; measured = the "
+                "host-reported compute and the transfer time per node/link divided by the "
+                "steps run (the most calls of any attention layer).\n");
+}
