@@ -232,6 +232,8 @@ char *dsd_data_json(dsd_data *d, const char *what);
 /* For the scheduler (data thread only): start micro-batch rid with n embedded rows. */
 int dsd_data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, uint32_t n,
                     const uint64_t *seq, const uint32_t *pos, const float *x, ds_error *err);
+/* Re-snapshots the scheduler's job list now (after a job starts or ends). */
+void dsd_data_publish_jobs(dsd_data *d);
 /* Frees a sequence's KV caches on every node (CANCEL, fire and forget). */
 void dsd_data_release(dsd_data *d, uint64_t seq);
 const ds_model *dsd_data_model(dsd_data *d);

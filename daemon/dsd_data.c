@@ -884,17 +884,22 @@ static void publish(dsd_data *d)
                         json_pack("{s:i,s:o}", "n_routed_experts", (int)E, "layers", layers));
     char *s = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
     json_decref(o);
-    char *js = d->sched ? dsd_sched_jobs_json(d->sched) : NULL;
     pthread_mutex_lock(&d->mu);
     free(d->stats_json);
     d->stats_json = s;
-    if (js || !d->sched) {
-        free(d->jobs_json);
-        d->jobs_json = js;
-    }
     pthread_mutex_unlock(&d->mu);
+    dsd_data_publish_jobs(d);
     d->dirty = false;
     d->last_publish_ns = dsd_now_ns();
+}
+
+void dsd_data_publish_jobs(dsd_data *d)
+{
+    char *js = d->sched ? dsd_sched_jobs_json(d->sched) : NULL;
+    pthread_mutex_lock(&d->mu);
+    free(d->jobs_json);
+    d->jobs_json = js;
+    pthread_mutex_unlock(&d->mu);
 }
 
 char *dsd_data_json(dsd_data *d, const char *what)

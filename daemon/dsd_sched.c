@@ -62,7 +62,6 @@ struct dsd_sched {
     struct mbatch *mbs;
     uint32_t max_mbs;
     uint64_t next_job, next_rid, step, jobs_done;
-    bool dirty;
 };
 
 /* ---- helpers ------------------------------------------------------------------------------ */
@@ -104,7 +103,9 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     env.request_id = j->request_id;
     env.body_case = DSD__ENVELOPE__BODY_TOKEN;
     env.token = &t;
-    pipe_reply(s->pipe, j->peer, j->peer_len, &env);
+    uint8_t peer[DSD_MAX_PEER_ID];
+    size_t pl = j->peer_len;
+    memcpy(peer, j->peer, pl);
     dsd_data_release(s->data, j->id);
     ds_log_info("job %llu finished (%s) after %u tokens", (unsigned long long)j->id, reason,
                 j->n_gen);
@@ -112,7 +113,9 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     memset(j, 0, sizeof(*j));
     j->mb = -1;
     s->jobs_done++;
-    s->dirty = true;
+    /* the job list a client reads after the last token must not show the job any more */
+    dsd_data_publish_jobs(s->data);
+    pipe_reply(s->pipe, peer, pl, &env);
 }
 
 char *dsd_sched_jobs_json(dsd_sched *s)
@@ -137,7 +140,6 @@ char *dsd_sched_jobs_json(dsd_sched *s)
                            (int)s->max_mbs);
     char *r = json_dumps(jr, JSON_COMPACT);
     json_decref(jr);
-    s->dirty = false;
     return r;
 }
 
@@ -228,6 +230,7 @@ static void handle_submit(dsd_sched *s, void *pipe, const uint8_t *peer, size_t 
     ack.request_id = env->request_id;
     ack.body_case = DSD__ENVELOPE__BODY_STATUS_REPLY;
     ack.status_reply = &sr;
+    dsd_data_publish_jobs(s->data);
     pipe_reply(pipe, peer, pl, &ack);
     ds_log_info("job %llu accepted: %u prompt tokens, max %u", (unsigned long long)j->id,
                 j->n_prompt, j->max_tokens);
@@ -352,7 +355,6 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
     free(sel);
     free(logits);
     mb_release(mb);
-    s->dirty = true;
 }
 
 /* Launches one micro-batch of the given job slots. */
@@ -407,7 +409,6 @@ static void launch(dsd_sched *s, struct mbatch *mb, const uint32_t *slots, uint3
     free(ids);
     free(pos);
     free(x);
-    s->dirty = true;
 }
 
 void dsd_sched_tick(dsd_sched *s)
