@@ -2,10 +2,11 @@
  *
  * The daemon is a few subsystems: the options table (dsd_options.c), message framing over
  * ZeroMQ (dsd_net.c), the node's unit host that runs the model units it was assigned
- * (dsd_host.c), the coordinator's scheduler thread that drives decode steps across the cluster
- * (dsd_sched.c), and the event loop with membership, heartbeats and plan rollout (dsd_main.c).
- * The event loop owns membership and the socket state; the scheduler thread owns the jobs and
- * talks to the loop only over an inproc PAIR socket. */
+ * (dsd_host.c), the data thread that moves micro-batches through the cluster (dsd_data.c),
+ * the coordinator's scheduler that runs inside it (dsd_sched.c), and the event loop with
+ * membership, heartbeats, statistics and plan rollout (dsd_main.c). The event loop owns
+ * membership and the control/client sockets; the data thread owns the data socket, the peers'
+ * sockets, the units and the jobs, and talks to the loop only over inproc PAIR sockets. */
 #ifndef DSD_H
 #define DSD_H
 
@@ -50,6 +51,8 @@ typedef struct dsd_opts {
     char plan_strategy[32];    /* coordinator: auto | <ds_strategy name> | round-robin */
     int64_t plan_batch;        /* workload the planner optimises: rows per decode step */
     int64_t plan_context;      /* tokens of context per sequence, 0 = max_context */
+    int64_t micro_batches;     /* coordinator: micro-batches in flight at once */
+    int64_t link_wait_ms;      /* coordinator: first plan waits this long for link calibration */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -117,14 +120,37 @@ typedef struct dsd_units {
 } dsd_units;
 
 void dsd_units_clear(dsd_units *u);
+#define DSD_MAX_ROWS 65536u /* rows per step message */
 int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads,
                  uint32_t max_context, dsd_host **ret, ds_error *err);
 dsd_host *dsd_host_free(dsd_host *h);
 const ds_model *dsd_host_model(const dsd_host *h);
 ds_pool *dsd_host_pool(const dsd_host *h);
-/* Serves one data-plane message from a peer on the data ROUTER (step, dispatch, cancel,
- * link_probe); answers on sock. Bad messages are answered with an Error and logged. */
-void dsd_host_serve(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_version);
+bool dsd_host_has_attn(const dsd_host *h, uint32_t layer);
+/* Frees the KV cache of a sequence (job id); unknown ids are ignored. */
+void dsd_host_release(dsd_host *h, uint64_t seq);
+
+/* Outputs of attn[l] (+ shared/dense beside it) for n rows. */
+typedef struct dsd_attn_bufs {
+    float *hidden;   /* [n, D] after attention; dense layers: + dense FFN (final) */
+    float *ffn_in;   /* [n, D] */
+    int32_t *ids;    /* [n, K] MoE layers */
+    float *weights;  /* [n, K] MoE layers */
+    float *shared;   /* [n, D] MoE layers with shared experts */
+} dsd_attn_bufs;
+
+/* Runs attn[layer] for rows of sequences seq_ids at positions (validated against this node's
+ * KV caches: rows of one sequence consecutive, positions contiguous with the cache). On error
+ * *code is the wire error code and err says why. *compute_s gets the time spent. */
+int dsd_host_attn(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
+                  const uint32_t *positions, const float *x, dsd_attn_bufs *o, double *compute_s,
+                  Dsd__ErrorCode *code, ds_error *err);
+/* Runs the routed experts of `layer` for P (row, expert) pairs over R input rows:
+ * out[p] = expert_{pair_experts[p]}(rows[pair_rows[p]]), unweighted. Every id is checked
+ * against this node's units. */
+int dsd_host_experts(dsd_host *h, uint32_t layer, uint32_t R, const float *rows, uint32_t P,
+                     const uint32_t *pair_rows, const uint32_t *pair_experts, float *out,
+                     double *compute_s, Dsd__ErrorCode *code, ds_error *err);
 /* JSON object of this node's measured per-unit compute times: {"attn[3]": {"s":..,"calls":..}}. */
 char *dsd_host_stats_json(dsd_host *h);
 
@@ -148,6 +174,8 @@ typedef struct dsd_plan {
 int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
                    const char (*endpoints)[DSD_STR_MAX], bool coord_computes, uint64_t version);
 void dsd_plan_clear(dsd_plan *p);
+/* Deep copy (solver_json included). */
+int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src);
 /* Plan from the placement solver (placement/ds_placement.h) over a cluster spec whose nodes
  * are exactly names[0..n_nodes) (spec_json: docs/cluster-spec.md, built by the coordinator
  * from the nodes' reported devices and the measured links). embed and head are pinned to the
@@ -173,23 +201,56 @@ int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u);
  * dsd_plan_wire_clear. */
 int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w);
 void dsd_plan_wire_clear(Dsd__Plan *w);
+/* The whole plan from a received wire plan (every unit placed once, on a listed node). */
+int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p, ds_error *err);
 /* Units of node `self` from a received wire plan; validates every unit name and index. */
 int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_model_config *c,
                              dsd_units *u, ds_error *err);
 /* Parses "attn[3]", "expert[3][17]", "embed", "head", "dense[0]", "shared[2]". */
 int dsd_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint32_t *expert);
 
-/* ---- scheduler (dsd_sched.c) -------------------------------------------------------------- */
+/* ---- data thread (dsd_data.c) ------------------------------------------------------------ */
+typedef struct dsd_data dsd_data;
 typedef struct dsd_sched dsd_sched;
 
-/* Starts the coordinator's scheduler thread. It connects to every node's data endpoint,
- * calibrates the links, then serves jobs arriving on the inproc PAIR `pipe_endpoint`
- * (the event loop forwards [client-id, envelope] pairs and receives replies the same way). */
-int dsd_sched_start(void *zctx, const char *pipe_endpoint, const dsd_plan *plan, dsd_host *host,
-                    const dsd_opts *o, dsd_sched **ret, ds_error *err);
-void dsd_sched_stop(dsd_sched *s);
-/* Snapshots (JSON text, caller frees) the scheduler publishes for status requests. */
-char *dsd_sched_json(dsd_sched *s, const char *what);
+/* Starts the node's data thread. It owns `router` (the bound data ROUTER) and, on the
+ * coordinator, `spipe` (a PAIR connected to the loop's client pipe) from now on. */
+int dsd_data_start(void *zctx, void *router, void *spipe, const dsd_opts *o, bool coordinator,
+                   dsd_data **ret, ds_error *err);
+/* Stops the thread (active jobs end "cancelled"), closes its sockets, frees everything. */
+void dsd_data_stop(dsd_data *d);
+/* Installs plan (copied) with this node's units `host` (ownership passes, also on error);
+ * self = this node's index in plan. The old units, micro-batches and (coordinator) jobs go.
+ * plan NULL: uninstall. Returns once the thread has it. */
+int dsd_data_install(dsd_data *d, const dsd_plan *plan, uint32_t self, dsd_host *host,
+                     ds_error *err);
+/* Starts measuring the link to a node (latency, bandwidth) without waiting. */
+void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint);
+/* Snapshots (JSON, caller frees): "stats" this node's units, links and routing counts;
+ * "jobs" the coordinator's jobs. NULL before the first snapshot. */
+char *dsd_data_json(dsd_data *d, const char *what);
+/* For the scheduler (data thread only): start micro-batch rid with n embedded rows. */
+int dsd_data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, uint32_t n,
+                    const uint64_t *seq, const uint32_t *pos, const float *x, ds_error *err);
+/* Re-snapshots the scheduler's job list now (after a job starts or ends). */
+void dsd_data_publish_jobs(dsd_data *d);
+/* Frees a sequence's KV caches on every node (CANCEL, fire and forget). */
+void dsd_data_release(dsd_data *d, uint64_t seq);
+const ds_model *dsd_data_model(dsd_data *d);
+ds_pool *dsd_data_pool(dsd_data *d);
+
+/* ---- scheduler (dsd_sched.c, runs on the coordinator's data thread) ----------------------- */
+int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void *pipe,
+                  dsd_sched **ret, ds_error *err);
+dsd_sched *dsd_sched_free(dsd_sched *s);
+void dsd_sched_on_pipe(dsd_sched *s);
+void dsd_sched_refuse_pipe(void *pipe);
+/* Micro-batch rid came back: x[n, D] the final rows, or error != NULL. */
+void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
+                         const char *error);
+void dsd_sched_tick(dsd_sched *s);
+long dsd_sched_wait_ms(dsd_sched *s);
+char *dsd_sched_jobs_json(dsd_sched *s);
 
 /* ---- notify (dsd_notify.c) ---------------------------------------------------------------- */
 void dsd_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

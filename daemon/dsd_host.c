@@ -20,7 +20,7 @@
 #include "ds_log.h"
 #include "dsd.h"
 
-#define HOST_MAX_ROWS 65536u
+#define HOST_MAX_ROWS DSD_MAX_ROWS
 #define HOST_MAX_SEQS 8192u
 
 struct seq_cache {
@@ -164,186 +164,119 @@ static void seq_release(dsd_host *h, uint64_t seq)
     }
 }
 
-static bool tensor_is(const Dsd__TensorDesc *t, Dsd__Dtype dt, uint32_t d0, uint32_t d1)
+bool dsd_host_has_attn(const dsd_host *h, uint32_t layer)
 {
-    return t->dtype == dt && t->n_shape == 2 && t->shape[0] == d0 && t->shape[1] == d1;
+    return h && layer < h->u.n_layers && h->u.attn[layer];
 }
 
-#define REFUSE(code, ...)                                                                          \
+void dsd_host_release(dsd_host *h, uint64_t seq)
+{
+    if (h)
+        seq_release(h, seq);
+}
+
+#define FAIL(c, ...)                                                                               \
     do {                                                                                           \
-        char _b[400];                                                                              \
-        snprintf(_b, sizeof(_b), __VA_ARGS__);                                                     \
-        ds_log_warn("data: refused %s from peer: %s", ds_wire_body_name(env), _b);                 \
-        dsd_send_error(sock, m->peer, m->peer_len, env->request_id, code, "%s", _b);               \
+        *code = (c);                                                                               \
+        rc = ds_error_set(err, -EINVAL, __VA_ARGS__);                                              \
         goto out;                                                                                  \
     } while (0)
 
-static void serve_step(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_version)
+int dsd_host_attn(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
+                  const uint32_t *positions, const float *x, dsd_attn_bufs *o, double *compute_s,
+                  Dsd__ErrorCode *code, ds_error *err)
 {
-    const Dsd__Envelope *env = m->env;
-    const Dsd__StepHeader *st = env->step;
     const ds_model_config *c = h->c;
-    uint32_t D = c->hidden_size, K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
-    uint32_t L = c->num_hidden_layers, n = (uint32_t)st->n_seq_ids;
-    uint32_t *pos = NULL;
+    uint32_t D = c->hidden_size;
     ds_kv_cache **caches = NULL;
-    void *fr[5] = {0};
-    ds_error err = {0};
-    if (st->plan_version != plan_version)
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "plan version %llu, serving %llu",
-               (unsigned long long)st->plan_version, (unsigned long long)plan_version);
-    if (st->layer >= L || !h->u.attn[st->layer])
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "attn[%u] is not hosted here", st->layer);
-    if (n == 0 || n > HOST_MAX_ROWS || st->n_positions != n || m->n_frames != 1 ||
-        !tensor_is(env->tensors[0], DSD__DTYPE__DTYPE_F32, n, D))
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-               "step: need %u seq ids, %u positions and one f32 frame [rows, %u]", n, n, D);
-    pos = malloc(n * sizeof(*pos));
+    float *delta = NULL;
+    int rc = 0;
+    if (layer >= c->num_hidden_layers || !h->u.attn[layer])
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "attn[%u] is not hosted here", layer);
+    if (n == 0 || n > HOST_MAX_ROWS)
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "step: %u rows (1..%u)", n, HOST_MAX_ROWS);
     caches = malloc(n * sizeof(*caches));
-    if (!pos || !caches)
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
+    if (!caches)
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
     for (uint32_t i = 0; i < n; i++) {
-        struct seq_cache *sc = seq_find(h, st->seq_ids[i], true);
-        if (!sc)
-            REFUSE(DSD__ERROR_CODE__ERROR_CODE_BUSY, "no room for sequence %llu",
-                   (unsigned long long)st->seq_ids[i]);
-        caches[i] = sc->kv;
-        pos[i] = st->positions[i];
-        bool follows = i > 0 && st->seq_ids[i - 1] == st->seq_ids[i];
-        if (pos[i] >= h->max_context ||
-            (follows ? pos[i] != pos[i - 1] + 1 : pos[i] > ds_kv_cache_len(sc->kv, st->layer)))
-            REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                   "row %u: position %u invalid for job %llu", i, pos[i],
-                   (unsigned long long)st->seq_ids[i]);
+        bool follows = i > 0 && seq_ids[i - 1] == seq_ids[i];
         for (uint32_t j = 0; !follows && j < i; j++)
-            if (st->seq_ids[j] == st->seq_ids[i])
-                REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                       "rows of job %llu are not consecutive", (unsigned long long)st->seq_ids[i]);
+            if (seq_ids[j] == seq_ids[i])
+                FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "rows of job %llu are not consecutive",
+                     (unsigned long long)seq_ids[i]);
+        struct seq_cache *sc = seq_find(h, seq_ids[i], true);
+        if (!sc)
+            FAIL(DSD__ERROR_CODE__ERROR_CODE_BUSY, "no room for sequence %llu",
+                 (unsigned long long)seq_ids[i]);
+        caches[i] = sc->kv;
+        uint32_t p = positions[i];
+        if (p >= h->max_context ||
+            (follows ? p != positions[i - 1] + 1 : p > ds_kv_cache_len(sc->kv, layer)))
+            FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "row %u: position %u invalid for job %llu",
+                 i, p, (unsigned long long)seq_ids[i]);
     }
-    bool moe = ds_model_config_layer_is_moe(c, st->layer);
-    uint32_t nf = moe ? (c->n_shared_experts ? 5 : 4) : 1;
-    size_t rowb = (size_t)n * D * sizeof(float);
-    size_t sizes[5] = {rowb, rowb, (size_t)n * K * sizeof(int32_t), (size_t)n * K * sizeof(float),
-                       rowb};
-    for (uint32_t i = 0; i < 5; i++)
-        if (!(fr[i] = malloc(sizes[i])))
-            REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
-    const float *xin = dsd_msg_frame(m, 0, NULL);
-    if (!xin)
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
+    bool moe = ds_model_config_layer_is_moe(c, layer);
     uint64_t t0 = dsd_now_ns();
-    ds_attn_out ao = {fr[0], fr[1], fr[2], fr[3]};
-    int rc = ds_unit_attn(h->m, h->pool, st->layer, xin, n, pos, caches, &ao, &err);
+    ds_attn_out ao = {o->hidden, o->ffn_in, moe ? o->ids : NULL, moe ? o->weights : NULL};
+    rc = ds_unit_attn(h->m, h->pool, layer, x, n, positions, caches, &ao, err);
     if (rc >= 0 && moe && c->n_shared_experts)
-        rc = ds_unit_shared(h->m, h->pool, st->layer, fr[1], n, fr[4], &err);
+        rc = ds_unit_shared(h->m, h->pool, layer, o->ffn_in, n, o->shared, err);
     if (rc >= 0 && !moe) {
-        rc = ds_unit_dense(h->m, h->pool, st->layer, fr[1], n, fr[4], &err);
+        if (!(delta = malloc((size_t)n * D * sizeof(float))))
+            FAIL(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
+        rc = ds_unit_dense(h->m, h->pool, layer, o->ffn_in, n, delta, err);
         if (rc >= 0)
-            ds_unit_add(D, n, fr[4], fr[0]);
+            ds_unit_add(D, n, delta, o->hidden);
     }
-    if (rc < 0)
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "attn[%u]: %s", st->layer, ds_error_str(&err));
+    if (rc < 0) {
+        *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
+        goto out;
+    }
     double dt = (double)(dsd_now_ns() - t0) * 1e-9;
-    h->attn_s[st->layer] += dt;
-    h->attn_calls[st->layer]++;
-    if (!moe) {
-        free(fr[1]);
-        fr[1] = NULL;
-    }
-    if (nf == 4) {
-        free(fr[4]);
-        fr[4] = NULL;
-    }
-    void *send_fr[5];
-    size_t send_sz[5];
-    Dsd__TensorDesc td[5], *tdp[5];
-    uint32_t shp[5][2];
-    static const Dsd__Dtype dts[5] = {DSD__DTYPE__DTYPE_F32, DSD__DTYPE__DTYPE_F32,
-                                      DSD__DTYPE__DTYPE_I32, DSD__DTYPE__DTYPE_F32,
-                                      DSD__DTYPE__DTYPE_F32};
-    uint32_t order[5] = {0, 1, 2, 3, 4}, k = 0;
-    for (uint32_t i = 0; i < 5 && k < nf; i++) {
-        if (!fr[order[i]])
-            continue;
-        uint32_t j = order[i];
-        send_fr[k] = fr[j];
-        fr[j] = NULL;
-        send_sz[k] = sizes[j];
-        dsd_tensor_desc(&td[k], shp[k], dts[j], n, (j == 2 || j == 3) ? K : D);
-        tdp[k] = &td[k];
-        k++;
-    }
-    Dsd__Envelope rep = DSD__ENVELOPE__INIT;
-    Dsd__CombineHeader ch = DSD__COMBINE_HEADER__INIT;
-    ch.step = st->step;
-    ch.plan_version = plan_version;
-    ch.layer = st->layer;
-    ch.rows = n;
-    ch.compute_s = dt;
-    ch.micro_batch = st->micro_batch;
-    rep.request_id = env->request_id;
-    rep.body_case = DSD__ENVELOPE__BODY_COMBINE;
-    rep.combine = &ch;
-    rep.n_tensors = k;
-    rep.tensors = tdp;
-    dsd_send(sock, m->peer, m->peer_len, &rep, send_fr, send_sz, k);
+    h->attn_s[layer] += dt;
+    h->attn_calls[layer]++;
+    *compute_s = dt;
 out:
-    for (uint32_t i = 0; i < 5; i++)
-        free(fr[i]);
-    free(pos);
     free(caches);
+    free(delta);
+    return rc;
 }
 
-static void serve_dispatch(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_version)
+int dsd_host_experts(dsd_host *h, uint32_t layer, uint32_t R, const float *rows, uint32_t P,
+                     const uint32_t *pair_rows, const uint32_t *pair_experts, float *out,
+                     double *compute_s, Dsd__ErrorCode *code, ds_error *err)
 {
-    const Dsd__Envelope *env = m->env;
-    const Dsd__DispatchHeader *d = env->dispatch;
     const ds_model_config *c = h->c;
     uint32_t D = c->hidden_size, E = c->n_routed_experts, L = c->num_hidden_layers;
-    uint32_t P = (uint32_t)d->n_pair_rows, R = d->rows;
     uint32_t *cnt = NULL, *idx = NULL;
     float *in = NULL, *tmp = NULL;
-    void *out = NULL;
-    ds_error err = {0};
-    if (d->plan_version != plan_version)
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "plan version %llu, serving %llu",
-               (unsigned long long)d->plan_version, (unsigned long long)plan_version);
-    if (d->layer >= L || !ds_model_config_layer_is_moe(c, d->layer))
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "layer %u has no routed experts",
-               d->layer);
-    if (R == 0 || R > HOST_MAX_ROWS || P == 0 || P > (uint64_t)R * E || d->n_pair_experts != P ||
-        d->n_pair_weights != P || m->n_frames != 1 ||
-        !tensor_is(env->tensors[0], DSD__DTYPE__DTYPE_F32, R, D))
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-               "dispatch: need pairs (rows, experts, weights) of one length and one f32 frame "
-               "[rows, %u]",
-               D);
+    int rc = 0;
+    if (layer >= L || !ds_model_config_layer_is_moe(c, layer))
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "layer %u has no routed experts", layer);
+    if (R == 0 || R > HOST_MAX_ROWS || P == 0 || P > (uint64_t)R * E)
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "dispatch: %u rows, %u pairs", R, P);
     for (uint32_t p = 0; p < P; p++) {
-        if (d->pair_rows[p] >= R)
-            REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "pair %u: row %u of %u", p,
-                   d->pair_rows[p], R);
-        if (d->pair_experts[p] >= E || !h->u.expert[(size_t)d->layer * E + d->pair_experts[p]])
-            REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "expert[%u][%u] is not hosted here",
-                   d->layer, d->pair_experts[p]);
+        if (pair_rows[p] >= R)
+            FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "pair %u: row %u of %u", p, pair_rows[p],
+                 R);
+        if (pair_experts[p] >= E || !h->u.expert[(size_t)layer * E + pair_experts[p]])
+            FAIL(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "expert[%u][%u] is not hosted here",
+                 layer, pair_experts[p]);
     }
     cnt = calloc(E + 1, sizeof(*cnt));
     idx = malloc(P * sizeof(*idx));
     in = malloc((size_t)P * D * sizeof(float));
     tmp = malloc((size_t)P * D * sizeof(float));
-    out = malloc((size_t)P * D * sizeof(float));
-    if (!cnt || !idx || !in || !tmp || !out)
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
+    if (!cnt || !idx || !in || !tmp)
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
     /* group the pairs by expert (counting sort, stable) so each expert runs once */
     for (uint32_t p = 0; p < P; p++)
-        cnt[d->pair_experts[p] + 1]++;
+        cnt[pair_experts[p] + 1]++;
     for (uint32_t e = 0; e < E; e++)
         cnt[e + 1] += cnt[e];
     for (uint32_t p = 0; p < P; p++)
-        idx[cnt[d->pair_experts[p]]++] = p;
+        idx[cnt[pair_experts[p]]++] = p;
     /* cnt[e] is now the end of expert e's group */
-    const float *rows = dsd_msg_frame(m, 0, NULL);
-    if (!rows)
-        REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
     uint64_t t0 = dsd_now_ns();
     uint32_t start = 0;
     for (uint32_t e = 0; e < E; e++) {
@@ -351,108 +284,28 @@ static void serve_dispatch(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_ve
         if (!g)
             continue;
         for (uint32_t j = 0; j < g; j++)
-            memcpy(in + (size_t)j * D, rows + (size_t)d->pair_rows[idx[start + j]] * D,
+            memcpy(in + (size_t)j * D, rows + (size_t)pair_rows[idx[start + j]] * D,
                    D * sizeof(float));
         uint64_t te = dsd_now_ns();
-        if (ds_unit_expert(h->m, h->pool, d->layer, e, in, g, tmp, &err) < 0)
-            REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "expert[%u][%u]: %s", d->layer, e,
-                   ds_error_str(&err));
-        h->expert_s[(size_t)d->layer * E + e] += (double)(dsd_now_ns() - te) * 1e-9;
-        h->expert_rows[(size_t)d->layer * E + e] += g;
+        if ((rc = ds_unit_expert(h->m, h->pool, layer, e, in, g, tmp, err)) < 0) {
+            *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
+            goto out;
+        }
+        h->expert_s[(size_t)layer * E + e] += (double)(dsd_now_ns() - te) * 1e-9;
+        h->expert_rows[(size_t)layer * E + e] += g;
         for (uint32_t j = 0; j < g; j++)
-            memcpy((float *)out + (size_t)idx[start + j] * D, tmp + (size_t)j * D,
-                   D * sizeof(float));
+            memcpy(out + (size_t)idx[start + j] * D, tmp + (size_t)j * D, D * sizeof(float));
         start = end;
     }
-    double dt = (double)(dsd_now_ns() - t0) * 1e-9;
-    Dsd__Envelope rep = DSD__ENVELOPE__INIT;
-    Dsd__CombineHeader ch = DSD__COMBINE_HEADER__INIT;
-    Dsd__TensorDesc td, *tdp = &td;
-    uint32_t shp[2];
-    dsd_tensor_desc(&td, shp, DSD__DTYPE__DTYPE_F32, P, D);
-    ch.step = d->step;
-    ch.plan_version = plan_version;
-    ch.layer = d->layer;
-    ch.rows = P;
-    ch.compute_s = dt;
-    ch.micro_batch = d->micro_batch;
-    rep.request_id = env->request_id;
-    rep.body_case = DSD__ENVELOPE__BODY_COMBINE;
-    rep.combine = &ch;
-    rep.n_tensors = 1;
-    rep.tensors = &tdp;
-    size_t osz = (size_t)P * D * sizeof(float);
-    dsd_send(sock, m->peer, m->peer_len, &rep, &out, &osz, 1);
+    *compute_s = (double)(dsd_now_ns() - t0) * 1e-9;
 out:
     free(cnt);
     free(idx);
     free(in);
     free(tmp);
-    free(out);
+    return rc;
 }
-
-static void serve_probe(void *sock, dsd_msg *m)
-{
-    const Dsd__Envelope *env = m->env;
-    Dsd__Envelope rep = DSD__ENVELOPE__INIT;
-    Dsd__LinkProbe lp = DSD__LINK_PROBE__INIT;
-    lp.seq = env->link_probe->seq;
-    lp.sent_ns = env->link_probe->sent_ns;
-    lp.echo = true;
-    rep.request_id = env->request_id;
-    rep.body_case = DSD__ENVELOPE__BODY_LINK_PROBE;
-    rep.link_probe = &lp;
-    rep.n_tensors = env->n_tensors;
-    rep.tensors = env->tensors;
-    void *fr[DS_WIRE_MAX_TENSOR_FRAMES];
-    size_t sz[DS_WIRE_MAX_TENSOR_FRAMES];
-    for (uint32_t i = 0; i < m->n_frames; i++) {
-        const void *src = zmq_msg_data(&m->frames[i]);
-        sz[i] = zmq_msg_size(&m->frames[i]);
-        fr[i] = malloc(sz[i] ? sz[i] : 1);
-        if (!fr[i]) {
-            for (uint32_t j = 0; j < i; j++)
-                free(fr[j]);
-            return;
-        }
-        memcpy(fr[i], src, sz[i]);
-    }
-    dsd_send(sock, m->peer, m->peer_len, &rep, fr, sz, m->n_frames);
-}
-
-void dsd_host_serve(dsd_host *h, void *sock, dsd_msg *m, uint64_t plan_version)
-{
-    Dsd__Envelope *env = m->env;
-    switch (env->body_case) {
-    case DSD__ENVELOPE__BODY_STEP:
-        if (!h)
-            goto no_units;
-        serve_step(h, sock, m, plan_version);
-        return;
-    case DSD__ENVELOPE__BODY_DISPATCH:
-        if (!h)
-            goto no_units;
-        serve_dispatch(h, sock, m, plan_version);
-        return;
-    case DSD__ENVELOPE__BODY_CANCEL:
-        if (h)
-            seq_release(h, env->cancel->job);
-        return; /* fire and forget */
-    case DSD__ENVELOPE__BODY_LINK_PROBE:
-        serve_probe(sock, m);
-        return;
-    default:
-        ds_log_warn("data: refused '%s' message: not a data-plane request", ds_wire_body_name(env));
-        dsd_send_error(sock, m->peer, m->peer_len, env->request_id,
-                       DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "'%s' is not a data-plane request",
-                       ds_wire_body_name(env));
-        return;
-    }
-no_units:
-    ds_log_warn("data: refused '%s': this node has no plan loaded yet", ds_wire_body_name(env));
-    dsd_send_error(sock, m->peer, m->peer_len, env->request_id,
-                   DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "no plan loaded on this node");
-}
+#undef FAIL
 
 char *dsd_host_stats_json(dsd_host *h)
 {

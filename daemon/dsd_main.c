@@ -2,14 +2,17 @@
  * heartbeats, plan rollout, the client socket and the node's data socket.
  *
  * Life of a node: parse options (one table, dsd_options.c) -> bind sockets -> describe the
- * local devices -> worker: hello to the coordinator until welcomed; coordinator: wait for
- * expect_workers hellos -> the coordinator builds a plan and sends each node its part -> every
- * node opens its units (mmap) and reports LoadProgress -> the coordinator starts the scheduler
- * thread and serves clients. SIGTERM/SIGINT stop the loop cleanly; SIGHUP reloads the
+ * local devices -> start the data thread (dsd_data.c: it owns the data socket from then on) ->
+ * worker: hello to the coordinator until welcomed; coordinator: wait for expect_workers hellos
+ * and the links to them measured -> the coordinator builds a plan and sends it to every node
+ * -> every node opens its units (mmap), hands them to its data thread and reports
+ * LoadProgress -> the coordinator serves clients (its scheduler runs in its data thread).
+ * Workers send their measurements (StepStats) with every heartbeat. SIGTERM/SIGINT stop the loop cleanly; SIGHUP reloads the
  * reloadable options. Under systemd: READY=1 once devices are known and the node has joined
  * (the coordinator: once the cluster serves), STATUS=<one line> on every change, WATCHDOG=1
  * from the loop at half the watchdog period. */
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +37,7 @@ struct node {
     json_t *devices; /* array of device objects from the hello */
     uint64_t last_seen_ns;
     bool loaded, failed, drained, has_model_copy;
+    json_t *stats; /* the node's last StepStats, in dsd_data's "stats" form */
     char state[16];
     char klass[16]; /* server | gpu | edge */
 };
@@ -44,23 +48,23 @@ struct dsd {
     int argc;
     char **argv;
     bool coordinator;
-    void *zctx, *data, *control, *client, *pipe;
+    void *zctx, *data, *control, *client, *pipe, *spipe;
+    dsd_data *dp; /* the data thread */
     int sigfd;
     /* membership (coordinator: all nodes, nodes[0] = self) */
     struct node nodes[MAX_NODES];
     uint32_t n_nodes;
     dsd_plan plan;
     bool have_plan, serving, stopping;
-    dsd_host *host;
-    dsd_sched *sched;
     uint64_t plan_version;
-    json_t *links;         /* links measured by the last scheduler (cluster-spec form), or NULL */
+    uint64_t plan_due_ns;  /* coordinator: first plan once links are measured, or at this time */
     char plan_error[512];  /* why the last plan failed ("" when it did not) */
     /* worker */
     bool welcomed;
     uint64_t last_coord_ns, last_hello_ns, hb_seq;
     char state[16];
     uint64_t last_hb_ns, last_wd_ns, wd_usec;
+    uint32_t n_layers_hint; /* worker: layers of the model of the installed plan */
 };
 
 /* ---- local devices ------------------------------------------------------------------------ */
@@ -140,7 +144,8 @@ static void set_state(struct dsd *d, const char *st)
 
 /* ---- cluster spec ------------------------------------------------------------------------- */
 
-static json_t *sched_obj(struct dsd *d, const char *what);
+static json_t *data_obj(struct dsd *d, const char *what);
+static json_t *measured(struct dsd *d);
 
 /* Links in cluster-spec form from the scheduler's calibration (a node's link to itself is host
  * memory, not a link). */
@@ -154,6 +159,18 @@ static json_t *spec_links(json_t *st)
         const char *b = json_string_value(json_object_get(lk, "to"));
         double bw = json_number_value(json_object_get(lk, "bandwidth_bytes_per_s"));
         if (!a || !b || !strcmp(a, b) || bw <= 0)
+            continue;
+        /* links are symmetric: the first measurement of a pair stands for both directions */
+        bool dup = false;
+        size_t k;
+        json_t *have;
+        json_array_foreach(links, k, have)
+        {
+            const char *ha = json_string_value(json_object_get(have, "a"));
+            const char *hb = json_string_value(json_object_get(have, "b"));
+            dup |= (!strcmp(ha, a) && !strcmp(hb, b)) || (!strcmp(ha, b) && !strcmp(hb, a));
+        }
+        if (dup)
             continue;
         json_array_append_new(links, json_pack("{s:s,s:s,s:f,s:f}", "a", a, "b", b, "latency_s",
                                                json_number_value(json_object_get(lk, "latency_s")),
@@ -177,13 +194,9 @@ static json_t *cluster_spec(struct dsd *d, bool planned_only)
                                                n->devices ? json_incref(n->devices)
                                                           : json_array()));
     }
-    if (d->sched) {
-        json_t *st = sched_obj(d, "stats");
-        links = spec_links(st);
-        json_decref(st);
-    } else {
-        links = d->links ? json_deep_copy(d->links) : json_array();
-    }
+    json_t *st = measured(d);
+    links = spec_links(st);
+    json_decref(st);
     /* keep only links between listed nodes */
     for (size_t i = json_array_size(links); i-- > 0;) {
         json_t *lk = json_array_get(links, i);
@@ -204,11 +217,20 @@ static json_t *cluster_spec(struct dsd *d, bool planned_only)
 
 /* ---- plan rollout ------------------------------------------------------------------------- */
 
-static int open_host(struct dsd *d, const dsd_units *u, ds_error *err)
+/* Opens this node's units of plan p (node index self) and hands them and the plan to the
+ * data thread. */
+static int install_plan(struct dsd *d, const dsd_plan *p, uint32_t self, ds_error *err)
 {
-    d->host = dsd_host_free(d->host);
-    return dsd_host_new(d->o.model, u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context, &d->host,
-                        err);
+    dsd_units u;
+    dsd_host *h = NULL;
+    int rc = dsd_plan_units_of(p, self, &u);
+    if (rc < 0)
+        return ds_error_set(err, rc, "out of memory");
+    rc = dsd_host_new(d->o.model, &u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context, &h, err);
+    dsd_units_clear(&u);
+    if (rc < 0)
+        return rc;
+    return dsd_data_install(d->dp, p, self, h, err);
 }
 
 static void write_plan_file(struct dsd *d, const char *json)
@@ -321,11 +343,7 @@ static int rollout(struct dsd *d)
         dsd_send(d->control, d->nodes[i].name, strlen(d->nodes[i].name), &env, NULL, NULL, 0);
     }
     dsd_plan_wire_clear(&wp);
-    dsd_units u;
-    if ((rc = dsd_plan_units_of(&d->plan, 0, &u)) == 0) {
-        rc = open_host(d, &u, &err);
-        dsd_units_clear(&u);
-    }
+    rc = install_plan(d, &d->plan, 0, &err);
     ds_model_free(probe);
     if (rc < 0) {
         ds_log_err("plan: loading the coordinator's units failed: %s", ds_error_str(&err));
@@ -344,38 +362,84 @@ static void maybe_serve(struct dsd *d)
     for (uint32_t i = 0; i < d->n_nodes; i++)
         if (!d->nodes[i].loaded && !d->nodes[i].failed && !d->nodes[i].drained)
             return;
-    ds_error err = {0};
-    if (dsd_sched_start(d->zctx, SCHED_PIPE, &d->plan, d->host, &d->o, &d->sched, &err) < 0) {
-        ds_log_err("scheduler: %s", ds_error_str(&err));
-        return;
-    }
     d->serving = true;
     set_state(d, "serving");
     sd_notify(0, "READY=1");
 }
 
-static void stop_sched(struct dsd *d)
-{
-    if (!d->sched)
-        return;
-    json_t *st = sched_obj(d, "stats");
-    json_decref(d->links);
-    d->links = spec_links(st); /* the next plan keeps the measured links */
-    json_decref(st);
-    zmq_send(d->pipe, "STOP", 4, 0);
-    dsd_sched_stop(d->sched);
-    d->sched = NULL;
-    d->serving = false;
-}
-
 /* ---- status JSON -------------------------------------------------------------------------- */
 
-static json_t *sched_obj(struct dsd *d, const char *what)
+static json_t *data_obj(struct dsd *d, const char *what)
 {
-    char *s = dsd_sched_json(d->sched, what);
+    char *s = dsd_data_json(d->dp, what);
     json_t *j = s ? json_loads(s, 0, NULL) : NULL;
     free(s);
     return j ? j : json_null();
+}
+
+/* Every node's measurements merged: "links" (each node's links to its peers, calibration and
+ * traffic), "units" (unit -> {node, measured_compute_s, calls | rows}), "expert_stats" (routing
+ * counts summed over the attention hosts) and "nodes" (each node's own report). */
+static json_t *measured(struct dsd *d)
+{
+    json_t *links = json_array(), *units = json_object(), *nodes = json_object();
+    json_t *layers = json_object(); /* "layer" -> counts array */
+    int64_t E = 0;
+    for (uint32_t i = 0; i < d->n_nodes; i++) {
+        struct node *n = &d->nodes[i];
+        json_t *st = i == 0 ? data_obj(d, "stats") : json_incref(n->stats);
+        if (!json_is_object(st)) {
+            json_decref(st);
+            continue;
+        }
+        json_object_set(nodes, n->name, st);
+        size_t k;
+        json_t *lk;
+        json_array_foreach(json_object_get(st, "links"), k, lk) json_array_append(links, lk);
+        const char *un;
+        json_t *uv;
+        json_object_foreach(json_object_get(st, "units"), un, uv)
+        {
+            json_t *o = json_pack("{s:s,s:O}", "node", n->name, "measured_compute_s",
+                                  json_object_get(uv, "compute_s"));
+            json_t *c = json_object_get(uv, "calls"), *r = json_object_get(uv, "rows");
+            if (c)
+                json_object_set(o, "calls", c);
+            if (r)
+                json_object_set(o, "rows", r);
+            json_object_set_new(units, un, o);
+        }
+        json_t *ec = json_object_get(st, "expert_counts");
+        if (json_integer_value(json_object_get(ec, "n_routed_experts")) > E)
+            E = json_integer_value(json_object_get(ec, "n_routed_experts"));
+        json_array_foreach(json_object_get(ec, "layers"), k, lk)
+        {
+            char key[16];
+            snprintf(key, sizeof(key), "%lld",
+                     (long long)json_integer_value(json_object_get(lk, "layer")));
+            json_t *cur = json_object_get(layers, key), *add = json_object_get(lk, "counts");
+            if (!cur) {
+                json_object_set_new(layers, key, json_deep_copy(add));
+                continue;
+            }
+            for (size_t e = 0; e < json_array_size(cur) && e < json_array_size(add); e++)
+                json_array_set_new(cur, e,
+                                   json_integer(json_integer_value(json_array_get(cur, e)) +
+                                                json_integer_value(json_array_get(add, e))));
+        }
+        json_decref(st);
+    }
+    json_t *ls = json_array();
+    for (uint32_t l = 0; l < (d->have_plan ? d->plan.n_layers : 0); l++) {
+        char key[16];
+        snprintf(key, sizeof(key), "%u", l);
+        json_t *c = json_object_get(layers, key);
+        if (c)
+            json_array_append_new(ls, json_pack("{s:i,s:O}", "layer", (int)l, "counts", c));
+    }
+    json_decref(layers);
+    return json_pack("{s:o,s:o,s:{s:I,s:o},s:o}", "links", links, "units", units, "expert_stats",
+                     "n_routed_experts", (json_int_t)E, "layers", ls, "nodes", nodes);
 }
 
 static char *status_json(struct dsd *d, const char *what, int *code)
@@ -405,7 +469,7 @@ static char *status_json(struct dsd *d, const char *what, int *code)
                                  n->devices ? json_incref(n->devices) : json_array(), "drained",
                                  n->drained, "has_model_copy", n->has_model_copy));
         }
-        json_t *st = sched_obj(d, "stats");
+        json_t *st = measured(d);
         json_t *links = json_is_object(st) ? json_object_get(st, "links") : NULL;
         r = json_pack("{s:s,s:s,s:s,s:I,s:o,s:O}", "cluster", d->o.cluster, "coordinator",
                       d->o.node, "state", d->state, "plan_version", (json_int_t)d->plan_version,
@@ -414,25 +478,25 @@ static char *status_json(struct dsd *d, const char *what, int *code)
             json_object_set_new(r, "plan_error", json_string(d->plan_error));
         json_decref(st);
     } else if (!strcmp(what, "jobs")) {
-        r = sched_obj(d, "jobs");
+        r = data_obj(d, "jobs");
     } else if (!strcmp(what, "placement")) {
         char *pj = d->have_plan ? dsd_plan_json(&d->plan) : NULL;
         json_t *plan = pj ? json_loads(pj, 0, NULL) : json_null();
         free(pj);
-        char *hs = dsd_host_stats_json(d->host);
-        json_t *local = hs ? json_loads(hs, 0, NULL) : json_null();
-        free(hs);
+        json_t *mine = data_obj(d, "stats");
+        json_t *local = json_is_object(mine) ? json_incref(json_object_get(mine, "units")) : NULL;
+        json_decref(mine);
         /* the solver's predicted per-device / per-link times beside the measured ones */
         json_t *pred = d->have_plan && d->plan.solver_json
                            ? json_loads(d->plan.solver_json, 0, NULL)
                            : NULL;
         r = json_pack("{s:o,s:o,s:o,s:o}", "plan", plan ? plan : json_null(), "measured",
-                      sched_obj(d, "stats"), "coordinator_units", local ? local : json_null(),
+                      measured(d), "coordinator_units", local ? local : json_null(),
                       "predicted", pred ? pred : json_null());
         if (d->plan_error[0])
             json_object_set_new(r, "plan_error", json_string(d->plan_error));
     } else if (!strcmp(what, "expert_stats")) {
-        json_t *st = sched_obj(d, "stats");
+        json_t *st = measured(d);
         json_t *es = json_is_object(st) ? json_object_get(st, "expert_stats") : NULL;
         r = es ? json_incref(es) : json_null();
         json_decref(st);
@@ -505,7 +569,7 @@ static void on_client(struct dsd *d)
     case DSD__ENVELOPE__BODY_STATUS_REQUEST: {
         const char *what = env->status_request->what ? env->status_request->what : "";
         if (!strcmp(what, "replan")) {
-            char *js = dsd_sched_json(d->sched, "jobs");
+            char *js = dsd_data_json(d->dp, "jobs");
             json_t *j = js ? json_loads(js, 0, NULL) : NULL;
             free(js);
             size_t running = j ? json_array_size(json_object_get(j, "jobs")) : 0;
@@ -516,7 +580,7 @@ static void on_client(struct dsd *d)
                                "%zu jobs are running; replan when idle", running);
                 break;
             }
-            stop_sched(d);
+            d->serving = false;
             if (rollout(d) < 0) {
                 dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
                                DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "replan failed (see log)");
@@ -611,6 +675,61 @@ static void on_pipe(struct dsd *d)
 
 /* ---- coordinator: control socket ---------------------------------------------------------- */
 
+/* A worker's StepStats, checked and kept in dsd_data's "stats" JSON form. */
+static void take_stats(struct dsd *d, struct node *n, const Dsd__StepStats *st)
+{
+    if (!d->have_plan || st->n_units > 1u << 20 || st->n_links > MAX_NODES)
+        return;
+    uint32_t L = d->plan.n_layers, E = d->plan.n_experts, f = st->first_moe_layer;
+    json_t *units = json_object(), *links = json_array(), *layers = json_array();
+    for (size_t i = 0; i < st->n_units; i++) {
+        const Dsd__UnitStat *u = st->units[i];
+        enum ds_unit_kind kind;
+        uint32_t l, e;
+        if (!u->unit || dsd_unit_parse(u->unit, &kind, &l, &e) < 0 || l >= L ||
+            !isfinite(u->compute_s))
+            continue;
+        json_object_set_new(units, u->unit,
+                            json_pack("{s:f,s:I}", "compute_s", u->compute_s,
+                                      kind == DS_UNIT_EXPERT ? "rows" : "calls",
+                                      (json_int_t)u->calls));
+    }
+    for (size_t i = 0; i < st->n_links; i++) {
+        const Dsd__LinkStat *k = st->links[i];
+        if (!k->peer || strlen(k->peer) >= 64 || !isfinite(k->transfer_s) ||
+            !isfinite(k->latency_s) || !isfinite(k->bandwidth_bytes_per_s) ||
+            !isfinite(k->compute_s))
+            continue;
+        json_array_append_new(
+            links, json_pack("{s:s,s:s,s:f,s:f,s:f,s:f,s:f,s:I,s:I,s:I,s:I,s:b}", "from", n->name,
+                             "to", k->peer, "latency_s", k->latency_s, "bandwidth_bytes_per_s",
+                             k->bandwidth_bytes_per_s, "measured_transfer_s", k->transfer_s,
+                             "measured_compute_s", k->compute_s, "expert_compute_s",
+                             k->compute_s, "messages", (json_int_t)k->messages, "bytes",
+                             (json_int_t)k->bytes, "forwards", (json_int_t)k->forwards,
+                             "forward_bytes", (json_int_t)k->forward_bytes, "calibrated",
+                             k->calibrated));
+    }
+    if (st->n_routed_experts == E && E && f < L &&
+        st->n_expert_counts == (size_t)(L - f) * E) {
+        for (uint32_t l = f; l < L; l++) {
+            const uint64_t *c = st->expert_counts + (size_t)(l - f) * E;
+            bool any = false;
+            for (uint32_t e = 0; e < E && !any; e++)
+                any = c[e] != 0;
+            if (!any)
+                continue;
+            json_t *row = json_array();
+            for (uint32_t e = 0; e < E; e++)
+                json_array_append_new(row, json_integer((json_int_t)c[e]));
+            json_array_append_new(layers, json_pack("{s:i,s:o}", "layer", (int)l, "counts", row));
+        }
+    }
+    json_decref(n->stats);
+    n->stats = json_pack("{s:s,s:o,s:o,s:{s:i,s:o}}", "node", n->name, "units", units, "links",
+                         links, "expert_counts", "n_routed_experts", (int)E, "layers", layers);
+}
+
 static void on_control_coord(struct dsd *d)
 {
     dsd_msg m;
@@ -671,10 +790,25 @@ static void on_control_coord(struct dsd *d)
         rep.welcome = &w;
         dsd_send(d->control, m.peer, m.peer_len, &rep, NULL, NULL, 0);
         set_state(d, d->serving ? "serving" : "joining");
-        if (!d->have_plan && d->n_nodes >= 1 + (uint32_t)d->o.expect_workers)
-            rollout(d);
-        else if (d->have_plan && !d->serving)
+        dsd_data_probe(d->dp, n->name, n->endpoint); /* measure the link to it */
+        if (!d->have_plan && d->n_nodes >= 1 + (uint32_t)d->o.expect_workers) {
+            /* plan once the links to every node are measured (on_timer), or give up waiting
+             * after link_wait_ms and plan with what is known */
+            if (!d->plan_due_ns)
+                d->plan_due_ns = dsd_now_ns() + (uint64_t)d->o.link_wait_ms * 1000000ull;
+        } else if (d->have_plan && !d->serving) {
             rollout(d); /* a node (re)joined during rollout: roll out again */
+        } else if (d->have_plan) {
+            /* a node came back (restarted): send it its part again */
+            Dsd__Plan wp;
+            if (dsd_plan_to_wire(&d->plan, &wp) == 0) {
+                Dsd__Envelope pe = DSD__ENVELOPE__INIT;
+                pe.body_case = DSD__ENVELOPE__BODY_PLAN;
+                pe.plan = &wp;
+                dsd_send(d->control, n->name, strlen(n->name), &pe, NULL, NULL, 0);
+                dsd_plan_wire_clear(&wp);
+            }
+        }
         break;
     }
     case DSD__ENVELOPE__BODY_HEARTBEAT:
@@ -721,6 +855,9 @@ static void on_control_coord(struct dsd *d)
         }
         break;
     case DSD__ENVELOPE__BODY_STEP_STATS:
+        if (n)
+            take_stats(d, n, env->step_stats);
+        break;
     case DSD__ENVELOPE__BODY_ERROR:
         break;
     default:
@@ -804,14 +941,20 @@ static void on_control_worker(struct dsd *d)
         Dsd__LoadProgress lp = DSD__LOAD_PROGRESS__INIT;
         lp.plan_version = p->version;
         ds_model *probe = NULL;
-        dsd_units u = {0};
+        dsd_plan plan = {0};
         set_state(d, "loading");
         rc = ds_model_open(d->o.model, NULL, &probe, &err);
         if (rc == 0)
-            rc = dsd_plan_units_from_wire(p, d->o.node, ds_model_get_config(probe), &u, &err);
+            rc = dsd_plan_from_wire(p, ds_model_get_config(probe), &plan, &err);
+        uint32_t self = 0;
+        while (rc == 0 && self < plan.n_nodes && strcmp(plan.nodes[self], d->o.node))
+            self++;
+        if (rc == 0 && self == plan.n_nodes)
+            rc = ds_error_set(&err, -EPROTO, "the plan does not list this node (%s)", d->o.node);
         if (rc == 0)
-            rc = open_host(d, &u, &err);
-        dsd_units_clear(&u);
+            rc = install_plan(d, &plan, self, &err);
+        uint32_t n_layers = plan.n_layers;
+        dsd_plan_clear(&plan);
         ds_model_free(probe);
         if (rc < 0) {
             ds_log_err("plan v%llu: %s", (unsigned long long)p->version, ds_error_str(&err));
@@ -819,6 +962,7 @@ static void on_control_worker(struct dsd *d)
             set_state(d, "failed");
         } else {
             d->plan_version = p->version;
+            d->n_layers_hint = n_layers;
             if (p->json)
                 write_plan_file(d, p->json);
             lp.done = true;
@@ -848,26 +992,124 @@ static void on_control_worker(struct dsd *d)
     dsd_msg_close(&m);
 }
 
-/* ---- data socket -------------------------------------------------------------------------- */
+/* ---- timers ------------------------------------------------------------------------------- */
 
-static void on_data(struct dsd *d)
+/* Worker: this node's measurements (units, links, routing counts) to the coordinator. */
+static void send_stats(struct dsd *d)
 {
-    dsd_msg m;
-    ds_error err = {0};
-    int rc = dsd_msg_recv(d->data, true, DS_WIRE_MAX_ENVELOPE_BYTES, &m, &err);
-    if (rc == -EAGAIN)
-        return;
-    if (rc < 0) {
-        ds_log_warn("data: refused a message: %s", ds_error_str(&err));
-        if (m.peer_len)
-            dsd_send_error(d->data, m.peer, m.peer_len, 0, m.refused, "%s", ds_error_str(&err));
+    json_t *st = data_obj(d, "stats");
+    if (!json_is_object(st) || !d->plan_version) {
+        json_decref(st);
         return;
     }
-    dsd_host_serve(d->host, d->data, &m, d->plan_version);
-    dsd_msg_close(&m);
+    json_t *units = json_object_get(st, "units"), *links = json_object_get(st, "links");
+    json_t *ec = json_object_get(st, "expert_counts");
+    size_t nu = json_object_size(units), nl = json_array_size(links);
+    Dsd__UnitStat *us = calloc(nu ? nu : 1, sizeof(*us));
+    Dsd__UnitStat **usp = calloc(nu ? nu : 1, sizeof(*usp));
+    Dsd__LinkStat *ls = calloc(nl ? nl : 1, sizeof(*ls));
+    Dsd__LinkStat **lsp = calloc(nl ? nl : 1, sizeof(*lsp));
+    uint64_t *counts = NULL;
+    Dsd__StepStats ss = DSD__STEP_STATS__INIT;
+    if (!us || !usp || !ls || !lsp)
+        goto out;
+    size_t i = 0;
+    const char *un;
+    json_t *uv;
+    json_object_foreach(units, un, uv)
+    {
+        dsd__unit_stat__init(&us[i]);
+        us[i].unit = (char *)un;
+        us[i].compute_s = json_number_value(json_object_get(uv, "compute_s"));
+        json_t *c = json_object_get(uv, "calls");
+        us[i].calls = (uint64_t)json_integer_value(c ? c : json_object_get(uv, "rows"));
+        usp[i] = &us[i];
+        i++;
+    }
+    json_t *lk;
+    json_array_foreach(links, i, lk)
+    {
+        dsd__link_stat__init(&ls[i]);
+        ls[i].peer = (char *)json_string_value(json_object_get(lk, "to"));
+        ls[i].transfer_s = json_number_value(json_object_get(lk, "measured_transfer_s"));
+        ls[i].bytes = (uint64_t)json_integer_value(json_object_get(lk, "bytes"));
+        ls[i].messages = (uint64_t)json_integer_value(json_object_get(lk, "messages"));
+        ls[i].latency_s = json_number_value(json_object_get(lk, "latency_s"));
+        ls[i].bandwidth_bytes_per_s =
+            json_number_value(json_object_get(lk, "bandwidth_bytes_per_s"));
+        ls[i].compute_s = json_number_value(json_object_get(lk, "measured_compute_s"));
+        ls[i].forwards = (uint64_t)json_integer_value(json_object_get(lk, "forwards"));
+        ls[i].forward_bytes = (uint64_t)json_integer_value(json_object_get(lk, "forward_bytes"));
+        ls[i].calibrated = json_is_true(json_object_get(lk, "calibrated"));
+        lsp[i] = &ls[i];
+    }
+    ss.plan_version = d->plan_version;
+    ss.n_units = nu;
+    ss.units = usp;
+    ss.n_links = nl;
+    ss.links = lsp;
+    /* routing counts, layer-major from the first MoE layer (zeros for layers not hosted) */
+    uint32_t E = (uint32_t)json_integer_value(json_object_get(ec, "n_routed_experts"));
+    uint32_t first = UINT32_MAX, last = 0;
+    json_array_foreach(json_object_get(ec, "layers"), i, lk)
+    {
+        uint32_t l = (uint32_t)json_integer_value(json_object_get(lk, "layer"));
+        first = l < first ? l : first;
+        last = l > last ? l : last;
+    }
+    if (E && first != UINT32_MAX && d->n_layers_hint > last) {
+        uint32_t L = d->n_layers_hint;
+        counts = calloc((size_t)(L - first) * E, sizeof(uint64_t));
+        if (counts) {
+            json_array_foreach(json_object_get(ec, "layers"), i, lk)
+            {
+                uint32_t l = (uint32_t)json_integer_value(json_object_get(lk, "layer"));
+                json_t *row = json_object_get(lk, "counts");
+                for (uint32_t e = 0; e < E && e < json_array_size(row); e++)
+                    counts[(size_t)(l - first) * E + e] =
+                        (uint64_t)json_integer_value(json_array_get(row, e));
+            }
+            ss.first_moe_layer = first;
+            ss.n_routed_experts = E;
+            ss.n_expert_counts = (size_t)(L - first) * E;
+            ss.expert_counts = counts;
+        }
+    }
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    env.body_case = DSD__ENVELOPE__BODY_STEP_STATS;
+    env.step_stats = &ss;
+    dsd_send(d->control, NULL, 0, &env, NULL, NULL, 0);
+out:
+    free(us);
+    free(usp);
+    free(ls);
+    free(lsp);
+    free(counts);
+    json_decref(st);
 }
 
-/* ---- timers ------------------------------------------------------------------------------- */
+/* Coordinator: the links to every live node are measured (or nothing to wait for). */
+static bool links_measured(struct dsd *d)
+{
+    json_t *st = data_obj(d, "stats");
+    bool all = true;
+    for (uint32_t i = 1; i < d->n_nodes && all; i++) {
+        if (d->nodes[i].failed)
+            continue;
+        bool found = false;
+        size_t k;
+        json_t *lk;
+        json_array_foreach(json_object_get(st, "links"), k, lk)
+        {
+            if (!strcmp(json_string_value(json_object_get(lk, "to")) ?: "", d->nodes[i].name) &&
+                json_is_true(json_object_get(lk, "calibrated")))
+                found = true;
+        }
+        all = found;
+    }
+    json_decref(st);
+    return all;
+}
 
 static void on_timer(struct dsd *d)
 {
@@ -880,10 +1122,16 @@ static void on_timer(struct dsd *d)
         return;
     d->last_hb_ns = now;
     uint64_t dead = hb * (uint64_t)d->o.heartbeat_misses;
+    if (d->coordinator && d->plan_due_ns && !d->have_plan &&
+        (now >= d->plan_due_ns || links_measured(d))) {
+        d->plan_due_ns = 0;
+        rollout(d);
+        now = dsd_now_ns(); /* the solver took time; heartbeat clocks were restarted */
+    }
     if (d->coordinator) {
         for (uint32_t i = 1; i < d->n_nodes; i++) {
             struct node *n = &d->nodes[i];
-            if (!n->failed && now - n->last_seen_ns > dead) {
+            if (!n->failed && now > n->last_seen_ns && now - n->last_seen_ns > dead) {
                 n->failed = true;
                 ds_log_err("node %s failed: no heartbeat for %llu ms", n->name,
                            (unsigned long long)((now - n->last_seen_ns) / 1000000));
@@ -912,6 +1160,7 @@ static void on_timer(struct dsd *d)
     env.body_case = DSD__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &h;
     dsd_send(d->control, NULL, 0, &env, NULL, NULL, 0);
+    send_stats(d);
 }
 
 static void on_signal(struct dsd *d)
@@ -1024,6 +1273,15 @@ int main(int argc, char **argv)
             goto out;
         }
     }
+    int inf = 0;
+    zmq_setsockopt(d.data, ZMQ_SNDHWM, &inf, sizeof(inf)); /* queue for slow peers, never drop */
+    if (d.coordinator && (!(d.spipe = zmq_socket(d.zctx, ZMQ_PAIR)) ||
+                          zmq_connect(d.spipe, SCHED_PIPE) < 0)) {
+        ds_error_set(&err, -EIO, "client pipe: %s", zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    if (dsd_data_start(d.zctx, d.data, d.spipe, &d.o, d.coordinator, &d.dp, &err) < 0)
+        goto out;
     sd_watchdog_enabled(0, &d.wd_usec);
     ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node, d.o.data_advertise);
     set_state(&d, "joining");
@@ -1034,7 +1292,7 @@ int main(int argc, char **argv)
     while (!d.stopping) {
         zmq_pollitem_t it[5] = {
             {.fd = d.sigfd, .events = ZMQ_POLLIN},
-            {.socket = d.data, .events = ZMQ_POLLIN},
+            {.fd = -1, .events = 0}, /* the data socket belongs to the data thread */
             {.socket = d.control, .events = ZMQ_POLLIN},
         };
         int n = 3;
@@ -1049,15 +1307,6 @@ int main(int argc, char **argv)
             break;
         if (it[0].revents)
             on_signal(&d);
-        if (it[1].revents)
-            for (int k = 0; k < 64; k++) {
-                int ev = 0;
-                size_t sz = sizeof(ev);
-                zmq_getsockopt(d.data, ZMQ_EVENTS, &ev, &sz);
-                if (!(ev & ZMQ_POLLIN))
-                    break;
-                on_data(&d);
-            }
         if (it[2].revents)
             d.coordinator ? on_control_coord(&d) : on_control_worker(&d);
         if (d.coordinator && it[3].revents)
@@ -1071,15 +1320,17 @@ out:
     if (err.code)
         ds_log_err("%s", ds_error_str(&err));
     sd_notify(0, "STOPPING=1");
-    if (d.sched)
-        stop_sched(&d);
-    d.host = dsd_host_free(d.host);
-    dsd_plan_clear(&d.plan);
-    json_decref(d.links);
-    for (uint32_t i = 0; i < d.n_nodes; i++)
-        json_decref(d.nodes[i].devices);
+    if (d.dp)
+        dsd_data_stop(d.dp); /* closes nothing of ours but its own sockets */
     if (d.data)
         zmq_close(d.data);
+    if (d.spipe)
+        zmq_close(d.spipe);
+    dsd_plan_clear(&d.plan);
+    for (uint32_t i = 0; i < d.n_nodes; i++) {
+        json_decref(d.nodes[i].devices);
+        json_decref(d.nodes[i].stats);
+    }
     if (d.control)
         zmq_close(d.control);
     if (d.client)

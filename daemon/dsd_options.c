@@ -81,6 +81,12 @@ static const struct opt OPTS[] = {
      "coordinator: sequences decoded together that the planner optimises for"},
     {"plan_context", OPT_INT, I(plan_context), 0, 1 << 20, "0", NULL, true,
      "coordinator: context tokens per sequence the planner reserves KV for (0: max_context)"},
+    {"link_wait_ms", OPT_INT, I(link_wait_ms), 0, 600000, "5000", NULL, true,
+     "coordinator: how long the first plan waits for the links to the joined nodes to be "
+     "measured (it plans as soon as they are)"},
+    {"micro_batches", OPT_INT, I(micro_batches), 1, 64, "2", NULL, false,
+     "coordinator: micro-batches in flight at once (the running jobs are split over them so "
+     "one computes while another crosses a link)"},
 };
 #define N_OPTS (sizeof(OPTS) / sizeof(OPTS[0]))
 

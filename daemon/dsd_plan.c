@@ -297,3 +297,120 @@ int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_mode
     }
     return 0;
 }
+
+int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
+{
+    *dst = *src;
+    dst->nodes = NULL;
+    dst->endpoints = NULL;
+    dst->attn = NULL;
+    dst->expert = NULL;
+    dst->solver_json = NULL;
+    uint32_t N = src->n_nodes, L = src->n_layers ? src->n_layers : 1;
+    size_t ne = (size_t)L * (src->n_experts ? src->n_experts : 1);
+    dst->nodes = malloc((N ? N : 1) * sizeof(*dst->nodes));
+    dst->endpoints = malloc((N ? N : 1) * sizeof(*dst->endpoints));
+    dst->attn = malloc(L * sizeof(int32_t));
+    dst->expert = malloc(ne * sizeof(int32_t));
+    if (src->solver_json)
+        dst->solver_json = strdup(src->solver_json);
+    if (!dst->nodes || !dst->endpoints || !dst->attn || !dst->expert ||
+        (src->solver_json && !dst->solver_json)) {
+        dsd_plan_clear(dst);
+        return -ENOMEM;
+    }
+    memcpy(dst->nodes, src->nodes, N * sizeof(*dst->nodes));
+    memcpy(dst->endpoints, src->endpoints, N * sizeof(*dst->endpoints));
+    memcpy(dst->attn, src->attn, src->n_layers * sizeof(int32_t));
+    memcpy(dst->expert, src->expert, (size_t)src->n_layers * src->n_experts * sizeof(int32_t));
+    return 0;
+}
+
+/* Index of the node a plan unit's device ("node" or "node/device") names, or -1. */
+static int32_t wire_node(const dsd_plan *p, const char *device)
+{
+    for (uint32_t i = 0; device && i < p->n_nodes; i++) {
+        size_t l = strlen(p->nodes[i]);
+        if (!strncmp(device, p->nodes[i], l) && (device[l] == 0 || device[l] == '/'))
+            return (int32_t)i;
+    }
+    return -1;
+}
+
+int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p, ds_error *err)
+{
+    uint32_t N = (uint32_t)w->n_data_endpoints;
+    if (N == 0 || N > 4096)
+        return ds_error_set(err, -EPROTO, "plan: %u data endpoints", N);
+    char(*names)[64] = calloc(N, 64);
+    char(*eps)[DSD_STR_MAX] = calloc(N, DSD_STR_MAX);
+    int rc = -ENOMEM;
+    if (!names || !eps)
+        goto out;
+    for (uint32_t i = 0; i < N; i++) {
+        const Dsd__Plan__DataEndpointsEntry *de = w->data_endpoints[i];
+        if (!de->key || !de->value || !de->key[0] || strlen(de->key) >= 64 ||
+            strlen(de->value) >= DSD_STR_MAX) {
+            rc = ds_error_set(err, -EPROTO, "plan: data endpoint %u is malformed", i);
+            goto out;
+        }
+        snprintf(names[i], 64, "%s", de->key);
+        snprintf(eps[i], DSD_STR_MAX, "%s", de->value);
+    }
+    if ((rc = plan_alloc(p, c, N, (const char(*)[64])names, (const char(*)[DSD_STR_MAX])eps,
+                         w->version)) < 0)
+        goto out;
+    uint32_t L = p->n_layers, E = p->n_experts;
+    p->embed = p->head = -1;
+    for (uint32_t l = 0; l < L; l++) {
+        p->attn[l] = -1;
+        for (uint32_t e = 0; e < E; e++)
+            p->expert[(size_t)l * E + e] = -1;
+    }
+    for (size_t i = 0; i < w->n_units; i++) {
+        const Dsd__PlanUnit *pu = w->units[i];
+        enum ds_unit_kind kind;
+        uint32_t l, e;
+        int32_t node = wire_node(p, pu->device);
+        if (!pu->unit || dsd_unit_parse(pu->unit, &kind, &l, &e) < 0 || node < 0 ||
+            (kind != DS_UNIT_EMBED && kind != DS_UNIT_HEAD && l >= L) ||
+            (kind == DS_UNIT_EXPERT && (e >= E || !ds_model_config_layer_is_moe(c, l)))) {
+            rc = ds_error_set(err, -EPROTO, "plan: unit %zu '%s' on '%s' is not valid here", i,
+                              pu->unit ? pu->unit : "(null)", pu->device ? pu->device : "(null)");
+            goto fail;
+        }
+        if (kind == DS_UNIT_EMBED)
+            p->embed = node;
+        else if (kind == DS_UNIT_HEAD)
+            p->head = node;
+        else if (kind == DS_UNIT_EXPERT)
+            p->expert[(size_t)l * E + e] = node;
+        else
+            p->attn[l] = node;
+    }
+    /* every unit of the model placed once */
+    rc = ds_error_set(err, -EPROTO, "plan: embed or head unplaced");
+    if (p->embed < 0 || p->head < 0)
+        goto fail;
+    for (uint32_t l = 0; l < L; l++) {
+        if (p->attn[l] < 0) {
+            rc = ds_error_set(err, -EPROTO, "plan: attn[%u] unplaced", l);
+            goto fail;
+        }
+        for (uint32_t e = 0; ds_model_config_layer_is_moe(c, l) && e < E; e++)
+            if (p->expert[(size_t)l * E + e] < 0) {
+                rc = ds_error_set(err, -EPROTO, "plan: expert[%u][%u] unplaced", l, e);
+                goto fail;
+            }
+    }
+    rc = 0;
+    goto out;
+fail:
+    dsd_plan_clear(p);
+out:
+    free(names);
+    free(eps);
+    if (rc == -ENOMEM && !err->code)
+        ds_error_set(err, rc, "out of memory");
+    return rc;
+}

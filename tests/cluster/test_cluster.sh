@@ -88,10 +88,19 @@ for model in "${MODELS[@]}"; do
             echo "ok   concurrent job $k: $got"
         fi
     done
-    # the steps really crossed the links to the workers (they host units)
+    # the steps really ran on the workers: each reports compute time for units it hosts, and
+    # traffic reached it (dispatch round trips or forwarded steps) from another node
+    pj=$("$DSCTL" placement --json)
     for w in w1 w2; do
-        "$DSCTL" placement | grep -Eq "^coord->$w .* [1-9][0-9]* +[0-9.]+ ms$" ||
-            { echo "FAIL: no messages went to $w"; "$DSCTL" placement; fail=1; }
+        calls=$(echo "$pj" | jq --arg w "$w" '[.measured.units | to_entries[] | select(.value.node == $w)
+                 | (.value.calls // .value.rows // 0)] | add // 0')
+        into=$(echo "$pj" | jq --arg w "$w" '[.measured.links[] | select(.to == $w)
+                 | .messages + (.forwards // 0)] | add // 0')
+        if [ "$calls" -gt 0 ] && [ "$into" -gt 0 ]; then
+            echo "ok   $w computed ($calls unit calls/rows), $into messages reached it"
+        else
+            echo "FAIL: $w: $calls unit calls/rows, $into messages reached it"; "$DSCTL" placement; fail=1
+        fi
     done
     cluster_stop
 done
