@@ -123,17 +123,24 @@ static void node_add(char (*nodes)[MAX_NODE_NAME], int *n, const char *name, siz
     nodes[(*n)++][len] = '\0';
 }
 
-static json_t *measured_link_to(json_t *meas, const char *node)
+/* Measured compute of a node: the sum over the units it ran (attention layers with the shared
+ * experts / dense FFN beside them, and routed experts). false when it reported none. */
+static bool measured_compute_of(json_t *meas, const char *node, double *s)
 {
-    size_t i;
-    json_t *lk;
-    json_array_foreach(json_object_get(meas, "links"), i, lk)
+    const char *name;
+    json_t *mu;
+    bool any = false;
+    *s = 0;
+    json_object_foreach(json_object_get(meas, "units"), name, mu)
     {
-        const char *to = json_string_value(json_object_get(lk, "to"));
-        if (to && !strcmp(to, node))
-            return lk;
+        const char *n = json_string_value(json_object_get(mu, "node"));
+        if (n && !strcmp(n, node)) {
+            *s += num(mu, "measured_compute_s");
+            any = true;
+        }
     }
-    return NULL;
+    (void)name;
+    return any;
 }
 
 /* the predicted link between a and b in either direction, or NULL */
@@ -171,14 +178,20 @@ static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
         fprintf(f, ", no solver prediction for this plan");
     fprintf(f, "; measured over %ld steps)\n", steps);
 
-    /* nodes in the coordinator's order (its links), then any only the solver names */
+    /* the nodes that reported measurements, the ends of measured links, then any only the
+     * solver names */
     static char nodes[MAX_NODES][MAX_NODE_NAME]; /* 32 KiB: off the stack; dsctl is one thread */
     int nn = 0;
     size_t i;
     json_t *o;
+    const char *key;
+    json_object_foreach(json_object_get(meas, "nodes"), key, o) node_add(nodes, &nn, key, strlen(key));
     json_array_foreach(json_object_get(meas, "links"), i, o)
     {
+        const char *from = json_string_value(json_object_get(o, "from"));
         const char *to = json_string_value(json_object_get(o, "to"));
+        if (from)
+            node_add(nodes, &nn, from, strlen(from));
         if (to)
             node_add(nodes, &nn, to, strlen(to));
     }
@@ -202,10 +215,10 @@ static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
                 any_dev = true;
             }
         }
-        json_t *lk = measured_link_to(meas, node);
+        double comp;
+        bool have = measured_compute_of(meas, node, &comp);
         fprintf(f, "%-24s %-16s %s\n", node, fmt_ms(b1, sizeof(b1), have_pred && any_dev, busy),
-                fmt_ms(b2, sizeof(b2), lk && steps > 0,
-                       steps > 0 ? num(lk, "measured_compute_s") / (double)steps : 0));
+                fmt_ms(b2, sizeof(b2), have && steps > 0, steps > 0 ? comp / (double)steps : 0));
         json_array_foreach(json_object_get(pred, "devices"), i, o)
         {
             const char *dev = json_string_value(json_object_get(o, "device"));
@@ -218,8 +231,9 @@ static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
         }
     }
 
-    /* links: the measured ones (the coordinator's), then any only the solver predicts. A link
-     * the solver does not list carries no traffic in its plan: predicted 0. */
+    /* links: the measured ones (each node times the dispatches it sends; one row per
+     * direction, beside the solver's figure for the pair), then any only the solver predicts.
+     * A link the solver does not list carries no traffic in its plan: predicted 0. */
     fprintf(f, "%-24s %-16s %s\n", "NODE PAIR", "PRED XFER/STEP", "MEAS XFER/STEP");
     json_array_foreach(json_object_get(meas, "links"), i, o)
     {
@@ -229,7 +243,7 @@ static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
             continue; /* the coordinator's own units: no network link */
         json_t *pl = predicted_link(pred, from, to);
         char label[160];
-        snprintf(label, sizeof(label), "%s<->%s", from, to);
+        snprintf(label, sizeof(label), "%s=>%s", from, to);
         fprintf(f, "%-24s %-16s %s\n", label,
                 fmt_ms(b1, sizeof(b1), have_pred, pl ? num(pl, "seconds_per_step") : 0),
                 fmt_ms(b2, sizeof(b2), steps > 0,
@@ -274,13 +288,15 @@ void dsctl_placement_print(FILE *f, json_t *pl, long only_layer, bool explain)
     print_predicted_vs_measured(f, json_object_get(pl, "predicted"), meas);
     if (explain)
         fprintf(f,
-                "\nwhy: embed and head stay on the coordinator, which samples; attention layers "
-                "start at the first worker and go round the nodes; experts of layer l go round "
-                "the nodes starting at l, so every node hosts both kinds of unit; shared experts "
-                "and dense FFNs run beside their attention. Predicted per message = 2 x link "
-                "latency + bytes / bandwidth (calibrated at start); measured = round trip minus "
-                "the host's reported compute time. Per decode step: predicted = the solver's "
-                "busy seconds per device (summed per node) and per link; measured = the "
-                "host-reported compute and the transfer time per node/link divided by the "
-                "steps run (the most calls of any attention layer).\n");
+                "\nwhy: embed and head stay on the coordinator, which samples; the placement "
+                "solver (or the round-robin debugging plan) chose every other unit's node "
+                "(dsctl plan --explain shows the solver's reasoning for a cluster spec); shared "
+                "experts and dense FFNs run beside their attention. A micro-batch travels from "
+                "attention host to attention host; each sends one dispatch per expert host per "
+                "MoE layer. Predicted per message = 2 x link latency + bytes / bandwidth "
+                "(calibrated over the real sockets); measured = dispatch round trip minus the "
+                "expert host's reported compute time. Per decode step: predicted = the "
+                "solver's busy seconds per device (summed per node) and per link; measured = "
+                "the compute of the units a node ran and the transfer time per link divided by "
+                "the steps run (the most calls of any attention layer).\n");
 }

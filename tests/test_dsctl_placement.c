@@ -22,17 +22,19 @@ static const char *const REPLY_MEASURED =
     "  \"expert[1][0]\": \"w1\", \"expert[1][1]\": \"coord\"}},"
     " \"measured\": {"
     "  \"units\": {\"attn[0]\": {\"node\": \"w1\", \"measured_compute_s\": 0.008, \"calls\": 4},"
-    "             \"attn[1]\": {\"node\": \"coord\", \"measured_compute_s\": 0.004, \"calls\": 4}},"
+    "             \"attn[1]\": {\"node\": \"coord\", \"measured_compute_s\": 0.004, \"calls\": 4},"
+    "             \"expert[1][0]\": {\"node\": \"w1\", \"measured_compute_s\": 0.012, \"rows\": 6},"
+    "             \"expert[1][1]\": {\"node\": \"coord\", \"measured_compute_s\": 0.008, \"rows\": 2}},"
     "  \"links\": ["
-    "   {\"from\": \"coord\", \"to\": \"coord\", \"latency_s\": 0.0, \"bandwidth_bytes_per_s\": "
-    "0.0,"
-    "    \"measured_transfer_s\": 0.0, \"measured_compute_s\": 0.012, \"messages\": 0, \"bytes\": "
-    "0,"
-    "    \"expert_compute_s\": 0.002},"
     "   {\"from\": \"coord\", \"to\": \"w1\", \"latency_s\": 0.0001, \"bandwidth_bytes_per_s\": "
     "1e9,"
-    "    \"measured_transfer_s\": 0.002, \"measured_compute_s\": 0.020, \"messages\": 8,"
-    "    \"bytes\": 8000000, \"expert_compute_s\": 0.006}]},"
+    "    \"measured_transfer_s\": 0.002, \"measured_compute_s\": 0.006, \"messages\": 8,"
+    "    \"bytes\": 8000000, \"expert_compute_s\": 0.006},"
+    "   {\"from\": \"w1\", \"to\": \"coord\", \"latency_s\": 0.0001, \"bandwidth_bytes_per_s\": "
+    "1e9,"
+    "    \"measured_transfer_s\": 0.001, \"measured_compute_s\": 0.002, \"messages\": 4,"
+    "    \"bytes\": 4000000, \"expert_compute_s\": 0.002}],"
+    "  \"nodes\": {\"coord\": {}, \"w1\": {}}},"
     " \"coordinator_units\": null,";
 
 static const char *const PREDICTED =
@@ -119,16 +121,18 @@ static void test_predicted_beside_measured(void **state)
     assert_non_null(strstr(out, "PREDICTED VS MEASURED per decode step (predicted step 10.500 ms, "
                                 "bottleneck w1/cuda0, solver heuristic; measured over 4 steps)"));
     expect_line(out, "NODE/DEVICE", "NODE/DEVICE PRED BUSY/STEP MEAS COMPUTE/STEP");
-    /* coord: predicted 2.5 ms; measured 12 ms / 4 steps */
+    /* coord: predicted 2.5 ms; measured (4 ms attn[1] + 8 ms expert[1][1]) / 4 steps */
     expect_line(out, "coord", "coord 2.500 ms 3.000 ms");
     expect_line(out, "coord/cpu0", "coord/cpu0 2.500 ms -");
-    /* w1: 1 + 4 ms predicted; 20 ms / 4 steps measured */
+    /* w1: 1 + 4 ms predicted; (8 ms attn[0] + 12 ms expert[1][0]) / 4 steps measured */
     expect_line(out, "w1", "w1 5.000 ms 5.000 ms");
     expect_line(out, "w1/cpu0", "w1/cpu0 1.000 ms -");
     expect_line(out, "w1/cuda0", "w1/cuda0 4.000 ms -");
-    /* link: 0.6 ms predicted, 2 ms / 4 steps measured; no row for coord's own units */
-    expect_line(out, "coord<->w1", "coord<->w1 0.600 ms 0.500 ms");
-    assert_null(strstr(out, "coord<->coord"));
+    /* links, one row per direction: 0.6 ms predicted for the pair; 2 ms and 1 ms / 4 steps
+     * measured */
+    expect_line(out, "coord=>w1", "coord=>w1 0.600 ms 0.500 ms");
+    expect_line(out, "w1=>coord", "w1=>coord 0.600 ms 0.250 ms");
+    assert_null(strstr(out, "coord=>coord"));
     assert_null(strstr(out, "why:"));
     free(out);
     free(reply);
@@ -144,7 +148,7 @@ static void test_round_robin_plan_prints_dashes(void **state)
                            "prediction for this plan; measured over 4 steps)"));
     expect_line(out, "coord", "coord - 3.000 ms");
     expect_line(out, "w1", "w1 - 5.000 ms");
-    expect_line(out, "coord<->w1", "coord<->w1 - 0.500 ms");
+    expect_line(out, "coord=>w1", "coord=>w1 - 0.500 ms");
     assert_null(line_fields(out, "w1/cuda0"));
     /* --layer 1 only */
     assert_null(line_fields(out, "0"));
