@@ -8,6 +8,8 @@ add_dependencies(test_notify dsd)
 add_dependencies(test_daemon dsd)
 ds_add_script_test(NAME test_cluster COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_cluster.sh
                    LABELS cluster TIMEOUT 600)
+ds_add_script_test(NAME test_dsctl COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_dsctl.sh
+                   LABELS cluster TIMEOUT 600)
 ds_add_script_test(NAME test_systemd_verify
                    COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_systemd_verify.sh
                    LABELS unit TIMEOUT 60)
