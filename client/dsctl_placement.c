@@ -62,11 +62,24 @@ static int cmd_placement(int argc, char **argv)
             return ch == 'h' ? DSCTL_EXIT_OK : DSCTL_EXIT_USAGE;
         }
     }
+    if (optind < argc) {
+        fprintf(stderr, "dsctl placement: unexpected argument '%s' (see --help)\n", argv[optind]);
+        return DSCTL_EXIT_USAGE;
+    }
     json_t *j;
     int rc = dsctl_fetch("placement", dsctl_endpoint(ep), "placement", &j);
     if (rc < 0)
         return dsctl_exit_code(rc);
     json_t *units = json_object_get(json_object_get(j, "plan"), "units");
+    if (only_layer >= 0) {
+        char an[32];
+        snprintf(an, sizeof(an), "attn[%ld]", only_layer);
+        if (!json_object_get(units, an)) {
+            fprintf(stderr, "dsctl placement: no layer %ld in the plan\n", only_layer);
+            json_decref(j);
+            return DSCTL_EXIT_NOT_FOUND;
+        }
+    }
     json_t *meas = json_object_get(j, "measured");
     if (unit) {
         const char *node = json_string_value(json_object_get(units, unit));

@@ -35,6 +35,12 @@ static int cmd_replan(int argc, char **argv)
             return ch == 'h' ? DSCTL_EXIT_OK : DSCTL_EXIT_USAGE;
         }
     }
+    if (optind < argc) {
+        fprintf(stderr, "dsctl replan: unexpected argument '%s': replan acts on the whole "
+                        "cluster (drain/undrain a node first)\n",
+                argv[optind]);
+        return DSCTL_EXIT_USAGE;
+    }
     ds_client *c = NULL;
     char *js = NULL;
     int rc = dsctl_connect(dsctl_endpoint(ep), &c);

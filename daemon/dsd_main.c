@@ -16,6 +16,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -58,6 +60,11 @@ struct dsd {
     bool have_plan, serving, stopping;
     uint64_t plan_version;
     uint64_t plan_due_ns;  /* coordinator: first plan once links are measured, or at this time */
+    struct solve_job *solving; /* a plan being made on the solver thread */
+    bool rollout_again;        /* membership changed while solving: plan again after */
+    uint8_t replan_peer[DSD_MAX_PEER_ID]; /* the client waiting for `dsctl replan` */
+    size_t replan_peer_len;
+    uint64_t replan_req;
     char plan_error[512];  /* why the last plan failed ("" when it did not) */
     /* worker */
     bool welcomed;
@@ -247,95 +254,100 @@ static void write_plan_file(struct dsd *d, const char *json)
 }
 
 static void maybe_serve(struct dsd *d);
+static void reply_json(void *sock, const void *peer, size_t pl, uint64_t req, const char *json);
 
-static int rollout(struct dsd *d)
+/* A plan being made. The placement solver runs on its own thread (the exact MILP can take
+ * seconds), so the loop keeps heartbeating meanwhile; it signals `efd` when done. */
+struct solve_job {
+    pthread_t th;
+    int efd;
+    ds_model *probe; /* the model's shape (units unbound: no weights) */
+    uint32_t n;
+    char (*names)[64];
+    char (*eps)[DSD_STR_MAX];
+    int32_t idx_of[MAX_NODES]; /* membership index -> plan node index, -1 = left out */
+    char *spec;
+    char strategy[32];
+    uint32_t batch, ctx;
+    uint64_t version;
+    dsd_plan plan;
+    int rc;
+    ds_error err;
+};
+
+static void solve_job_free(struct solve_job *j)
 {
-    ds_error err = {0};
-    ds_model *probe = NULL;
-    /* the coordinator reads the model's shape from its own copy (units unbound: no weights) */
-    static const ds_model_open_opts none = {0};
-    (void)none;
-    int rc = ds_model_open(d->o.model, NULL, &probe, &err);
+    if (!j)
+        return;
+    if (j->efd >= 0)
+        close(j->efd);
+    ds_model_free(j->probe);
+    free(j->names);
+    free(j->eps);
+    free(j->spec);
+    dsd_plan_clear(&j->plan);
+    free(j);
+}
+
+static void *solve_main(void *arg)
+{
+    struct solve_job *j = arg;
+    j->rc = dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
+                           (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps,
+                           j->strategy, j->batch, j->ctx, j->version, &j->err);
+    uint64_t one = 1;
+    if (write(j->efd, &one, sizeof(one)) != sizeof(one))
+        ds_log_err("plan: cannot signal the loop");
+    return NULL;
+}
+
+static void replan_reply(struct dsd *d, int rc)
+{
+    if (!d->replan_peer_len)
+        return;
     if (rc < 0) {
-        ds_log_err("plan: cannot read the model: %s", ds_error_str(&err));
-        return rc;
-    }
-    const ds_model_config *c = ds_model_get_config(probe);
-    char(*names)[64] = calloc(MAX_NODES, 64);
-    char(*eps)[DSD_STR_MAX] = calloc(MAX_NODES, DSD_STR_MAX);
-    uint32_t n = 0;
-    int32_t idx_of[MAX_NODES];
-    for (uint32_t i = 0; names && eps && i < d->n_nodes; i++) {
-        if (d->nodes[i].failed || d->nodes[i].drained) {
-            idx_of[i] = -1;
-            continue;
-        }
-        if (i == 0 && !d->o.compute) {
-            /* still listed first (embed/head), but the builder gives it no other unit */
-        }
-        idx_of[i] = (int32_t)n;
-        snprintf(names[n], 64, "%s", d->nodes[i].name);
-        snprintf(eps[n], DSD_STR_MAX, "%s", d->nodes[i].endpoint);
-        n++;
-    }
-    dsd_plan_clear(&d->plan);
-    d->have_plan = false;
-    d->plan_error[0] = 0;
-    bool rr = !strcmp(d->o.plan_strategy, "round-robin");
-    if (!names || !eps) {
-        rc = -ENOMEM;
-    } else if (rr) {
-        rc = dsd_plan_build(&d->plan, c, n, (const char(*)[64])names,
-                            (const char(*)[DSD_STR_MAX])eps, d->o.compute, d->plan_version + 1);
-        if (rc < 0)
-            ds_error_set(&err, rc, "round-robin plan over %u nodes: %s", n, strerror(-rc));
-    } else if (!d->o.compute) {
-        rc = ds_error_set(&err, -EINVAL, "compute = false needs plan_strategy = round-robin "
-                                         "(the solver would place units on the coordinator)");
+        dsd_send_error(d->client, d->replan_peer, d->replan_peer_len, d->replan_req,
+                       DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "replan failed: %s",
+                       d->plan_error[0] ? d->plan_error : strerror(-rc));
     } else {
-        json_t *spec = cluster_spec(d, true);
-        char *sj = json_dumps(spec, JSON_COMPACT);
-        json_decref(spec);
-        uint32_t ctx = (uint32_t)(d->o.plan_context ? d->o.plan_context : d->o.max_context);
-        if (ctx > c->max_position_embeddings)
-            ctx = c->max_position_embeddings;
-        rc = sj ? dsd_plan_solve(&d->plan, c, sj, n, (const char(*)[64])names,
-                                 (const char(*)[DSD_STR_MAX])eps, d->o.plan_strategy,
-                                 (uint32_t)d->o.plan_batch, ctx, d->plan_version + 1, &err)
-                : -ENOMEM;
-        free(sj);
-        /* the solver ran on this thread (up to seconds for the exact MILP): peers were not
-         * silent meanwhile, the loop was busy, so their heartbeat clocks restart now */
-        uint64_t now = dsd_now_ns();
-        for (uint32_t i = 1; i < d->n_nodes; i++)
-            if (!d->nodes[i].failed)
-                d->nodes[i].last_seen_ns = now;
+        char buf[96];
+        snprintf(buf, sizeof(buf), "{\"plan_version\":%llu}", (unsigned long long)d->plan_version);
+        reply_json(d->client, d->replan_peer, d->replan_peer_len, d->replan_req, buf);
     }
-    free(names);
-    free(eps);
+    d->replan_peer_len = 0;
+}
+
+/* Rolls out the plan job j made (or reports why there is none): every planned worker gets the
+ * whole plan, the coordinator opens its units. Frees j. */
+static int rollout_finish(struct dsd *d, struct solve_job *j)
+{
+    ds_error err = j->err;
+    int rc = j->rc;
     if (rc < 0) {
-        ds_model_free(probe);
         snprintf(d->plan_error, sizeof(d->plan_error), "%s",
                  err.msg[0] ? ds_error_str(&err) : strerror(-rc));
         ds_log_err("plan: no plan over %u nodes (strategy %s): %s; the cluster does not serve",
-                   n, d->o.plan_strategy, d->plan_error);
+                   j->n, d->o.plan_strategy, d->plan_error);
         set_state(d, "no-plan");
         dsd_notify("STATUS=no plan: %s", d->plan_error);
-        return rc;
+        goto out;
     }
+    dsd_plan_clear(&d->plan);
+    d->plan = j->plan;
+    memset(&j->plan, 0, sizeof(j->plan));
     d->plan_version = d->plan.version;
     d->have_plan = true;
     Dsd__Plan wp;
     if ((rc = dsd_plan_to_wire(&d->plan, &wp)) < 0) {
-        ds_model_free(probe);
-        return rc;
+        snprintf(d->plan_error, sizeof(d->plan_error), "out of memory");
+        goto out;
     }
     write_plan_file(d, wp.json);
     ds_log_notice("plan v%llu over %u nodes (strategy %s, solver %s)",
-                  (unsigned long long)d->plan_version, n, d->plan.strategy, d->plan.solver);
+                  (unsigned long long)d->plan_version, j->n, d->plan.strategy, d->plan.solver);
     for (uint32_t i = 1; i < d->n_nodes; i++) {
         d->nodes[i].loaded = false;
-        if (idx_of[i] < 0)
+        if (i >= MAX_NODES || j->idx_of[i] < 0)
             continue;
         Dsd__Envelope env = DSD__ENVELOPE__INIT;
         env.body_case = DSD__ENVELOPE__BODY_PLAN;
@@ -344,15 +356,106 @@ static int rollout(struct dsd *d)
     }
     dsd_plan_wire_clear(&wp);
     rc = install_plan(d, &d->plan, 0, &err);
-    ds_model_free(probe);
     if (rc < 0) {
-        ds_log_err("plan: loading the coordinator's units failed: %s", ds_error_str(&err));
-        return rc;
+        snprintf(d->plan_error, sizeof(d->plan_error), "loading the coordinator's units: %s",
+                 ds_error_str(&err));
+        ds_log_err("plan: %s", d->plan_error);
+        goto out;
     }
     d->nodes[0].loaded = true;
     set_state(d, "loading");
     maybe_serve(d);
-    return 0;
+out:
+    replan_reply(d, rc);
+    solve_job_free(j);
+    return rc;
+}
+
+/* Starts a new plan over the nodes that are up and not drained: round-robin at once, the
+ * solver on its own thread (on_solved finishes). A call while one is being made asks for
+ * another one after it (membership changed meanwhile). */
+static int rollout(struct dsd *d)
+{
+    if (d->solving) {
+        d->rollout_again = true;
+        return 0;
+    }
+    struct solve_job *j = calloc(1, sizeof(*j));
+    if (!j)
+        return -ENOMEM;
+    j->efd = -1;
+    int rc = ds_model_open(d->o.model, NULL, &j->probe, &j->err);
+    if (rc < 0) {
+        ds_log_err("plan: cannot read the model: %s", ds_error_str(&j->err));
+        solve_job_free(j);
+        return rc;
+    }
+    const ds_model_config *c = ds_model_get_config(j->probe);
+    j->names = calloc(MAX_NODES, 64);
+    j->eps = calloc(MAX_NODES, DSD_STR_MAX);
+    for (uint32_t i = 0; j->names && j->eps && i < d->n_nodes && i < MAX_NODES; i++) {
+        if (d->nodes[i].failed || d->nodes[i].drained) {
+            j->idx_of[i] = -1;
+            continue;
+        }
+        /* the coordinator is listed first even with compute = false (embed, head) */
+        j->idx_of[i] = (int32_t)j->n;
+        snprintf(j->names[j->n], 64, "%s", d->nodes[i].name);
+        snprintf(j->eps[j->n], DSD_STR_MAX, "%s", d->nodes[i].endpoint);
+        j->n++;
+    }
+    d->have_plan = false;
+    d->serving = false;
+    d->plan_error[0] = 0;
+    j->version = d->plan_version + 1;
+    if (!j->names || !j->eps) {
+        j->rc = ds_error_set(&j->err, -ENOMEM, "out of memory");
+    } else if (!strcmp(d->o.plan_strategy, "round-robin")) {
+        j->rc = dsd_plan_build(&j->plan, c, j->n, (const char(*)[64])j->names,
+                               (const char(*)[DSD_STR_MAX])j->eps, d->o.compute, j->version);
+        if (j->rc < 0)
+            ds_error_set(&j->err, j->rc, "round-robin plan over %u nodes: %s", j->n,
+                         strerror(-j->rc));
+    } else if (!d->o.compute) {
+        j->rc = ds_error_set(&j->err, -EINVAL, "compute = false needs plan_strategy = round-robin "
+                                               "(the solver would place units on the coordinator)");
+    } else {
+        json_t *spec = cluster_spec(d, true);
+        j->spec = json_dumps(spec, JSON_COMPACT);
+        json_decref(spec);
+        j->ctx = (uint32_t)(d->o.plan_context ? d->o.plan_context : d->o.max_context);
+        if (j->ctx > c->max_position_embeddings)
+            j->ctx = c->max_position_embeddings;
+        j->batch = (uint32_t)d->o.plan_batch;
+        snprintf(j->strategy, sizeof(j->strategy), "%s", d->o.plan_strategy);
+        j->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (!j->spec || j->efd < 0) {
+            j->rc = ds_error_set(&j->err, -ENOMEM, "cannot start the solver");
+        } else if (pthread_create(&j->th, NULL, solve_main, j) != 0) {
+            j->rc = ds_error_set(&j->err, -EAGAIN, "cannot start the solver thread");
+        } else {
+            d->solving = j;
+            set_state(d, "planning");
+            return 0;
+        }
+    }
+    return rollout_finish(d, j);
+}
+
+/* The solver thread signalled: join it and roll its plan out. */
+static void on_solved(struct dsd *d)
+{
+    struct solve_job *j = d->solving;
+    uint64_t v;
+    if (!j || read(j->efd, &v, sizeof(v)) != sizeof(v))
+        return;
+    pthread_join(j->th, NULL);
+    d->solving = NULL;
+    rollout_finish(d, j);
+    if (d->rollout_again) {
+        d->rollout_again = false;
+        rollout(d);
+    }
 }
 
 static void maybe_serve(struct dsd *d)
@@ -580,16 +683,17 @@ static void on_client(struct dsd *d)
                                "%zu jobs are running; replan when idle", running);
                 break;
             }
-            d->serving = false;
-            if (rollout(d) < 0) {
+            if (d->solving || d->replan_peer_len) {
                 dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
-                               DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "replan failed (see log)");
+                               DSD__ERROR_CODE__ERROR_CODE_BUSY, "a plan is being made");
                 break;
             }
-            char buf[96];
-            snprintf(buf, sizeof(buf), "{\"plan_version\":%llu}",
-                     (unsigned long long)d->plan_version);
-            reply_json(d->client, m.peer, m.peer_len, env->request_id, buf);
+            /* answered when the plan is rolled out (or has failed): replan_reply */
+            memcpy(d->replan_peer, m.peer, m.peer_len);
+            d->replan_peer_len = m.peer_len;
+            d->replan_req = env->request_id;
+            if (rollout(d) < 0)
+                replan_reply(d, -EIO);
             break;
         }
         int code;
@@ -1292,7 +1396,8 @@ int main(int argc, char **argv)
     while (!d.stopping) {
         zmq_pollitem_t it[5] = {
             {.fd = d.sigfd, .events = ZMQ_POLLIN},
-            {.fd = -1, .events = 0}, /* the data socket belongs to the data thread */
+            /* the data socket belongs to the data thread; here: the solver's done signal */
+            {.fd = d.solving ? d.solving->efd : -1, .events = d.solving ? ZMQ_POLLIN : 0},
             {.socket = d.control, .events = ZMQ_POLLIN},
         };
         int n = 3;
@@ -1307,6 +1412,8 @@ int main(int argc, char **argv)
             break;
         if (it[0].revents)
             on_signal(&d);
+        if (it[1].revents)
+            on_solved(&d);
         if (it[2].revents)
             d.coordinator ? on_control_coord(&d) : on_control_worker(&d);
         if (d.coordinator && it[3].revents)
@@ -1320,6 +1427,10 @@ out:
     if (err.code)
         ds_log_err("%s", ds_error_str(&err));
     sd_notify(0, "STOPPING=1");
+    if (d.solving) { /* the solver has time limits: wait for it, drop its plan */
+        pthread_join(d.solving->th, NULL);
+        solve_job_free(d.solving);
+    }
     if (d.dp)
         dsd_data_stop(d.dp); /* closes nothing of ours but its own sockets */
     if (d.data)

@@ -19,9 +19,7 @@ WANT_NODES=$(printf '%s\n' "${NODES[@]}" | sort)
 bytes=$(cat "$MODEL"/*.safetensors | wc -c)
 CAP=$((bytes * 70 / 100))
 printf 'device.cpu0.memory_cap = %d\n' "$CAP" >"$CLUSTER_DIR/devices.conf"
-# heartbeat_misses: the solver runs on the coordinator's loop; peers must not time out meanwhile
-cluster_start "$MODEL" 2 --devices_config="$CLUSTER_DIR/devices.conf" --plan_context=64 \
-    --heartbeat_misses=30 || exit 1
+cluster_start "$MODEL" 2 --devices_config="$CLUSTER_DIR/devices.conf" --plan_context=64 || exit 1
 plan_of() { echo "$CLUSTER_DIR/$1/plan.json"; }
 status_field() { "$DSCTL" status --json | jq -r "$1"; }
 # serving_at V: the coordinator serves plan version V

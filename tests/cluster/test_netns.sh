@@ -52,7 +52,7 @@ fi
 model="$DS_ROOT/tests/data/ref/v3_bf16"
 [ -f "$DS_ROOT/models/tiny/config.json" ] && model="$DS_ROOT/models/tiny"
 common=(--model="$model" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false
-        --plan_context=64 --heartbeat_misses=30) # the solver runs on the coordinator's loop
+        --plan_context=64)
 # memory caps (devices memory_cap): coordinator and fast worker 60% of the checkpoint each (the
 # model needs both), the edge box 30%
 bytes=$(cat "$model"/*.safetensors | wc -c)
