@@ -308,6 +308,10 @@ int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout
     /* a bare end notice (cancelled, error) carries no token */
     tok->has_id = !(tok->last && (!strcmp(fr, "cancelled") || !strcmp(fr, "error")));
     snprintf(tok->finish_reason, sizeof(tok->finish_reason), "%s", fr);
+    const char *tx = r->token->text ? r->token->text : "";
+    tok->text_len = strnlen(tx, sizeof(tok->text) - 1);
+    memcpy(tok->text, tx, tok->text_len);
+    tok->text[tok->text_len] = 0;
     ds_wire_free(r);
     return 0;
 }

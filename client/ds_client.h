@@ -23,6 +23,8 @@ extern "C" {
 
 typedef struct ds_client ds_client;
 
+#define DS_CLIENT_MAX_TEXT 2048 /* bytes of text one token carries (the server sends less) */
+
 typedef struct ds_client_opts {
     int timeout_ms;                /* per-call wait limit (0: 30000) */
     const char *server_public_key; /* CURVE: Z85 server key; NULL = plain TCP */
@@ -33,13 +35,16 @@ typedef struct ds_client_opts {
 typedef struct ds_client_request {
     const uint32_t *tokens; /* prompt token ids (n_tokens > 0), or */
     size_t n_tokens;
-    const char *prompt;      /* text (needs a tokenizer on the coordinator) */
+    const char *prompt;      /* text, tokenized by the coordinator (its model directory's
+                              * tokenizer.json; BOS added as tokenizer_config.json says) */
     float temperature;       /* 0 = greedy */
     float top_p;             /* (0, 1]; 0 = off */
     uint32_t top_k;          /* 0 = off */
     uint64_t seed;           /* sampler seed (dsctl's default is 1) */
     uint32_t max_tokens;     /* > 0 */
-    const char *const *stop; /* "eos", "id:N" (text stops need a tokenizer) */
+    const char *const *stop; /* "eos", "id:N", or a stop string (1..256 bytes; needs the
+                              * coordinator's tokenizer): generation stops when the text
+                              * contains it; the text before it is sent, the string is not */
     size_t n_stop;
 } ds_client_request;
 
@@ -49,6 +54,11 @@ typedef struct ds_client_token {
     bool has_id;            /* false for a bare end-of-job notice (cancel, error) */
     bool last;              /* the job is over after this one */
     char finish_reason[16]; /* length | stop | cancelled | error when last */
+    /* the text this token adds, decoded by the coordinator (empty without its tokenizer, for a
+     * partial UTF-8 character, or while it may be the start of a stop string: it comes with a
+     * later token). Concatenating every token's text gives the job's output. */
+    char text[DS_CLIENT_MAX_TEXT];
+    size_t text_len;
 } ds_client_token;
 
 /* Connects to endpoint (e.g. "tcp://127.0.0.1:7101"). opts may be NULL. */

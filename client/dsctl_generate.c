@@ -189,18 +189,20 @@ static int stream_token(ds_tok_stream *ts, int32_t id, bool *nl_last)
 static int cmd_generate(int argc, char **argv)
 {
     /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c). */
-    bool want_local = false, want_help = false, has_model = false;
+    bool want_local = false, want_help = false, has_model = false, has_tokens = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--local") == 0)
             want_local = true;
         else if (strcmp(argv[i], "--model") == 0 || strncmp(argv[i], "--model=", 8) == 0)
             has_model = true;
+        else if (strcmp(argv[i], "--tokens") == 0 || strncmp(argv[i], "--tokens=", 9) == 0)
+            has_tokens = true;
         else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
             want_help = true;
         else if (strcmp(argv[i], "--") == 0)
             break;
     }
-    if (!want_local && !want_help && has_model) /* text prompt, tokenized here */
+    if (!want_local && !want_help && (has_model || !has_tokens)) /* a text prompt */
         return dsctl_generate_cluster_text(argc, argv);
     if (!want_local && !want_help)
         return dsctl_generate_cluster(argc, argv);

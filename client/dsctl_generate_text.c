@@ -1,8 +1,12 @@
-/* dsctl_generate_text.c — `dsctl generate --model DIR TEXT` against the cluster: the prompt is
- * tokenized here with DIR's tokenizer.json (the same files the nodes load), the ids go to the
- * coordinator through libdsclient, and the tokens coming back are decoded and streamed as they
- * arrive (never half a UTF-8 character). The last line is `tokens: a,b,c`, as for --local, so
- * a script can compare a cluster run with an in-process one. */
+/* dsctl_generate_text.c — `dsctl generate [--model DIR] TEXT` against the cluster.
+ * Without --model the text goes to the coordinator, which tokenizes it with its model's
+ * tokenizer.json and sends every token with the text it adds (held back while it may be the
+ * start of a --stop string). With --model DIR the prompt is tokenized here with DIR's
+ * tokenizer (the same files the nodes load), the ids go to the coordinator, and the tokens
+ * coming back are decoded here (unless --stop strings are given: then the coordinator's text,
+ * which cuts the stop string, is printed). Either way the text streams as it arrives (never
+ * half a UTF-8 character) and the last line is `tokens: a,b,c`, as for --local, so a script
+ * can compare a cluster run with an in-process one. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,8 +24,12 @@ int dsctl_generate_cluster_text(int argc, char **argv);
 
 static void text_usage(FILE *f)
 {
-    fprintf(f, "usage: dsctl generate --model DIR [options] TEXT|-   (on the cluster)\n"
-               "  TEXT | -            prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
+    fprintf(f, "usage: dsctl generate [--model DIR] [options] TEXT|-   (on the cluster)\n"
+               "  TEXT | -            prompt (\"-\": read stdin)\n"
+               "  --model DIR         tokenize here with DIR/tokenizer.json (default: the\n"
+               "                      coordinator tokenizes with its model's tokenizer)\n"
+               "  --stop STR          stop when the output contains STR, which is not printed\n"
+               "                      (repeatable, up to 15; needs the coordinator's tokenizer)\n"
                "  --endpoint E        coordinator client endpoint ($DSD_ENDPOINT, default\n"
                "                      tcp://127.0.0.1:7101)\n"
                "  --max-tokens N      tokens to generate (default 16)\n"
@@ -76,8 +84,11 @@ int dsctl_generate_cluster_text(int argc, char **argv)
         {"temperature", required_argument, NULL, 't'}, {"top-p", required_argument, NULL, 'p'},
         {"top-k", required_argument, NULL, 'k'},   {"seed", required_argument, NULL, 's'},
         {"ignore-eos", no_argument, NULL, 'I'},    {"timeout-ms", required_argument, NULL, 'T'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
+        {"stop", required_argument, NULL, 'S'},    {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
+    const char *stops[16];
+    size_t n_stop = 0;
     const char *model = NULL, *endpoint = getenv("DSD_ENDPOINT");
     double max_tokens = 16, temp = 0, top_p = 0, top_k = 0, seed = 1, timeout_ms = 30000;
     bool ignore_eos = false;
@@ -95,6 +106,13 @@ int dsctl_generate_cluster_text(int argc, char **argv)
         case 'k': bad = parse_double(optarg, 0, 1e9, &top_k); break;
         case 's': bad = parse_double(optarg, 0, 1.8e19, &seed); break;
         case 'I': ignore_eos = true; break;
+        case 'S':
+            if (n_stop >= 15 || !optarg[0]) {
+                fprintf(stderr, "dsctl generate: --stop takes a non-empty string, at most 15\n");
+                return DSCTL_EXIT_USAGE;
+            }
+            stops[n_stop++] = optarg;
+            break;
         case 'T': bad = parse_double(optarg, 1, 3.6e6, &timeout_ms); break;
         case 'h': text_usage(stdout); return DSCTL_EXIT_OK;
         default: text_usage(stderr); return DSCTL_EXIT_USAGE;
@@ -105,8 +123,8 @@ int dsctl_generate_cluster_text(int argc, char **argv)
             return DSCTL_EXIT_USAGE;
         }
     }
-    if (!model || optind != argc - 1) {
-        fprintf(stderr, "dsctl generate: need --model DIR and one TEXT argument (or -)\n");
+    if (optind != argc - 1) {
+        fprintf(stderr, "dsctl generate: need one TEXT argument (or -)\n");
         text_usage(stderr);
         return DSCTL_EXIT_USAGE;
     }
@@ -115,7 +133,7 @@ int dsctl_generate_cluster_text(int argc, char **argv)
 
     ds_error err = {0};
     ds_tokenizer *tok = NULL;
-    if (ds_tokenizer_load(model, &tok, &err) < 0) {
+    if (model && ds_tokenizer_load(model, &tok, &err) < 0) {
         fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
         return DSCTL_EXIT_USAGE;
     }
@@ -140,12 +158,18 @@ int dsctl_generate_cluster_text(int argc, char **argv)
         text = strdup(argv[optind]);
         text_len = strlen(text);
     }
-    if (ds_tokenizer_encode(tok, text, text_len, true, &ids, &n_ids, &err) < 0 || n_ids == 0) {
+    if (!text_len || memchr(text, 0, text_len)) {
+        fprintf(stderr, "dsctl generate: the prompt is empty or contains a NUL byte\n");
+        rc = DSCTL_EXIT_USAGE;
+        goto out;
+    }
+    if (tok &&
+        (ds_tokenizer_encode(tok, text, text_len, true, &ids, &n_ids, &err) < 0 || n_ids == 0)) {
         fprintf(stderr, "dsctl generate: %s\n", n_ids ? ds_error_str(&err) : "empty prompt");
         rc = DSCTL_EXIT_USAGE;
         goto out;
     }
-    uids = malloc(n_ids * sizeof(*uids));
+    uids = malloc((n_ids ? n_ids : 1) * sizeof(*uids));
     gen = malloc((size_t)max_tokens * sizeof(*gen));
     if (!uids || !gen)
         goto out;
@@ -157,24 +181,28 @@ int dsctl_generate_cluster_text(int argc, char **argv)
         fprintf(stderr, "dsctl generate: cannot connect to %s\n", endpoint);
         goto out;
     }
-    const char *stops[] = {"eos"};
+    if (!ignore_eos)
+        stops[n_stop++] = "eos";
     ds_client_request req = {
-        .tokens = uids,
-        .n_tokens = n_ids,
+        .tokens = tok ? uids : NULL,
+        .n_tokens = tok ? n_ids : 0,
+        .prompt = tok ? NULL : text,
         .temperature = (float)temp,
         .top_p = (float)top_p,
         .top_k = (uint32_t)top_k,
         .seed = (uint64_t)seed,
         .max_tokens = (uint32_t)max_tokens,
-        .stop = ignore_eos ? NULL : stops,
-        .n_stop = ignore_eos ? 0 : 1,
+        .stop = n_stop ? stops : NULL,
+        .n_stop = n_stop,
     };
+    /* print the coordinator's text unless we decode here (--model, no stop strings) */
+    bool server_text = !tok || n_stop > (ignore_eos ? 0u : 1u);
     uint64_t job = 0;
     if (ds_client_submit(cl, &req, &job) < 0) {
         fprintf(stderr, "dsctl generate: %s: %s\n", endpoint, ds_client_error(cl));
         goto out;
     }
-    if (ds_tok_stream_new(tok, true, &ts) < 0)
+    if (!server_text && ds_tok_stream_new(tok, true, &ts) < 0)
         goto out;
     for (;;) {
         ds_client_token t;
@@ -186,10 +214,14 @@ int dsctl_generate_cluster_text(int argc, char **argv)
             gen[n_gen++] = t.id;
             const char *piece;
             size_t plen;
-            if (ds_tok_stream_push(ts, (int32_t)t.id, &piece, &plen, &err) == 0 && plen) {
+            if (ts && ds_tok_stream_push(ts, (int32_t)t.id, &piece, &plen, &err) == 0 && plen) {
                 fwrite(piece, 1, plen, stdout);
                 fflush(stdout);
             }
+        }
+        if (server_text && t.text_len) {
+            fwrite(t.text, 1, t.text_len, stdout);
+            fflush(stdout);
         }
         if (t.last) {
             if (strcmp(t.finish_reason, "error") == 0 || strcmp(t.finish_reason, "cancelled") == 0) {
@@ -201,7 +233,7 @@ int dsctl_generate_cluster_text(int argc, char **argv)
     }
     const char *piece;
     size_t plen;
-    if (ds_tok_stream_flush(ts, &piece, &plen) == 0 && plen)
+    if (ts && ds_tok_stream_flush(ts, &piece, &plen) == 0 && plen)
         fwrite(piece, 1, plen, stdout);
     printf("\ntokens: ");
     for (uint32_t i = 0; i < n_gen; i++)

@@ -19,10 +19,12 @@
 #include <jansson.h>
 
 #include "ds_experts.h"
+#include "ds_tokenizer.h"
 #include "ds_log.h"
 #include "dsd.h"
 
-#define SCHED_MAX_STOP 16
+#define SCHED_MAX_STOP      16
+#define SCHED_MAX_STOP_TEXT 256 /* bytes of one stop string */
 
 struct job {
     bool active;
@@ -39,6 +41,13 @@ struct job {
     ds_sampler smp;
     int32_t stop_ids[SCHED_MAX_STOP];
     uint32_t n_stop;
+    /* text (coordinator with a tokenizer): stop strings, the streaming decoder, and generated
+     * text not yet sent because it may be the start of a stop string */
+    char *stop_text[SCHED_MAX_STOP];
+    uint32_t n_stop_text;
+    ds_tok_stream *ts;
+    char *held;
+    size_t n_held;
     int32_t mb;     /* micro-batch slot it is in flight in, -1 when not */
     bool cancelled; /* cancel asked while in flight: finish when the micro-batch returns */
 };
@@ -57,6 +66,7 @@ struct dsd_sched {
     dsd_data *data;
     dsd_opts o;
     const ds_model_config *c;
+    ds_tokenizer *tok; /* NULL: token ids only (no tokenizer.json in the model directory) */
     struct job *jobs;
     uint32_t max_jobs;
     struct mbatch *mbs;
@@ -110,6 +120,10 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     ds_log_info("job %llu finished (%s) after %u tokens", (unsigned long long)j->id, reason,
                 j->n_gen);
     free(j->prompt);
+    for (uint32_t i = 0; i < j->n_stop_text; i++)
+        free(j->stop_text[i]);
+    ds_tok_stream_free(j->ts);
+    free(j->held);
     memset(j, 0, sizeof(*j));
     j->mb = -1;
     s->jobs_done++;
@@ -160,16 +174,37 @@ static void handle_submit(dsd_sched *s, void *pipe, const uint8_t *peer, size_t 
         pipe_error(pipe, peer, pl, env->request_id, code, msg);                                    \
         return;                                                                                    \
     } while (0)
-    if (!sb->n_tokens)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-            sb->prompt && sb->prompt[0] ? "text prompts need the tokenizer, which this "
-                                          "coordinator does not have: send token ids"
-                                        : "empty prompt");
-    if (sb->n_tokens >= ctx || sb->max_tokens == 0 || sb->n_tokens + sb->max_tokens > ctx)
+    /* the prompt: token ids, or text tokenized here (BOS as the tokenizer config asks) */
+    int32_t *text_ids = NULL;
+    size_t n_prompt = sb->n_tokens;
+    if (sb->n_tokens && sb->prompt && sb->prompt[0])
+        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "send either token ids or text, not both");
+    if (!sb->n_tokens && sb->prompt && sb->prompt[0]) {
+        if (!s->tok)
+            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+                "text prompts need the tokenizer, which this coordinator's model directory "
+                "does not have (tokenizer.json): send token ids");
+        ds_error terr = {0};
+        if (ds_tokenizer_encode(s->tok, sb->prompt, strlen(sb->prompt), true, &text_ids,
+                                &n_prompt, &terr) < 0)
+            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "prompt: %s", ds_error_str(&terr));
+    }
+    /* from here on, BAD must free text_ids */
+#undef BAD
+#define BAD(code, ...)                                                                             \
+    do {                                                                                           \
+        snprintf(msg, sizeof(msg), __VA_ARGS__);                                                   \
+        pipe_error(pipe, peer, pl, env->request_id, code, msg);                                    \
+        free(text_ids);                                                                            \
+        return;                                                                                    \
+    } while (0)
+    if (!n_prompt)
+        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "empty prompt");
+    if (n_prompt >= ctx || sb->max_tokens == 0 || n_prompt + sb->max_tokens > ctx)
         BAD(DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE,
             "prompt (%zu tokens) + max_tokens (%u) must fit the context of %u and max_tokens "
             "must be > 0",
-            sb->n_tokens, sb->max_tokens, ctx);
+            n_prompt, sb->max_tokens, ctx);
     for (size_t i = 0; i < sb->n_tokens; i++)
         if (sb->tokens[i] >= c->vocab_size)
             BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
@@ -187,35 +222,59 @@ static void handle_submit(dsd_sched *s, void *pipe, const uint8_t *peer, size_t 
             j = &s->jobs[i];
     if (!j)
         BAD(DSD__ERROR_CODE__ERROR_CODE_BUSY, "%u jobs running, the limit (max_jobs)", s->max_jobs);
+    /* stops: "eos", "id:N" (token ids) or any other text (a stop string: needs the
+     * tokenizer; the text up to it is sent, the stop string itself is not) */
     int32_t stops[SCHED_MAX_STOP];
+    uint32_t n_id_stop = 0, n_text_stop = 0;
+    const char *text_stops[SCHED_MAX_STOP];
     for (size_t i = 0; i < sb->n_stop; i++) {
         const char *st = sb->stop[i];
         char *end;
+        int32_t id;
         if (!strcmp(st, "eos"))
-            stops[i] = c->eos_token_id;
-        else if (!strncmp(st, "id:", 3) && (stops[i] = (int32_t)strtol(st + 3, &end, 10)) >= 0 &&
+            stops[n_id_stop++] = c->eos_token_id;
+        else if (!strncmp(st, "id:", 3) && (id = (int32_t)strtol(st + 3, &end, 10)) >= 0 &&
                  end != st + 3 && !*end)
-            ;
-        else
+            stops[n_id_stop++] = id;
+        else if (!st[0] || strlen(st) > SCHED_MAX_STOP_TEXT)
+            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "stop %zu: a stop string has 1..%d bytes",
+                i, SCHED_MAX_STOP_TEXT);
+        else if (!s->tok)
             BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
                 "stop '%.64s': without a tokenizer only 'eos' and 'id:N' are understood", st);
+        else
+            text_stops[n_text_stop++] = st;
     }
     memset(j, 0, sizeof(*j));
     j->mb = -1;
-    j->prompt = malloc(sb->n_tokens * sizeof(int32_t));
-    if (!j->prompt)
+    j->prompt = malloc(n_prompt * sizeof(int32_t));
+    bool ok = j->prompt != NULL;
+    for (uint32_t i = 0; ok && i < n_text_stop; i++)
+        ok = (j->stop_text[j->n_stop_text++] = strdup(text_stops[i])) != NULL;
+    if (ok && s->tok)
+        ok = ds_tok_stream_new(s->tok, true, &j->ts) == 0;
+    if (!ok) {
+        free(j->prompt);
+        for (uint32_t i = 0; i < j->n_stop_text; i++)
+            free(j->stop_text[i]);
+        ds_tok_stream_free(j->ts);
+        memset(j, 0, sizeof(*j));
+        j->mb = -1;
         BAD(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
-    for (size_t i = 0; i < sb->n_tokens; i++)
-        j->prompt[i] = (int32_t)sb->tokens[i];
+    }
+    for (size_t i = 0; i < n_prompt; i++)
+        j->prompt[i] = text_ids ? text_ids[i] : (int32_t)sb->tokens[i];
+    free(text_ids);
+    text_ids = NULL;
     j->active = true;
     j->id = ++s->next_job;
     memcpy(j->peer, peer, pl);
     j->peer_len = pl;
     j->request_id = env->request_id;
-    j->n_prompt = (uint32_t)sb->n_tokens;
+    j->n_prompt = (uint32_t)n_prompt;
     j->max_tokens = sb->max_tokens;
-    j->n_stop = (uint32_t)sb->n_stop;
-    memcpy(j->stop_ids, stops, sb->n_stop * sizeof(int32_t));
+    j->n_stop = n_id_stop;
+    memcpy(j->stop_ids, stops, n_id_stop * sizeof(int32_t));
     j->smp = (ds_sampler){.greedy = temp == 0,
                           .temperature = temp > 0 ? temp : 1,
                           .top_p = top_p,
@@ -287,6 +346,72 @@ static void mb_fail(dsd_sched *s, struct mbatch *mb, const char *why)
     mb_release(mb);
 }
 
+static bool held_append(struct job *j, const char *p, size_t n)
+{
+    if (!n)
+        return true;
+    char *h = realloc(j->held, j->n_held + n + 1);
+    if (!h)
+        return false;
+    memcpy(h + j->n_held, p, n);
+    j->n_held += n;
+    h[j->n_held] = 0;
+    j->held = h;
+    return true;
+}
+
+/* The text token t adds to job j, as it may be sent now: complete UTF-8 characters, minus any
+ * tail that could still turn into a stop string (held back until it does or cannot). final:
+ * the job ends with this token (everything held goes out). A stop string found cuts the text
+ * before it and sets *reason = "stop". *out (malloc'd, NUL-terminated) may be "". */
+static int job_text(dsd_sched *s, struct job *j, int32_t t, bool final, const char **reason,
+                    char **out)
+{
+    *out = NULL;
+    const char *p = NULL;
+    size_t n = 0;
+    ds_error err = {0};
+    if (j->ts && ds_tok_stream_push(j->ts, t, &p, &n, &err) == 0 && !held_append(j, p, n))
+        return -ENOMEM;
+    /* the earliest stop string in the held text */
+    size_t cut = SIZE_MAX;
+    for (uint32_t k = 0; k < j->n_stop_text; k++) {
+        const char *m = j->held ? strstr(j->held, j->stop_text[k]) : NULL;
+        if (m && (size_t)(m - j->held) < cut)
+            cut = (size_t)(m - j->held);
+    }
+    if (cut != SIZE_MAX) {
+        *reason = "stop";
+    } else if (final || *reason) {
+        if (j->ts && ds_tok_stream_flush(j->ts, &p, &n) == 0 && !held_append(j, p, n))
+            return -ENOMEM;
+        cut = j->n_held;
+    } else {
+        /* hold the longest tail that is a proper prefix of some stop string */
+        size_t hold = 0;
+        for (uint32_t k = 0; k < j->n_stop_text; k++) {
+            size_t sl = strlen(j->stop_text[k]);
+            for (size_t h = sl - 1; h > hold; h--)
+                if (h <= j->n_held && !memcmp(j->held + j->n_held - h, j->stop_text[k], h)) {
+                    hold = h;
+                    break;
+                }
+        }
+        cut = j->n_held - hold;
+    }
+    if (!(*out = malloc(cut + 1)))
+        return -ENOMEM;
+    if (cut)
+        memcpy(*out, j->held, cut);
+    (*out)[cut] = 0;
+    memmove(j->held ? j->held : *out, j->held ? j->held + cut : *out, j->n_held - cut);
+    j->n_held -= cut;
+    if (j->held)
+        j->held[j->n_held] = 0;
+    (void)s;
+    return 0;
+}
+
 void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n, const char *error)
 {
     struct mbatch *mb = mb_find(s, rid);
@@ -335,16 +460,21 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
         for (uint32_t k = 0; k < j->n_stop && !reason; k++)
             if (j->stop_ids[k] == t)
                 reason = "stop";
+        char *text = NULL;
+        if (s->tok && job_text(s, j, t, j->cancelled, &reason, &text) < 0)
+            reason = "error";
         Dsd__Envelope env = DSD__ENVELOPE__INIT;
         Dsd__Token tk = DSD__TOKEN__INIT;
         tk.job = j->id;
         tk.id = (uint32_t)t;
+        tk.text = text ? text : (char *)"";
         tk.last = reason != NULL;
         tk.finish_reason = (char *)(reason ? reason : "");
         env.request_id = j->request_id;
         env.body_case = DSD__ENVELOPE__BODY_TOKEN;
         env.token = &tk;
         pipe_reply(s->pipe, j->peer, j->peer_len, &env);
+        free(text);
         if (reason) {
             j->peer_len = 0; /* the final token carried last = true */
             job_finish(s, j, reason);
@@ -528,6 +658,12 @@ int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void 
     s->data = data;
     s->o = *o;
     s->c = ds_model_get_config(dsd_data_model(data));
+    ds_error terr = {0};
+    if (ds_tokenizer_load(o->model, &s->tok, &terr) < 0) {
+        s->tok = NULL;
+        ds_log_info("no tokenizer (%s): clients send token ids; stops 'eos' and 'id:N' only",
+                    ds_error_str(&terr));
+    }
     s->max_jobs = (uint32_t)o->max_jobs;
     s->max_mbs = (uint32_t)(o->micro_batches > 0 ? o->micro_batches : 1);
     s->jobs = calloc(s->max_jobs, sizeof(*s->jobs));
@@ -564,6 +700,7 @@ dsd_sched *dsd_sched_free(dsd_sched *s)
     }
     free(s->mbs);
     free(s->jobs);
+    ds_tokenizer_free(s->tok);
     free(s);
     return NULL;
 }

@@ -1,6 +1,6 @@
 # daemon/ and client/ (libdsclient, dsctl cluster commands): see docs/daemon.md, docs/client.md.
 ds_add_test(NAME test_daemon SOURCES test_daemon.c LIBS ds_daemon LABELS unit TIMEOUT 120)
-ds_add_test(NAME test_client SOURCES test_client.c LIBS dsclient_static ds_proto LABELS unit
+ds_add_test(NAME test_client SOURCES test_client.c LIBS dsclient_static ds_proto ds_model LABELS unit
             TIMEOUT 180)
 add_dependencies(test_client dsd dsctl)
 ds_add_test(NAME test_notify SOURCES test_notify.c LABELS unit TIMEOUT 60)

@@ -15,6 +15,7 @@
 #include "ds_client.h"
 #include "ds_wire.h"
 #include "cluster/dsd_spawn.h"
+#include "ds_tokenizer.h"
 
 static struct dsd_proc g_dsd;
 
@@ -276,9 +277,10 @@ static void test_malformed_and_oversized(void **state)
     r = (ds_client_request){.tokens = big, .n_tokens = 4000, .max_tokens = 1};
     assert_int_equal(ds_client_submit(c, &r, &job), -EMSGSIZE);
     free(big);
-    /* text prompt without a tokenizer */
-    r = (ds_client_request){.prompt = "hello", .max_tokens = 1};
+    /* token ids and text at once */
+    r = (ds_client_request){.tokens = ok_tok, .n_tokens = 1, .prompt = "hello", .max_tokens = 1};
     assert_int_equal(ds_client_submit(c, &r, &job), -EINVAL);
+    assert_non_null(strstr(ds_client_error(c), "not both"));
     /* unknown status / cancel of an unknown job */
     char *js = NULL;
     assert_int_equal(ds_client_status(c, "nonsense", &js), -EINVAL);
@@ -342,6 +344,140 @@ static void test_timeout_without_server(void **state)
     assert_null(ds_client_close(NULL));
 }
 
+/* ids of the in-process engine for a text prompt (tokenized by dsctl --local) */
+static int local_text_tokens(const char *text, int n, uint32_t *out)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd),
+             "%s/client/dsctl generate --local --model %s/../../models/tiny --max-tokens %d "
+             "--threads 1 '%s'",
+             DS_BINARY_ROOT, DS_TEST_DATA, n, text);
+    FILE *f = popen(cmd, "r");
+    if (!f)
+        return -1;
+    char line[4096], last[4096] = "";
+    while (fgets(line, sizeof(line), f))
+        snprintf(last, sizeof(last), "%s", line);
+    pclose(f);
+    if (strncmp(last, "tokens: ", 8))
+        return -1;
+    int k = 0;
+    for (char *p = last + 8; *p && *p != '\n' && k < n;) {
+        out[k++] = (uint32_t)strtoul(p, &p, 10);
+        if (*p == ',')
+            p++;
+    }
+    return k;
+}
+
+static __attribute__((noinline)) char *decode(const ds_tokenizer *tok, const uint32_t *ids,
+                                               int n)
+{
+    int32_t v[256];
+    for (int i = 0; i < n; i++)
+        v[i] = (int32_t)ids[i];
+    char *out = NULL;
+    size_t len = 0;
+    ds_error err = {0};
+    assert_int_equal(ds_tokenizer_decode(tok, v, (size_t)n, true, &out, &len, &err), 0);
+    return out;
+}
+
+/* Runs a text job; returns the number of tokens, their ids in ids[], the concatenated text in
+ * *text (malloc'd) and the finish reason. */
+static int run_text(const char *prompt, uint32_t max_tokens, const char *const *stops,
+                    size_t n_stop, uint32_t *ids, char **text, char reason[16])
+{
+    ds_client *c = conn();
+    ds_client_request r = {
+        .prompt = prompt, .max_tokens = max_tokens, .seed = 1, .stop = stops, .n_stop = n_stop};
+    uint64_t job;
+    assert_int_equal(ds_client_submit(c, &r, &job), 0);
+    size_t cap = 1, len = 0;
+    *text = calloc(1, 1);
+    int n = 0;
+    for (int guard = 0; guard < 1000; guard++) {
+        ds_client_token t;
+        assert_int_equal(ds_client_next(c, job, &t, -1), 0);
+        if (t.has_id && n < 256)
+            ids[n++] = t.id;
+        if (len + t.text_len + 1 > cap) {
+            cap = (len + t.text_len + 1) * 2;
+            *text = realloc(*text, cap);
+        }
+        memcpy(*text + len, t.text, t.text_len);
+        len += t.text_len;
+        (*text)[len] = 0;
+        if (t.last) {
+            snprintf(reason, 16, "%s", t.finish_reason);
+            break;
+        }
+    }
+    ds_client_close(c);
+    return n;
+}
+
+/* Text prompts are tokenized by the coordinator, every token carries its text, and a stop
+ * string ends the job with the text before it: checked against the in-process engine's ids
+ * and the tokenizer's own decoding of them. */
+static void test_text_prompt_and_stop_string(void **state)
+{
+    (void)state;
+    const char *prompt = "The meaning of life is";
+    enum { N = 24 };
+    uint32_t want[N], got[256];
+    assert_int_equal(local_text_tokens(prompt, N, want), N);
+    ds_tokenizer *tok = NULL;
+    ds_error err = {0};
+    assert_int_equal(ds_tokenizer_load(DS_TEST_DATA "/../../models/tiny", &tok, &err), 0);
+    char *want_text = decode(tok, want, N);
+    char *text = NULL, reason[16];
+    /* whole output: same ids, text = the tokenizer's decoding of them */
+    assert_int_equal(run_text(prompt, N, NULL, 0, got, &text, reason), N);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(got[i], want[i]);
+    assert_string_equal(text, want_text);
+    assert_string_equal(reason, "length");
+    free(text);
+    /* a stop string from the middle of that output */
+    size_t wl = strlen(want_text);
+    assert_true(wl > 30);
+    char stop[8];
+    snprintf(stop, sizeof(stop), "%.5s", want_text + wl / 2);
+    const char *first = strstr(want_text, stop);
+    assert_non_null(first);
+    size_t at = (size_t)(first - want_text);
+    int k = 1; /* the first k tokens' text contains the stop string */
+    for (;; k++) {
+        char *pre = decode(tok, want, k);
+        bool has = strstr(pre, stop) != NULL;
+        free(pre);
+        if (has)
+            break;
+    }
+    const char *stops[] = {stop};
+    assert_int_equal(run_text(prompt, N, stops, 1, got, &text, reason), k);
+    for (int i = 0; i < k; i++)
+        assert_int_equal(got[i], want[i]);
+    assert_int_equal(strlen(text), at);
+    assert_memory_equal(text, want_text, at);
+    assert_string_equal(reason, "stop");
+    free(text);
+    /* a stop string past the limit is refused */
+    char big[300];
+    memset(big, 'a', sizeof(big) - 1);
+    big[sizeof(big) - 1] = 0;
+    const char *bad[] = {big};
+    ds_client *c = conn();
+    ds_client_request r = {.prompt = prompt, .max_tokens = 4, .stop = bad, .n_stop = 1};
+    uint64_t job;
+    assert_true(ds_client_submit(c, &r, &job) < 0);
+    assert_non_null(strstr(ds_client_error(c), "stop"));
+    ds_client_close(c);
+    free(want_text);
+    ds_tokenizer_free(tok);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -352,6 +488,7 @@ int main(void)
         cmocka_unit_test(test_disconnect_cancels_job),
         cmocka_unit_test(test_malformed_and_oversized),
         cmocka_unit_test(test_timeout_without_server),
+        cmocka_unit_test(test_text_prompt_and_stop_string),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
