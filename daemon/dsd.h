@@ -252,6 +252,32 @@ void dsd_sched_tick(dsd_sched *s);
 long dsd_sched_wait_ms(dsd_sched *s);
 char *dsd_sched_jobs_json(dsd_sched *s);
 
+/* ---- weight streaming (dsd_stream.c) ------------------------------------------------------ */
+typedef struct dsd_stream_out dsd_stream_out;
+typedef struct dsd_stream_in dsd_stream_in;
+
+/* Coordinator: the checkpoint of exactly units u (config.json + model.safetensors) from its
+ * copy at model_dir, to stream to a node without a copy. */
+int dsd_stream_out_new(const char *model_dir, const dsd_units *u, uint64_t plan_version,
+                       dsd_stream_out **ret, ds_error *err);
+void dsd_stream_out_free(dsd_stream_out *s);
+/* Sends WeightChunks to `peer` (control ROUTER identity) while the window allows. */
+int dsd_stream_out_pump(dsd_stream_out *s, void *sock, const char *peer);
+/* The node has written bytes_loaded bytes (its LoadProgress). */
+void dsd_stream_out_ack(dsd_stream_out *s, uint64_t bytes_loaded);
+bool dsd_stream_out_done(const dsd_stream_out *s);
+uint64_t dsd_stream_out_total(const dsd_stream_out *s);
+
+/* Node: receives the streamed checkpoint of plan plan_version into dir. */
+int dsd_stream_in_new(const char *dir, uint64_t plan_version, dsd_stream_in **ret, ds_error *err);
+void dsd_stream_in_free(dsd_stream_in *s);
+/* Writes one chunk (checked: known file, this plan, in order, within the size limits). */
+int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void *data, size_t len,
+                        ds_error *err);
+bool dsd_stream_in_complete(const dsd_stream_in *s);
+uint64_t dsd_stream_in_bytes(const dsd_stream_in *s);
+const char *dsd_stream_in_dir(const dsd_stream_in *s);
+
 /* ---- notify (dsd_notify.c) ---------------------------------------------------------------- */
 void dsd_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

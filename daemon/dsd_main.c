@@ -40,6 +40,7 @@ struct node {
     uint64_t last_seen_ns;
     bool loaded, failed, drained, has_model_copy;
     json_t *stats; /* the node's last StepStats, in dsd_data's "stats" form */
+    dsd_stream_out *stream; /* its units' weights being streamed (no checkpoint copy) */
     char state[16];
     char klass[16]; /* server | gpu | edge */
 };
@@ -72,6 +73,9 @@ struct dsd {
     char state[16];
     uint64_t last_hb_ns, last_wd_ns, wd_usec;
     uint32_t n_layers_hint; /* worker: layers of the model of the installed plan */
+    dsd_stream_in *stream_in; /* worker without a checkpoint copy: weights being received */
+    uint8_t *pending_plan;    /* the packed Plan envelope waiting for them */
+    size_t pending_plan_len;
 };
 
 /* ---- local devices ------------------------------------------------------------------------ */
@@ -226,14 +230,15 @@ static json_t *cluster_spec(struct dsd *d, bool planned_only)
 
 /* Opens this node's units of plan p (node index self) and hands them and the plan to the
  * data thread. */
-static int install_plan(struct dsd *d, const dsd_plan *p, uint32_t self, ds_error *err)
+static int install_plan(struct dsd *d, const char *model_dir, const dsd_plan *p, uint32_t self,
+                        ds_error *err)
 {
     dsd_units u;
     dsd_host *h = NULL;
     int rc = dsd_plan_units_of(p, self, &u);
     if (rc < 0)
         return ds_error_set(err, rc, "out of memory");
-    rc = dsd_host_new(d->o.model, &u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context, &h, err);
+    rc = dsd_host_new(model_dir, &u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context, &h, err);
     dsd_units_clear(&u);
     if (rc < 0)
         return rc;
@@ -317,6 +322,30 @@ static void replan_reply(struct dsd *d, int rc)
     d->replan_peer_len = 0;
 }
 
+/* A node without a checkpoint copy: stream it the checkpoint of exactly its units. */
+static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
+{
+    dsd_stream_out_free(n->stream);
+    n->stream = NULL;
+    if (n->has_model_copy)
+        return;
+    dsd_units u;
+    ds_error err = {0};
+    int rc = dsd_plan_units_of(&d->plan, plan_idx, &u);
+    if (rc == 0) {
+        rc = dsd_stream_out_new(d->o.model, &u, d->plan.version, &n->stream, &err);
+        dsd_units_clear(&u);
+    }
+    if (rc < 0) {
+        ds_log_err("node %s has no checkpoint copy and its weights cannot be streamed: %s",
+                   n->name, err.msg[0] ? ds_error_str(&err) : strerror(-rc));
+        return;
+    }
+    ds_log_notice("node %s has no checkpoint copy: streaming its units (%.1f MiB)", n->name,
+                  (double)dsd_stream_out_total(n->stream) / (1 << 20));
+    dsd_stream_out_pump(n->stream, d->control, n->name);
+}
+
 /* Rolls out the plan job j made (or reports why there is none): every planned worker gets the
  * whole plan, the coordinator opens its units. Frees j. */
 static int rollout_finish(struct dsd *d, struct solve_job *j)
@@ -353,9 +382,10 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
         env.body_case = DSD__ENVELOPE__BODY_PLAN;
         env.plan = &wp;
         dsd_send(d->control, d->nodes[i].name, strlen(d->nodes[i].name), &env, NULL, NULL, 0);
+        start_stream(d, &d->nodes[i], (uint32_t)j->idx_of[i]);
     }
     dsd_plan_wire_clear(&wp);
-    rc = install_plan(d, &d->plan, 0, &err);
+    rc = install_plan(d, d->o.model, &d->plan, 0, &err);
     if (rc < 0) {
         snprintf(d->plan_error, sizeof(d->plan_error), "loading the coordinator's units: %s",
                  ds_error_str(&err));
@@ -877,6 +907,7 @@ static void on_control_coord(struct dsd *d)
         n->failed = false;
         n->loaded = false;
         n->has_model_copy = h->has_model_copy;
+        n->stream = (dsd_stream_out_free(n->stream), NULL); /* it restarted: streams afresh */
         snprintf(n->endpoint, sizeof(n->endpoint), "%s", h->data_endpoint);
         json_decref(n->devices);
         n->devices = json_array();
@@ -949,9 +980,16 @@ static void on_control_coord(struct dsd *d)
         if (env->load_progress->error && env->load_progress->error[0]) {
             ds_log_err("node %s failed to load: %s", n->name, env->load_progress->error);
             n->failed = true;
+            n->stream = (dsd_stream_out_free(n->stream), NULL);
+            break;
+        }
+        if (!env->load_progress->done && n->stream) {
+            dsd_stream_out_ack(n->stream, env->load_progress->bytes_loaded);
+            dsd_stream_out_pump(n->stream, d->control, n->name);
             break;
         }
         if (env->load_progress->done) {
+            n->stream = (dsd_stream_out_free(n->stream), NULL);
             n->loaded = true;
             ds_log_notice("node %s loaded plan v%llu", n->name,
                           (unsigned long long)d->plan_version);
@@ -975,6 +1013,101 @@ static void on_control_coord(struct dsd *d)
 }
 
 /* ---- worker: control socket --------------------------------------------------------------- */
+
+static void send_load(struct dsd *d, uint64_t version, uint64_t loaded, uint64_t total, bool done,
+                      const char *error)
+{
+    Dsd__Envelope rep = DSD__ENVELOPE__INIT;
+    Dsd__LoadProgress lp = DSD__LOAD_PROGRESS__INIT;
+    lp.plan_version = version;
+    lp.bytes_loaded = loaded;
+    lp.bytes_total = total;
+    lp.done = done;
+    lp.error = (char *)(error ? error : "");
+    rep.body_case = DSD__ENVELOPE__BODY_LOAD_PROGRESS;
+    rep.load_progress = &lp;
+    dsd_send(d->control, NULL, 0, &rep, NULL, NULL, 0);
+}
+
+static bool want_nothing(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
+{
+    (void)ctx, (void)kind, (void)layer, (void)expert;
+    return false;
+}
+
+/* Opens this node's units of wire plan p from model_dir and hands them to the data thread;
+ * tells the coordinator (LoadProgress done or error). */
+static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *model_dir)
+{
+    ds_error err = {0};
+    ds_model *probe = NULL;
+    dsd_plan plan = {0};
+    set_state(d, "loading");
+    /* the model's shape only: no unit bound (a streamed checkpoint holds just ours) */
+    ds_model_open_opts shape_only = {.want = want_nothing};
+    int rc = ds_model_open(model_dir, &shape_only, &probe, &err);
+    if (rc == 0)
+        rc = dsd_plan_from_wire(p, ds_model_get_config(probe), &plan, &err);
+    uint32_t self = 0;
+    while (rc == 0 && self < plan.n_nodes && strcmp(plan.nodes[self], d->o.node))
+        self++;
+    if (rc == 0 && self == plan.n_nodes)
+        rc = ds_error_set(&err, -EPROTO, "the plan does not list this node (%s)", d->o.node);
+    if (rc == 0)
+        rc = install_plan(d, model_dir, &plan, self, &err);
+    uint32_t n_layers = plan.n_layers;
+    dsd_plan_clear(&plan);
+    ds_model_free(probe);
+    if (rc < 0) {
+        ds_log_err("plan v%llu: %s", (unsigned long long)p->version, ds_error_str(&err));
+        send_load(d, p->version, 0, 0, false, ds_error_str(&err));
+        set_state(d, "failed");
+        return;
+    }
+    d->plan_version = p->version;
+    d->n_layers_hint = n_layers;
+    if (p->json)
+        write_plan_file(d, p->json);
+    send_load(d, p->version, 0, 0, true, NULL);
+    set_state(d, "serving");
+}
+
+/* A chunk of this node's streamed checkpoint: written, acknowledged; the last one loads the
+ * plan that waited for it. */
+static void on_weight_chunk(struct dsd *d, dsd_msg *m)
+{
+    const Dsd__WeightChunk *c = m->env->weight_chunk;
+    ds_error err = {0};
+    size_t len = 0;
+    const void *data = m->n_frames == 1 ? dsd_msg_frame(m, 0, &len) : NULL;
+    if (!d->stream_in) {
+        ds_log_warn("control: weight chunk without a plan waiting for weights (ignored)");
+        return;
+    }
+    uint64_t version = c->plan_version;
+    if (!data || dsd_stream_in_chunk(d->stream_in, c, data, len, &err) < 0) {
+        ds_log_err("weights: %s", data ? ds_error_str(&err) : "chunk without its data frame");
+        send_load(d, version, 0, 0, false, data ? ds_error_str(&err) : "bad weight chunk");
+        d->stream_in = (dsd_stream_in_free(d->stream_in), NULL);
+        set_state(d, "failed");
+        return;
+    }
+    send_load(d, version, dsd_stream_in_bytes(d->stream_in), 0, false, NULL);
+    if (!dsd_stream_in_complete(d->stream_in))
+        return;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s", dsd_stream_in_dir(d->stream_in));
+    ds_log_notice("weights: %llu bytes received into %s",
+                  (unsigned long long)dsd_stream_in_bytes(d->stream_in), dir);
+    d->stream_in = (dsd_stream_in_free(d->stream_in), NULL);
+    Dsd__Envelope *pe = NULL;
+    if (ds_wire_unpack(d->pending_plan, d->pending_plan_len, &pe, &err) == 0 &&
+        pe->body_case == DSD__ENVELOPE__BODY_PLAN)
+        worker_load_plan(d, pe->plan, dir);
+    ds_wire_free(pe);
+    free(d->pending_plan);
+    d->pending_plan = NULL;
+}
 
 static void send_hello(struct dsd *d)
 {
@@ -1039,44 +1172,35 @@ static void on_control_worker(struct dsd *d)
             sd_notify(0, "READY=1");
         }
         break;
-    case DSD__ENVELOPE__BODY_PLAN: {
-        Dsd__Plan *p = env->plan;
-        Dsd__Envelope rep = DSD__ENVELOPE__INIT;
-        Dsd__LoadProgress lp = DSD__LOAD_PROGRESS__INIT;
-        lp.plan_version = p->version;
-        ds_model *probe = NULL;
-        dsd_plan plan = {0};
-        set_state(d, "loading");
-        rc = ds_model_open(d->o.model, NULL, &probe, &err);
-        if (rc == 0)
-            rc = dsd_plan_from_wire(p, ds_model_get_config(probe), &plan, &err);
-        uint32_t self = 0;
-        while (rc == 0 && self < plan.n_nodes && strcmp(plan.nodes[self], d->o.node))
-            self++;
-        if (rc == 0 && self == plan.n_nodes)
-            rc = ds_error_set(&err, -EPROTO, "the plan does not list this node (%s)", d->o.node);
-        if (rc == 0)
-            rc = install_plan(d, &plan, self, &err);
-        uint32_t n_layers = plan.n_layers;
-        dsd_plan_clear(&plan);
-        ds_model_free(probe);
-        if (rc < 0) {
-            ds_log_err("plan v%llu: %s", (unsigned long long)p->version, ds_error_str(&err));
-            lp.error = (char *)ds_error_str(&err);
-            set_state(d, "failed");
-        } else {
-            d->plan_version = p->version;
-            d->n_layers_hint = n_layers;
-            if (p->json)
-                write_plan_file(d, p->json);
-            lp.done = true;
-            set_state(d, "serving");
+    case DSD__ENVELOPE__BODY_PLAN:
+        d->stream_in = (dsd_stream_in_free(d->stream_in), NULL);
+        free(d->pending_plan);
+        d->pending_plan = NULL;
+        if (access(d->o.model, R_OK) == 0) {
+            worker_load_plan(d, env->plan, d->o.model);
+            break;
         }
-        rep.body_case = DSD__ENVELOPE__BODY_LOAD_PROGRESS;
-        rep.load_progress = &lp;
-        dsd_send(d->control, NULL, 0, &rep, NULL, NULL, 0);
+        /* no checkpoint copy here: keep the plan until the coordinator has streamed this
+         * node's units (WeightChunk) into state_dir/stream */
+        set_state(d, "loading");
+        char dir[PATH_MAX + 16];
+        snprintf(dir, sizeof(dir), "%s/stream", d->o.state_dir);
+        if (ds_wire_pack(env, &d->pending_plan, &d->pending_plan_len) < 0 ||
+            dsd_stream_in_new(dir, env->plan->version, &d->stream_in, &err) < 0) {
+            ds_log_err("plan v%llu: cannot receive weights: %s",
+                       (unsigned long long)env->plan->version,
+                       err.msg[0] ? ds_error_str(&err) : "out of memory");
+            send_load(d, env->plan->version, 0, 0, false, "cannot receive weights");
+            set_state(d, "failed");
+            break;
+        }
+        ds_log_notice("plan v%llu: no checkpoint at %s; receiving this node's units from the "
+                      "coordinator into %s",
+                      (unsigned long long)env->plan->version, d->o.model, dir);
         break;
-    }
+    case DSD__ENVELOPE__BODY_WEIGHT_CHUNK:
+        on_weight_chunk(d, &m);
+        break;
     case DSD__ENVELOPE__BODY_DRAIN:
         ds_log_notice("coordinator %s this node", env->drain->undrain ? "undrained" : "drained");
         set_state(d, env->drain->undrain ? "serving" : "draining");
@@ -1441,7 +1565,10 @@ out:
     for (uint32_t i = 0; i < d.n_nodes; i++) {
         json_decref(d.nodes[i].devices);
         json_decref(d.nodes[i].stats);
+        dsd_stream_out_free(d.nodes[i].stream);
     }
+    dsd_stream_in_free(d.stream_in);
+    free(d.pending_plan);
     if (d.control)
         zmq_close(d.control);
     if (d.client)

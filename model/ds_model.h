@@ -64,6 +64,10 @@ typedef struct ds_model ds_model;
 int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **ret, ds_error *err);
 ds_model *ds_model_free(ds_model *m);
 const ds_model_config *ds_model_get_config(const ds_model *m);
+/* The checkpoint tensors the bound units read (weights, norms, scales, biases), each once:
+ * *out is a malloc'd array (caller frees) of *n pointers valid while m is open. What a node
+ * without a checkpoint copy needs streamed to it (docs/daemon.md, weight streaming). */
+int ds_model_tensors_used(const ds_model *m, const ds_st_tensor ***out, size_t *n);
 
 /* --- KV cache ---------------------------------------------------------------------------
  * The compressed MLA cache of ONE sequence for the layers [layer_begin, layer_end): per

@@ -31,9 +31,45 @@ static int m_own(ds_model *m, void *p)
 static const ds_st_tensor *m_find(ds_model *m, const char *name, ds_error *err)
 {
     const ds_st_tensor *t = ds_st_find(m->st, name);
-    if (!t)
+    if (!t) {
         ds_error_set(err, -ENOENT, "%s: missing tensor '%s'", m->dir, name);
+        return NULL;
+    }
+    if (m->n_used == m->cap_used) {
+        size_t cap = m->cap_used ? m->cap_used * 2 : 256;
+        const ds_st_tensor **u = realloc(m->used, cap * sizeof(*u));
+        if (!u) {
+            ds_error_set(err, -ENOMEM, "out of memory");
+            return NULL;
+        }
+        m->used = u;
+        m->cap_used = cap;
+    }
+    m->used[m->n_used++] = t;
     return t;
+}
+
+static int ptr_cmp(const void *a, const void *b)
+{
+    uintptr_t x = (uintptr_t)*(const ds_st_tensor *const *)a;
+    uintptr_t y = (uintptr_t)*(const ds_st_tensor *const *)b;
+    return x < y ? -1 : x > y;
+}
+
+int ds_model_tensors_used(const ds_model *m, const ds_st_tensor ***out, size_t *n)
+{
+    const ds_st_tensor **v = malloc((m->n_used ? m->n_used : 1) * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    memcpy(v, m->used, m->n_used * sizeof(*v));
+    qsort(v, m->n_used, sizeof(*v), ptr_cmp);
+    size_t k = 0;
+    for (size_t i = 0; i < m->n_used; i++)
+        if (!k || v[k - 1] != v[i])
+            v[k++] = v[i];
+    *out = v;
+    *n = k;
+    return 0;
 }
 
 /* A float32 copy of a 1-D tensor of len elements. */
@@ -345,6 +381,7 @@ ds_model *ds_model_free(ds_model *m)
     for (size_t i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     free(m->owned);
+    free(m->used);
     free(m->rope.inv_freq);
     ds_st_free(m->st);
     free(m->dir);

@@ -47,6 +47,8 @@ struct ds_model {
     ds_rope rope;
     void **owned; /* converted copies freed with the model */
     size_t n_owned, cap_owned;
+    const ds_st_tensor **used; /* every checkpoint tensor the bound units read */
+    size_t n_used, cap_used;
 };
 
 int ds_rope_init(const ds_model_config *c, ds_rope *r);

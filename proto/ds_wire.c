@@ -13,6 +13,7 @@ size_t ds_wire_dtype_size(Dsd__Dtype dt)
     case DSD__DTYPE__DTYPE_BF16:
         return 2;
     case DSD__DTYPE__DTYPE_F8_E4M3:
+    case DSD__DTYPE__DTYPE_U8:
         return 1;
     default:
         return 0;

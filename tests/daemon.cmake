@@ -30,3 +30,6 @@ ds_add_test(NAME test_dsctl_placement
             SOURCES test_dsctl_placement.c ${PROJECT_SOURCE_DIR}/client/dsctl_placement_table.c
             LIBS PkgConfig::JANSSON LABELS unit TIMEOUT 30)
 target_include_directories(test_dsctl_placement PRIVATE ${PROJECT_SOURCE_DIR}/client)
+# a worker without a checkpoint copy: the coordinator streams it its units' weights
+ds_add_script_test(NAME test_stream COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_stream.sh
+                   LABELS cluster TIMEOUT 300)

@@ -1,6 +1,8 @@
 /* fuzz_daemon.c — the daemon's parsers of outside input: the config file (key = value lines
- * through the options table) and a wire Plan turned into this node's units (unit names, layer
- * and expert indices checked against the model). Input: first byte selects the parser. */
+ * through the options table), a wire Plan turned into this node's units and into the whole
+ * plan (unit names, node names, layer and expert indices checked against the model), and a
+ * sequence of WeightChunks written by the streamed-weights receiver (file names, sizes,
+ * offsets, plan version). Input: the first byte selects the parser. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +15,19 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static ds_model *g_model;
+static char g_dir[64];
+
+static void remove_dir(void)
+{
+    static const char *const names[] = {"config.json", "config.json.part", "model.safetensors",
+                                        "model.safetensors.part"};
+    char p[128];
+    for (size_t i = 0; i < 4; i++) {
+        snprintf(p, sizeof(p), "%s/%s", g_dir, names[i]);
+        unlink(p);
+    }
+    rmdir(g_dir);
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -34,6 +49,35 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         close(fd);
         return 0;
     }
+    if (data[0] & 2) {
+        /* chunks: [u8 len][WeightChunk bytes][u8 frame len][frame bytes]... into a temp dir */
+        if (!g_dir[0]) {
+            snprintf(g_dir, sizeof(g_dir), "/tmp/fuzz-stream-%d", (int)getpid());
+            atexit(remove_dir);
+        }
+        dsd_stream_in *in = NULL;
+        if (dsd_stream_in_new(g_dir, 7, &in, &err) < 0)
+            return 0;
+        size_t at = 1;
+        for (int k = 0; k < 16 && at + 2 <= size; k++) {
+            size_t hl = data[at++];
+            if (at + hl + 1 > size)
+                break;
+            Dsd__WeightChunk *c = dsd__weight_chunk__unpack(NULL, hl, data + at);
+            at += hl;
+            size_t fl = data[at++];
+            if (at + fl > size)
+                fl = size - at;
+            if (c && dsd_stream_in_chunk(in, c, data + at, fl, &err) < 0)
+                k = 16;
+            at += fl;
+            if (c)
+                dsd__weight_chunk__free_unpacked(c, NULL);
+        }
+        dsd_stream_in_complete(in);
+        dsd_stream_in_free(in);
+        return 0;
+    }
     if (!g_model && ds_model_open(DS_TEST_DATA "/ref/v3_bf16", NULL, &g_model, &err) < 0)
         abort();
     Dsd__Plan *p = dsd__plan__unpack(NULL, size - 1, data + 1);
@@ -42,6 +86,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     dsd_units u;
     if (dsd_plan_units_from_wire(p, "w1", ds_model_get_config(g_model), &u, &err) == 0)
         dsd_units_clear(&u);
+    dsd_plan pl;
+    if (dsd_plan_from_wire(p, ds_model_get_config(g_model), &pl, &err) == 0)
+        dsd_plan_clear(&pl);
     dsd__plan__free_unpacked(p, NULL);
     return 0;
 }

@@ -11,6 +11,8 @@ CLUSTER_DIR=$(mktemp -d /tmp/dsd-cluster.XXXXXX)
 BASE_PORT=$((20000 + ($$ % 2000) * 16))
 
 # cluster_start MODEL N_WORKERS [extra dsd options...]: coordinator + N workers on loopback.
+# CLUSTER_WORKER_ARGS[i] (an indexed array the caller may set): more options for worker i only.
+declare -a CLUSTER_WORKER_ARGS
 cluster_start() {
     local model=$1 n=$2
     shift 2
@@ -25,6 +27,7 @@ cluster_start() {
         "$DSD" --node="w$i" --role=worker --coordinator="tcp://127.0.0.1:$BASE_PORT" \
             --data_bind="tcp://127.0.0.1:$((BASE_PORT + 2 + i))" --model="$model" \
             --state_dir="$CLUSTER_DIR/w$i" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false "$@" \
+            ${CLUSTER_WORKER_ARGS[$i]:-} \
             >"$CLUSTER_DIR/w$i.log" 2>&1 &
         CLUSTER_PIDS+=($!)
     done

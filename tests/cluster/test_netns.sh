@@ -5,7 +5,7 @@
 # link calibration over the real sockets sees the slow edge link (bandwidth below the fast
 # one's) in `dsctl cluster --json`; the first plan (made once the links are measured) and the
 # plan after `dsctl replan` keep the latency-critical units (embed, head, every attn[l]) off
-# the edge;
+# the edge; the edge box, which has no checkpoint copy, gets its units' weights streamed;
 # generation is still token-identical to `dsctl generate --local`. Skips cleanly without root
 # or when namespaces / the bridge cannot be created.
 set -u
@@ -68,7 +68,7 @@ ip netns exec "${NS[1]}" "$DSD" --node=fast --role=worker --coordinator=tcp://10
 PIDS+=($!)
 ip netns exec "${NS[2]}" "$DSD" --node=edge --role=worker --coordinator=tcp://10.77.0.1:7100 \
     --data_bind=tcp://10.77.0.3:7102 --state_dir="$tmp/e" --devices_config="$tmp/edge.conf" \
-    "${common[@]}" >"$tmp/e.log" 2>&1 &
+    "${common[@]}" --model="$tmp/edge-has-no-copy" >"$tmp/e.log" 2>&1 &
 PIDS+=($!)
 export DSD_ENDPOINT=tcp://10.77.0.1:7101
 ctl() { ip netns exec "${NS[0]}" "$DSCTL" "$@"; }
@@ -99,6 +99,10 @@ check_plan() { # $1: which plan
     [ "$n_edge" = 0 ] || { echo "FAIL: embed/head/attention placed on the slow edge box"; fail=1; }
 }
 check_plan "first plan"
+# the edge box has no checkpoint copy: the coordinator streamed its units over the slow link
+grep -q "weights: [0-9]* bytes received" "$tmp/e.log" &&
+    echo "edge: $(grep -o 'weights: [0-9]* bytes received' "$tmp/e.log" | tail -n1) over the shaped link" ||
+    { echo "FAIL: the edge box did not receive its weights"; fail=1; }
 # plan again (the workers' own link measurements are in by now): still off the edge
 ctl replan >/dev/null || { echo "FAIL: replan"; fail=1; }
 for _ in $(seq 150); do ctl status --json 2>/dev/null | grep -q '"state": "serving"' && break; sleep 0.2; done
