@@ -45,6 +45,7 @@ typedef struct dsd_opts {
     int64_t step_timeout_ms;   /* a unit host that does not answer in this time fails the step */
     int64_t max_request_bytes; /* largest client request accepted */
     bool compute;              /* coordinator also hosts units */
+    bool auto_replan;          /* coordinator: replan around failed / returning nodes */
     bool calibrate;            /* measure devices at start (cached in state_dir) */
     bool discover_opencl;      /* include OpenCL devices in discovery */
     char devices_config[PATH_MAX]; /* devices operator config (memory_cap, ...), "" = none */
@@ -242,7 +243,7 @@ ds_pool *dsd_data_pool(dsd_data *d);
 /* ---- scheduler (dsd_sched.c, runs on the coordinator's data thread) ----------------------- */
 int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void *pipe,
                   dsd_sched **ret, ds_error *err);
-dsd_sched *dsd_sched_free(dsd_sched *s);
+dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason);
 void dsd_sched_on_pipe(dsd_sched *s);
 void dsd_sched_refuse_pipe(void *pipe);
 /* Micro-batch rid came back: x[n, D] the final rows, or error != NULL. */

@@ -926,10 +926,11 @@ struct ctl_msg {
     char endpoint[DSD_STR_MAX]; /* OP_PROBE */
 };
 
-static void uninstall(dsd_data *d)
+/* Drops the plan, its units and micro-batches; running jobs end with `reason`. */
+static void uninstall(dsd_data *d, const char *reason)
 {
     if (d->sched)
-        d->sched = dsd_sched_free(d->sched);
+        d->sched = dsd_sched_free(d->sched, reason);
     for (uint32_t i = 0; i < MAX_TASKS; i++)
         if (d->tasks[i].used)
             task_free(&d->tasks[i]);
@@ -945,7 +946,7 @@ static void uninstall(dsd_data *d)
 
 static void install(dsd_data *d, struct ctl_msg *cm)
 {
-    uninstall(d);
+    uninstall(d, "error"); /* a new plan: jobs of the old one cannot continue */
     if (!cm->plan) {
         dsd_host_free(cm->host);
         return;
@@ -961,7 +962,7 @@ static void install(dsd_data *d, struct ctl_msg *cm)
     if (!d->peer_of || !d->expert_counts) {
         ds_log_err("data: out of memory installing plan v%llu",
                    (unsigned long long)d->plan.version);
-        uninstall(d);
+        uninstall(d, "error");
         return;
     }
     for (uint32_t n = 0; n < N; n++) {
@@ -1083,7 +1084,7 @@ static void *data_main(void *arg)
             if (dsd_now_ns() - d->last_publish_ns > 100000000ull)
                 publish(d);
     }
-    uninstall(d);
+    uninstall(d, "cancelled");
     publish(d);
     return NULL;
 }

@@ -66,6 +66,7 @@ struct dsd {
     uint8_t replan_peer[DSD_MAX_PEER_ID]; /* the client waiting for `dsctl replan` */
     size_t replan_peer_len;
     uint64_t replan_req;
+    bool replan_when_idle;     /* nodes are up outside the plan: take them in when idle */
     char plan_error[512];  /* why the last plan failed ("" when it did not) */
     /* worker */
     bool welcomed;
@@ -498,6 +499,30 @@ static void maybe_serve(struct dsd *d)
     d->serving = true;
     set_state(d, "serving");
     sd_notify(0, "READY=1");
+}
+
+/* Whether the current plan (or the one being made) lists node `name`. */
+static bool plan_has(struct dsd *d, const char *name)
+{
+    const dsd_plan *p = d->solving ? &d->solving->plan : &d->plan;
+    if (d->solving) /* being made over the nodes up when it started */
+        for (uint32_t i = 0; i < d->solving->n; i++)
+            if (!strcmp(d->solving->names[i], name))
+                return true;
+    for (uint32_t i = 0; !d->solving && i < p->n_nodes; i++)
+        if (!strcmp(p->nodes[i], name))
+            return true;
+    return false;
+}
+
+static size_t jobs_running(struct dsd *d)
+{
+    char *js = dsd_data_json(d->dp, "jobs");
+    json_t *j = js ? json_loads(js, 0, NULL) : NULL;
+    free(js);
+    size_t n = j ? json_array_size(json_object_get(j, "jobs")) : 0;
+    json_decref(j);
+    return n;
 }
 
 /* ---- status JSON -------------------------------------------------------------------------- */
@@ -933,6 +958,8 @@ static void on_control_coord(struct dsd *d)
                 d->plan_due_ns = dsd_now_ns() + (uint64_t)d->o.link_wait_ms * 1000000ull;
         } else if (d->have_plan && !d->serving) {
             rollout(d); /* a node (re)joined during rollout: roll out again */
+        } else if (d->have_plan && !plan_has(d, n->name)) {
+            d->replan_when_idle = true; /* a new node, or one the plan left out: on_timer */
         } else if (d->have_plan) {
             /* a node came back (restarted): send it its part again */
             Dsd__Plan wp;
@@ -956,6 +983,8 @@ static void on_control_coord(struct dsd *d)
         if (n->failed) {
             n->failed = false;
             ds_log_notice("node %s is back", n->name);
+            if (!plan_has(d, n->name))
+                d->replan_when_idle = true;
         }
         {
             Dsd__Envelope rep = DSD__ENVELOPE__INIT;
@@ -1364,7 +1393,19 @@ static void on_timer(struct dsd *d)
                 ds_log_err("node %s failed: no heartbeat for %llu ms", n->name,
                            (unsigned long long)((now - n->last_seen_ns) / 1000000));
                 set_state(d, d->serving ? "degraded" : d->state);
+                if (d->o.auto_replan && (d->have_plan || d->solving) && plan_has(d, n->name)) {
+                    ds_log_notice("replanning without %s (auto_replan)", n->name);
+                    rollout(d);
+                }
             }
+        }
+        /* a node that is up but outside the plan (it came back, or joined late) is taken in
+         * once no job runs, so nothing running is cut short */
+        if (d->o.auto_replan && d->replan_when_idle && d->serving && !d->solving &&
+            jobs_running(d) == 0) {
+            d->replan_when_idle = false;
+            ds_log_notice("replanning to take in the nodes outside the plan (auto_replan)");
+            rollout(d);
         }
         return;
     }

@@ -81,6 +81,9 @@ static const struct opt OPTS[] = {
      "coordinator: sequences decoded together that the planner optimises for"},
     {"plan_context", OPT_INT, I(plan_context), 0, 1 << 20, "0", NULL, true,
      "coordinator: context tokens per sequence the planner reserves KV for (0: max_context)"},
+    {"auto_replan", OPT_BOOL, I(auto_replan), 0, 1, "true", NULL, true,
+     "coordinator: replan without a node that fails (its jobs end with an error), and take "
+     "nodes outside the plan back in once no job runs"},
     {"link_wait_ms", OPT_INT, I(link_wait_ms), 0, 600000, "5000", NULL, true,
      "coordinator: how long the first plan waits for the links to the joined nodes to be "
      "measured (it plans as soon as they are)"},

@@ -677,22 +677,23 @@ int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void 
     for (uint32_t i = 0; ok && i < s->max_jobs; i++)
         s->jobs[i].mb = -1;
     if (!ok) {
-        dsd_sched_free(s);
+        dsd_sched_free(s, "error");
         return ds_error_set(err, -ENOMEM, "scheduler: out of memory");
     }
     *ret = s;
     return 0;
 }
 
-/* Ends every job (cancelled: the plan changed or the node stops) and frees the scheduler. */
-dsd_sched *dsd_sched_free(dsd_sched *s)
+/* Ends every job with `reason` ("error": the plan changed under it; "cancelled": the node
+ * stops) and frees the scheduler. */
+dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason)
 {
     if (!s)
         return NULL;
     for (uint32_t i = 0; s->jobs && i < s->max_jobs; i++)
         if (s->jobs[i].active) {
             s->jobs[i].mb = -1;
-            job_finish(s, &s->jobs[i], "cancelled");
+            job_finish(s, &s->jobs[i], reason);
         }
     for (uint32_t i = 0; s->mbs && i < s->max_mbs; i++) {
         free(s->mbs[i].jobs);

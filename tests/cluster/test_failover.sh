@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Failover (label `cluster`): coordinator + 2 workers on models/tiny, each capped at 70% of the
+# checkpoint (the plan must split it; any two nodes can hold it). Kill -9 worker w2: the
+# coordinator notices the missing heartbeats, replans over coord + w1 by itself (auto_replan),
+# serves again, and its output is still token-identical to `dsctl generate --local`. Start w2
+# again: once no job runs, the coordinator takes it back into a new plan. Every wait bounded.
+set -u
+. "$(dirname "$0")/lib.sh"
+trap cluster_cleanup EXIT
+command -v jq >/dev/null || { echo "jq missing (tools/install-deps.sh installs it)"; exit 1; }
+fail=0
+M="$DS_ROOT/models/tiny"
+bytes=$(cat "$M"/*.safetensors | wc -c)
+printf 'device.cpu0.memory_cap = %d\n' $((bytes * 70 / 100)) >"$CLUSTER_DIR/devices.conf"
+opts=(--devices_config="$CLUSTER_DIR/devices.conf" --plan_context=64)
+cluster_start "$M" 2 "${opts[@]}" || { tail -n 20 "$CLUSTER_DIR"/*.log; exit 1; }
+check_tokens() { # $1: label
+    local p want got
+    for p in "5,6,7" "10,20,30,40"; do
+        want=$("$DSCTL" generate --local --model "$M" --tokens "$p" --max-tokens 10 --threads 1 | tail -n1)
+        got=$(timeout 60 "$DSCTL" submit --tokens "$p" --max-tokens 10 | tail -n1)
+        if [ "$want" = "$got" ] && [ -n "$want" ]; then echo "ok   $1, prompt $p: $got"; else
+            echo "FAIL $1, prompt $p: local '$want' cluster '$got'"; fail=1; fi
+    done
+}
+plan_nodes() { "$DSCTL" placement --json | jq -r '[.plan.units[] | split("/")[0]] | unique | join(",")'; }
+wait_plan() { # $1: version greater than this, $2: nodes wanted
+    local i st v
+    for ((i = 0; i < 150; i++)); do
+        st=$("$DSCTL" status --json 2>/dev/null)
+        v=$(echo "$st" | jq -r '.plan_version // 0')
+        if [ "$v" -gt "$1" ] && [ "$(echo "$st" | jq -r .state)" = serving ] &&
+            [ "$(plan_nodes)" = "$2" ]; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+v1=$("$DSCTL" status --json | jq .plan_version)
+echo "plan v$v1 over $(plan_nodes)"
+[ "$(plan_nodes)" = "coord,w1,w2" ] || { echo "FAIL: the first plan does not use all three nodes"; fail=1; }
+check_tokens "3 nodes"
+
+# w2 dies without a word
+kill -9 "${CLUSTER_PIDS[2]}"
+wait "${CLUSTER_PIDS[2]}" 2>/dev/null
+if wait_plan "$v1" "coord,w1"; then
+    v2=$("$DSCTL" status --json | jq .plan_version)
+    echo "ok   w2 killed: replanned by itself, plan v$v2 over $(plan_nodes)"
+else
+    echo "FAIL: no new plan over coord,w1 after w2 died"; "$DSCTL" status; fail=1; v2=$v1
+fi
+[ "$("$DSCTL" status --json | jq -r '.nodes[] | select(.name == "w2") | .state')" = failed ] ||
+    { echo "FAIL: status does not show w2 failed"; fail=1; }
+check_tokens "w2 down"
+
+# w2 comes back: taken in again once idle
+"$DSD" --node=w2 --role=worker --coordinator="tcp://127.0.0.1:$BASE_PORT" \
+    --data_bind="tcp://127.0.0.1:$((BASE_PORT + 4))" --model="$M" --state_dir="$CLUSTER_DIR/w2" \
+    --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false "${opts[@]}" \
+    >>"$CLUSTER_DIR/w2.log" 2>&1 &
+CLUSTER_PIDS+=($!)
+if wait_plan "$v2" "coord,w1,w2"; then
+    echo "ok   w2 back: plan v$("$DSCTL" status --json | jq .plan_version) over $(plan_nodes)"
+else
+    echo "FAIL: w2 was not taken back into a plan"; "$DSCTL" status; fail=1
+fi
+check_tokens "w2 back"
+[ $fail -eq 0 ] && echo PASS || tail -n 30 "$CLUSTER_DIR"/*.log
+exit $fail
