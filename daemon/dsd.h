@@ -121,6 +121,8 @@ typedef struct dsd_units {
 } dsd_units;
 
 void dsd_units_clear(dsd_units *u);
+/* ds_model_open_opts.want over a dsd_units (ctx): binds exactly those units. */
+bool dsd_units_want(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert);
 #define DSD_MAX_ROWS 65536u /* rows per step message */
 int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads,
                  uint32_t max_context, dsd_host **ret, ds_error *err);

@@ -42,7 +42,7 @@ struct dsd_host {
     uint64_t *expert_rows;
 };
 
-static bool host_want(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
+bool dsd_units_want(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
 {
     const dsd_units *u = ctx;
     switch (kind) {
@@ -78,7 +78,7 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
         goto fail;
     memcpy(h->u.attn, units->attn, units->n_layers * sizeof(bool));
     memcpy(h->u.expert, units->expert, (size_t)units->n_layers * units->n_experts * sizeof(bool));
-    ds_model_open_opts oo = {.want = host_want, .want_ctx = &h->u};
+    ds_model_open_opts oo = {.want = dsd_units_want, .want_ctx = &h->u};
     if ((rc = ds_model_open(model_dir, &oo, &h->m, err)) < 0)
         goto fail;
     h->c = ds_model_get_config(h->m);

@@ -48,25 +48,6 @@ struct dsd_stream_out {
     uint64_t sent, acked;    /* bytes over both files */
 };
 
-static bool stream_want(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
-{
-    const dsd_units *u = ctx;
-    switch (kind) {
-    case DS_UNIT_EMBED:
-        return u->embed;
-    case DS_UNIT_HEAD:
-        return u->head;
-    case DS_UNIT_ATTN:
-    case DS_UNIT_DENSE:
-    case DS_UNIT_SHARED:
-        return layer < u->n_layers && u->attn[layer];
-    case DS_UNIT_EXPERT:
-        return layer < u->n_layers && expert < u->n_experts &&
-               u->expert[(size_t)layer * u->n_experts + expert];
-    }
-    return false;
-}
-
 static int align_rank(enum ds_st_dtype dt)
 {
     size_t s = ds_st_dtype_size(dt);
@@ -108,7 +89,7 @@ int dsd_stream_out_new(const char *model_dir, const dsd_units *u, uint64_t plan_
     if (!s)
         return ds_error_set(err, -ENOMEM, "out of memory");
     s->plan_version = plan_version;
-    ds_model_open_opts oo = {.want = stream_want, .want_ctx = (void *)u};
+    ds_model_open_opts oo = {.want = dsd_units_want, .want_ctx = (void *)u};
     char path[PATH_MAX + 16];
     json_t *hdr = NULL;
     char *js = NULL;

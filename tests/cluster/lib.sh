@@ -44,6 +44,19 @@ cluster_start() {
     return 1
 }
 
+# cap_devices PERCENT MODEL_DIR: writes $CLUSTER_DIR/devices.conf capping cpu0 at PERCENT% of
+# the checkpoint's bytes (the placement solver then has to split the model) and prints its path.
+cap_devices() {
+    local bytes
+    bytes=$(cat "$2"/*.safetensors | wc -c)
+    printf 'device.cpu0.memory_cap = %d\n' $((bytes * $1 / 100)) >"$CLUSTER_DIR/devices.conf"
+    echo "$CLUSTER_DIR/devices.conf"
+}
+
+need_jq() {
+    command -v jq >/dev/null || { echo "jq missing (tools/install-deps.sh installs it)"; exit 1; }
+}
+
 cluster_stop() {
     local p
     for p in "${CLUSTER_PIDS[@]}"; do

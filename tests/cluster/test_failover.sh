@@ -7,11 +7,10 @@
 set -u
 . "$(dirname "$0")/lib.sh"
 trap cluster_cleanup EXIT
-command -v jq >/dev/null || { echo "jq missing (tools/install-deps.sh installs it)"; exit 1; }
+need_jq
 fail=0
 M="$DS_ROOT/models/tiny"
-bytes=$(cat "$M"/*.safetensors | wc -c)
-printf 'device.cpu0.memory_cap = %d\n' $((bytes * 70 / 100)) >"$CLUSTER_DIR/devices.conf"
+cap_devices 70 "$M" >/dev/null
 opts=(--devices_config="$CLUSTER_DIR/devices.conf" --plan_context=64)
 cluster_start "$M" 2 "${opts[@]}" || { tail -n 20 "$CLUSTER_DIR"/*.log; exit 1; }
 check_tokens() { # $1: label

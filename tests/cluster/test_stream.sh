@@ -9,12 +9,12 @@
 set -u
 . "$(dirname "$0")/lib.sh"
 trap cluster_cleanup EXIT
-command -v jq >/dev/null || { echo "jq missing (tools/install-deps.sh installs it)"; exit 1; }
+need_jq
 fail=0
 M="$DS_ROOT/models/tiny"
 bytes=$(cat "$M"/*.safetensors | wc -c)
 # 45% caps: the model must be split over the three nodes, so w2 gets units
-printf 'device.cpu0.memory_cap = %d\n' $((bytes * 45 / 100)) >"$CLUSTER_DIR/devices.conf"
+cap_devices 45 "$M" >/dev/null
 CLUSTER_WORKER_ARGS[2]="--model=$CLUSTER_DIR/no-copy-here"
 cluster_start "$M" 2 --devices_config="$CLUSTER_DIR/devices.conf" --plan_context=64 ||
     { tail -n 20 "$CLUSTER_DIR"/*.log; exit 1; }
