@@ -196,6 +196,9 @@ int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_
                     const char (*names)[64], const char *strategy, uint32_t batch,
                     uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
                     int32_t *expert, char *solver, char **solver_json, ds_error *err);
+/* A thread that ran dsd_plan_solve calls this before it exits (frees the solver's per-thread
+ * state). */
+void dsd_solve_thread_done(void);
 /* Plan JSON document: {"version":..,"units":{"attn[0]":"node",..},"nodes":{..}}. */
 char *dsd_plan_json(const dsd_plan *p);
 /* The units node `idx` hosts. */

@@ -301,6 +301,7 @@ static void *solve_main(void *arg)
     j->rc = dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
                            (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps,
                            j->strategy, j->batch, j->ctx, j->version, &j->err);
+    dsd_solve_thread_done();
     uint64_t one = 1;
     if (write(j->efd, &one, sizeof(one)) != sizeof(one))
         ds_log_err("plan: cannot signal the loop");

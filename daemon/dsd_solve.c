@@ -110,3 +110,9 @@ out:
     ds_cluster_free(cl);
     return rc;
 }
+
+void dsd_solve_thread_done(void); /* declared in dsd.h, which this file cannot include */
+void dsd_solve_thread_done(void)
+{
+    ds_placement_thread_done();
+}

@@ -886,3 +886,8 @@ void pl_shortfall(const pl_ctx *x, char *msg, size_t ml)
                  (w + kv) / GIB, cap / GIB, host_layer_bytes(x, 0) / GIB,
                  (double)x->inv.embed.weight_bytes / GIB, biggest / GIB);
 }
+
+void ds_placement_thread_done(void)
+{
+    glp_free_env();
+}
