@@ -1279,6 +1279,10 @@ int main(int argc, char **argv)
         int zero = 0;
         zmq_setsockopt(d.control, ZMQ_LINGER, &zero, sizeof(zero));
         zmq_setsockopt(d.control, ZMQ_ROUTING_ID, d.o.node, strlen(d.o.node));
+        /* never block the loop on a coordinator that is not connected (e.g. a CURVE handshake
+         * it refuses): the message is dropped, hellos and heartbeats are resent anyway */
+        int sndtmo = (int)d.o.heartbeat_ms;
+        zmq_setsockopt(d.control, ZMQ_SNDTIMEO, &sndtmo, sizeof(sndtmo));
         if (dsd_curve_client(d.control) < 0 || zmq_connect(d.control, d.o.coordinator) < 0) {
             ds_error_set(&err, -EINVAL, "connect %s: %s", d.o.coordinator,
                          zmq_strerror(zmq_errno()));
