@@ -11,6 +11,7 @@
 #include <jansson.h>
 
 #include "ds_client.h"
+#include "ds_keyfile.h"
 #include "dsctl.h"
 
 /* shared by the dsctl_*.c cluster commands (declared where used) */
@@ -45,12 +46,32 @@ const char *dsctl_endpoint(const char *opt)
     return e && *e ? e : "tcp://127.0.0.1:7101";
 }
 
+/* CURVE from the environment: $DSD_SERVER_KEY the cluster public key (Z85), $DSD_CLIENT_KEY a
+ * key file of this client's pair (dsctl keygen --out; without it an ephemeral pair, which a
+ * coordinator with curve_authorized_keys refuses). */
 int dsctl_connect(const char *endpoint, ds_client **c)
 {
-    const char *t = getenv("DSD_TIMEOUT_MS");
+    const char *t = getenv("DSD_TIMEOUT_MS"), *kf = getenv("DSD_CLIENT_KEY");
     ds_client_opts o = {.timeout_ms = t ? atoi(t) : 10000,
                         .server_public_key = getenv("DSD_SERVER_KEY")};
-    return ds_client_connect(endpoint, &o, c);
+    if (o.server_public_key && !*o.server_public_key)
+        o.server_public_key = NULL;
+    char pub[DS_KEY_Z85_LEN + 1], sec[DS_KEY_Z85_LEN + 1];
+    if (o.server_public_key && kf && *kf) {
+        ds_error err = {0};
+        int rc = ds_keyfile_read(kf, true, pub, sec, &err);
+        if (rc == 0 && !pub[0])
+            rc = ds_error_set(&err, -EBADMSG, "%s: no 'public = KEY' line", kf);
+        if (rc < 0) {
+            fprintf(stderr, "dsctl: DSD_CLIENT_KEY: %s\n", ds_error_str(&err));
+            return rc;
+        }
+        o.public_key = pub;
+        o.secret_key = sec;
+    }
+    int rc = ds_client_connect(endpoint, &o, c);
+    memset(sec, 0, sizeof(sec));
+    return rc;
 }
 
 int dsctl_fetch(const char *cmd, const char *endpoint, const char *what, json_t **out)

@@ -54,6 +54,9 @@ typedef struct dsd_opts {
     int64_t plan_context;      /* tokens of context per sequence, 0 = max_context */
     int64_t micro_batches;     /* coordinator: micro-batches in flight at once */
     int64_t link_wait_ms;      /* coordinator: first plan waits this long for link calibration */
+    char curve_secret_key_file[PATH_MAX]; /* cluster key pair file; "" = CURVE off */
+    char curve_authorized_keys[PATH_MAX]; /* client public keys allowed; "" = any client key */
+    char curve_server_public_key[41];     /* Z85; "" = the public key of the key file */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -283,6 +286,28 @@ int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void 
 bool dsd_stream_in_complete(const dsd_stream_in *s);
 uint64_t dsd_stream_in_bytes(const dsd_stream_in *s);
 const char *dsd_stream_in_dir(const dsd_stream_in *s);
+
+/* ---- CURVE (dsd_curve.c) ------------------------------------------------------------------ */
+/* ZAP domains: who may connect to a CURVE server socket. */
+#define DSD_CURVE_DOMAIN_CLUSTER "cluster" /* control and data ROUTERs: the cluster key only */
+#define DSD_CURVE_DOMAIN_CLIENT  "client"  /* client ROUTER: curve_authorized_keys, or any key */
+
+/* Loads the cluster key pair (and the authorized client keys) named by the options and starts
+ * the ZAP handler in zctx. Call before any socket of zctx is bound or connected. Returns 0
+ * without doing anything when curve_secret_key_file is empty (CURVE off); an unreadable,
+ * group/world-readable or malformed key file is an error naming the option and the file. */
+int dsd_curve_start(void *zctx, const dsd_opts *o, ds_error *err);
+/* Joins the ZAP thread and forgets the keys; call after zmq_ctx_term (which ends the thread). */
+void dsd_curve_stop(void);
+bool dsd_curve_enabled(void);
+/* Connections refused by the ZAP handler since the start. */
+uint64_t dsd_curve_refused(void);
+/* Makes sock a CURVE server with the cluster secret in ZAP domain `domain` (call before
+ * zmq_bind); 0 without doing anything when CURVE is off, else a negative errno. */
+int dsd_curve_server(void *sock, const char *domain);
+/* Makes sock a CURVE client of another node: the cluster key pair, the cluster public key as
+ * server key (call before zmq_connect); 0 without doing anything when CURVE is off. */
+int dsd_curve_client(void *sock);
 
 /* ---- notify (dsd_notify.c) ---------------------------------------------------------------- */
 void dsd_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

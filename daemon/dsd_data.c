@@ -129,7 +129,7 @@ static struct peer *peer_add(dsd_data *d, const char *name, const char *endpoint
     /* never drop or block on a slow peer: messages queue until the link takes them */
     zmq_setsockopt(p->sock, ZMQ_SNDHWM, &hwm, sizeof(hwm));
     zmq_setsockopt(p->sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
-    if (zmq_connect(p->sock, endpoint) < 0) {
+    if (dsd_curve_client(p->sock) < 0 || zmq_connect(p->sock, endpoint) < 0) {
         ds_log_err("data: connect %s (%s): %s", endpoint, name, zmq_strerror(zmq_errno()));
         zmq_close(p->sock);
         return NULL;

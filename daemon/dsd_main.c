@@ -635,6 +635,8 @@ static char *status_json(struct dsd *d, const char *what, int *code)
                       "nodes", nodes, "links", links ? links : json_array());
         if (d->plan_error[0])
             json_object_set_new(r, "plan_error", json_string(d->plan_error));
+        if (dsd_curve_enabled())
+            json_object_set_new(r, "curve_refused", json_integer((json_int_t)dsd_curve_refused()));
         json_decref(st);
     } else if (!strcmp(what, "jobs")) {
         r = data_obj(d, "jobs");
@@ -1461,11 +1463,18 @@ static void on_signal(struct dsd *d)
 
 /* ---- main --------------------------------------------------------------------------------- */
 
-static void *bind_sock(void *zctx, int type, const char *ep, ds_error *err)
+/* zap_domain: a TCP ROUTER's CURVE domain (dsd_curve.c), NULL for inproc sockets */
+static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_domain,
+                       ds_error *err)
 {
     void *s = zmq_socket(zctx, type);
-    int zero = 0;
+    int zero = 0, rc;
     zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof(zero));
+    if (zap_domain && (rc = dsd_curve_server(s, zap_domain)) < 0) {
+        ds_error_set(err, rc, "bind %s: CURVE: %s", ep, zmq_strerror(-rc));
+        zmq_close(s);
+        return NULL;
+    }
     if (zmq_bind(s, ep) < 0) {
         ds_error_set(err, -EADDRINUSE, "bind %s: %s", ep, zmq_strerror(zmq_errno()));
         zmq_close(s);
@@ -1512,12 +1521,15 @@ int main(int argc, char **argv)
 
     d.zctx = zmq_ctx_new();
     int ret = 1;
-    if (!(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, &err)))
+    if (dsd_curve_start(d.zctx, &d.o, &err) < 0 ||
+        !(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, DSD_CURVE_DOMAIN_CLUSTER, &err)))
         goto out;
     if (d.coordinator) {
-        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind, &err)) ||
-            !(d.client = bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, &err)) ||
-            !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, &err)))
+        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind,
+                                    DSD_CURVE_DOMAIN_CLUSTER, &err)) ||
+            !(d.client = bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, DSD_CURVE_DOMAIN_CLIENT,
+                                   &err)) ||
+            !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, &err)))
             goto out;
         int one = 1;
         zmq_setsockopt(d.client, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
@@ -1537,7 +1549,11 @@ int main(int argc, char **argv)
         int zero = 0;
         zmq_setsockopt(d.control, ZMQ_LINGER, &zero, sizeof(zero));
         zmq_setsockopt(d.control, ZMQ_ROUTING_ID, d.o.node, strlen(d.o.node));
-        if (zmq_connect(d.control, d.o.coordinator) < 0) {
+        /* never block the loop on a coordinator that is not connected (e.g. a CURVE handshake
+         * it refuses): the message is dropped, hellos and heartbeats are resent anyway */
+        int sndtmo = (int)d.o.heartbeat_ms;
+        zmq_setsockopt(d.control, ZMQ_SNDTIMEO, &sndtmo, sizeof(sndtmo));
+        if (dsd_curve_client(d.control) < 0 || zmq_connect(d.control, d.o.coordinator) < 0) {
             ds_error_set(&err, -EINVAL, "connect %s: %s", d.o.coordinator,
                          zmq_strerror(zmq_errno()));
             goto out;
@@ -1618,6 +1634,7 @@ out:
     if (d.pipe)
         zmq_close(d.pipe);
     zmq_ctx_term(d.zctx);
+    dsd_curve_stop(); /* its ZAP thread ends with the context */
     json_decref(g_devices);
     if (d.sigfd >= 0)
         close(d.sigfd);

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "ds_keyfile.h"
 #include "ds_log.h"
 #include "dsd.h"
 
@@ -90,6 +91,15 @@ static const struct opt OPTS[] = {
     {"micro_batches", OPT_INT, I(micro_batches), 1, 64, "2", NULL, false,
      "coordinator: micro-batches in flight at once (the running jobs are split over them so "
      "one computes while another crosses a link)"},
+    {"curve_secret_key_file", OPT_STR, S(curve_secret_key_file), 0, 0, "", NULL, false,
+     "CURVE: the cluster key pair file (dsctl keygen: 'public = KEY', 'secret = KEY', mode "
+     "0600), the same on every node; empty = plain TCP, no authentication"},
+    {"curve_authorized_keys", OPT_STR, S(curve_authorized_keys), 0, 0, "", NULL, false,
+     "CURVE, coordinator: file of client public keys (Z85, one a line, # comments) allowed on "
+     "client_bind; empty = every client that knows the cluster public key"},
+    {"curve_server_public_key", OPT_STR, S(curve_server_public_key), 0, 0, "", NULL, false,
+     "CURVE: the coordinator's (= cluster) public key, to pin it; empty = the public key of "
+     "curve_secret_key_file; a different key refuses to start"},
 };
 #define N_OPTS (sizeof(OPTS) / sizeof(OPTS[0]))
 
@@ -264,6 +274,14 @@ int dsd_opts_check(const dsd_opts *o, ds_error *err)
                             "control endpoint");
     if (!o->node[0])
         return ds_error_set(err, -EINVAL, "option node: empty node name");
+    if (!o->curve_secret_key_file[0] &&
+        (o->curve_authorized_keys[0] || o->curve_server_public_key[0]))
+        return ds_error_set(
+            err, -EINVAL, "option %s: CURVE needs curve_secret_key_file (the cluster key pair)",
+            o->curve_authorized_keys[0] ? "curve_authorized_keys" : "curve_server_public_key");
+    if (o->curve_server_public_key[0] && !ds_key_is_z85(o->curve_server_public_key))
+        return ds_error_set(err, -EINVAL, "option curve_server_public_key: not %d Z85 characters",
+                            DS_KEY_Z85_LEN);
     for (const char *c = o->node; *c; c++)
         if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
               *c == '-' || *c == '_' || *c == '.'))

@@ -3,6 +3,9 @@ ds_add_test(NAME test_daemon SOURCES test_daemon.c LIBS ds_daemon LABELS unit TI
 ds_add_test(NAME test_client SOURCES test_client.c LIBS dsclient_static ds_proto ds_model LABELS unit
             TIMEOUT 180)
 add_dependencies(test_client dsd dsctl)
+# CURVE on the daemon side (docs/operations.md, "Securing a cluster"): real dsd processes
+ds_add_test(NAME test_curve SOURCES test_curve.c LIBS dsclient_static LABELS unit TIMEOUT 180)
+add_dependencies(test_curve dsd dsctl)
 ds_add_test(NAME test_notify SOURCES test_notify.c LABELS unit TIMEOUT 60)
 add_dependencies(test_notify dsd)
 add_dependencies(test_daemon dsd)

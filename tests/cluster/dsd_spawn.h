@@ -1,5 +1,7 @@
 /* dsd_spawn.h — start a real single-node dsd coordinator for the daemon/client tests and stop
- * it (SIGTERM, bounded wait, then SIGKILL). Header-only so each test stays one binary. */
+ * it (SIGTERM, bounded wait, then SIGKILL). Header-only so each test stays one binary.
+ * A test process may run DSD_SPAWN_SLOTS daemons at once (dsd_spawn_at: slot 0 is what
+ * dsd_spawn starts); each slot has its own ports, state directory and log. */
 #ifndef DSD_SPAWN_H
 #define DSD_SPAWN_H
 
@@ -10,6 +12,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#define DSD_SPAWN_SLOTS 2 /* 3 ports a slot within the 8 reserved per test pid */
 
 struct dsd_proc {
     pid_t pid;
@@ -23,16 +27,26 @@ static inline void dsd_sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
-/* extra: NULL-terminated list of additional --key=value arguments. env_kv: "K=V" or NULL. */
-static inline int dsd_spawn(struct dsd_proc *p, const char *const *extra, const char *env_kv)
+/* Starts dsd in slot (0 .. DSD_SPAWN_SLOTS-1). extra: NULL-terminated list of additional
+ * --key=value arguments (later ones win, so they may override the defaults below). env_kv:
+ * "K=V" or NULL. */
+static inline int dsd_spawn_at(struct dsd_proc *p, int slot, const char *const *extra,
+                               const char *env_kv)
 {
     memset(p, 0, sizeof(*p));
-    p->base_port = 30000 + (int)(getpid() % 3000) * 8;
+    if (slot < 0 || slot >= DSD_SPAWN_SLOTS)
+        return -1;
+    p->base_port = 30000 + (int)(getpid() % 3000) * 8 + slot * 3;
     snprintf(p->control_ep, sizeof(p->control_ep), "tcp://127.0.0.1:%d", p->base_port);
     snprintf(p->client_ep, sizeof(p->client_ep), "tcp://127.0.0.1:%d", p->base_port + 1);
     snprintf(p->data_ep, sizeof(p->data_ep), "tcp://127.0.0.1:%d", p->base_port + 2);
-    snprintf(p->state_dir, sizeof(p->state_dir), "/tmp/dsd-test-%d", (int)getpid());
-    snprintf(p->log, sizeof(p->log), "/tmp/dsd-test-%d.log", (int)getpid());
+    if (slot == 0) {
+        snprintf(p->state_dir, sizeof(p->state_dir), "/tmp/dsd-test-%d", (int)getpid());
+        snprintf(p->log, sizeof(p->log), "/tmp/dsd-test-%d.log", (int)getpid());
+    } else {
+        snprintf(p->state_dir, sizeof(p->state_dir), "/tmp/dsd-test-%d-%d", (int)getpid(), slot);
+        snprintf(p->log, sizeof(p->log), "/tmp/dsd-test-%d-%d.log", (int)getpid(), slot);
+    }
     pid_t pid = fork();
     if (pid < 0)
         return -1;
@@ -67,6 +81,12 @@ static inline int dsd_spawn(struct dsd_proc *p, const char *const *extra, const 
     }
     p->pid = pid;
     return 0;
+}
+
+/* extra: NULL-terminated list of additional --key=value arguments. env_kv: "K=V" or NULL. */
+static inline int dsd_spawn(struct dsd_proc *p, const char *const *extra, const char *env_kv)
+{
+    return dsd_spawn_at(p, 0, extra, env_kv);
 }
 
 static inline void dsd_cleanup_files(const struct dsd_proc *p)
