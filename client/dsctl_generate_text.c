@@ -21,6 +21,7 @@
 #define TEXT_MAX_TOKENS 1000000u
 
 int dsctl_generate_cluster_text(int argc, char **argv);
+int dsctl_connect_timeout(const char *endpoint, int timeout_ms, ds_client **c);
 
 static void text_usage(FILE *f)
 {
@@ -176,8 +177,8 @@ int dsctl_generate_cluster_text(int argc, char **argv)
     for (size_t i = 0; i < n_ids; i++)
         uids[i] = (uint32_t)ids[i];
 
-    ds_client_opts copts = {.timeout_ms = (int)timeout_ms};
-    if (ds_client_connect(endpoint, &copts, &cl) < 0) {
+    /* CURVE keys from the environment like every cluster command ($DSD_SERVER_KEY, ...) */
+    if (dsctl_connect_timeout(endpoint, (int)timeout_ms, &cl) < 0) {
         fprintf(stderr, "dsctl generate: cannot connect to %s\n", endpoint);
         goto out;
     }

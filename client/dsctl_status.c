@@ -49,10 +49,11 @@ const char *dsctl_endpoint(const char *opt)
 /* CURVE from the environment: $DSD_SERVER_KEY the cluster public key (Z85), $DSD_CLIENT_KEY a
  * key file of this client's pair (dsctl keygen --out; without it an ephemeral pair, which a
  * coordinator with curve_authorized_keys refuses). */
-int dsctl_connect(const char *endpoint, ds_client **c)
+int dsctl_connect_timeout(const char *endpoint, int timeout_ms, ds_client **c);
+int dsctl_connect_timeout(const char *endpoint, int timeout_ms, ds_client **c)
 {
     const char *t = getenv("DSD_TIMEOUT_MS"), *kf = getenv("DSD_CLIENT_KEY");
-    ds_client_opts o = {.timeout_ms = t ? atoi(t) : 10000,
+    ds_client_opts o = {.timeout_ms = timeout_ms > 0 ? timeout_ms : t ? atoi(t) : 10000,
                         .server_public_key = getenv("DSD_SERVER_KEY")};
     if (o.server_public_key && !*o.server_public_key)
         o.server_public_key = NULL;
@@ -72,6 +73,11 @@ int dsctl_connect(const char *endpoint, ds_client **c)
     int rc = ds_client_connect(endpoint, &o, c);
     memset(sec, 0, sizeof(sec));
     return rc;
+}
+
+int dsctl_connect(const char *endpoint, ds_client **c)
+{
+    return dsctl_connect_timeout(endpoint, 0, c);
 }
 
 int dsctl_fetch(const char *cmd, const char *endpoint, const char *what, json_t **out)
