@@ -32,9 +32,10 @@ static const char *fmt_ms(char *buf, size_t n, bool have, double s)
     return buf;
 }
 
-static void print_layers(FILE *f, json_t *units, json_t *meas, long only_layer)
+static void print_layers(FILE *f, json_t *units, json_t *reps, json_t *meas, long only_layer)
 {
-    fprintf(f, "%-6s %-14s %-14s %s\n", "LAYER", "ATTENTION", "MEASURED", "EXPERTS (expert:node)");
+    fprintf(f, "%-6s %-14s %-14s %s\n", "LAYER", "ATTENTION", "MEASURED",
+            "EXPERTS (expert:node, +extra copies)");
     json_t *mus = json_object_get(meas, "units");
     char name[64];
     for (long l = 0; l < 100000; l++) {
@@ -56,6 +57,10 @@ static void print_layers(FILE *f, json_t *units, json_t *meas, long only_layer)
             if (!n)
                 break;
             fprintf(f, "%s%ld:%s", any++ ? " " : "", e, n);
+            size_t k;
+            json_t *r;
+            json_array_foreach(json_object_get(reps, name), k, r)
+                fprintf(f, "+%s", json_string_value(r) ? json_string_value(r) : "?");
         }
         fprintf(f, "%s\n", any ? "" : "(dense)");
     }
@@ -131,6 +136,15 @@ static bool measured_compute_of(json_t *meas, const char *node, double *s)
     json_t *mu;
     bool any = false;
     *s = 0;
+    /* the node's own report when there is one (a replicated expert runs on several nodes) */
+    json_t *own = json_object_get(json_object_get(json_object_get(meas, "nodes"), node), "units");
+    json_object_foreach(own, name, mu)
+    {
+        *s += num(mu, "compute_s");
+        any = true;
+    }
+    if (any)
+        return true;
     json_object_foreach(json_object_get(meas, "units"), name, mu)
     {
         const char *n = json_string_value(json_object_get(mu, "node"));
@@ -283,7 +297,7 @@ void dsctl_placement_print(FILE *f, json_t *pl, long only_layer, bool explain)
     fprintf(f, "plan v%lld   embed -> %s   head -> %s\n",
             (long long)json_integer_value(json_object_get(plan, "version")),
             unit_node(units, "embed"), unit_node(units, "head"));
-    print_layers(f, units, meas, only_layer);
+    print_layers(f, units, json_object_get(plan, "replicas"), meas, only_layer);
     print_links(f, meas);
     print_predicted_vs_measured(f, json_object_get(pl, "predicted"), meas);
     if (explain)

@@ -170,6 +170,7 @@ typedef struct dsd_plan {
     int32_t embed, head; /* node index */
     int32_t *attn;       /* [n_layers] node index */
     int32_t *expert;     /* [n_layers * n_experts] node index, -1 for dense layers */
+    uint64_t *replicas;  /* [n_layers * n_experts] bit n: node n (< 64) holds an extra copy */
     char strategy[32];   /* strategy requested ("round-robin" or a ds_strategy name) */
     char solver[32];     /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
     char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
@@ -198,7 +199,8 @@ int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json,
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
                     uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, char *solver, char **solver_json, ds_error *err);
+                    int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
+                    ds_error *err);
 /* A thread that ran dsd_plan_solve calls this before it exits (frees the solver's per-thread
  * state). */
 void dsd_solve_thread_done(void);

@@ -404,6 +404,17 @@ static void task_run(dsd_data *d, struct task *t)
     task_forward(d, t);
 }
 
+/* The node that runs expert e of layer l for a row whose attention ran here: this node when
+ * it holds a copy (the solver replicates hot experts, typically beside attention), else the
+ * primary. */
+static uint32_t expert_route(const dsd_data *d, uint32_t l, uint32_t e)
+{
+    size_t i = (size_t)l * d->plan.n_experts + e;
+    if (d->self < 64 && (d->plan.replicas[i] >> d->self & 1))
+        return d->self;
+    return (uint32_t)d->plan.expert[i];
+}
+
 /* Sends one dispatch per remote expert host with the rows routed there; runs the experts
  * hosted here in place. t->pending counts the replies to wait for. */
 static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
@@ -432,7 +443,7 @@ static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
             bool used = false;
             for (uint32_t k = 0; k < K; k++) {
                 uint32_t e = (uint32_t)t->ids[i * K + k];
-                if (d->plan.expert[(size_t)l * E + e] != (int32_t)node)
+                if (expert_route(d, l, e) != node)
                     continue;
                 if (!used) {
                     rows_of[R++] = i;

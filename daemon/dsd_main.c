@@ -559,9 +559,25 @@ static json_t *measured(struct dsd *d)
         json_t *uv;
         json_object_foreach(json_object_get(st, "units"), un, uv)
         {
+            json_t *c = json_object_get(uv, "calls"), *r = json_object_get(uv, "rows");
+            json_t *have = json_object_get(units, un);
+            if (have) { /* a replicated expert: add this copy's work, list its node */
+                json_object_set_new(have, "measured_compute_s",
+                                    json_real(json_number_value(json_object_get(
+                                                  have, "measured_compute_s")) +
+                                              json_number_value(json_object_get(uv, "compute_s"))));
+                if (r)
+                    json_object_set_new(have, "rows",
+                                        json_integer(json_integer_value(json_object_get(have, "rows")) +
+                                                     json_integer_value(r)));
+                json_t *rn = json_object_get(have, "replica_nodes");
+                if (!rn)
+                    json_object_set_new(have, "replica_nodes", rn = json_array());
+                json_array_append_new(rn, json_string(n->name));
+                continue;
+            }
             json_t *o = json_pack("{s:s,s:O}", "node", n->name, "measured_compute_s",
                                   json_object_get(uv, "compute_s"));
-            json_t *c = json_object_get(uv, "calls"), *r = json_object_get(uv, "rows");
             if (c)
                 json_object_set(o, "calls", c);
             if (r)

@@ -25,6 +25,7 @@ void dsd_plan_clear(dsd_plan *p)
     free(p->endpoints);
     free(p->attn);
     free(p->expert);
+    free(p->replicas);
     free(p->solver_json);
     memset(p, 0, sizeof(*p));
 }
@@ -43,7 +44,10 @@ static int plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
     p->attn = calloc(p->n_layers ? p->n_layers : 1, sizeof(*p->attn));
     p->expert = calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1),
                        sizeof(*p->expert));
-    if (!p->nodes || !p->endpoints || !p->attn || !p->expert) {
+    p->replicas = calloc((size_t)(p->n_layers ? p->n_layers : 1) *
+                             (p->n_experts ? p->n_experts : 1),
+                         sizeof(*p->replicas));
+    if (!p->nodes || !p->endpoints || !p->attn || !p->expert || !p->replicas) {
         dsd_plan_clear(p);
         return -ENOMEM;
     }
@@ -65,7 +69,8 @@ int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json,
         return rc;
     snprintf(p->strategy, sizeof(p->strategy), "%s", strategy);
     rc = dsd_solve_units(c, spec_json, n_nodes, names, strategy, batch, context, &p->embed,
-                         &p->head, p->attn, p->expert, p->solver, &p->solver_json, err);
+                         &p->head, p->attn, p->expert, p->replicas, p->solver, &p->solver_json,
+                         err);
     if (rc < 0)
         dsd_plan_clear(p);
     return rc;
@@ -120,6 +125,21 @@ char *dsd_plan_json(const dsd_plan *p)
     }
     json_object_set_new(units, "head", json_string(p->nodes[p->head]));
     json_object_set_new(root, "units", units);
+    /* extra copies of hot experts: "expert[l][e]": [nodes other than the primary] */
+    json_t *reps = json_object();
+    for (uint32_t l = 0; l < p->n_layers; l++)
+        for (uint32_t e = 0; e < p->n_experts; e++) {
+            uint64_t m = p->replicas[(size_t)l * p->n_experts + e];
+            if (!m)
+                continue;
+            json_t *a = json_array();
+            for (uint32_t n = 0; n < p->n_nodes && n < 64; n++)
+                if (m >> n & 1)
+                    json_array_append_new(a, json_string(p->nodes[n]));
+            snprintf(name, sizeof(name), "expert[%u][%u]", l, e);
+            json_object_set_new(reps, name, a);
+        }
+    json_object_set_new(root, "replicas", reps);
     json_object_set_new(root, "nodes", nodes);
     char *s = json_dumps(root, JSON_SORT_KEYS | JSON_COMPACT);
     json_decref(root);
@@ -151,7 +171,8 @@ int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u)
         u->attn[l] = p->attn[l] == (int32_t)idx;
         for (uint32_t e = 0; e < p->n_experts; e++)
             u->expert[(size_t)l * p->n_experts + e] =
-                p->expert[(size_t)l * p->n_experts + e] == (int32_t)idx;
+                p->expert[(size_t)l * p->n_experts + e] == (int32_t)idx ||
+                (idx < 64 && (p->replicas[(size_t)l * p->n_experts + e] >> idx & 1));
     }
     return 0;
 }
@@ -198,6 +219,8 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
     w->version = p->version;
     w->json = dsd_plan_json(p);
     size_t n = 2 + p->n_layers + (size_t)p->n_layers * p->n_experts;
+    for (size_t i = 0; i < (size_t)p->n_layers * p->n_experts; i++)
+        n += (size_t)__builtin_popcountll(p->replicas[i]);
     w->units = calloc(n, sizeof(*w->units));
     Dsd__PlanUnit *pu = calloc(n, sizeof(*pu));
     char *names = calloc(n, 32);
@@ -223,9 +246,18 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
     ADD(p->embed, "embed");
     for (uint32_t l = 0; l < p->n_layers; l++) {
         ADD(p->attn[l], "attn[%u]", l);
-        for (uint32_t e = 0; e < p->n_experts; e++)
-            if (p->expert[(size_t)l * p->n_experts + e] >= 0)
-                ADD(p->expert[(size_t)l * p->n_experts + e], "expert[%u][%u]", l, e);
+        for (uint32_t e = 0; e < p->n_experts; e++) {
+            size_t i = (size_t)l * p->n_experts + e;
+            if (p->expert[i] < 0)
+                continue;
+            ADD(p->expert[i], "expert[%u][%u]", l, e);
+            uint32_t r = 0;
+            for (uint32_t nd = 0; nd < p->n_nodes && nd < 64; nd++)
+                if (p->replicas[i] >> nd & 1) {
+                    ADD(nd, "expert[%u][%u]", l, e);
+                    pu[k - 1].replica = ++r;
+                }
+        }
     }
     ADD(p->head, "head");
 #undef ADD
@@ -305,6 +337,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     dst->endpoints = NULL;
     dst->attn = NULL;
     dst->expert = NULL;
+    dst->replicas = NULL;
     dst->solver_json = NULL;
     uint32_t N = src->n_nodes, L = src->n_layers ? src->n_layers : 1;
     size_t ne = (size_t)L * (src->n_experts ? src->n_experts : 1);
@@ -312,9 +345,10 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     dst->endpoints = malloc((N ? N : 1) * sizeof(*dst->endpoints));
     dst->attn = malloc(L * sizeof(int32_t));
     dst->expert = malloc(ne * sizeof(int32_t));
+    dst->replicas = malloc(ne * sizeof(uint64_t));
     if (src->solver_json)
         dst->solver_json = strdup(src->solver_json);
-    if (!dst->nodes || !dst->endpoints || !dst->attn || !dst->expert ||
+    if (!dst->nodes || !dst->endpoints || !dst->attn || !dst->expert || !dst->replicas ||
         (src->solver_json && !dst->solver_json)) {
         dsd_plan_clear(dst);
         return -ENOMEM;
@@ -323,6 +357,8 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     memcpy(dst->endpoints, src->endpoints, N * sizeof(*dst->endpoints));
     memcpy(dst->attn, src->attn, src->n_layers * sizeof(int32_t));
     memcpy(dst->expert, src->expert, (size_t)src->n_layers * src->n_experts * sizeof(int32_t));
+    memcpy(dst->replicas, src->replicas,
+           (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
     return 0;
 }
 
@@ -383,6 +419,8 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
             p->embed = node;
         else if (kind == DS_UNIT_HEAD)
             p->head = node;
+        else if (kind == DS_UNIT_EXPERT && pu->replica)
+            p->replicas[(size_t)l * E + e] |= node < 64 ? 1ull << node : 0;
         else if (kind == DS_UNIT_EXPERT)
             p->expert[(size_t)l * E + e] = node;
         else

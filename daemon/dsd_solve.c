@@ -16,13 +16,14 @@
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
                     uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, char *solver, char **solver_json, ds_error *err);
+                    int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
+                    ds_error *err);
 
 /* Node index (into names) of the device the solver gave a unit; -1 when absent. */
 static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t *node_of_spec,
-                         enum ds_unit_kind k, uint32_t l, uint32_t e)
+                         enum ds_unit_kind k, uint32_t l, uint32_t e, uint32_t replica)
 {
-    int dev = ds_plan_unit_device(sp, k, l, e, 0);
+    int dev = ds_plan_unit_device(sp, k, l, e, replica);
     if (dev < 0)
         return -1;
     const ds_pl_device *d = ds_cluster_device(cl, dev);
@@ -32,7 +33,8 @@ static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t 
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
                     uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, char *solver, char **solver_json, ds_error *err)
+                    int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
+                    ds_error *err)
 {
     ds_plan_options opt = {.batch = batch ? batch : 1, .context = context ? context : 1,
                            .objective = DS_OBJ_LATENCY};
@@ -87,19 +89,29 @@ int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_
     ds_plan_get_summary(sp, &sum);
     snprintf(solver, 32, "%s", sum.solver ? sum.solver : "?");
     *solver_json = ds_plan_to_json(sp);
-    *embed = unit_node(sp, cl, node_of_spec, DS_UNIT_EMBED, 0, 0);
-    *head = unit_node(sp, cl, node_of_spec, DS_UNIT_HEAD, 0, 0);
+    *embed = unit_node(sp, cl, node_of_spec, DS_UNIT_EMBED, 0, 0, 0);
+    *head = unit_node(sp, cl, node_of_spec, DS_UNIT_HEAD, 0, 0, 0);
     bool bad = *embed != 0 || *head != 0;
     uint32_t L = c->num_hidden_layers, E = c->n_routed_experts;
     for (uint32_t l = 0; l < L && !bad; l++) {
         /* dense[l] / shared[l] run beside attn[l] in dsd's hosts (one step request per layer) */
-        attn[l] = unit_node(sp, cl, node_of_spec, DS_UNIT_ATTN, l, 0);
+        attn[l] = unit_node(sp, cl, node_of_spec, DS_UNIT_ATTN, l, 0, 0);
         bad = attn[l] < 0;
         bool moe = ds_model_config_layer_is_moe(c, l);
         for (uint32_t e = 0; e < E && !bad; e++) {
-            int32_t h = moe ? unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e) : -1;
+            int32_t h = moe ? unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e, 0) : -1;
             bad = moe && h < 0;
             expert[(size_t)l * E + e] = h;
+            /* the solver's extra copies of hot experts (replica 1, 2, ...) on other nodes */
+            uint64_t mask = 0;
+            for (uint32_t r = 1; moe && r < 64; r++) {
+                int32_t rn = unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e, r);
+                if (rn < 0)
+                    break;
+                if (rn != h && rn < 64)
+                    mask |= 1ull << rn;
+            }
+            replicas[(size_t)l * E + e] = mask;
         }
     }
     if (bad)

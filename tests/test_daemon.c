@@ -119,7 +119,14 @@ static void test_plan_spreads_units(void **state)
         assert_true(experts[i] > 0);
     assert_int_equal(p.attn[0], 1);
     assert_int_equal(p.attn[1], 2);
-    /* wire round trip: each node gets exactly its units */
+    /* extra copies of a hot expert on the two other nodes (as the solver's replicas) */
+    uint32_t hl = 1, he = 0; /* layer 1 is MoE in v3_bf16 */
+    assert_true(ds_model_config_layer_is_moe(c, hl));
+    int32_t prim = p.expert[hl * p.n_experts + he];
+    for (uint32_t n = 0; n < 3; n++)
+        if ((int32_t)n != prim)
+            p.replicas[hl * p.n_experts + he] |= 1ull << n;
+    /* wire round trip: each node gets exactly its units, replicas included */
     Dsd__Plan w;
     assert_int_equal(dsd_plan_to_wire(&p, &w), 0);
     for (uint32_t node = 0; node < 3; node++) {
@@ -130,9 +137,22 @@ static void test_plan_spreads_units(void **state)
         assert_int_equal(a.head, b.head);
         assert_memory_equal(a.attn, b.attn, p.n_layers * sizeof(bool));
         assert_memory_equal(a.expert, b.expert, (size_t)p.n_layers * p.n_experts * sizeof(bool));
+        assert_true(a.expert[hl * p.n_experts + he]); /* every node holds the hot expert */
         dsd_units_clear(&a);
         dsd_units_clear(&b);
     }
+    /* the whole plan back from the wire: primaries and replica sets unchanged */
+    dsd_plan q;
+    assert_int_equal(dsd_plan_from_wire(&w, c, &q, &err), 0);
+    assert_int_equal(q.n_nodes, 3);
+    assert_memory_equal(q.attn, p.attn, p.n_layers * sizeof(int32_t));
+    assert_memory_equal(q.expert, p.expert, (size_t)p.n_layers * p.n_experts * sizeof(int32_t));
+    assert_memory_equal(q.replicas, p.replicas,
+                        (size_t)p.n_layers * p.n_experts * sizeof(uint64_t));
+    char *pj = dsd_plan_json(&q);
+    assert_non_null(strstr(pj, "\"replicas\":{\"expert[1][0]\":["));
+    free(pj);
+    dsd_plan_clear(&q);
     /* a unit the model does not have is refused */
     char *saved = w.units[1]->unit;
     w.units[1]->unit = "expert[0][99]";

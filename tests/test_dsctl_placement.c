@@ -138,6 +138,20 @@ static void test_predicted_beside_measured(void **state)
     free(reply);
 }
 
+/* extra copies of a hot expert appear after its primary node */
+static void test_replicas_listed(void **state)
+{
+    (void)state;
+    const char *reply =
+        "{\"plan\": {\"version\": 4, \"units\": {\"embed\": \"coord\", \"head\": \"coord\","
+        "  \"attn[0]\": \"w1\", \"expert[0][0]\": \"w1\", \"expert[0][1]\": \"coord\"},"
+        "  \"replicas\": {\"expert[0][1]\": [\"w1\", \"w2\"]}},"
+        " \"measured\": null, \"predicted\": null}";
+    char *out = render(reply, -1, false);
+    expect_line(out, "0", "0 w1 0.000 ms/call 0:w1 1:coord+w1+w2");
+    free(out);
+}
+
 static void test_round_robin_plan_prints_dashes(void **state)
 {
     (void)state;
@@ -183,6 +197,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_predicted_beside_measured),
+        cmocka_unit_test(test_replicas_listed),
         cmocka_unit_test(test_round_robin_plan_prints_dashes),
         cmocka_unit_test(test_nothing_measured_yet),
     };

@@ -40,6 +40,29 @@ v1=$("$DSCTL" status --json | jq .plan_version)
 echo "plan v$v1 over $(plan_nodes)"
 [ "$(plan_nodes)" = "coord,w1,w2" ] || { echo "FAIL: the first plan does not use all three nodes"; fail=1; }
 check_tokens "3 nodes"
+# the solver's extra copies of hot experts: every node got the same replica sets, and a node
+# holding a copy of an expert of a layer whose attention it runs computes it there
+reps=$("$DSCTL" placement --json | jq -c '.plan.replicas // {}')
+echo "replicas: $reps"
+for w in w1 w2; do
+    [ "$(jq -c '.replicas // {}' "$CLUSTER_DIR/$w/plan.json")" = "$reps" ] ||
+        { echo "FAIL: $w's plan.json has other replicas"; fail=1; }
+done
+sleep 0.5 # the workers' figures arrive with their heartbeats
+pj=$("$DSCTL" placement --json)
+pairs=0 local_rows=0
+for u in $(echo "$reps" | jq -r 'keys[]'); do
+    l=${u#expert[}; l=${l%%]*}
+    for node in $(echo "$reps" | jq -r --arg u "$u" '.[$u][]'); do
+        [ "$(echo "$pj" | jq -r --arg a "attn[$l]" '.plan.units[$a]')" = "$node" ] || continue
+        rows=$(echo "$pj" | jq --arg n "$node" --arg u "$u" '.measured.nodes[$n].units[$u].rows // 0')
+        echo "  $u: copy on $node (which runs attn[$l]) computed $rows rows"
+        pairs=$((pairs + 1)) local_rows=$((local_rows + rows))
+    done
+done
+if [ "$pairs" -gt 0 ] && [ "$local_rows" -eq 0 ]; then
+    echo "FAIL: no copy beside its attention layer computed anything (rows went elsewhere)"; fail=1
+fi
 
 # w2 dies without a word
 kill -9 "${CLUSTER_PIDS[2]}"
