@@ -26,7 +26,9 @@ static void usage(FILE *f)
             "  --strategy NAME        auto (default), heuristic, exact, mem-proportional,\n"
             "                         experts-on-cpu, balanced-experts\n"
             "  --expert-stats FILE    JSON: one array per layer of expert counts (empty for\n"
-            "                         dense layers); uniform popularity without it\n"
+            "                         dense layers), or what a running cluster measured\n"
+            "                         (dsctl placement --json | jq .measured.expert_stats);\n"
+            "                         uniform popularity without it\n"
             "  --pin UNIT=NODE/DEV    keep a unit on a device (repeatable), e.g. attn[3]=n1/cuda0\n"
             "  --exclude NAME         do not use a node or node/device (repeatable)\n"
             "  --reserve F            memory fraction kept free per device (default 0.05)\n"
@@ -49,7 +51,32 @@ static int parse_u32(const char *s, uint32_t lo, uint32_t hi, uint32_t *out)
 }
 
 /* Expert statistics: an array with one entry per layer, each an array of n_experts counts
- * (or empty for dense layers). */
+ * (or empty for dense layers); or the daemon's routing counts
+ * {"n_routed_experts": E, "layers": [{"layer": l, "counts": [E]}, ...]} (layers not listed:
+ * uniform). */
+static json_t *stats_dense_form(json_t *root, size_t L)
+{
+    json_t *layers = json_object_get(root, "layers"), *ent;
+    if (!json_is_array(layers) || !json_array_size(layers) ||
+        !json_is_object(json_array_get(layers, 0)))
+        return NULL;
+    json_t *arr = json_array();
+    for (size_t l = 0; l < L; l++)
+        json_array_append_new(arr, json_array());
+    size_t i;
+    json_array_foreach(layers, i, ent)
+    {
+        json_t *lj = json_object_get(ent, "layer"), *c = json_object_get(ent, "counts");
+        if (!json_is_integer(lj) || json_integer_value(lj) < 0 ||
+            (size_t)json_integer_value(lj) >= L || !json_is_array(c)) {
+            json_decref(arr);
+            return json_null(); /* malformed: the caller reports */
+        }
+        json_array_set(arr, (size_t)json_integer_value(lj), c);
+    }
+    return arr;
+}
+
 static int load_stats(const char *path, const ds_model_config *cfg, double **out)
 {
     json_error_t je;
@@ -58,8 +85,12 @@ static int load_stats(const char *path, const ds_model_config *cfg, double **out
         fprintf(stderr, "dsctl plan: %s: %s (line %d)\n", path, je.text, je.line);
         return -EBADMSG;
     }
-    json_t *arr = json_is_object(root) ? json_object_get(root, "layers") : root;
     size_t L = cfg->num_hidden_layers, E = cfg->n_routed_experts;
+    json_t *dense = json_is_object(root) ? stats_dense_form(root, L) : NULL;
+    if (dense) { /* keep it alive with root */
+        json_object_set_new(root, "__dense", dense);
+    }
+    json_t *arr = dense ? dense : json_is_object(root) ? json_object_get(root, "layers") : root;
     if (!json_is_array(arr) || json_array_size(arr) != L || !E) {
         fprintf(stderr, "dsctl plan: %s: want an array of %zu layers (each %zu expert counts)\n",
                 path, L, E);

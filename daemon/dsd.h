@@ -190,15 +190,15 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src);
  * device the solver chose. -ENOSPC infeasible, -EINVAL bad spec/strategy; err says why. */
 int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
-                   const char *strategy, uint32_t batch, uint32_t context, uint64_t version,
-                   ds_error *err);
+                   const char *strategy, uint32_t batch, uint32_t context,
+                   const double *expert_stats, uint64_t version, ds_error *err);
 /* dsd_solve.c (kept apart: ds_placement.h and ds_model.h both declare enum ds_unit_kind):
  * runs the solver and fills embed/head, attn[n_layers], expert[n_layers * n_experts] (-1 for
  * dense layers) with node indices into names; solver (32 bytes) gets the solver's name and
  * *solver_json the placement plan JSON (malloc'd). */
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
-                    uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
+                    uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
                     int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
                     ds_error *err);
 /* A thread that ran dsd_plan_solve calls this before it exits (frees the solver's per-thread

@@ -273,6 +273,7 @@ struct solve_job {
     char (*eps)[DSD_STR_MAX];
     int32_t idx_of[MAX_NODES]; /* membership index -> plan node index, -1 = left out */
     char *spec;
+    double *stats; /* [L * E] routing counts measured so far, or NULL (uniform popularity) */
     char strategy[32];
     uint32_t batch, ctx;
     uint64_t version;
@@ -291,6 +292,7 @@ static void solve_job_free(struct solve_job *j)
     free(j->names);
     free(j->eps);
     free(j->spec);
+    free(j->stats);
     dsd_plan_clear(&j->plan);
     free(j);
 }
@@ -300,7 +302,7 @@ static void *solve_main(void *arg)
     struct solve_job *j = arg;
     j->rc = dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
                            (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps,
-                           j->strategy, j->batch, j->ctx, j->version, &j->err);
+                           j->strategy, j->batch, j->ctx, j->stats, j->version, &j->err);
     dsd_solve_thread_done();
     uint64_t one = 1;
     if (write(j->efd, &one, sizeof(one)) != sizeof(one))
@@ -403,6 +405,48 @@ out:
     return rc;
 }
 
+/* The routing counts measured so far as the solver's expert popularity ([L * E], layers
+ * without counts uniform), or NULL when nothing was routed yet: a replan places (and
+ * replicates) the experts the traffic really uses. */
+static double *measured_expert_stats(struct dsd *d, const ds_model_config *c)
+{
+    uint32_t L = c->num_hidden_layers, E = c->n_routed_experts;
+    if (!E || d->plan.n_layers != L)
+        return NULL;
+    json_t *m = measured(d), *ent;
+    json_t *layers = json_object_get(json_object_get(m, "expert_stats"), "layers");
+    double *st = NULL;
+    double total = 0;
+    size_t i;
+    if (json_array_size(layers) && (st = malloc((size_t)L * E * sizeof(double)))) {
+        for (size_t k = 0; k < (size_t)L * E; k++)
+            st[k] = 1;
+        json_array_foreach(layers, i, ent)
+        {
+            json_int_t l = json_integer_value(json_object_get(ent, "layer"));
+            json_t *cnt = json_object_get(ent, "counts");
+            if (l < 0 || l >= (json_int_t)L || json_array_size(cnt) != E)
+                continue;
+            double row = 0;
+            for (uint32_t e = 0; e < E; e++)
+                row += (double)json_integer_value(json_array_get(cnt, e));
+            if (row <= 0)
+                continue;
+            for (uint32_t e = 0; e < E; e++)
+                st[(size_t)l * E + e] = (double)json_integer_value(json_array_get(cnt, e));
+            total += row;
+        }
+    }
+    json_decref(m);
+    if (st && total <= 0) {
+        free(st);
+        st = NULL;
+    }
+    if (st)
+        ds_log_info("plan: using %.0f measured expert routings as popularity", total);
+    return st;
+}
+
 /* Starts a new plan over the nodes that are up and not drained: round-robin at once, the
  * solver on its own thread (on_solved finishes). A call while one is being made asks for
  * another one after it (membership changed meanwhile). */
@@ -459,6 +503,7 @@ static int rollout(struct dsd *d)
         if (j->ctx > c->max_position_embeddings)
             j->ctx = c->max_position_embeddings;
         j->batch = (uint32_t)d->o.plan_batch;
+        j->stats = measured_expert_stats(d, c);
         snprintf(j->strategy, sizeof(j->strategy), "%s", d->o.plan_strategy);
         j->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (!j->spec || j->efd < 0) {
@@ -605,7 +650,7 @@ static json_t *measured(struct dsd *d)
         json_decref(st);
     }
     json_t *ls = json_array();
-    for (uint32_t l = 0; l < (d->have_plan ? d->plan.n_layers : 0); l++) {
+    for (uint32_t l = 0; l < d->plan.n_layers; l++) { /* the last plan's (kept while replanning) */
         char key[16];
         snprintf(key, sizeof(key), "%u", l);
         json_t *c = json_object_get(layers, key);

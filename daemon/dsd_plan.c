@@ -58,8 +58,8 @@ static int plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
 
 int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
-                   const char *strategy, uint32_t batch, uint32_t context, uint64_t version,
-                   ds_error *err)
+                   const char *strategy, uint32_t batch, uint32_t context,
+                   const double *expert_stats, uint64_t version, ds_error *err)
 {
     memset(p, 0, sizeof(*p));
     if (n_nodes == 0)
@@ -68,7 +68,8 @@ int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json,
     if (rc < 0)
         return rc;
     snprintf(p->strategy, sizeof(p->strategy), "%s", strategy);
-    rc = dsd_solve_units(c, spec_json, n_nodes, names, strategy, batch, context, &p->embed,
+    rc = dsd_solve_units(c, spec_json, n_nodes, names, strategy, batch, context, expert_stats,
+                         &p->embed,
                          &p->head, p->attn, p->expert, p->replicas, p->solver, &p->solver_json,
                          err);
     if (rc < 0)

@@ -15,7 +15,7 @@
 
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
-                    uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
+                    uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
                     int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
                     ds_error *err);
 
@@ -32,12 +32,13 @@ static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t 
 
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
-                    uint32_t context, int32_t *embed, int32_t *head, int32_t *attn,
+                    uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
                     int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
                     ds_error *err)
 {
     ds_plan_options opt = {.batch = batch ? batch : 1, .context = context ? context : 1,
-                           .objective = DS_OBJ_LATENCY};
+                           .objective = DS_OBJ_LATENCY,
+                           .expert_stats = expert_stats};
     if (ds_strategy_parse(strategy, &opt.strategy) < 0)
         return ds_error_set(err, -EINVAL, "plan_strategy '%s': unknown strategy", strategy);
     if (n_nodes == 0 || n_nodes > DS_PL_MAX_NODES)

@@ -128,11 +128,11 @@ typedef struct ds_plan_options {
 
 typedef struct ds_plan ds_plan;
 
-/* Plans. -ENOSPC when the model does not fit (err says which memory is short and by how
- * much), -EINVAL bad options / pins / exclusions, -ENOENT no usable device. */
 /* GLPK keeps per-thread state that the exact solver creates: a thread that ran ds_plan_solve
  * and is about to exit calls this to free it (no-op when there is none). */
 void ds_placement_thread_done(void);
+/* Plans. -ENOSPC when the model does not fit (err says which memory is short and by how
+ * much), -EINVAL bad options / pins / exclusions, -ENOENT no usable device. */
 int ds_plan_solve(const ds_cluster *cl, const ds_model_config *cfg, const ds_plan_options *opt,
                   ds_plan **out, ds_error *err);
 ds_plan *ds_plan_free(ds_plan *p);

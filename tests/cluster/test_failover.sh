@@ -3,7 +3,9 @@
 # checkpoint (the plan must split it; any two nodes can hold it). Kill -9 worker w2: the
 # coordinator notices the missing heartbeats, replans over coord + w1 by itself (auto_replan),
 # serves again, and its output is still token-identical to `dsctl generate --local`. Start w2
-# again: once no job runs, the coordinator takes it back into a new plan. Every wait bounded.
+# again: once no job runs, the coordinator takes it back into a new plan. Replans after traffic
+# use the measured routing counts as expert popularity; the solver's extra copies of hot
+# experts are hosted and used beside their attention layer. Every wait bounded.
 set -u
 . "$(dirname "$0")/lib.sh"
 trap cluster_cleanup EXIT
@@ -76,6 +78,18 @@ fi
 [ "$("$DSCTL" status --json | jq -r '.nodes[] | select(.name == "w2") | .state')" = failed ] ||
     { echo "FAIL: status does not show w2 failed"; fail=1; }
 check_tokens "w2 down"
+# that replan came after traffic: the solver got the measured routing counts as popularity
+grep -q "measured expert routings as popularity" "$CLUSTER_DIR/coord.log" ||
+    { echo "FAIL: the replan did not use the measured expert statistics"; fail=1; }
+# and an operator can feed the same counts to the offline planner
+"$DSCTL" placement --json | jq .measured.expert_stats >"$CLUSTER_DIR/stats.json"
+"$DSCTL" cluster --json >"$CLUSTER_DIR/spec.json"
+if "$DSCTL" plan --cluster "$CLUSTER_DIR/spec.json" --model "$M" --expert-stats "$CLUSTER_DIR/stats.json" \
+    --json >"$CLUSTER_DIR/offline.json"; then
+    echo "ok   dsctl plan --expert-stats accepts the cluster's measured counts"
+else
+    echo "FAIL: dsctl plan refused the measured expert stats"; fail=1
+fi
 
 # w2 comes back: taken in again once idle
 "$DSD" --node=w2 --role=worker --coordinator="tcp://127.0.0.1:$BASE_PORT" \
