@@ -235,6 +235,8 @@ void dsd_data_stop(dsd_data *d);
  * plan NULL: uninstall. Returns once the thread has it. */
 int dsd_data_install(dsd_data *d, const dsd_plan *plan, uint32_t self, dsd_host *host,
                      ds_error *err);
+/* The reloadable options changed (SIGHUP): step_timeout_ms now, max_jobs from the next plan. */
+void dsd_data_set_opts(dsd_data *d, const dsd_opts *o);
 /* Starts measuring the link to a node (latency, bandwidth) without waiting. */
 void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint);
 /* Snapshots (JSON, caller frees): "stats" this node's units, links and routing counts;
@@ -261,6 +263,7 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
                          const char *error);
 void dsd_sched_tick(dsd_sched *s);
 long dsd_sched_wait_ms(dsd_sched *s);
+void dsd_sched_set_opts(dsd_sched *s, const dsd_opts *o);
 char *dsd_sched_jobs_json(dsd_sched *s);
 
 /* ---- weight streaming (dsd_stream.c) ------------------------------------------------------ */

@@ -926,7 +926,7 @@ char *dsd_data_json(dsd_data *d, const char *what)
 
 /* ---- control from the event loop ---------------------------------------------------------- */
 
-enum { OP_STOP = 1, OP_INSTALL, OP_PROBE };
+enum { OP_STOP = 1, OP_INSTALL, OP_PROBE, OP_OPTS };
 
 struct ctl_msg {
     int op;
@@ -935,6 +935,7 @@ struct ctl_msg {
     uint32_t self;
     char name[64];              /* OP_PROBE */
     char endpoint[DSD_STR_MAX]; /* OP_PROBE */
+    dsd_opts o;                 /* OP_OPTS: the options after a reload */
 };
 
 /* Drops the plan, its units and micro-batches; running jobs end with `reason`. */
@@ -1012,6 +1013,12 @@ static bool on_ctl(dsd_data *d)
         return true;
     case OP_PROBE:
         peer_add(d, cm.name, cm.endpoint);
+        return true;
+    case OP_OPTS:
+        ds_log_info("data: reloaded options (step_timeout_ms %lld)", (long long)cm.o.step_timeout_ms);
+        d->o = cm.o;
+        if (d->sched)
+            dsd_sched_set_opts(d->sched, &cm.o);
         return true;
     }
     return true;
@@ -1168,6 +1175,17 @@ void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint)
     snprintf(cm.name, sizeof(cm.name), "%s", name);
     snprintf(cm.endpoint, sizeof(cm.endpoint), "%s", endpoint);
     zmq_send(d->loop_ctl, &cm, sizeof(cm), 0);
+}
+
+void dsd_data_set_opts(dsd_data *d, const dsd_opts *o)
+{
+    struct ctl_msg *cm = calloc(1, sizeof(*cm));
+    if (!cm)
+        return;
+    cm->op = OP_OPTS;
+    cm->o = *o;
+    zmq_send(d->loop_ctl, cm, sizeof(*cm), 0);
+    free(cm);
 }
 
 void dsd_data_stop(dsd_data *d)

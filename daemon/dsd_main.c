@@ -1510,6 +1510,7 @@ static void on_signal(struct dsd *d)
                 ds_log_err("reload: %s (kept the running options)", ds_error_str(&err));
             else {
                 dsd_opts_apply_reload(&d->o, &next);
+                dsd_data_set_opts(d->dp, &d->o);
                 enum ds_log_level lv;
                 if (ds_log_level_parse(d->o.log_level, &lv) == 0)
                     ds_log_set_level(lv);

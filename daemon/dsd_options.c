@@ -60,7 +60,8 @@ static const struct opt OPTS[] = {
     {"threads", OPT_INT, I(threads), 0, 1024, "0", NULL, false,
      "compute threads (0: all online CPUs)"},
     {"max_jobs", OPT_INT, I(max_jobs), 1, 4096, "64", NULL, true,
-     "coordinator: concurrent jobs accepted; more are refused with BUSY"},
+     "coordinator: concurrent jobs accepted; more are refused with BUSY (a reload applies from "
+     "the next plan)"},
     {"max_context", OPT_INT, I(max_context), 2, 1 << 20, "4096", NULL, false,
      "positions per sequence (prompt + generated), capped by the model"},
     {"step_timeout_ms", OPT_INT, I(step_timeout_ms), 100, 3600000, "30000", NULL, true,

@@ -580,6 +580,14 @@ void dsd_sched_tick(dsd_sched *s)
     free(ready);
 }
 
+/* A reload: the step timeout applies to the next micro-batch; max_jobs to the next plan. */
+void dsd_sched_set_opts(dsd_sched *s, const dsd_opts *o)
+{
+    uint32_t max_jobs = (uint32_t)s->o.max_jobs;
+    s->o = *o;
+    s->o.max_jobs = max_jobs; /* the job table is sized at start */
+}
+
 long dsd_sched_wait_ms(dsd_sched *s)
 {
     /* ready jobs and a free micro-batch slot: come back at once */
