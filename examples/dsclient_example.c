@@ -1,5 +1,6 @@
 /* dsclient_example.c — the whole libdsclient cycle: connect, submit token ids, stream tokens
- * with a callback, cancel a second job mid-stream, ask for status, close.
+ * with a callback, cancel a second job mid-stream, generate from text up to a stop string,
+ * ask for status, close.
  * Build: cc dsclient_example.c $(pkg-config --cflags --libs dsclient) -o dsclient_example
  * Run:   ./dsclient_example tcp://127.0.0.1:7101 */
 #include <stdio.h>
@@ -35,6 +36,19 @@ int main(int argc, char **argv)
             if (n == 0)
                 ds_client_cancel(c, job);
         printf("second job ended: %s\n", t.finish_reason);
+    }
+    /* text in, text out: the coordinator tokenizes, decodes, and stops at the stop string */
+    const char *stops[] = {"\n"};
+    ds_client_request text = {.prompt = "The meaning of life is", .max_tokens = 32, .seed = 1,
+                              .stop = stops, .n_stop = 1};
+    if (rc == 0 && (rc = ds_client_submit(c, &text, &job)) == 0) {
+        ds_client_token t;
+        while (ds_client_next(c, job, &t, -1) == 0) {
+            fwrite(t.text, 1, t.text_len, stdout);
+            if (t.last)
+                break;
+        }
+        printf("\n(ended: %s)\n", t.finish_reason);
     }
     char *status = NULL;
     if (rc == 0 && ds_client_status(c, "status", &status) == 0)
