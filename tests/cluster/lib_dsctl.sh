@@ -57,6 +57,13 @@ placement_json_units() {
     jq -r '.plan.units | to_entries[] | "\(.key) \(.value)"' | sort
 }
 
+# placement_json_table_units: stdin `dsctl placement --json` -> sorted "unit node" lines, the
+# node followed by "+node" for every extra copy of a replicated expert, as the table prints it.
+placement_json_table_units() {
+    jq -r '.plan as $p | $p.units | to_entries[]
+           | "\(.key) \(.value)\(($p.replicas[.key] // []) | map("+" + .) | join(""))"' | sort
+}
+
 # placement_table_units: stdin the human `dsctl placement` table -> sorted "unit node" lines
 # for embed, head, attn[l] and expert[l][e] (what the table shows).
 placement_table_units() {

@@ -63,15 +63,16 @@ else
     fail "plan does not split the model (hosts: $hosts)"
 fi
 table_map=$("$DSCTL" placement | placement_table_units)
-check_eq "placement (human table) == --json (embed, head, attn, experts)" \
-    "$(echo "$map" | grep -E '^(embed|head|attn\[[0-9]+\]|expert\[[0-9]+\]\[[0-9]+\]) ')" "$table_map"
+rmap=$(echo "$pj" | placement_json_table_units) # with "+copy" for replicated experts
+check_eq "placement (human table) == --json (embed, head, attn, experts, copies)" \
+    "$(echo "$rmap" | grep -E '^(embed|head|attn\[[0-9]+\]|expert\[[0-9]+\]\[[0-9]+\]) ')" "$table_map"
 # a MoE layer (has experts) for --layer
 L=$(echo "$map" | sed -n 's/^expert\[\([0-9]*\)\].*/\1/p' | sort -n | head -n1)
 layer_out=$("$DSCTL" placement --layer "$L")
 check_eq "placement --layer $L prints one layer row" "$L" "$(echo "$layer_out" | awk '/^[0-9]+ / { print $1 }')"
 layer_map=$(echo "$layer_out" | placement_table_units | grep -v -E '^(embed|head) ')
 check_eq "placement --layer $L shows only layer $L, as --json" \
-    "$(echo "$map" | grep -E "^(attn\[$L\]|expert\[$L\]\[[0-9]+\]) ")" "$layer_map"
+    "$(echo "$rmap" | grep -E "^(attn\[$L\]|expert\[$L\]\[[0-9]+\]) ")" "$layer_map"
 for u in "attn[1]" "expert[$L][0]"; do
     want=$(jq -r --arg u "$u" '.units[$u]' "$(plan_of coord)")
     check_eq "placement --unit $u --json names the node plan.json says" "$u $want" \

@@ -55,13 +55,17 @@ unit_of() {
 n=0
 while read -r t; do
     u=$(unit_of "$t")
-    node=$(jq -r --arg u "$u" '.units[$u] // "none"' "$plan")
+    # the unit's node, or w2 when w2 holds an extra copy of it (a replicated hot expert)
+    node=$(jq -r --arg u "$u" 'if ((.replicas[$u] // []) | index("w2")) then "w2"
+                               else (.units[$u] // "none") end' "$plan")
     if [ "${node%%/*}" != w2 ]; then echo "FAIL: streamed $t ($u) but $u is on $node"; fail=1; fi
     n=$((n + 1))
 done <"$CLUSTER_DIR/got.txt"
 echo "w2's streamed checkpoint: $n tensors, each of a unit w2 hosts"
 [ "$n" -gt 0 ] || { echo "FAIL: no tensors streamed"; fail=1; }
-for u in $(jq -r '.units | to_entries[] | select((.value | split("/")[0]) == "w2") | .key' "$plan" | grep '^expert'); do
+for u in $( (jq -r '.units | to_entries[] | select((.value | split("/")[0]) == "w2") | .key' "$plan"
+            jq -r '(.replicas // {}) | to_entries[] | select(.value | index("w2")) | .key' "$plan") |
+          grep '^expert'); do
     l=${u#expert[}; l=${l%%]*}; e=${u##*][}; e=${e%]}
     for w in gate_proj up_proj down_proj; do
         grep -qx "model.layers.$l.mlp.experts.$e.$w.weight" "$CLUSTER_DIR/got.txt" ||
