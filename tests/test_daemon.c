@@ -182,7 +182,7 @@ static Dsd__Envelope *ask(void *s, const void *data, size_t len, int more_frames
 static void *dealer(void *ctx, const char *ep, const char *id)
 {
     void *s = zmq_socket(ctx, ZMQ_DEALER);
-    int zero = 0, tmo = 5000;
+    int zero = 0, tmo = 20000;
     zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof(zero));
     zmq_setsockopt(s, ZMQ_RCVTIMEO, &tmo, sizeof(tmo));
     if (id)
@@ -210,8 +210,32 @@ static void test_bad_peers(void **state)
     (void)state;
     struct dsd_proc p;
     assert_int_equal(dsd_spawn(&p, NULL, NULL), 0);
-    dsd_sleep_ms(300);
     void *ctx = zmq_ctx_new();
+    /* wait (bounded) until it serves: on a loaded machine start-up can take seconds */
+    {
+        static uint8_t b[256];
+        Dsd__Envelope qe = DSD__ENVELOPE__INIT;
+        Dsd__StatusRequest sr = DSD__STATUS_REQUEST__INIT;
+        sr.what = "status";
+        qe.body_case = DSD__ENVELOPE__BODY_STATUS_REQUEST;
+        qe.status_request = &sr;
+        size_t bn = pack(&qe, DS_PROTOCOL_VERSION, b);
+        bool up = false;
+        for (int i = 0; i < 60 && !up; i++) {
+            void *q = dealer(ctx, p.client_ep, NULL);
+            int tmo = 500;
+            zmq_setsockopt(q, ZMQ_RCVTIMEO, &tmo, sizeof(tmo));
+            Dsd__Envelope *r = ask(q, b, bn, 0, NULL, 0);
+            up = r && r->body_case == DSD__ENVELOPE__BODY_STATUS_REPLY &&
+                 strstr(r->status_reply->json, "\"state\":\"serving\"");
+            if (r)
+                dsd__envelope__free_unpacked(r, NULL);
+            zmq_close(q);
+            if (!up)
+                dsd_sleep_ms(100);
+        }
+        assert_true(up);
+    }
     void *ctl = dealer(ctx, p.control_ep, "intruder"), *dat = dealer(ctx, p.data_ep, NULL);
     static uint8_t buf[1 << 16];
     /* wrong protocol version */

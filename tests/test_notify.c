@@ -35,11 +35,15 @@ static void test_ready_status_watchdog(void **state)
     assert_int_equal(dsd_spawn(&p, NULL, env1), 0);
     unsetenv("WATCHDOG_USEC");
     int seen_status = -1, seen_ready = -1, seen_wd = -1, n_wd = 0;
-    for (int i = 0; i < 400 && n_wd < 3; i++) {
+    /* until READY and 3 keep-alives after it (bounded: 400 messages or 6 receive timeouts of
+     * 10 s: a loaded machine can take a while to start a daemon) */
+    for (int i = 0, idle = 0; i < 400 && n_wd < 3 && idle < 6; i++) {
         char buf[1024];
         ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
-        if (n <= 0)
-            break;
+        if (n <= 0) {
+            idle++;
+            continue;
+        }
         buf[n] = 0;
         if (!strncmp(buf, "STATUS=", 7) && seen_status < 0)
             seen_status = i;
@@ -51,7 +55,9 @@ static void test_ready_status_watchdog(void **state)
             n_wd += seen_ready >= 0;
         }
     }
-    /* SIGHUP: reload, announced as RELOADING=1 then READY=1 */
+    /* SIGHUP: reload, announced as RELOADING=1 then READY=1 (only once it is READY: before
+     * that its signal handling may not be set up yet) */
+    assert_true(seen_ready >= 0);
     kill(p.pid, SIGHUP);
     int seen_reloading = -1, seen_ready2 = -1;
     for (int i = 0; i < 400 && seen_ready2 < 0; i++) {

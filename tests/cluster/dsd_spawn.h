@@ -36,7 +36,9 @@ static inline int dsd_spawn_at(struct dsd_proc *p, int slot, const char *const *
     memset(p, 0, sizeof(*p));
     if (slot < 0 || slot >= DSD_SPAWN_SLOTS)
         return -1;
-    p->base_port = 30000 + (int)(getpid() % 3000) * 8 + slot * 3;
+    /* 10000..19599: below the script tests' block (tests/cluster/lib.sh, 20000..) and below
+     * Linux's ephemeral range (32768..), so no client connection holds the port */
+    p->base_port = 10000 + (int)(getpid() % 1200) * 8 + slot * 3;
     snprintf(p->control_ep, sizeof(p->control_ep), "tcp://127.0.0.1:%d", p->base_port);
     snprintf(p->client_ep, sizeof(p->client_ep), "tcp://127.0.0.1:%d", p->base_port + 1);
     snprintf(p->data_ep, sizeof(p->data_ep), "tcp://127.0.0.1:%d", p->base_port + 2);

@@ -7,8 +7,10 @@ DSD="$DS_BUILD/daemon/dsd"
 DSCTL="$DS_BUILD/client/dsctl"
 CLUSTER_PIDS=()
 CLUSTER_DIR=$(mktemp -d /tmp/dsd-cluster.XXXXXX)
-# a port block per run so parallel test runs (release + sanitizer builds) do not collide
-BASE_PORT=$((20000 + ($$ % 2000) * 16))
+# a port block per run so parallel test runs (release + sanitizer builds) do not collide:
+# 20000..32767, above the C tests' block (tests/cluster/dsd_spawn.h) and below Linux's
+# ephemeral range (32768..), so no outgoing connection can hold one of these ports
+BASE_PORT=$((20000 + ($$ % 800) * 16))
 
 # cluster_start MODEL N_WORKERS [extra dsd options...]: coordinator + N workers on loopback.
 # CLUSTER_WORKER_ARGS[i] (an indexed array the caller may set): more options for worker i only.
@@ -32,11 +34,14 @@ cluster_start() {
         CLUSTER_PIDS+=($!)
     done
     export DSD_ENDPOINT="tcp://127.0.0.1:$((BASE_PORT + 1))"
-    # wait (bounded) until the coordinator serves
-    for ((i = 0; i < 100; i++)); do
-        if "$DSCTL" status --json 2>/dev/null | grep -q '"state": "serving"'; then
+    # wait (bounded: 60 s, each poll at most 1 s) until the coordinator serves; give up at once
+    # when it has exited (a bind that failed, a bad option)
+    local deadline=$((SECONDS + 60))
+    while ((SECONDS < deadline)); do
+        if DSD_TIMEOUT_MS=1000 "$DSCTL" status --json 2>/dev/null | grep -q '"state": "serving"'; then
             return 0
         fi
+        kill -0 "${CLUSTER_PIDS[0]}" 2>/dev/null || { echo "the coordinator exited" >&2; break; }
         sleep 0.1
     done
     echo "cluster did not reach serving; logs:" >&2
