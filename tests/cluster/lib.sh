@@ -75,7 +75,21 @@ cluster_stop() {
     CLUSTER_PIDS=()
 }
 
+# After the daemons stopped: a sanitizer report in any log (ASan/UBSan builds print them, and
+# LeakSanitizer's at exit) fails the test, whatever it checked.
+cluster_sanitizer_check() {
+    local bad
+    bad=$(grep -l -E "ERROR: (Address|Leak)Sanitizer|runtime error:" "$CLUSTER_DIR"/*.log 2>/dev/null)
+    [ -z "$bad" ] && return 0
+    echo "FAIL: sanitizer report in $bad:" >&2
+    grep -h -A20 -E "ERROR: (Address|Leak)Sanitizer|runtime error:" $bad | head -n 60 >&2
+    return 1
+}
+
 cluster_cleanup() {
+    local rc=$?
     cluster_stop
+    cluster_sanitizer_check || rc=1
     rm -rf "$CLUSTER_DIR"
+    exit $rc
 }
