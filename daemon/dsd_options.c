@@ -91,7 +91,7 @@ static const struct opt OPTS[] = {
      "measured (it plans as soon as they are)"},
     {"micro_batches", OPT_INT, I(micro_batches), 1, 64, "2", NULL, false,
      "coordinator: micro-batches in flight at once (the running jobs are split over them so "
-     "one computes while another crosses a link)"},
+     "one computes while another crosses a link; 1 when the plan runs on one node)"},
     {"curve_secret_key_file", OPT_STR, S(curve_secret_key_file), 0, 0, "", NULL, false,
      "CURVE: the cluster key pair file (dsctl keygen: 'public = KEY', 'secret = KEY', mode "
      "0600), the same on every node; empty = plain TCP, no authentication"},
