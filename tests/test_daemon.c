@@ -13,6 +13,43 @@
 #include "dsd.h"
 #include "cluster/dsd_spawn.h"
 
+/* The shipped example /etc/dsd/dsd.conf loads, and documents every option of the table
+ * (`dsd --help` is generated from the same table). */
+static void test_example_config_complete(void **state)
+{
+    (void)state;
+    const char *path = DS_TEST_DATA "/../../systemd/dsd.conf";
+    dsd_opts o;
+    dsd_opts_defaults(&o);
+    ds_error err = {0};
+    assert_int_equal(dsd_opts_load_file(&o, path, &err), 0);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    static char conf[1 << 16];
+    size_t n = fread(conf, 1, sizeof(conf) - 1, f);
+    conf[n] = 0;
+    fclose(f);
+    char *help = NULL;
+    size_t hl = 0;
+    FILE *h = open_memstream(&help, &hl);
+    dsd_opts_help(h);
+    fclose(h);
+    int checked = 0;
+    for (char *line = strtok(help, "\n"); line; line = strtok(NULL, "\n")) {
+        char name[64];
+        /* option lines: two spaces, the name, spaces, the help text */
+        if (strncmp(line, "  ", 2) || line[2] == ' ' || sscanf(line + 2, "%63[a-z_]", name) != 1)
+            continue;
+        char want[80];
+        snprintf(want, sizeof(want), "%s", name);
+        if (!strstr(conf, want))
+            fail_msg("systemd/dsd.conf does not document option '%s'", name);
+        checked++;
+    }
+    free(help);
+    assert_true(checked >= 20);
+}
+
 static void test_options_table(void **state)
 {
     (void)state;
@@ -343,6 +380,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_options_table),
+        cmocka_unit_test(test_example_config_complete),
         cmocka_unit_test(test_unit_names),
         cmocka_unit_test(test_plan_spreads_units),
         cmocka_unit_test(test_bad_peers),
