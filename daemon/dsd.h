@@ -121,6 +121,8 @@ typedef struct dsd_units {
     uint32_t n_layers, n_experts;
     bool *attn;   /* [n_layers] (attention + router + shared/dense beside it) */
     bool *expert; /* [n_layers * n_experts] */
+    uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
+    char dev_names[16][32];
 } dsd_units;
 
 void dsd_units_clear(dsd_units *u);
@@ -161,6 +163,7 @@ int dsd_host_experts(dsd_host *h, uint32_t layer, uint32_t R, const float *rows,
 char *dsd_host_stats_json(dsd_host *h);
 
 /* ---- plan (dsd_plan.c) -------------------------------------------------------------------- */
+#define DSD_MAX_DEVNAMES 16
 typedef struct dsd_plan {
     uint64_t version;
     uint32_t n_nodes;
@@ -171,6 +174,10 @@ typedef struct dsd_plan {
     int32_t *attn;       /* [n_layers] node index */
     int32_t *expert;     /* [n_layers * n_experts] node index, -1 for dense layers */
     uint64_t *replicas;  /* [n_layers * n_experts] bit n: node n (< 64) holds an extra copy */
+    uint8_t *expert_dev; /* [n_layers * n_experts] 0: the primary node's CPU engine; i > 0: its
+                          * accelerator dev_names[i] (opencl0, cuda0, ...) */
+    char dev_names[DSD_MAX_DEVNAMES][32]; /* [0] = "" */
+    uint32_t n_dev_names;
     char strategy[32];   /* strategy requested ("round-robin" or a ds_strategy name) */
     char solver[32];     /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
     char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
@@ -199,8 +206,11 @@ int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json,
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
                     uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
-                    ds_error *err);
+                    int32_t *expert, uint64_t *replicas, char (*expert_devname)[32], char *solver,
+                    char **solver_json, ds_error *err);
+/* Index of accelerator `name` in p's device table (added when new); 0 for a CPU device or an
+ * empty name (the node's CPU engine runs those units). */
+uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);
 /* A thread that ran dsd_plan_solve calls this before it exits (frees the solver's per-thread
  * state). */
 void dsd_solve_thread_done(void);

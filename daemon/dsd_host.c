@@ -16,6 +16,7 @@
 
 #include <jansson.h>
 
+#include "ds_backend_moe.h"
 #include "ds_experts.h"
 #include "ds_log.h"
 #include "dsd.h"
@@ -40,7 +41,67 @@ struct dsd_host {
     uint64_t *attn_calls;
     double *expert_s; /* [L*E] */
     uint64_t *expert_rows;
+    /* accelerators the plan gave experts to (u.expert_dev > 0): one backend each */
+    ds_backend *bk[DSD_MAX_DEVNAMES];
+    ds_backend_moe *bm[DSD_MAX_DEVNAMES];
 };
+
+struct dev_want {
+    const dsd_units *u;
+    uint8_t dev;
+};
+
+static bool expert_on_dev(void *ctx, uint32_t layer, uint32_t expert)
+{
+    const struct dev_want *w = ctx;
+    size_t i = (size_t)layer * w->u->n_experts + expert;
+    return layer < w->u->n_layers && expert < w->u->n_experts && w->u->expert[i] &&
+           w->u->expert_dev[i] == w->dev;
+}
+
+/* "opencl0" -> "opencl:0", "cuda1" -> "cuda:1" (ds_backend_open's specs). */
+static int backend_spec(const char *name, char *spec, size_t n)
+{
+    const char *kinds[] = {"opencl", "cuda"};
+    for (size_t k = 0; k < 2; k++) {
+        size_t kl = strlen(kinds[k]);
+        if (!strncmp(name, kinds[k], kl) && name[kl] >= '0' && name[kl] <= '9') {
+            snprintf(spec, n, "%s:%s", kinds[k], name + kl);
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+/* Uploads the experts the plan put on each accelerator of this node to it. */
+static int open_accelerators(dsd_host *h, const char *model_dir, ds_error *err)
+{
+    size_t ne = (size_t)h->u.n_layers * h->u.n_experts;
+    for (uint8_t dev = 1; dev < DSD_MAX_DEVNAMES; dev++) {
+        bool used = false;
+        for (size_t i = 0; i < ne && !used; i++)
+            used = h->u.expert[i] && h->u.expert_dev[i] == dev;
+        if (!used)
+            continue;
+        char spec[48];
+        if (backend_spec(h->u.dev_names[dev], spec, sizeof(spec)) < 0)
+            return ds_error_set(err, -EINVAL, "plan: device '%s' is not one dsd can drive",
+                                h->u.dev_names[dev]);
+        int rc = ds_backend_open(spec, &h->bk[dev], err);
+        struct dev_want w = {&h->u, dev};
+        if (rc == 0)
+            rc = ds_backend_moe_new_subset(h->m, model_dir, h->bk[dev], expert_on_dev, &w,
+                                           &h->bm[dev], err);
+        if (rc < 0) {
+            ds_error_prefix(err, "experts on %s", h->u.dev_names[dev]);
+            return rc;
+        }
+        ds_log_info("host: %.1f MiB of experts on %s (%s)",
+                    (double)ds_backend_moe_bytes(h->bm[dev]) / (1 << 20), h->u.dev_names[dev],
+                    ds_backend_device(h->bk[dev]));
+    }
+    return 0;
+}
 
 bool dsd_units_want(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
 {
@@ -74,10 +135,15 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
     h->u.expert = calloc((size_t)(units->n_layers ? units->n_layers : 1) *
                              (units->n_experts ? units->n_experts : 1),
                          sizeof(bool));
-    if (!h->u.attn || !h->u.expert)
+    h->u.expert_dev = calloc((size_t)(units->n_layers ? units->n_layers : 1) *
+                                 (units->n_experts ? units->n_experts : 1),
+                             1);
+    if (!h->u.attn || !h->u.expert || !h->u.expert_dev)
         goto fail;
     memcpy(h->u.attn, units->attn, units->n_layers * sizeof(bool));
     memcpy(h->u.expert, units->expert, (size_t)units->n_layers * units->n_experts * sizeof(bool));
+    if (units->expert_dev)
+        memcpy(h->u.expert_dev, units->expert_dev, (size_t)units->n_layers * units->n_experts);
     ds_model_open_opts oo = {.want = dsd_units_want, .want_ctx = &h->u};
     if ((rc = ds_model_open(model_dir, &oo, &h->m, err)) < 0)
         goto fail;
@@ -99,6 +165,8 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
         goto fail;
     if ((rc = ds_pool_new(threads, NULL, 0, &h->pool)) < 0)
         goto fail;
+    if ((rc = open_accelerators(h, model_dir, err)) < 0)
+        goto fail;
     *ret = h;
     return 0;
 fail:
@@ -116,6 +184,10 @@ dsd_host *dsd_host_free(dsd_host *h)
         for (uint32_t i = 0; i < HOST_MAX_SEQS; i++)
             ds_kv_cache_free(h->seqs[i].kv);
     free(h->seqs);
+    for (int i = 0; i < DSD_MAX_DEVNAMES; i++) {
+        ds_backend_moe_free(h->bm[i]);
+        ds_backend_free(h->bk[i]);
+    }
     ds_pool_free(h->pool);
     ds_model_free(h->m);
     dsd_units_clear(&h->u);
@@ -287,7 +359,23 @@ int dsd_host_experts(dsd_host *h, uint32_t layer, uint32_t R, const float *rows,
             memcpy(in + (size_t)j * D, rows + (size_t)pair_rows[idx[start + j]] * D,
                    D * sizeof(float));
         uint64_t te = dsd_now_ns();
-        if ((rc = ds_unit_expert(h->m, h->pool, layer, e, in, g, tmp, err)) < 0) {
+        uint8_t dev = h->u.expert_dev[(size_t)layer * E + e];
+        if (dev && h->bm[dev]) {
+            /* on the accelerator the plan chose (bit-identical: docs/backends.md) */
+            int32_t *ids = malloc(g * sizeof(int32_t));
+            if (!ids) {
+                *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
+                rc = ds_error_set(err, -ENOMEM, "out of memory");
+                goto out;
+            }
+            for (uint32_t j = 0; j < g; j++)
+                ids[j] = (int32_t)e;
+            rc = ds_backend_moe_run_pairs(h->bm[dev], layer, in, g, ids, tmp, err);
+            free(ids);
+        } else {
+            rc = ds_unit_expert(h->m, h->pool, layer, e, in, g, tmp, err);
+        }
+        if (rc < 0) {
             *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
             goto out;
         }

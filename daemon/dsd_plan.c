@@ -16,6 +16,7 @@ void dsd_units_clear(dsd_units *u)
 {
     free(u->attn);
     free(u->expert);
+    free(u->expert_dev);
     memset(u, 0, sizeof(*u));
 }
 
@@ -26,6 +27,7 @@ void dsd_plan_clear(dsd_plan *p)
     free(p->attn);
     free(p->expert);
     free(p->replicas);
+    free(p->expert_dev);
     free(p->solver_json);
     memset(p, 0, sizeof(*p));
 }
@@ -47,7 +49,11 @@ static int plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
     p->replicas = calloc((size_t)(p->n_layers ? p->n_layers : 1) *
                              (p->n_experts ? p->n_experts : 1),
                          sizeof(*p->replicas));
-    if (!p->nodes || !p->endpoints || !p->attn || !p->expert || !p->replicas) {
+    p->expert_dev = calloc((size_t)(p->n_layers ? p->n_layers : 1) *
+                               (p->n_experts ? p->n_experts : 1),
+                           1);
+    p->n_dev_names = 1; /* [0] = "": the CPU engine */
+    if (!p->nodes || !p->endpoints || !p->attn || !p->expert || !p->replicas || !p->expert_dev) {
         dsd_plan_clear(p);
         return -ENOMEM;
     }
@@ -68,10 +74,18 @@ int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json,
     if (rc < 0)
         return rc;
     snprintf(p->strategy, sizeof(p->strategy), "%s", strategy);
+    size_t ne = (size_t)p->n_layers * p->n_experts;
+    char(*devs)[32] = calloc(ne ? ne : 1, 32);
+    if (!devs) {
+        dsd_plan_clear(p);
+        return ds_error_set(err, -ENOMEM, "out of memory");
+    }
     rc = dsd_solve_units(c, spec_json, n_nodes, names, strategy, batch, context, expert_stats,
-                         &p->embed,
-                         &p->head, p->attn, p->expert, p->replicas, p->solver, &p->solver_json,
-                         err);
+                         &p->embed, &p->head, p->attn, p->expert, p->replicas, devs, p->solver,
+                         &p->solver_json, err);
+    for (size_t i = 0; rc >= 0 && i < ne; i++)
+        p->expert_dev[i] = dsd_plan_dev_index(p, devs[i]);
+    free(devs);
     if (rc < 0)
         dsd_plan_clear(p);
     return rc;
@@ -126,6 +140,14 @@ char *dsd_plan_json(const dsd_plan *p)
     }
     json_object_set_new(units, "head", json_string(p->nodes[p->head]));
     json_object_set_new(root, "units", units);
+    /* experts on an accelerator of their node: "expert[l][e]": "opencl0" */
+    json_t *on_dev = json_object();
+    for (size_t i = 0; i < (size_t)p->n_layers * p->n_experts; i++)
+        if (p->expert_dev[i]) {
+            snprintf(name, sizeof(name), "expert[%zu][%zu]", i / p->n_experts, i % p->n_experts);
+            json_object_set_new(on_dev, name, json_string(p->dev_names[p->expert_dev[i]]));
+        }
+    json_object_set_new(root, "devices", on_dev);
     /* extra copies of hot experts: "expert[l][e]": [nodes other than the primary] */
     json_t *reps = json_object();
     for (uint32_t l = 0; l < p->n_layers; l++)
@@ -154,7 +176,8 @@ static int units_alloc(dsd_units *u, uint32_t L, uint32_t E)
     u->n_experts = E;
     u->attn = calloc(L ? L : 1, sizeof(bool));
     u->expert = calloc((size_t)(L ? L : 1) * (E ? E : 1), sizeof(bool));
-    if (!u->attn || !u->expert) {
+    u->expert_dev = calloc((size_t)(L ? L : 1) * (E ? E : 1), 1);
+    if (!u->attn || !u->expert || !u->expert_dev) {
         dsd_units_clear(u);
         return -ENOMEM;
     }
@@ -170,11 +193,16 @@ int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u)
     u->head = p->head == (int32_t)idx;
     for (uint32_t l = 0; l < p->n_layers; l++) {
         u->attn[l] = p->attn[l] == (int32_t)idx;
-        for (uint32_t e = 0; e < p->n_experts; e++)
-            u->expert[(size_t)l * p->n_experts + e] =
-                p->expert[(size_t)l * p->n_experts + e] == (int32_t)idx ||
-                (idx < 64 && (p->replicas[(size_t)l * p->n_experts + e] >> idx & 1));
+        for (uint32_t e = 0; e < p->n_experts; e++) {
+            size_t i = (size_t)l * p->n_experts + e;
+            u->expert[i] =
+                p->expert[i] == (int32_t)idx || (idx < 64 && (p->replicas[i] >> idx & 1));
+            /* the device choice is the primary's (a replica runs on its node's CPU engine) */
+            if (p->expert[i] == (int32_t)idx)
+                u->expert_dev[i] = p->expert_dev[i];
+        }
     }
+    memcpy(u->dev_names, p->dev_names, sizeof(u->dev_names));
     return 0;
 }
 
@@ -224,7 +252,8 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
         n += (size_t)__builtin_popcountll(p->replicas[i]);
     w->units = calloc(n, sizeof(*w->units));
     Dsd__PlanUnit *pu = calloc(n, sizeof(*pu));
-    char *names = calloc(n, 32);
+    /* one block: unit names (32 bytes each), then "node/device" strings (96 each) */
+    char *names = calloc(n, 32 + 96), *devnames = names ? names + n * 32 : NULL;
     w->data_endpoints = calloc(p->n_nodes, sizeof(*w->data_endpoints));
     Dsd__Plan__DataEndpointsEntry *de = calloc(p->n_nodes, sizeof(*de));
     if (!w->json || !w->units || !pu || !names || !w->data_endpoints || !de) {
@@ -252,6 +281,11 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
             if (p->expert[i] < 0)
                 continue;
             ADD(p->expert[i], "expert[%u][%u]", l, e);
+            if (p->expert_dev[i]) { /* "node/device": an accelerator of that node runs it */
+                char *dn = devnames + (k - 1) * 96;
+                snprintf(dn, 96, "%s/%s", p->nodes[p->expert[i]], p->dev_names[p->expert_dev[i]]);
+                pu[k - 1].device = dn;
+            }
             uint32_t r = 0;
             for (uint32_t nd = 0; nd < p->n_nodes && nd < 64; nd++)
                 if (p->replicas[i] >> nd & 1) {
@@ -339,6 +373,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     dst->attn = NULL;
     dst->expert = NULL;
     dst->replicas = NULL;
+    dst->expert_dev = NULL;
     dst->solver_json = NULL;
     uint32_t N = src->n_nodes, L = src->n_layers ? src->n_layers : 1;
     size_t ne = (size_t)L * (src->n_experts ? src->n_experts : 1);
@@ -347,9 +382,11 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     dst->attn = malloc(L * sizeof(int32_t));
     dst->expert = malloc(ne * sizeof(int32_t));
     dst->replicas = malloc(ne * sizeof(uint64_t));
+    dst->expert_dev = malloc(ne);
     if (src->solver_json)
         dst->solver_json = strdup(src->solver_json);
     if (!dst->nodes || !dst->endpoints || !dst->attn || !dst->expert || !dst->replicas ||
+        !dst->expert_dev ||
         (src->solver_json && !dst->solver_json)) {
         dsd_plan_clear(dst);
         return -ENOMEM;
@@ -360,6 +397,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     memcpy(dst->expert, src->expert, (size_t)src->n_layers * src->n_experts * sizeof(int32_t));
     memcpy(dst->replicas, src->replicas,
            (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
+    memcpy(dst->expert_dev, src->expert_dev, (size_t)src->n_layers * src->n_experts);
     return 0;
 }
 
@@ -422,8 +460,11 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
             p->head = node;
         else if (kind == DS_UNIT_EXPERT && pu->replica)
             p->replicas[(size_t)l * E + e] |= node < 64 ? 1ull << node : 0;
-        else if (kind == DS_UNIT_EXPERT)
+        else if (kind == DS_UNIT_EXPERT) {
             p->expert[(size_t)l * E + e] = node;
+            const char *slash = strchr(pu->device, '/');
+            p->expert_dev[(size_t)l * E + e] = slash ? dsd_plan_dev_index(p, slash + 1) : 0;
+        }
         else
             p->attn[l] = node;
     }
@@ -452,4 +493,19 @@ out:
     if (rc == -ENOMEM && !err->code)
         ds_error_set(err, rc, "out of memory");
     return rc;
+}
+
+uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name)
+{
+    if (!name || !name[0] || !strncmp(name, "cpu", 3))
+        return 0;
+    if (strncmp(name, "opencl", 6) && strncmp(name, "cuda", 4))
+        return 0; /* not an accelerator dsd can drive: the CPU engine */
+    for (uint32_t i = 1; i < p->n_dev_names; i++)
+        if (!strcmp(p->dev_names[i], name))
+            return (uint8_t)i;
+    if (p->n_dev_names >= DSD_MAX_DEVNAMES)
+        return 0;
+    snprintf(p->dev_names[p->n_dev_names], sizeof(p->dev_names[0]), "%s", name);
+    return (uint8_t)p->n_dev_names++;
 }

@@ -16,8 +16,8 @@
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
                     uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
-                    ds_error *err);
+                    int32_t *expert, uint64_t *replicas, char (*expert_devname)[32], char *solver,
+                    char **solver_json, ds_error *err);
 
 /* Node index (into names) of the device the solver gave a unit; -1 when absent. */
 static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t *node_of_spec,
@@ -33,8 +33,8 @@ static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t 
 int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                     const char (*names)[64], const char *strategy, uint32_t batch,
                     uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, uint64_t *replicas, char *solver, char **solver_json,
-                    ds_error *err)
+                    int32_t *expert, uint64_t *replicas, char (*expert_devname)[32], char *solver,
+                    char **solver_json, ds_error *err)
 {
     ds_plan_options opt = {.batch = batch ? batch : 1, .context = context ? context : 1,
                            .objective = DS_OBJ_LATENCY,
@@ -103,6 +103,12 @@ int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_
             int32_t h = moe ? unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e, 0) : -1;
             bad = moe && h < 0;
             expert[(size_t)l * E + e] = h;
+            /* the device within the node: accelerators run their experts there */
+            expert_devname[(size_t)l * E + e][0] = 0;
+            int dv = moe ? ds_plan_unit_device(sp, DS_UNIT_EXPERT, l, e, 0) : -1;
+            const ds_pl_device *pd = dv >= 0 ? ds_cluster_device(cl, dv) : NULL;
+            if (pd)
+                snprintf(expert_devname[(size_t)l * E + e], 32, "%s", pd->name);
             /* the solver's extra copies of hot experts (replica 1, 2, ...) on other nodes */
             uint64_t mask = 0;
             for (uint32_t r = 1; moe && r < 64; r++) {

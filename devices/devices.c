@@ -325,9 +325,19 @@ static json_t *spec_device(const ds_device_info *d)
 static json_t *spec_node(const ds_device_list *l)
 {
     json_t *devs = json_array();
-    for (size_t i = 0; i < l->n; i++)
-        if (!l->dev[i].excluded)
-            json_array_append_new(devs, spec_device(&l->dev[i]));
+    for (size_t i = 0; i < l->n; i++) {
+        if (l->dev[i].excluded)
+            continue;
+        json_t *o = spec_device(&l->dev[i]);
+        /* a device whose silicon partner is excluded shares nothing with the placed ones */
+        const char *partner = l->dev[i].shares_silicon_with;
+        bool listed = false;
+        for (size_t k = 0; partner[0] && k < l->n && !listed; k++)
+            listed = !l->dev[k].excluded && !strcmp(l->dev[k].name, partner);
+        if (partner[0] && !listed)
+            json_object_del(o, "shares_silicon_with");
+        json_array_append_new(devs, o);
+    }
     return json_pack("{s:s, s:s, s:o}", "name", l->node_name, "class", l->node_class, "devices",
                      devs);
 }

@@ -106,6 +106,13 @@ ds_backend_moe *ds_backend_moe_free(ds_backend_moe *bm)
 int ds_backend_moe_new(const ds_model *m, const char *dir, ds_backend *b, ds_backend_moe **ret,
                        ds_error *err)
 {
+    return ds_backend_moe_new_subset(m, dir, b, NULL, NULL, ret, err);
+}
+
+int ds_backend_moe_new_subset(const ds_model *m, const char *dir, ds_backend *b,
+                              bool (*want)(void *ctx, uint32_t layer, uint32_t expert), void *ctx,
+                              ds_backend_moe **ret, ds_error *err)
+{
     *ret = NULL;
     ds_backend_moe *bm = calloc(1, sizeof(*bm));
     if (!bm)
@@ -129,6 +136,8 @@ int ds_backend_moe_new(const ds_model *m, const char *dir, ds_backend *b, ds_bac
             continue;
         for (uint32_t e = 0; e < c->n_routed_experts; e++) {
             bm_expert *x = &bm->ex[(size_t)l * c->n_routed_experts + e];
+            if (want && !want(ctx, l, e))
+                continue;
             char n[256];
             snprintf(n, sizeof(n), "model.layers.%u.mlp.experts.%u.gate_proj.weight", l, e);
             if ((rc = upload(bm, st, n, I, D, &x->gate, err)) < 0)
@@ -192,11 +201,12 @@ static int reserve(ds_backend_moe *bm, uint32_t rows, ds_error *err)
     return 0;
 }
 
-int ds_backend_moe_run(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, uint32_t n,
-                       const int32_t *ids, float *out, ds_error *err)
+/* n rows with k expert slots each: out[(i*k + s)] = expert_{ids[i*k+s]}(ffn_in[i]). */
+static int run_k(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, uint32_t n, uint32_t k,
+                 const int32_t *ids, float *out, ds_error *err)
 {
     const ds_model_config *c = &bm->cfg;
-    uint32_t D = c->hidden_size, I = c->moe_intermediate_size, k = c->num_experts_per_tok;
+    uint32_t D = c->hidden_size, I = c->moe_intermediate_size;
     if (layer >= c->num_hidden_layers || !ds_model_config_layer_is_moe(c, layer))
         return ds_error_set(err, -ENOENT, "backend moe: layer %u has no routed experts", layer);
     if (n == 0)
@@ -206,6 +216,11 @@ int ds_backend_moe_run(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, 
     if (rc < 0)
         return ds_error_set(err, rc, "layer %u: bad routing ids", layer);
     uint32_t rows = n * k;
+    for (uint32_t e = 0; e < c->n_routed_experts; e++)
+        if (g.offsets[e + 1] > g.offsets[e] && !bm->ex[(size_t)layer * c->n_routed_experts + e].gate) {
+            rc = ds_error_set(err, -ENOENT, "expert[%u][%u] is not on this device", layer, e);
+            goto out;
+        }
     if ((rc = reserve(bm, rows, err)) < 0)
         goto out;
     /* Gather in expert order: group slot j is row j of the device buffers. */
@@ -258,4 +273,16 @@ out:
         ds_error_prefix(err, "layer %u experts on %s", layer, ds_backend_kind(bm->b));
     ds_moe_groups_clear(&g);
     return rc;
+}
+
+int ds_backend_moe_run(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, uint32_t n,
+                       const int32_t *ids, float *out, ds_error *err)
+{
+    return run_k(bm, layer, ffn_in, n, bm->cfg.num_experts_per_tok, ids, out, err);
+}
+
+int ds_backend_moe_run_pairs(ds_backend_moe *bm, uint32_t layer, const float *rows, uint32_t n,
+                             const int32_t *experts, float *out, ds_error *err)
+{
+    return run_k(bm, layer, rows, n, 1, experts, out, err);
 }

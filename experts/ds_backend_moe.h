@@ -24,6 +24,11 @@ typedef struct ds_backend_moe ds_backend_moe;
  * opened from) to backend b, which must outlive the result. Errors name the tensor. */
 int ds_backend_moe_new(const ds_model *m, const char *dir, ds_backend *b, ds_backend_moe **ret,
                        ds_error *err);
+/* Only the experts want(ctx, layer, expert) accepts (want NULL: all), e.g. the experts a
+ * cluster node was given on this device; running another one is -ENOENT. */
+int ds_backend_moe_new_subset(const ds_model *m, const char *dir, ds_backend *b,
+                              bool (*want)(void *ctx, uint32_t layer, uint32_t expert), void *ctx,
+                              ds_backend_moe **ret, ds_error *err);
 ds_backend_moe *ds_backend_moe_free(ds_backend_moe *bm);
 /* Exact mode (default true): SwiGLU on the host, bit-identical to the CPU engine. */
 void ds_backend_moe_set_exact(ds_backend_moe *bm, bool exact);
@@ -32,5 +37,8 @@ uint64_t ds_backend_moe_bytes(const ds_backend_moe *bm);
 /* As ds_moe_run_experts: out[(i*k + s), D] = expert_{ids[i*k+s]}(ffn_in[i]) for layer l. */
 int ds_backend_moe_run(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, uint32_t n,
                        const int32_t *ids, float *out, ds_error *err);
+/* One expert per row: out[i] = expert_{experts[i]}(rows[i]) (a cluster node's dispatch). */
+int ds_backend_moe_run_pairs(ds_backend_moe *bm, uint32_t layer, const float *rows, uint32_t n,
+                             const int32_t *experts, float *out, ds_error *err);
 
 #endif

@@ -39,3 +39,7 @@ ds_add_script_test(NAME test_stream COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/
 # a worker dies and comes back: the coordinator replans around it by itself
 ds_add_script_test(NAME test_failover COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_failover.sh
                    LABELS cluster TIMEOUT 300)
+# experts on a worker's OpenCL device (PoCL here), run by its host through the backend
+ds_add_script_test(NAME test_accel COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_accel.sh
+                   LABELS "cluster;opencl" TIMEOUT 300)
+set_tests_properties(test_accel PROPERTIES SKIP_RETURN_CODE 77)
