@@ -17,7 +17,7 @@ bool ds_key_is_z85(const char *s)
     return n == DS_KEY_Z85_LEN && strspn(s, Z85) == n;
 }
 
-static char *trim(char *s)
+char *ds_trim(char *s)
 {
     while (*s == ' ' || *s == '\t')
         s++;
@@ -60,7 +60,7 @@ int ds_keyfile_read(const char *path, bool need_secret, char *pub, char *sec, ds
             rc = ds_error_set(err, -EBADMSG, "%s:%u: line too long", path, ln);
             break;
         }
-        char *l = trim(line);
+        char *l = ds_trim(line);
         if (!*l || *l == '#')
             continue;
         char *eq = strchr(l, '=');
@@ -71,7 +71,7 @@ int ds_keyfile_read(const char *path, bool need_secret, char *pub, char *sec, ds
         }
         /* '=' is also a Z85 character: the key is everything after the first '=' */
         *eq = 0;
-        char *k = trim(l), *v = trim(eq + 1);
+        char *k = ds_trim(l), *v = ds_trim(eq + 1);
         char *dst = !strcmp(k, "public") ? p : !strcmp(k, "secret") ? s : NULL;
         if (!dst)
             rc = ds_error_set(err, -EBADMSG, "%s:%u: unknown key '%s' (public or secret)", path, ln,

@@ -28,4 +28,8 @@ int ds_keyfile_read(const char *path, bool need_secret, char *pub, char *sec, ds
  * file is never overwritten, -EEXIST). */
 int ds_keyfile_write(const char *path, const char *pub, const char *sec, ds_error *err);
 
+/* Strips leading blanks and trailing blanks/newlines in place; returns the start. (The line
+ * reader of key files, authorized_keys and dsd.conf.) */
+char *ds_trim(char *s);
+
 #endif

@@ -43,16 +43,6 @@ static struct {
     atomic_uint_fast64_t refused;
 } g;
 
-static char *trim(char *s)
-{
-    while (*s == ' ' || *s == '\t')
-        s++;
-    char *e = s + strlen(s);
-    while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r'))
-        *--e = 0;
-    return s;
-}
-
 /* Reads curve_authorized_keys: one Z85 public key a line, optionally followed by a # comment;
  * lines starting with # are comments ('#' is a Z85 character too, so a 40-character Z85 line
  * is a key even when it starts with '#'). */
@@ -67,9 +57,9 @@ static int load_authorized(const char *path, ds_error *err)
     int rc = 0;
     while (fgets(line, sizeof(line), f)) {
         ln++;
-        char *l = trim(line);
+        char *l = ds_trim(line);
         char *sp = l + strcspn(l, " \t");
-        char *rest = *sp ? trim(sp + 1) : sp;
+        char *rest = *sp ? ds_trim(sp + 1) : sp;
         *sp = 0;
         if (!*l || (*l == '#' && !ds_key_is_z85(l)))
             continue;

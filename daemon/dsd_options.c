@@ -178,16 +178,6 @@ int dsd_opts_set(dsd_opts *o, const char *key, const char *value, ds_error *err)
     return opt_apply(o, p, value, err);
 }
 
-static char *trim(char *s)
-{
-    while (*s == ' ' || *s == '\t')
-        s++;
-    char *e = s + strlen(s);
-    while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r'))
-        *--e = 0;
-    return s;
-}
-
 int dsd_opts_load_file(dsd_opts *o, const char *path, ds_error *err)
 {
     FILE *f = fopen(path, "re");
@@ -203,7 +193,7 @@ int dsd_opts_load_file(dsd_opts *o, const char *path, ds_error *err)
                               sizeof(line) - 2);
             break;
         }
-        char *s = trim(line);
+        char *s = ds_trim(line);
         if (!*s || *s == '#')
             continue;
         char *eq = strchr(s, '=');
@@ -212,7 +202,7 @@ int dsd_opts_load_file(dsd_opts *o, const char *path, ds_error *err)
             break;
         }
         *eq = 0;
-        char *k = trim(s), *v = trim(eq + 1);
+        char *k = ds_trim(s), *v = ds_trim(eq + 1);
         size_t vl = strlen(v);
         if (vl >= 2 && v[0] == '"' && v[vl - 1] == '"') {
             v[vl - 1] = 0;

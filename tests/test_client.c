@@ -19,38 +19,11 @@
 
 static struct dsd_proc g_dsd;
 
-/* ids from the in-process engine (independent of the daemon): `dsctl generate --local` with
- * `args` (a --tokens list or a quoted text prompt) */
-static int local_ids(const char *args, int n, uint32_t *out)
-{
-    char cmd[768];
-    snprintf(cmd, sizeof(cmd),
-             "%s/client/dsctl generate --local --model %s/../../models/tiny --max-tokens %d "
-             "--threads 1 %s",
-             DS_BINARY_ROOT, DS_TEST_DATA, n, args);
-    FILE *f = popen(cmd, "r");
-    if (!f)
-        return -1;
-    char line[4096], last[4096] = "";
-    while (fgets(line, sizeof(line), f))
-        snprintf(last, sizeof(last), "%s", line);
-    pclose(f);
-    if (strncmp(last, "tokens: ", 8))
-        return -1;
-    int k = 0;
-    for (char *p = last + 8; *p && *p != '\n' && k < n;) {
-        out[k++] = (uint32_t)strtoul(p, &p, 10);
-        if (*p == ',')
-            p++;
-    }
-    return k;
-}
-
 static int local_tokens(const char *prompt, int n, uint32_t *out)
 {
     char args[256];
     snprintf(args, sizeof(args), "--tokens %s", prompt);
-    return local_ids(args, n, out);
+    return dsd_local_ids(args, n, out);
 }
 
 static int setup(void **state)
@@ -355,7 +328,7 @@ static int local_text_tokens(const char *text, int n, uint32_t *out)
 {
     char args[256];
     snprintf(args, sizeof(args), "'%s'", text);
-    return local_ids(args, n, out);
+    return dsd_local_ids(args, n, out);
 }
 
 static __attribute__((noinline)) char *decode(const ds_tokenizer *tok, const uint32_t *ids,

@@ -29,32 +29,11 @@ static char g_cluster_pub[KEY_LEN];
 static char g_client_pub[KEY_LEN], g_client_sec[KEY_LEN]; /* listed in authorized_keys */
 static char g_other_pub[KEY_LEN], g_other_sec[KEY_LEN];   /* not listed */
 
-/* ids from the in-process engine (independent of the daemon) */
 static int local_tokens(const char *prompt, int n, uint32_t *out)
 {
-    char cmd[512];
-    snprintf(cmd, sizeof(cmd),
-             "%s/client/dsctl generate --local --model %s/../../models/tiny --tokens %s "
-             "--max-tokens %d --threads 1",
-             DS_BINARY_ROOT, DS_TEST_DATA, prompt, n);
-    FILE *f = popen(cmd, "r");
-    if (!f)
-        return -1;
-    char line[4096], last[4096] = "";
-    while (fgets(line, sizeof(line), f))
-        snprintf(last, sizeof(last), "%s", line);
-    pclose(f);
-    if (strncmp(last, "tokens: ", 8))
-        return -1;
-    int k = 0;
-    for (char *s = last + 8; *s && k < n;) {
-        out[k++] = (uint32_t)strtoul(s, &s, 10);
-        if (*s == ',')
-            s++;
-        else
-            break;
-    }
-    return k;
+    char args[256];
+    snprintf(args, sizeof(args), "--tokens %s", prompt);
+    return dsd_local_ids(args, n, out);
 }
 
 static void path_in_dir(char *out, size_t size, const char *name)

@@ -143,4 +143,32 @@ static inline int dsd_log_count(const struct dsd_proc *p, const char *needle)
     return n;
 }
 
+/* Token ids from the in-process engine (independent of the daemon): `dsctl generate --local`
+ * on models/tiny with `args` (a --tokens list or a quoted text prompt); returns how many. */
+static inline int dsd_local_ids(const char *args, int n, uint32_t *out)
+{
+    char cmd[768];
+    snprintf(cmd, sizeof(cmd),
+             "%s/client/dsctl generate --local --model %s/../../models/tiny --max-tokens %d "
+             "--threads 1 %s",
+             DS_BINARY_ROOT, DS_TEST_DATA, n, args);
+    FILE *f = popen(cmd, "r");
+    if (!f)
+        return -1;
+    char line[4096], last[4096] = "";
+    while (fgets(line, sizeof(line), f))
+        snprintf(last, sizeof(last), "%s", line);
+    pclose(f);
+    if (strncmp(last, "tokens: ", 8))
+        return -1;
+    int k = 0;
+    for (char *p = last + 8; *p && *p != '\n' && k < n;) {
+        out[k++] = (uint32_t)strtoul(p, &p, 10);
+        if (*p == ',')
+            p++;
+    }
+    return k;
+}
+
+
 #endif
