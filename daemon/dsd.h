@@ -295,7 +295,8 @@ uint64_t dsd_stream_out_total(const dsd_stream_out *s);
 /* Node: receives the streamed checkpoint of plan plan_version into dir. */
 int dsd_stream_in_new(const char *dir, uint64_t plan_version, dsd_stream_in **ret, ds_error *err);
 void dsd_stream_in_free(dsd_stream_in *s);
-/* Writes one chunk (checked: known file, this plan, in order, within the size limits). */
+/* Writes one chunk (checked: known file, this plan, in order, within the size limits);
+ * -ESTALE for a chunk of another plan version (to drop, not an error of this stream). */
 int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void *data, size_t len,
                         ds_error *err);
 bool dsd_stream_in_complete(const dsd_stream_in *s);

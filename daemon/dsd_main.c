@@ -1178,7 +1178,12 @@ static void on_weight_chunk(struct dsd *d, dsd_msg *m)
         return;
     }
     uint64_t version = c->plan_version;
-    if (!data || dsd_stream_in_chunk(d->stream_in, c, data, len, &err) < 0) {
+    int rc = data ? dsd_stream_in_chunk(d->stream_in, c, data, len, &err) : -EPROTO;
+    if (rc == -ESTALE) {
+        ds_log_debug("weights: %s (dropped)", ds_error_str(&err));
+        return;
+    }
+    if (rc < 0) {
         ds_log_err("weights: %s", data ? ds_error_str(&err) : "chunk without its data frame");
         send_load(d, version, 0, 0, false, data ? ds_error_str(&err) : "bad weight chunk");
         d->stream_in = (dsd_stream_in_free(d->stream_in), NULL);

@@ -320,8 +320,8 @@ int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void 
     if (i < 0)
         return ds_error_set(err, -EPROTO, "weight chunk for unknown file '%.64s'",
                             c->file ? c->file : "");
-    if (c->plan_version != s->plan_version)
-        return ds_error_set(err, -EPROTO, "weight chunk for plan v%llu, loading v%llu",
+    if (c->plan_version != s->plan_version) /* a previous plan's, still in flight: drop it */
+        return ds_error_set(err, -ESTALE, "weight chunk for plan v%llu, loading v%llu",
                             (unsigned long long)c->plan_version,
                             (unsigned long long)s->plan_version);
     uint64_t max = i == 0 ? STREAM_MAX_CONFIG : STREAM_MAX_BYTES;
