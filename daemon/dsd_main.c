@@ -1628,8 +1628,13 @@ int main(int argc, char **argv)
     }
     int inf = 0;
     zmq_setsockopt(d.data, ZMQ_SNDHWM, &inf, sizeof(inf)); /* queue for slow peers, never drop */
-    if (d.coordinator && (!(d.spipe = zmq_socket(d.zctx, ZMQ_PAIR)) ||
-                          zmq_connect(d.spipe, SCHED_PIPE) < 0)) {
+    /* the client pipe never blocks the data thread (tokens for the loop queue, however many;
+     * the loop may be waiting on the data thread during a plan install) */
+    if (d.pipe)
+        zmq_setsockopt(d.pipe, ZMQ_RCVHWM, &inf, sizeof(inf));
+    if (d.coordinator && ((!(d.spipe = zmq_socket(d.zctx, ZMQ_PAIR)) ||
+                           zmq_setsockopt(d.spipe, ZMQ_SNDHWM, &inf, sizeof(inf)) < 0 ||
+                           zmq_connect(d.spipe, SCHED_PIPE) < 0))) {
         ds_error_set(&err, -EIO, "client pipe: %s", zmq_strerror(zmq_errno()));
         goto out;
     }
