@@ -78,6 +78,10 @@ struct ds_tokenizer {
     int32_t byte_id[256]; /* id of the byte-level symbol of each byte, -1 if absent */
     struct added_token *added;
     uint32_t n_added;
+    /* added tokens by first byte: first_idx[first_off[b] .. first_off[b + 1]) index `added`,
+     * so matching looks only at tokens that can start at a position */
+    uint32_t first_off[257];
+    uint32_t *first_idx;
     struct pretok_step steps[MAX_PRETOK_STEPS];
     uint32_t n_steps;
     bool ignore_merges;
@@ -258,6 +262,7 @@ ds_tokenizer *ds_tokenizer_free(ds_tokenizer *t)
     for (uint32_t i = 0; i < t->n_added; i++)
         free(t->added[i].content);
     free(t->added);
+    free(t->first_idx);
     for (uint32_t i = 0; i < t->n_steps; i++)
         pcre2_code_free(t->steps[i].re);
     free(t);
@@ -543,6 +548,18 @@ static int load_model(ds_tokenizer *t, json_t *root, const char *path, ds_error 
             return r;
         t->special[a->id] = a->special;
     }
+    /* the first-byte index (counting sort, stable: file order within a byte) */
+    if (t->n_added && !(t->first_idx = malloc(t->n_added * sizeof(uint32_t))))
+        return -ENOMEM;
+    memset(t->first_off, 0, sizeof(t->first_off));
+    for (uint32_t ai = 0; ai < t->n_added; ai++)
+        t->first_off[(uint8_t)t->added[ai].content[0] + 1]++;
+    for (int b = 0; b < 256; b++)
+        t->first_off[b + 1] += t->first_off[b];
+    uint32_t fill[256];
+    memcpy(fill, t->first_off, sizeof(fill));
+    for (uint32_t ai = 0; ai < t->n_added; ai++)
+        t->first_idx[fill[(uint8_t)t->added[ai].content[0]]++] = ai;
 
     /* Byte-level symbols: all 256 are needed to encode arbitrary text. */
     uint32_t cp_of[256];
@@ -1149,9 +1166,10 @@ static bool find_added(const ds_tokenizer *t, const char *text, size_t from, siz
 {
     for (size_t i = from; i < to; i++) {
         const struct added_token *best = NULL;
-        for (uint32_t k = 0; k < t->n_added; k++) {
-            const struct added_token *a = &t->added[k];
-            if (a->normalized != normalized || a->content[0] != text[i] || a->len > to - i)
+        uint8_t b = (uint8_t)text[i];
+        for (uint32_t q = t->first_off[b]; q < t->first_off[b + 1]; q++) {
+            const struct added_token *a = &t->added[t->first_idx[q]];
+            if (a->normalized != normalized || a->len > to - i)
                 continue;
             if (memcmp(a->content, text + i, a->len) == 0 && (!best || a->len > best->len))
                 best = a;
