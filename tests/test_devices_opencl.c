@@ -62,6 +62,25 @@ static void test_discover_and_share(void **state)
         free(s);
     }
     ds_device_list_free(l);
+
+    /* Excluding the CPU that PoCL shares: opencl0 stays, with no partner left in the spec
+     * (a cluster spec naming an absent partner is refused by the planner). */
+    l = discover("device.cpu0.exclude = true\n");
+    d = first_opencl(l);
+    if (d->kind == DS_DEVICE_KIND_CPU) {
+        char *s = NULL;
+        assert_int_equal(ds_device_list_spec_json(l, &s, NULL), 0);
+        json_t *j = json_loads(s, 0, NULL);
+        assert_non_null(j);
+        json_t *devs = json_object_get(j, "devices"); /* the spec node object */
+        assert_int_equal(json_array_size(devs), 1);
+        json_t *o = json_array_get(devs, 0);
+        assert_string_equal(json_string_value(json_object_get(o, "name")), "opencl0");
+        assert_null(json_object_get(o, "shares_silicon_with"));
+        json_decref(j);
+        free(s);
+    }
+    ds_device_list_free(l);
 }
 
 static void test_calibrate_opencl(void **state)
