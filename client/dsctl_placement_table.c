@@ -172,7 +172,30 @@ static json_t *predicted_link(json_t *pred, const char *a, const char *b)
     return NULL;
 }
 
-static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
+/* Measured compute of device `dev` ("node/name"): the node's own report of the units it ran,
+ * each attributed to the device the plan gave it (`on_dev`: the plan's "devices" map, the
+ * experts on accelerators) or else to the node's CPU engine, i.e. its first cpu* device in the
+ * prediction (`cpu_dev`). false when the node reported nothing. */
+static bool measured_compute_of_device(json_t *meas, json_t *on_dev, const char *node,
+                                       const char *dev, const char *cpu_dev, double *s)
+{
+    json_t *own = json_object_get(json_object_get(json_object_get(meas, "nodes"), node), "units");
+    const char *name;
+    json_t *mu;
+    bool any = false;
+    *s = 0;
+    const char *devname = strchr(dev, '/') ? strchr(dev, '/') + 1 : dev;
+    json_object_foreach(own, name, mu)
+    {
+        const char *d = json_string_value(json_object_get(on_dev, name));
+        if (d ? !strcmp(d, devname) : (cpu_dev && !strcmp(dev, cpu_dev)))
+            *s += num(mu, "compute_s");
+        any = true;
+    }
+    return any;
+}
+
+static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas, json_t *on_dev)
 {
     bool have_pred = json_is_object(pred);
     long steps = measured_steps(meas);
@@ -233,6 +256,14 @@ static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
         bool have = measured_compute_of(meas, node, &comp);
         fprintf(f, "%-24s %-16s %s\n", node, fmt_ms(b1, sizeof(b1), have_pred && any_dev, busy),
                 fmt_ms(b2, sizeof(b2), have && steps > 0, steps > 0 ? comp / (double)steps : 0));
+        const char *cpu_dev = NULL; /* where the node's CPU engine runs: its first cpu* */
+        json_array_foreach(json_object_get(pred, "devices"), i, o)
+        {
+            const char *dev = json_string_value(json_object_get(o, "device"));
+            const char *slash = dev ? strchr(dev, '/') : NULL;
+            if (!cpu_dev && device_on(dev, node) && slash && !strncmp(slash + 1, "cpu", 3))
+                cpu_dev = dev;
+        }
         json_array_foreach(json_object_get(pred, "devices"), i, o)
         {
             const char *dev = json_string_value(json_object_get(o, "device"));
@@ -240,8 +271,10 @@ static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas)
                 continue;
             char label[160];
             snprintf(label, sizeof(label), "  %s", dev);
+            double dc;
+            bool dh = measured_compute_of_device(meas, on_dev, node, dev, cpu_dev, &dc);
             fprintf(f, "%-24s %-16s %s\n", label, fmt_ms(b1, sizeof(b1), true, num(o, "busy_s")),
-                    "-");
+                    fmt_ms(b2, sizeof(b2), dh && steps > 0, steps > 0 ? dc / (double)steps : 0));
         }
     }
 
@@ -299,7 +332,8 @@ void dsctl_placement_print(FILE *f, json_t *pl, long only_layer, bool explain)
             unit_node(units, "embed"), unit_node(units, "head"));
     print_layers(f, units, json_object_get(plan, "replicas"), meas, only_layer);
     print_links(f, meas);
-    print_predicted_vs_measured(f, json_object_get(pl, "predicted"), meas);
+    print_predicted_vs_measured(f, json_object_get(pl, "predicted"), meas,
+                                json_object_get(plan, "devices"));
     if (explain)
         fprintf(f,
                 "\nwhy: embed and head stay on the coordinator, which samples; the placement "

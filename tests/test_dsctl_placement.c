@@ -138,6 +138,31 @@ static void test_predicted_beside_measured(void **state)
     free(reply);
 }
 
+/* per device: a node's units count on the device the plan gave them (experts on an
+ * accelerator), the rest on its CPU engine (its first cpu* device) */
+static void test_measured_per_device(void **state)
+{
+    (void)state;
+    const char *reply =
+        "{\"plan\": {\"version\": 5, \"units\": {\"embed\": \"coord\", \"head\": \"coord\","
+        "  \"attn[0]\": \"w1\", \"expert[0][0]\": \"w1\", \"expert[0][1]\": \"w1\"},"
+        "  \"devices\": {\"expert[0][0]\": \"cuda0\"}},"
+        " \"measured\": {\"units\": {\"attn[0]\": {\"node\": \"w1\", \"measured_compute_s\": 0.008,"
+        "  \"calls\": 4}}, \"links\": [],"
+        "  \"nodes\": {\"w1\": {\"units\": {\"attn[0]\": {\"compute_s\": 0.008, \"calls\": 4},"
+        "    \"expert[0][0]\": {\"compute_s\": 0.012, \"rows\": 6},"
+        "    \"expert[0][1]\": {\"compute_s\": 0.004, \"rows\": 2}}}}},"
+        " \"predicted\": {\"solver\": \"heuristic\", \"predicted\": {\"decode_step_s\": 0.005},"
+        "  \"devices\": [{\"device\": \"w1/cpu0\", \"busy_s\": 0.002},"
+        "              {\"device\": \"w1/cuda0\", \"busy_s\": 0.001}], \"links\": []}}";
+    char *out = render(reply, -1, false);
+    /* w1: (8 + 12 + 4) ms / 4 steps; cpu0: attn 8 + expert[0][1] 4; cuda0: expert[0][0] 12 */
+    expect_line(out, "w1", "w1 3.000 ms 6.000 ms");
+    expect_line(out, "w1/cpu0", "w1/cpu0 2.000 ms 3.000 ms");
+    expect_line(out, "w1/cuda0", "w1/cuda0 1.000 ms 3.000 ms");
+    free(out);
+}
+
 /* extra copies of a hot expert appear after its primary node */
 static void test_replicas_listed(void **state)
 {
@@ -198,6 +223,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_predicted_beside_measured),
         cmocka_unit_test(test_replicas_listed),
+        cmocka_unit_test(test_measured_per_device),
         cmocka_unit_test(test_round_robin_plan_prints_dashes),
         cmocka_unit_test(test_nothing_measured_yet),
     };
