@@ -404,15 +404,26 @@ static void task_run(dsd_data *d, struct task *t)
     task_forward(d, t);
 }
 
-/* The node that runs expert e of layer l for a row whose attention ran here: this node when
- * it holds a copy (the solver replicates hot experts, typically beside attention), else the
- * primary. */
-static uint32_t expert_route(const dsd_data *d, uint32_t l, uint32_t e)
+/* The node that runs expert e of layer l for rows whose attention ran here: this node when it
+ * holds a copy (the solver replicates hot experts, typically beside attention); else one of
+ * the copies (primary and replicas), taken in turn by micro-batch step so a hot expert's load
+ * is spread over its copies. Which copy runs a row never changes its result. */
+static uint32_t expert_route(const dsd_data *d, uint32_t l, uint32_t e, uint64_t step)
 {
     size_t i = (size_t)l * d->plan.n_experts + e;
-    if (d->self < 64 && (d->plan.replicas[i] >> d->self & 1))
+    uint64_t reps = d->plan.replicas[i];
+    if (d->self < 64 && (reps >> d->self & 1))
         return d->self;
-    return (uint32_t)d->plan.expert[i];
+    uint32_t primary = (uint32_t)d->plan.expert[i];
+    if (!reps || primary == d->self)
+        return primary;
+    uint32_t n = 1 + (uint32_t)__builtin_popcountll(reps), pick = (uint32_t)(step % n);
+    if (pick == 0)
+        return primary;
+    for (uint32_t node = 0; node < 64; node++)
+        if (reps >> node & 1 && --pick == 0)
+            return node;
+    return primary;
 }
 
 /* Sends one dispatch per remote expert host with the rows routed there; runs the experts
@@ -443,7 +454,7 @@ static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
             bool used = false;
             for (uint32_t k = 0; k < K; k++) {
                 uint32_t e = (uint32_t)t->ids[i * K + k];
-                if (expert_route(d, l, e) != node)
+                if (expert_route(d, l, e, t->step) != node)
                     continue;
                 if (!used) {
                     rows_of[R++] = i;
