@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <jansson.h>
 #include <zmq.h>
 
 #include "ds_err.h"
@@ -275,6 +276,12 @@ void dsd_sched_tick(dsd_sched *s);
 long dsd_sched_wait_ms(dsd_sched *s);
 void dsd_sched_set_opts(dsd_sched *s, const dsd_opts *o);
 char *dsd_sched_jobs_json(dsd_sched *s);
+
+/* ---- statistics (dsd_stats.c) ------------------------------------------------------------- */
+/* A node's StepStats as {"node", "units", "links", "expert_counts"} (dsd_data's "stats" form)
+ * for a model of L layers, E routed experts; entries that do not check out are left out.
+ * NULL for an oversized message. */
+json_t *dsd_stats_from_wire(const Dsd__StepStats *st, const char *node, uint32_t L, uint32_t E);
 
 /* ---- weight streaming (dsd_stream.c) ------------------------------------------------------ */
 typedef struct dsd_stream_out dsd_stream_out;

@@ -2,7 +2,8 @@
  * through the options table), a wire Plan turned into this node's units and into the whole
  * plan (unit names, node names, layer and expert indices checked against the model), and a
  * sequence of WeightChunks written by the streamed-weights receiver (file names, sizes,
- * offsets, plan version). Input: the first byte selects the parser. */
+ * offsets, plan version), and a worker's StepStats as the coordinator keeps it. Input: the
+ * first byte selects the parser. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,63 @@ static void remove_dir(void)
     rmdir(g_dir);
 }
 
+/* Valid seeds (selector byte + packed message), so mutations explore near-valid input. */
+size_t ds_fuzz_seeds(uint8_t **bufs, size_t *sizes, size_t max);
+size_t ds_fuzz_seeds(uint8_t **bufs, size_t *sizes, size_t max)
+{
+    size_t n = 0;
+    /* StepStats: units, a link, routing counts of layers 1..3 */
+    Dsd__StepStats st = DSD__STEP_STATS__INIT;
+    Dsd__UnitStat u0 = DSD__UNIT_STAT__INIT, u1 = DSD__UNIT_STAT__INIT, *us[2] = {&u0, &u1};
+    Dsd__LinkStat lk = DSD__LINK_STAT__INIT, *ls[1] = {&lk};
+    uint64_t counts[24];
+    for (int i = 0; i < 24; i++)
+        counts[i] = (uint64_t)(i * 7 % 5);
+    u0.unit = "attn[1]";
+    u0.compute_s = 0.001;
+    u0.calls = 3;
+    u1.unit = "expert[2][5]";
+    u1.compute_s = 0.002;
+    u1.calls = 9;
+    lk.peer = "w2";
+    lk.transfer_s = 0.0004;
+    lk.bytes = 4096;
+    lk.messages = 4;
+    lk.latency_s = 2e-5;
+    lk.bandwidth_bytes_per_s = 1e9;
+    lk.calibrated = true;
+    st.n_units = 2;
+    st.units = us;
+    st.n_links = 1;
+    st.links = ls;
+    st.first_moe_layer = 1;
+    st.n_routed_experts = 8;
+    st.n_expert_counts = 24;
+    st.expert_counts = counts;
+    size_t len = dsd__step_stats__get_packed_size(&st);
+    if (n < max && (bufs[n] = malloc(len + 1))) {
+        bufs[n][0] = 4;
+        dsd__step_stats__pack(&st, bufs[n] + 1);
+        sizes[n++] = len + 1;
+    }
+    /* a WeightChunk sequence: [len][chunk][frame len][frame] */
+    Dsd__WeightChunk wc = DSD__WEIGHT_CHUNK__INIT;
+    wc.file = "config.json";
+    wc.offset = 0;
+    wc.total_bytes = 4;
+    wc.plan_version = 7;
+    len = dsd__weight_chunk__get_packed_size(&wc);
+    if (n < max && len < 250 && (bufs[n] = malloc(len + 7))) {
+        bufs[n][0] = 2;
+        bufs[n][1] = (uint8_t)len;
+        dsd__weight_chunk__pack(&wc, bufs[n] + 2);
+        bufs[n][2 + len] = 4;
+        memcpy(bufs[n] + 3 + len, "{}\n ", 4);
+        sizes[n++] = len + 7;
+    }
+    return n;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
@@ -47,6 +105,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 dsd_opts_check(&o, &err);
         }
         close(fd);
+        return 0;
+    }
+    if (data[0] & 4) { /* StepStats from a worker, for a 4-layer, 8-expert model */
+        Dsd__StepStats *st = dsd__step_stats__unpack(NULL, size - 1, data + 1);
+        if (st) {
+            json_t *j = dsd_stats_from_wire(st, "w1", 4, 8);
+            char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+            free(s);
+            json_decref(j);
+            dsd__step_stats__free_unpacked(st, NULL);
+        }
         return 0;
     }
     if (data[0] & 2) {
