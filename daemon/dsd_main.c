@@ -341,8 +341,11 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
         dsd_units_clear(&u);
     }
     if (rc < 0) {
-        ds_log_err("node %s has no checkpoint copy and its weights cannot be streamed: %s",
+        ds_log_err("node %s has no checkpoint copy and its weights cannot be streamed: %s; "
+                   "planning without it",
                    n->name, err.msg[0] ? ds_error_str(&err) : strerror(-rc));
+        n->failed = true;
+        d->rollout_again = true; /* after this rollout (its plan cannot load on n) */
         return;
     }
     ds_log_notice("node %s has no checkpoint copy: streaming its units (%.1f MiB)", n->name,
@@ -516,7 +519,12 @@ static int rollout(struct dsd *d)
             return 0;
         }
     }
-    return rollout_finish(d, j);
+    rc = rollout_finish(d, j);
+    if (d->rollout_again && !d->solving) { /* a node dropped out while rolling out */
+        d->rollout_again = false;
+        return rollout(d);
+    }
+    return rc;
 }
 
 /* The solver thread signalled: join it and roll its plan out. */
