@@ -14,6 +14,7 @@
 
 #include "ds_client.h"
 #include "ds_wire.h"
+#include "client_expect.h"
 #include "cluster/dsd_spawn.h"
 #include "ds_tokenizer.h"
 
@@ -84,19 +85,8 @@ static void test_stream_matches_local(void **state)
     uint32_t want[12];
     assert_int_equal(local_tokens("5,6,7", 12, want), 12);
     ds_client *c = conn();
-    uint32_t prompt[] = {5, 6, 7};
-    ds_client_request r = {.tokens = prompt, .n_tokens = 3, .max_tokens = 12, .seed = 1};
-    uint64_t job;
-    assert_int_equal(ds_client_submit(c, &r, &job), 0);
-    for (int i = 0; i < 12; i++) {
-        ds_client_token t;
-        assert_int_equal(ds_client_next(c, job, &t, -1), 0);
-        assert_true(t.has_id);
-        assert_int_equal(t.id, want[i]);
-        assert_int_equal(t.last, i == 11);
-        if (t.last)
-            assert_string_equal(t.finish_reason, "length");
-    }
+    static const uint32_t prompt[] = {5, 6, 7};
+    expect_stream(c, prompt, 3, want, 12);
     ds_client_close(c);
 }
 

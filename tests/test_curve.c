@@ -17,6 +17,7 @@
 
 #include "ds_client.h"
 #include "ds_keyfile.h"
+#include "client_expect.h"
 #include "cluster/dsd_spawn.h"
 
 #define KEY_LEN (DS_KEY_Z85_LEN + 1)
@@ -230,17 +231,8 @@ static void test_authorized_client_generates(void **state)
     assert_non_null(strstr(js, "\"coordinator\":\"solo\""));
     assert_non_null(strstr(js, "\"curve_refused\":"));
     free(js);
-    uint32_t prompt[] = {5, 6, 7};
-    ds_client_request r = {.tokens = prompt, .n_tokens = 3, .max_tokens = 12, .seed = 1};
-    uint64_t job;
-    assert_int_equal(ds_client_submit(c, &r, &job), 0);
-    for (int i = 0; i < 12; i++) {
-        ds_client_token t;
-        assert_int_equal(ds_client_next(c, job, &t, -1), 0);
-        assert_true(t.has_id);
-        assert_int_equal(t.id, want[i]);
-        assert_int_equal(t.last, i == 11);
-    }
+    static const uint32_t prompt[] = {5, 6, 7};
+    expect_stream(c, prompt, 3, want, 12);
     ds_client_close(c);
 }
 
@@ -402,16 +394,8 @@ static void test_two_nodes(void **state)
     free(js);
     uint32_t want[12];
     assert_int_equal(local_tokens("5,6,7", 12, want), 12);
-    uint32_t prompt[] = {5, 6, 7};
-    ds_client_request r = {.tokens = prompt, .n_tokens = 3, .max_tokens = 12, .seed = 1};
-    uint64_t job;
-    assert_int_equal(ds_client_submit(c, &r, &job), 0);
-    for (int i = 0; i < 12; i++) {
-        ds_client_token t;
-        assert_int_equal(ds_client_next(c, job, &t, -1), 0);
-        assert_true(t.has_id);
-        assert_int_equal(t.id, want[i]);
-    }
+    static const uint32_t prompt[] = {5, 6, 7};
+    expect_stream(c, prompt, 3, want, 12);
     ds_client_close(c);
     assert_int_equal(dsd_log_count(w, "curve: refused"), 0);
     assert_int_equal(dsd_stop(w), 0);
