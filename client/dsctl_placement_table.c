@@ -32,10 +32,11 @@ static const char *fmt_ms(char *buf, size_t n, bool have, double s)
     return buf;
 }
 
-static void print_layers(FILE *f, json_t *units, json_t *reps, json_t *meas, long only_layer)
+static void print_layers(FILE *f, json_t *units, json_t *reps, json_t *devs, json_t *meas,
+                         long only_layer)
 {
     fprintf(f, "%-6s %-14s %-14s %s\n", "LAYER", "ATTENTION", "MEASURED",
-            "EXPERTS (expert:node, +extra copies)");
+            "EXPERTS (expert:node[/accelerator], +extra copies)");
     json_t *mus = json_object_get(meas, "units");
     char name[64];
     for (long l = 0; l < 100000; l++) {
@@ -57,6 +58,9 @@ static void print_layers(FILE *f, json_t *units, json_t *reps, json_t *meas, lon
             if (!n)
                 break;
             fprintf(f, "%s%ld:%s", any++ ? " " : "", e, n);
+            const char *dv = json_string_value(json_object_get(devs, name));
+            if (dv)
+                fprintf(f, "/%s", dv);
             size_t k;
             json_t *r;
             json_array_foreach(json_object_get(reps, name), k, r)
@@ -330,7 +334,8 @@ void dsctl_placement_print(FILE *f, json_t *pl, long only_layer, bool explain)
     fprintf(f, "plan v%lld   embed -> %s   head -> %s\n",
             (long long)json_integer_value(json_object_get(plan, "version")),
             unit_node(units, "embed"), unit_node(units, "head"));
-    print_layers(f, units, json_object_get(plan, "replicas"), meas, only_layer);
+    print_layers(f, units, json_object_get(plan, "replicas"), json_object_get(plan, "devices"),
+                 meas, only_layer);
     print_links(f, meas);
     print_predicted_vs_measured(f, json_object_get(pl, "predicted"), meas,
                                 json_object_get(plan, "devices"));

@@ -156,6 +156,7 @@ static void test_measured_per_device(void **state)
         "  \"devices\": [{\"device\": \"w1/cpu0\", \"busy_s\": 0.002},"
         "              {\"device\": \"w1/cuda0\", \"busy_s\": 0.001}], \"links\": []}}";
     char *out = render(reply, -1, false);
+    expect_line(out, "0", "0 w1 2.000 ms/call 0:w1/cuda0 1:w1"); /* 8 ms / 4 calls */
     /* w1: (8 + 12 + 4) ms / 4 steps; cpu0: attn 8 + expert[0][1] 4; cuda0: expert[0][0] 12 */
     expect_line(out, "w1", "w1 3.000 ms 6.000 ms");
     expect_line(out, "w1/cpu0", "w1/cpu0 2.000 ms 3.000 ms");

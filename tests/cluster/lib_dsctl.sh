@@ -58,10 +58,11 @@ placement_json_units() {
 }
 
 # placement_json_table_units: stdin `dsctl placement --json` -> sorted "unit node" lines, the
-# node followed by "+node" for every extra copy of a replicated expert, as the table prints it.
+# node followed by "/device" for an expert on an accelerator and "+node" for every extra copy
+# of a replicated expert, as the table prints it.
 placement_json_table_units() {
     jq -r '.plan as $p | $p.units | to_entries[]
-           | "\(.key) \(.value)\(($p.replicas[.key] // []) | map("+" + .) | join(""))"' | sort
+           | "\(.key) \(.value)\(if ($p.devices // {})[.key] then "/" + $p.devices[.key] else "" end)\(($p.replicas // {})[.key] // [] | map("+" + .) | join(""))"' | sort
 }
 
 # placement_table_units: stdin the human `dsctl placement` table -> sorted "unit node" lines

@@ -23,6 +23,8 @@ cluster_start "$M" 1 --devices_config="$CLUSTER_DIR/coord.conf" --plan_context=6
 on_dev=$("$DSCTL" placement --json | jq '[.plan.devices // {} | to_entries[] | select(.value == "opencl0")] | length')
 echo "plan: $on_dev experts on w1/opencl0"
 [ "$on_dev" -gt 0 ] || { echo "FAIL: no expert placed on opencl0"; fail=1; }
+"$DSCTL" placement | grep -Eq '[0-9]+:w1/opencl0' ||
+    { echo "FAIL: dsctl placement does not show experts on w1/opencl0"; fail=1; }
 grep -q "MiB of experts on opencl0" "$CLUSTER_DIR/w1.log" ||
     { echo "FAIL: w1 did not upload its experts to opencl0"; fail=1; }
 for p in "5,6,7" "10,20,30,40"; do
