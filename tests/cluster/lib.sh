@@ -13,6 +13,8 @@ CLUSTER_DIR=$(mktemp -d /tmp/dsd-cluster.XXXXXX)
 BASE_PORT=$((20000 + ($$ % 800) * 16))
 
 # cluster_start MODEL N_WORKERS [extra dsd options...]: coordinator + N workers on loopback.
+# Heartbeats every 200 ms, a peer failed after 2 s of silence (short enough for the failover
+# test, long enough that a loaded CI machine does not fail a busy node).
 # CLUSTER_WORKER_ARGS[i] (an indexed array the caller may set): more options for worker i only.
 declare -a CLUSTER_WORKER_ARGS
 cluster_start() {
@@ -21,14 +23,14 @@ cluster_start() {
     "$DSD" --node=coord --role=coordinator --expect_workers="$n" \
         --control_bind="tcp://127.0.0.1:$BASE_PORT" --client_bind="tcp://127.0.0.1:$((BASE_PORT + 1))" \
         --data_bind="tcp://127.0.0.1:$((BASE_PORT + 2))" --model="$model" \
-        --state_dir="$CLUSTER_DIR/coord" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false "$@" \
+        --state_dir="$CLUSTER_DIR/coord" --threads=1 --heartbeat_ms=200 --heartbeat_misses=10 --calibrate=false --discover_opencl=false "$@" \
         >"$CLUSTER_DIR/coord.log" 2>&1 &
     CLUSTER_PIDS+=($!)
     local i
     for ((i = 1; i <= n; i++)); do
         "$DSD" --node="w$i" --role=worker --coordinator="tcp://127.0.0.1:$BASE_PORT" \
             --data_bind="tcp://127.0.0.1:$((BASE_PORT + 2 + i))" --model="$model" \
-            --state_dir="$CLUSTER_DIR/w$i" --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false "$@" \
+            --state_dir="$CLUSTER_DIR/w$i" --threads=1 --heartbeat_ms=200 --heartbeat_misses=10 --calibrate=false --discover_opencl=false "$@" \
             ${CLUSTER_WORKER_ARGS[$i]:-} \
             >"$CLUSTER_DIR/w$i.log" 2>&1 &
         CLUSTER_PIDS+=($!)

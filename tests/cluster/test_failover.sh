@@ -94,7 +94,7 @@ fi
 # w2 comes back: taken in again once idle
 "$DSD" --node=w2 --role=worker --coordinator="tcp://127.0.0.1:$BASE_PORT" \
     --data_bind="tcp://127.0.0.1:$((BASE_PORT + 4))" --model="$M" --state_dir="$CLUSTER_DIR/w2" \
-    --threads=1 --heartbeat_ms=200 --calibrate=false --discover_opencl=false "${opts[@]}" \
+    --threads=1 --heartbeat_ms=200 --heartbeat_misses=10 --calibrate=false --discover_opencl=false "${opts[@]}" \
     >>"$CLUSTER_DIR/w2.log" 2>&1 &
 CLUSTER_PIDS+=($!)
 if wait_plan "$v2" "coord,w1,w2"; then
