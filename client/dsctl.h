@@ -9,12 +9,22 @@
 #ifndef DSCTL_H
 #define DSCTL_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 enum {
     DSCTL_EXIT_OK = 0,
     DSCTL_EXIT_FAILURE = 1,
     DSCTL_EXIT_USAGE = 2,
     DSCTL_EXIT_NOT_FOUND = 3,
 };
+
+/* "1.5" within [lo, hi] -> *out; -EINVAL otherwise (dsctl_util.c). */
+int dsctl_parse_num(const char *s, double lo, double hi, double *out);
+/* "3,17,42" -> *out (malloc'd) of *n ids, each <= max_value, at most max_count of them;
+ * -EINVAL for anything else (empty, negative, stray characters), -ENOMEM. */
+int dsctl_parse_ids(const char *s, uint32_t max_value, size_t max_count, uint32_t **out,
+                    size_t *n);
 
 struct dsctl_command {
     const char *name;

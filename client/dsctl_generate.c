@@ -50,43 +50,6 @@ static void gen_usage(FILE *f)
                "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n");
 }
 
-static int parse_tokens(const char *s, int32_t **out, uint32_t *n)
-{
-    size_t cap = 16, cnt = 0;
-    int32_t *v = malloc(cap * sizeof(*v));
-    if (!v)
-        return -ENOMEM;
-    const char *p = s;
-    while (*p) {
-        char *end;
-        errno = 0;
-        long long x = strtoll(p, &end, 10);
-        if (end == p || errno || x < 0 || x > INT32_MAX || (*end && *end != ',') ||
-            cnt >= GEN_MAX_TOKENS) {
-            free(v);
-            return -EINVAL;
-        }
-        if (cnt == cap) {
-            cap *= 2;
-            int32_t *nv = realloc(v, cap * sizeof(*v));
-            if (!nv) {
-                free(v);
-                return -ENOMEM;
-            }
-            v = nv;
-        }
-        v[cnt++] = (int32_t)x;
-        p = *end ? end + 1 : end;
-    }
-    if (!cnt) {
-        free(v);
-        return -EINVAL;
-    }
-    *out = v;
-    *n = (uint32_t)cnt;
-    return 0;
-}
-
 /* "0-3,8" -> cpu ids (at most max). */
 static int parse_cpus(const char *s, int *cpus, uint32_t max, uint32_t *n)
 {
@@ -112,17 +75,6 @@ static int parse_cpus(const char *s, int *cpus, uint32_t max, uint32_t *n)
         s = *end ? end + 1 : end;
     }
     return *n ? 0 : -EINVAL;
-}
-
-static int parse_num(const char *s, double lo, double hi, double *out)
-{
-    char *end;
-    errno = 0;
-    double d = strtod(s, &end);
-    if (end == s || *end || errno || !(d >= lo && d <= hi))
-        return -EINVAL;
-    *out = d;
-    return 0;
 }
 
 /* Reads all of stdin (at most GEN_MAX_PROMPT_BYTES). */
@@ -246,25 +198,25 @@ static int cmd_generate(int argc, char **argv)
             tokens_s = optarg;
             break;
         case 'n':
-            bad = parse_num(optarg, 0, GEN_MAX_TOKENS, &max_tokens);
+            bad = dsctl_parse_num(optarg, 0, GEN_MAX_TOKENS, &max_tokens);
             break;
         case 'g':
             greedy = true; /* wins over --temperature */
             break;
         case 'T':
-            bad = parse_num(optarg, 0, 1e6, &temp);
+            bad = dsctl_parse_num(optarg, 0, 1e6, &temp);
             break;
         case 'p':
-            bad = parse_num(optarg, 1e-9, 1, &top_p);
+            bad = dsctl_parse_num(optarg, 1e-9, 1, &top_p);
             break;
         case 'k':
-            bad = parse_num(optarg, 0, 1e9, &top_k);
+            bad = dsctl_parse_num(optarg, 0, 1e9, &top_k);
             break;
         case 's':
-            bad = parse_num(optarg, 0, 1.8e19, &seed);
+            bad = dsctl_parse_num(optarg, 0, 1.8e19, &seed);
             break;
         case 'j':
-            bad = parse_num(optarg, 0, 1024, &threads);
+            bad = dsctl_parse_num(optarg, 0, 1024, &threads);
             break;
         case 'c':
             bad = parse_cpus(optarg, cpus, 1024, &n_cpus);
@@ -304,12 +256,15 @@ static int cmd_generate(int argc, char **argv)
         gen_usage(stderr);
         return DSCTL_EXIT_USAGE;
     }
-    int32_t *prompt = NULL;
+    int32_t *prompt = NULL; /* ids <= INT32_MAX: the same bits as uint32_t */
     uint32_t np = 0;
-    if (tokens_s && parse_tokens(tokens_s, &prompt, &np) < 0) {
+    size_t np_z = 0;
+    if (tokens_s && dsctl_parse_ids(tokens_s, INT32_MAX, GEN_MAX_TOKENS, (uint32_t **)&prompt,
+                                    &np_z) < 0) {
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }
+    np = (uint32_t)np_z;
     if (temp > 0 && !greedy) {
         smp.greedy = false;
         smp.temperature = (float)temp;

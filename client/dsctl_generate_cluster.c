@@ -34,40 +34,6 @@ static void gc_usage(FILE *f)
                "  --cancel-after N    cancel the job after N tokens (testing)\n");
 }
 
-static int parse_ids(const char *s, uint32_t **out, size_t *n)
-{
-    size_t cap = 16, k = 0;
-    uint32_t *v = malloc(cap * sizeof(*v));
-    if (!v)
-        return -ENOMEM;
-    while (*s) {
-        char *end;
-        errno = 0;
-        unsigned long x = strtoul(s, &end, 10);
-        if (end == s || errno || x > UINT32_MAX || (*end && *end != ',') || k >= GC_MAX_PROMPT) {
-            free(v);
-            return -EINVAL;
-        }
-        if (k == cap) {
-            uint32_t *nv = realloc(v, (cap *= 2) * sizeof(*v));
-            if (!nv) {
-                free(v);
-                return -ENOMEM;
-            }
-            v = nv;
-        }
-        v[k++] = (uint32_t)x;
-        s = *end ? end + 1 : end;
-    }
-    if (!k) {
-        free(v);
-        return -EINVAL;
-    }
-    *out = v;
-    *n = k;
-    return 0;
-}
-
 int dsctl_generate_cluster(int argc, char **argv)
 {
     static const struct option opts[] = {{"endpoint", required_argument, NULL, 'e'},
@@ -91,7 +57,6 @@ int dsctl_generate_cluster(int argc, char **argv)
     int ch;
     optind = 1;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        char *end = NULL;
         double *dst = NULL;
         switch (ch) {
         case 'e':
@@ -140,8 +105,7 @@ int dsctl_generate_cluster(int argc, char **argv)
             return DSCTL_EXIT_USAGE;
         }
         if (dst) {
-            *dst = strtod(optarg, &end);
-            if (end == optarg || *end || *dst < 0 || *dst > 1.8e19) {
+            if (dsctl_parse_num(optarg, 0, 1.8e19, dst) < 0) {
                 fprintf(stderr, "dsctl generate: bad option value: %s\n", optarg);
                 return DSCTL_EXIT_USAGE;
             }
@@ -153,7 +117,7 @@ int dsctl_generate_cluster(int argc, char **argv)
     }
     uint32_t *ids;
     size_t n;
-    if (parse_ids(toks, &ids, &n) < 0) {
+    if (dsctl_parse_ids(toks, UINT32_MAX, GC_MAX_PROMPT, &ids, &n) < 0) {
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }

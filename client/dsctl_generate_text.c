@@ -67,16 +67,6 @@ static char *read_stdin_text(size_t *len)
     return buf;
 }
 
-static int parse_double(const char *s, double lo, double hi, double *out)
-{
-    char *end;
-    double v = strtod(s, &end);
-    if (end == s || *end || !(v >= lo && v <= hi))
-        return -1;
-    *out = v;
-    return 0;
-}
-
 int dsctl_generate_cluster_text(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -100,12 +90,12 @@ int dsctl_generate_cluster_text(int argc, char **argv)
         switch (c) {
         case 'm': model = optarg; break;
         case 'E': endpoint = optarg; break;
-        case 'n': bad = parse_double(optarg, 1, TEXT_MAX_TOKENS, &max_tokens); break;
+        case 'n': bad = dsctl_parse_num(optarg, 1, TEXT_MAX_TOKENS, &max_tokens); break;
         case 'g': temp = 0; break;
-        case 't': bad = parse_double(optarg, 0, 100, &temp); break;
-        case 'p': bad = parse_double(optarg, 0, 1, &top_p); break;
-        case 'k': bad = parse_double(optarg, 0, 1e9, &top_k); break;
-        case 's': bad = parse_double(optarg, 0, 1.8e19, &seed); break;
+        case 't': bad = dsctl_parse_num(optarg, 0, 100, &temp); break;
+        case 'p': bad = dsctl_parse_num(optarg, 0, 1, &top_p); break;
+        case 'k': bad = dsctl_parse_num(optarg, 0, 1e9, &top_k); break;
+        case 's': bad = dsctl_parse_num(optarg, 0, 1.8e19, &seed); break;
         case 'I': ignore_eos = true; break;
         case 'S':
             if (n_stop >= 15 || !optarg[0]) {
@@ -114,7 +104,7 @@ int dsctl_generate_cluster_text(int argc, char **argv)
             }
             stops[n_stop++] = optarg;
             break;
-        case 'T': bad = parse_double(optarg, 1, 3.6e6, &timeout_ms); break;
+        case 'T': bad = dsctl_parse_num(optarg, 1, 3.6e6, &timeout_ms); break;
         case 'h': text_usage(stdout); return DSCTL_EXIT_OK;
         default: text_usage(stderr); return DSCTL_EXIT_USAGE;
         }

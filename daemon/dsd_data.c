@@ -570,6 +570,7 @@ static void task_combine_reply(dsd_data *d, struct task *t, uint32_t node, dsd_m
         p->compute_s += m->env->combine->compute_s;
         p->messages++;
         p->bytes += (size_t)P * D * sizeof(float);
+        d->dirty = true;
     }
     for (uint32_t q = 0; q < P; q++)
         memcpy(t->eo + (size_t)t->dslot[t->doff[node] + q] * D, o + (size_t)q * D,
@@ -1109,9 +1110,9 @@ static void *data_main(void *arg)
         expire(d);
         if (d->sched)
             dsd_sched_tick(d->sched);
-        if (d->dirty || d->sched)
-            if (dsd_now_ns() - d->last_publish_ns > 100000000ull)
-                publish(d);
+        /* the snapshot changes only with work done (the job list is published as it changes) */
+        if (d->dirty && dsd_now_ns() - d->last_publish_ns > 100000000ull)
+            publish(d);
     }
     uninstall(d, "cancelled");
     publish(d);
