@@ -7,9 +7,8 @@
  * area, no two tensors overlapping, no duplicate names. Errors name the file and the tensor.
  *
  * A ds_weight is a 2-D linear weight [rows, cols] (row-major, out x in) kept at checkpoint
- * precision: F32, BF16 (converted per element while streaming) or F8_E4M3 with its
- * weight_scale_inv block scales (dequantised per element: fp8 * scale_inv[r/br][c/bc]).
- * F16 checkpoints are converted once at load to F32 (rare; keeps one less kernel). */
+ * precision: F32, BF16 or F16 (widened in registers while streaming) or F8_E4M3 with its
+ * weight_scale_inv block scales (dequantised per element: fp8 * scale_inv[r/br][c/bc]). */
 #ifndef DS_TENSOR_H
 #define DS_TENSOR_H
 
@@ -64,7 +63,7 @@ const char *ds_st_dtype_name(enum ds_st_dtype dt);
 
 /* A linear weight y = W x with W [rows, cols]. */
 typedef struct ds_weight {
-    enum ds_dtype dtype;             /* F32, BF16 or F8_E4M3 (F16 is converted to F32 at load) */
+    enum ds_dtype dtype;             /* F32, F16, BF16 or F8_E4M3 */
     uint32_t rows, cols;             /* out features, in features */
     const void *data;                /* rows*cols elements of dtype, row-major */
     const float *scale_inv;          /* F8 only: [ceil(rows/br), ceil(cols/bc)] */
@@ -85,5 +84,37 @@ struct ds_pool;
 void ds_tensor_force_portable(bool on);
 void ds_weight_matmul(const ds_weight *w, const float *x, uint32_t n, float *y,
                       struct ds_pool *pool);
+/* The same for output rows [r0, r1) only, on the calling thread: y[i*rows + o] for o in the
+ * range (the other elements of y are not touched). Lets a caller put several matmuls into one
+ * parallel job (the experts of a layer); the values are those of ds_weight_matmul. */
+void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
+                           uint32_t r1);
+/* How many output rows one task of ds_weight_matmul takes for n input rows on `threads`
+ * threads (a multiple of 12, so the kernels' row tiles stay whole). */
+uint32_t ds_weight_matmul_task_rows(const ds_weight *w, uint32_t n, uint32_t threads);
+/* Attention's products (forward.c), each in a fixed order:
+ * ds_dot8: 8 partial sums (lane j takes elements j, j+8, ...), combined
+ * ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)), then the tail in order with fmaf.
+ * ds_dot8_many: out[t] = ds_dot8(a, b + t*b_stride, n) for t < m.
+ * ds_wsum: out[c] = sum over t ascending of w[t] * e[t*e_stride + c] (one fmaf chain from +0).
+ * ds_weight_vecmat: out_i[c] = sum over d ascending of a_i[d] * W[r0+d][c] for n vectors a_i
+ *   (a + i*a_stride, nr values) and every column c (one fmaf chain from +0 per element).
+ * ds_weight_dot8_rows: out_i[j] = ds_dot8(W[r0+j], v_i, cols) for j < nr and n vectors. */
+float ds_dot8(const float *a, const float *b, uint32_t n);
+void ds_dot8_many(const float *a, const float *b, size_t b_stride, uint32_t m, uint32_t n,
+                  float *out);
+void ds_wsum(const float *w, const float *e, size_t e_stride, uint32_t m, uint32_t n, float *out);
+void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,
+                      size_t a_stride, uint32_t n, float *out, size_t out_stride);
+void ds_weight_dot8_rows(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,
+                         size_t v_stride, uint32_t n, float *out, size_t out_stride);
+/* A 64-byte aligned buffer of at least n floats owned by the calling thread, kept (and grown)
+ * between calls so hot loops allocate nothing once warm; freed when the thread exits. Slot 0 is
+ * used inside the matmul kernels, slot 1 by the attention; the pointer is valid until the next
+ * call with the same slot on the same thread. */
+float *ds_thread_scratch(unsigned slot, size_t n);
+/* True when the AVX2+FMA+F16C kernels run (the CPU has them and the portable kernel is not
+ * forced). */
+bool ds_tensor_use_avx2(void);
 
 #endif

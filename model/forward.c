@@ -8,6 +8,9 @@
 
 #include "model_impl.h"
 
+/* config.c bounds qk_rope_head_dim by this */
+#define DS_MAX_ROPE_DIM 4096
+
 /* ---- helpers ---- */
 
 static void rmsnorm(const float *x, const float *w, uint32_t d, double eps, float *out)
@@ -18,20 +21,6 @@ static void rmsnorm(const float *x, const float *w, uint32_t d, double eps, floa
     float r = (float)(1.0 / sqrt(ss / d + eps));
     for (uint32_t i = 0; i < d; i++)
         out[i] = w[i] * (x[i] * r);
-}
-
-/* Fixed-order dot product (same lane structure as the matmul kernel). */
-static float dotf(const float *a, const float *b, uint32_t n)
-{
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    uint32_t n8 = n & ~7u;
-    for (uint32_t c = 0; c < n8; c += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] = fmaf(a[c + j], b[c + j], acc[j]);
-    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    for (uint32_t c = n8; c < n; c++)
-        s = fmaf(a[c], b[c], s);
-    return s;
 }
 
 static double yarn_mscale(double scale, double m)
@@ -76,15 +65,24 @@ int ds_rope_init(const ds_model_config *c, ds_rope *r)
     return 0;
 }
 
-/* Rotates adjacent pairs (x[2i], x[2i+1]) by pos * inv_freq[i]. */
-static void rope_apply(const ds_rope *r, uint32_t dim, uint32_t pos, float *x)
+/* cos/sin of pos * inv_freq[i] (times the YaRN attention factor) for the dr/2 pairs of one
+ * position: computed once per row, applied to k_pe and every head's q_pe. */
+static void rope_coefs(const ds_rope *r, uint32_t dim, uint32_t pos, float *cs, float *sn)
 {
     for (uint32_t i = 0; i < dim / 2; i++) {
         float ang = (float)pos * (float)r->inv_freq[i];
-        float cs = (float)(cos(ang) * r->attn_factor), sn = (float)(sin(ang) * r->attn_factor);
+        cs[i] = (float)(cos(ang) * r->attn_factor);
+        sn[i] = (float)(sin(ang) * r->attn_factor);
+    }
+}
+
+/* Rotates adjacent pairs (x[2i], x[2i+1]) by the angle whose cos/sin rope_coefs gave. */
+static void rope_apply(const float *cs, const float *sn, uint32_t dim, float *x)
+{
+    for (uint32_t i = 0; i < dim / 2; i++) {
         float a = x[2 * i], b = x[2 * i + 1];
-        x[2 * i] = a * cs - b * sn;
-        x[2 * i + 1] = a * sn + b * cs;
+        x[2 * i] = a * cs[i] - b * sn[i];
+        x[2 * i + 1] = a * sn[i] + b * cs[i];
     }
 }
 
@@ -203,61 +201,55 @@ typedef struct attn_ctx {
     uint32_t layer;
     const float *q; /* [n, H*(dn+dr)] roped */
     float *att;     /* [n, H*dv] */
-    int failed;
+    uint32_t t_max; /* longest cache any row reads */
 } attn_ctx;
 
-/* One (row, head): absorbed MLA against the row's cache. */
+/* Rows per attention task: W_UK / W_UV rows are widened once for that many query rows. */
+#define ATTN_ROWS 3
+
+/* Head h for up to ATTN_ROWS consecutive rows: absorbed MLA against each row's cache.
+ * Per row: q_lat = q_nopeᵀ W_UK[h] (one fmaf chain over d per latent), scores
+ * (q_lat·c_t + q_pe·k_pe_t) · scale (8-lane dots), softmax, o_lat = Σ_t p_t c_t (one chain over
+ * t), out = W_UV[h] o_lat (8-lane dots): the same order whatever the batch or the threads. */
 static void attn_task(void *arg, uint32_t t)
 {
     attn_ctx *a = arg;
     const ds_model_config *c = &a->m->cfg;
     uint32_t H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
-    uint32_t dv = c->v_head_dim, C = c->kv_lora_rank;
-    uint32_t i = t / H, h = t % H;
-    const ds_kv_cache *kv = a->caches[i];
-    const float *cache = kv->data[a->layer - kv->layer_begin];
-    uint32_t T = a->pos[i] + 1;
-    const float *q = a->q + (size_t)i * H * (dn + dr) + (size_t)h * (dn + dr);
-    float *buf = malloc(((size_t)C * 2 + T + dv + C) * sizeof(float));
-    if (!buf) {
-        a->failed = -ENOMEM;
-        return;
-    }
-    float *qlat = buf, *olat = buf + C, *p = buf + 2 * (size_t)C, *wrow = p + T;
-    /* q_lat[c] = sum_d q_nope[d] * W_UK[h][d][c], d ascending */
-    memset(qlat, 0, C * sizeof(float));
-    for (uint32_t d = 0; d < dn; d++) {
-        ds_weight_row_f32(&a->L->kv_b, h * (dn + dv) + d, wrow);
-        for (uint32_t cc = 0; cc < C; cc++)
-            qlat[cc] = fmaf(q[d], wrow[cc], qlat[cc]);
-    }
+    uint32_t dv = c->v_head_dim, C = c->kv_lora_rank, qw = H * (dn + dr);
+    uint32_t blocks = (a->n + ATTN_ROWS - 1) / ATTN_ROWS;
+    uint32_t h = t / blocks, i0 = (t % blocks) * ATTN_ROWS;
+    uint32_t nr = a->n - i0 < ATTN_ROWS ? a->n - i0 : ATTN_ROWS;
+    float *qlat = ds_thread_scratch(1, (size_t)2 * ATTN_ROWS * C + 2 * (size_t)a->t_max);
+    float *olat = qlat + (size_t)ATTN_ROWS * C, *p = olat + (size_t)ATTN_ROWS * C;
+    float *pe = p + a->t_max;
+    const float *q0 = a->q + (size_t)i0 * qw + (size_t)h * (dn + dr);
+    ds_weight_vecmat(&a->L->kv_b, h * (dn + dv), dn, q0, qw, nr, qlat, C);
     float scale = (float)a->m->rope.softmax_scale;
-    float mx = -INFINITY;
-    for (uint32_t s = 0; s < T; s++) {
-        const float *e = cache + (size_t)s * kv->width;
-        float sc = dotf(qlat, e, C) + dotf(q + dn, e + C, dr);
-        p[s] = sc * scale;
-        if (p[s] > mx)
-            mx = p[s];
+    for (uint32_t r = 0; r < nr; r++) {
+        uint32_t i = i0 + r;
+        const ds_kv_cache *kv = a->caches[i];
+        const float *cache = kv->data[a->layer - kv->layer_begin];
+        uint32_t T = a->pos[i] + 1;
+        ds_dot8_many(qlat + (size_t)r * C, cache, kv->width, T, C, p);
+        ds_dot8_many(q0 + (size_t)r * qw + dn, cache + C, kv->width, T, dr, pe);
+        float mx = -INFINITY;
+        for (uint32_t s = 0; s < T; s++) {
+            p[s] = (p[s] + pe[s]) * scale;
+            if (p[s] > mx)
+                mx = p[s];
+        }
+        float sum = 0;
+        for (uint32_t s = 0; s < T; s++) {
+            p[s] = expf(p[s] - mx);
+            sum += p[s];
+        }
+        for (uint32_t s = 0; s < T; s++)
+            p[s] = p[s] / sum;
+        ds_wsum(p, cache, kv->width, T, C, olat + (size_t)r * C);
     }
-    float sum = 0;
-    for (uint32_t s = 0; s < T; s++) {
-        p[s] = expf(p[s] - mx);
-        sum += p[s];
-    }
-    memset(olat, 0, C * sizeof(float));
-    for (uint32_t s = 0; s < T; s++) {
-        const float *e = cache + (size_t)s * kv->width;
-        float w = p[s] / sum;
-        for (uint32_t cc = 0; cc < C; cc++)
-            olat[cc] = fmaf(w, e[cc], olat[cc]);
-    }
-    float *out = a->att + (size_t)i * H * dv + (size_t)h * dv;
-    for (uint32_t j = 0; j < dv; j++) {
-        ds_weight_row_f32(&a->L->kv_b, h * (dn + dv) + dn + j, wrow);
-        out[j] = dotf(wrow, olat, C);
-    }
-    free(buf);
+    ds_weight_dot8_rows(&a->L->kv_b, h * (dn + dv) + dn, dv, olat, C, nr,
+                        a->att + (size_t)i0 * H * dv + (size_t)h * dv, (size_t)H * dv);
 }
 
 int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *x, uint32_t n,
@@ -316,12 +308,14 @@ int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *
         ds_weight_matmul(&L->q_b, xn, n, q, pool);
     }
     ds_weight_matmul(&L->kv_a, xn, n, kva, pool);
+    float cs[DS_MAX_ROPE_DIM / 2], sn[DS_MAX_ROPE_DIM / 2];
     for (uint32_t i = 0; i < n; i++) {
         float *kr = kva + (size_t)i * kvw;
         rmsnorm(kr, L->kv_a_norm, C, 1e-6, kr);
-        rope_apply(&m->rope, dr, positions[i], kr + C);
+        rope_coefs(&m->rope, dr, positions[i], cs, sn);
+        rope_apply(cs, sn, dr, kr + C);
         for (uint32_t h = 0; h < H; h++)
-            rope_apply(&m->rope, dr, positions[i], q + (size_t)i * qw + h * (dn + dr) + dn);
+            rope_apply(cs, sn, dr, q + (size_t)i * qw + h * (dn + dr) + dn);
     }
     for (uint32_t i = 0; i < n; i++) {
         ds_kv_cache *kv = caches[i];
@@ -334,12 +328,11 @@ int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *
                kvw * sizeof(float));
         kv->len[li] = positions[i] + 1;
     }
-    attn_ctx a = {m, L, n, positions, caches, layer, q, att, 0};
-    ds_pool_run(pool, n * H, attn_task, &a);
-    if (a.failed) {
-        rc = ds_error_set(err, a.failed, "attn[%u]: out of memory", layer);
-        goto out;
-    }
+    uint32_t t_max = 0;
+    for (uint32_t i = 0; i < n; i++)
+        t_max = positions[i] + 1 > t_max ? positions[i] + 1 : t_max;
+    attn_ctx a = {m, L, n, positions, caches, layer, q, att, t_max};
+    ds_pool_run(pool, H * ((n + ATTN_ROWS - 1) / ATTN_ROWS), attn_task, &a);
     ds_weight_matmul(&L->o, att, n, out->hidden, pool);
     for (size_t i = 0; i < (size_t)n * D; i++)
         out->hidden[i] += x[i];

@@ -1,7 +1,7 @@
 /* model.c — opening a checkpoint: binds every tensor the wanted units need, checked against
  * the config (presence, 2-D shape, dtype), with errors naming the file and the tensor. Norm
  * vectors and the router bias are converted once to float32 (they are tiny); linear weights
- * stay at checkpoint precision inside the mapping (F16 is converted to F32 once). */
+ * stay at checkpoint precision inside the mapping (F32, F16, BF16, FP8 + block scales). */
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -144,20 +144,11 @@ static int m_weight(ds_model *m, const char *name, uint32_t rows, uint32_t cols,
         if ((uintptr_t)t->data % 2)
             goto realign;
         return 0;
-    case DS_ST_F16: {
-        float *f = malloc((size_t)rows * cols * sizeof(float) + 1);
-        int rc = m_own(m, f);
-        if (rc < 0)
-            return rc;
-        for (size_t i = 0; i < (size_t)rows * cols; i++) {
-            uint16_t h;
-            memcpy(&h, (const uint8_t *)t->data + 2 * i, 2);
-            f[i] = ds_f16_to_f32(h);
-        }
-        w->dtype = DS_DTYPE_F32;
-        w->data = f;
+    case DS_ST_F16:
+        w->dtype = DS_DTYPE_F16;
+        if ((uintptr_t)t->data % 2)
+            goto realign;
         return 0;
-    }
     case DS_ST_F8_E4M3: {
         char sname[512];
         if (snprintf(sname, sizeof(sname), "%s_scale_inv", name) >= (int)sizeof(sname))

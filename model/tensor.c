@@ -1,15 +1,21 @@
-/* tensor.c — element conversions and the one matmul kernel every linear layer uses.
+/* tensor.c — element conversions and the matmul kernels every linear layer uses.
  *
- * The kernel computes each output element as a dot product with 16 interleaved partial sums
- * (lane j accumulates elements j, j+16, j+32, ... with fmaf), then combines the lanes in a
- * fixed tree and adds the tail in order. The same order runs on every path: an AVX2+FMA kernel
- * chosen at run time and a portable one, so results are identical across machines (the product is
- * built with -ffp-contract=off so the compiler cannot fuse differently). Threads split output
- * rows of W; several input rows share one pass over W's row (weight streaming). BF16 rows are
- * widened in registers (no staging buffer). FP8 with AVX2 (block width a multiple of 16) is
- * dequantised in registers inside the same kernel, the block scale loaded once per block;
- * otherwise FP8 rows go through a row buffer filled one scale block at a time. Either way each
- * weight is the single product fp8 * scale, so the values and the order are those above. */
+ * Every output element is one dot product in the canonical order: 16 interleaved partial sums
+ * (lane j accumulates elements j, j+16, j+32, ... with fmaf), combined a_j = acc_j + acc_{j+8},
+ * then ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)), then the tail elements in order with fmaf. Each lane
+ * is its own chain, so the kernels may interleave lanes, rows and weight rows any way they like
+ * and still give the same bits; they only never split or reorder one lane's chain. Three
+ * kernels run that order:
+ *   - the decode tile (n = 1 or 2 input rows): weight rows widened in registers straight from
+ *     the mapping (BF16 shift, F16 vcvtph2ps, FP8 bit arithmetic times the block scale), 4 or 3
+ *     weight rows at a time so several independent chains and memory streams are in flight;
+ *   - the GEMM tile (n >= 3, prefill): 3 weight rows are widened once into a per-thread f32
+ *     scratch and reused by every pair of input rows of a cache-sized block of X, a 3 x 2
+ *     register tile (12 accumulators) per step;
+ *   - the portable kernel (no AVX2, or forced by tests): the reference, element by element.
+ * Threads split output rows of W, never a sum, so the value of an element does not depend on n,
+ * the other rows, the thread count or the ISA. The library is built with -ffp-contract=off so
+ * the compiler cannot fuse differently between paths. */
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -29,6 +35,70 @@ static pthread_once_t fp8_once = PTHREAD_ONCE_INIT;
 
 static bool force_portable;
 
+/* ---- per-thread scratch (widened weight rows) ----
+ * Grown to the largest size a thread has needed and kept, so the hot path allocates nothing
+ * once warm; freed by the key's destructor when a pool thread exits. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+#define SCRATCH_SLOTS 2
+
+typedef struct scratch {
+    size_t cap[SCRATCH_SLOTS]; /* floats */
+    float *p[SCRATCH_SLOTS];
+} scratch;
+
+static void scratch_free(void *v)
+{
+    scratch *s = v;
+    if (s) {
+        for (int i = 0; i < SCRATCH_SLOTS; i++)
+            free(s->p[i]);
+        free(s);
+    }
+}
+
+static void scratch_key_init(void)
+{
+    (void)pthread_key_create(&scratch_key, scratch_free);
+}
+
+float *ds_thread_scratch(unsigned slot, size_t n)
+{
+    pthread_once(&scratch_once, scratch_key_init);
+    scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof(*s));
+        if (!s || pthread_setspecific(scratch_key, s)) {
+            free(s);
+            abort(); /* a few bytes: failing here means the process is already lost */
+        }
+    }
+    slot %= SCRATCH_SLOTS;
+    if (s->cap[slot] < n) {
+        free(s->p[slot]);
+        size_t cap = n < 4096 ? 4096 : n;
+        if (posix_memalign((void **)&s->p[slot], 64, cap * sizeof(float))) {
+            s->p[slot] = NULL;
+            s->cap[slot] = 0;
+            abort(); /* weight rows or one head's scores: see above */
+        }
+        s->cap[slot] = cap;
+    }
+    return s->p[slot];
+}
+
+/* Slot 0 belongs to the kernels of this file (never held across a call into another). */
+static float *scratch_get(size_t n)
+{
+    return ds_thread_scratch(0, n);
+}
+
+static inline size_t dtype_bytes(enum ds_dtype dt)
+{
+    return dt == DS_DTYPE_F32 ? 4 : dt == DS_DTYPE_F8_E4M3 ? 1 : 2;
+}
+
 static void fp8_dequant_portable(const uint8_t *p, uint32_t len, float scale, float *out)
 {
     for (uint32_t c = 0; c < len; c++)
@@ -38,6 +108,9 @@ static void fp8_dequant_portable(const uint8_t *p, uint32_t len, float scale, fl
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#define KTARGET __attribute__((target("avx2,fma,f16c")))
+#define KINLINE __attribute__((always_inline)) inline
+
 /* 8 bytes -> 8 floats by bit arithmetic (exactly the LUT's values), times the scale: the same
  * products as the portable loop, so bit-identical. E4M3 s.eeee.mmm: normal (e > 0) is the f32
  * with exponent e - 7 + 127 = e + 120 and mantissa m << 20, i.e. ((v & 0x7f) << 20) + (120 << 23)
@@ -45,7 +118,7 @@ static void fp8_dequant_portable(const uint8_t *p, uint32_t len, float scale, fl
  * 0x7f / 0xff are NaN (the LUT's +-NAN); the sign is or-ed in. No f32 denormal is ever an
  * operand: those cost a microcode assist per multiply on common x86 cores (measured 2x slower
  * here with the shorter "bits * 2^120" form), and a gather from the LUT is slower still. */
-__attribute__((target("avx2,fma"))) static inline __m256 fp8x8(const uint8_t *p, __m256 s)
+KTARGET static KINLINE __m256 fp8x8(const uint8_t *p, __m256 s)
 {
     const __m256 sub = _mm256_set1_ps(0x1p-9f);
     const __m256i m7f = _mm256_set1_epi32(0x7f), m78 = _mm256_set1_epi32(0x78);
@@ -65,8 +138,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 fp8x8(const uint8_t *p,
     return _mm256_mul_ps(f, s);
 }
 
-__attribute__((target("avx2,fma"))) static void fp8_dequant_avx2(const uint8_t *p, uint32_t len,
-                                                                 float scale, float *out)
+KTARGET static void fp8_dequant_avx2(const uint8_t *p, uint32_t len, float scale, float *out)
 {
     const __m256 s = _mm256_set1_ps(scale);
     uint32_t c = 0;
@@ -75,9 +147,57 @@ __attribute__((target("avx2,fma"))) static void fp8_dequant_avx2(const uint8_t *
     for (; c < len; c++)
         out[c] = fp8_lut[p[c]] * scale;
 }
+
+/* 8 weights of a row from column c, widened to f32; kind is a constant at every call. */
+KTARGET static KINLINE __m256 widen8(enum ds_dtype kind, const void *row, uint32_t c, __m256 sc)
+{
+    switch (kind) {
+    case DS_DTYPE_F32:
+        return _mm256_loadu_ps((const float *)row + c);
+    case DS_DTYPE_BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + c))),
+            16));
+    case DS_DTYPE_F16:
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + c)));
+    default:
+        return fp8x8((const uint8_t *)row + c, sc);
+    }
+}
+
+/* The canonical combine of 16 lanes (lo = lanes 0-7, hi = 8-15): a = lo + hi, then
+ * ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)). */
+KTARGET static KINLINE float hsum16(__m256 lo, __m256 hi)
+{
+    __m256 a = _mm256_add_ps(lo, hi);
+    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+    return _mm_cvtss_f32(_mm_add_ss(a2, _mm_movehdup_ps(a2)));
+}
+
+KTARGET static KINLINE float fma1(float a, float b, float c)
+{
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
 #endif
 
-static bool use_avx2(void);
+static bool use_avx2(void)
+{
+#if defined(__x86_64__)
+    static int have = -1;
+    if (have < 0)
+        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    return have && !force_portable;
+#else
+    return false;
+#endif
+}
+
+bool ds_tensor_use_avx2(void)
+{
+    return use_avx2();
+}
 
 static void fp8_dequant(const uint8_t *p, uint32_t len, float scale, float *out)
 {
@@ -90,7 +210,7 @@ static void fp8_dequant(const uint8_t *p, uint32_t len, float scale, float *out)
     fp8_dequant_portable(p, len, scale, out);
 }
 
-void ds_weight_row_f32(const ds_weight *w, uint32_t r, float *out)
+static void row_f32_portable(const ds_weight *w, uint32_t r, float *out)
 {
     size_t base = (size_t)r * w->cols;
     switch (w->dtype) {
@@ -101,6 +221,12 @@ void ds_weight_row_f32(const ds_weight *w, uint32_t r, float *out)
         const uint16_t *p = (const uint16_t *)w->data + base;
         for (uint32_t c = 0; c < w->cols; c++)
             out[c] = ds_bf16_to_f32(p[c]);
+        break;
+    }
+    case DS_DTYPE_F16: {
+        const uint16_t *p = (const uint16_t *)w->data + base;
+        for (uint32_t c = 0; c < w->cols; c++)
+            out[c] = ds_f16_to_f32(p[c]);
         break;
     }
     case DS_DTYPE_F8_E4M3: {
@@ -122,18 +248,28 @@ void ds_weight_row_f32(const ds_weight *w, uint32_t r, float *out)
     }
 }
 
-/* Up to DOT_ROWS input rows share one pass over a weight row. */
-#define DOT_ROWS 4
+#if defined(__x86_64__)
+KTARGET static void widen_rows(const ds_weight *w, uint32_t r, uint32_t mr, float *dst);
+#endif
+
+void ds_weight_row_f32(const ds_weight *w, uint32_t r, float *out)
+{
+#if defined(__x86_64__)
+    if (use_avx2() && (w->dtype == DS_DTYPE_BF16 || w->dtype == DS_DTYPE_F16)) {
+        widen_rows(w, r, 1, out);
+        return;
+    }
+#endif
+    row_f32_portable(w, r, out);
+}
 
 void ds_tensor_force_portable(bool on)
 {
     force_portable = on;
 }
 
-/* The canonical order, shared by every path: 16 partial sums, lane j accumulating (fmaf) the
- * elements c = j mod 16 below cols rounded down to 16; then a[j] = acc[j] + acc[j + 8]; then
- * ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)); then the tail elements in order with fmaf. Two
- * independent 8-wide chains hide the FMA latency on one row. */
+/* ---- the portable kernel (reference) ---- */
+
 static inline float lane_sum(const float *acc16)
 {
     float a[8];
@@ -142,125 +278,284 @@ static inline float lane_sum(const float *acc16)
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
-/* Portable path; wr is f32 (F32 weights or a dequantised row), or bf16 when wb != NULL. */
-static void dot_rows_portable(const float *wr, const uint16_t *wb, const float *x, uint32_t cols,
-                              uint32_t nr, float *out, size_t out_stride)
+/* Rows [r0, r1) of y = W x for n input rows, element by element (FP8 through a row buffer). */
+static void mm_rows_portable(const ds_weight *w, const float *x, uint32_t n, float *y,
+                             uint32_t r0, uint32_t r1)
 {
-    uint32_t c16 = cols & ~15u;
-    for (uint32_t i = 0; i < nr; i++) {
-        const float *xi = x + (size_t)i * cols;
-        float acc[16] = {0};
-        for (uint32_t c = 0; c < c16; c++) {
-            float w = wb ? ds_bf16_to_f32(wb[c]) : wr[c];
-            acc[c & 15] = fmaf(w, xi[c], acc[c & 15]);
-        }
-        float s = lane_sum(acc);
-        for (uint32_t c = c16; c < cols; c++)
-            s = fmaf(wb ? ds_bf16_to_f32(wb[c]) : wr[c], xi[c], s);
-        out[i * out_stride] = s;
-    }
-}
-
-#if defined(__x86_64__)
-/* FP8 source of the fused kernel: the row's bytes, its block scales and the block width (a
- * multiple of 16, so a 16-column step never straddles two scales). */
-typedef struct fp8_row {
-    const uint8_t *p;   /* [cols] E4M3 bytes, NULL when the row is not FP8 */
-    const float *scale; /* [ceil(cols / bc)] scale_inv of this row's block row */
-    uint32_t bc;        /* block_cols */
-} fp8_row;
-
-__attribute__((target("avx2,fma"))) static inline __m256 load8(const float *wr, const uint16_t *wb,
-                                                               uint32_t c)
-{
-    if (wb)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + c))), 16));
-    return _mm256_loadu_ps(wr + c);
-}
-
-__attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *wr, const uint16_t *wb,
-                                                              const fp8_row *f8, const float *x,
-                                                              uint32_t cols, uint32_t nr,
-                                                              float *out, size_t out_stride)
-{
-    __m256 sc = _mm256_setzero_ps();
-    uint32_t next_block = 0, blk = 0;
-    uint32_t c16 = cols & ~15u;
-    __m256 lo[DOT_ROWS], hi[DOT_ROWS];
-    for (uint32_t i = 0; i < DOT_ROWS; i++)
-        lo[i] = hi[i] = _mm256_setzero_ps();
-    for (uint32_t c = 0; c < c16; c += 16) {
-        __m256 w0, w1;
-        if (f8) {
-            /* Dequantised in registers: the same products fp8 * scale as the row buffer. */
-            if (c == next_block) {
-                sc = _mm256_set1_ps(f8->scale[blk++]);
-                next_block += f8->bc;
-            }
-            w0 = fp8x8(f8->p + c, sc);
-            w1 = fp8x8(f8->p + c + 8, sc);
+    uint32_t cols = w->cols, c16 = cols & ~15u;
+    float *buf = NULL;
+    if (w->dtype != DS_DTYPE_F32)
+        buf = scratch_get(cols);
+    for (uint32_t r = r0; r < r1; r++) {
+        const float *wr;
+        if (w->dtype == DS_DTYPE_F32) {
+            wr = (const float *)w->data + (size_t)r * cols;
         } else {
-            w0 = load8(wr, wb, c);
-            w1 = load8(wr, wb, c + 8);
+            ds_weight_row_f32(w, r, buf); /* exact widening: the same values as in registers */
+            wr = buf;
         }
-        switch (nr) {
-        case 4:
-            lo[3] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 3 * (size_t)cols + c), lo[3]);
-            hi[3] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 3 * (size_t)cols + c + 8), hi[3]);
-            /* fall through */
-        case 3:
-            lo[2] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 2 * (size_t)cols + c), lo[2]);
-            hi[2] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 2 * (size_t)cols + c + 8), hi[2]);
-            /* fall through */
-        case 2:
-            lo[1] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)cols + c), lo[1]);
-            hi[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + (size_t)cols + c + 8), hi[1]);
-            /* fall through */
-        default:
-            lo[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c), lo[0]);
-            hi[0] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c + 8), hi[0]);
+        for (uint32_t i = 0; i < n; i++) {
+            const float *xi = x + (size_t)i * cols;
+            float acc[16] = {0};
+            for (uint32_t c = 0; c < c16; c++)
+                acc[c & 15] = fmaf(wr[c], xi[c], acc[c & 15]);
+            float s = lane_sum(acc);
+            for (uint32_t c = c16; c < cols; c++)
+                s = fmaf(wr[c], xi[c], s);
+            y[(size_t)i * w->rows + r] = s;
         }
-    }
-    for (uint32_t i = 0; i < nr; i++) {
-        float a[16];
-        _mm256_storeu_ps(a, lo[i]);
-        _mm256_storeu_ps(a + 8, hi[i]);
-        float s = lane_sum(a);
-        const float *xi = x + (size_t)i * cols;
-        for (uint32_t c = c16; c < cols; c++) {
-            float wv = f8   ? fp8_lut[f8->p[c]] * f8->scale[c / f8->bc]
-                       : wb ? ds_bf16_to_f32(wb[c])
-                            : wr[c];
-            s = fmaf(wv, xi[c], s);
-        }
-        out[i * out_stride] = s;
     }
 }
-#endif
 
-static bool use_avx2(void)
-{
 #if defined(__x86_64__)
-    static int have = -1;
-    if (have < 0)
-        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return have && !force_portable;
-#else
-    return false;
-#endif
+/* ---- the AVX2 kernels ---- */
+
+/* Where one weight row's bytes and (FP8) block scales are. */
+typedef struct wsrc {
+    const void *row;    /* start of the row */
+    const float *scale; /* FP8: this row's block row of scale_inv, else NULL */
+} wsrc;
+
+/* Scalar weight (tails): the same value as the vector widening and the portable row. */
+static inline float wval(enum ds_dtype kind, const wsrc *s, uint32_t c, uint32_t bc)
+{
+    switch (kind) {
+    case DS_DTYPE_F32:
+        return ((const float *)s->row)[c];
+    case DS_DTYPE_BF16:
+        return ds_bf16_to_f32(((const uint16_t *)s->row)[c]);
+    case DS_DTYPE_F16:
+        return ds_f16_to_f32(((const uint16_t *)s->row)[c]);
+    default:
+        return fp8_lut[((const uint8_t *)s->row)[c]] * s->scale[c / bc];
+    }
 }
 
-static void dot_rows(const float *wr, const uint16_t *wb, const float *x, uint32_t cols,
-                     uint32_t nr, float *out, size_t out_stride)
+/* MR weight rows x NR input rows, lanes over [0, c16), then combine + tail. Block step bs: the
+ * FP8 block width (a multiple of 16, the scale is constant inside), else c16. MR, NR, kind are
+ * constants at each call site, so the arrays live in registers. */
+KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, const wsrc *ws,
+                                 uint32_t bc, const float *x, uint32_t cols, float *y,
+                                 size_t ystride)
 {
+    __m256 lo[4][3], hi[4][3];
+    uint32_t c16 = cols & ~15u;
+#pragma GCC unroll 4
+    for (uint32_t m = 0; m < MR; m++)
+#pragma GCC unroll 3
+        for (uint32_t i = 0; i < NR; i++)
+            lo[m][i] = hi[m][i] = _mm256_setzero_ps();
+    uint32_t bs = kind == DS_DTYPE_F8_E4M3 ? bc : (c16 ? c16 : 16);
+    for (uint32_t cb = 0, blk = 0; cb < c16; cb += bs, blk++) {
+        __m256 sc[4];
+        uint32_t ce = cb + bs < c16 ? cb + bs : c16;
+#pragma GCC unroll 4
+        for (uint32_t m = 0; m < MR; m++)
+            sc[m] = kind == DS_DTYPE_F8_E4M3 ? _mm256_set1_ps(ws[m].scale[blk])
+                                             : _mm256_setzero_ps();
+        for (uint32_t c = cb; c < ce; c += 16) {
+            __m256 xv[3];
+#pragma GCC unroll 3
+            for (uint32_t i = 0; i < NR; i++)
+                xv[i] = _mm256_loadu_ps(x + (size_t)i * cols + c);
+#pragma GCC unroll 4
+            for (uint32_t m = 0; m < MR; m++) {
+                __m256 wv = widen8(kind, ws[m].row, c, sc[m]);
+#pragma GCC unroll 3
+                for (uint32_t i = 0; i < NR; i++)
+                    lo[m][i] = _mm256_fmadd_ps(wv, xv[i], lo[m][i]);
+            }
+#pragma GCC unroll 3
+            for (uint32_t i = 0; i < NR; i++)
+                xv[i] = _mm256_loadu_ps(x + (size_t)i * cols + c + 8);
+#pragma GCC unroll 4
+            for (uint32_t m = 0; m < MR; m++) {
+                __m256 wv = widen8(kind, ws[m].row, c + 8, sc[m]);
+#pragma GCC unroll 3
+                for (uint32_t i = 0; i < NR; i++)
+                    hi[m][i] = _mm256_fmadd_ps(wv, xv[i], hi[m][i]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (uint32_t m = 0; m < MR; m++)
+#pragma GCC unroll 3
+        for (uint32_t i = 0; i < NR; i++) {
+            float s = hsum16(lo[m][i], hi[m][i]);
+            const float *xi = x + (size_t)i * cols;
+            for (uint32_t c = c16; c < cols; c++)
+                s = fma1(wval(kind, &ws[m], c, bc), xi[c], s);
+            y[(size_t)i * ystride + m] = s;
+        }
+}
+
+/* Decode: n = 1 (4 weight rows per step) or n = 2 (3 per step), widened in registers. */
+#define DECODE_KERNEL(NAME, KIND)                                                                 \
+    KTARGET static void NAME(const ds_weight *w, const float *x, uint32_t n, float *y,          \
+                             uint32_t r0, uint32_t r1)                                           \
+    {                                                                                            \
+        uint32_t cols = w->cols, nbc = 0;                                                        \
+        size_t rb = (size_t)cols * dtype_bytes(KIND);                                            \
+        if (KIND == DS_DTYPE_F8_E4M3)                                                            \
+            nbc = (cols + w->block_cols - 1) / w->block_cols;                                    \
+        uint32_t step = n == 1 ? 4 : 3, r = r0;                                                  \
+        wsrc ws[4];                                                                              \
+        for (; r < r1; r += step) {                                                              \
+            uint32_t mr = r1 - r < step ? r1 - r : step;                                         \
+            for (uint32_t m = 0; m < mr; m++) {                                                  \
+                ws[m].row = (const uint8_t *)w->data + (size_t)(r + m) * rb;                     \
+                ws[m].scale = KIND == DS_DTYPE_F8_E4M3                                           \
+                                  ? w->scale_inv + (size_t)((r + m) / w->block_rows) * nbc       \
+                                  : NULL;                                                        \
+            }                                                                                    \
+            float *yr = y + r;                                                                   \
+            if (n == 1 && mr == 4)                                                               \
+                tile(KIND, 4, 1, ws, w->block_cols, x, cols, yr, w->rows);                       \
+            else if (n == 2 && mr == 3)                                                          \
+                tile(KIND, 3, 2, ws, w->block_cols, x, cols, yr, w->rows);                       \
+            else                                                                                 \
+                for (uint32_t m = 0; m < mr; m++)                                                \
+                    for (uint32_t i = 0; i < n; i++)                                             \
+                        tile(KIND, 1, 1, ws + m, w->block_cols, x + (size_t)i * cols, cols,      \
+                             yr + (size_t)i * w->rows + m, w->rows);                             \
+        }                                                                                        \
+    }
+
+DECODE_KERNEL(decode_f32, DS_DTYPE_F32)
+DECODE_KERNEL(decode_bf16, DS_DTYPE_BF16)
+DECODE_KERNEL(decode_f16, DS_DTYPE_F16)
+DECODE_KERNEL(decode_fp8, DS_DTYPE_F8_E4M3)
+
+/* Widens rows [r, r + mr) into f32 rows of the scratch (stride cols): exactly the values the
+ * registers would hold (FP8: the products fp8 * scale). */
+KTARGET static void widen_rows(const ds_weight *w, uint32_t r, uint32_t mr, float *dst)
+{
+    uint32_t cols = w->cols, c8 = cols & ~7u;
+    for (uint32_t m = 0; m < mr; m++) {
+        float *d = dst + (size_t)m * cols;
+        size_t base = (size_t)(r + m) * cols;
+        switch (w->dtype) {
+        case DS_DTYPE_BF16: {
+            const uint16_t *p = (const uint16_t *)w->data + base;
+            uint32_t c = 0;
+            for (; c < c8; c += 8)
+                _mm256_storeu_ps(d + c, widen8(DS_DTYPE_BF16, p, c, _mm256_setzero_ps()));
+            for (; c < cols; c++)
+                d[c] = ds_bf16_to_f32(p[c]);
+            break;
+        }
+        case DS_DTYPE_F16: {
+            const uint16_t *p = (const uint16_t *)w->data + base;
+            uint32_t c = 0;
+            for (; c < c8; c += 8)
+                _mm256_storeu_ps(d + c, widen8(DS_DTYPE_F16, p, c, _mm256_setzero_ps()));
+            for (; c < cols; c++)
+                d[c] = ds_f16_to_f32(p[c]);
+            break;
+        }
+        default:
+            row_f32_portable(w, r + m, d);
+        }
+    }
+}
+
+/* Prefill: n >= 3. Per block of input rows that fits in L2 beside the widened rows, per 3
+ * weight rows: widen once, then a 3 x 2 register tile over every pair of input rows. */
+KTARGET static void gemm_rows(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
+                              uint32_t r1)
+{
+    uint32_t cols = w->cols;
+    size_t xrow = (size_t)cols * sizeof(float);
+    uint32_t nb = (uint32_t)((192u << 10) / (xrow ? xrow : 1));
+    nb = nb < 4 ? 4 : nb & ~1u;
+    float *buf = w->dtype == DS_DTYPE_F32 ? NULL : scratch_get((size_t)3 * cols);
+    wsrc ws[3];
+    for (uint32_t i0 = 0; i0 < n; i0 += nb) {
+        uint32_t i1 = i0 + nb < n ? i0 + nb : n;
+        for (uint32_t r = r0; r < r1; r += 3) {
+            uint32_t mr = r1 - r < 3 ? r1 - r : 3;
+            if (buf)
+                widen_rows(w, r, mr, buf);
+            for (uint32_t m = 0; m < mr; m++) {
+                ws[m].row = buf ? (const void *)(buf + (size_t)m * cols)
+                                : (const void *)((const float *)w->data + (size_t)(r + m) * cols);
+                ws[m].scale = NULL;
+            }
+            for (uint32_t i = i0; i < i1; i += 2) {
+                uint32_t nr = i1 - i < 2 ? 1 : 2;
+                const float *xi = x + (size_t)i * cols;
+                float *yi = y + (size_t)i * w->rows + r;
+                if (mr == 3 && nr == 2)
+                    tile(DS_DTYPE_F32, 3, 2, ws, 0, xi, cols, yi, w->rows);
+                else if (mr == 3)
+                    tile(DS_DTYPE_F32, 3, 1, ws, 0, xi, cols, yi, w->rows);
+                else
+                    for (uint32_t m = 0; m < mr; m++)
+                        for (uint32_t j = 0; j < nr; j++)
+                            tile(DS_DTYPE_F32, 1, 1, ws + m, 0, xi + (size_t)j * cols, cols,
+                                 yi + (size_t)j * w->rows + m, w->rows);
+            }
+        }
+    }
+}
+
+KTARGET static void f32_row_dot(const wsrc *ws, const float *x, uint32_t cols, float *y)
+{
+    tile(DS_DTYPE_F32, 1, 1, ws, 0, x, cols, y, 0);
+}
+
+static bool fp8_fusable(const ds_weight *w)
+{
+    return w->block_cols >= 16 && w->block_cols % 16 == 0;
+}
+#endif
+
+void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
+                           uint32_t r1)
+{
+    if (n == 0 || r0 >= r1)
+        return;
+    if (w->dtype == DS_DTYPE_F8_E4M3)
+        pthread_once(&fp8_once, fp8_lut_init);
 #if defined(__x86_64__)
     if (use_avx2()) {
-        dot_rows_avx2(wr, wb, NULL, x, cols, nr, out, out_stride);
-        return;
+        if (n >= 3) {
+            gemm_rows(w, x, n, y, r0, r1);
+            return;
+        }
+        switch (w->dtype) {
+        case DS_DTYPE_F32:
+            decode_f32(w, x, n, y, r0, r1);
+            return;
+        case DS_DTYPE_BF16:
+            decode_bf16(w, x, n, y, r0, r1);
+            return;
+        case DS_DTYPE_F16:
+            decode_f16(w, x, n, y, r0, r1);
+            return;
+        case DS_DTYPE_F8_E4M3:
+            if (fp8_fusable(w)) {
+                decode_fp8(w, x, n, y, r0, r1);
+                return;
+            }
+            /* odd block widths: one widened row at a time through the F32 tile */
+            {
+                float *buf = scratch_get(w->cols);
+                wsrc ws = {buf, NULL};
+                for (uint32_t r = r0; r < r1; r++) {
+                    ds_weight_row_f32(w, r, buf);
+                    for (uint32_t i = 0; i < n; i++)
+                        f32_row_dot(&ws, x + (size_t)i * w->cols, w->cols,
+                                    y + (size_t)i * w->rows + r);
+                }
+            }
+            return;
+        default:
+            break;
+        }
     }
 #endif
-    dot_rows_portable(wr, wb, x, cols, nr, out, out_stride);
+    mm_rows_portable(w, x, n, y, r0, r1);
 }
 
 typedef struct mm_ctx {
@@ -274,64 +569,293 @@ typedef struct mm_ctx {
 static void mm_task(void *arg, uint32_t t)
 {
     mm_ctx *m = arg;
-    const ds_weight *w = m->w;
     uint32_t r0 = t * m->rows_per_task;
-    uint32_t r1 = r0 + m->rows_per_task < w->rows ? r0 + m->rows_per_task : w->rows;
-#if defined(__x86_64__)
-    /* FP8 with AVX2: dequantised in registers inside the dot kernel (no row buffer). */
-    if (w->dtype == DS_DTYPE_F8_E4M3 && w->block_cols >= 16 && w->block_cols % 16 == 0 &&
-        use_avx2()) {
-        uint32_t nbc = (w->cols + w->block_cols - 1) / w->block_cols;
-        for (uint32_t r = r0; r < r1; r++) {
-            fp8_row f = {(const uint8_t *)w->data + (size_t)r * w->cols,
-                         w->scale_inv + (size_t)(r / w->block_rows) * nbc, w->block_cols};
-            for (uint32_t i = 0; i < m->n; i += DOT_ROWS) {
-                uint32_t nr = m->n - i < DOT_ROWS ? m->n - i : DOT_ROWS;
-                dot_rows_avx2(NULL, NULL, &f, m->x + (size_t)i * w->cols, w->cols, nr,
-                              m->y + (size_t)i * w->rows + r, w->rows);
-            }
-        }
-        return;
-    }
-#endif
-    float *buf = NULL;
-    if (w->dtype == DS_DTYPE_F8_E4M3) {
-        buf = malloc(w->cols * sizeof(float));
-        if (!buf)
-            abort(); /* a few KB: failing here means the process is already lost */
-    }
-    for (uint32_t r = r0; r < r1; r++) {
-        const float *wr = NULL;
-        const uint16_t *wb = NULL;
-        if (w->dtype == DS_DTYPE_F32)
-            wr = (const float *)w->data + (size_t)r * w->cols;
-        else if (w->dtype == DS_DTYPE_BF16)
-            wb = (const uint16_t *)w->data + (size_t)r * w->cols;
-        else {
-            ds_weight_row_f32(w, r, buf);
-            wr = buf;
-        }
-        for (uint32_t i = 0; i < m->n; i += DOT_ROWS) {
-            uint32_t nr = m->n - i < DOT_ROWS ? m->n - i : DOT_ROWS;
-            dot_rows(wr, wb, m->x + (size_t)i * w->cols, w->cols, nr,
-                     m->y + (size_t)i * w->rows + r, w->rows);
-        }
-    }
-    free(buf);
+    uint32_t r1 = r0 + m->rows_per_task < m->w->rows ? r0 + m->rows_per_task : m->w->rows;
+    ds_weight_matmul_rows(m->w, m->x, m->n, m->y, r0, r1);
+}
+
+uint32_t ds_weight_matmul_task_rows(const ds_weight *w, uint32_t n, uint32_t threads)
+{
+    uint32_t tasks = threads * 4;
+    /* Enough rows per task to amortise the hand-out, small enough to balance; a multiple of
+     * 12 so the 4-row (decode) and 3-row (prefill) tiles stay whole. */
+    uint32_t rpt = (w->rows + tasks - 1) / tasks;
+    uint32_t min = n >= 3 ? 24 : 48;
+    if (rpt < min)
+        rpt = min;
+    return (rpt + 11) / 12 * 12;
 }
 
 void ds_weight_matmul(const ds_weight *w, const float *x, uint32_t n, float *y, ds_pool *pool)
 {
     if (n == 0 || w->rows == 0)
         return;
-    if (w->dtype == DS_DTYPE_F8_E4M3)
-        pthread_once(&fp8_once, fp8_lut_init);
     uint32_t threads = ds_pool_size(pool);
-    uint32_t tasks = threads * 4;
-    /* Enough rows per task to amortise the hand-out, small enough to balance. */
-    uint32_t rpt = (w->rows + tasks - 1) / tasks;
-    if (rpt < 16)
-        rpt = 16;
+    if (threads == 1) {
+        ds_weight_matmul_rows(w, x, n, y, 0, w->rows);
+        return;
+    }
+    uint32_t rpt = ds_weight_matmul_task_rows(w, n, threads);
     mm_ctx m = {w, x, n, y, rpt};
     ds_pool_run(pool, (w->rows + rpt - 1) / rpt, mm_task, &m);
+}
+
+/* ---- attention helpers: the 8-lane dot of forward.c and the transposed product ----
+ * ds_dot8's order: 8 partial sums (lane j takes elements j, j+8, ...), then
+ * ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)), then the tail in order. ds_vecmat's: each output a
+ * single fmaf chain over the weight rows in ascending order starting at +0. */
+
+static float dot8_portable(const float *a, const float *b, uint32_t n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint32_t n8 = n & ~7u;
+    for (uint32_t c = 0; c < n8; c += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] = fmaf(a[c + j], b[c + j], acc[j]);
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (uint32_t c = n8; c < n; c++)
+        s = fmaf(a[c], b[c], s);
+    return s;
+}
+
+#if defined(__x86_64__)
+KTARGET static KINLINE float hsum8(__m256 a)
+{
+    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+    return _mm_cvtss_f32(_mm_add_ss(a2, _mm_movehdup_ps(a2)));
+}
+
+/* MB rows of b (stride bs) against a, 8 lanes each: MB independent chains. */
+KTARGET static KINLINE void dot8_tile(uint32_t MB, const float *a, const float *b, size_t bs,
+                                      uint32_t n, float *out)
+{
+    __m256 acc[4];
+    uint32_t n8 = n & ~7u;
+#pragma GCC unroll 4
+    for (uint32_t t = 0; t < MB; t++)
+        acc[t] = _mm256_setzero_ps();
+    for (uint32_t c = 0; c < n8; c += 8) {
+        __m256 av = _mm256_loadu_ps(a + c);
+#pragma GCC unroll 4
+        for (uint32_t t = 0; t < MB; t++)
+            acc[t] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + t * bs + c), acc[t]);
+    }
+#pragma GCC unroll 4
+    for (uint32_t t = 0; t < MB; t++) {
+        float s = hsum8(acc[t]);
+        for (uint32_t c = n8; c < n; c++)
+            s = fma1(a[c], b[t * bs + c], s);
+        out[t] = s;
+    }
+}
+
+KTARGET static void dot8_many_avx2(const float *a, const float *b, size_t bs, uint32_t m,
+                                   uint32_t n, float *out)
+{
+    uint32_t t = 0;
+    for (; t + 4 <= m; t += 4)
+        dot8_tile(4, a, b + t * bs, bs, n, out + t);
+    for (; t < m; t++)
+        dot8_tile(1, a, b + t * bs, bs, n, out + t);
+}
+
+/* out[c] = sum_t w[t] * e[t][c] over 64 columns at a time (8 chains), then 8, then scalars. */
+KTARGET static void wsum_avx2(const float *w, const float *e, size_t es, uint32_t m, uint32_t n,
+                              float *out)
+{
+    uint32_t c = 0;
+    for (; c + 64 <= n; c += 64) {
+        __m256 acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_setzero_ps();
+        for (uint32_t t = 0; t < m; t++) {
+            __m256 wv = _mm256_set1_ps(w[t]);
+            const float *et = e + t * es + c;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(et + 8 * j), acc[j]);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            _mm256_storeu_ps(out + c + 8 * j, acc[j]);
+    }
+    for (; c + 8 <= n; c += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (uint32_t t = 0; t < m; t++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), _mm256_loadu_ps(e + t * es + c), acc);
+        _mm256_storeu_ps(out + c, acc);
+    }
+    for (; c < n; c++) {
+        float s = 0;
+        for (uint32_t t = 0; t < m; t++)
+            s = fma1(w[t], e[t * es + c], s);
+        out[c] = s;
+    }
+}
+#endif
+
+float ds_dot8(const float *a, const float *b, uint32_t n)
+{
+    float s;
+    ds_dot8_many(a, b, 0, 1, n, &s);
+    return s;
+}
+
+void ds_dot8_many(const float *a, const float *b, size_t b_stride, uint32_t m, uint32_t n,
+                  float *out)
+{
+#if defined(__x86_64__)
+    if (use_avx2()) {
+        dot8_many_avx2(a, b, b_stride, m, n, out);
+        return;
+    }
+#endif
+    for (uint32_t t = 0; t < m; t++)
+        out[t] = dot8_portable(a, b + t * b_stride, n);
+}
+
+void ds_wsum(const float *w, const float *e, size_t e_stride, uint32_t m, uint32_t n, float *out)
+{
+#if defined(__x86_64__)
+    if (use_avx2()) {
+        wsum_avx2(w, e, e_stride, m, n, out);
+        return;
+    }
+#endif
+    for (uint32_t c = 0; c < n; c++)
+        out[c] = 0;
+    for (uint32_t t = 0; t < m; t++)
+        for (uint32_t c = 0; c < n; c++)
+            out[c] = fmaf(w[t], e[t * e_stride + c], out[c]);
+}
+
+#if defined(__x86_64__)
+/* out_i[c] for NV vectors and CW*8 columns from c0: chains over d in registers. */
+KTARGET static KINLINE void vecmat_tile(enum ds_dtype kind, uint32_t CW, uint32_t NV,
+                                        const ds_weight *w, uint32_t r0, uint32_t nr,
+                                        const float *a, size_t as, uint32_t c0, float *out,
+                                        size_t os)
+{
+    __m256 acc[3][8];
+    size_t rb = (size_t)w->cols * dtype_bytes(kind);
+    uint32_t nbc = kind == DS_DTYPE_F8_E4M3 ? (w->cols + w->block_cols - 1) / w->block_cols : 0;
+#pragma GCC unroll 3
+    for (uint32_t i = 0; i < NV; i++)
+#pragma GCC unroll 8
+        for (uint32_t j = 0; j < CW; j++)
+            acc[i][j] = _mm256_setzero_ps();
+    for (uint32_t d = 0; d < nr; d++) {
+        const void *row = (const uint8_t *)w->data + (size_t)(r0 + d) * rb;
+        __m256 sc = _mm256_setzero_ps();
+        if (kind == DS_DTYPE_F8_E4M3)
+            sc = _mm256_set1_ps(
+                w->scale_inv[(size_t)((r0 + d) / w->block_rows) * nbc + c0 / w->block_cols]);
+        __m256 wv[8];
+#pragma GCC unroll 8
+        for (uint32_t j = 0; j < CW; j++)
+            wv[j] = widen8(kind, row, c0 + 8 * j, sc);
+#pragma GCC unroll 3
+        for (uint32_t i = 0; i < NV; i++) {
+            __m256 av = _mm256_set1_ps(a[i * as + d]);
+#pragma GCC unroll 8
+            for (uint32_t j = 0; j < CW; j++)
+                acc[i][j] = _mm256_fmadd_ps(av, wv[j], acc[i][j]);
+        }
+    }
+#pragma GCC unroll 3
+    for (uint32_t i = 0; i < NV; i++)
+#pragma GCC unroll 8
+        for (uint32_t j = 0; j < CW; j++)
+            _mm256_storeu_ps(out + i * os + c0 + 8 * j, acc[i][j]);
+}
+
+#define VECMAT_KERNEL(NAME, KIND)                                                                 \
+    KTARGET static void NAME(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,       \
+                             size_t as, uint32_t n, float *out, size_t os)                       \
+    {                                                                                            \
+        uint32_t cols = w->cols, i = 0;                                                          \
+        for (; i + 3 <= n; i += 3) {                                                             \
+            uint32_t c = 0;                                                                      \
+            for (; c + 32 <= cols; c += 32)                                                      \
+                vecmat_tile(KIND, 4, 3, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
+            for (; c + 8 <= cols; c += 8)                                                        \
+                vecmat_tile(KIND, 1, 3, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
+        }                                                                                        \
+        for (; i < n; i++) {                                                                     \
+            uint32_t c = 0;                                                                      \
+            for (; c + 64 <= cols; c += 64)                                                      \
+                vecmat_tile(KIND, 8, 1, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
+            for (; c + 8 <= cols; c += 8)                                                        \
+                vecmat_tile(KIND, 1, 1, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
+        }                                                                                        \
+    }
+
+VECMAT_KERNEL(vecmat_f32, DS_DTYPE_F32)
+VECMAT_KERNEL(vecmat_bf16, DS_DTYPE_BF16)
+VECMAT_KERNEL(vecmat_f16, DS_DTYPE_F16)
+VECMAT_KERNEL(vecmat_fp8, DS_DTYPE_F8_E4M3)
+#endif
+
+void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,
+                      size_t a_stride, uint32_t n, float *out, size_t out_stride)
+{
+    uint32_t cols = w->cols, cv = 0; /* columns done by the vector path */
+    if (w->dtype == DS_DTYPE_F8_E4M3)
+        pthread_once(&fp8_once, fp8_lut_init);
+#if defined(__x86_64__)
+    /* FP8 in registers needs 8-column steps inside one scale block (and the 32/64 steps). */
+    if (use_avx2() && (w->dtype != DS_DTYPE_F8_E4M3 || w->block_cols % 64 == 0)) {
+        switch (w->dtype) {
+        case DS_DTYPE_F32:
+            vecmat_f32(w, r0, nr, a, a_stride, n, out, out_stride);
+            break;
+        case DS_DTYPE_BF16:
+            vecmat_bf16(w, r0, nr, a, a_stride, n, out, out_stride);
+            break;
+        case DS_DTYPE_F16:
+            vecmat_f16(w, r0, nr, a, a_stride, n, out, out_stride);
+            break;
+        default:
+            vecmat_fp8(w, r0, nr, a, a_stride, n, out, out_stride);
+        }
+        cv = cols & ~7u;
+    }
+#endif
+    if (cv == cols)
+        return;
+    float *row = scratch_get(cols);
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t c = cv; c < cols; c++)
+            out[i * out_stride + c] = 0;
+    for (uint32_t d = 0; d < nr; d++) {
+        ds_weight_row_f32(w, r0 + d, row);
+        for (uint32_t i = 0; i < n; i++) {
+            float ad = a[i * a_stride + d], *o = out + i * out_stride;
+            for (uint32_t c = cv; c < cols; c++)
+                o[c] = fmaf(ad, row[c], o[c]);
+        }
+    }
+}
+
+void ds_weight_dot8_rows(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,
+                         size_t v_stride, uint32_t n, float *out, size_t out_stride)
+{
+    if (w->dtype == DS_DTYPE_F32) {
+        for (uint32_t i = 0; i < n; i++)
+            ds_dot8_many(v + i * v_stride, (const float *)w->data + (size_t)r0 * w->cols, w->cols,
+                         nr, w->cols, out + i * out_stride);
+        return;
+    }
+    /* Widened a block of rows at a time (exact values), then the f32 dots. */
+    enum { RB = 16 };
+    float *buf = scratch_get((size_t)RB * w->cols);
+    for (uint32_t j0 = 0; j0 < nr; j0 += RB) {
+        uint32_t jn = nr - j0 < RB ? nr - j0 : RB;
+        for (uint32_t j = 0; j < jn; j++)
+            ds_weight_row_f32(w, r0 + j0 + j, buf + (size_t)j * w->cols);
+        for (uint32_t i = 0; i < n; i++)
+            ds_dot8_many(v + i * v_stride, buf, w->cols, jn, w->cols, out + i * out_stride + j0);
+    }
 }
