@@ -46,29 +46,6 @@ void ds_moe_groups_clear(ds_moe_groups *g)
     memset(g, 0, sizeof(*g));
 }
 
-/* One parallel loop over the active experts of a layer: task j runs expert act[j] on its rows
- * single-threaded. ds_weight_matmul's values do not depend on the thread count, so this gives
- * the same bits as running each expert on the whole pool, with one pool wake-up per layer
- * instead of three per expert. */
-typedef struct moe_batch {
-    const ds_model *m;
-    uint32_t layer, D;
-    const ds_moe_groups *g;
-    const uint32_t *act; /* [n_act] expert ids with rows */
-    const float *in;     /* [n*k, D] rows gathered in group order */
-    float *res;          /* [n*k, D] results in group order */
-    int *rc;             /* [n_act] per-task status */
-    ds_error *errs;      /* [n_act] per-task error context */
-} moe_batch;
-
-static void moe_batch_task(void *arg, uint32_t j)
-{
-    moe_batch *t = arg;
-    uint32_t e = t->act[j], b = t->g->offsets[e], cnt = t->g->offsets[e + 1] - b;
-    t->rc[j] = ds_unit_expert(t->m, NULL, t->layer, e, t->in + (size_t)b * t->D, cnt,
-                              t->res + (size_t)b * t->D, &t->errs[j]);
-}
-
 int ds_moe_run_experts(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in,
                        uint32_t n, const int32_t *ids, float *out, ds_error *err)
 {
@@ -80,55 +57,33 @@ int ds_moe_run_experts(const ds_model *m, ds_pool *pool, uint32_t layer, const f
     if (rc < 0)
         return ds_error_set(err, rc, "layer %u: bad routing ids", layer);
     uint32_t *act = malloc(c->n_routed_experts * sizeof(uint32_t) + 1), n_act = 0;
+    uint32_t *off = malloc((c->n_routed_experts + 1) * sizeof(uint32_t));
     float *in = malloc(slots * D * sizeof(float) + 1);
     float *res = malloc(slots * D * sizeof(float) + 1);
-    int *rcs = NULL;
-    ds_error *errs = NULL;
-    if (!act || !in || !res) {
+    if (!act || !off || !in || !res) {
         rc = ds_error_set(err, -ENOMEM, "layer %u: out of memory", layer);
         goto out;
     }
     /* Rows gathered once in group order: expert e's rows are in[offsets[e] .. offsets[e+1]). */
     for (size_t j = 0; j < slots; j++)
         memcpy(in + j * D, ffn_in + (size_t)(g.order[j] / k) * D, D * sizeof(float));
+    off[0] = 0;
     for (uint32_t e = 0; e < c->n_routed_experts; e++)
-        if (g.offsets[e + 1] > g.offsets[e])
+        if (g.offsets[e + 1] > g.offsets[e]) {
             act[n_act++] = e;
-    /* Batch when every thread gets at least one expert; with fewer active experts than
-     * threads (decode on a big pool) each expert's matmuls use the whole pool instead. */
-    uint32_t threads = ds_pool_size(pool);
-    if (threads > 1 && n_act >= threads) {
-        rcs = calloc(n_act, sizeof(*rcs));
-        errs = calloc(n_act, sizeof(*errs));
-        if (!rcs || !errs) {
-            rc = ds_error_set(err, -ENOMEM, "layer %u: out of memory", layer);
-            goto out;
+            off[n_act] = g.offsets[e + 1];
         }
-        moe_batch t = {m, layer, D, &g, act, in, res, rcs, errs};
-        ds_pool_run(pool, n_act, moe_batch_task, &t);
-        for (uint32_t j = 0; j < n_act; j++)
-            if (rcs[j] < 0) {
-                rc = rcs[j];
-                if (err)
-                    *err = errs[j];
-                goto out;
-            }
-    } else {
-        for (uint32_t j = 0; j < n_act; j++) {
-            uint32_t e = act[j], b = g.offsets[e], cnt = g.offsets[e + 1] - b;
-            if ((rc = ds_unit_expert(m, pool, layer, e, in + (size_t)b * D, cnt,
-                                     res + (size_t)b * D, err)) < 0)
-                goto out;
-        }
-    }
+    /* Every active expert in one job of two parallel loops (ds_unit_experts): one pool
+     * wake-up per phase for the whole layer, whatever the thread count. */
+    if ((rc = ds_unit_experts(m, pool, layer, n_act, act, off, in, res, err)) < 0)
+        goto out;
     for (size_t j = 0; j < slots; j++)
         memcpy(out + (size_t)g.order[j] * D, res + j * D, D * sizeof(float));
 out:
     free(act);
+    free(off);
     free(in);
     free(res);
-    free(rcs);
-    free(errs);
     ds_moe_groups_clear(&g);
     return rc;
 }

@@ -117,6 +117,12 @@ int ds_unit_shared(const ds_model *m, ds_pool *pool, uint32_t layer, const float
 /* out[n, D] = routed expert e of layer l applied to n rows (unweighted). */
 int ds_unit_expert(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t expert,
                    const float *ffn_in, uint32_t n, float *out, ds_error *err);
+/* Several routed experts of layer l as one parallel job: expert experts[j] runs on rows
+ * [offsets[j], offsets[j+1]) of in[.., D] and writes the same rows of out (unweighted). The
+ * values are those of ds_unit_expert on each expert alone. */
+int ds_unit_experts(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t n_experts,
+                    const uint32_t *experts, const uint32_t *offsets, const float *in, float *out,
+                    ds_error *err);
 /* logits[n, vocab] = lm_head(norm(x)). */
 int ds_unit_head(const ds_model *m, ds_pool *pool, const float *x, uint32_t n, float *logits,
                  ds_error *err);

@@ -361,24 +361,115 @@ out:
     return rc;
 }
 
-static int ffn_run(const ds_ffn *f, ds_pool *pool, const float *x, uint32_t n, float *out)
+/* ---- FFNs as one parallel job ----
+ * Several SwiGLU FFNs of one layer (the routed experts a layer activates, or one dense/shared
+ * FFN) run as two parallel loops: gate and up (with silu(g) * u on the task's own elements),
+ * then down; each loop's tasks are chunks of output rows of every FFN, so the pool wakes twice
+ * per layer whatever the number of experts and threads. A matmul's value does not depend on
+ * how its rows are split, so the bits are those of one FFN at a time on one thread. */
+typedef struct ffn_task {
+    uint32_t f;      /* which FFN */
+    uint32_t r0, r1; /* output rows of gate/up (phase 1) or down (phase 2) */
+} ffn_task;
+
+typedef struct ffn_job {
+    const ds_ffn *const *f; /* [nf] */
+    const uint32_t *off;    /* [nf + 1] row offsets into in / out */
+    const size_t *goff;     /* [nf] float offsets of each FFN's [rows, I] block in g / u */
+    uint32_t D;
+    const float *in; /* [off[nf], D] */
+    float *out;      /* [off[nf], D] */
+    float *g, *u;    /* intermediate activations */
+    const ffn_task *tasks;
+} ffn_job;
+
+static void ffn_up_task(void *arg, uint32_t t)
 {
-    uint32_t I = f->gate.rows;
-    float *g = malloc((size_t)n * I * sizeof(float) + 1);
-    float *u = malloc((size_t)n * I * sizeof(float) + 1);
-    if (!g || !u) {
-        free(g);
-        free(u);
-        return -ENOMEM;
+    const ffn_job *j = arg;
+    const ffn_task *k = &j->tasks[t];
+    const ds_ffn *f = j->f[k->f];
+    uint32_t n = j->off[k->f + 1] - j->off[k->f], I = f->gate.rows;
+    const float *x = j->in + (size_t)j->off[k->f] * j->D;
+    float *g = j->g + j->goff[k->f], *u = j->u + j->goff[k->f];
+    ds_weight_matmul_rows(&f->gate, x, n, g, k->r0, k->r1);
+    ds_weight_matmul_rows(&f->up, x, n, u, k->r0, k->r1);
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t o = k->r0; o < k->r1; o++)
+            g[(size_t)i * I + o] = silu(g[(size_t)i * I + o]) * u[(size_t)i * I + o];
+}
+
+static void ffn_down_task(void *arg, uint32_t t)
+{
+    const ffn_job *j = arg;
+    const ffn_task *k = &j->tasks[t];
+    const ds_ffn *f = j->f[k->f];
+    uint32_t n = j->off[k->f + 1] - j->off[k->f];
+    ds_weight_matmul_rows(&f->down, j->g + j->goff[k->f], n,
+                          j->out + (size_t)j->off[k->f] * j->D, k->r0, k->r1);
+}
+
+/* Chunks of `rows(f)` output rows over every FFN with rows to do; returns the task count. */
+static uint32_t ffn_tasks(const ds_ffn *const *f, const uint32_t *off, uint32_t nf, bool down,
+                          uint32_t threads, ffn_task *tasks, uint32_t max_tasks)
+{
+    uint64_t total = 0;
+    for (uint32_t j = 0; j < nf; j++)
+        if (off[j + 1] > off[j])
+            total += down ? f[j]->down.rows : f[j]->gate.rows;
+    /* about 4 tasks per thread, whole 12-row tiles, not below 24 rows */
+    uint64_t ch = (total + threads * 4 - 1) / (threads * 4);
+    ch = ch < 24 ? 24 : (ch + 11) / 12 * 12;
+    uint32_t nt = 0;
+    for (uint32_t j = 0; j < nf; j++) {
+        if (off[j + 1] == off[j])
+            continue;
+        uint32_t rows = down ? f[j]->down.rows : f[j]->gate.rows;
+        for (uint32_t r = 0; r < rows && nt < max_tasks; r += (uint32_t)ch)
+            tasks[nt++] = (ffn_task){j, r, r + ch < rows ? r + (uint32_t)ch : rows};
     }
-    ds_weight_matmul(&f->gate, x, n, g, pool);
-    ds_weight_matmul(&f->up, x, n, u, pool);
-    for (size_t i = 0; i < (size_t)n * I; i++)
-        g[i] = silu(g[i]) * u[i];
-    ds_weight_matmul(&f->down, g, n, out, pool);
+    return nt;
+}
+
+static int ffn_job_run(const ds_ffn *const *f, const uint32_t *off, uint32_t nf, ds_pool *pool,
+                       uint32_t D, const float *in, float *out)
+{
+    size_t *goff = malloc((nf + 1) * sizeof(size_t));
+    if (!goff)
+        return -ENOMEM;
+    size_t gsz = 0;
+    uint32_t max_tasks = 0, threads = ds_pool_size(pool);
+    for (uint32_t j = 0; j < nf; j++) {
+        goff[j] = gsz;
+        gsz += (size_t)(off[j + 1] - off[j]) * f[j]->gate.rows;
+        /* at most one task per 24 rows, plus one per FFN */
+        max_tasks += (f[j]->gate.rows > D ? f[j]->gate.rows : D) / 24 + 1;
+    }
+    max_tasks += threads * 4;
+    float *g = malloc(gsz * sizeof(float) + 1), *u = malloc(gsz * sizeof(float) + 1);
+    ffn_task *tasks = malloc((size_t)max_tasks * sizeof(*tasks));
+    int rc = 0;
+    if (!g || !u || !tasks) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    ffn_job job = {f, off, goff, D, in, out, g, u, tasks};
+    uint32_t nt = ffn_tasks(f, off, nf, false, threads, tasks, max_tasks);
+    ds_pool_run(pool, nt, ffn_up_task, &job);
+    nt = ffn_tasks(f, off, nf, true, threads, tasks, max_tasks);
+    ds_pool_run(pool, nt, ffn_down_task, &job);
+out:
+    free(goff);
     free(g);
     free(u);
-    return 0;
+    free(tasks);
+    return rc;
+}
+
+static int ffn_run(const ds_ffn *f, ds_pool *pool, const float *x, uint32_t n, uint32_t D,
+                   float *out)
+{
+    uint32_t off[2] = {0, n};
+    return ffn_job_run(&f, off, 1, pool, D, x, out);
 }
 
 int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float *ffn_in, uint32_t n,
@@ -386,7 +477,7 @@ int ds_unit_dense(const ds_model *m, ds_pool *pool, uint32_t layer, const float 
 {
     if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].dense.bound)
         return ds_error_set(err, -ENOENT, "dense[%u] unit not loaded", layer);
-    int rc = ffn_run(&m->layers[layer].dense, pool, ffn_in, n, out);
+    int rc = ffn_run(&m->layers[layer].dense, pool, ffn_in, n, m->cfg.hidden_size, out);
     return rc < 0 ? ds_error_set(err, rc, "dense[%u]: out of memory", layer) : 0;
 }
 
@@ -395,18 +486,44 @@ int ds_unit_shared(const ds_model *m, ds_pool *pool, uint32_t layer, const float
 {
     if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].shared.bound)
         return ds_error_set(err, -ENOENT, "shared[%u] unit not loaded", layer);
-    int rc = ffn_run(&m->layers[layer].shared, pool, ffn_in, n, out);
+    int rc = ffn_run(&m->layers[layer].shared, pool, ffn_in, n, m->cfg.hidden_size, out);
     return rc < 0 ? ds_error_set(err, rc, "shared[%u]: out of memory", layer) : 0;
 }
 
 int ds_unit_expert(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t expert,
                    const float *ffn_in, uint32_t n, float *out, ds_error *err)
 {
-    if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].experts ||
-        expert >= m->cfg.n_routed_experts || !m->layers[layer].experts[expert].bound)
-        return ds_error_set(err, -ENOENT, "expert[%u][%u] unit not loaded", layer, expert);
-    int rc = ffn_run(&m->layers[layer].experts[expert], pool, ffn_in, n, out);
-    return rc < 0 ? ds_error_set(err, rc, "expert[%u][%u]: out of memory", layer, expert) : 0;
+    uint32_t off[2] = {0, n};
+    return ds_unit_experts(m, pool, layer, 1, &expert, off, ffn_in, out, err);
+}
+
+int ds_unit_experts(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t n_experts,
+                    const uint32_t *experts, const uint32_t *offsets, const float *in, float *out,
+                    ds_error *err)
+{
+    const ds_model_config *c = &m->cfg;
+    if (n_experts == 0)
+        return 0;
+    const ds_ffn **f = malloc(n_experts * sizeof(*f));
+    if (!f)
+        return ds_error_set(err, -ENOMEM, "layer %u experts: out of memory", layer);
+    for (uint32_t j = 0; j < n_experts; j++) {
+        uint32_t e = experts[j];
+        if (layer >= c->num_hidden_layers || !m->layers[layer].experts ||
+            e >= c->n_routed_experts || !m->layers[layer].experts[e].bound) {
+            free(f);
+            return ds_error_set(err, -ENOENT, "expert[%u][%u] unit not loaded", layer, e);
+        }
+        if (offsets[j + 1] < offsets[j]) {
+            free(f);
+            return ds_error_set(err, -EINVAL, "layer %u experts: row offsets go backwards",
+                                layer);
+        }
+        f[j] = &m->layers[layer].experts[e];
+    }
+    int rc = ffn_job_run(f, offsets, n_experts, pool, c->hidden_size, in, out);
+    free(f);
+    return rc < 0 ? ds_error_set(err, rc, "layer %u experts: out of memory", layer) : 0;
 }
 
 int ds_unit_head(const ds_model *m, ds_pool *pool, const float *x, uint32_t n, float *logits,

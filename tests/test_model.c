@@ -259,6 +259,109 @@ static void test_bit_identity(void **state)
     }
 }
 
+/* One sequence's logits, fed as: its 7-token prompt then 5 greedy steps, with `others` other
+ * sequences (prompts of 2..6 tokens, then one token per step) in the same calls. Rows of the
+ * target sit at varying places in the batch, so every matmul path runs: n = 1 (decode tile),
+ * 2 (3x2 decode tile), 3+ (GEMM) and the split prompt (3 + 4 rows) when others == 0. */
+static void run_mixed(ds_model *m, ds_pool *pool, int others, float *out)
+{
+    enum { P = 7, STEPS = 5, MAXO = 3 };
+    const ds_model_config *c = ds_model_get_config(m);
+    uint32_t V = c->vocab_size;
+    ds_engine *e = NULL;
+    ds_error err = {0};
+    assert_int_equal(ds_engine_new(m, pool, 64, &e, &err), 0);
+    int a = ds_engine_seq_add(e), o[MAXO];
+    for (int j = 0; j < others; j++)
+        o[j] = ds_engine_seq_add(e);
+    float *lg = malloc(40 * (size_t)V * sizeof(float));
+    int seqs[40];
+    int32_t toks[40], ta[P + STEPS];
+    for (int i = 0; i < P; i++)
+        ta[i] = (int32_t)((3 + 11 * i) % V);
+    uint32_t n = 0, at = 0;
+    if (others == 0) {
+        /* the prompt in two calls */
+        for (int i = 0; i < 3; i++)
+            seqs[i] = a;
+        assert_int_equal(ds_engine_forward(e, 3, seqs, ta, lg, &err), 0);
+        for (int i = 0; i < 4; i++)
+            seqs[i] = a;
+        assert_int_equal(ds_engine_forward(e, 4, seqs, ta + 3, lg, &err), 0);
+        at = 3;
+    } else {
+        /* other prompts first, the target's in the middle */
+        for (int j = 0; j < others; j++)
+            for (int i = 0; i < 2 + 2 * j; i++, n++) {
+                seqs[n] = o[j];
+                toks[n] = (int32_t)((50 + 7 * i + 13 * j) % V);
+            }
+        for (int i = 0; i < P; i++, n++) {
+            seqs[n] = a;
+            toks[n] = ta[i];
+        }
+        at = n - 1;
+        assert_int_equal(ds_engine_forward(e, n, seqs, toks, lg, &err), 0);
+    }
+    memcpy(out, lg + (size_t)at * V, V * sizeof(float));
+    for (int s = 0; s < STEPS; s++) {
+        int32_t t = argmax(out + (size_t)s * V, V);
+        n = 0;
+        /* the target first on even steps, last on odd ones */
+        if (s % 2 == 0) {
+            seqs[n] = a;
+            toks[n++] = t;
+        }
+        for (int j = 0; j < others; j++) {
+            seqs[n] = o[j];
+            toks[n++] = (int32_t)((9 + s + j) % V);
+        }
+        if (s % 2 == 1) {
+            seqs[n] = a;
+            toks[n++] = t;
+        }
+        assert_int_equal(ds_engine_forward(e, n, seqs, toks, lg, &err), 0);
+        at = s % 2 == 0 ? 0 : n - 1;
+        memcpy(out + (size_t)(s + 1) * V, lg + (size_t)at * V, V * sizeof(float));
+    }
+    free(lg);
+    ds_engine_free(e);
+}
+
+/* The fast paths keep a row's result independent of the batch, the threads and the kernel:
+ * one sequence alone on one thread (AVX2 where the CPU has it) against the same sequence
+ * batched with 1, 2 or 3 others on 2 and 3 threads, and against the portable kernel. */
+static void test_fast_path_identity(void **state)
+{
+    (void)state;
+    const char *names[] = {"v3_bf16", "v3_fp8", "v2_greedy", "v3_qlora_group_yarn"};
+    for (int mi = 0; mi < 4; mi++) {
+        ds_model *m = open_model(names[mi]);
+        size_t bytes = 6 * (size_t)ds_model_get_config(m)->vocab_size * sizeof(float);
+        float *want = malloc(bytes), *got = malloc(bytes);
+        run_mixed(m, NULL, 0, want);
+        for (uint32_t threads = 2; threads <= 3; threads++) {
+            ds_pool *p = NULL;
+            assert_int_equal(ds_pool_new(threads, NULL, 0, &p), 0);
+            for (int others = 0; others <= 3; others++) {
+                run_mixed(m, p, others, got);
+                if (memcmp(want, got, bytes))
+                    fail_msg("%s: %u threads, %d other sequences: logits differ", names[mi],
+                             threads, others);
+            }
+            ds_pool_free(p);
+        }
+        ds_tensor_force_portable(true);
+        run_mixed(m, NULL, 2, got);
+        ds_tensor_force_portable(false);
+        if (memcmp(want, got, bytes))
+            fail_msg("%s: portable kernel: logits differ", names[mi]);
+        free(want);
+        free(got);
+        ds_model_free(m);
+    }
+}
+
 /* Decoding through the cache equals recomputing the whole sequence in one prefill. */
 static void test_kv_vs_recompute(void **state)
 {
@@ -533,64 +636,155 @@ static void test_fp8_matmul(void **state)
     free(q);
 }
 
-/* The AVX2 and portable kernels, and 1 vs 5 rows per call, give identical bits. */
+/* The AVX2 kernels (decode tiles for 1 and 2 rows, the GEMM tile for 3+) and the portable
+ * kernel give identical bits for every weight type, any number of rows per call, any row
+ * range, and agree with a double reference. */
 static void test_kernel_identity(void **state)
 {
     (void)state;
-    enum { R = 37, C = 1001, N = 5 };
-    uint16_t *wb = malloc(R * C * 2);
+    enum { R = 37, C = 1001, N = 8 };
+    uint16_t *wb = malloc(R * C * 2), *wh = malloc(R * C * 2);
     uint8_t *w8 = malloc(R * C);
     float *wf = malloc(R * C * 4), *x = malloc(N * C * 4), *sc = malloc(R * C * 4);
-    float y1[N * R], y2[N * R], y3[R];
+    float *y1 = malloc(N * R * 4), *y2 = malloc(N * R * 4), *y3 = malloc(N * R * 4);
     uint32_t s = 12345;
     for (int i = 0; i < R * C; i++) {
         s = s * 1103515245u + 12345u;
         wf[i] = ((float)(s >> 8) / 16777216.0f - 0.5f);
         wb[i] = ds_f32_to_bf16(wf[i]);
+        /* f16 bits of a value in [-0.5, 0.5) (including subnormals near 0) */
+        wh[i] = (uint16_t)((s >> 9) & 0x37ff) | (uint16_t)((s & 1) << 15);
         w8[i] = (uint8_t)(s >> 24);
         if ((w8[i] & 0x7f) == 0x7f) /* no NaN weights: the double reference below */
             w8[i] ^= 1;
         sc[i] = 0.01f * (float)(1 + i % 5); /* more than enough block scales */
     }
-    /* F32, BF16, then FP8 with blocks 128 x 128 and 16 x 32 (the fused AVX2 kernel) and
+    /* F32, BF16, F16, then FP8 with blocks 128 x 128 and 16 x 32 (fused in registers) and
      * 8 x 100 (row buffer path), all against the portable kernel and a double reference. */
     const uint32_t f8_br[3] = {128, 16, 8}, f8_bc[3] = {128, 32, 100};
     for (int i = 0; i < N * C; i++)
         x[i] = sinf((float)i * 0.37f);
-    for (int t = 0; t < 5; t++) {
-        ds_weight w = {
-            t ? DS_DTYPE_BF16 : DS_DTYPE_F32, R, C, t ? (void *)wb : (void *)wf, NULL, 0, 0};
-        if (t >= 2)
-            w = (ds_weight){DS_DTYPE_F8_E4M3, R, C, w8, sc, f8_br[t - 2], f8_bc[t - 2]};
-        ds_tensor_force_portable(false);
-        ds_weight_matmul(&w, x, N, y1, NULL);
-        ds_tensor_force_portable(true);
-        ds_weight_matmul(&w, x, N, y2, NULL);
-        ds_tensor_force_portable(false);
-        assert_memory_equal(y1, y2, sizeof(y1));
-        for (int i = 0; i < N; i++) {
-            ds_weight_matmul(&w, x + (size_t)i * C, 1, y3, NULL);
-            assert_memory_equal(y3, y1 + (size_t)i * R, sizeof(y3));
+    for (int t = 0; t < 6; t++) {
+        ds_weight w = {DS_DTYPE_F32, R, C, wf, NULL, 0, 0};
+        if (t == 1)
+            w = (ds_weight){DS_DTYPE_BF16, R, C, wb, NULL, 0, 0};
+        if (t == 2)
+            w = (ds_weight){DS_DTYPE_F16, R, C, wh, NULL, 0, 0};
+        if (t >= 3)
+            w = (ds_weight){DS_DTYPE_F8_E4M3, R, C, w8, sc, f8_br[t - 3], f8_bc[t - 3]};
+        for (uint32_t n = 1; n <= N; n++) {
+            ds_tensor_force_portable(false);
+            ds_weight_matmul(&w, x, n, y1, NULL);
+            ds_tensor_force_portable(true);
+            ds_weight_matmul(&w, x, n, y2, NULL);
+            ds_tensor_force_portable(false);
+            assert_memory_equal(y1, y2, (size_t)n * R * 4);
+            /* each row alone, and the rows split in uneven ranges on the fast path */
+            for (uint32_t i = 0; i < n; i++) {
+                ds_weight_matmul(&w, x + (size_t)i * C, 1, y3, NULL);
+                assert_memory_equal(y3, y1 + (size_t)i * R, R * 4);
+            }
+            memset(y3, 0, (size_t)n * R * 4);
+            ds_weight_matmul_rows(&w, x, n, y3, 0, 5);
+            ds_weight_matmul_rows(&w, x, n, y3, 5, 19);
+            ds_weight_matmul_rows(&w, x, n, y3, 19, R);
+            assert_memory_equal(y3, y1, (size_t)n * R * 4);
         }
         for (int r = 0; r < R; r++) {
             double ref = 0;
             for (int c = 0; c < C; c++) {
-                double wv = t ? ds_bf16_to_f32(wb[r * C + c]) : wf[r * C + c];
-                if (t >= 2) {
+                double wv = t == 0 ? wf[r * C + c]
+                            : t == 1 ? ds_bf16_to_f32(wb[r * C + c])
+                                     : ds_f16_to_f32(wh[r * C + c]);
+                if (t >= 3) {
                     uint32_t nbc = (C + w.block_cols - 1) / w.block_cols;
                     wv = (double)ds_fp8_e4m3_to_f32(w8[r * C + c]) *
                          sc[(r / w.block_rows) * nbc + c / w.block_cols];
                 }
                 ref += wv * x[c];
             }
-            assert_float_equal(y1[r], ref, t >= 2 ? 2e-3 : 1e-4);
+            assert_float_equal(y1[r], ref, t >= 3 ? 2e-3 : 1e-4);
         }
     }
     free(w8);
     free(sc);
     free(wb);
+    free(wh);
     free(wf);
     free(x);
+    free(y1);
+    free(y2);
+    free(y3);
+}
+
+/* The attention products (ds_dot8, ds_wsum, ds_weight_vecmat, ds_weight_dot8_rows) give the
+ * same bits on the vector and the portable path, for every weight type and odd lengths. */
+static void test_attn_kernels_identity(void **state)
+{
+    (void)state;
+    enum { R = 21, C = 200, NV = 4 };
+    uint16_t wb[R * C], wh[R * C];
+    uint8_t w8[R * C];
+    float wf[R * C], a[NV * R], sc[64], v[NV * C];
+    uint32_t s = 777;
+    for (int i = 0; i < R * C; i++) {
+        s = s * 1103515245u + 12345u;
+        wf[i] = ((float)(s >> 8) / 16777216.0f - 0.5f);
+        wb[i] = ds_f32_to_bf16(wf[i]);
+        wh[i] = (uint16_t)((s >> 9) & 0x37ff) | (uint16_t)((s & 1) << 15);
+        w8[i] = (uint8_t)((s >> 24) % 0x7e);
+    }
+    for (int i = 0; i < 64; i++)
+        sc[i] = 0.02f * (float)(1 + i % 7);
+    for (int i = 0; i < NV * R; i++)
+        a[i] = cosf((float)i * 0.7f);
+    for (int i = 0; i < NV * C; i++)
+        v[i] = sinf((float)i * 0.3f);
+    for (uint32_t n = 1; n <= 67; n += 11) {
+        float d1[8], d2[8], s1[C], s2[C];
+        ds_tensor_force_portable(false);
+        ds_dot8_many(v, wf, C, 7, n, d1);
+        ds_wsum(a, wf, C, 13, n, s1);
+        ds_tensor_force_portable(true);
+        ds_dot8_many(v, wf, C, 7, n, d2);
+        ds_wsum(a, wf, C, 13, n, s2);
+        ds_tensor_force_portable(false);
+        assert_memory_equal(d1, d2, sizeof(float) * 7);
+        assert_memory_equal(s1, s2, sizeof(float) * n);
+    }
+    for (int t = 0; t < 4; t++) {
+        ds_weight w = {DS_DTYPE_F32, R, C, wf, NULL, 0, 0};
+        if (t == 1)
+            w = (ds_weight){DS_DTYPE_BF16, R, C, wb, NULL, 0, 0};
+        if (t == 2)
+            w = (ds_weight){DS_DTYPE_F16, R, C, wh, NULL, 0, 0};
+        if (t == 3)
+            w = (ds_weight){DS_DTYPE_F8_E4M3, R, C, w8, sc, 8, 64};
+        for (uint32_t nv = 1; nv <= NV; nv++) {
+            float m1[NV * C], m2[NV * C], o1[NV * R], o2[NV * R];
+            ds_tensor_force_portable(false);
+            ds_weight_vecmat(&w, 2, 17, a, R, nv, m1, C);
+            ds_weight_dot8_rows(&w, 1, 19, v, C, nv, o1, R);
+            ds_tensor_force_portable(true);
+            ds_weight_vecmat(&w, 2, 17, a, R, nv, m2, C);
+            ds_weight_dot8_rows(&w, 1, 19, v, C, nv, o2, R);
+            ds_tensor_force_portable(false);
+            for (uint32_t i = 0; i < nv; i++) {
+                assert_memory_equal(m1 + i * C, m2 + i * C, C * sizeof(float));
+                assert_memory_equal(o1 + i * R, o2 + i * R, 19 * sizeof(float));
+            }
+            /* and against the definition */
+            float row[C];
+            for (uint32_t c = 0; c < C; c++) {
+                double ref = 0;
+                for (uint32_t d = 0; d < 17; d++) {
+                    ds_weight_row_f32(&w, 2 + d, row);
+                    ref += (double)a[d] * row[c];
+                }
+                assert_float_equal(m1[c], ref, 1e-3 * (1 + fabs(ref)));
+            }
+        }
+    }
 }
 
 static void test_sampler(void **state)
@@ -936,12 +1130,14 @@ int main(void)
         cmocka_unit_test(test_router_v2),
         cmocka_unit_test(test_combine_and_group),
         cmocka_unit_test(test_kernel_identity),
+        cmocka_unit_test(test_attn_kernels_identity),
         cmocka_unit_test(test_sampler),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_units_separable),
         cmocka_unit_test(test_open_subset),
         cmocka_unit_test(test_reference_logits),
         cmocka_unit_test(test_bit_identity),
+        cmocka_unit_test(test_fast_path_identity),
         cmocka_unit_test(test_moe_batched),
         cmocka_unit_test(test_kv_vs_recompute),
         cmocka_unit_test(test_dsctl_generate),
