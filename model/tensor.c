@@ -459,41 +459,117 @@ KTARGET static void widen_rows(const ds_weight *w, uint32_t r, uint32_t mr, floa
     }
 }
 
-/* Prefill: n >= 3. Per block of input rows that fits in L2 beside the widened rows, per 3
- * weight rows: widen once, then a 3 x 2 register tile over every pair of input rows. */
+/* Part of a 3 x 2 (or 3 x 1) tile over widened f32 rows: lanes of columns [cb, ce) (multiples
+ * of 16) added to the partial sums in st[MR][NR][16] (zeroed first when first is set). Lane j
+ * still sees its columns in ascending order, so blocking K does not change any bits. */
+KTARGET static KINLINE void tile_part(uint32_t MR, uint32_t NR, const float *const *wr,
+                                      const float *x, size_t xs, uint32_t cb, uint32_t ce,
+                                      bool first, float *st)
+{
+    __m256 lo[3][2], hi[3][2];
+#pragma GCC unroll 3
+    for (uint32_t m = 0; m < MR; m++)
+#pragma GCC unroll 2
+        for (uint32_t i = 0; i < NR; i++) {
+            float *p = st + (m * 2 + i) * 16;
+            lo[m][i] = first ? _mm256_setzero_ps() : _mm256_load_ps(p);
+            hi[m][i] = first ? _mm256_setzero_ps() : _mm256_load_ps(p + 8);
+        }
+    for (uint32_t c = cb; c < ce; c += 16) {
+        __m256 xv[2];
+#pragma GCC unroll 2
+        for (uint32_t i = 0; i < NR; i++)
+            xv[i] = _mm256_loadu_ps(x + i * xs + c);
+#pragma GCC unroll 3
+        for (uint32_t m = 0; m < MR; m++) {
+            __m256 wv = _mm256_loadu_ps(wr[m] + c);
+#pragma GCC unroll 2
+            for (uint32_t i = 0; i < NR; i++)
+                lo[m][i] = _mm256_fmadd_ps(wv, xv[i], lo[m][i]);
+        }
+#pragma GCC unroll 2
+        for (uint32_t i = 0; i < NR; i++)
+            xv[i] = _mm256_loadu_ps(x + i * xs + c + 8);
+#pragma GCC unroll 3
+        for (uint32_t m = 0; m < MR; m++) {
+            __m256 wv = _mm256_loadu_ps(wr[m] + c + 8);
+#pragma GCC unroll 2
+            for (uint32_t i = 0; i < NR; i++)
+                hi[m][i] = _mm256_fmadd_ps(wv, xv[i], hi[m][i]);
+        }
+    }
+#pragma GCC unroll 3
+    for (uint32_t m = 0; m < MR; m++)
+#pragma GCC unroll 2
+        for (uint32_t i = 0; i < NR; i++) {
+            float *p = st + (m * 2 + i) * 16;
+            _mm256_store_ps(p, lo[m][i]);
+            _mm256_store_ps(p + 8, hi[m][i]);
+        }
+}
+
+/* Columns per K block of the GEMM: 3 widened rows of it (6 KB) stay in L1 while every pair of
+ * input rows of the block streams past. A multiple of 16 (lane alignment). */
+#define GEMM_KC 512u
+
+/* Prefill: n >= 3. Per block of input rows whose K-block fits in L2, per 3 weight rows: widen
+ * once (whole rows), then per K block a 3 x 2 register tile over every pair of input rows,
+ * partial sums kept per tile between K blocks; then the lanes are combined and the tail added. */
 KTARGET static void gemm_rows(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
                               uint32_t r1)
 {
-    uint32_t cols = w->cols;
-    size_t xrow = (size_t)cols * sizeof(float);
-    uint32_t nb = (uint32_t)((192u << 10) / (xrow ? xrow : 1));
+    uint32_t cols = w->cols, c16 = cols & ~15u;
+    uint32_t kc = c16 < GEMM_KC ? (c16 ? c16 : 16) : GEMM_KC;
+    uint32_t nb = (uint32_t)((192u << 10) / ((size_t)kc * sizeof(float)));
     nb = nb < 4 ? 4 : nb & ~1u;
-    float *buf = w->dtype == DS_DTYPE_F32 ? NULL : scratch_get((size_t)3 * cols);
-    wsrc ws[3];
+    if (nb > n + (n & 1))
+        nb = n + (n & 1);
+    /* the widened rows, then 96 floats of partial sums per pair of input rows */
+    size_t wfl = ((size_t)3 * cols + 15) & ~(size_t)15;
+    float *buf = scratch_get(wfl + (size_t)(nb / 2) * 96);
+    float *state = buf + wfl;
+    const float *wr[3];
     for (uint32_t i0 = 0; i0 < n; i0 += nb) {
         uint32_t i1 = i0 + nb < n ? i0 + nb : n;
         for (uint32_t r = r0; r < r1; r += 3) {
             uint32_t mr = r1 - r < 3 ? r1 - r : 3;
-            if (buf)
+            if (w->dtype == DS_DTYPE_F32) {
+                for (uint32_t m = 0; m < mr; m++)
+                    wr[m] = (const float *)w->data + (size_t)(r + m) * cols;
+            } else {
                 widen_rows(w, r, mr, buf);
-            for (uint32_t m = 0; m < mr; m++) {
-                ws[m].row = buf ? (const void *)(buf + (size_t)m * cols)
-                                : (const void *)((const float *)w->data + (size_t)(r + m) * cols);
-                ws[m].scale = NULL;
+                for (uint32_t m = 0; m < mr; m++)
+                    wr[m] = buf + (size_t)m * cols;
             }
-            for (uint32_t i = i0; i < i1; i += 2) {
-                uint32_t nr = i1 - i < 2 ? 1 : 2;
+            for (uint32_t cb = 0; cb < c16; cb += kc) {
+                uint32_t ce = cb + kc < c16 ? cb + kc : c16;
+                for (uint32_t i = i0; i < i1; i += 2) {
+                    float *st = state + (size_t)((i - i0) / 2) * 96;
+                    const float *xi = x + (size_t)i * cols;
+                    bool two = i + 1 < i1;
+                    if (mr == 3 && two)
+                        tile_part(3, 2, wr, xi, cols, cb, ce, cb == 0, st);
+                    else if (mr == 3)
+                        tile_part(3, 1, wr, xi, cols, cb, ce, cb == 0, st);
+                    else if (two)
+                        for (uint32_t m = 0; m < mr; m++) {
+                            tile_part(1, 2, wr + m, xi, cols, cb, ce, cb == 0, st + m * 32);
+                        }
+                    else
+                        for (uint32_t m = 0; m < mr; m++)
+                            tile_part(1, 1, wr + m, xi, cols, cb, ce, cb == 0, st + m * 32);
+                }
+            }
+            for (uint32_t i = i0; i < i1; i++) {
+                const float *st = state + (size_t)((i - i0) / 2) * 96 + ((i - i0) & 1) * 16;
                 const float *xi = x + (size_t)i * cols;
-                float *yi = y + (size_t)i * w->rows + r;
-                if (mr == 3 && nr == 2)
-                    tile(DS_DTYPE_F32, 3, 2, ws, 0, xi, cols, yi, w->rows);
-                else if (mr == 3)
-                    tile(DS_DTYPE_F32, 3, 1, ws, 0, xi, cols, yi, w->rows);
-                else
-                    for (uint32_t m = 0; m < mr; m++)
-                        for (uint32_t j = 0; j < nr; j++)
-                            tile(DS_DTYPE_F32, 1, 1, ws + m, 0, xi + (size_t)j * cols, cols,
-                                 yi + (size_t)j * w->rows + m, w->rows);
+                for (uint32_t m = 0; m < mr; m++) {
+                    const float *sm = st + m * 32;
+                    float v = c16 ? hsum16(_mm256_load_ps(sm), _mm256_load_ps(sm + 8)) : 0.0f;
+                    for (uint32_t c = c16; c < cols; c++)
+                        v = fma1(wr[m][c], xi[c], v);
+                    y[(size_t)i * w->rows + r + m] = v;
+                }
             }
         }
     }
