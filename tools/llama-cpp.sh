@@ -11,6 +11,7 @@
 #   tools/llama-cpp.sh convert HF OUT   HF checkpoint dir -> GGUF with convert_hf_to_gguf.py
 #                                       (--outtype from $DS_LLAMA_OUTTYPE, default bf16)
 #   tools/llama-cpp.sh quantize IN OUT TYPE   llama-quantize (Q8_0, Q4_K_M, ...)
+#   tools/llama-cpp.sh python           print the converter venv's python (gguf-py importable)
 #   tools/llama-cpp.sh bin NAME         print the path of a built binary (exit 1 if absent)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -72,6 +73,10 @@ case "$cmd" in
     py=$(venv | tail -1)
     "$py" "$SRC/convert_hf_to_gguf.py" "$1" --outfile "$2" --outtype "${DS_LLAMA_OUTTYPE:-bf16}"
     ;;
+  python)
+    fetch
+    venv | tail -1
+    ;;
   quantize)
     [ $# -ge 3 ] || { echo "usage: llama-cpp.sh quantize IN.gguf OUT.gguf TYPE" >&2; exit 2; }
     "$DIR/build/bin/llama-quantize" "$1" "$2" "$3"
@@ -81,7 +86,7 @@ case "$cmd" in
     [ -x "$b" ] && echo "$b" || exit 1
     ;;
   *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2
     ;;
 esac

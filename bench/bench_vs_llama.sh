@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# bench_vs_llama.sh — dsd's engine beside llama.cpp on the same weights, threads and machine.
+#
+# Makes (once, cached in build-bench/) bench_engine's 1.3 GB DeepSeek-V2-shaped BF16 checkpoint
+# and its GGUF from llama.cpp's own converter (BF16, no requantisation), then for each thread
+# count, interleaved (dsd, llama.cpp, dsd, llama.cpp, ...), times a 128-token prefill and 64
+# tokens of batch-1 decode: dsd with build/bench/bench_engine, llama.cpp with llama-bench
+# (-p 128 -n 64 -r 3). Both report the mean tokens/s of 3 repeats after a warm-up. Prints a
+# table with the ratios, each engine's decode GB/s (the same bytes/token for both) and the read
+# bandwidth bench_engine measured in that run. Raw outputs are kept in build-bench/results/.
+#
+#   bench/bench_vs_llama.sh [--threads "1 2"] [--rebuild] [--skip-without-llama]
+#
+# llama.cpp is for comparison only (tools/llama-cpp.sh build); without it the dsd figures are
+# printed alone, or, with --skip-without-llama (bench/run.sh), nothing is run at all.
+#
+# Converter input: the converter accepts a BPE tokenizer only if it recognises it by hash, so
+# the GGUF is made from a sibling directory holding links to the checkpoint's weights, the
+# DeepSeek-Coder tokenizer rebuilt from llama.cpp's own vocab file (bench/llama_tokenizer.py;
+# the checkpoint's vocab_size is that tokenizer's 32256), and a config.json that spells "no q
+# LoRA" as q_lora_rank 0 instead of null: llama.cpp reads DeepSeek2 without q LoRA only when
+# the key is present or the model has V2-Lite's 26/27 layers.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+THREADS="1 2"
+REBUILD=0
+SKIP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --threads) THREADS=$2; shift 2 ;;
+    --rebuild) REBUILD=1; shift ;;
+    --skip-without-llama) SKIP=1; shift ;;
+    *) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  esac
+done
+PROMPT=128 DECODE=64 REPS=3
+BIN=build/bench/bench_engine
+WORK=build-bench
+CKPT=$WORK/v2-1.3g
+CONV=$WORK/v2-1.3g-llama
+GGUF=$WORK/v2-1.3g-bf16.gguf
+
+LB=$(tools/llama-cpp.sh bin llama-bench 2>/dev/null || true)
+if [ -z "$LB" ] && [ $SKIP = 1 ]; then
+  echo "bench_vs_llama: llama.cpp is not built (tools/llama-cpp.sh build); skipped"
+  exit 0
+fi
+[ -x "$BIN" ] || { echo "bench_vs_llama: $BIN missing: cmake --build build --target bench_engine" >&2; exit 1; }
+
+mkdir -p "$WORK"
+if [ $REBUILD = 1 ] || [ ! -f "$CKPT/config.json" ] || [ ! -f "$CKPT/model.safetensors" ]; then
+  rm -rf "$CKPT" "$GGUF"
+  "$BIN" write "$CKPT"
+fi
+if [ -n "$LB" ] && { [ ! -s "$GGUF" ] || [ "$CKPT/model.safetensors" -nt "$GGUF" ]; }; then
+  rm -rf "$CONV" && mkdir -p "$CONV"
+  ln -s "$ROOT/$CKPT/model.safetensors" "$CONV/model.safetensors"
+  python3 -c 'import json, sys
+c = json.load(open(sys.argv[1])); c["q_lora_rank"] = c["q_lora_rank"] or 0
+json.dump(c, open(sys.argv[2], "w"), indent=1)' "$CKPT/config.json" "$CONV/config.json"
+  PY=$(tools/llama-cpp.sh python | tail -1)
+  "$PY" bench/llama_tokenizer.py "${DS_LLAMA_DIR:-$ROOT/build-llama}/src" "$CONV"
+  echo "converting $CONV -> $GGUF (llama.cpp convert_hf_to_gguf.py, bf16)"
+  tools/llama-cpp.sh convert "$CONV" "$GGUF.tmp" >"$WORK/convert.log" 2>&1 ||
+    { tail -20 "$WORK/convert.log" >&2; exit 1; }
+  mv "$GGUF.tmp" "$GGUF"
+fi
+
+RES=$WORK/results/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$RES"
+echo "results in $RES (checkpoint $CKPT${LB:+, $GGUF})"
+for t in $THREADS; do
+  echo "threads $t: dsd ..."
+  "$BIN" run --model "$CKPT" --threads "$t" --prompt $PROMPT --decode $DECODE --repeat $REPS \
+    >"$RES/dsd_t$t.txt"
+  if [ -n "$LB" ]; then
+    echo "threads $t: llama.cpp ..."
+    "$LB" -m "$GGUF" -t "$t" -p $PROMPT -n $DECODE -r $REPS -o json >"$RES/llama_t$t.json" \
+      2>"$RES/llama_t$t.err"
+  fi
+done
+
+python3 - "$RES" "$THREADS" "$PROMPT" "$DECODE" <<'EOF'
+import json, os, sys
+res, threads, prompt, decode = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4])
+def kv(path):
+    return {k: float(v) for k, v in (l.strip().split("=", 1) for l in open(path) if "=" in l
+                                     and " " not in l.strip())}
+def llama(path):
+    if not os.path.exists(path):
+        return None, None
+    pp = tg = None
+    for t in json.load(open(path)):
+        if t["n_prompt"] == prompt and t["n_gen"] == 0:
+            pp = t["avg_ts"]
+        elif t["n_prompt"] == 0 and t["n_gen"] == decode:
+            tg = t["avg_ts"]
+    return pp, tg
+f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
+r = lambda a, b: None if a is None or not b else a / b
+rows = []
+for t in threads:
+    d = kv(f"{res}/dsd_t{t}.txt")
+    pp, tg = llama(f"{res}/llama_t{t}.json")
+    bpt, rd = d["bytes_per_token"], d["read_gbs"]
+    lg = None if tg is None else tg * bpt / 1e9
+    rows.append([t, f(d["decode_tok_s"]), f(tg), f(r(d["decode_tok_s"], tg)),
+                 f(d["prefill_tok_s"]), f(pp), f(r(d["prefill_tok_s"], pp)),
+                 f(d["decode_gbs"]), f(lg), f(rd), f(r(d["decode_gbs"], rd)), f(r(lg, rd))])
+    print(f"threads {t}: bytes/token {bpt / 1e6:.1f} MB")
+hdr = ["threads", "decode tok/s dsd", "llama.cpp", "ratio", f"prefill-{prompt} tok/s dsd",
+       "llama.cpp", "ratio", "decode GB/s dsd", "llama.cpp", "read GB/s", "dsd / read",
+       "llama.cpp / read"]
+print("| " + " | ".join(hdr) + " |")
+print("|" + "|".join(" --- " for _ in hdr) + "|")
+for row in rows:
+    print("| " + " | ".join(str(c) for c in row) + " |")
+with open(f"{res}/table.md", "w") as fo:
+    fo.write("| " + " | ".join(hdr) + " |\n|" + "|".join(" --- " for _ in hdr) + "|\n")
+    for row in rows:
+        fo.write("| " + " | ".join(str(c) for c in row) + " |\n")
+EOF
+if [ -z "$LB" ]; then
+  echo "llama.cpp is not built: tools/llama-cpp.sh build (it vendors llama.cpp from the PyPI"
+  echo "llama-cpp-python sdist; benchmarks only), then rerun for the side-by-side columns."
+fi
