@@ -331,6 +331,8 @@ static inline float wval(enum ds_dtype kind, const wsrc *s, uint32_t c, uint32_t
     }
 }
 
+#define PF_BYTES 16384
+
 /* MR weight rows x NR input rows, lanes over [0, c16), then combine + tail. Block step bs: the
  * FP8 block width (a multiple of 16, the scale is constant inside), else c16. MR, NR, kind are
  * constants at each call site, so the arrays live in registers. */
@@ -346,6 +348,9 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
         for (uint32_t i = 0; i < NR; i++)
             lo[m][i] = hi[m][i] = _mm256_setzero_ps();
     uint32_t bs = kind == DS_DTYPE_F8_E4M3 ? bc : (c16 ? c16 : 16);
+    const size_t el = dtype_bytes(kind);
+    /* one prefetch per 64-byte line: every 64/el columns */
+    const uint32_t pf_mask = (uint32_t)(64 / el - 1) & ~15u;
     for (uint32_t cb = 0, blk = 0; cb < c16; cb += bs, blk++) {
         __m256 sc[4];
         uint32_t ce = cb + bs < c16 ? cb + bs : c16;
@@ -358,6 +363,15 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
 #pragma GCC unroll 3
             for (uint32_t i = 0; i < NR; i++)
                 xv[i] = _mm256_loadu_ps(x + (size_t)i * cols + c);
+            /* Rows are short streams (a few KB): the hardware prefetcher ramps up too late
+             * for each, so ask for the line PF_BYTES ahead (measured: 1536-column BF16 rows
+             * 7.6 -> 9.3 GB/s, 224-column 4.3 -> 8.0; long rows unchanged). */
+            if ((c & pf_mask) == 0) {
+#pragma GCC unroll 4
+                for (uint32_t m = 0; m < MR; m++)
+                    _mm_prefetch((const char *)ws[m].row + (size_t)c * el + PF_BYTES,
+                                 _MM_HINT_T0);
+            }
 #pragma GCC unroll 4
             for (uint32_t m = 0; m < MR; m++) {
                 __m256 wv = widen8(kind, ws[m].row, c, sc[m]);
