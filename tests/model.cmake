@@ -16,3 +16,8 @@ add_dependencies(test_model_generate dsctl)
 target_compile_definitions(test_model_generate PRIVATE _GNU_SOURCE)
 add_test(NAME test_model_generate_cpu COMMAND test_model_generate cpu)
 set_tests_properties(test_model_generate_cpu PROPERTIES LABELS unit TIMEOUT 120)
+# GGUF reader and reference dequantisers (docs/gguf.md): tests/data/gguf from tools/gen_gguf_ref.py.
+ds_add_test(NAME test_gguf SOURCES test_gguf.c LIBS ds_model LABELS unit TIMEOUT 120)
+target_compile_definitions(test_gguf PRIVATE _GNU_SOURCE)
+ds_add_fuzz(NAME fuzz_gguf SOURCES fuzz_gguf.c LIBS ds_model
+            CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/gguf ITERATIONS 200000)

@@ -1,0 +1,74 @@
+/* fuzz_gguf.c — arbitrary bytes as a GGUF image: the reader must reject or accept without
+ * crashing; every accepted tensor must lie inside the buffer with a consistent size, every
+ * metadata value must be readable through the getters, and a supported tensor's first row must
+ * dequantise (the reference dequantisers see arbitrary block bytes too). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ds_gguf.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static void touch_kv(const ds_gguf_kv *kv)
+{
+    ds_error err = {0};
+    uint32_t u32;
+    uint64_t u64;
+    int64_t i64;
+    float f;
+    bool b;
+    ds_gguf_str s;
+    volatile uint8_t sink = 0;
+    (void)ds_gguf_kv_u32(kv, &u32, &err);
+    (void)ds_gguf_kv_u64(kv, &u64, &err);
+    (void)ds_gguf_kv_i64(kv, &i64, &err);
+    (void)ds_gguf_kv_f32(kv, &f, &err);
+    (void)ds_gguf_kv_bool(kv, &b, &err);
+    if (ds_gguf_kv_str(kv, &s, &err) == 0 && s.len)
+        sink ^= (uint8_t)(s.ptr[0] ^ s.ptr[s.len - 1]);
+    uint64_t n = ds_gguf_kv_len(kv);
+    /* First, last and one past the last element. */
+    uint64_t idx[3] = {0, n ? n - 1 : 0, n};
+    for (int k = 0; k < 3; k++) {
+        if (ds_gguf_kv_array_str(kv, idx[k], &s, &err) == 0 && s.len)
+            sink ^= (uint8_t)(s.ptr[0] ^ s.ptr[s.len - 1]);
+        (void)ds_gguf_kv_array_i64(kv, idx[k], &i64, &err);
+        (void)ds_gguf_kv_array_f32(kv, idx[k], &f, &err);
+    }
+    (void)sink;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    ds_gguf *g = NULL;
+    ds_error err = {0};
+    if (ds_gguf_open_buffer(data, size, "fuzz.gguf", &g, &err) != 0)
+        return 0;
+    for (size_t i = 0; i < ds_gguf_kv_count(g); i++) {
+        const ds_gguf_kv *kv = ds_gguf_kv_at(g, i);
+        touch_kv(kv);
+        if (ds_gguf_kv_find(g, ds_gguf_kv_key(kv)) != kv)
+            abort();
+    }
+    for (size_t i = 0; i < ds_gguf_tensor_count(g); i++) {
+        const ds_gguf_tensor *t = ds_gguf_tensor_at(g, i);
+        const uint8_t *p = t->data;
+        uint64_t row_bytes = 0;
+        if (p < data || t->nbytes > size || p + t->nbytes > data + size || t->nbytes == 0)
+            abort();
+        if (ds_quant_row_bytes(t->type, t->ne[0], &row_bytes) != 0 || row_bytes > t->nbytes)
+            abort();
+        if (ds_gguf_tensor_find(g, t->name) != t)
+            abort();
+        /* Rows of at most 64 Ki values keep one input fast. */
+        if (ds_quant_can_dequant(t->type) && t->ne[0] <= 65536) {
+            float *y = malloc(t->ne[0] * sizeof(float));
+            if (!y || ds_quant_dequant_row(t->type, p, t->ne[0], y) != 0)
+                abort();
+            free(y);
+        }
+    }
+    ds_gguf_free(g);
+    return 0;
+}
