@@ -254,7 +254,8 @@ static int kvs_parse(cur *c, gguf_file *f, uint64_t n_kv)
             return rc;
         f->kv_sorted[i] = kv;
     }
-    qsort(f->kv_sorted, f->n_kvs, sizeof(*f->kv_sorted), kv_cmp);
+    if (f->n_kvs > 1)
+        qsort(f->kv_sorted, f->n_kvs, sizeof(*f->kv_sorted), kv_cmp);
     for (size_t i = 1; i < f->n_kvs; i++)
         if (!strcmp(f->kv_sorted[i]->key, f->kv_sorted[i - 1]->key))
             return ds_error_set(c->err, -EBADMSG, "%s: key '%s' appears twice", c->path,
@@ -448,7 +449,8 @@ static int gguf_parse(ds_gguf *g, gguf_file *f, const uint8_t *buf, size_t len, 
     }
     /* Sorted by start, a tensor overlaps an earlier one iff it starts before the furthest end
      * seen so far (every tensor has at least one byte). */
-    qsort(spans, n_tensors, sizeof(*spans), span_cmp);
+    if (n_tensors > 1)
+        qsort(spans, n_tensors, sizeof(*spans), span_cmp);
     uint64_t max_end = 0;
     const char *max_name = NULL;
     for (size_t i = 0; i < n_tensors; i++) {
@@ -509,7 +511,8 @@ static int gguf_finish(ds_gguf *g, ds_error *err)
         return -ENOMEM;
     for (size_t i = 0; i < g->n_tensors; i++)
         g->sorted[i] = &g->tensors[i];
-    qsort(g->sorted, g->n_tensors, sizeof(*g->sorted), tensor_ptr_cmp);
+    if (g->n_tensors > 1)
+        qsort(g->sorted, g->n_tensors, sizeof(*g->sorted), tensor_ptr_cmp);
     for (size_t i = 1; i < g->n_tensors; i++)
         if (!strcmp(g->sorted[i]->name, g->sorted[i - 1]->name)) {
             const ds_gguf_tensor *a = g->sorted[i - 1], *b = g->sorted[i];
