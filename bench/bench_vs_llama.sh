@@ -9,7 +9,15 @@
 # table with the ratios, each engine's decode GB/s (the same bytes/token for both) and the read
 # bandwidth bench_engine measured in that run. Raw outputs are kept in build-bench/results/.
 #
-#   bench/bench_vs_llama.sh [--threads "1 2"] [--rebuild] [--skip-without-llama]
+#   bench/bench_vs_llama.sh [--threads "1 2"] [--rounds N] [--idle-wait S] [--rebuild]
+#                           [--skip-without-llama]
+#
+# --rounds N repeats the whole interleaved sequence N times and keeps each engine's best round
+# per figure: on a shared machine a neighbour's burst then costs a round, not the comparison.
+# Before each run the script waits (up to --idle-wait seconds, default 120) until the CPUs were
+# at least 85% idle over the last second, since a neighbour's job on a 2-core machine halves a
+# 2-thread run (llama.cpp's spinning OpenMP threads suffer most); the idle share and load
+# average at each start are printed and kept with the results (load.txt).
 #
 # llama.cpp is for comparison only (tools/llama-cpp.sh build); without it the dsd figures are
 # printed alone, or, with --skip-without-llama (bench/run.sh), nothing is run at all.
@@ -24,11 +32,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 THREADS="1 2"
+ROUNDS=1
+IDLE_WAIT=120
 REBUILD=0
 SKIP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) THREADS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --idle-wait) IDLE_WAIT=$2; shift 2 ;;
     --rebuild) REBUILD=1; shift ;;
     --skip-without-llama) SKIP=1; shift ;;
     *) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
@@ -67,23 +79,42 @@ json.dump(c, open(sys.argv[2], "w"), indent=1)' "$CKPT/config.json" "$CONV/confi
   mv "$GGUF.tmp" "$GGUF"
 fi
 
+# Percent of CPU time idle over the next second (all CPUs, from /proc/stat).
+idle_pct() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
+  local tot=0 i
+  for i in 1 2 3 4 5 6 7 8; do tot=$((tot + b[i] - a[i])); done
+  echo $(( tot > 0 ? 100 * (b[4] - a[4] + b[5] - a[5]) / tot : 100 ))
+}
+# Waits until the machine is quiet (or IDLE_WAIT seconds passed), then logs how quiet it was.
+quiet_start() {
+  local what=$1 t0=$SECONDS idle
+  while idle=$(idle_pct) && [ "$idle" -lt 85 ] && [ $((SECONDS - t0)) -lt "$IDLE_WAIT" ]; do :; done
+  echo "$what idle=${idle}% load=$(cut -d' ' -f1-3 /proc/loadavg) waited=$((SECONDS - t0))s" |
+    tee -a "$RES/load.txt"
+}
+
 RES=$WORK/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RES"
 echo "results in $RES (checkpoint $CKPT${LB:+, $GGUF})"
-for t in $THREADS; do
-  echo "threads $t: dsd ..."
-  "$BIN" run --model "$CKPT" --threads "$t" --prompt $PROMPT --decode $DECODE --repeat $REPS \
-    >"$RES/dsd_t$t.txt"
-  if [ -n "$LB" ]; then
-    echo "threads $t: llama.cpp ..."
-    "$LB" -m "$GGUF" -t "$t" -p $PROMPT -n $DECODE -r $REPS -o json >"$RES/llama_t$t.json" \
-      2>"$RES/llama_t$t.err"
-  fi
+for r in $(seq 1 "$ROUNDS"); do
+  for t in $THREADS; do
+    quiet_start "round $r, threads $t: dsd"
+    "$BIN" run --model "$CKPT" --threads "$t" --prompt $PROMPT --decode $DECODE \
+      --repeat $REPS >"$RES/dsd_t${t}_r$r.txt"
+    if [ -n "$LB" ]; then
+      quiet_start "round $r, threads $t: llama.cpp"
+      "$LB" -m "$GGUF" -t "$t" -p $PROMPT -n $DECODE -r $REPS -o json \
+        >"$RES/llama_t${t}_r$r.json" 2>"$RES/llama_t${t}_r$r.err"
+    fi
+  done
 done
 
-python3 - "$RES" "$THREADS" "$PROMPT" "$DECODE" <<'EOF'
+python3 - "$RES" "$THREADS" "$PROMPT" "$DECODE" "$ROUNDS" <<'EOF'
 import json, os, sys
 res, threads, prompt, decode = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4])
+rounds = range(1, int(sys.argv[5]) + 1)
 def kv(path):
     return {k: float(v) for k, v in (l.strip().split("=", 1) for l in open(path) if "=" in l
                                      and " " not in l.strip())}
@@ -97,18 +128,25 @@ def llama(path):
         elif t["n_prompt"] == 0 and t["n_gen"] == decode:
             tg = t["avg_ts"]
     return pp, tg
+def best(vals):
+    vals = [v for v in vals if v is not None]
+    return max(vals) if vals else None
 f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
 r = lambda a, b: None if a is None or not b else a / b
 rows = []
 for t in threads:
-    d = kv(f"{res}/dsd_t{t}.txt")
-    pp, tg = llama(f"{res}/llama_t{t}.json")
+    ds = [kv(f"{res}/dsd_t{t}_r{k}.txt") for k in rounds]
+    d = {key: max(x[key] for x in ds) for key in ds[0]}  # best round per figure
+    ll = [llama(f"{res}/llama_t{t}_r{k}.json") for k in rounds]
+    pp, tg = best(x[0] for x in ll), best(x[1] for x in ll)
     bpt, rd = d["bytes_per_token"], d["read_gbs"]
     lg = None if tg is None else tg * bpt / 1e9
     rows.append([t, f(d["decode_tok_s"]), f(tg), f(r(d["decode_tok_s"], tg)),
                  f(d["prefill_tok_s"]), f(pp), f(r(d["prefill_tok_s"], pp)),
                  f(d["decode_gbs"]), f(lg), f(rd), f(r(d["decode_gbs"], rd)), f(r(lg, rd))])
-    print(f"threads {t}: bytes/token {bpt / 1e6:.1f} MB")
+    print(f"threads {t}: bytes/token {bpt / 1e6:.1f} MB; per round dsd decode/prefill "
+          + ", ".join(f"{x['decode_tok_s']:.1f}/{x['prefill_tok_s']:.1f}" for x in ds)
+          + "; llama.cpp " + ", ".join(f"{f(x[1], 1)}/{f(x[0], 1)}" for x in ll))
 hdr = ["threads", "decode tok/s dsd", "llama.cpp", "ratio", f"prefill-{prompt} tok/s dsd",
        "llama.cpp", "ratio", "decode GB/s dsd", "llama.cpp", "read GB/s", "dsd / read",
        "llama.cpp / read"]
