@@ -2,11 +2,12 @@
  *
  * tests/data/gguf (written by tools/gen_gguf_ref.py with PyPI gguf-py): metadata of every value
  * type, tensor infos, and ds_quant_dequant_row against gguf-py's numpy dequantisation bit for
- * bit (memcmp of the float32s) for every type the C code handles; a split set written by
- * GGUFWriter. Then hostile files built here from a valid one — truncated at every length,
- * absurd counts and lengths, overlapping, misaligned or out-of-range tensors, unknown types,
- * rows that are not whole blocks, duplicates, other versions, bad alignment, broken split sets —
- * each of which must give the expected negative errno and a message naming the thing. */
+ * bit (memcmp of the float32s) for every type the C code handles; files quantised by llama.cpp's
+ * llama-quantize against hashes of numpy's dequantisation; a split set written by GGUFWriter. Then
+ * hostile files built here from a valid one — truncated at every length, absurd counts and lengths,
+ * overlapping, misaligned or out-of-range tensors, unknown types, rows that are not whole blocks,
+ * duplicates, other versions, bad alignment, broken split sets — each of which must give the
+ * expected negative errno and a message naming the thing. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -264,6 +265,68 @@ static void test_dequant_bit_exact(void **state)
     assert_int_equal(n_checked, 23);
     ds_gguf_free(ref);
     ds_gguf_free(g);
+}
+
+static uint64_t fnv1a64(const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001B3ull;
+    return h;
+}
+
+/* Files quantised by llama.cpp's own llama-quantize (its C++ writer, its real K-quant search):
+ * opened by the reader, every tensor dequantised to the FNV-1a hash of numpy's result. */
+static void test_llama_quantized(void **state)
+{
+    FILE *f = fopen(GG "llama.fnv", "r");
+    assert_non_null(f);
+    char line[512], file[128], name[128], type[16], path[512], open_name[128] = "";
+    unsigned long long n, hash;
+    ds_gguf *g = NULL;
+    ds_error err = {0};
+    size_t checked = 0;
+    uint32_t covered[64] = {0};
+    while (fgets(line, sizeof(line), f)) {
+        if (line[0] == '#')
+            continue;
+        assert_int_equal(sscanf(line, "%127s %127s %15s %llu %llx", file, name, type, &n, &hash),
+                         5);
+        if (strcmp(file, open_name)) {
+            ds_gguf_free(g);
+            snprintf(path, sizeof(path), GG "%s", file);
+            g = open_ok(path);
+            snprintf(open_name, sizeof(open_name), "%s", file);
+            ds_gguf_str arch;
+            uint32_t blocks;
+            assert_int_equal(ds_gguf_get_str(g, "general.architecture", &arch, &err), 0);
+            assert_true(arch.len == 5 && !memcmp(arch.ptr, "llama", 5));
+            assert_int_equal(ds_gguf_get_u32(g, "llama.block_count", &blocks, &err), 0);
+            assert_int_equal(blocks, 1);
+        }
+        const ds_gguf_tensor *t = ds_gguf_tensor_find(g, name);
+        assert_non_null(t);
+        assert_string_equal(ds_quant_type_name(t->type), type);
+        assert_int_equal(t->n_elements, n);
+        float *y = malloc(n * sizeof(float));
+        assert_non_null(y);
+        assert_int_equal(ds_quant_dequant_row(t->type, t->data, n, y), 0);
+        if (fnv1a64(y, n * sizeof(float)) != hash) {
+            print_error("%s: %s (%s) differs from numpy\n", file, name, type);
+            fail();
+        }
+        free(y);
+        covered[t->type]++;
+        checked++;
+    }
+    fclose(f);
+    ds_gguf_free(g);
+    assert_int_equal(checked, 14);
+    const uint32_t kq[] = {DS_QUANT_Q2_K, DS_QUANT_Q3_K, DS_QUANT_Q4_K, DS_QUANT_Q5_K,
+                           DS_QUANT_Q6_K};
+    for (size_t i = 0; i < 5; i++)
+        assert_true(covered[kq[i]] > 0);
 }
 
 static void test_quant_table(void **state)
@@ -846,6 +909,7 @@ int main(void)
         cmocka_unit_test(test_metadata),
         cmocka_unit_test(test_tensor_infos),
         cmocka_unit_test(test_dequant_bit_exact),
+        cmocka_unit_test(test_llama_quantized),
         cmocka_unit_test(test_quant_table),
         cmocka_unit_test(test_alignment_file),
         cmocka_unit_test(test_split_committed),

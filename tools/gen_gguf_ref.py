@@ -18,6 +18,17 @@ Writes, with the PyPI `gguf` package (llama.cpp's gguf-py) and numpy:
   tests/data/gguf/split-0000K-of-00003.gguf  a split set written by GGUFWriter(split_max_tensors)
   tests/corpus/gguf/*.gguf          small seeds for the fuzz target
 
+and, when llama.cpp's llama-quantize is at hand (--llama-quantize PATH, else
+`tools/llama-cpp.sh bin llama-quantize`; skipped, keeping the committed files, when neither):
+
+  tests/data/gguf/llama-Q2_K.gguf, llama-Q3_K_M.gguf   a 1-layer llama-architecture model of
+                                    random F32 weights quantised by llama.cpp itself (its C++
+                                    writer and its real K-quant search; together they hold
+                                    Q2_K, Q3_K, Q4_K, Q5_K and Q6_K tensors)
+  tests/data/gguf/llama.fnv         per tensor of those files: type, element count and the
+                                    FNV-1a 64 hash of gguf-py's numpy dequantisation (a hash
+                                    keeps the committed reference small)
+
 CI has no numpy: the outputs are committed and the C test only reads them. Deterministic for a
 seed. Run from the repository root:
 
@@ -26,7 +37,9 @@ seed. Run from the repository root:
 """
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 from importlib.metadata import version
 
 import numpy as np
@@ -174,10 +187,68 @@ def gen_split(out_dir, rng):
     write(w)
 
 
+def fnv1a64(b):
+    h = 0xCBF29CE484222325
+    for x in b:
+        h = ((h ^ x) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def find_llama_quantize(root, given):
+    if given:
+        return given
+    try:
+        out = subprocess.run([os.path.join(root, "tools", "llama-cpp.sh"), "bin", "llama-quantize"],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def gen_llama(out_dir, rng, quantize):
+    # The smallest model llama-quantize accepts: every row a whole K-block (256), one attn_v per
+    # layer (it counts them against block_count).
+    d = 256
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "f32.gguf")
+        w = gguf.GGUFWriter(src, "llama")
+        w.add_context_length(64)
+        w.add_embedding_length(d)
+        w.add_block_count(1)
+        w.add_feed_forward_length(d)
+        w.add_head_count(4)
+        w.add_head_count_kv(4)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_file_type(0)
+        for name in ("token_embd", "output", "blk.0.attn_v", "blk.0.attn_output",
+                     "blk.0.ffn_down", "blk.0.ffn_up"):
+            w.add_tensor(f"{name}.weight", (rng.standard_normal((d, d)) * 0.05).astype(np.float32))
+        w.add_tensor("blk.0.attn_norm.weight", np.ones(d, dtype=np.float32))
+        write(w)
+        lines = [f"# gguf-py {version('gguf')}, numpy {np.__version__}; "
+                 "file tensor type n_elements fnv1a64(numpy float32 bytes)"]
+        for qt in ("Q2_K", "Q3_K_M"):
+            dst = os.path.join(out_dir, f"llama-{qt}.gguf")
+            log = subprocess.run([quantize, src, dst, qt], capture_output=True, text=True)
+            if log.returncode:
+                sys.exit(f"llama-quantize {qt} failed:\n{log.stdout}{log.stderr}")
+            ver = next((l for l in log.stdout.splitlines() + log.stderr.splitlines()
+                        if l.startswith("version:")), "version: ?")
+            lines.append(f"# llama-{qt}.gguf: llama-quantize {ver[8:].strip()}")
+            for t in gguf.GGUFReader(dst).tensors:
+                y = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+                y = np.ascontiguousarray(y, dtype=np.float32)
+                lines.append(f"llama-{qt}.gguf {t.name} {t.tensor_type.name} {y.size} "
+                             f"{fnv1a64(y.tobytes()):016x}")
+    with open(os.path.join(out_dir, "llama.fnv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=os.getcwd(), help="repository root")
     ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--llama-quantize", help="path of llama.cpp's llama-quantize")
     a = ap.parse_args()
     data = os.path.join(a.root, "tests", "data", "gguf")
     corpus = os.path.join(a.root, "tests", "corpus", "gguf")
@@ -190,6 +261,12 @@ def main():
     gen_small(os.path.join(corpus, "small.gguf"), rng)
     gen_small(os.path.join(corpus, "align64.gguf"), rng, alignment=64)
     gen_small(os.path.join(corpus, "tensors_only.gguf"), rng, extra_kv=False)
+    quantize = find_llama_quantize(a.root, a.llama_quantize)
+    if quantize:
+        gen_llama(data, np.random.default_rng(a.seed + 1), quantize)
+    else:
+        print("no llama-quantize (tools/llama-cpp.sh build): kept the llama-*.gguf files",
+              file=sys.stderr)
     print(f"gguf-py {version('gguf')}, numpy {np.__version__}: wrote {data} and {corpus}",
           file=sys.stderr)
 
