@@ -97,6 +97,10 @@ quiet_start() {
 
 RES=$WORK/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RES"
+{ echo "dsd: $(git describe --always --dirty) (bench_engine built $(date -u -r "$BIN" +%FT%TZ))"
+  git status --short model experts common | sed 's/^/  /'
+  echo "llama.cpp: ${LB:-not built}${LB:+ (llama-cpp-python sdist $(ls "${DS_LLAMA_DIR:-$ROOT/build-llama}"/dl 2>/dev/null | head -1))}"
+} >"$RES/version.txt"
 echo "results in $RES (checkpoint $CKPT${LB:+, $GGUF})"
 for r in $(seq 1 "$ROUNDS"); do
   for t in $THREADS; do
