@@ -3,7 +3,9 @@
  * Every integer field is range-checked against a limit well above any released model, so a
  * hostile file cannot make later stages allocate unbounded memory; cross-field consistency
  * (groups divide experts, top-k fits, head dims even for rope) is checked last. Both spellings
- * newer writers use are accepted: rope_scaling / rope_parameters, torch_dtype / dtype. */
+ * newer writers use are accepted: rope_scaling / rope_parameters, torch_dtype / dtype.
+ * ds_model_config_from_gguf maps the `deepseek2.*` metadata of a llama.cpp GGUF file onto the
+ * same struct, with the same limits and the same final consistency check. */
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
@@ -12,6 +14,7 @@
 #include <string.h>
 
 #include "ds_config.h"
+#include "ds_gguf.h"
 
 #define CFG_MAX_VOCAB        (1u << 22)
 #define CFG_MAX_DIM          (1u << 17)
@@ -439,4 +442,251 @@ int ds_model_config_load(const char *path, ds_model_config *out, ds_error *err)
 bool ds_model_config_layer_is_moe(const ds_model_config *c, uint32_t l)
 {
     return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
+}
+
+/* ---- GGUF (llama.cpp's deepseek2 architecture) ---------------------------------------------
+ * Keys as convert_hf_to_gguf.py writes them (gguf-py constants.py, conversion/deepseek.py):
+ * "deepseek2." + the suffixes below. The MLA-absorbed layout writes key_length = kv_lora_rank +
+ * rope and value_length = kv_lora_rank, and the real head dims under key_length_mla /
+ * value_length_mla; older files (with attn_kv_b) have only key_length / value_length = the real
+ * head dims. */
+
+typedef struct gcfg {
+    const ds_gguf *g;
+    const char *file;
+    char key[128];
+} gcfg;
+
+static const ds_gguf_kv *gk(gcfg *c, const char *suffix)
+{
+    snprintf(c->key, sizeof(c->key), "deepseek2.%s", suffix);
+    return ds_gguf_kv_find(c->g, c->key);
+}
+
+static int g_u32(gcfg *c, const char *suffix, bool required, uint32_t def, uint32_t lo, uint32_t hi,
+                 uint32_t *out, ds_error *err)
+{
+    const ds_gguf_kv *kv = gk(c, suffix);
+    if (!kv) {
+        if (required)
+            return ds_error_set(err, -ENOENT, "%s: key '%s' missing", c->file, c->key);
+        *out = def;
+        return 0;
+    }
+    uint32_t v;
+    int rc = ds_gguf_kv_u32(kv, &v, err);
+    if (rc < 0)
+        return rc;
+    if (v < lo || v > hi)
+        return ds_error_set(err, -ERANGE, "%s: key '%s' = %u is outside [%u, %u]", c->file, c->key,
+                            v, lo, hi);
+    *out = v;
+    return 0;
+}
+
+/* A float key as the double the converter meant: the file stores float32 (rms eps 1e-6 becomes
+ * 9.99999997e-07); when the shortest decimal of 7 digits rounds back to the same float32, that
+ * decimal is used, so a GGUF gives the same config values as the config.json it came from. */
+static int g_f64(gcfg *c, const char *suffix, double def, double lo, double hi, double *out,
+                 ds_error *err)
+{
+    const ds_gguf_kv *kv = gk(c, suffix);
+    if (!kv) {
+        *out = def;
+        return 0;
+    }
+    float f;
+    int rc = ds_gguf_kv_f32(kv, &f, err);
+    if (rc < 0)
+        return rc;
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%.7g", (double)f);
+    double d = strtod(buf, NULL);
+    if ((float)d != f)
+        d = f;
+    if (!(d >= lo && d <= hi))
+        return ds_error_set(err, -ERANGE, "%s: key '%s' = %g is outside [%g, %g]", c->file, c->key,
+                            d, lo, hi);
+    *out = d;
+    return 0;
+}
+
+static int g_bool(gcfg *c, const char *suffix, bool def, bool *out, ds_error *err)
+{
+    const ds_gguf_kv *kv = gk(c, suffix);
+    if (!kv) {
+        *out = def;
+        return 0;
+    }
+    return ds_gguf_kv_bool(kv, out, err);
+}
+
+static int g_token_id(const ds_gguf *g, const char *file, const char *key, uint32_t vocab,
+                      int32_t *out, ds_error *err)
+{
+    *out = -1;
+    const ds_gguf_kv *kv = ds_gguf_kv_find(g, key);
+    if (!kv)
+        return 0;
+    uint32_t v;
+    int rc = ds_gguf_kv_u32(kv, &v, err);
+    if (rc < 0)
+        return rc;
+    if (v >= vocab)
+        return ds_error_set(err, -ERANGE, "%s: key '%s' = %u is outside the vocabulary (%u)", file,
+                            key, v, vocab);
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int g_rope(gcfg *c, ds_model_config *m, ds_error *err)
+{
+    ds_rope_config *r = &m->rope;
+    int rc;
+    if ((rc = g_f64(c, "rope.freq_base", 10000.0, 1e-3, 1e12, &r->theta, err)) < 0)
+        return rc;
+    r->factor = 1.0;
+    r->beta_fast = 32.0;
+    r->beta_slow = 1.0;
+    r->mscale = 1.0;
+    r->mscale_all_dim = 0.0;
+    const ds_gguf_kv *kv = gk(c, "rope.scaling.type");
+    if (!kv)
+        return 0;
+    ds_gguf_str t;
+    if ((rc = ds_gguf_kv_str(kv, &t, err)) < 0)
+        return rc;
+    if (t.len == 4 && !memcmp(t.ptr, "none", 4))
+        return 0;
+    if (t.len != 4 || memcmp(t.ptr, "yarn", 4))
+        return ds_error_set(err, -EINVAL, "%s: key '%s' = '%.*s' unsupported (yarn or none)",
+                            c->file, c->key, (int)(t.len > 64 ? 64 : t.len), t.ptr);
+    r->yarn = true;
+    double log_mul;
+    if ((rc = g_f64(c, "rope.scaling.factor", 1.0, 1e-6, 1e6, &r->factor, err)) < 0 ||
+        (rc = g_u32(c, "rope.scaling.original_context_length", true, 0, 1, 1u << 30,
+                    &r->original_max_position_embeddings, err)) < 0 ||
+        (rc = g_f64(c, "rope.scaling.yarn_beta_fast", 32.0, -1e6, 1e6, &r->beta_fast, err)) < 0 ||
+        (rc = g_f64(c, "rope.scaling.yarn_beta_slow", 1.0, -1e6, 1e6, &r->beta_slow, err)) < 0 ||
+        (rc = g_f64(c, "rope.scaling.yarn_log_multiplier", 0.0, 0.0, 1e3, &log_mul, err)) < 0)
+        return rc;
+    /* The converter writes 0.1 * mscale_all_dim (llama.cpp divides by 0.1 again) and not
+     * mscale; llama.cpp takes mscale = mscale_all_dim for deepseek2 (llama-context.cpp), which
+     * makes the cos/sin factor mscale/mscale_all_dim 1. V2 and V3 ship equal values. */
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%.7g", log_mul / 0.1);
+    r->mscale_all_dim = strtod(buf, NULL);
+    r->mscale = r->mscale_all_dim;
+    return 0;
+}
+
+int ds_model_config_from_gguf(const ds_gguf *g, ds_model_config *out, ds_error *err)
+{
+    gcfg gc = {.g = g, .file = ds_gguf_file_path(g, 0)};
+    ds_gguf_str arch;
+    int rc = ds_gguf_get_str(g, "general.architecture", &arch, err);
+    if (rc < 0)
+        return rc;
+    if (arch.len != 9 || memcmp(arch.ptr, "deepseek2", 9))
+        return ds_error_set(err, -EINVAL,
+                            "%s: key 'general.architecture' = '%.*s', only deepseek2 is supported",
+                            gc.file, (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+    ds_model_config c;
+    memset(&c, 0, sizeof(c));
+    uint32_t key_len, val_len, key_mla, val_mla, gating, n_group, topk_group;
+    /* the vocabulary: deepseek2.vocab_size, else the token list (llama.cpp does the same) */
+    const ds_gguf_kv *tok = ds_gguf_kv_find(g, "tokenizer.ggml.tokens");
+    if ((rc = g_u32(&gc, "vocab_size", false, 0, 0, CFG_MAX_VOCAB, &c.vocab_size, err)) < 0)
+        return rc;
+    if (!c.vocab_size) {
+        if (!tok)
+            return ds_error_set(err, -ENOENT,
+                                "%s: neither 'deepseek2.vocab_size' nor 'tokenizer.ggml.tokens'",
+                                gc.file);
+        if (ds_gguf_kv_type(tok) != DS_GGUF_ARRAY || ds_gguf_kv_len(tok) < 1 ||
+            ds_gguf_kv_len(tok) > CFG_MAX_VOCAB)
+            return ds_error_set(err, -ERANGE,
+                                "%s: key 'tokenizer.ggml.tokens' is not an array of 1..%u tokens",
+                                gc.file, CFG_MAX_VOCAB);
+        c.vocab_size = (uint32_t)ds_gguf_kv_len(tok);
+    }
+    if ((rc = g_u32(&gc, "block_count", true, 0, 1, CFG_MAX_LAYERS, &c.num_hidden_layers, err)) <
+            0 ||
+        (rc = g_u32(&gc, "embedding_length", true, 0, 1, CFG_MAX_DIM, &c.hidden_size, err)) < 0 ||
+        (rc = g_u32(&gc, "feed_forward_length", false, 0, 0, CFG_MAX_DIM * 4, &c.intermediate_size,
+                    err)) < 0 ||
+        (rc = g_u32(&gc, "attention.head_count", true, 0, 1, CFG_MAX_HEADS, &c.num_attention_heads,
+                    err)) < 0 ||
+        (rc = g_u32(&gc, "attention.q_lora_rank", false, 0, 0, CFG_MAX_DIM, &c.q_lora_rank, err)) <
+            0 ||
+        (rc = g_u32(&gc, "attention.kv_lora_rank", true, 0, 1, CFG_MAX_DIM, &c.kv_lora_rank, err)) <
+            0 ||
+        (rc = g_u32(&gc, "attention.key_length", true, 0, 1, 2 * CFG_MAX_DIM, &key_len, err)) < 0 ||
+        (rc = g_u32(&gc, "attention.value_length", true, 0, 1, CFG_MAX_DIM, &val_len, err)) < 0 ||
+        (rc = g_u32(&gc, "attention.key_length_mla", false, 0, 1, 8192, &key_mla, err)) < 0 ||
+        (rc = g_u32(&gc, "attention.value_length_mla", false, 0, 1, 4096, &val_mla, err)) < 0 ||
+        (rc = g_u32(&gc, "rope.dimension_count", true, 0, 0, 4096, &c.qk_rope_head_dim, err)) < 0 ||
+        (rc = g_u32(&gc, "expert_count", false, 0, 0, CFG_MAX_EXPERTS, &c.n_routed_experts, err)) <
+            0 ||
+        (rc = g_u32(&gc, "expert_used_count", false, 0, 0, CFG_MAX_EXPERTS, &c.num_experts_per_tok,
+                    err)) < 0 ||
+        (rc = g_u32(&gc, "expert_shared_count", false, 0, 0, 1024, &c.n_shared_experts, err)) < 0 ||
+        (rc = g_u32(&gc, "expert_feed_forward_length", false, 0, 0, CFG_MAX_DIM,
+                    &c.moe_intermediate_size, err)) < 0 ||
+        (rc = g_u32(&gc, "leading_dense_block_count", false, 0, 0, CFG_MAX_LAYERS,
+                    &c.first_k_dense_replace, err)) < 0 ||
+        (rc = g_u32(&gc, "expert_gating_func", false, 1, 1, 2, &gating, err)) < 0 ||
+        (rc = g_u32(&gc, "expert_group_count", false, 1, 1, CFG_MAX_EXPERTS, &n_group, err)) < 0 ||
+        (rc = g_u32(&gc, "expert_group_used_count", false, 1, 1, CFG_MAX_EXPERTS, &topk_group,
+                    err)) < 0 ||
+        (rc = g_bool(&gc, "expert_weights_norm", false, &c.norm_topk_prob, err)) < 0 ||
+        (rc = g_f64(&gc, "expert_weights_scale", 1.0, 0.0, 1e6, &c.routed_scaling_factor, err)) <
+            0 ||
+        (rc = g_f64(&gc, "attention.layer_norm_rms_epsilon", 1e-6, 0.0, 1.0, &c.rms_norm_eps,
+                    err)) < 0 ||
+        (rc = g_u32(&gc, "context_length", false, 4096, 1, 1u << 30, &c.max_position_embeddings,
+                    err)) < 0 ||
+        (rc = g_rope(&gc, &c, err)) < 0)
+        return rc;
+    /* head dims: the _mla keys when present (absorbed layout), else the plain ones */
+    uint32_t qk = key_mla ? key_mla : key_len, v = val_mla ? val_mla : val_len;
+    if ((key_mla != 0) != (val_mla != 0))
+        return ds_error_set(err, -EINVAL,
+                            "%s: 'deepseek2.attention.key_length_mla' and 'value_length_mla' "
+                            "must both be present or both absent",
+                            gc.file);
+    if (qk <= c.qk_rope_head_dim)
+        return ds_error_set(err, -EINVAL,
+                            "%s: key length %u must exceed 'deepseek2.rope.dimension_count' %u",
+                            gc.file, qk, c.qk_rope_head_dim);
+    c.qk_nope_head_dim = qk - c.qk_rope_head_dim;
+    c.v_head_dim = v;
+    if (c.qk_nope_head_dim > 4096 || c.v_head_dim > 4096)
+        return ds_error_set(err, -ERANGE, "%s: head dims %u/%u past 4096", gc.file,
+                            c.qk_nope_head_dim, c.v_head_dim);
+    c.n_group = n_group;
+    c.topk_group = topk_group;
+    c.moe_layer_freq = 1; /* llama.cpp: every layer from leading_dense_block_count on is MoE */
+    if (c.first_k_dense_replace > c.num_hidden_layers)
+        c.first_k_dense_replace = c.num_hidden_layers;
+    /* gating 2 is V3's sigmoid with the bias-corrected group-limited top-k; 1 is V2's softmax
+     * (greedy, or group-limited when there are groups). */
+    c.scoring_func = gating == 2 ? DS_SCORING_SIGMOID : DS_SCORING_SOFTMAX;
+    c.arch = gating == 2 ? DS_ARCH_DEEPSEEK_V3 : DS_ARCH_DEEPSEEK_V2;
+    c.topk_method = gating == 2   ? DS_TOPK_NOAUX_TC
+                    : n_group > 1 ? DS_TOPK_GROUP_LIMITED_GREEDY
+                                  : DS_TOPK_GREEDY;
+    c.tie_word_embeddings = false; /* resolved by the loader: no output.weight = tied */
+    c.dtype = DS_DTYPE_BF16;       /* per tensor in a GGUF; this is only the placement estimate */
+    if ((rc = g_token_id(g, gc.file, "tokenizer.ggml.bos_token_id", c.vocab_size, &c.bos_token_id,
+                         err)) < 0 ||
+        (rc = g_token_id(g, gc.file, "tokenizer.ggml.eos_token_id", c.vocab_size, &c.eos_token_id,
+                         err)) < 0)
+        return rc;
+    if ((rc = cfg_check(&c, err)) < 0) {
+        ds_error_prefix(err, "%s", gc.file);
+        return rc;
+    }
+    *out = c;
+    return 0;
 }

@@ -35,7 +35,24 @@ enum ds_dtype {
     DS_DTYPE_F16,
     DS_DTYPE_BF16,
     DS_DTYPE_F8_E4M3, /* with 128x128 (weight_block_size) weight_scale_inv blocks */
+    /* ggml block formats (GGUF files): rows are packed blocks, ds_quant_row_bytes(type, cols)
+     * bytes each; dequantised per row (model/quant.c) and computed in float32. */
+    DS_DTYPE_Q4_0,
+    DS_DTYPE_Q4_1,
+    DS_DTYPE_Q5_0,
+    DS_DTYPE_Q5_1,
+    DS_DTYPE_Q8_0,
+    DS_DTYPE_Q2_K,
+    DS_DTYPE_Q3_K,
+    DS_DTYPE_Q4_K,
+    DS_DTYPE_Q5_K,
+    DS_DTYPE_Q6_K,
 };
+
+/* The ggml type id (enum ds_quant_type) of a block dtype, or -1 for F32/F16/BF16/F8. */
+int ds_dtype_quant_type(enum ds_dtype dt);
+/* The dtype of a ggml type id the engine computes on, or -1 (IQ*, Q8_1, Q8_K, ...). */
+int ds_dtype_from_quant_type(uint32_t type);
 
 typedef struct ds_rope_config {
     double theta;         /* rope_theta */
@@ -87,6 +104,13 @@ typedef struct ds_model_config {
  * -ERANGE (value out of bounds) or -EINVAL (inconsistent) with err naming the field. */
 int ds_model_config_parse(const char *json_text, size_t len, ds_model_config *out, ds_error *err);
 int ds_model_config_load(const char *path, ds_model_config *out, ds_error *err);
+
+/* The config of a llama.cpp GGUF file of architecture `deepseek2` (the keys
+ * convert_hf_to_gguf.py writes, docs/gguf.md), checked like config.json: -ENOENT for a missing
+ * required key, -EBADMSG for a wrong value type, -ERANGE out of bounds, -EINVAL inconsistent or
+ * another architecture, with err naming the file and the key. */
+struct ds_gguf;
+int ds_model_config_from_gguf(const struct ds_gguf *g, ds_model_config *out, ds_error *err);
 
 /* True when layer l (0-based, < num_hidden_layers) has a routed MoE FFN. */
 bool ds_model_config_layer_is_moe(const ds_model_config *c, uint32_t l);

@@ -58,15 +58,18 @@ typedef struct ds_model_open_opts {
 
 typedef struct ds_model ds_model;
 
-/* Opens DIR (config.json + model.safetensors or model.safetensors.index.json). Validates every
- * needed tensor's presence, dtype and shape against the config; errors name file and tensor.
- * opts may be NULL. */
+/* Opens DIR (config.json + model.safetensors or model.safetensors.index.json), or a llama.cpp
+ * GGUF file of architecture deepseek2 (any path whose file starts with "GGUF"; the first, or
+ * any, part of a split set NAME-0000K-of-0000N.gguf opens the whole set): config from its
+ * metadata, weights in their ggml types (docs/gguf.md). Validates every needed tensor's
+ * presence, dtype and shape against the config; errors name file and tensor. opts may be NULL. */
 int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **ret, ds_error *err);
 ds_model *ds_model_free(ds_model *m);
 const ds_model_config *ds_model_get_config(const ds_model *m);
 /* The checkpoint tensors the bound units read (weights, norms, scales, biases), each once:
  * *out is a malloc'd array (caller frees) of *n pointers valid while m is open. What a node
- * without a checkpoint copy needs streamed to it (docs/daemon.md, weight streaming). */
+ * without a checkpoint copy needs streamed to it (docs/daemon.md, weight streaming).
+ * -ENOTSUP for a model opened from a GGUF file (not streamed yet). */
 int ds_model_tensors_used(const ds_model *m, const ds_st_tensor ***out, size_t *n);
 
 /* --- KV cache ---------------------------------------------------------------------------

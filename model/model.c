@@ -1,16 +1,18 @@
 /* model.c — opening a checkpoint: binds every tensor the wanted units need, checked against
  * the config (presence, 2-D shape, dtype), with errors naming the file and the tensor. Norm
  * vectors and the router bias are converted once to float32 (they are tiny); linear weights
- * stay at checkpoint precision inside the mapping (F32, F16, BF16, FP8 + block scales). */
+ * stay at checkpoint precision inside the mapping (F32, F16, BF16, FP8 + block scales).
+ * A path to a .gguf file goes to model_gguf.c instead (same struct, same checks). */
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ds_gguf.h"
 #include "model_impl.h"
 
-static int m_own(ds_model *m, void *p)
+int ds_model_own(ds_model *m, void *p)
 {
     if (!p)
         return -ENOMEM;
@@ -58,6 +60,8 @@ static int ptr_cmp(const void *a, const void *b)
 
 int ds_model_tensors_used(const ds_model *m, const ds_st_tensor ***out, size_t *n)
 {
+    if (m->gg)
+        return -ENOTSUP; /* streaming GGUF units is not implemented yet (issue 14) */
     const ds_st_tensor **v = malloc((m->n_used ? m->n_used : 1) * sizeof(*v));
     if (!v)
         return -ENOMEM;
@@ -85,7 +89,7 @@ static int m_vec(ds_model *m, const char *name, uint32_t len, const float **out,
                             t->file, name, "", (unsigned long long)(t->ndim ? t->shape[0] : 0),
                             t->ndim, len);
     float *v = malloc((size_t)len * sizeof(float) + 1);
-    int rc = m_own(m, v);
+    int rc = ds_model_own(m, v);
     if (rc < 0)
         return rc;
     for (uint32_t i = 0; i < len; i++) {
@@ -169,7 +173,7 @@ static int m_weight(ds_model *m, const char *name, uint32_t rows, uint32_t cols,
         w->block_cols = bc;
         if ((uintptr_t)s->data % 4) {
             float *f = malloc(s->nbytes + 1);
-            int rc = m_own(m, f);
+            int rc = ds_model_own(m, f);
             if (rc < 0)
                 return rc;
             memcpy(f, s->data, s->nbytes);
@@ -188,7 +192,7 @@ static int m_weight(ds_model *m, const char *name, uint32_t rows, uint32_t cols,
 realign : {
     /* safetensors does not promise alignment; copy the rare unaligned tensor once. */
     void *c = malloc(t->nbytes + 1);
-    int rc = m_own(m, c);
+    int rc = ds_model_own(m, c);
     if (rc < 0)
         return rc;
     memcpy(c, t->data, t->nbytes);
@@ -317,6 +321,12 @@ int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **re
     m->dir = strdup(dir);
     if (!m->dir)
         goto fail;
+    if (ds_model_path_is_gguf(dir)) {
+        if ((rc = ds_model_open_gguf(m, opts, err)) < 0)
+            goto fail;
+        *ret = m;
+        return 0;
+    }
     if (snprintf(path, sizeof(path), "%s/config.json", dir) >= (int)sizeof(path)) {
         rc = ds_error_set(err, -ENAMETOOLONG, "%s: path too long", dir);
         goto fail;
@@ -375,6 +385,7 @@ ds_model *ds_model_free(ds_model *m)
     free(m->used);
     free(m->rope.inv_freq);
     ds_st_free(m->st);
+    ds_gguf_free(m->gg);
     free(m->dir);
     free(m);
     return NULL;

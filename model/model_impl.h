@@ -36,9 +36,10 @@ typedef struct ds_rope {
 } ds_rope;
 
 struct ds_model {
-    char *dir;
+    char *dir; /* the checkpoint directory, or the GGUF file's path */
     ds_model_config cfg;
-    ds_st *st;
+    ds_st *st;          /* HF checkpoints */
+    struct ds_gguf *gg; /* GGUF files (then st is NULL and `used` stays empty) */
     bool embed_bound, head_bound;
     ds_weight embed;         /* [V, D] */
     const float *final_norm; /* [D] */
@@ -52,5 +53,14 @@ struct ds_model {
 };
 
 int ds_rope_init(const ds_model_config *c, ds_rope *r);
+
+/* Takes ownership of p (malloc'd): freed with the model. -ENOMEM (p freed) when p is NULL or
+ * the list cannot grow. */
+int ds_model_own(ds_model *m, void *p);
+/* True when path names a GGUF file (starts with the magic "GGUF"). */
+bool ds_model_path_is_gguf(const char *path);
+/* Opens m->dir as a GGUF file or split set (model_gguf.c): config from its metadata, then the
+ * wanted units' tensors bound (views into the mapping; kv_b rebuilt when split). */
+int ds_model_open_gguf(ds_model *m, const ds_model_open_opts *opts, ds_error *err);
 
 #endif

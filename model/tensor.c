@@ -15,7 +15,11 @@
  *   - the portable kernel (no AVX2, or forced by tests): the reference, element by element.
  * Threads split output rows of W, never a sum, so the value of an element does not depend on n,
  * the other rows, the thread count or the ISA. The library is built with -ffp-contract=off so
- * the compiler cannot fuse differently between paths. */
+ * the compiler cannot fuse differently between paths.
+ *
+ * ggml block dtypes (DS_DTYPE_Q*, from GGUF files) have no kernel of their own yet: each row is
+ * dequantised by the reference dequantiser (model/quant.c) into a per-thread f32 row and goes
+ * through the F32 paths, in the same canonical order (the fallback, not the fast path). */
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -23,6 +27,7 @@
 #include <string.h>
 
 #include "ds_pool.h"
+#include "ds_quant.h"
 #include "ds_tensor.h"
 
 static float fp8_lut[256];
@@ -97,6 +102,56 @@ static float *scratch_get(size_t n)
 static inline size_t dtype_bytes(enum ds_dtype dt)
 {
     return dt == DS_DTYPE_F32 ? 4 : dt == DS_DTYPE_F8_E4M3 ? 1 : 2;
+}
+
+static const struct {
+    enum ds_dtype dt;
+    uint32_t quant;
+} quant_dtypes[] = {
+    {DS_DTYPE_Q4_0, DS_QUANT_Q4_0}, {DS_DTYPE_Q4_1, DS_QUANT_Q4_1}, {DS_DTYPE_Q5_0, DS_QUANT_Q5_0},
+    {DS_DTYPE_Q5_1, DS_QUANT_Q5_1}, {DS_DTYPE_Q8_0, DS_QUANT_Q8_0}, {DS_DTYPE_Q2_K, DS_QUANT_Q2_K},
+    {DS_DTYPE_Q3_K, DS_QUANT_Q3_K}, {DS_DTYPE_Q4_K, DS_QUANT_Q4_K}, {DS_DTYPE_Q5_K, DS_QUANT_Q5_K},
+    {DS_DTYPE_Q6_K, DS_QUANT_Q6_K},
+};
+
+int ds_dtype_quant_type(enum ds_dtype dt)
+{
+    for (size_t i = 0; i < sizeof(quant_dtypes) / sizeof(quant_dtypes[0]); i++)
+        if (quant_dtypes[i].dt == dt)
+            return (int)quant_dtypes[i].quant;
+    return -1;
+}
+
+int ds_dtype_from_quant_type(uint32_t type)
+{
+    switch (type) {
+    case DS_QUANT_F32:
+        return DS_DTYPE_F32;
+    case DS_QUANT_F16:
+        return DS_DTYPE_F16;
+    case DS_QUANT_BF16:
+        return DS_DTYPE_BF16;
+    default:
+        for (size_t i = 0; i < sizeof(quant_dtypes) / sizeof(quant_dtypes[0]); i++)
+            if (quant_dtypes[i].quant == type)
+                return (int)quant_dtypes[i].dt;
+        return -1;
+    }
+}
+
+static inline bool dtype_is_quant(enum ds_dtype dt)
+{
+    return dt >= DS_DTYPE_Q4_0;
+}
+
+/* Row r of a block-quantised weight, dequantised (rows are packed blocks, row_bytes apart). */
+static void quant_row_f32(const ds_weight *w, uint32_t r, float *out)
+{
+    uint32_t qt = (uint32_t)ds_dtype_quant_type(w->dtype);
+    uint64_t rb = 0;
+    if (ds_quant_row_bytes(qt, w->cols, &rb) < 0 ||
+        ds_quant_dequant_row(qt, (const uint8_t *)w->data + (size_t)r * rb, w->cols, out) < 0)
+        memset(out, 0, w->cols * sizeof(float)); /* the loader checked the geometry */
 }
 
 static void fp8_dequant_portable(const uint8_t *p, uint32_t len, float scale, float *out)
@@ -244,7 +299,10 @@ static void row_f32_portable(const ds_weight *w, uint32_t r, float *out)
         break;
     }
     default:
-        memset(out, 0, w->cols * sizeof(float));
+        if (dtype_is_quant(w->dtype))
+            quant_row_f32(w, r, out);
+        else
+            memset(out, 0, w->cols * sizeof(float));
     }
 }
 
@@ -628,7 +686,10 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
                 decode_fp8(w, x, n, y, r0, r1);
                 return;
             }
-            /* odd block widths: one widened row at a time through the F32 tile */
+            /* fall through */
+        default:
+            /* FP8 with odd block widths and the ggml block types: one widened (dequantised)
+             * row at a time through the F32 tile */
             {
                 float *buf = scratch_get(w->cols);
                 wsrc ws = {buf, NULL};
@@ -640,8 +701,6 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
                 }
             }
             return;
-        default:
-            break;
         }
     }
 #endif
@@ -896,7 +955,8 @@ void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float 
         pthread_once(&fp8_once, fp8_lut_init);
 #if defined(__x86_64__)
     /* FP8 in registers needs 8-column steps inside one scale block (and the 32/64 steps). */
-    if (use_avx2() && (w->dtype != DS_DTYPE_F8_E4M3 || w->block_cols % 64 == 0)) {
+    if (use_avx2() && !dtype_is_quant(w->dtype) &&
+        (w->dtype != DS_DTYPE_F8_E4M3 || w->block_cols % 64 == 0)) {
         switch (w->dtype) {
         case DS_DTYPE_F32:
             vecmat_f32(w, r0, nr, a, a_stride, n, out, out_stride);

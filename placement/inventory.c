@@ -18,6 +18,8 @@ static uint64_t lin_bytes(const ds_model_config *c, uint64_t rows, uint64_t cols
         uint64_t bc = c->fp8_block_cols ? c->fp8_block_cols : 128;
         return rows * cols + 4 * ((rows + br - 1) / br) * ((cols + bc - 1) / bc);
     }
+    default: /* ggml block types are per tensor in a GGUF, never a config's dtype (yet) */
+        break;
     }
     return 2 * rows * cols;
 }
