@@ -21,3 +21,8 @@ ds_add_test(NAME test_gguf SOURCES test_gguf.c LIBS ds_model LABELS unit TIMEOUT
 target_compile_definitions(test_gguf PRIVATE _GNU_SOURCE)
 ds_add_fuzz(NAME fuzz_gguf SOURCES fuzz_gguf.c LIBS ds_model
             CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/gguf ITERATIONS 200000)
+# GGUF models through the engine against llama.cpp's tokens and logits (tests/data/gguf_ref from
+# tools/gen_gguf_model_ref.sh) and against the HF checkpoint a GGUF was converted from.
+ds_add_test(NAME test_gguf_model SOURCES test_gguf_model.c LIBS ds_experts ds_model LABELS unit
+            TIMEOUT 300)
+target_compile_definitions(test_gguf_model PRIVATE _GNU_SOURCE)

@@ -1,0 +1,420 @@
+/* test_gguf_model.c — GGUF models (llama.cpp's deepseek2 files) through the engine, against
+ * llama.cpp itself (tests/data/gguf_ref, made by tools/gen_gguf_model_ref.sh: models/tiny
+ * converted by convert_hf_to_gguf.py and quantised by llama-quantize; tests/data/ref/v3_bf16
+ * converted to F16 and Q8_0), against HF transformers (a GGUF F16 of a BF16 checkpoint holds the
+ * same values, so its logits are the HF checkpoint's), and hostile variants of a real file.
+ *
+ * Why the logits are compared with a tolerance and not bit for bit: dsd multiplies the exactly
+ * dequantised weights with float32 activations; llama.cpp's CPU backend rounds the activations
+ * to the weight type's partner format first (F16 for F16 weights, Q8_0 for Q8_0/Q4_0, Q8_K for
+ * the K-quants: 8 bits per 32 or 256 values) and keeps the KV cache in F16. The tolerances below
+ * are about twice the largest difference observed over every fed position (docs/gguf.md); a
+ * position where llama.cpp's own top-2 margin is smaller than that difference can flip the greedy
+ * token, which happened on three of the ten (file, prompt) cases — those cases check the tokens up
+ * to the flip (`same`), every other case all 32. A router decision that flips the same way changes
+ * one position's logits completely (`outliers`: rows allowed past the tolerance). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ds_config.h"
+#include "ds_engine.h"
+#include "ds_model.h"
+#include "ds_pool.h"
+
+#define GREF   DS_TEST_DATA "/gguf_ref/"
+#define NSTEPS 32
+
+typedef struct gcase {
+    const char *file;  /* tests/data/gguf_ref/<file>.gguf */
+    int prompt;        /* <file>_<prompt>.txt / .f32 */
+    double tol;        /* max |logit difference| to llama.cpp, teacher-forced */
+    uint32_t same;     /* greedy steps identical to llama.cpp's (NSTEPS = all) */
+    uint32_t outliers; /* rows allowed past tol (a router flip in llama.cpp's precision) */
+} gcase;
+
+static const gcase cases[] = {
+    {"v3-F16", 0, 0.05, NSTEPS, 0},
+    {"v3-F16", 1, 0.05, 26, 1}, /* step 26: llama.cpp routes differently, margin 0.28 */
+    {"v3-Q8_0", 0, 0.4, 9, 0},  /* random weights: top-2 margin 0.047 at step 9 */
+    {"v3-Q8_0", 1, 0.4, 12, 0}, /* margin 0.073 at step 12 */
+    {"tiny-Q8_0", 0, 0.3, NSTEPS, 0},
+    {"tiny-Q8_0", 1, 0.3, NSTEPS, 0},
+    {"tiny-Q4_K_M", 0, 0.4, NSTEPS, 0},
+    {"tiny-Q4_K_M", 1, 0.4, NSTEPS, 0},
+    {"tiny-Q2_K", 0, 0.8, 11, 1}, /* margin 0.009 at step 11 */
+    {"tiny-Q2_K", 1, 0.8, NSTEPS, 0},
+};
+
+static uint32_t parse_ids(const char *s, int32_t *out, uint32_t max)
+{
+    uint32_t n = 0;
+    while (*s && *s != '\n' && n < max) {
+        char *end;
+        out[n++] = (int32_t)strtol(s, &end, 10);
+        s = *end == ',' ? end + 1 : end;
+    }
+    return n;
+}
+
+static void read_ids(const char *path, int32_t *a, uint32_t *na, int32_t *b, uint32_t *nb)
+{
+    char l1[4096], l2[4096];
+    FILE *f = fopen(path, "r");
+    if (!f)
+        fail_msg("cannot open %s", path);
+    assert_non_null(fgets(l1, sizeof(l1), f));
+    assert_non_null(fgets(l2, sizeof(l2), f));
+    fclose(f);
+    *na = parse_ids(l1, a, 64);
+    *nb = parse_ids(l2, b, 64);
+}
+
+static float *read_f32(const char *path, size_t *count)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        fail_msg("cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    float *v = malloc((size_t)sz);
+    assert_non_null(v);
+    assert_int_equal(fread(v, 1, (size_t)sz, f), (size_t)sz);
+    fclose(f);
+    *count = (size_t)sz / 4;
+    return v;
+}
+
+static ds_model *open_path(const char *path)
+{
+    ds_model *m = NULL;
+    ds_error err = {0};
+    if (ds_model_open(path, NULL, &m, &err) < 0)
+        fail_msg("open %s: %s", path, ds_error_str(&err));
+    return m;
+}
+
+static int32_t argmax(const float *v, uint32_t n)
+{
+    int32_t b = 0;
+    for (uint32_t i = 1; i < n; i++)
+        if (v[i] > v[b])
+            b = (int32_t)i;
+    return b;
+}
+
+/* Prefill of prompt[np], then greedy decode of ng tokens into gen; lg gets every fed row. */
+static void generate(ds_model *m, ds_pool *pool, const int32_t *prompt, uint32_t np, uint32_t ng,
+                     int32_t *gen, float *lg)
+{
+    uint32_t V = ds_model_get_config(m)->vocab_size;
+    ds_engine *e = NULL;
+    ds_error err = {0};
+    assert_int_equal(ds_engine_new(m, pool, 128, &e, &err), 0);
+    int seq = ds_engine_seq_add(e);
+    assert_true(seq >= 0);
+    int seqs[128];
+    for (uint32_t i = 0; i < np; i++)
+        seqs[i] = seq;
+    if (ds_engine_forward(e, np, seqs, prompt, lg, &err) < 0)
+        fail_msg("forward: %s", ds_error_str(&err));
+    uint32_t rows = np;
+    for (uint32_t s = 0; s < ng; s++) {
+        gen[s] = argmax(lg + (size_t)(rows - 1) * V, V);
+        if (s + 1 == ng)
+            break;
+        assert_int_equal(ds_engine_forward(e, 1, &seq, &gen[s], lg + (size_t)rows * V, &err), 0);
+        rows++;
+    }
+    ds_engine_free(e);
+}
+
+/* Greedy tokens identical to llama.cpp's on the same file; logits fed llama.cpp's own tokens
+ * within the type's tolerance. */
+static void test_llama_cpp_reference(void **state)
+{
+    (void)state;
+    ds_pool *pool = NULL;
+    assert_int_equal(ds_pool_new(2, NULL, 0, &pool), 0);
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        const gcase *c = &cases[ci];
+        char path[512];
+        snprintf(path, sizeof(path), GREF "%s.gguf", c->file);
+        ds_model *m = open_path(path);
+        uint32_t V = ds_model_get_config(m)->vocab_size;
+        int32_t prompt[64], ref[64], gen[NSTEPS];
+        uint32_t np, nr;
+        snprintf(path, sizeof(path), GREF "%s_%d.txt", c->file, c->prompt);
+        read_ids(path, prompt, &np, ref, &nr);
+        assert_int_equal(nr, NSTEPS);
+        float *lg = malloc((size_t)(np + NSTEPS) * V * sizeof(float));
+        assert_non_null(lg);
+        generate(m, pool, prompt, np, NSTEPS, gen, lg);
+        for (uint32_t s = 0; s < c->same; s++)
+            if (gen[s] != ref[s])
+                fail_msg("%s prompt %d: step %u token %d, llama.cpp %d", c->file, c->prompt, s,
+                         gen[s], ref[s]);
+
+        /* teacher-forced: the prompt then llama.cpp's tokens in one prefill */
+        int32_t feed[128];
+        memcpy(feed, prompt, np * sizeof(int32_t));
+        memcpy(feed + np, ref, (NSTEPS - 1) * sizeof(int32_t));
+        int32_t dummy[1];
+        generate(m, pool, feed, np + NSTEPS - 1, 1, dummy, lg);
+        size_t nl;
+        snprintf(path, sizeof(path), GREF "%s_%d.f32", c->file, c->prompt);
+        float *want = read_f32(path, &nl);
+        assert_int_equal(nl, (size_t)NSTEPS * V);
+        uint32_t past = 0;
+        double worst = 0, worst_in = 0;
+        for (uint32_t r = 0; r < NSTEPS; r++) {
+            const float *got = lg + (size_t)(np - 1 + r) * V;
+            double md = 0;
+            for (uint32_t v = 0; v < V; v++)
+                md = fmax(md, fabs((double)got[v] - want[(size_t)r * V + v]));
+            worst = fmax(worst, md);
+            if (md > c->tol)
+                past++;
+            else
+                worst_in = fmax(worst_in, md);
+        }
+        print_message("%-12s prompt %d: max |diff| %.4f (%.4f without outliers), %u rows past "
+                      "%.2f\n",
+                      c->file, c->prompt, worst, worst_in, past, c->tol);
+        if (past > c->outliers)
+            fail_msg("%s prompt %d: %u rows differ from llama.cpp by more than %g (max %g)",
+                     c->file, c->prompt, past, c->tol, worst);
+        free(want);
+        free(lg);
+        ds_model_free(m);
+    }
+    ds_pool_free(pool);
+}
+
+/* v3-F16.gguf holds the BF16 values of tests/data/ref/v3_bf16 in F16 (exact except the few
+ * below F16's normal range), so through the split k_b/v_b, the stacked experts and the metadata
+ * mapping it must give HF transformers' greedy tokens and logits within 1e-3, like the HF
+ * checkpoint itself. */
+static void test_same_as_hf(void **state)
+{
+    (void)state;
+    ds_pool *pool = NULL;
+    assert_int_equal(ds_pool_new(2, NULL, 0, &pool), 0);
+    ds_model *g = open_path(GREF "v3-F16.gguf");
+    ds_model *h = open_path(DS_TEST_DATA "/ref/v3_bf16");
+    uint32_t V = ds_model_get_config(h)->vocab_size;
+    for (int r = 0; r < 2; r++) {
+        char path[512];
+        int32_t prompt[64], ref[64], gg[64], hh[64];
+        uint32_t np, ng;
+        snprintf(path, sizeof(path), DS_TEST_DATA "/ref/v3_bf16/ref_%d.txt", r);
+        read_ids(path, prompt, &np, ref, &ng);
+        size_t n = (size_t)(np + ng) * V;
+        float *lg = calloc(n, sizeof(float)), *lh = calloc(n, sizeof(float));
+        generate(g, pool, prompt, np, ng, gg, lg);
+        generate(h, pool, prompt, np, ng, hh, lh);
+        assert_memory_equal(gg, ref, ng * sizeof(int32_t));
+        assert_memory_equal(hh, ref, ng * sizeof(int32_t));
+        size_t nref;
+        snprintf(path, sizeof(path), DS_TEST_DATA "/ref/v3_bf16/ref_%d.f32", r);
+        float *want = read_f32(path, &nref);
+        assert_int_equal(nref, (size_t)(np + ng - 1) * V);
+        double md = 0, mh = 0;
+        for (size_t i = 0; i < nref; i++) {
+            md = fmax(md, fabs((double)lg[i] - want[i]));
+            mh = fmax(mh, fabs((double)lg[i] - lh[i]));
+        }
+        print_message("v3-F16.gguf prompt %d: max |diff| %.3g to HF, %.3g to the BF16 checkpoint\n",
+                      r, md, mh);
+        assert_true(md <= 1e-3);
+        free(want);
+        free(lg);
+        free(lh);
+    }
+    ds_model_free(g);
+    ds_model_free(h);
+    ds_pool_free(pool);
+}
+
+/* The deepseek2 metadata of models/tiny's GGUF gives the config of its config.json. */
+static void test_config_mapping(void **state)
+{
+    (void)state;
+    ds_model_config hf;
+    ds_error err = {0};
+    if (ds_model_config_load(DS_SOURCE_ROOT "/models/tiny/config.json", &hf, &err) < 0)
+        fail_msg("%s", ds_error_str(&err));
+    ds_model *m = open_path(GREF "tiny-Q8_0.gguf");
+    const ds_model_config *g = ds_model_get_config(m);
+#define SAME(f) assert_int_equal(g->f, hf.f)
+    SAME(arch);
+    SAME(vocab_size);
+    SAME(hidden_size);
+    SAME(intermediate_size);
+    SAME(moe_intermediate_size);
+    SAME(num_hidden_layers);
+    SAME(num_attention_heads);
+    SAME(q_lora_rank);
+    SAME(kv_lora_rank);
+    SAME(qk_nope_head_dim);
+    SAME(qk_rope_head_dim);
+    SAME(v_head_dim);
+    SAME(n_routed_experts);
+    SAME(n_shared_experts);
+    SAME(num_experts_per_tok);
+    SAME(n_group);
+    SAME(topk_group);
+    SAME(first_k_dense_replace);
+    SAME(moe_layer_freq);
+    SAME(topk_method);
+    SAME(scoring_func);
+    SAME(norm_topk_prob);
+    SAME(max_position_embeddings);
+    SAME(tie_word_embeddings);
+    SAME(bos_token_id);
+    SAME(eos_token_id);
+    SAME(rope.yarn);
+    SAME(rope.original_max_position_embeddings);
+#undef SAME
+    assert_true(g->routed_scaling_factor == hf.routed_scaling_factor);
+    assert_true(g->rms_norm_eps == hf.rms_norm_eps);
+    assert_true(g->rope.theta == hf.rope.theta);
+    assert_true(g->rope.factor == hf.rope.factor);
+    assert_true(g->rope.beta_fast == hf.rope.beta_fast);
+    assert_true(g->rope.beta_slow == hf.rope.beta_slow);
+    assert_true(g->rope.mscale == hf.rope.mscale);
+    assert_true(g->rope.mscale_all_dim == hf.rope.mscale_all_dim);
+    ds_model_free(m);
+}
+
+/* --- hostile variants of v3-F16.gguf ------------------------------------------------------ */
+
+static uint8_t *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *len = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *b = malloc(*len);
+    assert_non_null(b);
+    assert_int_equal(fread(b, 1, *len, f), *len);
+    fclose(f);
+    return b;
+}
+
+/* Offset of the first occurrence of the GGUF string s (u64 length + bytes) in b. */
+static size_t find_gguf_str(const uint8_t *b, size_t len, const char *s)
+{
+    size_t n = strlen(s);
+    for (size_t i = 0; i + 8 + n <= len; i++) {
+        uint64_t l;
+        memcpy(&l, b + i, 8);
+        if (l == n && !memcmp(b + i + 8, s, n))
+            return i;
+    }
+    fail_msg("'%s' not in the file", s);
+    return 0;
+}
+
+static void expect_open(const uint8_t *b, size_t len, int code, const char *needle)
+{
+    char path[] = "/tmp/ds_gguf_model_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, b, len), (ssize_t)len);
+    close(fd);
+    ds_model *m = NULL;
+    ds_error err = {0};
+    int rc = ds_model_open(path, NULL, &m, &err);
+    unlink(path);
+    if (rc != code || !strstr(ds_error_str(&err), needle))
+        fail_msg("expected %d with '%s', got %d: %s", code, needle, rc, ds_error_str(&err));
+    assert_null(m);
+}
+
+static void test_hostile(void **state)
+{
+    (void)state;
+    size_t len;
+    uint8_t *orig = slurp(GREF "v3-F16.gguf", &len), *b = malloc(len);
+    assert_non_null(b);
+
+    /* a type the engine has no kernel for (I16 has F16's geometry, so the reader accepts it) */
+    memcpy(b, orig, len);
+    size_t o = find_gguf_str(b, len, "blk.0.attn_q_a.weight") + 8 + 21;
+    uint32_t nd;
+    memcpy(&nd, b + o, 4);
+    assert_int_equal(nd, 2);
+    uint32_t ty;
+    memcpy(&ty, b + o + 4 + 16, 4);
+    assert_int_equal(ty, 1); /* F16 */
+    ty = 25;                 /* I16 */
+    memcpy(b + o + 4 + 16, &ty, 4);
+    expect_open(b, len, -ENOTSUP, "tensor 'blk.0.attn_q_a.weight' has type I16, not supported");
+
+    /* the router bias renamed away: V3 sigmoid gating needs it */
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "blk.1.exp_probs_b.bias");
+    b[o + 8 + 16] = 'X';
+    expect_open(b, len, -ENOENT, "missing tensor 'blk.1.exp_probs_b.bias'");
+
+    /* a required key renamed away */
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "deepseek2.block_count");
+    b[o + 8 + 20] = 'X';
+    expect_open(b, len, -ENOENT, "key 'deepseek2.block_count' missing");
+
+    /* another architecture */
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "general.architecture") + 8 + 20 + 4;
+    assert_memory_equal(b + o + 8, "deepseek2", 9);
+    b[o + 8 + 8] = '3';
+    expect_open(b, len, -EINVAL, "only deepseek2 is supported");
+
+    /* a shape that does not match the metadata: embedding_length 64 -> 65 */
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "deepseek2.embedding_length") + 8 + 26;
+    uint32_t vt, v;
+    memcpy(&vt, b + o, 4);
+    assert_int_equal(vt, 4); /* u32 */
+    memcpy(&v, b + o + 4, 4);
+    assert_int_equal(v, 64);
+    v = 65;
+    memcpy(b + o + 4, &v, 4);
+    expect_open(b, len, -EBADMSG, "tensor 'token_embd.weight' has ne {64, 256, 1}");
+
+    /* out of range */
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "deepseek2.expert_gating_func") + 8 + 28;
+    v = 7;
+    memcpy(b + o + 4, &v, 4);
+    expect_open(b, len, -ERANGE, "key 'deepseek2.expert_gating_func' = 7");
+
+    /* truncated: the reader's own check */
+    expect_open(orig, len / 2, -EBADMSG, "ds_gguf_model_");
+    free(b);
+    free(orig);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_config_mapping),
+        cmocka_unit_test(test_same_as_hf),
+        cmocka_unit_test(test_llama_cpp_reference),
+        cmocka_unit_test(test_hostile),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

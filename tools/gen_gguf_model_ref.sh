@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# tools/gen_gguf_model_ref.sh — GGUF models made by llama.cpp's own tools, and llama.cpp's greedy
+# tokens and logits for them: the reference data of tests/test_gguf_model.c (tests/data/gguf_ref/).
+# llama.cpp is used for reference data only (tools/llama-cpp.sh builds it from the PyPI
+# llama-cpp-python sdist); the files are committed so the test needs none of it.
+#
+# What it makes (docs/gguf.md, "Models"):
+#   tiny-{Q8_0,Q4_K_M,Q2_K}.gguf  models/tiny converted to F16 by convert_hf_to_gguf.py, then
+#                                  llama-quantize'd (hidden 256: the K-quant rows are whole)
+#   v3-{F16,Q8_0}.gguf             tests/data/ref/v3_bf16 (V3 sigmoid router with groups, q LoRA)
+#                                  converted with --outtype f16 / q8_0, with a byte-level
+#                                  tokenizer of its 256 ids (one merge) written for the converter
+#   NAME_P.txt / NAME_P.f32        for prompt P: line 1 the prompt ids, line 2 llama.cpp's 32
+#                                  greedy ids; float32 logits rows (vocab each) of the last prompt
+#                                  position and of the next 31 fed tokens
+# The converter identifies a tokenizer's pre-tokenizer by a hash of its output and knows neither
+# tokenizer; both are GPT-2's ByteLevel pre-tokenizer exactly, so tools/llama_convert.py runs
+# the unmodified converter with their hashes mapped to "gpt-2".
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-$ROOT/tests/data/gguf_ref}
+LL=$ROOT/tools/llama-cpp.sh
+SRC=${DS_LLAMA_DIR:-$ROOT/build-llama}/src
+BLD=${DS_LLAMA_DIR:-$ROOT/build-llama}/build
+N=32
+
+"$LL" bin llama-quantize >/dev/null 2>&1 || "$LL" build
+PY=$("$LL" python | tail -1)
+QUANT=$("$LL" bin llama-quantize)
+GREEDY=$BLD/bin/llama-greedy
+g++ -O2 -std=c++17 -fopenmp -I "$SRC/include" -I "$SRC/ggml/include" "$ROOT/tools/llama_greedy.cpp" \
+  "$BLD/src/libllama.a" "$BLD/ggml/src/libggml.a" "$BLD/ggml/src/libggml-cpu.a" \
+  "$BLD/ggml/src/libggml-base.a" -lpthread -ldl -o "$GREEDY"
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+mkdir -p "$OUT"
+
+# the pre-tokenizer hash the converter computes for the tokenizer in DIR
+chkhsh() {
+  "$PY" - "$SRC" "$1" <<'PY'
+import inspect, re, sys
+from hashlib import sha256
+sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/gguf-py")
+from conversion import base
+from transformers import AutoTokenizer
+m = re.search(r"chktxt = '((?:[^'\\]|\\.)*)'", inspect.getsource(base.TextModel.get_vocab_base_pre))
+chktxt = eval("'" + m.group(1) + "'")
+tok = AutoTokenizer.from_pretrained(sys.argv[2])
+print(sha256(str(tok.encode(chktxt)).encode()).hexdigest())
+PY
+}
+
+convert() { # HF_DIR OUT.gguf OUTTYPE
+  local h
+  h=$(chkhsh "$1")
+  "$PY" "$ROOT/tools/llama_convert.py" "$SRC" "$h=gpt-2" "$1" --outfile "$2" --outtype "$3" \
+    >"$TMP/convert.log" 2>&1 || { tail -20 "$TMP/convert.log" >&2; exit 1; }
+}
+
+# models/tiny: F16, then llama-quantize (the types people download)
+convert "$ROOT/models/tiny" "$TMP/tiny-F16.gguf" f16
+for t in Q8_0 Q4_K_M Q2_K; do
+  "$QUANT" "$TMP/tiny-F16.gguf" "$OUT/tiny-$t.gguf" "$t" >"$TMP/quant.log" 2>&1 ||
+    { tail -20 "$TMP/quant.log" >&2; exit 1; }
+done
+
+# tests/data/ref/v3_bf16 with a byte-level tokenizer of its 256 ids
+V3=$TMP/v3_bf16
+cp -r "$ROOT/tests/data/ref/v3_bf16" "$V3"
+"$PY" - "$V3" <<'PY'
+import json, sys
+bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+cs, n = bs[:], 0
+for b in range(256):
+    if b not in bs:
+        bs.append(b); cs.append(256 + n); n += 1
+u = dict(zip(bs, map(chr, cs)))
+# llama.cpp refuses a gpt2 vocabulary without merges: id 255 becomes "  " (one merge) instead
+# of the byte 0xFF (the ids are all the tests use)
+vocab = {u[b]: b for b in range(255)}
+vocab["\u0120\u0120"] = 255
+tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+      "normalizer": None,
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                        "use_regex": True},
+      "post_processor": None,
+      "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                  "use_regex": True},
+      "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                "vocab": vocab, "merges": ["\u0120 \u0120"]}}
+json.dump(tj, open(sys.argv[1] + "/tokenizer.json", "w"))
+json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False},
+          open(sys.argv[1] + "/tokenizer_config.json", "w"))
+PY
+rm -f "$V3"/ref_*
+convert "$V3" "$OUT/v3-F16.gguf" f16
+convert "$V3" "$OUT/v3-Q8_0.gguf" q8_0
+
+ref() { # NAME PROMPT_INDEX IDS
+  local f=$OUT/$1.gguf r=$OUT/$1_$2
+  local toks
+  toks=$("$GREEDY" "$f" --tokens "$3" -n $N --logits-out "$r.f32" | sed -n 's/^tokens: //p')
+  printf '%s\n%s\n' "$3" "$toks" >"$r.txt"
+}
+for t in Q8_0 Q4_K_M Q2_K; do
+  ref "tiny-$t" 0 "0,300,400,500"
+  ref "tiny-$t" 1 "0,319,1112,280,290,684,301"  # BOS + "The meaning of life is"
+done
+for t in F16 Q8_0; do
+  ref "v3-$t" 0 "3,17,42"
+  ref "v3-$t" 1 "5,9,200,7,64"
+done
+ls -la "$OUT"
