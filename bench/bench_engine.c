@@ -35,7 +35,7 @@
 /* DeepSeek-V2 proportions at 1/10 width: MLA with the real kv_lora_rank 512 and 128/64/128 head
  * dims, 64 routed experts of which 6 per token, 2 shared, one leading dense layer. The vocab is
  * DeepSeek-Coder's (32256), the smallest DeepSeek tokenizer llama.cpp's converter recognises
- * (bench/llama_tokenizer.py). 1.33 GB of BF16, 388 MB streamed per decode token. */
+ * (bench/llama_tokenizer.py). 1.32 GB of BF16, 387.5 MB streamed per decode token. */
 static const bench_shape engine_shape = {
     .vocab = 32256,
     .d = 1536,

@@ -10,7 +10,10 @@
 # bandwidth bench_engine measured in that run. Raw outputs are kept in build-bench/results/.
 #
 #   bench/bench_vs_llama.sh [--threads "1 2"] [--rounds N] [--idle-wait S] [--rebuild]
-#                           [--skip-without-llama]
+#                           [--bin PATH] [--skip-without-llama]
+#
+# --bin times another bench_engine build (default build/bench/bench_engine), e.g. one made
+# from a clean `git archive` of a commit while the working tree is mid-edit.
 #
 # --rounds N repeats the whole interleaved sequence N times and keeps each engine's best round
 # per figure: on a shared machine a neighbour's burst then costs a round, not the comparison.
@@ -32,6 +35,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 THREADS="1 2"
+BIN=build/bench/bench_engine
 ROUNDS=1
 IDLE_WAIT=120
 REBUILD=0
@@ -42,12 +46,12 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift 2 ;;
     --idle-wait) IDLE_WAIT=$2; shift 2 ;;
     --rebuild) REBUILD=1; shift ;;
+    --bin) BIN=$2; shift 2 ;;
     --skip-without-llama) SKIP=1; shift ;;
     *) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
 PROMPT=128 DECODE=64 REPS=3
-BIN=build/bench/bench_engine
 WORK=build-bench
 CKPT=$WORK/v2-1.3g
 CONV=$WORK/v2-1.3g-llama
@@ -97,7 +101,7 @@ quiet_start() {
 
 RES=$WORK/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RES"
-{ echo "dsd: $(git describe --always --dirty) (bench_engine built $(date -u -r "$BIN" +%FT%TZ))"
+{ echo "dsd: $BIN, built $(date -u -r "$BIN" +%FT%TZ); tree $(git describe --always --dirty)"
   git status --short model experts common | sed 's/^/  /'
   echo "llama.cpp: ${LB:-not built}${LB:+ (llama-cpp-python sdist $(ls "${DS_LLAMA_DIR:-$ROOT/build-llama}"/dl 2>/dev/null | head -1))}"
 } >"$RES/version.txt"
