@@ -1,7 +1,7 @@
 /* ds_tokenizer.h — HF tokenizer.json (byte-level BPE) in C: text -> token ids -> text.
  *
  * Reads a model directory's tokenizer.json (+ optional tokenizer_config.json) as a user
- * downloads them from a model hub. Supported (what DeepSeek-V2/V3 and GPT-2 style models use):
+ * downloads them from a model hub, or the same tokenizer from a GGUF file's metadata. Supported (what DeepSeek-V2/V3 and GPT-2 style models use):
  *   - added_tokens (special or not): split out of the text first, longest match wins, never
  *     run through the pre-tokenizer or BPE;
  *   - pre_tokenizer ByteLevel (GPT-2 regex when use_regex, add_prefix_space) or Sequence of
@@ -35,8 +35,16 @@
 
 typedef struct ds_tokenizer ds_tokenizer;
 
-/* Loads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json. */
+/* Loads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json; or, when DIR is a
+ * GGUF file (or a part of a split set), the tokenizer in its metadata (ds_tokenizer_load_gguf). */
 int ds_tokenizer_load(const char *dir, ds_tokenizer **ret, ds_error *err);
+/* The tokenizer of a GGUF file's tokenizer.ggml.* metadata: model "gpt2" (byte-level BPE),
+ * tokens (id = index), token_type (CONTROL = special added token, USER_DEFINED = added token),
+ * merges, bos/eos_token_id, add_bos_token, and pre = gpt-2, deepseek-v3, deepseek-llm or
+ * deepseek-coder (the pre-tokenizer regexes of those models' tokenizer.json). Anything else is
+ * refused naming the file and key. */
+struct ds_gguf;
+int ds_tokenizer_load_gguf(const struct ds_gguf *g, ds_tokenizer **ret, ds_error *err);
 /* Same from explicit paths; config_path may be NULL (then no BOS is added). */
 int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path, ds_tokenizer **ret,
                             ds_error *err);

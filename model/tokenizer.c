@@ -15,6 +15,8 @@
  * every code point is in the byte map becomes those bytes, any other token its own UTF-8). */
 #include "ds_tokenizer.h"
 
+#include "ds_gguf.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -684,65 +686,58 @@ static int32_t lookup_special(const ds_tokenizer *t, json_t *v)
     return ds_tokenizer_token_to_id(t, json_string_value(v));
 }
 
-int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path, ds_tokenizer **ret,
-                            ds_error *err)
+/* Builds the tokenizer from a parsed tokenizer.json (root) and tokenizer_config.json (cfg, may
+ * be NULL); name and cfg_name are used in errors. Takes neither reference. */
+static int tok_from_json(json_t *root, json_t *cfg, const char *name, const char *cfg_name,
+                         ds_tokenizer **ret, ds_error *err)
 {
-    json_t *root = NULL, *cfg = NULL;
     ds_tokenizer *t = calloc(1, sizeof(*t));
     int r;
     *ret = NULL;
     if (!t)
         return -ENOMEM;
     t->bos = t->eos = -1;
-    r = load_json(tokenizer_json, DS_TOK_MAX_FILE_BYTES, false, &root, err);
-    if (r < 0)
-        goto fail;
     if (!json_is_object(root)) {
-        r = ds_error_set(err, -EBADMSG, "%s: not a JSON object", tokenizer_json);
+        r = ds_error_set(err, -EBADMSG, "%s: not a JSON object", name);
         goto fail;
     }
     json_t *norm = json_object_get(root, "normalizer");
     if (norm && !json_is_null(norm)) {
-        r = ds_error_set(err, -EINVAL, "%s: normalizers are not supported", tokenizer_json);
+        r = ds_error_set(err, -EINVAL, "%s: normalizers are not supported", name);
         goto fail;
     }
     json_t *dec = json_object_get(root, "decoder");
     const char *dty = json_string_value(json_object_get(dec, "type"));
     if (dec && !json_is_null(dec) && (!dty || strcmp(dty, "ByteLevel") != 0)) {
-        r = ds_error_set(err, -EINVAL, "%s: decoder \"%s\" is not supported (ByteLevel only)",
-                         tokenizer_json, dty ? dty : "?");
+        r = ds_error_set(err, -EINVAL, "%s: decoder \"%s\" is not supported (ByteLevel only)", name,
+                         dty ? dty : "?");
         goto fail;
     }
-    r = load_model(t, root, tokenizer_json, err);
+    r = load_model(t, root, name, err);
     if (r < 0)
         goto fail;
     json_t *pt = json_object_get(root, "pre_tokenizer");
     if (!json_is_object(pt)) {
-        r = ds_error_set(err, -EINVAL, "%s: a pre_tokenizer is required", tokenizer_json);
+        r = ds_error_set(err, -EINVAL, "%s: a pre_tokenizer is required", name);
         goto fail;
     }
-    r = add_step(t, pt, tokenizer_json, err);
+    r = add_step(t, pt, name, err);
     if (r < 0)
         goto fail;
     if (t->n_steps == 0 || !t->steps[t->n_steps - 1].byte_level) {
-        r = ds_error_set(err, -EINVAL, "%s: the pre_tokenizer must end with ByteLevel",
-                         tokenizer_json);
+        r = ds_error_set(err, -EINVAL, "%s: the pre_tokenizer must end with ByteLevel", name);
         goto fail;
     }
+    /* every byte that valid UTF-8 can hold needs its symbol (encode sanitises the text first,
+     * so 0xC0, 0xC1 and 0xF5..0xFF never reach BPE; DeepSeek-LLM's vocab lacks them) */
     for (int b = 0; b < 256; b++)
-        if (t->byte_id[b] < 0) {
-            r = ds_error_set(err, -EBADMSG, "%s: byte 0x%02x has no byte-level token",
-                             tokenizer_json, b);
+        if (t->byte_id[b] < 0 && b != 0xC0 && b != 0xC1 && b < 0xF5) {
+            r = ds_error_set(err, -EBADMSG, "%s: byte 0x%02x has no byte-level token", name, b);
             goto fail;
         }
-    r = build_decode(t, tokenizer_json, err);
+    r = build_decode(t, name, err);
     if (r < 0)
         goto fail;
-    if (config_path) {
-        r = load_json(config_path, 1u << 20, true, &cfg, err);
-        if (r < 0)
-            goto fail;
-    }
     if (cfg) {
         json_t *b = json_object_get(cfg, "bos_token"), *e = json_object_get(cfg, "eos_token");
         t->bos = lookup_special(t, b);
@@ -750,26 +745,247 @@ int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path,
         t->add_bos = json_is_true(json_object_get(cfg, "add_bos_token"));
         if (t->add_bos && t->bos < 0) {
             r = ds_error_set(err, -EBADMSG, "%s: add_bos_token without a known bos_token",
-                             config_path);
+                             cfg_name);
             goto fail;
         }
     }
-    json_decref(root);
-    json_decref(cfg);
     *ret = t;
     return 0;
 fail:
     if (r == -ENOMEM && err && !err->code)
-        ds_error_set(err, r, "%s: out of memory", tokenizer_json);
-    json_decref(root);
-    json_decref(cfg);
+        ds_error_set(err, r, "%s: out of memory", name);
     ds_tokenizer_free(t);
     return r;
+}
+
+int ds_tokenizer_load_files(const char *tokenizer_json, const char *config_path, ds_tokenizer **ret,
+                            ds_error *err)
+{
+    json_t *root = NULL, *cfg = NULL;
+    *ret = NULL;
+    int r = load_json(tokenizer_json, DS_TOK_MAX_FILE_BYTES, false, &root, err);
+    if (r >= 0 && config_path)
+        r = load_json(config_path, 1u << 20, true, &cfg, err);
+    if (r >= 0)
+        r = tok_from_json(root, cfg, tokenizer_json, config_path, ret, err);
+    json_decref(root);
+    json_decref(cfg);
+    return r;
+}
+
+/* ---- GGUF metadata (tokenizer.ggml.*) ----------------------------------------------------
+ * llama.cpp's converter stores the HF tokenizer as arrays: tokens (the vocab spellings, id =
+ * index), token_type, merges ("a b"), bos/eos ids, add_bos_token, and the pre-tokenizer by name
+ * (tokenizer.ggml.pre). The same tokenizer.json structure is rebuilt from them — vocab, merges,
+ * CONTROL / USER_DEFINED tokens as added tokens (special / not), the pre-tokenizer steps of that
+ * name (the regexes of HF's tokenizer.json for those models, which are llama.cpp's
+ * llama-vocab.cpp lists) — and goes through the loader above, so every check applies. */
+
+static void split_step(json_t *seq, const char *regex)
+{
+    json_array_append_new(seq, json_pack("{s:s, s:{s:s}, s:s, s:b}", "type", "Split", "pattern",
+                                         "Regex", regex, "behavior", "Isolated", "invert", 0));
+}
+
+/* The pre_tokenizer of a tokenizer.ggml.pre name, or NULL when the name is unknown. */
+static json_t *gguf_pretok(const char *pre)
+{
+    static const char *const v3[] = {
+        "\\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{"
+        "P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!"
+        "\\S)|\\s+",
+        NULL};
+    static const char *const llm[] = {
+        "[\r\n]",
+        "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ"
+        "-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-"
+        "ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴ"
+        "ᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-"
+        "ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻ"
+        "Ȿ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆ"
+        "ﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠"
+        "-𑣟𞤀-𞥃]+",
+        "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        "\\s+$",
+        "[一-龥ࠀ-一가-퟿]+",
+        "\\p{N}+",
+        NULL};
+    static const char *const coder[] = {
+        "[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}", NULL};
+    const char *const *rx;
+    if (!strcmp(pre, "gpt-2") || !strcmp(pre, "default"))
+        return json_pack("{s:s, s:b, s:b}", "type", "ByteLevel", "add_prefix_space", 0, "use_regex",
+                         1);
+    else if (!strcmp(pre, "deepseek-v3"))
+        rx = v3;
+    else if (!strcmp(pre, "deepseek-llm"))
+        rx = llm;
+    else if (!strcmp(pre, "deepseek-coder"))
+        rx = coder;
+    else
+        return NULL;
+    json_t *seq = json_array();
+    for (; *rx; rx++)
+        split_step(seq, *rx);
+    json_array_append_new(seq, json_pack("{s:s, s:b, s:b}", "type", "ByteLevel", "add_prefix_space",
+                                         0, "use_regex", 0));
+    return json_pack("{s:s, s:o}", "type", "Sequence", "pretokenizers", seq);
+}
+
+enum { GGUF_TOK_NORMAL = 1, GGUF_TOK_CONTROL = 3, GGUF_TOK_USER_DEFINED = 4 };
+
+int ds_tokenizer_load_gguf(const ds_gguf *g, ds_tokenizer **ret, ds_error *err)
+{
+    const char *file = ds_gguf_file_path(g, 0);
+    json_t *root = NULL, *cfg = NULL;
+    char *tmp = NULL;
+    ds_gguf_str s;
+    const ds_gguf_kv *toks, *types = NULL, *merges = NULL;
+    uint64_t n_tok, n_types = 0, n_merges = 0;
+    int r;
+    *ret = NULL;
+    if ((r = ds_gguf_get_str(g, "tokenizer.ggml.model", &s, err)) < 0)
+        return r;
+    if (s.len != 4 || memcmp(s.ptr, "gpt2", 4))
+        return ds_error_set(err, -EINVAL,
+                            "%s: key 'tokenizer.ggml.model' = '%.*s', only gpt2 (byte-level BPE) "
+                            "is supported",
+                            file, (int)(s.len > 64 ? 64 : s.len), s.ptr);
+    char pre[64] = "default";
+    if (ds_gguf_kv_find(g, "tokenizer.ggml.pre")) {
+        if ((r = ds_gguf_get_str(g, "tokenizer.ggml.pre", &s, err)) < 0)
+            return r;
+        if (s.len >= sizeof(pre))
+            return ds_error_set(err, -ERANGE, "%s: key 'tokenizer.ggml.pre' longer than %zu bytes",
+                                file, sizeof(pre) - 1);
+        memcpy(pre, s.ptr, s.len);
+        pre[s.len] = 0;
+    }
+    json_t *pt = gguf_pretok(pre);
+    if (!pt)
+        return ds_error_set(err, -ENOTSUP,
+                            "%s: key 'tokenizer.ggml.pre' = '%s' is not supported (gpt-2, "
+                            "deepseek-v3, deepseek-llm, deepseek-coder)",
+                            file, pre);
+    if ((r = ds_gguf_get_array(g, "tokenizer.ggml.tokens", &toks, &n_tok, err)) < 0)
+        goto out;
+    if (n_tok < 1 || n_tok > DS_TOK_MAX_VOCAB) {
+        r = ds_error_set(err, -ERANGE, "%s: key 'tokenizer.ggml.tokens' has %llu tokens (1..%u)",
+                         file, (unsigned long long)n_tok, DS_TOK_MAX_VOCAB);
+        goto out;
+    }
+    if (ds_gguf_kv_find(g, "tokenizer.ggml.token_type") &&
+        (r = ds_gguf_get_array(g, "tokenizer.ggml.token_type", &types, &n_types, err)) < 0)
+        goto out;
+    if (types && n_types != n_tok) {
+        r = ds_error_set(err, -EBADMSG, "%s: %llu token types for %llu tokens", file,
+                         (unsigned long long)n_types, (unsigned long long)n_tok);
+        goto out;
+    }
+    if (ds_gguf_kv_find(g, "tokenizer.ggml.merges") &&
+        (r = ds_gguf_get_array(g, "tokenizer.ggml.merges", &merges, &n_merges, err)) < 0)
+        goto out;
+    if (n_merges > MAX_MERGES) {
+        r = ds_error_set(err, -ERANGE, "%s: %llu merges, the limit is %u", file,
+                         (unsigned long long)n_merges, MAX_MERGES);
+        goto out;
+    }
+    json_t *vocab = json_object(), *added = json_array(), *mj = json_array();
+    root = json_pack("{s:o, s:n, s:o, s:{s:s}, s:{s:s, s:o, s:o}}", "pre_tokenizer", pt,
+                     "normalizer", "added_tokens", added, "decoder", "type", "ByteLevel", "model",
+                     "type", "BPE", "vocab", vocab, "merges", mj);
+    pt = NULL;
+    if (!root || !(tmp = malloc(4 * DS_TOK_MAX_TOKEN_BYTES + 1))) {
+        r = -ENOMEM;
+        goto out;
+    }
+    for (uint64_t i = 0; i < n_tok; i++) {
+        int64_t ty = GGUF_TOK_NORMAL;
+        if ((r = ds_gguf_kv_array_str(toks, i, &s, err)) < 0 ||
+            (types && (r = ds_gguf_kv_array_i64(types, i, &ty, err)) < 0))
+            goto out;
+        if (s.len == 0 || s.len > 4 * DS_TOK_MAX_TOKEN_BYTES || memchr(s.ptr, 0, s.len)) {
+            r = ds_error_set(err, -EBADMSG, "%s: token %llu is empty, too long or has a NUL byte",
+                             file, (unsigned long long)i);
+            goto out;
+        }
+        memcpy(tmp, s.ptr, s.len);
+        tmp[s.len] = 0;
+        if (ty == GGUF_TOK_CONTROL || ty == GGUF_TOK_USER_DEFINED) {
+            bool special = ty == GGUF_TOK_CONTROL;
+            json_array_append_new(added,
+                                  json_pack("{s:I, s:s, s:b, s:b}", "id", (json_int_t)i, "content",
+                                            tmp, "special", special, "normalized", 0));
+        } else if (!json_object_get(vocab, tmp)) {
+            json_object_set_new(vocab, tmp, json_integer((json_int_t)i));
+        }
+    }
+    for (uint64_t i = 0; i < n_merges; i++) {
+        if ((r = ds_gguf_kv_array_str(merges, i, &s, err)) < 0)
+            goto out;
+        if (s.len > 8 * DS_TOK_MAX_TOKEN_BYTES || memchr(s.ptr, 0, s.len)) {
+            r = ds_error_set(err, -EBADMSG, "%s: merge %llu is too long or has a NUL byte", file,
+                             (unsigned long long)i);
+            goto out;
+        }
+        json_array_append_new(mj, json_stringn(s.ptr, s.len));
+    }
+    bool add_bos = false;
+    int32_t bos = -1, eos = -1;
+    if ((ds_gguf_kv_find(g, "tokenizer.ggml.add_bos_token") &&
+         (r = ds_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos, err)) < 0) ||
+        (ds_gguf_kv_find(g, "tokenizer.ggml.bos_token_id") &&
+         (r = ds_gguf_get_i32(g, "tokenizer.ggml.bos_token_id", &bos, err)) < 0) ||
+        (ds_gguf_kv_find(g, "tokenizer.ggml.eos_token_id") &&
+         (r = ds_gguf_get_i32(g, "tokenizer.ggml.eos_token_id", &eos, err)) < 0))
+        goto out;
+    if (bos >= (int64_t)n_tok || eos >= (int64_t)n_tok || (add_bos && bos < 0)) {
+        r = ds_error_set(err, -ERANGE, "%s: bos %d / eos %d outside the %llu tokens", file, bos,
+                         eos, (unsigned long long)n_tok);
+        goto out;
+    }
+    cfg = json_pack("{s:b}", "add_bos_token", add_bos);
+    for (int k = 0; k < 2; k++) { /* by spelling for the loader; the ids are set after it */
+        int32_t id = k ? eos : bos;
+        if (id >= 0 && ds_gguf_kv_array_str(toks, (uint64_t)id, &s, err) == 0)
+            json_object_set_new(cfg, k ? "eos_token" : "bos_token", json_stringn(s.ptr, s.len));
+    }
+    if ((r = tok_from_json(root, cfg, file, file, ret, err)) < 0)
+        goto out;
+    (*ret)->bos = bos; /* by id: a token's spelling need not be unique in a GGUF */
+    (*ret)->eos = eos;
+    r = 0;
+out:
+    json_decref(pt);
+    json_decref(root);
+    json_decref(cfg);
+    free(tmp);
+    return r;
+}
+
+static bool path_is_gguf(const char *path)
+{
+    FILE *f = fopen(path, "rbe");
+    if (!f)
+        return false;
+    char m[4];
+    bool yes = fread(m, 1, 4, f) == 4 && !memcmp(m, "GGUF", 4);
+    fclose(f);
+    return yes;
 }
 
 int ds_tokenizer_load(const char *dir, ds_tokenizer **ret, ds_error *err)
 {
     char a[4096], b[4096];
+    if (path_is_gguf(dir)) {
+        ds_gguf *g = NULL;
+        int r = ds_gguf_open_split(dir, &g, err);
+        if (r >= 0)
+            r = ds_tokenizer_load_gguf(g, ret, err);
+        ds_gguf_free(g);
+        return r;
+    }
     if (snprintf(a, sizeof(a), "%s/tokenizer.json", dir) >= (int)sizeof(a) ||
         snprintf(b, sizeof(b), "%s/tokenizer_config.json", dir) >= (int)sizeof(b))
         return ds_error_set(err, -ENAMETOOLONG, "%s: path too long", dir);

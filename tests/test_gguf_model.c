@@ -31,6 +31,7 @@
 #include "ds_engine.h"
 #include "ds_model.h"
 #include "ds_pool.h"
+#include "ds_tokenizer.h"
 
 #define GREF   DS_TEST_DATA "/gguf_ref/"
 #define NSTEPS 32
@@ -408,13 +409,140 @@ static void test_hostile(void **state)
     free(orig);
 }
 
+/* --- tokenizer from GGUF metadata --------------------------------------------------------- */
+
+static const char *const texts[] = {
+    "The meaning of life is",
+    "Hello, world! It's 2024: 12345 apples and 3.14 pies.",
+    "  leading spaces\tand tabs\n\nnew lines  ",
+    "<｜begin▁of▁sentence｜>special<｜end▁of▁sentence｜> tokens",
+    "naïve café — déjà vu, 東京 and Ελληνικά",
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it",
+    "",
+};
+
+/* tiny-Q8_0.gguf's tokenizer (from tokenizer.ggml.*) gives the ids of models/tiny's
+ * tokenizer.json, and llama.cpp's ids for the same texts (gguf_ref/tiny_text.txt: per text one
+ * line of ids, BOS included, specials parsed). */
+static void test_tokenizer_tiny(void **state)
+{
+    (void)state;
+    ds_tokenizer *g = NULL, *h = NULL;
+    ds_error err = {0};
+    if (ds_tokenizer_load(GREF "tiny-Q8_0.gguf", &g, &err) < 0 ||
+        ds_tokenizer_load(DS_SOURCE_ROOT "/models/tiny", &h, &err) < 0)
+        fail_msg("%s", ds_error_str(&err));
+    assert_int_equal(ds_tokenizer_bos_id(g), ds_tokenizer_bos_id(h));
+    assert_int_equal(ds_tokenizer_eos_id(g), ds_tokenizer_eos_id(h));
+    assert_true(ds_tokenizer_adds_bos(g));
+    FILE *f = fopen(GREF "tiny_text.txt", "r");
+    assert_non_null(f);
+    for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+        int32_t *a = NULL, *b = NULL;
+        size_t na, nb;
+        assert_int_equal(ds_tokenizer_encode(g, texts[i], strlen(texts[i]), true, &a, &na, &err),
+                         0);
+        assert_int_equal(ds_tokenizer_encode(h, texts[i], strlen(texts[i]), true, &b, &nb, &err),
+                         0);
+        assert_int_equal(na, nb);
+        assert_memory_equal(a, b, na * sizeof(int32_t));
+        char line[8192];
+        assert_non_null(fgets(line, sizeof(line), f));
+        int32_t want[1024];
+        uint32_t nw = parse_ids(line, want, 1024);
+        if (nw != na || memcmp(want, a, na * sizeof(int32_t)))
+            fail_msg("text %zu: ids differ from llama.cpp's (%zu vs %u ids)", i, na, nw);
+        char *dec = NULL;
+        size_t nd;
+        assert_int_equal(ds_tokenizer_decode(g, a, na, true, &dec, &nd, &err), 0);
+        free(dec);
+        free(a);
+        free(b);
+    }
+    fclose(f);
+    ds_tokenizer_free(g);
+    ds_tokenizer_free(h);
+}
+
+/* llama.cpp's own tokenizer tests (vocab-only GGUFs with HF's ids for a set of hard strings,
+ * build-llama/src/models/ggml-vocab-*.gguf{,.inp,.out}): run when llama.cpp's source is there
+ * (tools/llama-cpp.sh fetch), skipped otherwise — they are not committed (1-4 MB each). */
+static void test_tokenizer_llama_vocabs(void **state)
+{
+    (void)state;
+    const char *dir = getenv("DS_LLAMA_MODELS");
+    if (!dir)
+        dir = DS_SOURCE_ROOT "/build-llama/src/models";
+    const char *const names[] = {"deepseek-llm", "deepseek-coder", "gpt-2"};
+    int ran = 0;
+    for (int vi = 0; vi < 3; vi++) {
+        char path[1024];
+        snprintf(path, sizeof(path), "%s/ggml-vocab-%s.gguf", dir, names[vi]);
+        if (access(path, R_OK) != 0)
+            continue;
+        ds_tokenizer *t = NULL;
+        ds_error err = {0};
+        if (ds_tokenizer_load(path, &t, &err) < 0)
+            fail_msg("%s", ds_error_str(&err));
+        size_t ni, no;
+        char p2[1100];
+        snprintf(p2, sizeof(p2), "%s.inp", path);
+        char *inp = (char *)slurp(p2, &ni);
+        snprintf(p2, sizeof(p2), "%s.out", path);
+        char *out = (char *)slurp(p2, &no);
+        inp = realloc(inp, ni + 1);
+        inp[ni] = 0;
+        out = realloc(out, no + 1);
+        out[no] = 0;
+        const char *sep = "\n__ggml_vocab_test__\n";
+        char *ip = inp, *op = out;
+        int n = 0, bad = 0;
+        while (ip < inp + ni) {
+            char *next = strstr(ip, sep);
+            size_t len = next ? (size_t)(next - ip) : strlen(ip);
+            char *eol = strchr(op, '\n');
+            assert_non_null(eol);
+            *eol = 0;
+            int32_t want[4096];
+            uint32_t nw = 0;
+            for (char *q = op; *q && nw < 4096;) {
+                while (*q == ' ')
+                    q++;
+                if (!*q)
+                    break;
+                want[nw++] = (int32_t)strtol(q, &q, 10);
+            }
+            int32_t *ids = NULL;
+            size_t nids;
+            assert_int_equal(ds_tokenizer_encode(t, ip, len, false, &ids, &nids, &err), 0);
+            if (nids != nw || memcmp(ids, want, nw * sizeof(int32_t))) {
+                print_message("%s: test %d ('%.*s') differs\n", names[vi], n, (int)len, ip);
+                bad++;
+            }
+            free(ids);
+            n++;
+            op = eol + 1;
+            if (!next)
+                break;
+            ip = next + strlen(sep);
+        }
+        print_message("%s: %d/%d strings as HF\n", names[vi], n - bad, n);
+        assert_int_equal(bad, 0);
+        free(inp);
+        free(out);
+        ds_tokenizer_free(t);
+        ran++;
+    }
+    if (!ran)
+        skip();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_config_mapping),
-        cmocka_unit_test(test_same_as_hf),
-        cmocka_unit_test(test_llama_cpp_reference),
-        cmocka_unit_test(test_hostile),
+        cmocka_unit_test(test_config_mapping),      cmocka_unit_test(test_same_as_hf),
+        cmocka_unit_test(test_llama_cpp_reference), cmocka_unit_test(test_hostile),
+        cmocka_unit_test(test_tokenizer_tiny),      cmocka_unit_test(test_tokenizer_llama_vocabs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

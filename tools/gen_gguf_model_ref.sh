@@ -13,6 +13,7 @@
 #   NAME_P.txt / NAME_P.f32        for prompt P: line 1 the prompt ids, line 2 llama.cpp's 32
 #                                  greedy ids; float32 logits rows (vocab each) of the last prompt
 #                                  position and of the next 31 fed tokens
+#   tiny_text.txt                  llama.cpp's ids for the texts of test_tokenizer_tiny
 # The converter identifies a tokenizer's pre-tokenizer by a hash of its output and knows neither
 # tokenizer; both are GPT-2's ByteLevel pre-tokenizer exactly, so tools/llama_convert.py runs
 # the unmodified converter with their hashes mapped to "gpt-2".
@@ -112,5 +113,19 @@ done
 for t in F16 Q8_0; do
   ref "v3-$t" 0 "3,17,42"
   ref "v3-$t" 1 "5,9,200,7,64"
+done
+# llama.cpp's tokenisation of the texts of test_tokenizer_tiny (BOS added, specials parsed)
+texts=(
+  "The meaning of life is"
+  "Hello, world! It's 2024: 12345 apples and 3.14 pies."
+  $'  leading spaces\tand tabs\n\nnew lines  '
+  "<｜begin▁of▁sentence｜>special<｜end▁of▁sentence｜> tokens"
+  "naïve café — déjà vu, 東京 and Ελληνικά"
+  "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it"
+  ""
+)
+: >"$OUT/tiny_text.txt"
+for t in "${texts[@]}"; do
+  "$GREEDY" "$OUT/tiny-Q8_0.gguf" --text "$t" | sed -n 's/^tokens: //p' >>"$OUT/tiny_text.txt"
 done
 ls -la "$OUT"
