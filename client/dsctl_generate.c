@@ -1,13 +1,14 @@
 /* dsctl_generate.c — `dsctl generate --local`: run a checkpoint in-process (no daemon).
  *
- * The prompt is either ids (--tokens) or text (positional argument, "-" = stdin), encoded with
- * the model directory's tokenizer.json (BOS per tokenizer_config.json). For a text prompt the
- * generated text is streamed to stdout as tokens arrive (whole UTF-8 characters only) and
- * generation stops at EOS unless --ignore-eos. Either way the last line printed is
- * `tokens: a,b,c` (the generated ids); with --logits-out writes float32 little-endian logits,
- * one row of vocab_size per position fed to the model (the prompt, then every generated token
- * but the last). --experts-on SPEC runs every routed expert on a compute backend
- * (experts/ds_backend_moe.h) instead of the CPU engine. */
+ * The model is an HF checkpoint directory or a llama.cpp GGUF file (docs/gguf.md). The prompt
+ * is either ids (--tokens) or text (positional argument, "-" = stdin), encoded with the model
+ * directory's tokenizer.json (BOS per tokenizer_config.json) or the GGUF's tokenizer metadata.
+ * For a text prompt the generated text is streamed to stdout as tokens arrive (whole UTF-8
+ * characters only) and generation stops at EOS unless --ignore-eos. Either way the last line
+ * printed is `tokens: a,b,c` (the generated ids); with --logits-out writes float32 little-endian
+ * logits, one row of vocab_size per position fed to the model (the prompt, then every generated
+ * token but the last). --experts-on SPEC runs every routed expert on a compute backend
+ * (experts/ds_backend_moe.h) instead of the CPU engine (HF checkpoints only so far). */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -30,11 +31,12 @@ int dsctl_generate_cluster_text(int argc, char **argv);
 
 static void gen_usage(FILE *f)
 {
-    fprintf(f, "usage: dsctl generate --local --model DIR --tokens ID,ID,... [options]\n"
+    fprintf(f, "usage: dsctl generate --local --model DIR|FILE.gguf --tokens ID,ID,... [options]\n"
                "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl submit --help)\n"
                "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text prompt)\n"
-               "       dsctl generate --local --model DIR [options] TEXT|-\n"
-               "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json;\n"
+               "       dsctl generate --local --model DIR|FILE.gguf [options] TEXT|-\n"
+               "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
+               "                      or the GGUF file's tokenizer;\n"
                "                      the generated text is streamed to stdout\n"
                "  --max-tokens N      tokens to generate (default 16)\n"
                "  --greedy            argmax decoding (default when no --temperature)\n"

@@ -10,6 +10,8 @@
 #   v3-{F16,Q8_0}.gguf             tests/data/ref/v3_bf16 (V3 sigmoid router with groups, q LoRA)
 #                                  converted with --outtype f16 / q8_0, with a byte-level
 #                                  tokenizer of its 256 ids (one merge) written for the converter
+#   v2-F32.gguf                    tests/data/ref/v2_greedy (V2 softmax router, no q LoRA), the
+#                                  same way with --outtype f32
 #   NAME_P.txt / NAME_P.f32        for prompt P: line 1 the prompt ids, line 2 llama.cpp's 32
 #                                  greedy ids; float32 logits rows (vocab each) of the last prompt
 #                                  position and of the next 31 fed tokens
@@ -66,10 +68,9 @@ for t in Q8_0 Q4_K_M Q2_K; do
     { tail -20 "$TMP/quant.log" >&2; exit 1; }
 done
 
-# tests/data/ref/v3_bf16 with a byte-level tokenizer of its 256 ids
-V3=$TMP/v3_bf16
-cp -r "$ROOT/tests/data/ref/v3_bf16" "$V3"
-"$PY" - "$V3" <<'PY'
+# a byte-level tokenizer of the 256 ids of a test checkpoint (they have none), for the converter
+byte_tokenizer() { # DIR
+  "$PY" - "$1" <<'PY'
 import json, sys
 bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
 cs, n = bs[:], 0
@@ -96,9 +97,25 @@ json.dump(tj, open(sys.argv[1] + "/tokenizer.json", "w"))
 json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False},
           open(sys.argv[1] + "/tokenizer_config.json", "w"))
 PY
+}
+
+# tests/data/ref/v3_bf16 (V3: sigmoid router with groups, q LoRA, BF16)
+V3=$TMP/v3_bf16
+cp -r "$ROOT/tests/data/ref/v3_bf16" "$V3"
+byte_tokenizer "$V3"
 rm -f "$V3"/ref_*
 convert "$V3" "$OUT/v3-F16.gguf" f16
 convert "$V3" "$OUT/v3-Q8_0.gguf" q8_0
+
+# tests/data/ref/v2_greedy (V2: softmax router, no q LoRA, F32). llama.cpp reads a deepseek2
+# file without q LoRA only when attention.q_lora_rank is present (or the model has V2-Lite's
+# layer count); the converter writes it for a non-null value, so the copy says 0 (= none).
+V2=$TMP/v2_greedy
+cp -r "$ROOT/tests/data/ref/v2_greedy" "$V2"
+rm -f "$V2"/ref_*
+"$PY" -c 'import json,sys; p=sys.argv[1]; c=json.load(open(p)); c["q_lora_rank"]=0; json.dump(c,open(p,"w"),indent=1)' "$V2/config.json"
+byte_tokenizer "$V2"
+convert "$V2" "$OUT/v2-F32.gguf" f32
 
 ref() { # NAME PROMPT_INDEX IDS
   local f=$OUT/$1.gguf r=$OUT/$1_$2
@@ -110,9 +127,9 @@ for t in Q8_0 Q4_K_M Q2_K; do
   ref "tiny-$t" 0 "0,300,400,500"
   ref "tiny-$t" 1 "0,319,1112,280,290,684,301"  # BOS + "The meaning of life is"
 done
-for t in F16 Q8_0; do
-  ref "v3-$t" 0 "3,17,42"
-  ref "v3-$t" 1 "5,9,200,7,64"
+for f in v3-F16 v3-Q8_0 v2-F32; do
+  ref "$f" 0 "3,17,42"
+  ref "$f" 1 "5,9,200,7,64"
 done
 # llama.cpp's tokenisation of the texts of test_tokenizer_tiny (BOS added, specials parsed)
 texts=(
