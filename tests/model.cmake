@@ -26,3 +26,4 @@ ds_add_fuzz(NAME fuzz_gguf SOURCES fuzz_gguf.c LIBS ds_model
 ds_add_test(NAME test_gguf_model SOURCES test_gguf_model.c LIBS ds_experts ds_model LABELS unit
             TIMEOUT 300)
 target_compile_definitions(test_gguf_model PRIVATE _GNU_SOURCE)
+add_dependencies(test_gguf_model dsctl) # test_dsctl_text runs the real command

@@ -551,12 +551,72 @@ static void test_tokenizer_llama_vocabs(void **state)
         skip();
 }
 
+/* A split set (the converter's --split-max-tensors) opened from any part is the single file. */
+static void test_split_set(void **state)
+{
+    (void)state;
+    ds_pool *pool = NULL;
+    assert_int_equal(ds_pool_new(2, NULL, 0, &pool), 0);
+    ds_model *one = open_path(GREF "v2-F32.gguf");
+    uint32_t V = ds_model_get_config(one)->vocab_size;
+    const int32_t prompt[] = {3, 17, 42};
+    int32_t g1[8], g2[8];
+    float *l1 = calloc((size_t)10 * V, sizeof(float)), *l2 = calloc((size_t)10 * V, sizeof(float));
+    generate(one, pool, prompt, 3, 8, g1, l1);
+    for (int part = 1; part <= 3; part++) {
+        char path[512];
+        snprintf(path, sizeof(path), GREF "v2-F32-split-%05d-of-00003.gguf", part);
+        ds_model *s = open_path(path);
+        memset(l2, 0, (size_t)10 * V * sizeof(float));
+        generate(s, pool, prompt, 3, 8, g2, l2);
+        assert_memory_equal(g1, g2, sizeof(g1));
+        assert_memory_equal(l1, l2, (size_t)10 * V * sizeof(float));
+        ds_model_free(s);
+    }
+    free(l1);
+    free(l2);
+    ds_model_free(one);
+    ds_pool_free(pool);
+}
+
+/* `dsctl generate --local --model FILE.gguf TEXT`, the real command: BOS + "The meaning of life
+ * is" is prompt 1 of the tiny references, so the ids (until EOS) are llama.cpp's. */
+static void test_dsctl_text(void **state)
+{
+    (void)state;
+    int32_t prompt[64], ref[64];
+    uint32_t np, nr;
+    read_ids(GREF "tiny-Q8_0_1.txt", prompt, &np, ref, &nr);
+    FILE *p = popen(DS_BINARY_ROOT "/client/dsctl generate --local --model " GREF
+                                   "tiny-Q8_0.gguf --max-tokens 32 --greedy --threads 2 "
+                                   "'The meaning of life is'",
+                    "r");
+    assert_non_null(p);
+    char line[4096], last[4096] = "";
+    while (fgets(line, sizeof(line), p))
+        memcpy(last, line, sizeof(line));
+    assert_int_equal(pclose(p), 0);
+    char want[1024] = "tokens: ";
+    for (uint32_t i = 0; i < nr; i++) {
+        snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? "," : "", ref[i]);
+        if (ref[i] == 1) /* EOS ends a text generation */
+            break;
+    }
+    strcat(want, "\n");
+    assert_string_equal(last, want);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_config_mapping),      cmocka_unit_test(test_same_as_hf),
-        cmocka_unit_test(test_llama_cpp_reference), cmocka_unit_test(test_hostile),
-        cmocka_unit_test(test_tokenizer_tiny),      cmocka_unit_test(test_tokenizer_llama_vocabs),
+        cmocka_unit_test(test_config_mapping),
+        cmocka_unit_test(test_same_as_hf),
+        cmocka_unit_test(test_llama_cpp_reference),
+        cmocka_unit_test(test_hostile),
+        cmocka_unit_test(test_tokenizer_tiny),
+        cmocka_unit_test(test_tokenizer_llama_vocabs),
+        cmocka_unit_test(test_split_set),
+        cmocka_unit_test(test_dsctl_text),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -11,7 +11,8 @@
 #                                  converted with --outtype f16 / q8_0, with a byte-level
 #                                  tokenizer of its 256 ids (one merge) written for the converter
 #   v2-F32.gguf                    tests/data/ref/v2_greedy (V2 softmax router, no q LoRA), the
-#                                  same way with --outtype f32
+#                                  same way with --outtype f32; v2-F32-split-0000K-of-00003.gguf
+#                                  the same as a split set (--split-max-tensors 12)
 #   NAME_P.txt / NAME_P.f32        for prompt P: line 1 the prompt ids, line 2 llama.cpp's 32
 #                                  greedy ids; float32 logits rows (vocab each) of the last prompt
 #                                  position and of the next 31 fed tokens
@@ -54,10 +55,10 @@ print(sha256(str(tok.encode(chktxt)).encode()).hexdigest())
 PY
 }
 
-convert() { # HF_DIR OUT.gguf OUTTYPE
+convert() { # HF_DIR OUT.gguf OUTTYPE [CONVERTER-ARGS...]
   local h
   h=$(chkhsh "$1")
-  "$PY" "$ROOT/tools/llama_convert.py" "$SRC" "$h=gpt-2" "$1" --outfile "$2" --outtype "$3" \
+  "$PY" "$ROOT/tools/llama_convert.py" "$SRC" "$h=gpt-2" "$1" --outfile "$2" --outtype "$3" "${@:4}" \
     >"$TMP/convert.log" 2>&1 || { tail -20 "$TMP/convert.log" >&2; exit 1; }
 }
 
@@ -116,6 +117,8 @@ rm -f "$V2"/ref_*
 "$PY" -c 'import json,sys; p=sys.argv[1]; c=json.load(open(p)); c["q_lora_rank"]=0; json.dump(c,open(p,"w"),indent=1)' "$V2/config.json"
 byte_tokenizer "$V2"
 convert "$V2" "$OUT/v2-F32.gguf" f32
+# the same as a split set of 3 files (v2-F32-split-0000K-of-00003.gguf)
+convert "$V2" "$OUT/v2-F32-split.gguf" f32 --split-max-tensors 12
 
 ref() { # NAME PROMPT_INDEX IDS
   local f=$OUT/$1.gguf r=$OUT/$1_$2
