@@ -551,31 +551,38 @@ static void test_tokenizer_llama_vocabs(void **state)
         skip();
 }
 
-/* A split set (the converter's --split-max-tensors) opened from any part is the single file. */
-static void test_split_set(void **state)
+/* Logits of the same weights in two files are bit-identical: a split set from the converter
+ * (--split-max-tensors) opened from any part and the single file; the older attn_kv_b layout
+ * (tools/gguf_legacy_kv_b.py) and the split k_b/v_b one. */
+static void expect_same_model(ds_pool *pool, const char *a, const char *b)
+{
+    ds_model *ma = open_path(a), *mb = open_path(b);
+    uint32_t V = ds_model_get_config(ma)->vocab_size;
+    assert_int_equal(ds_model_get_config(mb)->vocab_size, V);
+    const int32_t prompt[] = {3, 17, 42};
+    int32_t ga[8], gb[8];
+    float *la = calloc((size_t)10 * V, sizeof(float)), *lb = calloc((size_t)10 * V, sizeof(float));
+    generate(ma, pool, prompt, 3, 8, ga, la);
+    generate(mb, pool, prompt, 3, 8, gb, lb);
+    assert_memory_equal(ga, gb, sizeof(ga));
+    assert_memory_equal(la, lb, (size_t)10 * V * sizeof(float));
+    free(la);
+    free(lb);
+    ds_model_free(ma);
+    ds_model_free(mb);
+}
+
+static void test_layouts(void **state)
 {
     (void)state;
     ds_pool *pool = NULL;
     assert_int_equal(ds_pool_new(2, NULL, 0, &pool), 0);
-    ds_model *one = open_path(GREF "v2-F32.gguf");
-    uint32_t V = ds_model_get_config(one)->vocab_size;
-    const int32_t prompt[] = {3, 17, 42};
-    int32_t g1[8], g2[8];
-    float *l1 = calloc((size_t)10 * V, sizeof(float)), *l2 = calloc((size_t)10 * V, sizeof(float));
-    generate(one, pool, prompt, 3, 8, g1, l1);
     for (int part = 1; part <= 3; part++) {
         char path[512];
         snprintf(path, sizeof(path), GREF "v2-F32-split-%05d-of-00003.gguf", part);
-        ds_model *s = open_path(path);
-        memset(l2, 0, (size_t)10 * V * sizeof(float));
-        generate(s, pool, prompt, 3, 8, g2, l2);
-        assert_memory_equal(g1, g2, sizeof(g1));
-        assert_memory_equal(l1, l2, (size_t)10 * V * sizeof(float));
-        ds_model_free(s);
+        expect_same_model(pool, GREF "v2-F32.gguf", path);
     }
-    free(l1);
-    free(l2);
-    ds_model_free(one);
+    expect_same_model(pool, GREF "v3-F16.gguf", GREF "v3-F16-kv_b.gguf");
     ds_pool_free(pool);
 }
 
@@ -615,7 +622,7 @@ int main(void)
         cmocka_unit_test(test_hostile),
         cmocka_unit_test(test_tokenizer_tiny),
         cmocka_unit_test(test_tokenizer_llama_vocabs),
-        cmocka_unit_test(test_split_set),
+        cmocka_unit_test(test_layouts),
         cmocka_unit_test(test_dsctl_text),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -9,7 +9,8 @@
 #                                  llama-quantize'd (hidden 256: the K-quant rows are whole)
 #   v3-{F16,Q8_0}.gguf             tests/data/ref/v3_bf16 (V3 sigmoid router with groups, q LoRA)
 #                                  converted with --outtype f16 / q8_0, with a byte-level
-#                                  tokenizer of its 256 ids (one merge) written for the converter
+#                                  tokenizer of its 256 ids (one merge) written for the converter;
+#                                  v3-F16-kv_b.gguf the F16 one in the older attn_kv_b layout
 #   v2-F32.gguf                    tests/data/ref/v2_greedy (V2 softmax router, no q LoRA), the
 #                                  same way with --outtype f32; v2-F32-split-0000K-of-00003.gguf
 #                                  the same as a split set (--split-max-tensors 12)
@@ -107,6 +108,8 @@ byte_tokenizer "$V3"
 rm -f "$V3"/ref_*
 convert "$V3" "$OUT/v3-F16.gguf" f16
 convert "$V3" "$OUT/v3-Q8_0.gguf" q8_0
+# the same F16 file in the older layout (attn_kv_b, no _mla keys), rewritten with gguf-py
+"$PY" "$ROOT/tools/gguf_legacy_kv_b.py" "$OUT/v3-F16.gguf" "$OUT/v3-F16-kv_b.gguf"
 
 # tests/data/ref/v2_greedy (V2: softmax router, no q LoRA, F32). llama.cpp reads a deepseek2
 # file without q LoRA only when attention.q_lora_rank is present (or the model has V2-Lite's
