@@ -470,7 +470,9 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
         size_t rb = (size_t)cols * dtype_bytes(KIND);                                            \
         if (KIND == DS_DTYPE_F8_E4M3)                                                            \
             nbc = (cols + w->block_cols - 1) / w->block_cols;                                    \
-        uint32_t step = n == 1 ? 4 : 3, r = r0;                                                  \
+        /* short rows (experts, shared) stream best one row at a time, long ones 4 at a time  \
+         * (measured, 1 thread: 224..896 columns 8.8-9.0 vs 6.6-7.3 GB/s; 1536+ 9.2 vs 7.7) */  \
+        uint32_t step = n == 1 ? (cols < 1024 ? 1 : 4) : 3, r = r0;                             \
         wsrc ws[4];                                                                              \
         for (; r < r1; r += step) {                                                              \
             uint32_t mr = r1 - r < step ? r1 - r : step;                                         \
