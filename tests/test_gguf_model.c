@@ -359,6 +359,22 @@ static void expect_open(const uint8_t *b, size_t len, int code, const char *need
     assert_null(m);
 }
 
+static void expect_tokenizer(const uint8_t *b, size_t len, int code, const char *needle)
+{
+    char path[] = "/tmp/ds_gguf_tok_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, b, len), (ssize_t)len);
+    close(fd);
+    ds_tokenizer *t = NULL;
+    ds_error err = {0};
+    int rc = ds_tokenizer_load(path, &t, &err);
+    unlink(path);
+    if (rc != code || !strstr(ds_error_str(&err), needle))
+        fail_msg("expected %d with '%s', got %d: %s", code, needle, rc, ds_error_str(&err));
+    assert_null(t);
+}
+
 static void test_hostile(void **state)
 {
     (void)state;
@@ -416,6 +432,24 @@ static void test_hostile(void **state)
     v = 7;
     memcpy(b + o + 4, &v, 4);
     expect_open(b, len, -ERANGE, "key 'deepseek2.expert_gating_func' = 7");
+
+    /* tokenizer metadata: an unknown pre-tokenizer, another tokenizer model, a BOS past the
+     * vocabulary */
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "tokenizer.ggml.pre") + 8 + 18 + 4;
+    assert_memory_equal(b + o + 8, "gpt-2", 5);
+    b[o + 8 + 4] = '3';
+    expect_tokenizer(b, len, -ENOTSUP, "'tokenizer.ggml.pre' = 'gpt-3' is not supported");
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "tokenizer.ggml.model") + 8 + 20 + 4;
+    assert_memory_equal(b + o + 8, "gpt2", 4);
+    b[o + 8 + 3] = '3';
+    expect_tokenizer(b, len, -EINVAL, "'tokenizer.ggml.model' = 'gpt3', only gpt2");
+    memcpy(b, orig, len);
+    o = find_gguf_str(b, len, "tokenizer.ggml.bos_token_id") + 8 + 27;
+    v = 256;
+    memcpy(b + o + 4, &v, 4);
+    expect_tokenizer(b, len, -ERANGE, "bos 256");
 
     /* truncated: the reader's own check */
     expect_open(orig, len / 2, -EBADMSG, "ds_gguf_model_");
