@@ -1,12 +1,16 @@
 /* fuzz_gguf.c — arbitrary bytes as a GGUF image: the reader must reject or accept without
  * crashing; every accepted tensor must lie inside the buffer with a consistent size, every
  * metadata value must be readable through the getters, and a supported tensor's first row must
- * dequantise (the reference dequantisers see arbitrary block bytes too). */
+ * dequantise (the reference dequantisers see arbitrary block bytes too). The deepseek2 config
+ * mapping and the tokenizer from tokenizer.ggml.* run on every accepted image (seed
+ * deepseek2_meta.gguf: the metadata of a real converted file). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ds_config.h"
 #include "ds_gguf.h"
+#include "ds_tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -68,6 +72,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 abort();
             free(y);
         }
+    }
+    ds_model_config cfg;
+    (void)ds_model_config_from_gguf(g, &cfg, &err);
+    ds_tokenizer *tok = NULL;
+    if (ds_tokenizer_load_gguf(g, &tok, &err) == 0) {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        static const char text[] = "Hello, world! 123 <\xef\xbd\x9c>";
+        if (ds_tokenizer_encode(tok, text, sizeof(text) - 1, true, &ids, &n, &err) == 0)
+            for (size_t i = 0; i < n; i++)
+                if (ids[i] < 0 || (uint32_t)ids[i] >= ds_tokenizer_vocab_size(tok))
+                    abort();
+        free(ids);
+        ds_tokenizer_free(tok);
     }
     ds_gguf_free(g);
     return 0;

@@ -18,6 +18,7 @@
 #                                  greedy ids; float32 logits rows (vocab each) of the last prompt
 #                                  position and of the next 31 fed tokens
 #   tiny_text.txt                  llama.cpp's ids for the texts of test_tokenizer_tiny
+#   tests/corpus/gguf/deepseek2_meta.gguf   a fuzz seed: v3-F16.gguf's metadata, no tensors
 # The converter identifies a tokenizer's pre-tokenizer by a hash of its output and knows neither
 # tokenizer; both are GPT-2's ByteLevel pre-tokenizer exactly, so tools/llama_convert.py runs
 # the unmodified converter with their hashes mapped to "gpt-2".
@@ -110,6 +111,21 @@ convert "$V3" "$OUT/v3-F16.gguf" f16
 convert "$V3" "$OUT/v3-Q8_0.gguf" q8_0
 # the same F16 file in the older layout (attn_kv_b, no _mla keys), rewritten with gguf-py
 "$PY" "$ROOT/tools/gguf_legacy_kv_b.py" "$OUT/v3-F16.gguf" "$OUT/v3-F16-kv_b.gguf"
+
+# a fuzz seed: the metadata (config + tokenizer) of v3-F16.gguf without its tensors
+"$PY" - "$OUT/v3-F16.gguf" "$ROOT/tests/corpus/gguf/deepseek2_meta.gguf" <<'PY'
+import sys
+import gguf
+r = gguf.GGUFReader(sys.argv[1])
+w = gguf.GGUFWriter(sys.argv[2], r.fields["general.architecture"].contents())
+for k, f in r.fields.items():
+    if k.startswith("GGUF.") or k == "general.architecture":
+        continue
+    t = gguf.GGUFValueType(f.types[0])
+    sub = gguf.GGUFValueType(f.types[1]) if t == gguf.GGUFValueType.ARRAY else None
+    w.add_key_value(k, f.contents(), t, sub_type=sub)
+w.write_header_to_file(); w.write_kv_data_to_file(); w.close()
+PY
 
 # tests/data/ref/v2_greedy (V2: softmax router, no q LoRA, F32). llama.cpp reads a deepseek2
 # file without q LoRA only when attention.q_lora_rank is present (or the model has V2-Lite's
