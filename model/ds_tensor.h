@@ -8,7 +8,9 @@
  *
  * A ds_weight is a 2-D linear weight [rows, cols] (row-major, out x in) kept at checkpoint
  * precision: F32, BF16 or F16 (widened in registers while streaming) or F8_E4M3 with its
- * weight_scale_inv block scales (dequantised per element: fp8 * scale_inv[r/br][c/bc]). */
+ * weight_scale_inv block scales (dequantised per element: fp8 * scale_inv[r/br][c/bc]), or a
+ * ggml block type from a GGUF file (DS_DTYPE_Q*: each row ds_quant_row_bytes(type, cols) bytes
+ * of packed blocks, dequantised per row by model/quant.c into float32, then the F32 paths). */
 #ifndef DS_TENSOR_H
 #define DS_TENSOR_H
 
@@ -63,9 +65,10 @@ const char *ds_st_dtype_name(enum ds_st_dtype dt);
 
 /* A linear weight y = W x with W [rows, cols]. */
 typedef struct ds_weight {
-    enum ds_dtype dtype;             /* F32, F16, BF16 or F8_E4M3 */
+    enum ds_dtype dtype;             /* F32, F16, BF16, F8_E4M3 or a block type (Q*) */
     uint32_t rows, cols;             /* out features, in features */
-    const void *data;                /* rows*cols elements of dtype, row-major */
+    const void *data;                /* rows*cols elements of dtype, row-major (Q*: rows of
+                                      * packed blocks) */
     const float *scale_inv;          /* F8 only: [ceil(rows/br), ceil(cols/bc)] */
     uint32_t block_rows, block_cols; /* F8 block size (128x128) */
 } ds_weight;
