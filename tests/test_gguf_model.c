@@ -30,8 +30,10 @@
 
 #include "ds_config.h"
 #include "ds_engine.h"
+#include "ds_gguf.h"
 #include "ds_model.h"
 #include "ds_pool.h"
+#include "ds_tensor.h"
 #include "ds_tokenizer.h"
 
 #define GREF   DS_TEST_DATA "/gguf_ref/"
@@ -647,6 +649,79 @@ static void test_dsctl_text(void **state)
     assert_string_equal(last, want);
 }
 
+/* The block types through every kernel path (decode n = 1, 2; GEMM n >= 3; portable; 1 and 2
+ * threads; attention's vecmat and 8-lane dots) give bit for bit what the same rows dequantised
+ * into an F32 weight give: the canonical order holds for them too. The tensors are the first 2-D
+ * one of each block type in the committed files (Q2_K, Q4_K, Q6_K, Q4_0, Q5_0, Q5_1, Q8_0). */
+static void test_block_type_kernels(void **state)
+{
+    (void)state;
+    const char *files[] = {GREF "tiny-Q4_K_M.gguf", GREF "tiny-Q2_K.gguf", GREF "tiny-Q8_0.gguf"};
+    bool seen[64] = {false};
+    int checked = 0;
+    ds_pool *pool = NULL;
+    assert_int_equal(ds_pool_new(2, NULL, 0, &pool), 0);
+    for (int fi = 0; fi < 3; fi++) {
+        ds_gguf *g = NULL;
+        ds_error err = {0};
+        if (ds_gguf_open_file(files[fi], &g, &err) < 0)
+            fail_msg("%s", ds_error_str(&err));
+        for (size_t ti = 0; ti < ds_gguf_tensor_count(g); ti++) {
+            const ds_gguf_tensor *t = ds_gguf_tensor_at(g, ti);
+            int dt = ds_dtype_from_quant_type(t->type);
+            if (t->n_dims != 2 || ds_dtype_quant_type((enum ds_dtype)dt) < 0 || seen[t->type])
+                continue;
+            seen[t->type] = true;
+            uint32_t R = t->ne[1] < 40 ? (uint32_t)t->ne[1] : 40, C = (uint32_t)t->ne[0];
+            ds_weight wq = {(enum ds_dtype)dt, R, C, t->data, NULL, 0, 0};
+            float *wf = malloc((size_t)R * C * sizeof(float));
+            for (uint32_t r = 0; r < R; r++)
+                ds_weight_row_f32(&wq, r, wf + (size_t)r * C);
+            ds_weight wr = {DS_DTYPE_F32, R, C, wf, NULL, 0, 0};
+            enum { N = 5 };
+            float *x = malloc((size_t)N * C * sizeof(float));
+            for (size_t i = 0; i < (size_t)N * C; i++)
+                x[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+            float *ref = malloc((size_t)N * R * sizeof(float));
+            float *got = malloc((size_t)N * R * sizeof(float));
+            for (uint32_t n = 1; n <= N; n++) {
+                ds_tensor_force_portable(true);
+                ds_weight_matmul(&wr, x, n, ref, NULL);
+                for (int portable = 0; portable < 2; portable++)
+                    for (int threads = 0; threads < 2; threads++) {
+                        ds_tensor_force_portable(portable);
+                        memset(got, 0, (size_t)N * R * sizeof(float));
+                        ds_weight_matmul(&wq, x, n, got, threads ? pool : NULL);
+                        if (memcmp(got, ref, (size_t)n * R * sizeof(float)))
+                            fail_msg("%s: matmul n=%u portable=%d threads=%d differs",
+                                     ds_quant_type_name(t->type), n, portable, threads + 1);
+                    }
+            }
+            ds_tensor_force_portable(false);
+            /* attention's products over rows [2, 2 + nr) */
+            uint32_t nr = R - 4;
+            float *va = malloc((size_t)2 * C * sizeof(float)),
+                  *vb = malloc((size_t)2 * C * sizeof(float));
+            ds_weight_vecmat(&wr, 2, nr, x, C, 2, va, C);
+            ds_weight_vecmat(&wq, 2, nr, x, C, 2, vb, C);
+            assert_memory_equal(va, vb, (size_t)2 * C * sizeof(float));
+            ds_weight_dot8_rows(&wr, 2, nr, x, C, 2, va, nr);
+            ds_weight_dot8_rows(&wq, 2, nr, x, C, 2, vb, nr);
+            assert_memory_equal(va, vb, (size_t)2 * nr * sizeof(float));
+            free(va);
+            free(vb);
+            free(x);
+            free(ref);
+            free(got);
+            free(wf);
+            checked++;
+        }
+        ds_gguf_free(g);
+    }
+    assert_int_equal(checked, 7);
+    ds_pool_free(pool);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -657,6 +732,7 @@ int main(void)
         cmocka_unit_test(test_tokenizer_tiny),
         cmocka_unit_test(test_tokenizer_llama_vocabs),
         cmocka_unit_test(test_layouts),
+        cmocka_unit_test(test_block_type_kernels),
         cmocka_unit_test(test_dsctl_text),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
