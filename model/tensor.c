@@ -215,6 +215,12 @@ KTARGET static KINLINE __m256 widen8(enum ds_dtype kind, const void *row, uint32
             16));
     case DS_DTYPE_F16:
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + c)));
+    case DS_DTYPE_Q8_0: {
+        /* block_q8_0 {f16 d; i8 q[32]}: q * d, d (the block's scale) in sc */
+        const uint8_t *q = (const uint8_t *)row + (size_t)(c >> 5) * 34 + 2 + (c & 31);
+        return _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), sc);
+    }
     default:
         return fp8x8((const uint8_t *)row + c, sc);
     }
@@ -384,12 +390,24 @@ static inline float wval(enum ds_dtype kind, const wsrc *s, uint32_t c, uint32_t
         return ds_bf16_to_f32(((const uint16_t *)s->row)[c]);
     case DS_DTYPE_F16:
         return ds_f16_to_f32(((const uint16_t *)s->row)[c]);
+    case DS_DTYPE_Q8_0: {
+        const uint8_t *b = (const uint8_t *)s->row + (size_t)(c / 32) * 34;
+        return (float)(int8_t)b[2 + c % 32] * ds_f16_to_f32((uint16_t)(b[0] | b[1] << 8));
+    }
     default:
         return fp8_lut[((const uint8_t *)s->row)[c]] * s->scale[c / bc];
     }
 }
 
 #define PF_BYTES 16384
+
+/* The f16 scale of block blk of a Q8_0 row, exactly widened (vcvtph2ps). */
+KTARGET static KINLINE float q8_0_scale(const void *row, uint32_t blk)
+{
+    uint16_t d;
+    memcpy(&d, (const uint8_t *)row + (size_t)blk * 34, 2);
+    return _cvtsh_ss(d);
+}
 
 /* MR weight rows x NR input rows, lanes over [0, c16), then combine + tail. Block step bs: the
  * FP8 block width (a multiple of 16, the scale is constant inside), else c16. MR, NR, kind are
@@ -405,8 +423,8 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
 #pragma GCC unroll 3
         for (uint32_t i = 0; i < NR; i++)
             lo[m][i] = hi[m][i] = _mm256_setzero_ps();
-    uint32_t bs = kind == DS_DTYPE_F8_E4M3 ? bc : (c16 ? c16 : 16);
-    const size_t el = dtype_bytes(kind);
+    uint32_t bs = kind == DS_DTYPE_F8_E4M3 ? bc : kind == DS_DTYPE_Q8_0 ? 32 : (c16 ? c16 : 16);
+    const size_t el = kind == DS_DTYPE_Q8_0 ? 1 : dtype_bytes(kind);
     /* one prefetch per 64-byte line: every 64/el columns */
     const uint32_t pf_mask = (uint32_t)(64 / el - 1) & ~15u;
     for (uint32_t cb = 0, blk = 0; cb < c16; cb += bs, blk++) {
@@ -415,7 +433,8 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
 #pragma GCC unroll 4
         for (uint32_t m = 0; m < MR; m++)
             sc[m] = kind == DS_DTYPE_F8_E4M3 ? _mm256_set1_ps(ws[m].scale[blk])
-                                             : _mm256_setzero_ps();
+                    : kind == DS_DTYPE_Q8_0 ? _mm256_set1_ps(q8_0_scale(ws[m].row, blk))
+                                            : _mm256_setzero_ps();
         for (uint32_t c = cb; c < ce; c += 16) {
             __m256 xv[3];
 #pragma GCC unroll 3
@@ -467,7 +486,8 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
                              uint32_t r0, uint32_t r1)                                           \
     {                                                                                            \
         uint32_t cols = w->cols, nbc = 0;                                                        \
-        size_t rb = (size_t)cols * dtype_bytes(KIND);                                            \
+        size_t rb = KIND == DS_DTYPE_Q8_0 ? (size_t)cols / 32 * 34                              \
+                                          : (size_t)cols * dtype_bytes(KIND);                    \
         if (KIND == DS_DTYPE_F8_E4M3)                                                            \
             nbc = (cols + w->block_cols - 1) / w->block_cols;                                    \
         /* short rows (experts, shared) stream best one row at a time, long ones 4 at a time  \
@@ -499,6 +519,7 @@ DECODE_KERNEL(decode_f32, DS_DTYPE_F32)
 DECODE_KERNEL(decode_bf16, DS_DTYPE_BF16)
 DECODE_KERNEL(decode_f16, DS_DTYPE_F16)
 DECODE_KERNEL(decode_fp8, DS_DTYPE_F8_E4M3)
+DECODE_KERNEL(decode_q8_0, DS_DTYPE_Q8_0)
 
 /* Widens rows [r, r + mr) into f32 rows of the scratch (stride cols): exactly the values the
  * registers would hold (FP8: the products fp8 * scale). */
@@ -682,6 +703,10 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
             return;
         case DS_DTYPE_F16:
             decode_f16(w, x, n, y, r0, r1);
+            return;
+        case DS_DTYPE_Q8_0:
+            /* rows are whole blocks of 32 (the loader checks), widened in registers */
+            decode_q8_0(w, x, n, y, r0, r1);
             return;
         case DS_DTYPE_F8_E4M3:
             if (fp8_fusable(w)) {
