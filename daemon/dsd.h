@@ -184,6 +184,10 @@ typedef struct dsd_plan {
     char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
 } dsd_plan;
 
+/* A plan's tables for model c over n_nodes named nodes, zeroed (embed/head/attn = node 0,
+ * experts on node 0, no replicas, every expert on the CPU engine). -ENOMEM. */
+int dsd_plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
+                   const char (*endpoints)[DSD_STR_MAX], uint64_t version);
 /* Round-robin plan that spreads attention layers and experts over every node (the coordinator
  * keeps embed and head). */
 int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
@@ -200,15 +204,6 @@ int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
                    const char *strategy, uint32_t batch, uint32_t context,
                    const double *expert_stats, uint64_t version, ds_error *err);
-/* dsd_solve.c (kept apart: ds_placement.h and ds_model.h both declare enum ds_unit_kind):
- * runs the solver and fills embed/head, attn[n_layers], expert[n_layers * n_experts] (-1 for
- * dense layers) with node indices into names; solver (32 bytes) gets the solver's name and
- * *solver_json the placement plan JSON (malloc'd). */
-int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
-                    const char (*names)[64], const char *strategy, uint32_t batch,
-                    uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, uint64_t *replicas, char (*expert_devname)[32], char *solver,
-                    char **solver_json, ds_error *err);
 /* Index of accelerator `name` in p's device table (added when new); 0 for a CPU device or an
  * empty name (the node's CPU engine runs those units). */
 uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);
@@ -228,8 +223,6 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
 /* Units of node `self` from a received wire plan; validates every unit name and index. */
 int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_model_config *c,
                              dsd_units *u, ds_error *err);
-/* Parses "attn[3]", "expert[3][17]", "embed", "head", "dense[0]", "shared[2]". */
-int dsd_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint32_t *expert);
 
 /* ---- data thread (dsd_data.c) ------------------------------------------------------------ */
 typedef struct dsd_data dsd_data;

@@ -116,18 +116,18 @@ static void test_unit_names(void **state)
     (void)state;
     enum ds_unit_kind k;
     uint32_t l, e;
-    assert_int_equal(dsd_unit_parse("expert[3][17]", &k, &l, &e), 0);
+    assert_int_equal(ds_unit_parse("expert[3][17]", &k, &l, &e), 0);
     assert_int_equal(k, DS_UNIT_EXPERT);
     assert_int_equal(l, 3);
     assert_int_equal(e, 17);
-    assert_int_equal(dsd_unit_parse("attn[2]", &k, &l, &e), 0);
+    assert_int_equal(ds_unit_parse("attn[2]", &k, &l, &e), 0);
     assert_int_equal(k, DS_UNIT_ATTN);
     assert_int_equal(l, 2);
-    assert_int_equal(dsd_unit_parse("head", &k, &l, &e), 0);
+    assert_int_equal(ds_unit_parse("head", &k, &l, &e), 0);
     assert_int_equal(k, DS_UNIT_HEAD);
-    assert_int_equal(dsd_unit_parse("attn[2]x", &k, &l, &e), -EINVAL);
-    assert_int_equal(dsd_unit_parse("expert[1]", &k, &l, &e), -EINVAL);
-    assert_int_equal(dsd_unit_parse("", &k, &l, &e), -EINVAL);
+    assert_int_equal(ds_unit_parse("attn[2]x", &k, &l, &e), -EINVAL);
+    assert_int_equal(ds_unit_parse("expert[1]", &k, &l, &e), -EINVAL);
+    assert_int_equal(ds_unit_parse("", &k, &l, &e), -EINVAL);
 }
 
 static void test_plan_spreads_units(void **state)
