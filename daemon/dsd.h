@@ -212,6 +212,9 @@ uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);
 void dsd_solve_thread_done(void);
 /* Plan JSON document: {"version":..,"units":{"attn[0]":"node",..},"nodes":{..}}. */
 char *dsd_plan_json(const dsd_plan *p);
+/* The plan index of node `name`, or -1 when the plan does not list it (a node that joined
+ * after the plan was made). */
+int32_t dsd_plan_node_index(const dsd_plan *p, const char *name);
 /* The units node `idx` hosts. */
 int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u);
 /* Fills a wire Plan (units + data endpoints); the strings point into p. Free with

@@ -697,7 +697,9 @@ static void serve_dispatch(dsd_data *d, dsd_msg *m)
 {
     const Dsd__Envelope *env = m->env;
     const Dsd__DispatchHeader *dh = env->dispatch;
-    uint32_t D = d->c->hidden_size, P = (uint32_t)dh->n_pair_rows, R = dh->rows;
+    uint32_t D = d->c->hidden_size, R = dh->rows;
+    uint32_t K = d->c->num_experts_per_tok ? d->c->num_experts_per_tok : 1;
+    size_t P = dh->n_pair_rows;
     if (dh->plan_version != d->plan.version)
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "plan version %llu, serving %llu",
                (unsigned long long)dh->plan_version, (unsigned long long)d->plan.version);
@@ -708,8 +710,14 @@ static void serve_dispatch(dsd_data *d, dsd_msg *m)
                "dispatch: need pairs (rows, experts, weights) of one length and one f32 frame "
                "[rows, %u]",
                D);
+    /* a row is routed to K experts, so one node gets at most K pairs of it: bound P before
+     * allocating the P rows of output a peer's header asks for */
+    if (P > (uint64_t)R * K)
+        REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+               "dispatch: %zu pairs for %u rows, at most %u per row (num_experts_per_tok)", P, R,
+               K);
     const float *rows = dsd_msg_frame(m, 0, NULL);
-    float *out = malloc((size_t)P * D * sizeof(float));
+    float *out = malloc(P * D * sizeof(float));
     if (!rows || !out) {
         free(out);
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
@@ -717,8 +725,8 @@ static void serve_dispatch(dsd_data *d, dsd_msg *m)
     ds_error err = {0};
     Dsd__ErrorCode code = 0;
     double cs = 0;
-    if (dsd_host_experts(d->host, dh->layer, R, rows, P, dh->pair_rows, dh->pair_experts, out, &cs,
-                         &code, &err) < 0) {
+    if (dsd_host_experts(d->host, dh->layer, R, rows, (uint32_t)P, dh->pair_rows, dh->pair_experts,
+                         out, &cs, &code, &err) < 0) {
         free(out);
         REFUSE(code, "%s", ds_error_str(&err));
     }
@@ -727,11 +735,11 @@ static void serve_dispatch(dsd_data *d, dsd_msg *m)
     Dsd__CombineHeader ch = DSD__COMBINE_HEADER__INIT;
     Dsd__TensorDesc td, *tdp = &td;
     uint32_t shp[2];
-    dsd_tensor_desc(&td, shp, DSD__DTYPE__DTYPE_F32, P, D);
+    dsd_tensor_desc(&td, shp, DSD__DTYPE__DTYPE_F32, (uint32_t)P, D);
     ch.step = dh->step;
     ch.plan_version = d->plan.version;
     ch.layer = dh->layer;
-    ch.rows = P;
+    ch.rows = (uint32_t)P;
     ch.compute_s = cs;
     ch.micro_batch = dh->micro_batch;
     rep.request_id = env->request_id;
@@ -739,7 +747,7 @@ static void serve_dispatch(dsd_data *d, dsd_msg *m)
     rep.combine = &ch;
     rep.n_tensors = 1;
     rep.tensors = &tdp;
-    size_t osz = (size_t)P * D * sizeof(float);
+    size_t osz = P * D * sizeof(float);
     void *fr = out;
     dsd_send(d->router, m->peer, m->peer_len, &rep, &fr, &osz, 1);
 }

@@ -320,13 +320,16 @@ int dsd_host_experts(dsd_host *h, uint32_t layer, uint32_t R, const float *rows,
 {
     const ds_model_config *c = h->c;
     uint32_t D = c->hidden_size, E = c->n_routed_experts, L = c->num_hidden_layers;
+    uint32_t K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
     uint32_t *cnt = NULL, *idx = NULL;
     float *in = NULL, *tmp = NULL;
     int rc = 0;
     if (layer >= L || !ds_model_config_layer_is_moe(c, layer))
         FAIL(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "layer %u has no routed experts", layer);
-    if (R == 0 || R > HOST_MAX_ROWS || P == 0 || P > (uint64_t)R * E)
-        FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "dispatch: %u rows, %u pairs", R, P);
+    /* each row was routed to K experts: at most K of its pairs come to one host */
+    if (R == 0 || R > HOST_MAX_ROWS || P == 0 || P > (uint64_t)R * K)
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+             "dispatch: %u rows, %u pairs (at most %u per row)", R, P, K);
     for (uint32_t p = 0; p < P; p++) {
         if (pair_rows[p] >= R)
             FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "pair %u: row %u of %u", p, pair_rows[p],

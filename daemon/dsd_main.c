@@ -271,7 +271,6 @@ struct solve_job {
     uint32_t n;
     char (*names)[64];
     char (*eps)[DSD_STR_MAX];
-    int32_t idx_of[MAX_NODES]; /* membership index -> plan node index, -1 = left out */
     char *spec;
     double *stats; /* [L * E] routing counts measured so far, or NULL (uniform popularity) */
     char strategy[32];
@@ -383,13 +382,17 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
                   (unsigned long long)d->plan_version, j->n, d->plan.strategy, d->plan.solver);
     for (uint32_t i = 1; i < d->n_nodes; i++) {
         d->nodes[i].loaded = false;
-        if (i >= MAX_NODES || j->idx_of[i] < 0)
+        /* by name, not by the membership index at the solve's start: a node that joined while
+         * the solver ran is not in this plan (rollout_again plans it next), and must not be
+         * taken for plan node 0 and sent someone else's units */
+        int32_t idx = dsd_plan_node_index(&d->plan, d->nodes[i].name);
+        if (idx < 0)
             continue;
         Dsd__Envelope env = DSD__ENVELOPE__INIT;
         env.body_case = DSD__ENVELOPE__BODY_PLAN;
         env.plan = &wp;
         dsd_send(d->control, d->nodes[i].name, strlen(d->nodes[i].name), &env, NULL, NULL, 0);
-        start_stream(d, &d->nodes[i], (uint32_t)j->idx_of[i]);
+        start_stream(d, &d->nodes[i], (uint32_t)idx);
     }
     dsd_plan_wire_clear(&wp);
     rc = install_plan(d, d->o.model, &d->plan, 0, &err);
@@ -473,12 +476,9 @@ static int rollout(struct dsd *d)
     j->names = calloc(MAX_NODES, 64);
     j->eps = calloc(MAX_NODES, DSD_STR_MAX);
     for (uint32_t i = 0; j->names && j->eps && i < d->n_nodes && i < MAX_NODES; i++) {
-        if (d->nodes[i].failed || d->nodes[i].drained) {
-            j->idx_of[i] = -1;
+        if (d->nodes[i].failed || d->nodes[i].drained)
             continue;
-        }
         /* the coordinator is listed first even with compute = false (embed, head) */
-        j->idx_of[i] = (int32_t)j->n;
         snprintf(j->names[j->n], 64, "%s", d->nodes[i].name);
         snprintf(j->eps[j->n], DSD_STR_MAX, "%s", d->nodes[i].endpoint);
         j->n++;

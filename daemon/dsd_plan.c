@@ -429,6 +429,14 @@ out:
     return rc;
 }
 
+int32_t dsd_plan_node_index(const dsd_plan *p, const char *name)
+{
+    for (uint32_t i = 0; p && name && i < p->n_nodes; i++)
+        if (!strcmp(p->nodes[i], name))
+            return (int32_t)i;
+    return -1;
+}
+
 uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name)
 {
     if (!name || !name[0] || !strncmp(name, "cpu", 3))

@@ -163,6 +163,12 @@ static void test_plan_spreads_units(void **state)
     for (uint32_t n = 0; n < 3; n++)
         if ((int32_t)n != prim)
             p.replicas[hl * p.n_experts + he] |= 1ull << n;
+    /* nodes are found in a plan by name; one that joined after it was made (during a solve)
+     * is not in it, and is never taken for node 0 (the coordinator) */
+    for (uint32_t node = 0; node < 3; node++)
+        assert_int_equal(dsd_plan_node_index(&p, names[node]), (int32_t)node);
+    assert_int_equal(dsd_plan_node_index(&p, "late-joiner"), -1);
+    assert_int_equal(dsd_plan_node_index(&p, ""), -1);
     /* wire round trip: each node gets exactly its units, replicas included */
     Dsd__Plan w;
     assert_int_equal(dsd_plan_to_wire(&p, &w), 0);
@@ -339,6 +345,40 @@ static void test_bad_peers(void **state)
     de.tensors = &tdp;
     n = pack(&de, DS_PROTOCOL_VERSION, buf);
     expect_error(ask(dat, buf, n, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT);
+    /* more pairs than rows x num_experts_per_tok (2 in v3_bf16): one row, three hosted
+     * experts, each valid alone; refused as malformed instead of being run */
+    uint32_t pr3[3] = {0, 0, 0}, pe3[3] = {0, 1, 2};
+    float pw3[3] = {1, 1, 1};
+    dh.n_pair_rows = dh.n_pair_experts = dh.n_pair_weights = 3;
+    dh.pair_rows = pr3;
+    dh.pair_experts = pe3;
+    dh.pair_weights = pw3;
+    n = pack(&de, DS_PROTOCOL_VERSION, buf);
+    expect_error(ask(dat, buf, n, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_MALFORMED);
+    /* an absurd pair count (2 M pairs for one row: 512 MiB of output rows) is refused from the
+     * header alone, before anything is allocated for it */
+    {
+        const uint32_t NP = 2000000;
+        uint32_t *hr = calloc(NP, sizeof(uint32_t)), *he = calloc(NP, sizeof(uint32_t));
+        float *hw = calloc(NP, sizeof(float));
+        assert_true(hr && he && hw);
+        dh.n_pair_rows = dh.n_pair_experts = dh.n_pair_weights = NP;
+        dh.pair_rows = hr;
+        dh.pair_experts = he;
+        dh.pair_weights = hw;
+        de.protocol_version = DS_PROTOCOL_VERSION;
+        size_t hn = dsd__envelope__get_packed_size(&de);
+        assert_true(hn < DS_WIRE_MAX_ENVELOPE_BYTES); /* the envelope itself is acceptable */
+        uint8_t *hb = malloc(hn);
+        assert_non_null(hb);
+        assert_int_equal(pack(&de, DS_PROTOCOL_VERSION, hb), hn);
+        expect_error(ask(dat, hb, hn, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_MALFORMED);
+        free(hb);
+        free(hr);
+        free(he);
+        free(hw);
+        assert_int_equal(dsd_log_count(&p, "2000000 pairs for 1 rows, at most 2 per row"), 1);
+    }
     /* a heartbeat from a node that never said hello */
     Dsd__Envelope he = DSD__ENVELOPE__INIT;
     Dsd__Heartbeat hb = DSD__HEARTBEAT__INIT;
@@ -372,7 +412,7 @@ static void test_bad_peers(void **state)
     zmq_close(cli);
     zmq_ctx_term(ctx);
     assert_true(dsd_alive(&p));
-    assert_true(dsd_log_count(&p, "refused") >= 7);
+    assert_true(dsd_log_count(&p, "refused") >= 9);
     assert_int_equal(dsd_stop(&p), 0);
 }
 
