@@ -54,6 +54,7 @@ typedef struct dsd_opts {
     int64_t plan_batch;        /* workload the planner optimises: rows per decode step */
     int64_t plan_context;      /* tokens of context per sequence, 0 = max_context */
     int64_t micro_batches;     /* coordinator: micro-batches in flight at once */
+    int64_t max_rows_per_step; /* coordinator: rows of one micro-batch (chunked prefill) */
     int64_t link_wait_ms;      /* coordinator: first plan waits this long for link calibration */
     char curve_secret_key_file[PATH_MAX]; /* cluster key pair file; "" = CURVE off */
     char curve_authorized_keys[PATH_MAX]; /* client public keys allowed; "" = any client key */
@@ -229,7 +230,6 @@ int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_mode
 
 /* ---- data thread (dsd_data.c) ------------------------------------------------------------ */
 typedef struct dsd_data dsd_data;
-typedef struct dsd_sched dsd_sched;
 
 /* Starts the node's data thread. It owns `router` (the bound data ROUTER) and, on the
  * coordinator, `spipe` (a PAIR connected to the loop's client pipe) from now on. */
@@ -249,29 +249,10 @@ void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint);
 /* Snapshots (JSON, caller frees): "stats" this node's units, links and routing counts;
  * "jobs" the coordinator's jobs. NULL before the first snapshot. */
 char *dsd_data_json(dsd_data *d, const char *what);
-/* For the scheduler (data thread only): start micro-batch rid with n embedded rows. */
-int dsd_data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, uint32_t n,
-                    const uint64_t *seq, const uint32_t *pos, const float *x, ds_error *err);
-/* Re-snapshots the scheduler's job list now (after a job starts or ends). */
-void dsd_data_publish_jobs(dsd_data *d);
-/* Frees a sequence's KV caches on every node (CANCEL, fire and forget). */
-void dsd_data_release(dsd_data *d, uint64_t seq);
-const ds_model *dsd_data_model(dsd_data *d);
-ds_pool *dsd_data_pool(dsd_data *d);
-
-/* ---- scheduler (dsd_sched.c, runs on the coordinator's data thread) ----------------------- */
-int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void *pipe,
-                  dsd_sched **ret, ds_error *err);
-dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason);
-void dsd_sched_on_pipe(dsd_sched *s);
-void dsd_sched_refuse_pipe(void *pipe);
-/* Micro-batch rid came back: x[n, D] the final rows, or error != NULL. */
-void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
-                         const char *error);
-void dsd_sched_tick(dsd_sched *s);
-long dsd_sched_wait_ms(dsd_sched *s);
-void dsd_sched_set_opts(dsd_sched *s, const dsd_opts *o);
-char *dsd_sched_jobs_json(dsd_sched *s);
+/* The coordinator's running jobs, as of the last snapshot (0 on a worker). */
+uint32_t dsd_data_jobs_running(dsd_data *d);
+/* The coordinator's scheduler (dsd_sched.h) runs inside the data thread, which owns it and
+ * is its port: it feeds it the client pipe, the results and the ticks. */
 
 /* ---- statistics (dsd_stats.c) ------------------------------------------------------------- */
 /* A node's StepStats as {"node", "units", "links", "expert_counts"} (dsd_data's "stats" form)

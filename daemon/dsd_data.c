@@ -38,6 +38,7 @@
 #include "ds_experts.h"
 #include "ds_log.h"
 #include "dsd.h"
+#include "dsd_sched.h"
 
 #define DATA_CTL_EP   "inproc://dsd-data-ctl"
 #define MAX_TASKS     64u
@@ -102,6 +103,7 @@ struct dsd_data {
     dsd_sched *sched;        /* coordinator: jobs and micro-batches */
     pthread_mutex_t mu;
     char *stats_json, *jobs_json;
+    uint32_t jobs_running; /* the scheduler's running jobs, as last published */
     uint64_t last_publish_ns;
     bool dirty;
 };
@@ -584,8 +586,8 @@ static void task_combine_reply(dsd_data *d, struct task *t, uint32_t node, dsd_m
 
 /* ---- starting a micro-batch (the scheduler) ----------------------------------------------- */
 
-int dsd_data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, uint32_t n,
-                    const uint64_t *seq, const uint32_t *pos, const float *x, ds_error *err)
+static int data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, uint32_t n,
+                       const uint64_t *seq, const uint32_t *pos, const float *x, ds_error *err)
 {
     if (!d->have_plan || !n)
         return ds_error_set(err, -EINVAL, "no plan");
@@ -602,7 +604,8 @@ int dsd_data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, uint3
     return 0;
 }
 
-void dsd_data_release(dsd_data *d, uint64_t seq)
+/* Frees a sequence's KV caches on every node (CANCEL, fire and forget). */
+static void data_release(dsd_data *d, uint64_t seq)
 {
     Dsd__Envelope ce = DSD__ENVELOPE__INIT;
     Dsd__Cancel cc = DSD__CANCEL__INIT;
@@ -615,16 +618,6 @@ void dsd_data_release(dsd_data *d, uint64_t seq)
             dsd_send(p->sock, NULL, 0, &ce, NULL, NULL, 0);
     }
     dsd_host_release(d->host, seq);
-}
-
-const ds_model *dsd_data_model(dsd_data *d)
-{
-    return d->host ? dsd_host_model(d->host) : NULL;
-}
-
-ds_pool *dsd_data_pool(dsd_data *d)
-{
-    return d->host ? dsd_host_pool(d->host) : NULL;
 }
 
 /* ---- the data ROUTER ---------------------------------------------------------------------- */
@@ -874,6 +867,8 @@ static void on_peer(dsd_data *d, uint32_t pi)
 
 /* ---- stats -------------------------------------------------------------------------------- */
 
+static void publish_jobs(dsd_data *d);
+
 /* This node's measurements: {"node", "units": {unit: {compute_s, calls|rows}}, "links":
  * [{from, to, latency_s, bandwidth_bytes_per_s, measured_transfer_s, measured_compute_s,
  * messages, bytes, forwards, forward_bytes}], "expert_counts": {"n_routed_experts", "layers":
@@ -919,18 +914,32 @@ static void publish(dsd_data *d)
     free(d->stats_json);
     d->stats_json = s;
     pthread_mutex_unlock(&d->mu);
-    dsd_data_publish_jobs(d);
+    publish_jobs(d);
     d->dirty = false;
     d->last_publish_ns = dsd_now_ns();
 }
 
-void dsd_data_publish_jobs(dsd_data *d)
+static void publish_jobs(dsd_data *d)
 {
     char *js = d->sched ? dsd_sched_jobs_json(d->sched) : NULL;
+    dsd_sched_stats st = {0};
+    if (d->sched)
+        dsd_sched_get_stats(d->sched, &st);
     pthread_mutex_lock(&d->mu);
     free(d->jobs_json);
     d->jobs_json = js;
+    d->jobs_running = st.jobs;
     pthread_mutex_unlock(&d->mu);
+}
+
+uint32_t dsd_data_jobs_running(dsd_data *d)
+{
+    if (!d)
+        return 0;
+    pthread_mutex_lock(&d->mu);
+    uint32_t n = d->jobs_running;
+    pthread_mutex_unlock(&d->mu);
+    return n;
 }
 
 char *dsd_data_json(dsd_data *d, const char *what)
@@ -957,6 +966,119 @@ struct ctl_msg {
     char endpoint[DSD_STR_MAX]; /* OP_PROBE */
     dsd_opts o;                 /* OP_OPTS: the options after a reload */
 };
+
+/* ---- the scheduler's port ------------------------------------------------------------------ */
+
+static int port_launch(void *ctx, const dsd_sched_batch *b, ds_error *err)
+{
+    return data_launch(ctx, b->rid, b->step, b->mb, b->n, b->seq, b->pos, b->x, err);
+}
+
+static void port_release(void *ctx, uint64_t job)
+{
+    data_release(ctx, job);
+}
+
+/* To a client, through the event loop: [client identity, envelope] on the client pipe. */
+static void port_reply(void *ctx, const uint8_t *id, size_t id_len, const Dsd__Envelope *env)
+{
+    dsd_data *d = ctx;
+    uint8_t *buf;
+    size_t len;
+    if (!d->spipe || ds_wire_pack((Dsd__Envelope *)env, &buf, &len) < 0)
+        return;
+    zmq_send(d->spipe, id, id_len, ZMQ_SNDMORE);
+    zmq_send(d->spipe, buf, len, 0);
+    free(buf);
+}
+
+static void port_jobs_changed(void *ctx)
+{
+    publish_jobs(ctx);
+}
+
+static const dsd_sched_port SCHED_PORT = {
+    .launch = port_launch,
+    .release = port_release,
+    .reply = port_reply,
+    .jobs_changed = port_jobs_changed,
+};
+
+/* Client requests the event loop forwards as [client identity, envelope]: to the scheduler,
+ * or refused (BUSY) while no plan is installed. */
+static void on_spipe(dsd_data *d)
+{
+    for (int guard = 0; guard < 1024; guard++) {
+        zmq_msg_t a, b;
+        zmq_msg_init(&a);
+        zmq_msg_init(&b);
+        if (zmq_msg_recv(&a, d->spipe, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&a);
+            zmq_msg_close(&b);
+            return;
+        }
+        zmq_msg_recv(&b, d->spipe, 0);
+        Dsd__Envelope *env = NULL;
+        ds_error err = {0};
+        const uint8_t *id = zmq_msg_data(&a);
+        size_t il = zmq_msg_size(&a);
+        if (il <= DSD_SCHED_MAX_CLIENT_ID &&
+            ds_wire_unpack(zmq_msg_data(&b), zmq_msg_size(&b), &env, &err) == 0) {
+            if (!d->sched) {
+                ds_log_warn("client request %llu refused: no plan is installed",
+                            (unsigned long long)env->request_id);
+                if (il)
+                    dsd_send_error(d->spipe, id, il, env->request_id,
+                                   DSD__ERROR_CODE__ERROR_CODE_BUSY, "no plan is installed");
+            } else if (env->body_case == DSD__ENVELOPE__BODY_SUBMIT) {
+                dsd_sched_submit(d->sched, id, il, env->request_id, env->submit);
+            } else if (env->body_case == DSD__ENVELOPE__BODY_CANCEL) {
+                dsd_sched_cancel(d->sched, id, il, env->request_id, env->cancel->job);
+            }
+            ds_wire_free(env);
+        }
+        zmq_msg_close(&a);
+        zmq_msg_close(&b);
+    }
+}
+
+/* Whether the plan keeps every attention layer and expert on the node of attn[0]. */
+static bool plan_one_node(const dsd_plan *p)
+{
+    for (uint32_t l = 0; l < p->n_layers; l++) {
+        if (p->attn[l] != p->attn[0])
+            return false;
+        for (uint32_t e = 0; e < p->n_experts; e++) {
+            size_t i = (size_t)l * p->n_experts + e;
+            if (p->expert[i] >= 0 && p->expert[i] != p->attn[0])
+                return false;
+        }
+    }
+    return true;
+}
+
+static int sched_start(dsd_data *d, ds_error *err)
+{
+    ds_tokenizer *tok = NULL;
+    ds_error terr = {0};
+    if (ds_tokenizer_load(d->o.model, &tok, &terr) < 0) {
+        tok = NULL;
+        ds_log_info("no tokenizer (%s): clients send token ids; stops 'eos' and 'id:N' only",
+                    ds_error_str(&terr));
+    }
+    dsd_sched_limits lim = {
+        .max_jobs = (uint32_t)d->o.max_jobs,
+        .micro_batches = (uint32_t)d->o.micro_batches,
+        .max_context = (uint32_t)d->o.max_context,
+        .max_rows_per_step = (uint32_t)d->o.max_rows_per_step,
+        .step_timeout_ns = (uint64_t)d->o.step_timeout_ms * 1000000ull,
+        .one_node = plan_one_node(&d->plan),
+    };
+    int rc = dsd_sched_new(dsd_host_model(d->host), dsd_host_pool(d->host), &tok, &lim, &SCHED_PORT,
+                           d, &d->sched, err);
+    ds_tokenizer_free(tok);
+    return rc;
+}
 
 /* Drops the plan, its units and micro-batches; running jobs end with `reason`. */
 static void uninstall(dsd_data *d, const char *reason)
@@ -1008,7 +1130,7 @@ static void install(dsd_data *d, struct ctl_msg *cm)
     d->have_plan = true;
     if (d->coordinator) {
         ds_error err = {0};
-        if (dsd_sched_new(&d->o, &d->plan, d, d->spipe, &d->sched, &err) < 0)
+        if (sched_start(d, &err) < 0)
             ds_log_err("scheduler: %s", ds_error_str(&err));
     }
     ds_log_info("data: plan v%llu installed (node %u of %u)", (unsigned long long)d->plan.version,
@@ -1038,7 +1160,7 @@ static bool on_ctl(dsd_data *d)
         ds_log_info("data: reloaded options (step_timeout_ms %lld)", (long long)cm.o.step_timeout_ms);
         d->o = cm.o;
         if (d->sched)
-            dsd_sched_set_opts(d->sched, &cm.o);
+            dsd_sched_set_step_timeout(d->sched, (uint64_t)cm.o.step_timeout_ms * 1000000ull);
         return true;
     }
     return true;
@@ -1099,10 +1221,8 @@ static void *data_main(void *arg)
                 break;
             on_router(d);
         }
-        if (d->spipe && (it[2].revents & ZMQ_POLLIN) && d->sched)
-            dsd_sched_on_pipe(d->sched);
-        else if (d->spipe && (it[2].revents & ZMQ_POLLIN))
-            dsd_sched_refuse_pipe(d->spipe);
+        if (d->spipe && (it[2].revents & ZMQ_POLLIN))
+            on_spipe(d);
         for (uint32_t i = 0; i < np; i++) {
             if (!(it[first_peer + (int)i].revents & ZMQ_POLLIN))
                 continue;
@@ -1117,7 +1237,7 @@ static void *data_main(void *arg)
         }
         expire(d);
         if (d->sched)
-            dsd_sched_tick(d->sched);
+            dsd_sched_tick(d->sched, dsd_now_ns());
         /* the snapshot changes only with work done (the job list is published as it changes) */
         if (d->dirty && dsd_now_ns() - d->last_publish_ns > 100000000ull)
             publish(d);

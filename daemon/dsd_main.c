@@ -571,12 +571,7 @@ static bool plan_has(struct dsd *d, const char *name)
 
 static size_t jobs_running(struct dsd *d)
 {
-    char *js = dsd_data_json(d->dp, "jobs");
-    json_t *j = js ? json_loads(js, 0, NULL) : NULL;
-    free(js);
-    size_t n = j ? json_array_size(json_object_get(j, "jobs")) : 0;
-    json_decref(j);
-    return n;
+    return dsd_data_jobs_running(d->dp);
 }
 
 /* ---- status JSON -------------------------------------------------------------------------- */

@@ -92,6 +92,9 @@ static const struct opt OPTS[] = {
     {"micro_batches", OPT_INT, I(micro_batches), 1, 64, "2", NULL, false,
      "coordinator: micro-batches in flight at once (the running jobs are split over them so "
      "one computes while another crosses a link; 1 when the plan runs on one node)"},
+    {"max_rows_per_step", OPT_INT, I(max_rows_per_step), 1, 65536, "65536", NULL, false,
+     "coordinator: rows (token positions) one micro-batch carries at most; a longer prefill is "
+     "fed in chunks over several steps (the hosts' limit is 65536)"},
     {"curve_secret_key_file", OPT_STR, S(curve_secret_key_file), 0, 0, "", NULL, false,
      "CURVE: the cluster key pair file (dsctl keygen: 'public = KEY', 'secret = KEY', mode "
      "0600), the same on every node; empty = plain TCP, no authentication"},

@@ -1,5 +1,7 @@
 # daemon/ and client/ (libdsclient, dsctl cluster commands): see docs/daemon.md, docs/client.md.
 ds_add_test(NAME test_daemon SOURCES test_daemon.c LIBS ds_daemon LABELS unit TIMEOUT 120)
+# the scheduler alone (no sockets): its tokens against the in-process engine
+ds_add_test(NAME test_sched SOURCES test_sched.c LIBS ds_daemon LABELS unit TIMEOUT 120)
 ds_add_test(NAME test_client SOURCES test_client.c LIBS dsclient_static ds_proto ds_model LABELS unit
             TIMEOUT 180)
 add_dependencies(test_client dsd dsctl)
