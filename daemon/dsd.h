@@ -19,6 +19,7 @@
 #include <zmq.h>
 
 #include "ds_err.h"
+#include "ds_layer.h"
 #include "ds_model.h"
 #include "ds_wire.h"
 
@@ -140,21 +141,19 @@ bool dsd_host_has_attn(const dsd_host *h, uint32_t layer);
 /* Frees the KV cache of a sequence (job id); unknown ids are ignored. */
 void dsd_host_release(dsd_host *h, uint64_t seq);
 
-/* Outputs of attn[l] (+ shared/dense beside it) for n rows. */
-typedef struct dsd_attn_bufs {
-    float *hidden;   /* [n, D] after attention; dense layers: + dense FFN (final) */
-    float *ffn_in;   /* [n, D] */
-    int32_t *ids;    /* [n, K] MoE layers */
-    float *weights;  /* [n, K] MoE layers */
-    float *shared;   /* [n, D] MoE layers with shared experts */
-} dsd_attn_bufs;
-
-/* Runs attn[layer] for rows of sequences seq_ids at positions (validated against this node's
- * KV caches: rows of one sequence consecutive, positions contiguous with the cache). On error
- * *code is the wire error code and err says why. *compute_s gets the time spent. */
-int dsd_host_attn(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
-                  const uint32_t *positions, const float *x, dsd_attn_bufs *o, double *compute_s,
-                  Dsd__ErrorCode *code, ds_error *err);
+/* Checks n rows of a step for attn[layer] against this node's KV caches (layer hosted, rows
+ * of one sequence consecutive, positions contiguous with the cache) and gives each row's slot
+ * in the host's sequence table (dsd_host_seqs), adding sequences seen for the first time. On
+ * error *code is the wire error code and err says why. */
+int dsd_host_rows(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
+                  const uint32_t *positions, int *slots, Dsd__ErrorCode *code, ds_error *err);
+/* The sequence table the layer step runs over (its KV caches cover exactly the hosted
+ * attention layers). */
+ds_seqs *dsd_host_seqs(dsd_host *h);
+/* KV caches each sequence holds here: the number of hosted attention layers. */
+uint32_t dsd_host_kv_layers(const dsd_host *h);
+/* Records seconds of attention (+ shared/dense beside it) computed for attn[layer]. */
+void dsd_host_note_attn(dsd_host *h, uint32_t layer, double seconds);
 /* Runs the routed experts of `layer` for P (row, expert) pairs over R input rows:
  * out[p] = expert_{pair_experts[p]}(rows[pair_rows[p]]), unweighted. Every id is checked
  * against this node's units. */

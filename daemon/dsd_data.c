@@ -63,16 +63,14 @@ struct peer {
 
 struct task {
     bool used;
+    dsd_data *d; /* the data plane (the expert runner's context is the task) */
     uint64_t rid, step;
     uint32_t mb, layer, n;
     uint64_t *seq;
     uint32_t *pos;
-    float *x;      /* [n, D] the rows' hidden state, combined in place */
-    float *ffn_in; /* [n, D] */
-    int32_t *ids;  /* [n, K] */
-    float *w;      /* [n, K] */
-    float *shared; /* [n, D] or NULL */
-    float *eo;     /* [n*K, D] expert outputs by slot */
+    int *slots;        /* [n] the rows' slots in the host's sequence table */
+    ds_layer_step *st; /* the rows' hidden state and the layer being run (experts/ds_layer.h) */
+    double local_s;    /* expert compute run here during the layer being run */
     /* dispatch bookkeeping, per plan node */
     uint64_t *dreq;     /* request id of the dispatch awaiting a reply; 0 = none */
     uint64_t *dsent;    /* send time */
@@ -216,12 +214,8 @@ static void task_free(struct task *t)
 {
     free(t->seq);
     free(t->pos);
-    free(t->x);
-    free(t->ffn_in);
-    free(t->ids);
-    free(t->w);
-    free(t->shared);
-    free(t->eo);
+    free(t->slots);
+    ds_layer_step_free(t->st);
     free(t->dreq);
     free(t->dsent);
     free(t->doff);
@@ -239,10 +233,11 @@ static struct task *task_new(dsd_data *d, uint64_t rid, uint64_t step, uint32_t 
     if (!t)
         return NULL;
     const ds_model_config *c = d->c;
-    uint32_t D = c->hidden_size, K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
+    uint32_t K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
     uint32_t N = d->plan.n_nodes;
-    size_t rowb = (size_t)n * D * sizeof(float);
+    ds_error err = {0};
     t->used = true;
+    t->d = d;
     t->rid = rid;
     t->step = step;
     t->mb = mb;
@@ -250,19 +245,14 @@ static struct task *task_new(dsd_data *d, uint64_t rid, uint64_t step, uint32_t 
     t->n = n;
     t->seq = malloc(n * sizeof(*t->seq));
     t->pos = malloc(n * sizeof(*t->pos));
-    t->x = malloc(rowb);
-    t->ffn_in = malloc(rowb);
-    t->ids = malloc((size_t)n * K * sizeof(int32_t));
-    t->w = malloc((size_t)n * K * sizeof(float));
-    t->shared = c->n_shared_experts ? malloc(rowb) : NULL;
-    t->eo = malloc(rowb * K);
+    t->slots = calloc(n, sizeof(*t->slots));
     t->dreq = calloc(N, sizeof(uint64_t));
     t->dsent = calloc(N, sizeof(uint64_t));
     t->doff = calloc(N + 1, sizeof(uint32_t));
     t->dslot = malloc((size_t)n * K * sizeof(uint32_t));
-    if (!t->seq || !t->pos || !t->x || !t->ffn_in || !t->ids || !t->w ||
-        (c->n_shared_experts && !t->shared) || !t->eo || !t->dreq || !t->dsent || !t->doff ||
-        !t->dslot) {
+    if (!t->seq || !t->pos || !t->slots || !t->dreq || !t->dsent || !t->doff || !t->dslot ||
+        ds_layer_step_new(dsd_host_model(d->host), dsd_host_pool(d->host), dsd_host_seqs(d->host),
+                          n, &t->st, &err) < 0) {
         task_free(t);
         return NULL;
     }
@@ -319,7 +309,7 @@ static void task_forward(dsd_data *d, struct task *t)
     uint32_t dest = t->layer < L ? (uint32_t)d->plan.attn[t->layer] : (uint32_t)d->plan.head;
     if (dest == d->self) { /* only the head can be here: attention would have continued */
         if (d->sched)
-            dsd_sched_on_result(d->sched, t->rid, t->x, t->n, NULL);
+            dsd_sched_on_result(d->sched, t->rid, ds_layer_step_x(t->st), t->n, NULL);
         else
             chain_fail(d, t->rid, "head is not hosted on this node");
         task_free(t);
@@ -343,9 +333,14 @@ static void task_forward(dsd_data *d, struct task *t)
     env.step = &sh;
     env.n_tensors = 1;
     env.tensors = &tdp;
-    void *fr = t->x;
     size_t sz = (size_t)t->n * d->c->hidden_size * sizeof(float);
-    t->x = NULL; /* ownership passes to zmq */
+    void *fr = malloc(sz); /* ownership passes to zmq */
+    if (!fr) {
+        chain_fail(d, t->rid, "out of memory");
+        task_free(t);
+        return;
+    }
+    memcpy(fr, ds_layer_step_x(t->st), sz);
     p->forwards++;
     p->forward_bytes += sz;
     if (peer_send(d, p, &env, &fr, &sz, 1) < 0)
@@ -353,54 +348,34 @@ static void task_forward(dsd_data *d, struct task *t)
     task_free(t);
 }
 
-static int task_dispatch(dsd_data *d, struct task *t, ds_error *err);
+static const ds_expert_runner_ops dispatch_ops;
 
-/* Runs the task's layers hosted here until it waits for expert replies, leaves, or fails. */
+/* Runs the task's layers hosted here (the layer step of experts/ds_layer.h, its routed
+ * experts dispatched) until it waits for expert replies, leaves, or fails. */
 static void task_run(dsd_data *d, struct task *t)
 {
-    const ds_model_config *c = d->c;
-    uint32_t L = c->num_hidden_layers, D = c->hidden_size;
-    uint32_t K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
+    uint32_t L = d->c->num_hidden_layers;
     while (t->layer < L && (uint32_t)d->plan.attn[t->layer] == d->self) {
         ds_error err = {0};
         Dsd__ErrorCode code = 0;
-        double cs = 0;
-        float *hid = malloc((size_t)t->n * D * sizeof(float));
-        if (!hid) {
-            chain_fail(d, t->rid, "out of memory");
-            task_free(t);
-            return;
-        }
-        dsd_attn_bufs b = {hid, t->ffn_in, t->ids, t->w, t->shared};
-        int rc = dsd_host_attn(d->host, t->layer, t->n, t->seq, t->pos, t->x, &b, &cs, &code, &err);
-        free(t->x);
-        t->x = hid;
+        int rc = dsd_host_rows(d->host, t->layer, t->n, t->seq, t->pos, t->slots, &code, &err);
+        if (rc == 0)
+            rc = ds_layer_step_set_rows(t->st, t->n, t->slots, t->pos);
+        uint64_t t0 = dsd_now_ns();
+        t->local_s = 0;
+        if (rc == 0)
+            rc = ds_layer_step_run(t->st, t->layer, &dispatch_ops, t, &err);
         if (rc < 0) {
             chain_fail(d, t->rid, "attn[%u]: %s", t->layer, ds_error_str(&err));
             task_free(t);
             return;
         }
+        dsd_host_note_attn(d->host, t->layer, (double)(dsd_now_ns() - t0) * 1e-9 - t->local_s);
         d->dirty = true;
-        if (!ds_model_config_layer_is_moe(c, t->layer)) {
-            t->layer++;
-            continue;
-        }
-        for (uint32_t i = 0; i < t->n * K; i++)
-            if (t->ids[i] < 0 || (uint32_t)t->ids[i] >= c->n_routed_experts) {
-                chain_fail(d, t->rid, "attn[%u]: expert id %d out of range", t->layer, t->ids[i]);
-                task_free(t);
-                return;
-            }
-        if (task_dispatch(d, t, &err) < 0) {
-            chain_fail(d, t->rid, "layer %u dispatch: %s", t->layer, ds_error_str(&err));
-            task_free(t);
-            return;
-        }
-        if (t->pending) {
+        if (rc == DS_LAYER_PENDING) {
             t->deadline = dsd_now_ns() + (uint64_t)d->o.step_timeout_ms * 1000000ull;
             return; /* parked until the expert hosts answer (on_peer) */
         }
-        ds_moe_combine(D, t->n, K, t->w, t->eo, t->shared, t->x);
         t->layer++;
     }
     task_forward(d, t);
@@ -428,13 +403,17 @@ static uint32_t expert_route(const dsd_data *d, uint32_t l, uint32_t e, uint64_t
     return primary;
 }
 
-/* Sends one dispatch per remote expert host with the rows routed there; runs the experts
- * hosted here in place. t->pending counts the replies to wait for. */
-static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
+/* The expert runner of the data plane (ds_expert_runner_ops, ctx = the task): one dispatch
+ * per remote expert host with the rows routed there; the experts hosted here run in place.
+ * t->pending counts the replies to wait for: DS_LAYER_PENDING while there are any. */
+static int task_dispatch(void *ctx, uint32_t l, const float *ffn_in, uint32_t n, const int32_t *ids,
+                         const float *weights, float *eo, ds_error *err)
 {
+    struct task *t = ctx;
+    dsd_data *d = t->d;
     const ds_model_config *c = d->c;
     uint32_t D = c->hidden_size, E = c->n_routed_experts, N = d->plan.n_nodes;
-    uint32_t K = c->num_experts_per_tok ? c->num_experts_per_tok : 1, n = t->n, l = t->layer;
+    uint32_t K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
     uint32_t *rows_of = malloc(n * sizeof(uint32_t));
     uint32_t *pr = malloc((size_t)n * K * sizeof(uint32_t));
     uint32_t *pe = malloc((size_t)n * K * sizeof(uint32_t));
@@ -445,7 +424,7 @@ static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
         goto out;
     }
     for (uint32_t i = 0; i < n * K; i++)
-        d->expert_counts[(size_t)l * E + (uint32_t)t->ids[i]]++;
+        d->expert_counts[(size_t)l * E + (uint32_t)ids[i]]++;
     uint32_t done = 0;
     t->pending = 0;
     for (uint32_t node = 0; node < N; node++) {
@@ -455,7 +434,7 @@ static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
         for (uint32_t i = 0; i < n; i++) {
             bool used = false;
             for (uint32_t k = 0; k < K; k++) {
-                uint32_t e = (uint32_t)t->ids[i * K + k];
+                uint32_t e = (uint32_t)ids[i * K + k];
                 if (expert_route(d, l, e, t->step) != node)
                     continue;
                 if (!used) {
@@ -464,7 +443,7 @@ static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
                 }
                 pr[P] = R - 1;
                 pe[P] = e;
-                pw[P] = t->w[i * K + k];
+                pw[P] = weights[i * K + k];
                 t->dslot[done + P] = i * K + k;
                 P++;
             }
@@ -477,7 +456,7 @@ static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
             goto out;
         }
         for (uint32_t j = 0; j < R; j++)
-            memcpy(rows + (size_t)j * D, t->ffn_in + (size_t)rows_of[j] * D, D * sizeof(float));
+            memcpy(rows + (size_t)j * D, ffn_in + (size_t)rows_of[j] * D, D * sizeof(float));
         if (node == d->self) {
             float *o = malloc((size_t)P * D * sizeof(float));
             Dsd__ErrorCode code = 0;
@@ -488,9 +467,9 @@ static int task_dispatch(dsd_data *d, struct task *t, ds_error *err)
                 goto out;
             }
             rc = dsd_host_experts(d->host, l, R, rows, P, pr, pe, o, &cs, &code, err);
+            t->local_s += cs;
             for (uint32_t p = 0; rc >= 0 && p < P; p++)
-                memcpy(t->eo + (size_t)t->dslot[done + p] * D, o + (size_t)p * D,
-                       D * sizeof(float));
+                memcpy(eo + (size_t)t->dslot[done + p] * D, o + (size_t)p * D, D * sizeof(float));
             free(rows);
             free(o);
             if (rc < 0)
@@ -540,14 +519,16 @@ out:
     free(pr);
     free(pe);
     free(pw);
-    return rc;
+    return rc < 0 ? rc : t->pending ? DS_LAYER_PENDING : DS_LAYER_DONE;
 }
+
+static const ds_expert_runner_ops dispatch_ops = {.run = task_dispatch};
 
 /* A dispatch reply from plan node `node`: the unweighted expert rows of its pairs. */
 static void task_combine_reply(dsd_data *d, struct task *t, uint32_t node, dsd_msg *m)
 {
     const ds_model_config *c = d->c;
-    uint32_t D = c->hidden_size, K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
+    uint32_t D = c->hidden_size;
     struct peer *p = node_peer(d, node);
     t->dreq[node] = 0;
     uint32_t P = t->doff[node + 1] - t->doff[node];
@@ -575,11 +556,11 @@ static void task_combine_reply(dsd_data *d, struct task *t, uint32_t node, dsd_m
         d->dirty = true;
     }
     for (uint32_t q = 0; q < P; q++)
-        memcpy(t->eo + (size_t)t->dslot[t->doff[node] + q] * D, o + (size_t)q * D,
-               D * sizeof(float));
+        memcpy(ds_layer_step_expert_out(t->st) + (size_t)t->dslot[t->doff[node] + q] * D,
+               o + (size_t)q * D, D * sizeof(float));
     if (--t->pending)
         return;
-    ds_moe_combine(D, t->n, K, t->w, t->eo, t->shared, t->x);
+    ds_layer_step_resume(t->st);
     t->layer++;
     task_run(d, t);
 }
@@ -596,7 +577,7 @@ static int data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, ui
         return ds_error_set(err, -EBUSY, "too many micro-batches in flight on %s", d->o.node);
     memcpy(t->seq, seq, n * sizeof(*seq));
     memcpy(t->pos, pos, n * sizeof(*pos));
-    memcpy(t->x, x, (size_t)n * d->c->hidden_size * sizeof(float));
+    memcpy(ds_layer_step_x(t->st), x, (size_t)n * d->c->hidden_size * sizeof(float));
     if ((uint32_t)d->plan.attn[0] == d->self)
         task_run(d, t);
     else
@@ -667,7 +648,7 @@ static void serve_step(dsd_data *d, dsd_msg *m)
     }
     memcpy(t->seq, st->seq_ids, n * sizeof(uint64_t));
     memcpy(t->pos, st->positions, n * sizeof(uint32_t));
-    memcpy(t->x, x, (size_t)n * D * sizeof(float));
+    memcpy(ds_layer_step_x(t->st), x, (size_t)n * D * sizeof(float));
     /* a bad row (unknown sequence position, ...) fails here with an Error to the sender too,
      * so a peer speaking the protocol wrongly hears why */
     uint64_t rid = env->request_id;

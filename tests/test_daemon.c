@@ -8,6 +8,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <malloc.h>
+#include <math.h>
+
 #include <cmocka.h>
 
 #include "dsd.h"
@@ -205,6 +208,113 @@ static void test_plan_spreads_units(void **state)
     dsd_plan_wire_clear(&w);
     dsd_plan_clear(&p);
     ds_model_free(m);
+}
+
+/* ---- a host's KV caches cover exactly its attention layers -------------------------------- */
+
+static int all_pairs_on_host(void *ctx, uint32_t layer, const float *ffn_in, uint32_t n,
+                             const int32_t *ids, const float *weights, float *out, ds_error *err)
+{
+    dsd_host *h = ctx;
+    uint32_t K = ds_model_get_config(dsd_host_model(h))->num_experts_per_tok;
+    uint32_t *pr = malloc((size_t)n * K * 4), *pe = malloc((size_t)n * K * 4);
+    (void)weights;
+    for (uint32_t i = 0; pr && pe && i < n * K; i++) {
+        pr[i] = i / K;
+        pe[i] = (uint32_t)ids[i];
+    }
+    Dsd__ErrorCode code = 0;
+    double cs;
+    int rc = pr && pe ? dsd_host_experts(h, layer, n, ffn_in, n * K, pr, pe, out, &cs, &code, err)
+                      : -ENOMEM;
+    free(pr);
+    free(pe);
+    return rc < 0 ? rc : DS_LAYER_DONE;
+}
+
+static size_t heap_bytes(void)
+{
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+}
+
+/* A worker hosting attn[1] alone of models/tiny's 4 layers: after a 500-token prefill through
+ * that layer, each sequence holds one KV cache (layer 1) and the heap grew by one layer's
+ * cache (512 positions x (kv_lora_rank + qk_rope_head_dim) floats), not by four. */
+static void test_host_kv_hosted_layers_only(void **state)
+{
+    (void)state;
+    const char *dir = DS_TEST_DATA "/../../models/tiny";
+    ds_model *probe;
+    ds_error err = {0};
+    assert_int_equal(ds_model_open(dir, NULL, &probe, &err), 0);
+    const ds_model_config *c = ds_model_get_config(probe);
+    uint32_t L = c->num_hidden_layers, E = c->n_routed_experts, D = c->hidden_size;
+    assert_int_equal(L, 4);
+    assert_true(ds_model_config_layer_is_moe(c, 1));
+    dsd_units u = {0};
+    u.n_layers = L;
+    u.n_experts = E;
+    u.attn = calloc(L, sizeof(bool));
+    u.expert = calloc((size_t)L * E, sizeof(bool));
+    u.attn[1] = true;
+    for (uint32_t e = 0; e < E; e++)
+        u.expert[1 * E + e] = true;
+    dsd_host *h;
+    assert_int_equal(dsd_host_new(dir, &u, 1, 512, &h, &err), 0);
+    dsd_units_clear(&u);
+    assert_int_equal(dsd_host_kv_layers(h), 1);
+    const uint32_t P = 500;
+    uint64_t *seq = malloc(P * sizeof(uint64_t));
+    uint32_t *pos = malloc(P * sizeof(uint32_t));
+    int *slots = malloc(P * sizeof(int));
+    int32_t *tok = malloc(P * sizeof(int32_t));
+    for (uint32_t i = 0; i < P; i++) {
+        seq[i] = 42;
+        pos[i] = i;
+        tok[i] = (int32_t)(i % c->vocab_size);
+    }
+    ds_layer_step *st;
+    assert_int_equal(
+        ds_layer_step_new(dsd_host_model(h), dsd_host_pool(h), dsd_host_seqs(h), P, &st, &err), 0);
+    /* layer 1's input: the embedded tokens (any rows do: the KV written is what is counted) */
+    assert_int_equal(ds_unit_embed(probe, NULL, tok, P, ds_layer_step_x(st), &err), 0);
+    size_t before = heap_bytes();
+    Dsd__ErrorCode code = 0;
+    /* layer 0 is not hosted here: refused */
+    assert_int_equal(dsd_host_rows(h, 0, P, seq, pos, slots, &code, &err), -EINVAL);
+    assert_int_equal(code, DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT);
+    assert_int_equal(dsd_host_rows(h, 1, P, seq, pos, slots, &code, &err), 0);
+    assert_int_equal(ds_layer_step_set_rows(st, P, slots, pos), 0);
+    assert_int_equal(ds_layer_step_run(st, 1, &(ds_expert_runner_ops){all_pairs_on_host}, h, &err),
+                     DS_LAYER_DONE);
+    for (size_t i = 0; i < (size_t)P * D; i++)
+        assert_true(isfinite(ds_layer_step_x(st)[i]));
+    size_t grown = heap_bytes() - before;
+    ds_seqs *sq = dsd_host_seqs(h);
+    assert_int_equal(ds_seqs_count(sq), 1);
+    assert_int_equal(ds_seqs_len(sq, slots[0], 1), P);
+    for (uint32_t l = 0; l < L; l++)
+        if (l != 1)
+            assert_null(ds_seqs_kv(sq, slots[0], l));
+    size_t one_layer = (size_t)512 * (c->kv_lora_rank + c->qk_rope_head_dim) * sizeof(float);
+#if defined(__SANITIZE_ADDRESS__)
+    (void)grown; /* ASan's allocator does not report through mallinfo2 */
+    (void)one_layer;
+#else
+    assert_true(grown >= one_layer);
+    assert_true(grown < 2 * one_layer); /* every layer's cache would be 4 x one_layer */
+#endif
+    /* the job ends: its caches go */
+    dsd_host_release(h, 42);
+    assert_int_equal(ds_seqs_count(sq), 0);
+    ds_layer_step_free(st);
+    free(seq);
+    free(pos);
+    free(slots);
+    free(tok);
+    dsd_host_free(h);
+    ds_model_free(probe);
 }
 
 /* ---- bad peers against a live daemon ------------------------------------------------------ */
@@ -423,6 +533,7 @@ int main(void)
         cmocka_unit_test(test_example_config_complete),
         cmocka_unit_test(test_unit_names),
         cmocka_unit_test(test_plan_spreads_units),
+        cmocka_unit_test(test_host_kv_hosted_layers_only),
         cmocka_unit_test(test_bad_peers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

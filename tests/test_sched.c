@@ -1,6 +1,7 @@
 /* test_sched.c — the coordinator's scheduler alone (daemon/dsd_sched.h), with no socket and
  * no thread: an in-process port runs every micro-batch it launches through the daemon's own
- * unit host (dsd_host, all units) and hands the final rows back. The tokens it streams are
+ * unit host (dsd_host, all units, its rows checked per layer) with the layer step
+ * (experts/ds_layer.h) and hands the final rows back. The tokens it streams are
  * checked against the single-process engine (experts/ds_engine.h) run independently on the
  * same checkpoint: several concurrent jobs, greedy and sampled, prompts fed in chunks of
  * max_rows_per_step rows, cancel, step timeout, refusals. */
@@ -14,7 +15,7 @@
 #include <cmocka.h>
 
 #include "ds_engine.h"
-#include "ds_experts.h"
+#include "ds_layer.h"
 #include "dsd.h"
 #include "dsd_sched.h"
 
@@ -45,42 +46,55 @@ struct tport {
     uint32_t n_out;
 };
 
-/* The daemon's layer chain for n rows, all units local: attention (+ dense / shared beside
- * it) on the host, the routed experts of every (row, slot) pair, the combine in slot order. */
-static int run_layers(struct tport *t, const dsd_sched_batch *b, float *x, ds_error *err)
+/* The expert runner of a node that hosts every expert: the daemon host's own dispatch
+ * handler (dsd_host_experts) over every (row, slot) pair. */
+static int host_experts(void *ctx, uint32_t layer, const float *ffn_in, uint32_t n,
+                        const int32_t *ids, const float *weights, float *out, ds_error *err)
 {
-    const ds_model_config *c = t->c;
-    uint32_t D = c->hidden_size, K = c->num_experts_per_tok, n = b->n;
-    float *hid = malloc((size_t)n * D * sizeof(float)), *fin = malloc((size_t)n * D * 4);
-    float *sh = malloc((size_t)n * D * 4), *w = malloc((size_t)n * K * 4);
-    float *eo = malloc((size_t)n * K * D * 4);
-    int32_t *ids = malloc((size_t)n * K * 4);
+    struct tport *t = ctx;
+    uint32_t K = t->c->num_experts_per_tok;
     uint32_t *pr = malloc((size_t)n * K * 4), *pe = malloc((size_t)n * K * 4);
-    int rc = hid && fin && sh && w && eo && ids && pr && pe ? 0 : -ENOMEM;
-    for (uint32_t l = 0; rc == 0 && l < c->num_hidden_layers; l++) {
-        Dsd__ErrorCode code = 0;
-        double cs;
-        dsd_attn_bufs o = {hid, fin, ids, w, c->n_shared_experts ? sh : NULL};
-        rc = dsd_host_attn(t->h, l, n, b->seq, b->pos, x, &o, &cs, &code, err);
-        if (rc == 0 && ds_model_config_layer_is_moe(c, l)) {
-            for (uint32_t i = 0; i < n * K; i++) {
-                pr[i] = i / K;
-                pe[i] = (uint32_t)ids[i];
-            }
-            rc = dsd_host_experts(t->h, l, n, fin, n * K, pr, pe, eo, &cs, &code, err);
-            if (rc == 0)
-                ds_moe_combine(D, n, K, w, eo, c->n_shared_experts ? sh : NULL, hid);
-        }
-        memcpy(x, hid, (size_t)n * D * sizeof(float));
+    (void)weights;
+    int rc = pr && pe ? 0 : ds_error_set(err, -ENOMEM, "out of memory");
+    for (uint32_t i = 0; rc == 0 && i < n * K; i++) {
+        pr[i] = i / K;
+        pe[i] = (uint32_t)ids[i];
     }
-    free(hid);
-    free(fin);
-    free(sh);
-    free(w);
-    free(eo);
-    free(ids);
+    Dsd__ErrorCode code = 0;
+    double cs;
+    if (rc == 0)
+        rc = dsd_host_experts(t->h, layer, n, ffn_in, n * K, pr, pe, out, &cs, &code, err);
     free(pr);
     free(pe);
+    return rc < 0 ? rc : DS_LAYER_DONE;
+}
+
+static const ds_expert_runner_ops host_runner = {.run = host_experts};
+
+/* A node hosting every unit, as the data plane runs it: each layer's rows checked against
+ * the host's KV caches, then the layer step (experts/ds_layer.h) over them. */
+static int run_layers(struct tport *t, const dsd_sched_batch *b, float *x, ds_error *err)
+{
+    size_t bytes = (size_t)b->n * t->c->hidden_size * sizeof(float);
+    int *slots = calloc(b->n, sizeof(int));
+    ds_layer_step *st = NULL;
+    int rc = slots ? ds_layer_step_new(dsd_host_model(t->h), dsd_host_pool(t->h),
+                                       dsd_host_seqs(t->h), b->n, &st, err)
+                   : -ENOMEM;
+    if (rc == 0)
+        memcpy(ds_layer_step_x(st), x, bytes);
+    for (uint32_t l = 0; rc == 0 && l < t->c->num_hidden_layers; l++) {
+        Dsd__ErrorCode code = 0;
+        rc = dsd_host_rows(t->h, l, b->n, b->seq, b->pos, slots, &code, err);
+        if (rc == 0)
+            rc = ds_layer_step_set_rows(st, b->n, slots, b->pos);
+        if (rc == 0)
+            rc = ds_layer_step_run(st, l, &host_runner, t, err);
+    }
+    if (rc == 0)
+        memcpy(x, ds_layer_step_x(st), bytes);
+    ds_layer_step_free(st);
+    free(slots);
     return rc;
 }
 
