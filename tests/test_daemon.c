@@ -90,6 +90,39 @@ static void test_options_table(void **state)
     assert_string_equal(o.coordinator, "tcp://h:1");
     assert_int_equal(o.heartbeat_ms, 400);
     assert_int_equal(dsd_opts_check(&o, &err), 0);
+    /* getopt_long over the table: --key value and --key=value alike, '-' or '_' */
+    {
+        char *av[] = {"dsd",       "--config",     "/dev/null",     "--model",
+                      "/srv/m",    "--max_jobs=3", "--max-context", "1024",
+                      "--compute", "false",        "--role=worker", NULL};
+        dsd_opts_defaults(&o);
+        assert_int_equal(dsd_opts_parse(&o, 11, av, &cfg, &err), 0);
+        assert_string_equal(cfg, "/dev/null");
+        assert_string_equal(o.model, "/srv/m");
+        assert_int_equal(o.max_jobs, 3);
+        assert_int_equal(o.max_context, 1024);
+        assert_false(o.compute);
+        assert_string_equal(o.role, "worker");
+        char *av2[] = {"dsd", "--config=/dev/null", "--model=/srv/other", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, av2, &cfg, &err), 0);
+        assert_string_equal(o.model, "/srv/other");
+        /* refusals name the argument */
+        char *bad1[] = {"dsd", "--config=/dev/null", "--no-such-option=1", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, bad1, &cfg, &err), -EINVAL);
+        assert_non_null(strstr(err.msg, "--no-such-option=1"));
+        assert_non_null(strstr(err.msg, "unknown option"));
+        char *bad2[] = {"dsd", "--config=/dev/null", "--model", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, bad2, &cfg, &err), -EINVAL);
+        assert_non_null(strstr(err.msg, "needs a value"));
+        char *bad3[] = {"dsd", "--config=/dev/null", "stray", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, bad3, &cfg, &err), -EINVAL);
+        assert_non_null(strstr(err.msg, "'stray'"));
+        char *bad4[] = {"dsd", "--config=/dev/null", "--max-jobs", "0", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 4, bad4, &cfg, &err), -ERANGE);
+        /* --version prints and says so (1, like --help) */
+        char *ver[] = {"dsd", "--version", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 2, ver, &cfg, &err), 1);
+    }
     /* a bad line names file and line */
     FILE *f = fopen(path, "w");
     fputs("role = worker\nthis is not an option line\n", f);
