@@ -18,81 +18,25 @@
 #include <jansson.h>
 
 #include "ds_log.h"
-#include "dsd_sched.h"
-
-#define SCHED_MAX_STOP      16
-#define SCHED_MAX_STOP_TEXT 256 /* bytes of one stop string */
-
-struct job {
-    bool active;
-    uint64_t id;
-    uint8_t peer[DSD_SCHED_MAX_CLIENT_ID];
-    size_t peer_len;
-    uint64_t request_id;
-    int32_t *prompt;
-    uint32_t n_prompt;
-    uint32_t fed; /* positions already fed */
-    uint32_t max_tokens;
-    uint32_t n_gen;
-    int32_t next; /* token to feed next (decode) */
-    ds_sampler smp;
-    int32_t stop_ids[SCHED_MAX_STOP];
-    uint32_t n_stop;
-    /* text (coordinator with a tokenizer): stop strings, the streaming decoder, and generated
-     * text not yet sent because it may be the start of a stop string */
-    char *stop_text[SCHED_MAX_STOP];
-    uint32_t n_stop_text;
-    ds_tok_stream *ts;
-    char *held;
-    size_t n_held;
-    int32_t mb;     /* micro-batch slot it is in flight in, -1 when not */
-    bool cancelled; /* cancel asked while in flight: finish when the micro-batch returns */
-};
-
-struct mbatch {
-    bool used;
-    uint64_t rid, step;
-    uint32_t nj;
-    uint32_t *jobs; /* [nj] job slots */
-    uint32_t *last; /* [nj] the row of each job whose logits it samples from */
-    uint32_t *rows; /* [nj] rows (positions) each job feeds in this micro-batch */
-    uint64_t deadline; /* ns, on the clock of dsd_sched_tick */
-};
-
-struct dsd_sched {
-    const ds_model *m;
-    ds_pool *pool;
-    const ds_model_config *c;
-    const dsd_sched_port *port;
-    void *ctx;
-    dsd_sched_limits lim;
-    uint32_t ctx_len;  /* positions per job: max_context capped by the model */
-    ds_tokenizer *tok; /* NULL: token ids only (no tokenizer.json in the model directory) */
-    struct job *jobs;
-    uint32_t max_jobs;
-    struct mbatch *mbs;
-    uint32_t max_mbs;
-    uint64_t now_ns; /* the last tick's time */
-    uint64_t next_job, next_rid, step, jobs_done;
-};
+#include "dsd_sched_impl.h"
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
-static void client_reply(dsd_sched *s, const uint8_t *peer, size_t peer_len,
-                         const Dsd__Envelope *env)
+void dsd_sched_client_reply(dsd_sched *s, const uint8_t *peer, size_t peer_len,
+                            const Dsd__Envelope *env)
 {
     if (peer_len)
         s->port->reply(s->ctx, peer, peer_len, env);
 }
 
-static void jobs_changed(dsd_sched *s)
+void dsd_sched_jobs_changed(dsd_sched *s)
 {
     if (s->port->jobs_changed)
         s->port->jobs_changed(s->ctx);
 }
 
-static void client_error(dsd_sched *s, const uint8_t *peer, size_t peer_len, uint64_t req,
-                         Dsd__ErrorCode code, const char *msg)
+void dsd_sched_client_error(dsd_sched *s, const uint8_t *peer, size_t peer_len, uint64_t req,
+                            Dsd__ErrorCode code, const char *msg)
 {
     Dsd__Envelope env = DSD__ENVELOPE__INIT;
     Dsd__Error e = DSD__ERROR__INIT;
@@ -102,7 +46,7 @@ static void client_error(dsd_sched *s, const uint8_t *peer, size_t peer_len, uin
     env.body_case = DSD__ENVELOPE__BODY_ERROR;
     env.error = &e;
     ds_log_warn("client request %llu refused: %s", (unsigned long long)req, msg);
-    client_reply(s, peer, peer_len, &env);
+    dsd_sched_client_reply(s, peer, peer_len, &env);
 }
 
 /* Ends a job: the final Token (last = true) to its client when it is still there, the KV
@@ -132,8 +76,8 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     j->mb = -1;
     s->jobs_done++;
     /* the job list a client reads after the last token must not show the job any more */
-    jobs_changed(s);
-    client_reply(s, peer, pl, &env);
+    dsd_sched_jobs_changed(s);
+    dsd_sched_client_reply(s, peer, pl, &env);
 }
 
 void dsd_sched_get_stats(const dsd_sched *s, dsd_sched_stats *st)
@@ -173,144 +117,6 @@ char *dsd_sched_jobs_json(const dsd_sched *s)
     return r;
 }
 
-/* ---- jobs --------------------------------------------------------------------------------- */
-
-void dsd_sched_submit(dsd_sched *s, const uint8_t *peer, size_t pl, uint64_t request_id,
-                      const Dsd__Submit *sb)
-{
-    const ds_model_config *c = s->c;
-    uint32_t ctx = s->ctx_len;
-    char msg[256];
-    if (!pl || pl > DSD_SCHED_MAX_CLIENT_ID)
-        return; /* nobody to answer (the owner checks identities) */
-#define BAD(code, ...)                                                                             \
-    do {                                                                                           \
-        snprintf(msg, sizeof(msg), __VA_ARGS__);                                                   \
-        client_error(s, peer, pl, request_id, code, msg);                                          \
-        return;                                                                                    \
-    } while (0)
-    /* the prompt: token ids, or text tokenized here (BOS as the tokenizer config asks) */
-    int32_t *text_ids = NULL;
-    size_t n_prompt = sb->n_tokens;
-    if (sb->n_tokens && sb->prompt && sb->prompt[0])
-        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "send either token ids or text, not both");
-    if (!sb->n_tokens && sb->prompt && sb->prompt[0]) {
-        if (!s->tok)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                "text prompts need the tokenizer, which this coordinator's model directory "
-                "does not have (tokenizer.json): send token ids");
-        ds_error terr = {0};
-        if (ds_tokenizer_encode(s->tok, sb->prompt, strlen(sb->prompt), true, &text_ids,
-                                &n_prompt, &terr) < 0)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "prompt: %s", ds_error_str(&terr));
-    }
-    /* from here on, BAD must free text_ids */
-#undef BAD
-#define BAD(code, ...)                                                                             \
-    do {                                                                                           \
-        snprintf(msg, sizeof(msg), __VA_ARGS__);                                                   \
-        client_error(s, peer, pl, request_id, code, msg);                                          \
-        free(text_ids);                                                                            \
-        return;                                                                                    \
-    } while (0)
-    if (!n_prompt)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "empty prompt");
-    if (n_prompt >= ctx || sb->max_tokens == 0 || n_prompt + sb->max_tokens > ctx)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE,
-            "prompt (%zu tokens) + max_tokens (%u) must fit the context of %u and max_tokens "
-            "must be > 0",
-            n_prompt, sb->max_tokens, ctx);
-    for (size_t i = 0; i < sb->n_tokens; i++)
-        if (sb->tokens[i] >= c->vocab_size)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                "token %zu: id %u outside the vocabulary (%u)", i, sb->tokens[i], c->vocab_size);
-    float temp = sb->sampling ? sb->sampling->temperature : 0;
-    float top_p = sb->sampling && sb->sampling->top_p > 0 ? sb->sampling->top_p : 1;
-    if (!(temp >= 0 && temp <= 1e6) || !(top_p > 0 && top_p <= 1))
-        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "sampling: temperature must be in [0, 1e6] "
-                                                   "and top_p in (0, 1]");
-    if (sb->n_stop > SCHED_MAX_STOP)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE, "at most %d stop entries", SCHED_MAX_STOP);
-    struct job *j = NULL;
-    for (uint32_t i = 0; i < s->max_jobs && !j; i++)
-        if (!s->jobs[i].active)
-            j = &s->jobs[i];
-    if (!j)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_BUSY, "%u jobs running, the limit (max_jobs)", s->max_jobs);
-    /* stops: "eos", "id:N" (token ids) or any other text (a stop string: needs the
-     * tokenizer; the text up to it is sent, the stop string itself is not) */
-    int32_t stops[SCHED_MAX_STOP];
-    uint32_t n_id_stop = 0, n_text_stop = 0;
-    const char *text_stops[SCHED_MAX_STOP];
-    for (size_t i = 0; i < sb->n_stop; i++) {
-        const char *st = sb->stop[i];
-        char *end;
-        int32_t id;
-        if (!strcmp(st, "eos"))
-            stops[n_id_stop++] = c->eos_token_id;
-        else if (!strncmp(st, "id:", 3) && (id = (int32_t)strtol(st + 3, &end, 10)) >= 0 &&
-                 end != st + 3 && !*end)
-            stops[n_id_stop++] = id;
-        else if (!st[0] || strlen(st) > SCHED_MAX_STOP_TEXT)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "stop %zu: a stop string has 1..%d bytes",
-                i, SCHED_MAX_STOP_TEXT);
-        else if (!s->tok)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                "stop '%.64s': without a tokenizer only 'eos' and 'id:N' are understood", st);
-        else
-            text_stops[n_text_stop++] = st;
-    }
-    memset(j, 0, sizeof(*j));
-    j->mb = -1;
-    j->prompt = malloc(n_prompt * sizeof(int32_t));
-    bool ok = j->prompt != NULL;
-    for (uint32_t i = 0; ok && i < n_text_stop; i++)
-        ok = (j->stop_text[j->n_stop_text++] = strdup(text_stops[i])) != NULL;
-    if (ok && s->tok)
-        ok = ds_tok_stream_new(s->tok, true, &j->ts) == 0;
-    if (!ok) {
-        free(j->prompt);
-        for (uint32_t i = 0; i < j->n_stop_text; i++)
-            free(j->stop_text[i]);
-        ds_tok_stream_free(j->ts);
-        memset(j, 0, sizeof(*j));
-        j->mb = -1;
-        BAD(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
-    }
-    for (size_t i = 0; i < n_prompt; i++)
-        j->prompt[i] = text_ids ? text_ids[i] : (int32_t)sb->tokens[i];
-    free(text_ids);
-    text_ids = NULL;
-    j->active = true;
-    j->id = ++s->next_job;
-    memcpy(j->peer, peer, pl);
-    j->peer_len = pl;
-    j->request_id = request_id;
-    j->n_prompt = (uint32_t)n_prompt;
-    j->max_tokens = sb->max_tokens;
-    j->n_stop = n_id_stop;
-    memcpy(j->stop_ids, stops, n_id_stop * sizeof(int32_t));
-    j->smp = (ds_sampler){.greedy = temp == 0,
-                          .temperature = temp > 0 ? temp : 1,
-                          .top_p = top_p,
-                          .top_k = sb->sampling ? sb->sampling->top_k : 0};
-    ds_sampler_seed(&j->smp, sb->sampling ? sb->sampling->seed : 1);
-    /* acknowledge with the job id so the client can cancel before the first token */
-    Dsd__Envelope ack = DSD__ENVELOPE__INIT;
-    Dsd__StatusReply sr = DSD__STATUS_REPLY__INIT;
-    char js[64];
-    snprintf(js, sizeof(js), "{\"job\":%llu}", (unsigned long long)j->id);
-    sr.json = js;
-    ack.request_id = request_id;
-    ack.body_case = DSD__ENVELOPE__BODY_STATUS_REPLY;
-    ack.status_reply = &sr;
-    jobs_changed(s);
-    client_reply(s, peer, pl, &ack);
-    ds_log_info("job %llu accepted: %u prompt tokens, max %u", (unsigned long long)j->id,
-                j->n_prompt, j->max_tokens);
-#undef BAD
-}
-
 void dsd_sched_cancel(dsd_sched *s, const uint8_t *peer, size_t pl, uint64_t request_id,
                       uint64_t job)
 {
@@ -330,8 +136,8 @@ void dsd_sched_cancel(dsd_sched *s, const uint8_t *peer, size_t pl, uint64_t req
         }
     }
     if (pl)
-        client_error(s, peer, pl, request_id, DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB,
-                     "no such job");
+        dsd_sched_client_error(s, peer, pl, request_id, DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB,
+                               "no such job");
 }
 
 static struct mbatch *mb_find(dsd_sched *s, uint64_t rid)
@@ -450,7 +256,7 @@ static void job_emit(dsd_sched *s, struct job *j, int32_t t)
     env.request_id = j->request_id;
     env.body_case = DSD__ENVELOPE__BODY_TOKEN;
     env.token = &tk;
-    client_reply(s, j->peer, j->peer_len, &env);
+    dsd_sched_client_reply(s, j->peer, j->peer_len, &env);
     free(text);
     if (reason) {
         j->peer_len = 0; /* the final token carried last = true */
