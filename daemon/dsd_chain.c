@@ -3,10 +3,12 @@
  *
  * A micro-batch travels as a chain, the way docs/architecture.md draws a decode step:
  *   scheduler (coordinator) embeds -> STEP to the host of attn[0]
- *   attention host: for each consecutive layer it hosts: attention + router (+ shared/dense
- *     beside it) -> one DISPATCH per expert-hosting node with the rows routed there, their
- *     expert ids and weights (experts it hosts itself run in place) -> the unweighted expert
- *     rows come back (COMBINE) -> ds_moe_combine in the router's slot order -> next layer
+ *   attention host: for each consecutive layer it hosts, the layer step of experts/ds_layer.h
+ *     (the one the single-process engine runs): attention + router (+ shared/dense beside
+ *     it), then its expert runner here: one DISPATCH per expert-hosting node with the rows
+ *     routed there, their expert ids and weights (experts it hosts itself run in place); the
+ *     step is pending until the unweighted expert rows come back (COMBINE), then resumes:
+ *     ds_moe_combine in the router's slot order -> next layer
  *   when the next layer lives elsewhere: STEP to that node; after the last layer: STEP
  *     "head" to the coordinator, whose scheduler samples.
  * The coordinator is no longer a hop of every layer: a plan whose attention layers sit in
@@ -23,10 +25,7 @@
  * the expert host, as docs/architecture.md first sketched) keeps the floating-point order of
  * the single-process engine, so the cluster stays token-identical to `dsctl generate --local`
  * (ds_model.h, bit-identity invariant); the cost is k rows back per token instead of one per
- * expert host.
- *
- * Link calibration (latency from 16 empty round trips, bandwidth from 1 MiB echoes) runs per
- * peer as replies arrive, also without blocking. */
+ * expert host. */
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>

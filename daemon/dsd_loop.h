@@ -25,6 +25,8 @@
 #define MAX_NODES  64
 #define SCHED_PIPE "inproc://dsd-sched"
 
+typedef struct dsd_loader dsd_loader;
+
 struct node {
     char name[64];
     char endpoint[DSD_STR_MAX];
@@ -69,6 +71,10 @@ struct dsd {
     dsd_stream_in *stream_in; /* worker without a checkpoint copy: weights being received */
     uint8_t *pending_plan;    /* the packed Plan envelope waiting for them */
     size_t pending_plan_len;
+    /* this node's units of a plan being opened on the loader thread (both roles) */
+    dsd_loader *loading;
+    char *load_json;      /* worker: the plan's JSON, written to state_dir once loaded */
+    uint32_t load_layers; /* worker: the plan's layers (n_layers_hint once loaded) */
 };
 
 /* A plan being made. The placement solver runs on its own thread (the exact MILP can take
@@ -90,6 +96,21 @@ struct solve_job {
     ds_error err;
 };
 
+/* ---- dsd_loader.c ---- */
+/* Opens node self's units of plan p (copied) from model_dir on a thread of its own; the
+ * loop polls dsd_loader_fd and, once dsd_loader_done, takes the units. */
+int dsd_loader_start(const char *model_dir, const dsd_plan *p, uint32_t self, uint32_t threads,
+                     uint32_t max_context, dsd_loader **ret, ds_error *err);
+int dsd_loader_fd(const dsd_loader *l);
+/* Whether the thread has signalled (reads the signal). */
+bool dsd_loader_done(dsd_loader *l);
+const dsd_plan *dsd_loader_plan(const dsd_loader *l);
+uint32_t dsd_loader_self(const dsd_loader *l);
+/* Joins the thread; the units (ownership passes to *host) or why they could not be opened. */
+int dsd_loader_take(dsd_loader *l, dsd_host **host, ds_error *err);
+/* Joins (an open cannot be interrupted) and frees what was not taken. NULL-safe. */
+dsd_loader *dsd_loader_free(dsd_loader *l);
+
 /* ---- dsd_members.c ---- */
 /* Discovers (and, when asked, calibrates) this node's devices (once, at start). */
 void dsd_local_devices_discover(const dsd_opts *o);
@@ -104,8 +125,14 @@ void dsd_members_on_control(struct dsd *d);
 bool dsd_members_links_measured(struct dsd *d);
 
 /* ---- dsd_rollout.c ---- */
-int dsd_rollout_install(struct dsd *d, const char *model_dir, const dsd_plan *p, uint32_t self,
-                        ds_error *err);
+/* Starts opening this node's units of plan p (node index self) on the loader thread; an open
+ * still running for an older plan is waited for and dropped. */
+int dsd_rollout_load(struct dsd *d, const char *model_dir, const dsd_plan *p, uint32_t self,
+                     ds_error *err);
+/* The loader signalled: its units go to the data thread (with the plan), or the load failed;
+ * then the role's own ending (coordinator: serving once every node loaded; worker:
+ * LoadProgress). */
+void dsd_rollout_on_loaded(struct dsd *d);
 void dsd_rollout_write_plan_file(struct dsd *d, const char *json);
 void dsd_rollout_solve_free(struct solve_job *j);
 void dsd_rollout_replan_reply(struct dsd *d, int rc);
@@ -133,5 +160,7 @@ void dsd_clients_on_pipe(struct dsd *d);
 void dsd_worker_hello(struct dsd *d);
 void dsd_worker_on_control(struct dsd *d);
 void dsd_worker_send_stats(struct dsd *d);
+/* The worker's units of plan `version` are installed (rc 0) or failed to open (err). */
+void dsd_worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *err);
 
 #endif

@@ -236,13 +236,15 @@ int main(int argc, char **argv)
     if (!d.coordinator)
         dsd_worker_hello(&d);
     while (!d.stopping) {
-        zmq_pollitem_t it[5] = {
+        zmq_pollitem_t it[6] = {
             {.fd = d.sigfd, .events = ZMQ_POLLIN},
             /* the data socket belongs to the data thread; here: the solver's done signal */
             {.fd = d.solving ? d.solving->efd : -1, .events = d.solving ? ZMQ_POLLIN : 0},
+            /* and the loader's: this node's units of a plan are open */
+            {.fd = dsd_loader_fd(d.loading), .events = d.loading ? ZMQ_POLLIN : 0},
             {.socket = d.control, .events = ZMQ_POLLIN},
         };
-        int n = 3;
+        int n = 4;
         if (d.coordinator) {
             it[n++] = (zmq_pollitem_t){.socket = d.client, .events = ZMQ_POLLIN};
             it[n++] = (zmq_pollitem_t){.socket = d.pipe, .events = ZMQ_POLLIN};
@@ -257,10 +259,12 @@ int main(int argc, char **argv)
         if (it[1].revents)
             dsd_rollout_on_solved(&d);
         if (it[2].revents)
+            dsd_rollout_on_loaded(&d);
+        if (it[3].revents)
             d.coordinator ? dsd_members_on_control(&d) : dsd_worker_on_control(&d);
-        if (d.coordinator && it[3].revents)
-            dsd_clients_on_request(&d);
         if (d.coordinator && it[4].revents)
+            dsd_clients_on_request(&d);
+        if (d.coordinator && it[5].revents)
             dsd_clients_on_pipe(&d);
         on_timer(&d);
     }
@@ -273,6 +277,8 @@ out:
         pthread_join(d.solving->th, NULL);
         dsd_rollout_solve_free(d.solving);
     }
+    d.loading = dsd_loader_free(d.loading); /* an open cannot be interrupted: wait for it */
+    free(d.load_json);
     if (d.dp)
         dsd_data_stop(d.dp); /* closes nothing of ours but its own sockets */
     if (d.data)

@@ -1,7 +1,8 @@
 /* dsd_rollout.c — plans: a new plan over the nodes up (round-robin at once, or the placement
  * solver on its own thread, signalled back over an eventfd), rolled out to every planned
- * worker (weights streamed to a node without a checkpoint copy), the coordinator's own units
- * installed, and serving once every planned node has loaded. Members are matched to a plan by
+ * worker (weights streamed to a node without a checkpoint copy), this node's own units opened
+ * on the loader thread (dsd_loader.c) and installed, and serving once every planned node has
+ * loaded. Members are matched to a plan by
  * name, never by their index at the solve's start. */
 #include <errno.h>
 #include <stdlib.h>
@@ -18,19 +19,46 @@
 
 /* Opens this node's units of plan p (node index self) and hands them and the plan to the
  * data thread. */
-int dsd_rollout_install(struct dsd *d, const char *model_dir, const dsd_plan *p, uint32_t self,
-                        ds_error *err)
+int dsd_rollout_load(struct dsd *d, const char *model_dir, const dsd_plan *p, uint32_t self,
+                     ds_error *err)
 {
-    dsd_units u;
+    d->loading = dsd_loader_free(d->loading); /* a newer plan supersedes it */
+    return dsd_loader_start(model_dir, p, self, (uint32_t)d->o.threads, (uint32_t)d->o.max_context,
+                            &d->loading, err);
+}
+
+void dsd_rollout_on_loaded(struct dsd *d)
+{
+    if (!d->loading || !dsd_loader_done(d->loading))
+        return;
+    dsd_loader *l = d->loading;
+    d->loading = NULL;
+    uint64_t version = dsd_loader_plan(l)->version;
     dsd_host *h = NULL;
-    int rc = dsd_plan_units_of(p, self, &u);
-    if (rc < 0)
-        return ds_error_set(err, rc, "out of memory");
-    rc = dsd_host_new(model_dir, &u, (uint32_t)d->o.threads, (uint32_t)d->o.max_context, &h, err);
-    dsd_units_clear(&u);
-    if (rc < 0)
-        return rc;
-    return dsd_data_install(d->dp, p, self, h, err);
+    ds_error err = {0};
+    int rc = dsd_loader_take(l, &h, &err);
+    /* a coordinator whose plan moved on meanwhile drops these units (a newer load runs) */
+    bool current = !d->coordinator || (d->have_plan && version == d->plan_version);
+    if (rc == 0 && current)
+        rc = dsd_data_install(d->dp, dsd_loader_plan(l), dsd_loader_self(l), h, &err);
+    else
+        dsd_host_free(h);
+    dsd_loader_free(l);
+    if (!d->coordinator) {
+        dsd_worker_loaded(d, version, rc, &err);
+        return;
+    }
+    if (!current)
+        return;
+    if (rc < 0) {
+        snprintf(d->plan_error, sizeof(d->plan_error), "loading the coordinator's units: %s",
+                 ds_error_str(&err));
+        ds_log_err("plan: %s", d->plan_error);
+    } else {
+        d->nodes[0].loaded = true;
+        dsd_rollout_maybe_serve(d);
+    }
+    dsd_rollout_replan_reply(d, rc);
 }
 
 void dsd_rollout_write_plan_file(struct dsd *d, const char *json)
@@ -160,16 +188,18 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
         start_stream(d, &d->nodes[i], (uint32_t)idx);
     }
     dsd_plan_wire_clear(&wp);
-    rc = dsd_rollout_install(d, d->o.model, &d->plan, 0, &err);
+    /* the coordinator's own units open on the loader thread (heartbeats go on meanwhile);
+     * dsd_rollout_on_loaded installs them and answers a waiting replan */
+    rc = dsd_rollout_load(d, d->o.model, &d->plan, 0, &err);
     if (rc < 0) {
         snprintf(d->plan_error, sizeof(d->plan_error), "loading the coordinator's units: %s",
                  ds_error_str(&err));
         ds_log_err("plan: %s", d->plan_error);
         goto out;
     }
-    d->nodes[0].loaded = true;
     dsd_loop_set_state(d, "loading");
-    dsd_rollout_maybe_serve(d);
+    dsd_rollout_solve_free(j);
+    return 0;
 out:
     dsd_rollout_replan_reply(d, rc);
     dsd_rollout_solve_free(j);

@@ -36,8 +36,8 @@ static bool want_nothing(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint
     return false;
 }
 
-/* Opens this node's units of wire plan p from model_dir and hands them to the data thread;
- * tells the coordinator (LoadProgress done or error). */
+/* Starts opening this node's units of wire plan p from model_dir on the loader thread (the
+ * loop keeps heartbeating); dsd_worker_loaded tells the coordinator how it went. */
 static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *model_dir)
 {
     ds_error err = {0};
@@ -55,21 +55,33 @@ static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *mode
     if (rc == 0 && self == plan.n_nodes)
         rc = ds_error_set(&err, -EPROTO, "the plan does not list this node (%s)", d->o.node);
     if (rc == 0)
-        rc = dsd_rollout_install(d, model_dir, &plan, self, &err);
-    uint32_t n_layers = plan.n_layers;
+        rc = dsd_rollout_load(d, model_dir, &plan, self, &err);
+    if (rc == 0) {
+        free(d->load_json);
+        d->load_json = p->json ? strdup(p->json) : NULL;
+        d->load_layers = plan.n_layers;
+    }
     dsd_plan_clear(&plan);
     ds_model_free(probe);
+    if (rc < 0)
+        dsd_worker_loaded(d, p->version, rc, &err);
+}
+
+void dsd_worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *err)
+{
     if (rc < 0) {
-        ds_log_err("plan v%llu: %s", (unsigned long long)p->version, ds_error_str(&err));
-        send_load(d, p->version, 0, 0, false, ds_error_str(&err));
+        ds_log_err("plan v%llu: %s", (unsigned long long)version, ds_error_str(err));
+        send_load(d, version, 0, 0, false, ds_error_str(err));
         dsd_loop_set_state(d, "failed");
         return;
     }
-    d->plan_version = p->version;
-    d->n_layers_hint = n_layers;
-    if (p->json)
-        dsd_rollout_write_plan_file(d, p->json);
-    send_load(d, p->version, 0, 0, true, NULL);
+    d->plan_version = version;
+    d->n_layers_hint = d->load_layers;
+    if (d->load_json)
+        dsd_rollout_write_plan_file(d, d->load_json);
+    free(d->load_json);
+    d->load_json = NULL;
+    send_load(d, version, 0, 0, true, NULL);
     dsd_loop_set_state(d, "serving");
 }
 

@@ -13,7 +13,10 @@
 
 #include <cmocka.h>
 
+#include <poll.h>
+
 #include "dsd.h"
+#include "dsd_loop.h"
 #include "cluster/dsd_spawn.h"
 
 /* The shipped example /etc/dsd/dsd.conf loads, and documents every option of the table
@@ -350,6 +353,64 @@ static void test_host_kv_hosted_layers_only(void **state)
     ds_model_free(probe);
 }
 
+/* ---- the loader: a plan's units opened on a thread, signalled over an eventfd ------------ */
+
+static void wait_loader(dsd_loader *l)
+{
+    struct pollfd pf = {.fd = dsd_loader_fd(l), .events = POLLIN};
+    assert_int_equal(poll(&pf, 1, 60000), 1); /* the loop would keep polling meanwhile */
+    assert_true(dsd_loader_done(l));
+}
+
+static void test_loader_thread(void **state)
+{
+    (void)state;
+    ds_model *m;
+    ds_error err = {0};
+    assert_int_equal(ds_model_open(DS_TEST_DATA "/ref/v3_bf16", NULL, &m, &err), 0);
+    const ds_model_config *c = ds_model_get_config(m);
+    char names[2][64] = {"coord", "w1"};
+    char eps[2][DSD_STR_MAX] = {"tcp://a:1", "tcp://b:1"};
+    dsd_plan p;
+    assert_int_equal(dsd_plan_build(&p, c, 2, (const char(*)[64])names,
+                                    (const char(*)[DSD_STR_MAX])eps, true, 7),
+                     0);
+    /* node 1's units of the plan, opened off the caller's thread */
+    dsd_loader *l;
+    assert_int_equal(dsd_loader_start(DS_TEST_DATA "/ref/v3_bf16", &p, 1, 1, 64, &l, &err), 0);
+    dsd_plan_clear(&p); /* the loader has its own copy */
+    wait_loader(l);
+    assert_int_equal(dsd_loader_plan(l)->version, 7);
+    assert_int_equal(dsd_loader_self(l), 1);
+    dsd_host *h = NULL;
+    assert_int_equal(dsd_loader_take(l, &h, &err), 0);
+    assert_non_null(h);
+    for (uint32_t layer = 0; layer < c->num_hidden_layers; layer++)
+        assert_int_equal(dsd_host_has_attn(h, layer), dsd_loader_plan(l)->attn[layer] == 1);
+    dsd_host_free(h);
+    dsd_loader_free(l);
+    /* a checkpoint that cannot be opened: the error comes back through take */
+    assert_int_equal(dsd_plan_build(&p, c, 2, (const char(*)[64])names,
+                                    (const char(*)[DSD_STR_MAX])eps, true, 8),
+                     0);
+    assert_int_equal(dsd_loader_start("/nonexistent/model", &p, 1, 1, 64, &l, &err), 0);
+    dsd_plan_clear(&p);
+    wait_loader(l);
+    h = NULL;
+    assert_true(dsd_loader_take(l, &h, &err) < 0);
+    assert_null(h);
+    assert_non_null(strstr(ds_error_str(&err), "/nonexistent/model"));
+    dsd_loader_free(l);
+    /* freed before it signalled: waits for the open, frees its units */
+    assert_int_equal(dsd_plan_build(&p, c, 2, (const char(*)[64])names,
+                                    (const char(*)[DSD_STR_MAX])eps, true, 9),
+                     0);
+    assert_int_equal(dsd_loader_start(DS_TEST_DATA "/ref/v3_bf16", &p, 0, 1, 64, &l, &err), 0);
+    dsd_plan_clear(&p);
+    assert_null(dsd_loader_free(l));
+    ds_model_free(m);
+}
+
 /* ---- bad peers against a live daemon ------------------------------------------------------ */
 
 static Dsd__Envelope *ask(void *s, const void *data, size_t len, int more_frames, const void *frame,
@@ -567,6 +628,7 @@ int main(void)
         cmocka_unit_test(test_unit_names),
         cmocka_unit_test(test_plan_spreads_units),
         cmocka_unit_test(test_host_kv_hosted_layers_only),
+        cmocka_unit_test(test_loader_thread),
         cmocka_unit_test(test_bad_peers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
