@@ -38,6 +38,10 @@ target_include_directories(test_dsctl_placement PRIVATE ${PROJECT_SOURCE_DIR}/cl
 # a worker without a checkpoint copy: the coordinator streams it its units' weights
 ds_add_script_test(NAME test_stream COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_stream.sh
                    LABELS cluster TIMEOUT 300)
+# prompts longer than max_rows_per_step fed in chunks across the cluster, token-identical
+ds_add_script_test(NAME test_chunked_prefill
+                   COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_chunked_prefill.sh
+                   LABELS cluster TIMEOUT 300)
 # a worker dies and comes back: the coordinator replans around it by itself
 ds_add_script_test(NAME test_failover COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_failover.sh
                    LABELS cluster TIMEOUT 300)
