@@ -326,8 +326,8 @@ static bool match_job(const Dsd__Envelope *env, uint64_t job)
     return env->body_case == DSD__ENVELOPE__BODY_TOKEN && env->token->job == job;
 }
 
-/* Sends env and waits for its StatusReply; *json gets a copy. */
-static int call(ds_client *c, Dsd__Envelope *env, char **json)
+/* Sends env and waits for its StatusReply; *json gets a copy, *job (may be NULL) its job. */
+static int call_reply(ds_client *c, Dsd__Envelope *env, char **json, uint64_t *job)
 {
     pthread_mutex_lock(&c->mu);
     uint64_t req = env->request_id = ++c->next_req;
@@ -340,12 +340,21 @@ static int call(ds_client *c, Dsd__Envelope *env, char **json)
         return rc;
     if (r->body_case == DSD__ENVELOPE__BODY_ERROR) {
         rc = set_err(c, map_code(r->error->code), "%s", r->error->message ? r->error->message : "");
-    } else if (json) {
-        *json = strdup(r->status_reply->json ? r->status_reply->json : "null");
-        rc = *json ? 0 : -ENOMEM;
+    } else {
+        if (job)
+            *job = r->status_reply->job;
+        if (json) {
+            *json = strdup(r->status_reply->json ? r->status_reply->json : "null");
+            rc = *json ? 0 : -ENOMEM;
+        }
     }
     ds_wire_free(r);
     return rc;
+}
+
+static int call(ds_client *c, Dsd__Envelope *env, char **json)
+{
+    return call_reply(c, env, json, NULL);
 }
 
 int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
@@ -368,16 +377,14 @@ int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
     sb.stop = (char **)req->stop;
     env.body_case = DSD__ENVELOPE__BODY_SUBMIT;
     env.submit = &sb;
-    char *js = NULL;
-    int rc = call(c, &env, &js);
+    uint64_t id = 0;
+    int rc = call_reply(c, &env, NULL, &id);
     if (rc < 0)
         return rc;
-    unsigned long long id = 0;
-    rc = sscanf(js, "{\"job\":%llu}", &id) == 1 ? 0 : set_err(c, -EIO, "bad acknowledgement");
-    free(js);
-    if (rc == 0)
-        *job = id;
-    return rc;
+    if (!id)
+        return set_err(c, -EIO, "bad acknowledgement (no job id)");
+    *job = id;
+    return 0;
 }
 
 int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout_ms)

@@ -136,6 +136,7 @@ void dsd_sched_submit(dsd_sched *s, const uint8_t *peer, size_t pl, uint64_t req
     char js[64];
     snprintf(js, sizeof(js), "{\"job\":%llu}", (unsigned long long)j->id);
     sr.json = js;
+    sr.job = j->id;
     ack.request_id = request_id;
     ack.body_case = DSD__ENVELOPE__BODY_STATUS_REPLY;
     ack.status_reply = &sr;

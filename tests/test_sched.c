@@ -134,8 +134,12 @@ static void t_reply(void *ctx, const uint8_t *id, size_t id_len, const Dsd__Enve
     assert_memory_equal(id, "client", 6);
     switch (env->body_case) {
     case DSD__ENVELOPE__BODY_STATUS_REPLY: {
-        unsigned long long job = 0;
-        assert_int_equal(sscanf(env->status_reply->json, "{\"job\":%llu}", &job), 1);
+        uint64_t job = env->status_reply->job;
+        assert_true(job > 0);
+        /* and the same id in the JSON form of the acknowledgement */
+        char js[64];
+        snprintf(js, sizeof(js), "{\"job\":%llu}", (unsigned long long)job);
+        assert_string_equal(env->status_reply->json, js);
         assert_true(t->n_acked < MAX_JOBS);
         t->acked[t->n_acked++] = job;
         break;
