@@ -37,7 +37,7 @@ void dsd_clients_on_request(struct dsd *d)
     switch (env->body_case) {
     case DSD__ENVELOPE__BODY_SUBMIT:
     case DSD__ENVELOPE__BODY_CANCEL:
-        if (!d->serving) {
+        if (!d->coord.serving) {
             dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
                            DSD__ERROR_CODE__ERROR_CODE_BUSY, "the cluster is not serving yet (%s)",
                            d->state);
@@ -55,15 +55,15 @@ void dsd_clients_on_request(struct dsd *d)
                                "%zu jobs are running; replan when idle", running);
                 break;
             }
-            if (d->solving || d->replan_peer_len) {
+            if (d->coord.solving || d->coord.replan_peer_len) {
                 dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
                                DSD__ERROR_CODE__ERROR_CODE_BUSY, "a plan is being made");
                 break;
             }
             /* answered when the plan is rolled out (or has failed): replan_reply */
-            memcpy(d->replan_peer, m.peer, m.peer_len);
-            d->replan_peer_len = m.peer_len;
-            d->replan_req = env->request_id;
+            memcpy(d->coord.replan_peer, m.peer, m.peer_len);
+            d->coord.replan_peer_len = m.peer_len;
+            d->coord.replan_req = env->request_id;
             if (dsd_rollout_start(d) < 0)
                 dsd_rollout_replan_reply(d, -EIO);
             break;
@@ -90,7 +90,7 @@ void dsd_clients_on_request(struct dsd *d)
         }
         n->drained = !env->drain->undrain;
         ds_log_notice("node %s %s by a client", n->name, n->drained ? "drained" : "undrained");
-        if (n != &d->nodes[0])
+        if (n != &d->coord.nodes[0])
             dsd_send(d->control, n->name, strlen(n->name), env, NULL, NULL, 0);
         char buf[160];
         snprintf(buf, sizeof(buf), "{\"node\":\"%s\",\"drained\":%s}", n->name,

@@ -39,22 +39,13 @@ struct node {
     char klass[16]; /* server | gpu | edge */
 };
 
-struct dsd {
-    dsd_opts o, cli_o;
-    const char *config_path;
-    int argc;
-    char **argv;
-    bool coordinator;
-    void *zctx, *data, *control, *client, *pipe, *spipe;
-    dsd_data *dp; /* the data thread */
-    int sigfd;
-    /* membership (coordinator: all nodes, nodes[0] = self) */
-    struct node nodes[MAX_NODES];
+/* The coordinator's state: membership, the plan and its rollout. */
+struct dsd_coord {
+    struct node nodes[MAX_NODES]; /* nodes[0] = self */
     uint32_t n_nodes;
     dsd_plan plan;
-    bool have_plan, serving, stopping;
-    uint64_t plan_version;
-    uint64_t plan_due_ns; /* coordinator: first plan once links are measured, or at this time */
+    bool have_plan, serving;
+    uint64_t plan_due_ns;                 /* first plan once links are measured, or at this time */
     struct solve_job *solving;            /* a plan being made on the solver thread */
     bool rollout_again;                   /* membership changed while solving: plan again after */
     uint8_t replan_peer[DSD_MAX_PEER_ID]; /* the client waiting for `dsctl replan` */
@@ -62,19 +53,36 @@ struct dsd {
     uint64_t replan_req;
     bool replan_when_idle; /* nodes are up outside the plan: take them in when idle */
     char plan_error[512];  /* why the last plan failed ("" when it did not) */
-    /* worker */
+};
+
+/* A worker's state: its place in the cluster and the plan it loads. */
+struct dsd_worker {
     bool welcomed;
     uint64_t last_coord_ns, last_hello_ns, hb_seq;
-    char state[16];
-    uint64_t last_hb_ns, last_wd_ns, wd_usec;
-    uint32_t n_layers_hint;   /* worker: layers of the model of the installed plan */
-    dsd_stream_in *stream_in; /* worker without a checkpoint copy: weights being received */
+    uint32_t n_layers_hint;   /* layers of the model of the installed plan */
+    dsd_stream_in *stream_in; /* without a checkpoint copy: weights being received */
     uint8_t *pending_plan;    /* the packed Plan envelope waiting for them */
     size_t pending_plan_len;
-    /* this node's units of a plan being opened on the loader thread (both roles) */
-    dsd_loader *loading;
-    char *load_json;      /* worker: the plan's JSON, written to state_dir once loaded */
-    uint32_t load_layers; /* worker: the plan's layers (n_layers_hint once loaded) */
+    char *load_json;      /* the plan being loaded: its JSON, written to state_dir once loaded */
+    uint32_t load_layers; /* and its layers (n_layers_hint once loaded) */
+};
+
+/* The loop's state. coord is used on the coordinator only, worker on a worker only. */
+struct dsd {
+    dsd_opts o, cli_o;
+    const char *config_path;
+    int argc;
+    char **argv;
+    bool coordinator, stopping;
+    void *zctx, *data, *control, *client, *pipe, *spipe;
+    dsd_data *dp; /* the data thread */
+    int sigfd;
+    char state[16];
+    uint64_t plan_version; /* the plan rolled out (coordinator) or installed (worker) */
+    uint64_t last_hb_ns, last_wd_ns, wd_usec;
+    dsd_loader *loading; /* this node's units of a plan being opened on the loader thread */
+    struct dsd_coord coord;
+    struct dsd_worker worker;
 };
 
 /* A plan being made. The placement solver runs on its own thread (the exact MILP can take

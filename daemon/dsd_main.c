@@ -37,21 +37,21 @@ static void on_timer(struct dsd *d)
         return;
     d->last_hb_ns = now;
     uint64_t dead = hb * (uint64_t)d->o.heartbeat_misses;
-    if (d->coordinator && d->plan_due_ns && !d->have_plan &&
-        (now >= d->plan_due_ns || dsd_members_links_measured(d))) {
-        d->plan_due_ns = 0;
+    if (d->coordinator && d->coord.plan_due_ns && !d->coord.have_plan &&
+        (now >= d->coord.plan_due_ns || dsd_members_links_measured(d))) {
+        d->coord.plan_due_ns = 0;
         dsd_rollout_start(d);
         now = dsd_now_ns(); /* the solver took time; heartbeat clocks were restarted */
     }
     if (d->coordinator) {
-        for (uint32_t i = 1; i < d->n_nodes; i++) {
-            struct node *n = &d->nodes[i];
+        for (uint32_t i = 1; i < d->coord.n_nodes; i++) {
+            struct node *n = &d->coord.nodes[i];
             if (!n->failed && now > n->last_seen_ns && now - n->last_seen_ns > dead) {
                 n->failed = true;
                 ds_log_err("node %s failed: no heartbeat for %llu ms", n->name,
                            (unsigned long long)((now - n->last_seen_ns) / 1000000));
-                dsd_loop_set_state(d, d->serving ? "degraded" : d->state);
-                if (d->o.auto_replan && (d->have_plan || d->solving) &&
+                dsd_loop_set_state(d, d->coord.serving ? "degraded" : d->state);
+                if (d->o.auto_replan && (d->coord.have_plan || d->coord.solving) &&
                     dsd_rollout_plan_has(d, n->name)) {
                     ds_log_notice("replanning without %s (auto_replan)", n->name);
                     dsd_rollout_start(d);
@@ -60,29 +60,29 @@ static void on_timer(struct dsd *d)
         }
         /* a node that is up but outside the plan (it came back, or joined late) is taken in
          * once no job runs, so nothing running is cut short */
-        if (d->o.auto_replan && d->replan_when_idle && d->serving && !d->solving &&
-            dsd_loop_jobs_running(d) == 0) {
-            d->replan_when_idle = false;
+        if (d->o.auto_replan && d->coord.replan_when_idle && d->coord.serving &&
+            !d->coord.solving && dsd_loop_jobs_running(d) == 0) {
+            d->coord.replan_when_idle = false;
             ds_log_notice("replanning to take in the nodes outside the plan (auto_replan)");
             dsd_rollout_start(d);
         }
         return;
     }
-    if (!d->welcomed) {
+    if (!d->worker.welcomed) {
         dsd_worker_hello(d);
         return;
     }
-    if (now - d->last_coord_ns > dead) {
+    if (now - d->worker.last_coord_ns > dead) {
         ds_log_err("coordinator lost: no reply for %llu ms; joining again",
-                   (unsigned long long)((now - d->last_coord_ns) / 1000000));
-        d->welcomed = false;
+                   (unsigned long long)((now - d->worker.last_coord_ns) / 1000000));
+        d->worker.welcomed = false;
         dsd_loop_set_state(d, "joining");
         dsd_worker_hello(d);
         return;
     }
     Dsd__Envelope env = DSD__ENVELOPE__INIT;
     Dsd__Heartbeat h = DSD__HEARTBEAT__INIT;
-    h.seq = ++d->hb_seq;
+    h.seq = ++d->worker.hb_seq;
     h.plan_version = d->plan_version;
     h.state = d->state;
     env.body_case = DSD__ENVELOPE__BODY_HEARTBEAT;
@@ -191,7 +191,7 @@ int main(int argc, char **argv)
         int ivl = 1000, ttl = 5000;
         zmq_setsockopt(d.client, ZMQ_HEARTBEAT_IVL, &ivl, sizeof(ivl));
         zmq_setsockopt(d.client, ZMQ_HEARTBEAT_TIMEOUT, &ttl, sizeof(ttl));
-        struct node *self = &d.nodes[d.n_nodes++];
+        struct node *self = &d.coord.nodes[d.coord.n_nodes++];
         snprintf(self->name, sizeof(self->name), "%s", d.o.node);
         snprintf(self->endpoint, sizeof(self->endpoint), "%s", d.o.data_advertise);
         dsd_local_devices_discover(&d.o);
@@ -239,7 +239,8 @@ int main(int argc, char **argv)
         zmq_pollitem_t it[6] = {
             {.fd = d.sigfd, .events = ZMQ_POLLIN},
             /* the data socket belongs to the data thread; here: the solver's done signal */
-            {.fd = d.solving ? d.solving->efd : -1, .events = d.solving ? ZMQ_POLLIN : 0},
+            {.fd = d.coord.solving ? d.coord.solving->efd : -1,
+             .events = d.coord.solving ? ZMQ_POLLIN : 0},
             /* and the loader's: this node's units of a plan are open */
             {.fd = dsd_loader_fd(d.loading), .events = d.loading ? ZMQ_POLLIN : 0},
             {.socket = d.control, .events = ZMQ_POLLIN},
@@ -273,26 +274,26 @@ out:
     if (err.code)
         ds_log_err("%s", ds_error_str(&err));
     sd_notify(0, "STOPPING=1");
-    if (d.solving) { /* the solver has time limits: wait for it, drop its plan */
-        pthread_join(d.solving->th, NULL);
-        dsd_rollout_solve_free(d.solving);
+    if (d.coord.solving) { /* the solver has time limits: wait for it, drop its plan */
+        pthread_join(d.coord.solving->th, NULL);
+        dsd_rollout_solve_free(d.coord.solving);
     }
     d.loading = dsd_loader_free(d.loading); /* an open cannot be interrupted: wait for it */
-    free(d.load_json);
+    free(d.worker.load_json);
     if (d.dp)
         dsd_data_stop(d.dp); /* closes nothing of ours but its own sockets */
     if (d.data)
         zmq_close(d.data);
     if (d.spipe)
         zmq_close(d.spipe);
-    dsd_plan_clear(&d.plan);
-    for (uint32_t i = 0; i < d.n_nodes; i++) {
-        json_decref(d.nodes[i].devices);
-        json_decref(d.nodes[i].stats);
-        dsd_stream_out_free(d.nodes[i].stream);
+    dsd_plan_clear(&d.coord.plan);
+    for (uint32_t i = 0; i < d.coord.n_nodes; i++) {
+        json_decref(d.coord.nodes[i].devices);
+        json_decref(d.coord.nodes[i].stats);
+        dsd_stream_out_free(d.coord.nodes[i].stream);
     }
-    dsd_stream_in_free(d.stream_in);
-    free(d.pending_plan);
+    dsd_stream_in_free(d.worker.stream_in);
+    free(d.worker.pending_plan);
     if (d.control)
         zmq_close(d.control);
     if (d.client)

@@ -83,18 +83,18 @@ static json_t *device_from_wire(const Dsd__Device *d)
 
 struct node *dsd_members_find(struct dsd *d, const char *name, size_t len)
 {
-    for (uint32_t i = 0; i < d->n_nodes; i++)
-        if (strlen(d->nodes[i].name) == len && !memcmp(d->nodes[i].name, name, len))
-            return &d->nodes[i];
+    for (uint32_t i = 0; i < d->coord.n_nodes; i++)
+        if (strlen(d->coord.nodes[i].name) == len && !memcmp(d->coord.nodes[i].name, name, len))
+            return &d->coord.nodes[i];
     return NULL;
 }
 
 /* A worker's StepStats, checked and kept in dsd_data's "stats" JSON form. */
 static void take_stats(struct dsd *d, struct node *n, const Dsd__StepStats *st)
 {
-    if (!d->have_plan)
+    if (!d->coord.have_plan)
         return;
-    json_t *j = dsd_stats_from_wire(st, n->name, d->plan.n_layers, d->plan.n_experts);
+    json_t *j = dsd_stats_from_wire(st, n->name, d->coord.plan.n_layers, d->coord.plan.n_experts);
     if (!j)
         return;
     json_decref(n->stats);
@@ -129,12 +129,12 @@ void dsd_members_on_control(struct dsd *d)
             break;
         }
         if (!n) {
-            if (d->n_nodes >= MAX_NODES) {
+            if (d->coord.n_nodes >= MAX_NODES) {
                 dsd_send_error(d->control, m.peer, m.peer_len, env->request_id,
                                DSD__ERROR_CODE__ERROR_CODE_BUSY, "cluster full");
                 break;
             }
-            n = &d->nodes[d->n_nodes++];
+            n = &d->coord.nodes[d->coord.n_nodes++];
             memset(n, 0, sizeof(*n));
             snprintf(n->name, sizeof(n->name), "%s", h->node);
             ds_log_notice("node %s joined (%s)", n->name, h->data_endpoint);
@@ -155,27 +155,27 @@ void dsd_members_on_control(struct dsd *d)
         Dsd__Envelope rep = DSD__ENVELOPE__INIT;
         Dsd__Welcome w = DSD__WELCOME__INIT;
         w.cluster = d->o.cluster;
-        w.node_id = (uint64_t)(n - d->nodes);
+        w.node_id = (uint64_t)(n - d->coord.nodes);
         w.heartbeat_ms = (uint32_t)d->o.heartbeat_ms;
         rep.request_id = env->request_id;
         rep.body_case = DSD__ENVELOPE__BODY_WELCOME;
         rep.welcome = &w;
         dsd_send(d->control, m.peer, m.peer_len, &rep, NULL, NULL, 0);
-        dsd_loop_set_state(d, d->serving ? "serving" : "joining");
+        dsd_loop_set_state(d, d->coord.serving ? "serving" : "joining");
         dsd_data_probe(d->dp, n->name, n->endpoint); /* measure the link to it */
-        if (!d->have_plan && d->n_nodes >= 1 + (uint32_t)d->o.expect_workers) {
+        if (!d->coord.have_plan && d->coord.n_nodes >= 1 + (uint32_t)d->o.expect_workers) {
             /* plan once the links to every node are measured (on_timer), or give up waiting
              * after link_wait_ms and plan with what is known */
-            if (!d->plan_due_ns)
-                d->plan_due_ns = dsd_now_ns() + (uint64_t)d->o.link_wait_ms * 1000000ull;
-        } else if (d->have_plan && !d->serving) {
+            if (!d->coord.plan_due_ns)
+                d->coord.plan_due_ns = dsd_now_ns() + (uint64_t)d->o.link_wait_ms * 1000000ull;
+        } else if (d->coord.have_plan && !d->coord.serving) {
             dsd_rollout_start(d); /* a node (re)joined during rollout: roll out again */
-        } else if (d->have_plan && !dsd_rollout_plan_has(d, n->name)) {
-            d->replan_when_idle = true; /* a new node, or one the plan left out: on_timer */
-        } else if (d->have_plan) {
+        } else if (d->coord.have_plan && !dsd_rollout_plan_has(d, n->name)) {
+            d->coord.replan_when_idle = true; /* a new node, or one the plan left out: on_timer */
+        } else if (d->coord.have_plan) {
             /* a node came back (restarted): send it its part again */
             Dsd__Plan wp;
-            if (dsd_plan_to_wire(&d->plan, &wp) == 0) {
+            if (dsd_plan_to_wire(&d->coord.plan, &wp) == 0) {
                 Dsd__Envelope pe = DSD__ENVELOPE__INIT;
                 pe.body_case = DSD__ENVELOPE__BODY_PLAN;
                 pe.plan = &wp;
@@ -196,7 +196,7 @@ void dsd_members_on_control(struct dsd *d)
             n->failed = false;
             ds_log_notice("node %s is back", n->name);
             if (!dsd_rollout_plan_has(d, n->name))
-                d->replan_when_idle = true;
+                d->coord.replan_when_idle = true;
         }
         {
             Dsd__Envelope rep = DSD__ENVELOPE__INIT;
@@ -258,15 +258,16 @@ bool dsd_members_links_measured(struct dsd *d)
 {
     json_t *st = dsd_status_data(d, "stats");
     bool all = true;
-    for (uint32_t i = 1; i < d->n_nodes && all; i++) {
-        if (d->nodes[i].failed)
+    for (uint32_t i = 1; i < d->coord.n_nodes && all; i++) {
+        if (d->coord.nodes[i].failed)
             continue;
         bool found = false;
         size_t k;
         json_t *lk;
         json_array_foreach(json_object_get(st, "links"), k, lk)
         {
-            if (!strcmp(json_string_value(json_object_get(lk, "to")) ?: "", d->nodes[i].name) &&
+            if (!strcmp(json_string_value(json_object_get(lk, "to")) ?: "",
+                        d->coord.nodes[i].name) &&
                 json_is_true(json_object_get(lk, "calibrated")))
                 found = true;
         }

@@ -38,7 +38,7 @@ void dsd_rollout_on_loaded(struct dsd *d)
     ds_error err = {0};
     int rc = dsd_loader_take(l, &h, &err);
     /* a coordinator whose plan moved on meanwhile drops these units (a newer load runs) */
-    bool current = !d->coordinator || (d->have_plan && version == d->plan_version);
+    bool current = !d->coordinator || (d->coord.have_plan && version == d->plan_version);
     if (rc == 0 && current)
         rc = dsd_data_install(d->dp, dsd_loader_plan(l), dsd_loader_self(l), h, &err);
     else
@@ -51,11 +51,11 @@ void dsd_rollout_on_loaded(struct dsd *d)
     if (!current)
         return;
     if (rc < 0) {
-        snprintf(d->plan_error, sizeof(d->plan_error), "loading the coordinator's units: %s",
-                 ds_error_str(&err));
-        ds_log_err("plan: %s", d->plan_error);
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error),
+                 "loading the coordinator's units: %s", ds_error_str(&err));
+        ds_log_err("plan: %s", d->coord.plan_error);
     } else {
-        d->nodes[0].loaded = true;
+        d->coord.nodes[0].loaded = true;
         dsd_rollout_maybe_serve(d);
     }
     dsd_rollout_replan_reply(d, rc);
@@ -104,18 +104,20 @@ static void *solve_main(void *arg)
 
 void dsd_rollout_replan_reply(struct dsd *d, int rc)
 {
-    if (!d->replan_peer_len)
+    if (!d->coord.replan_peer_len)
         return;
     if (rc < 0) {
-        dsd_send_error(d->client, d->replan_peer, d->replan_peer_len, d->replan_req,
-                       DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "replan failed: %s",
-                       d->plan_error[0] ? d->plan_error : strerror(-rc));
+        dsd_send_error(d->client, d->coord.replan_peer, d->coord.replan_peer_len,
+                       d->coord.replan_req, DSD__ERROR_CODE__ERROR_CODE_INTERNAL,
+                       "replan failed: %s",
+                       d->coord.plan_error[0] ? d->coord.plan_error : strerror(-rc));
     } else {
         char buf[96];
         snprintf(buf, sizeof(buf), "{\"plan_version\":%llu}", (unsigned long long)d->plan_version);
-        dsd_status_reply(d->client, d->replan_peer, d->replan_peer_len, d->replan_req, buf);
+        dsd_status_reply(d->client, d->coord.replan_peer, d->coord.replan_peer_len,
+                         d->coord.replan_req, buf);
     }
-    d->replan_peer_len = 0;
+    d->coord.replan_peer_len = 0;
 }
 
 /* A node without a checkpoint copy: stream it the checkpoint of exactly its units. */
@@ -127,9 +129,9 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
         return;
     dsd_units u;
     ds_error err = {0};
-    int rc = dsd_plan_units_of(&d->plan, plan_idx, &u);
+    int rc = dsd_plan_units_of(&d->coord.plan, plan_idx, &u);
     if (rc == 0) {
-        rc = dsd_stream_out_new(d->o.model, &u, d->plan.version, &n->stream, &err);
+        rc = dsd_stream_out_new(d->o.model, &u, d->coord.plan.version, &n->stream, &err);
         dsd_units_clear(&u);
     }
     if (rc < 0) {
@@ -137,7 +139,7 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
                    "planning without it",
                    n->name, err.msg[0] ? ds_error_str(&err) : strerror(-rc));
         n->failed = true;
-        d->rollout_again = true; /* after this rollout (its plan cannot load on n) */
+        d->coord.rollout_again = true; /* after this rollout (its plan cannot load on n) */
         return;
     }
     ds_log_notice("node %s has no checkpoint copy: streaming its units (%.1f MiB)", n->name,
@@ -152,49 +154,51 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
     ds_error err = j->err;
     int rc = j->rc;
     if (rc < 0) {
-        snprintf(d->plan_error, sizeof(d->plan_error), "%s",
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "%s",
                  err.msg[0] ? ds_error_str(&err) : strerror(-rc));
         ds_log_err("plan: no plan over %u nodes (strategy %s): %s; the cluster does not serve",
-                   j->n, d->o.plan_strategy, d->plan_error);
+                   j->n, d->o.plan_strategy, d->coord.plan_error);
         dsd_loop_set_state(d, "no-plan");
-        dsd_notify("STATUS=no plan: %s", d->plan_error);
+        dsd_notify("STATUS=no plan: %s", d->coord.plan_error);
         goto out;
     }
-    dsd_plan_clear(&d->plan);
-    d->plan = j->plan;
+    dsd_plan_clear(&d->coord.plan);
+    d->coord.plan = j->plan;
     memset(&j->plan, 0, sizeof(j->plan));
-    d->plan_version = d->plan.version;
-    d->have_plan = true;
+    d->plan_version = d->coord.plan.version;
+    d->coord.have_plan = true;
     Dsd__Plan wp;
-    if ((rc = dsd_plan_to_wire(&d->plan, &wp)) < 0) {
-        snprintf(d->plan_error, sizeof(d->plan_error), "out of memory");
+    if ((rc = dsd_plan_to_wire(&d->coord.plan, &wp)) < 0) {
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "out of memory");
         goto out;
     }
     dsd_rollout_write_plan_file(d, wp.json);
     ds_log_notice("plan v%llu over %u nodes (strategy %s, solver %s)",
-                  (unsigned long long)d->plan_version, j->n, d->plan.strategy, d->plan.solver);
-    for (uint32_t i = 1; i < d->n_nodes; i++) {
-        d->nodes[i].loaded = false;
+                  (unsigned long long)d->plan_version, j->n, d->coord.plan.strategy,
+                  d->coord.plan.solver);
+    for (uint32_t i = 1; i < d->coord.n_nodes; i++) {
+        d->coord.nodes[i].loaded = false;
         /* by name, not by the membership index at the solve's start: a node that joined while
          * the solver ran is not in this plan (rollout_again plans it next), and must not be
          * taken for plan node 0 and sent someone else's units */
-        int32_t idx = dsd_plan_node_index(&d->plan, d->nodes[i].name);
+        int32_t idx = dsd_plan_node_index(&d->coord.plan, d->coord.nodes[i].name);
         if (idx < 0)
             continue;
         Dsd__Envelope env = DSD__ENVELOPE__INIT;
         env.body_case = DSD__ENVELOPE__BODY_PLAN;
         env.plan = &wp;
-        dsd_send(d->control, d->nodes[i].name, strlen(d->nodes[i].name), &env, NULL, NULL, 0);
-        start_stream(d, &d->nodes[i], (uint32_t)idx);
+        dsd_send(d->control, d->coord.nodes[i].name, strlen(d->coord.nodes[i].name), &env, NULL,
+                 NULL, 0);
+        start_stream(d, &d->coord.nodes[i], (uint32_t)idx);
     }
     dsd_plan_wire_clear(&wp);
     /* the coordinator's own units open on the loader thread (heartbeats go on meanwhile);
      * dsd_rollout_on_loaded installs them and answers a waiting replan */
-    rc = dsd_rollout_load(d, d->o.model, &d->plan, 0, &err);
+    rc = dsd_rollout_load(d, d->o.model, &d->coord.plan, 0, &err);
     if (rc < 0) {
-        snprintf(d->plan_error, sizeof(d->plan_error), "loading the coordinator's units: %s",
-                 ds_error_str(&err));
-        ds_log_err("plan: %s", d->plan_error);
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error),
+                 "loading the coordinator's units: %s", ds_error_str(&err));
+        ds_log_err("plan: %s", d->coord.plan_error);
         goto out;
     }
     dsd_loop_set_state(d, "loading");
@@ -212,7 +216,7 @@ out:
 static double *measured_expert_stats(struct dsd *d, const ds_model_config *c)
 {
     uint32_t L = c->num_hidden_layers, E = c->n_routed_experts;
-    if (!E || d->plan.n_layers != L)
+    if (!E || d->coord.plan.n_layers != L)
         return NULL;
     json_t *m = dsd_status_measured(d), *ent;
     json_t *layers = json_object_get(json_object_get(m, "expert_stats"), "layers");
@@ -253,8 +257,8 @@ static double *measured_expert_stats(struct dsd *d, const ds_model_config *c)
  * another one after it (membership changed meanwhile). */
 int dsd_rollout_start(struct dsd *d)
 {
-    if (d->solving) {
-        d->rollout_again = true;
+    if (d->coord.solving) {
+        d->coord.rollout_again = true;
         return 0;
     }
     struct solve_job *j = calloc(1, sizeof(*j));
@@ -270,17 +274,17 @@ int dsd_rollout_start(struct dsd *d)
     const ds_model_config *c = ds_model_get_config(j->probe);
     j->names = calloc(MAX_NODES, 64);
     j->eps = calloc(MAX_NODES, DSD_STR_MAX);
-    for (uint32_t i = 0; j->names && j->eps && i < d->n_nodes && i < MAX_NODES; i++) {
-        if (d->nodes[i].failed || d->nodes[i].drained)
+    for (uint32_t i = 0; j->names && j->eps && i < d->coord.n_nodes && i < MAX_NODES; i++) {
+        if (d->coord.nodes[i].failed || d->coord.nodes[i].drained)
             continue;
         /* the coordinator is listed first even with compute = false (embed, head) */
-        snprintf(j->names[j->n], 64, "%s", d->nodes[i].name);
-        snprintf(j->eps[j->n], DSD_STR_MAX, "%s", d->nodes[i].endpoint);
+        snprintf(j->names[j->n], 64, "%s", d->coord.nodes[i].name);
+        snprintf(j->eps[j->n], DSD_STR_MAX, "%s", d->coord.nodes[i].endpoint);
         j->n++;
     }
-    d->have_plan = false;
-    d->serving = false;
-    d->plan_error[0] = 0;
+    d->coord.have_plan = false;
+    d->coord.serving = false;
+    d->coord.plan_error[0] = 0;
     j->version = d->plan_version + 1;
     if (!j->names || !j->eps) {
         j->rc = ds_error_set(&j->err, -ENOMEM, "out of memory");
@@ -310,14 +314,14 @@ int dsd_rollout_start(struct dsd *d)
         } else if (pthread_create(&j->th, NULL, solve_main, j) != 0) {
             j->rc = ds_error_set(&j->err, -EAGAIN, "cannot start the solver thread");
         } else {
-            d->solving = j;
+            d->coord.solving = j;
             dsd_loop_set_state(d, "planning");
             return 0;
         }
     }
     rc = rollout_finish(d, j);
-    if (d->rollout_again && !d->solving) { /* a node dropped out while rolling out */
-        d->rollout_again = false;
+    if (d->coord.rollout_again && !d->coord.solving) { /* a node dropped out while rolling out */
+        d->coord.rollout_again = false;
         return dsd_rollout_start(d);
     }
     return rc;
@@ -326,27 +330,27 @@ int dsd_rollout_start(struct dsd *d)
 /* The solver thread signalled: join it and roll its plan out. */
 void dsd_rollout_on_solved(struct dsd *d)
 {
-    struct solve_job *j = d->solving;
+    struct solve_job *j = d->coord.solving;
     uint64_t v;
     if (!j || read(j->efd, &v, sizeof(v)) != sizeof(v))
         return;
     pthread_join(j->th, NULL);
-    d->solving = NULL;
+    d->coord.solving = NULL;
     rollout_finish(d, j);
-    if (d->rollout_again) {
-        d->rollout_again = false;
+    if (d->coord.rollout_again) {
+        d->coord.rollout_again = false;
         dsd_rollout_start(d);
     }
 }
 
 void dsd_rollout_maybe_serve(struct dsd *d)
 {
-    if (d->serving || !d->have_plan)
+    if (d->coord.serving || !d->coord.have_plan)
         return;
-    for (uint32_t i = 0; i < d->n_nodes; i++)
-        if (!d->nodes[i].loaded && !d->nodes[i].failed && !d->nodes[i].drained)
+    for (uint32_t i = 0; i < d->coord.n_nodes; i++)
+        if (!d->coord.nodes[i].loaded && !d->coord.nodes[i].failed && !d->coord.nodes[i].drained)
             return;
-    d->serving = true;
+    d->coord.serving = true;
     dsd_loop_set_state(d, "serving");
     sd_notify(0, "READY=1");
 }
@@ -354,12 +358,12 @@ void dsd_rollout_maybe_serve(struct dsd *d)
 /* Whether the current plan (or the one being made) lists node `name`. */
 bool dsd_rollout_plan_has(struct dsd *d, const char *name)
 {
-    const dsd_plan *p = d->solving ? &d->solving->plan : &d->plan;
-    if (d->solving) /* being made over the nodes up when it started */
-        for (uint32_t i = 0; i < d->solving->n; i++)
-            if (!strcmp(d->solving->names[i], name))
+    const dsd_plan *p = d->coord.solving ? &d->coord.solving->plan : &d->coord.plan;
+    if (d->coord.solving) /* being made over the nodes up when it started */
+        for (uint32_t i = 0; i < d->coord.solving->n; i++)
+            if (!strcmp(d->coord.solving->names[i], name))
                 return true;
-    for (uint32_t i = 0; !d->solving && i < p->n_nodes; i++)
+    for (uint32_t i = 0; !d->coord.solving && i < p->n_nodes; i++)
         if (!strcmp(p->nodes[i], name))
             return true;
     return false;

@@ -15,10 +15,10 @@ void dsd_loop_set_state(struct dsd *d, const char *st)
         return;
     snprintf(d->state, sizeof(d->state), "%s", st);
     uint32_t up = 0;
-    for (uint32_t i = 0; i < d->n_nodes; i++)
-        up += !d->nodes[i].failed;
+    for (uint32_t i = 0; i < d->coord.n_nodes; i++)
+        up += !d->coord.nodes[i].failed;
     if (d->coordinator)
-        dsd_notify("STATUS=%s: coordinator, %u/%u nodes up, plan v%llu", st, up, d->n_nodes,
+        dsd_notify("STATUS=%s: coordinator, %u/%u nodes up, plan v%llu", st, up, d->coord.n_nodes,
                    (unsigned long long)d->plan_version);
     else
         dsd_notify("STATUS=%s: worker %s, plan v%llu", st, d->o.node,
@@ -64,8 +64,8 @@ static json_t *spec_links(json_t *st)
 json_t *dsd_status_cluster_spec(struct dsd *d, bool planned_only)
 {
     json_t *nodes = json_array(), *links;
-    for (uint32_t i = 0; i < d->n_nodes; i++) {
-        struct node *n = &d->nodes[i];
+    for (uint32_t i = 0; i < d->coord.n_nodes; i++) {
+        struct node *n = &d->coord.nodes[i];
         if (n->failed || (planned_only && n->drained))
             continue;
         json_array_append_new(nodes,
@@ -110,8 +110,8 @@ json_t *dsd_status_measured(struct dsd *d)
     json_t *links = json_array(), *units = json_object(), *nodes = json_object();
     json_t *layers = json_object(); /* "layer" -> counts array */
     int64_t E = 0;
-    for (uint32_t i = 0; i < d->n_nodes; i++) {
-        struct node *n = &d->nodes[i];
+    for (uint32_t i = 0; i < d->coord.n_nodes; i++) {
+        struct node *n = &d->coord.nodes[i];
         json_t *st = i == 0 ? dsd_status_data(d, "stats") : json_incref(n->stats);
         if (!json_is_object(st)) {
             json_decref(st);
@@ -172,7 +172,8 @@ json_t *dsd_status_measured(struct dsd *d)
         json_decref(st);
     }
     json_t *ls = json_array();
-    for (uint32_t l = 0; l < d->plan.n_layers; l++) { /* the last plan's (kept while replanning) */
+    for (uint32_t l = 0; l < d->coord.plan.n_layers;
+         l++) { /* the last plan's (kept while replanning) */
         char key[16];
         snprintf(key, sizeof(key), "%u", l);
         json_t *c = json_object_get(layers, key);
@@ -194,8 +195,8 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
         r = dsd_status_cluster_spec(d, false);
     } else if (!strcmp(what, "status") || !strcmp(what, "devices") || !strcmp(what, "")) {
         json_t *nodes = json_array();
-        for (uint32_t i = 0; i < d->n_nodes; i++) {
-            struct node *n = &d->nodes[i];
+        for (uint32_t i = 0; i < d->coord.n_nodes; i++) {
+            struct node *n = &d->coord.nodes[i];
             const char *st = n->failed    ? "failed"
                              : n->drained ? "draining"
                              : n->loaded  ? "serving"
@@ -215,28 +216,29 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
         r = json_pack("{s:s,s:s,s:s,s:I,s:o,s:O}", "cluster", d->o.cluster, "coordinator",
                       d->o.node, "state", d->state, "plan_version", (json_int_t)d->plan_version,
                       "nodes", nodes, "links", links ? links : json_array());
-        if (d->plan_error[0])
-            json_object_set_new(r, "plan_error", json_string(d->plan_error));
+        if (d->coord.plan_error[0])
+            json_object_set_new(r, "plan_error", json_string(d->coord.plan_error));
         if (dsd_curve_enabled())
             json_object_set_new(r, "curve_refused", json_integer((json_int_t)dsd_curve_refused()));
         json_decref(st);
     } else if (!strcmp(what, "jobs")) {
         r = dsd_status_data(d, "jobs");
     } else if (!strcmp(what, "placement")) {
-        char *pj = d->have_plan ? dsd_plan_json(&d->plan) : NULL;
+        char *pj = d->coord.have_plan ? dsd_plan_json(&d->coord.plan) : NULL;
         json_t *plan = pj ? json_loads(pj, 0, NULL) : json_null();
         free(pj);
         json_t *mine = dsd_status_data(d, "stats");
         json_t *local = json_is_object(mine) ? json_incref(json_object_get(mine, "units")) : NULL;
         json_decref(mine);
         /* the solver's predicted per-device / per-link times beside the measured ones */
-        json_t *pred =
-            d->have_plan && d->plan.solver_json ? json_loads(d->plan.solver_json, 0, NULL) : NULL;
+        json_t *pred = d->coord.have_plan && d->coord.plan.solver_json
+                           ? json_loads(d->coord.plan.solver_json, 0, NULL)
+                           : NULL;
         r = json_pack("{s:o,s:o,s:o,s:o}", "plan", plan ? plan : json_null(), "measured",
                       dsd_status_measured(d), "coordinator_units", local ? local : json_null(),
                       "predicted", pred ? pred : json_null());
-        if (d->plan_error[0])
-            json_object_set_new(r, "plan_error", json_string(d->plan_error));
+        if (d->coord.plan_error[0])
+            json_object_set_new(r, "plan_error", json_string(d->coord.plan_error));
     } else if (!strcmp(what, "expert_stats")) {
         json_t *st = dsd_status_measured(d);
         json_t *es = json_is_object(st) ? json_object_get(st, "expert_stats") : NULL;

@@ -57,9 +57,9 @@ static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *mode
     if (rc == 0)
         rc = dsd_rollout_load(d, model_dir, &plan, self, &err);
     if (rc == 0) {
-        free(d->load_json);
-        d->load_json = p->json ? strdup(p->json) : NULL;
-        d->load_layers = plan.n_layers;
+        free(d->worker.load_json);
+        d->worker.load_json = p->json ? strdup(p->json) : NULL;
+        d->worker.load_layers = plan.n_layers;
     }
     dsd_plan_clear(&plan);
     ds_model_free(probe);
@@ -76,11 +76,11 @@ void dsd_worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *
         return;
     }
     d->plan_version = version;
-    d->n_layers_hint = d->load_layers;
-    if (d->load_json)
-        dsd_rollout_write_plan_file(d, d->load_json);
-    free(d->load_json);
-    d->load_json = NULL;
+    d->worker.n_layers_hint = d->worker.load_layers;
+    if (d->worker.load_json)
+        dsd_rollout_write_plan_file(d, d->worker.load_json);
+    free(d->worker.load_json);
+    d->worker.load_json = NULL;
     send_load(d, version, 0, 0, true, NULL);
     dsd_loop_set_state(d, "serving");
 }
@@ -93,12 +93,12 @@ static void on_weight_chunk(struct dsd *d, dsd_msg *m)
     ds_error err = {0};
     size_t len = 0;
     const void *data = m->n_frames == 1 ? dsd_msg_frame(m, 0, &len) : NULL;
-    if (!d->stream_in) {
+    if (!d->worker.stream_in) {
         ds_log_warn("control: weight chunk without a plan waiting for weights (ignored)");
         return;
     }
     uint64_t version = c->plan_version;
-    int rc = data ? dsd_stream_in_chunk(d->stream_in, c, data, len, &err) : -EPROTO;
+    int rc = data ? dsd_stream_in_chunk(d->worker.stream_in, c, data, len, &err) : -EPROTO;
     if (rc == -ESTALE) {
         ds_log_debug("weights: %s (dropped)", ds_error_str(&err));
         return;
@@ -106,25 +106,25 @@ static void on_weight_chunk(struct dsd *d, dsd_msg *m)
     if (rc < 0) {
         ds_log_err("weights: %s", data ? ds_error_str(&err) : "chunk without its data frame");
         send_load(d, version, 0, 0, false, data ? ds_error_str(&err) : "bad weight chunk");
-        d->stream_in = (dsd_stream_in_free(d->stream_in), NULL);
+        d->worker.stream_in = (dsd_stream_in_free(d->worker.stream_in), NULL);
         dsd_loop_set_state(d, "failed");
         return;
     }
-    send_load(d, version, dsd_stream_in_bytes(d->stream_in), 0, false, NULL);
-    if (!dsd_stream_in_complete(d->stream_in))
+    send_load(d, version, dsd_stream_in_bytes(d->worker.stream_in), 0, false, NULL);
+    if (!dsd_stream_in_complete(d->worker.stream_in))
         return;
     char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s", dsd_stream_in_dir(d->stream_in));
+    snprintf(dir, sizeof(dir), "%s", dsd_stream_in_dir(d->worker.stream_in));
     ds_log_notice("weights: %llu bytes received into %s",
-                  (unsigned long long)dsd_stream_in_bytes(d->stream_in), dir);
-    d->stream_in = (dsd_stream_in_free(d->stream_in), NULL);
+                  (unsigned long long)dsd_stream_in_bytes(d->worker.stream_in), dir);
+    d->worker.stream_in = (dsd_stream_in_free(d->worker.stream_in), NULL);
     Dsd__Envelope *pe = NULL;
-    if (ds_wire_unpack(d->pending_plan, d->pending_plan_len, &pe, &err) == 0 &&
+    if (ds_wire_unpack(d->worker.pending_plan, d->worker.pending_plan_len, &pe, &err) == 0 &&
         pe->body_case == DSD__ENVELOPE__BODY_PLAN)
         worker_load_plan(d, pe->plan, dir);
     ds_wire_free(pe);
-    free(d->pending_plan);
-    d->pending_plan = NULL;
+    free(d->worker.pending_plan);
+    d->worker.pending_plan = NULL;
 }
 
 void dsd_worker_hello(struct dsd *d)
@@ -164,7 +164,7 @@ void dsd_worker_hello(struct dsd *d)
     env.hello = &h;
     dsd_send(d->control, NULL, 0, &env, NULL, NULL, 0);
     json_decref(devs);
-    d->last_hello_ns = dsd_now_ns();
+    d->worker.last_hello_ns = dsd_now_ns();
 }
 
 void dsd_worker_on_control(struct dsd *d)
@@ -179,11 +179,11 @@ void dsd_worker_on_control(struct dsd *d)
         return;
     }
     Dsd__Envelope *env = m.env;
-    d->last_coord_ns = dsd_now_ns();
+    d->worker.last_coord_ns = dsd_now_ns();
     switch (env->body_case) {
     case DSD__ENVELOPE__BODY_WELCOME:
-        if (!d->welcomed) {
-            d->welcomed = true;
+        if (!d->worker.welcomed) {
+            d->worker.welcomed = true;
             ds_log_notice("joined cluster '%s' as node %llu", env->welcome->cluster ?: "",
                           (unsigned long long)env->welcome->node_id);
             dsd_loop_set_state(d, "joined");
@@ -191,9 +191,9 @@ void dsd_worker_on_control(struct dsd *d)
         }
         break;
     case DSD__ENVELOPE__BODY_PLAN:
-        d->stream_in = (dsd_stream_in_free(d->stream_in), NULL);
-        free(d->pending_plan);
-        d->pending_plan = NULL;
+        d->worker.stream_in = (dsd_stream_in_free(d->worker.stream_in), NULL);
+        free(d->worker.pending_plan);
+        d->worker.pending_plan = NULL;
         if (access(d->o.model, R_OK) == 0) {
             worker_load_plan(d, env->plan, d->o.model);
             break;
@@ -203,8 +203,8 @@ void dsd_worker_on_control(struct dsd *d)
         dsd_loop_set_state(d, "loading");
         char dir[PATH_MAX + 16];
         snprintf(dir, sizeof(dir), "%s/stream", d->o.state_dir);
-        if (ds_wire_pack(env, &d->pending_plan, &d->pending_plan_len) < 0 ||
-            dsd_stream_in_new(dir, env->plan->version, &d->stream_in, &err) < 0) {
+        if (ds_wire_pack(env, &d->worker.pending_plan, &d->worker.pending_plan_len) < 0 ||
+            dsd_stream_in_new(dir, env->plan->version, &d->worker.stream_in, &err) < 0) {
             ds_log_err("plan v%llu: cannot receive weights: %s",
                        (unsigned long long)env->plan->version,
                        err.msg[0] ? ds_error_str(&err) : "out of memory");
@@ -230,7 +230,7 @@ void dsd_worker_on_control(struct dsd *d)
         if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_VERSION)
             d->stopping = true;
         else if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT)
-            d->welcomed = false; /* the coordinator forgot us (restart): join again */
+            d->worker.welcomed = false; /* the coordinator forgot us (restart): join again */
         break;
     default:
         ds_log_warn("control: ignored '%s' from the coordinator", ds_wire_body_name(env));
@@ -301,8 +301,8 @@ void dsd_worker_send_stats(struct dsd *d)
         first = l < first ? l : first;
         last = l > last ? l : last;
     }
-    if (E && first != UINT32_MAX && d->n_layers_hint > last) {
-        uint32_t L = d->n_layers_hint;
+    if (E && first != UINT32_MAX && d->worker.n_layers_hint > last) {
+        uint32_t L = d->worker.n_layers_hint;
         counts = calloc((size_t)(L - first) * E, sizeof(uint64_t));
         if (counts) {
             json_array_foreach(json_object_get(ec, "layers"), i, lk)
