@@ -126,6 +126,9 @@ typedef struct dsd_units {
     bool *expert; /* [n_layers * n_experts] */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
     char dev_names[16][32];
+    /* what ds_backend_open takes for dev_names[i] ("opencl:1"), as this node's device discovery
+     * found it (dsd_local_backend_spec); "" when this node has no such device */
+    char dev_specs[16][24];
 } dsd_units;
 
 void dsd_units_clear(dsd_units *u);

@@ -52,20 +52,6 @@ static bool expert_on_dev(void *ctx, uint32_t layer, uint32_t expert)
            w->u->expert_dev[i] == w->dev;
 }
 
-/* "opencl0" -> "opencl:0", "cuda1" -> "cuda:1" (ds_backend_open's specs). */
-static int backend_spec(const char *name, char *spec, size_t n)
-{
-    const char *kinds[] = {"opencl", "cuda"};
-    for (size_t k = 0; k < 2; k++) {
-        size_t kl = strlen(kinds[k]);
-        if (!strncmp(name, kinds[k], kl) && name[kl] >= '0' && name[kl] <= '9') {
-            snprintf(spec, n, "%s:%s", kinds[k], name + kl);
-            return 0;
-        }
-    }
-    return -EINVAL;
-}
-
 /* Uploads the experts the plan put on each accelerator of this node to it. */
 static int open_accelerators(dsd_host *h, const char *model_dir, ds_error *err)
 {
@@ -76,9 +62,11 @@ static int open_accelerators(dsd_host *h, const char *model_dir, ds_error *err)
             used = h->u.expert[i] && h->u.expert_dev[i] == dev;
         if (!used)
             continue;
-        char spec[48];
-        if (backend_spec(h->u.dev_names[dev], spec, sizeof(spec)) < 0)
-            return ds_error_set(err, -EINVAL, "plan: device '%s' is not one dsd can drive",
+        /* the device by the backend id this node's discovery gave it, not by its name */
+        const char *spec = h->u.dev_specs[dev];
+        if (!spec[0] || !strcmp(spec, "cpu"))
+            return ds_error_set(err, -EINVAL,
+                                "plan: device '%s' is not an accelerator this node discovered",
                                 h->u.dev_names[dev]);
         int rc = ds_backend_open(spec, &h->bk[dev], err);
         struct dev_want w = {&h->u, dev};

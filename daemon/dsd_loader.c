@@ -36,6 +36,10 @@ static void *loader_main(void *arg)
     if (l->rc < 0) {
         ds_error_set(&l->err, l->rc, "out of memory");
     } else {
+        /* the accelerators the plan names, by the ids this node's discovery gave them */
+        for (uint32_t i = 1; i < DSD_MAX_DEVNAMES && u.dev_names[i][0]; i++)
+            if (dsd_local_backend_spec(u.dev_names[i], u.dev_specs[i], sizeof(u.dev_specs[i])) < 0)
+                u.dev_specs[i][0] = 0;
         l->rc = dsd_host_new(l->model_dir, &u, l->threads, l->max_context, &l->host, &l->err);
         dsd_units_clear(&u);
     }

@@ -125,6 +125,9 @@ void dsd_local_devices_discover(const dsd_opts *o);
 /* This node's devices in cluster-spec form (caller owns the reference). */
 json_t *dsd_local_devices(void);
 const char *dsd_local_node_class(void);
+/* The backend spec (ds_backend_open's "opencl:1") of this node's device `name`, as discovery
+ * found it; -ENOENT for a device this node does not have. Thread-safe after discovery. */
+int dsd_local_backend_spec(const char *name, char *spec, size_t n);
 void dsd_local_devices_free(void);
 struct node *dsd_members_find(struct dsd *d, const char *name, size_t len);
 /* Coordinator: one message on the control socket. */

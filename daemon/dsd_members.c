@@ -16,6 +16,23 @@
 
 static json_t *g_devices; /* this node's cluster-spec device array (devices/ discovery) */
 static char g_node_class[16] = "server";
+/* name -> ds_backend_open spec of every device discovery found here (written once at start,
+ * before any thread, read by the loader threads) */
+static struct {
+    char name[32];
+    char spec[24];
+} g_backends[64];
+static size_t g_n_backends;
+
+int dsd_local_backend_spec(const char *name, char *spec, size_t n)
+{
+    for (size_t i = 0; name && i < g_n_backends; i++)
+        if (!strcmp(g_backends[i].name, name)) {
+            snprintf(spec, n, "%s", g_backends[i].spec);
+            return 0;
+        }
+    return -ENOENT;
+}
 
 const char *dsd_local_node_class(void)
 {
@@ -44,6 +61,15 @@ void dsd_local_devices_discover(const dsd_opts *o)
             ds_log_warn("device calibration: %s", ds_error_str(&err));
         if (ds_device_list_spec_json(l, &js, &err) == 0)
             node = json_loads(js, 0, NULL);
+        for (size_t i = 0; i < ds_device_list_count(l) && g_n_backends < 64; i++) {
+            const ds_device_info *di = ds_device_list_get(l, i);
+            if (di->excluded || !di->backend_spec[0])
+                continue;
+            snprintf(g_backends[g_n_backends].name, sizeof(g_backends[0].name), "%s", di->name);
+            snprintf(g_backends[g_n_backends].spec, sizeof(g_backends[0].spec), "%s",
+                     di->backend_spec);
+            g_n_backends++;
+        }
         snprintf(g_node_class, sizeof(g_node_class), "%s", ds_device_list_node_class(l));
     } else {
         ds_log_warn("device discovery: %s (reporting one CPU device)", ds_error_str(&err));
