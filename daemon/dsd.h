@@ -1,12 +1,15 @@
 /* dsd.h — internals shared by the files of the dsd daemon (not a public header).
  *
  * The daemon is a few subsystems: the options table (dsd_options.c), message framing over
- * ZeroMQ (dsd_net.c), the node's unit host that runs the model units it was assigned
- * (dsd_host.c), the data thread that moves micro-batches through the cluster (dsd_data.c),
- * the coordinator's scheduler that runs inside it (dsd_sched.c), and the event loop with
- * membership, heartbeats, statistics and plan rollout (dsd_main.c). The event loop owns
- * membership and the control/client sockets; the data thread owns the data socket, the peers'
- * sockets, the units and the jobs, and talks to the loop only over inproc PAIR sockets. */
+ * ZeroMQ (dsd_net.c), the plan and its solver call (dsd_plan.c, dsd_solve.c), the node's unit
+ * host (dsd_host.c: its units, a sequence table whose KV covers exactly its attention layers,
+ * dispatched experts), the data thread that moves micro-batches through the cluster
+ * (dsd_data.c, dsd_chain.c, dsd_links.c; the layer step itself is experts/ds_layer.h), the
+ * coordinator's scheduler, which has no I/O and its own header (dsd_sched.h), weight
+ * streaming (dsd_stream.c), CURVE (dsd_curve.c), and the event loop's lifecycle and
+ * subsystems (dsd_main.c and the files of dsd_loop.h). The event loop owns membership and the
+ * control/client sockets; the data thread owns the data socket, the peers' sockets, the units
+ * and the jobs, and talks to the loop only over inproc PAIR sockets. */
 #ifndef DSD_H
 #define DSD_H
 
