@@ -221,6 +221,9 @@ char *dsd_plan_json(const dsd_plan *p);
 /* The plan index of node `name`, or -1 when the plan does not list it (a node that joined
  * after the plan was made). */
 int32_t dsd_plan_node_index(const dsd_plan *p, const char *name);
+/* Writes a plan's JSON to state_dir/plan.json (what `dsctl placement` and operators read);
+ * a failure is logged and returned. */
+int dsd_plan_write_file(const char *state_dir, const char *json);
 /* The units node `idx` hosts. */
 int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u);
 /* Fills a wire Plan (units + data endpoints); the strings point into p. Free with

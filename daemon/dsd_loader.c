@@ -110,6 +110,19 @@ int dsd_loader_take(dsd_loader *l, dsd_host **host, ds_error *err)
     return 0;
 }
 
+int dsd_loader_finish(dsd_loader *l, dsd_data *dp, bool install, ds_error *err)
+{
+    dsd_host *h = NULL;
+    int rc = dsd_loader_take(l, &h, err);
+    if (rc < 0)
+        return rc;
+    if (!install) {
+        dsd_host_free(h);
+        return 0;
+    }
+    return dsd_data_install(dp, &l->plan, l->self, h, err); /* takes h, also on error */
+}
+
 dsd_loader *dsd_loader_free(dsd_loader *l)
 {
     if (!l)

@@ -2,7 +2,9 @@
  *
  * The loop (dsd_main.c: lifecycle, sockets, signals, timers) owns one struct dsd; each
  * subsystem is a file that acts on it from the loop's thread:
- *   dsd_members.c  this node's devices; the coordinator's membership: hello, heartbeats,
+ *   dsd_local.c    this node's devices (discovery, node class, backend ids)
+ *   dsd_loader.c   this node's units of a plan opened on a thread of their own
+ *   dsd_members.c  the coordinator's membership: hello, heartbeats,
  *                  load progress, worker statistics, node state
  *   dsd_rollout.c  plans: the solver thread, rollout to the workers, the coordinator's own
  *                  units, serving once every planned node has loaded
@@ -116,10 +118,13 @@ const dsd_plan *dsd_loader_plan(const dsd_loader *l);
 uint32_t dsd_loader_self(const dsd_loader *l);
 /* Joins the thread; the units (ownership passes to *host) or why they could not be opened. */
 int dsd_loader_take(dsd_loader *l, dsd_host **host, ds_error *err);
+/* Joins the thread and hands the units with l's plan to the data thread (install), or frees
+ * them (a stale load); the open's or the install's error. */
+int dsd_loader_finish(dsd_loader *l, dsd_data *dp, bool install, ds_error *err);
 /* Joins (an open cannot be interrupted) and frees what was not taken. NULL-safe. */
 dsd_loader *dsd_loader_free(dsd_loader *l);
 
-/* ---- dsd_members.c ---- */
+/* ---- dsd_local.c ---- */
 /* Discovers (and, when asked, calibrates) this node's devices (once, at start). */
 void dsd_local_devices_discover(const dsd_opts *o);
 /* This node's devices in cluster-spec form (caller owns the reference). */
@@ -128,6 +133,8 @@ const char *dsd_local_node_class(void);
 /* The backend spec (ds_backend_open's "opencl:1") of this node's device `name`, as discovery
  * found it; -ENOENT for a device this node does not have. Thread-safe after discovery. */
 int dsd_local_backend_spec(const char *name, char *spec, size_t n);
+
+/* ---- dsd_members.c ---- */
 void dsd_local_devices_free(void);
 struct node *dsd_members_find(struct dsd *d, const char *name, size_t len);
 /* Coordinator: one message on the control socket. */
@@ -136,15 +143,8 @@ void dsd_members_on_control(struct dsd *d);
 bool dsd_members_links_measured(struct dsd *d);
 
 /* ---- dsd_rollout.c ---- */
-/* Starts opening this node's units of plan p (node index self) on the loader thread; an open
- * still running for an older plan is waited for and dropped. */
-int dsd_rollout_load(struct dsd *d, const char *model_dir, const dsd_plan *p, uint32_t self,
-                     ds_error *err);
-/* The loader signalled: its units go to the data thread (with the plan), or the load failed;
- * then the role's own ending (coordinator: serving once every node loaded; worker:
- * LoadProgress). */
+/* The coordinator's units are open on the loader: install them, serve when all have loaded. */
 void dsd_rollout_on_loaded(struct dsd *d);
-void dsd_rollout_write_plan_file(struct dsd *d, const char *json);
 void dsd_rollout_solve_free(struct solve_job *j);
 void dsd_rollout_replan_reply(struct dsd *d, int rc);
 int dsd_rollout_start(struct dsd *d);
@@ -171,7 +171,7 @@ void dsd_clients_on_pipe(struct dsd *d);
 void dsd_worker_hello(struct dsd *d);
 void dsd_worker_on_control(struct dsd *d);
 void dsd_worker_send_stats(struct dsd *d);
-/* The worker's units of plan `version` are installed (rc 0) or failed to open (err). */
-void dsd_worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *err);
+/* The worker's units are open on the loader: install them, tell the coordinator. */
+void dsd_worker_on_loaded(struct dsd *d);
 
 #endif

@@ -260,7 +260,7 @@ int main(int argc, char **argv)
         if (it[1].revents)
             dsd_rollout_on_solved(&d);
         if (it[2].revents)
-            dsd_rollout_on_loaded(&d);
+            d.coordinator ? dsd_rollout_on_loaded(&d) : dsd_worker_on_loaded(&d);
         if (it[3].revents)
             d.coordinator ? dsd_members_on_control(&d) : dsd_worker_on_control(&d);
         if (d.coordinator && it[4].revents)

@@ -4,12 +4,14 @@
  * every node and is used only when asked for (plan_strategy = round-robin, for tests and
  * debugging). embed and head stay on the coordinator, which samples. Shared experts and dense
  * FFNs run beside their attention. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <jansson.h>
 
+#include "ds_log.h"
 #include "dsd.h"
 
 void dsd_units_clear(dsd_units *u)
@@ -450,4 +452,18 @@ uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name)
         return 0;
     snprintf(p->dev_names[p->n_dev_names], sizeof(p->dev_names[0]), "%s", name);
     return (uint8_t)p->n_dev_names++;
+}
+
+int dsd_plan_write_file(const char *state_dir, const char *json)
+{
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof(path), "%s/plan.json", state_dir);
+    FILE *f = fopen(path, "we");
+    if (!f) {
+        int rc = -errno;
+        ds_log_warn("%s: %s (plan not saved)", path, strerror(errno));
+        return rc;
+    }
+    fprintf(f, "%s\n", json);
+    return fclose(f) == 0 ? 0 : -errno;
 }

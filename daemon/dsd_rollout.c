@@ -19,35 +19,19 @@
 
 /* Opens this node's units of plan p (node index self) and hands them and the plan to the
  * data thread. */
-int dsd_rollout_load(struct dsd *d, const char *model_dir, const dsd_plan *p, uint32_t self,
-                     ds_error *err)
-{
-    d->loading = dsd_loader_free(d->loading); /* a newer plan supersedes it */
-    return dsd_loader_start(model_dir, p, self, (uint32_t)d->o.threads, (uint32_t)d->o.max_context,
-                            &d->loading, err);
-}
-
+/* The coordinator's units of its plan are open (dsd_loader.c): installed in the data thread
+ * while the plan is still the current one (else dropped: a newer load runs), then serving
+ * once every planned node has loaded; a waiting replan is answered. */
 void dsd_rollout_on_loaded(struct dsd *d)
 {
     if (!d->loading || !dsd_loader_done(d->loading))
         return;
     dsd_loader *l = d->loading;
     d->loading = NULL;
-    uint64_t version = dsd_loader_plan(l)->version;
-    dsd_host *h = NULL;
+    bool current = d->coord.have_plan && dsd_loader_plan(l)->version == d->plan_version;
     ds_error err = {0};
-    int rc = dsd_loader_take(l, &h, &err);
-    /* a coordinator whose plan moved on meanwhile drops these units (a newer load runs) */
-    bool current = !d->coordinator || (d->coord.have_plan && version == d->plan_version);
-    if (rc == 0 && current)
-        rc = dsd_data_install(d->dp, dsd_loader_plan(l), dsd_loader_self(l), h, &err);
-    else
-        dsd_host_free(h);
+    int rc = dsd_loader_finish(l, d->dp, current, &err);
     dsd_loader_free(l);
-    if (!d->coordinator) {
-        dsd_worker_loaded(d, version, rc, &err);
-        return;
-    }
     if (!current)
         return;
     if (rc < 0) {
@@ -59,19 +43,6 @@ void dsd_rollout_on_loaded(struct dsd *d)
         dsd_rollout_maybe_serve(d);
     }
     dsd_rollout_replan_reply(d, rc);
-}
-
-void dsd_rollout_write_plan_file(struct dsd *d, const char *json)
-{
-    char path[PATH_MAX + 16];
-    snprintf(path, sizeof(path), "%s/plan.json", d->o.state_dir);
-    FILE *f = fopen(path, "we");
-    if (!f) {
-        ds_log_warn("%s: %s (plan not saved)", path, strerror(errno));
-        return;
-    }
-    fprintf(f, "%s\n", json);
-    fclose(f);
 }
 
 void dsd_rollout_solve_free(struct solve_job *j)
@@ -172,7 +143,7 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
         snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "out of memory");
         goto out;
     }
-    dsd_rollout_write_plan_file(d, wp.json);
+    dsd_plan_write_file(d->o.state_dir, wp.json);
     ds_log_notice("plan v%llu over %u nodes (strategy %s, solver %s)",
                   (unsigned long long)d->plan_version, j->n, d->coord.plan.strategy,
                   d->coord.plan.solver);
@@ -194,7 +165,9 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
     dsd_plan_wire_clear(&wp);
     /* the coordinator's own units open on the loader thread (heartbeats go on meanwhile);
      * dsd_rollout_on_loaded installs them and answers a waiting replan */
-    rc = dsd_rollout_load(d, d->o.model, &d->coord.plan, 0, &err);
+    d->loading = dsd_loader_free(d->loading); /* a newer plan supersedes it */
+    rc = dsd_loader_start(d->o.model, &d->coord.plan, 0, (uint32_t)d->o.threads,
+                          (uint32_t)d->o.max_context, &d->loading, &err);
     if (rc < 0) {
         snprintf(d->coord.plan_error, sizeof(d->coord.plan_error),
                  "loading the coordinator's units: %s", ds_error_str(&err));

@@ -36,8 +36,10 @@ static bool want_nothing(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint
     return false;
 }
 
+static void worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *err);
+
 /* Starts opening this node's units of wire plan p from model_dir on the loader thread (the
- * loop keeps heartbeating); dsd_worker_loaded tells the coordinator how it went. */
+ * loop keeps heartbeating); dsd_worker_on_loaded installs them and tells the coordinator. */
 static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *model_dir)
 {
     ds_error err = {0};
@@ -54,8 +56,11 @@ static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *mode
         self++;
     if (rc == 0 && self == plan.n_nodes)
         rc = ds_error_set(&err, -EPROTO, "the plan does not list this node (%s)", d->o.node);
-    if (rc == 0)
-        rc = dsd_rollout_load(d, model_dir, &plan, self, &err);
+    if (rc == 0) {
+        d->loading = dsd_loader_free(d->loading); /* a newer plan supersedes it */
+        rc = dsd_loader_start(model_dir, &plan, self, (uint32_t)d->o.threads,
+                              (uint32_t)d->o.max_context, &d->loading, &err);
+    }
     if (rc == 0) {
         free(d->worker.load_json);
         d->worker.load_json = p->json ? strdup(p->json) : NULL;
@@ -64,10 +69,10 @@ static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *mode
     dsd_plan_clear(&plan);
     ds_model_free(probe);
     if (rc < 0)
-        dsd_worker_loaded(d, p->version, rc, &err);
+        worker_loaded(d, p->version, rc, &err);
 }
 
-void dsd_worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *err)
+static void worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *err)
 {
     if (rc < 0) {
         ds_log_err("plan v%llu: %s", (unsigned long long)version, ds_error_str(err));
@@ -78,7 +83,7 @@ void dsd_worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_error *
     d->plan_version = version;
     d->worker.n_layers_hint = d->worker.load_layers;
     if (d->worker.load_json)
-        dsd_rollout_write_plan_file(d, d->worker.load_json);
+        dsd_plan_write_file(d->o.state_dir, d->worker.load_json);
     free(d->worker.load_json);
     d->worker.load_json = NULL;
     send_load(d, version, 0, 0, true, NULL);
@@ -330,4 +335,17 @@ out:
     free(lsp);
     free(counts);
     json_decref(st);
+}
+
+void dsd_worker_on_loaded(struct dsd *d)
+{
+    if (!d->loading || !dsd_loader_done(d->loading))
+        return;
+    dsd_loader *l = d->loading;
+    d->loading = NULL;
+    uint64_t version = dsd_loader_plan(l)->version;
+    ds_error err = {0};
+    int rc = dsd_loader_finish(l, d->dp, true, &err);
+    dsd_loader_free(l);
+    worker_loaded(d, version, rc, &err);
 }
