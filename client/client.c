@@ -3,7 +3,14 @@
  * A handle owns one DEALER socket and a queue of messages that arrived for someone else
  * (another job or request of the same handle). Calls hold the handle's mutex only while they
  * touch the socket or the queue, and wait in short slices, so threads pulling different jobs
- * on one handle make progress together. */
+ * on one handle make progress together. The last error message has a lock of its own (it is
+ * set with or without the handle's mutex held) and is read out as a per-thread copy.
+ *
+ * A job the caller cancelled keeps streaming until the coordinator hears of it: its tokens
+ * are dropped as they arrive (and those already queued at the cancel), only the final
+ * notice is kept for a caller who pulls to the end; a job abandoned by ds_client_generate
+ * (nobody will pull it) has its final notice dropped too. So nothing of a cancelled job stays
+ * queued for ever. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -17,8 +24,9 @@
 #include "ds_client.h"
 #include "ds_wire.h"
 
-#define SLICE_MS  20
-#define MAX_QUEUE 65536
+#define SLICE_MS      20
+#define MAX_QUEUE     65536
+#define MAX_CANCELLED 256 /* cancelled jobs whose stream may still be arriving */
 
 struct qmsg {
     struct qmsg *next;
@@ -32,6 +40,17 @@ struct ds_client {
     uint64_t next_req;
     struct qmsg *head, *tail;
     size_t n_queued;
+    /* cancelled jobs (a ring: the oldest entry is reused when full) */
+    struct {
+        uint64_t job;   /* 0: free */
+        bool keep_last; /* keep the final notice (ds_client_cancel) or drop it too */
+    } cancelled[MAX_CANCELLED];
+    uint32_t next_cancelled;
+    /* request ids of the cancels sent: nobody waits for their answer (an Error for a job that
+     * already ended), so it is dropped on arrival */
+    uint64_t cancel_reqs[MAX_CANCELLED];
+    uint32_t next_cancel_req;
+    pthread_mutex_t err_mu; /* guards err */
     char err[512];
 };
 
@@ -44,10 +63,14 @@ static uint64_t now_ms(void)
 
 static int set_err(ds_client *c, int code, const char *fmt, ...)
 {
+    char msg[sizeof(c->err)];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(c->err, sizeof(c->err), fmt, ap);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    pthread_mutex_lock(&c->err_mu);
+    memcpy(c->err, msg, sizeof(msg));
+    pthread_mutex_unlock(&c->err_mu);
     return code;
 }
 
@@ -77,6 +100,7 @@ int ds_client_connect(const char *endpoint, const ds_client_opts *opts, ds_clien
     if (!c)
         return -ENOMEM;
     pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->err_mu, NULL);
     c->timeout_ms = opts && opts->timeout_ms > 0 ? opts->timeout_ms : 30000;
     c->ctx = zmq_ctx_new();
     c->sock = c->ctx ? zmq_socket(c->ctx, ZMQ_DEALER) : NULL;
@@ -127,13 +151,75 @@ ds_client *ds_client_close(ds_client *c)
     if (c->ctx)
         zmq_ctx_term(c->ctx);
     pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->err_mu);
     free(c);
     return NULL;
 }
 
 const char *ds_client_error(ds_client *c)
 {
-    return c ? c->err : "no handle";
+    static __thread char copy[sizeof(((ds_client *)0)->err)];
+    if (!c)
+        return "no handle";
+    pthread_mutex_lock(&c->err_mu);
+    memcpy(copy, c->err, sizeof(copy));
+    pthread_mutex_unlock(&c->err_mu);
+    return copy;
+}
+
+/* The cancelled-jobs entry of job, or NULL (locked by the caller). */
+static int cancelled_find(ds_client *c, uint64_t job)
+{
+    for (int i = 0; job && i < MAX_CANCELLED; i++)
+        if (c->cancelled[i].job == job)
+            return i;
+    return -1;
+}
+
+/* Whether a message that arrived should be dropped (locked by the caller): any token of a
+ * cancelled job but its final notice, which is kept when the caller may still pull it (the
+ * final notice ends the entry: nothing of the job comes after it); the answer to a cancel. */
+static bool drop_token(ds_client *c, const Dsd__Envelope *env)
+{
+    if (env->body_case == DSD__ENVELOPE__BODY_ERROR) {
+        for (int i = 0; env->request_id && i < MAX_CANCELLED; i++)
+            if (c->cancel_reqs[i] == env->request_id)
+                return true;
+        return false;
+    }
+    if (env->body_case != DSD__ENVELOPE__BODY_TOKEN)
+        return false;
+    int i = cancelled_find(c, env->token->job);
+    if (i < 0)
+        return false;
+    if (!env->token->last)
+        return true;
+    bool keep = c->cancelled[i].keep_last;
+    c->cancelled[i].job = 0;
+    return !keep;
+}
+
+/* Drops the queued messages drop_token refuses now (locked by the caller). */
+static void queue_purge(ds_client *c)
+{
+    struct qmsg *prev = NULL, *q = c->head;
+    while (q) {
+        struct qmsg *next = q->next;
+        if (drop_token(c, q->env)) {
+            if (prev)
+                prev->next = next;
+            else
+                c->head = next;
+            if (c->tail == q)
+                c->tail = prev;
+            c->n_queued--;
+            ds_wire_free(q->env);
+            free(q);
+        } else {
+            prev = q;
+        }
+        q = next;
+    }
 }
 
 /* Sends env (locked by the caller). */
@@ -173,7 +259,7 @@ static void pump(ds_client *c)
             zmq_msg_close(&m);
             zmq_getsockopt(c->sock, ZMQ_RCVMORE, &more, &sz);
         }
-        if (!ok || c->n_queued >= MAX_QUEUE) {
+        if (!ok || c->n_queued >= MAX_QUEUE || drop_token(c, env)) {
             if (env)
                 ds_wire_free(env);
             continue;
@@ -240,8 +326,8 @@ static bool match_job(const Dsd__Envelope *env, uint64_t job)
     return env->body_case == DSD__ENVELOPE__BODY_TOKEN && env->token->job == job;
 }
 
-/* Sends env and waits for its StatusReply; *json gets a copy. */
-static int call(ds_client *c, Dsd__Envelope *env, char **json)
+/* Sends env and waits for its StatusReply; *json gets a copy, *job (may be NULL) its job. */
+static int call_reply(ds_client *c, Dsd__Envelope *env, char **json, uint64_t *job)
 {
     pthread_mutex_lock(&c->mu);
     uint64_t req = env->request_id = ++c->next_req;
@@ -254,12 +340,21 @@ static int call(ds_client *c, Dsd__Envelope *env, char **json)
         return rc;
     if (r->body_case == DSD__ENVELOPE__BODY_ERROR) {
         rc = set_err(c, map_code(r->error->code), "%s", r->error->message ? r->error->message : "");
-    } else if (json) {
-        *json = strdup(r->status_reply->json ? r->status_reply->json : "null");
-        rc = *json ? 0 : -ENOMEM;
+    } else {
+        if (job)
+            *job = r->status_reply->job;
+        if (json) {
+            *json = strdup(r->status_reply->json ? r->status_reply->json : "null");
+            rc = *json ? 0 : -ENOMEM;
+        }
     }
     ds_wire_free(r);
     return rc;
+}
+
+static int call(ds_client *c, Dsd__Envelope *env, char **json)
+{
+    return call_reply(c, env, json, NULL);
 }
 
 int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
@@ -282,16 +377,14 @@ int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
     sb.stop = (char **)req->stop;
     env.body_case = DSD__ENVELOPE__BODY_SUBMIT;
     env.submit = &sb;
-    char *js = NULL;
-    int rc = call(c, &env, &js);
+    uint64_t id = 0;
+    int rc = call_reply(c, &env, NULL, &id);
     if (rc < 0)
         return rc;
-    unsigned long long id = 0;
-    rc = sscanf(js, "{\"job\":%llu}", &id) == 1 ? 0 : set_err(c, -EIO, "bad acknowledgement");
-    free(js);
-    if (rc == 0)
-        *job = id;
-    return rc;
+    if (!id)
+        return set_err(c, -EIO, "bad acknowledgement (no job id)");
+    *job = id;
+    return 0;
 }
 
 int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout_ms)
@@ -316,6 +409,33 @@ int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout
     return 0;
 }
 
+/* Cancels job; keep_last: its final notice stays for the caller to pull. */
+static int cancel_job(ds_client *c, uint64_t job, bool keep_last)
+{
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__Cancel cc = DSD__CANCEL__INIT;
+    cc.job = job;
+    env.body_case = DSD__ENVELOPE__BODY_CANCEL;
+    env.cancel = &cc;
+    pthread_mutex_lock(&c->mu);
+    env.request_id = ++c->next_req;
+    int rc = send_env(c, &env);
+    if (rc == 0 && job) {
+        pump(c); /* what arrived before the cancel went out */
+        int i = cancelled_find(c, job);
+        if (i < 0) {
+            i = (int)(c->next_cancelled++ % MAX_CANCELLED);
+            c->cancelled[i].job = job;
+        }
+        c->cancelled[i].keep_last = keep_last;
+        queue_purge(c);
+    }
+    if (rc == 0)
+        c->cancel_reqs[c->next_cancel_req++ % MAX_CANCELLED] = env.request_id;
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
 int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_token_fn fn, void *ctx,
                        uint64_t *job_out)
 {
@@ -327,12 +447,13 @@ int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_tok
         *job_out = job;
     for (;;) {
         ds_client_token t;
+        /* nobody pulls the job after these returns: cancel it and drop all it still sends */
         if ((rc = ds_client_next(c, job, &t, -1)) < 0) {
-            ds_client_cancel(c, job);
+            cancel_job(c, job, false);
             return rc;
         }
         if (fn(ctx, &t)) {
-            ds_client_cancel(c, job);
+            cancel_job(c, job, false);
             return set_err(c, -ECANCELED, "cancelled by the callback");
         }
         if (t.last)
@@ -345,16 +466,7 @@ int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_tok
 
 int ds_client_cancel(ds_client *c, uint64_t job)
 {
-    Dsd__Envelope env = DSD__ENVELOPE__INIT;
-    Dsd__Cancel cc = DSD__CANCEL__INIT;
-    cc.job = job;
-    env.body_case = DSD__ENVELOPE__BODY_CANCEL;
-    env.cancel = &cc;
-    pthread_mutex_lock(&c->mu);
-    env.request_id = ++c->next_req;
-    int rc = send_env(c, &env);
-    pthread_mutex_unlock(&c->mu);
-    return rc;
+    return cancel_job(c, job, true);
 }
 
 int ds_client_status(ds_client *c, const char *what, char **json)

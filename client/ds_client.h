@@ -66,7 +66,8 @@ int ds_client_connect(const char *endpoint, const ds_client_opts *opts, ds_clien
 /* Closes the handle; NULL-safe; returns NULL. Jobs still running are cancelled by the server
  * when it notices the client is gone. */
 ds_client *ds_client_close(ds_client *c);
-/* Last error message of this handle ("" when none). Valid until the next call on c. */
+/* Last error message of this handle ("" when none): a copy for the calling thread, valid
+ * until that thread calls ds_client_error again. */
 const char *ds_client_error(ds_client *c);
 
 /* Submits a job; *job receives its id once the coordinator has accepted it. */
@@ -77,7 +78,9 @@ int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout
 typedef int (*ds_client_token_fn)(void *ctx, const ds_client_token *tok);
 int ds_client_generate(ds_client *c, const ds_client_request *req, ds_client_token_fn fn, void *ctx,
                        uint64_t *job);
-/* Cancels a job of this handle; its stream ends with finish_reason "cancelled". */
+/* Cancels a job of this handle; its stream ends with finish_reason "cancelled" (or the reason
+ * it ended with before the cancel arrived). Tokens it still generates are dropped: the next
+ * pull after the coordinator has stopped it gives the final notice. */
 int ds_client_cancel(ds_client *c, uint64_t job);
 /* Status document (JSON) of "status", "cluster", "jobs", "placement", "devices",
  * "expert_stats"; *json is malloc'd. */

@@ -1,12 +1,15 @@
 /* dsd.h — internals shared by the files of the dsd daemon (not a public header).
  *
  * The daemon is a few subsystems: the options table (dsd_options.c), message framing over
- * ZeroMQ (dsd_net.c), the node's unit host that runs the model units it was assigned
- * (dsd_host.c), the data thread that moves micro-batches through the cluster (dsd_data.c),
- * the coordinator's scheduler that runs inside it (dsd_sched.c), and the event loop with
- * membership, heartbeats, statistics and plan rollout (dsd_main.c). The event loop owns
- * membership and the control/client sockets; the data thread owns the data socket, the peers'
- * sockets, the units and the jobs, and talks to the loop only over inproc PAIR sockets. */
+ * ZeroMQ (dsd_net.c), the plan and its solver call (dsd_plan.c, dsd_solve.c), the node's unit
+ * host (dsd_host.c: its units, a sequence table whose KV covers exactly its attention layers,
+ * dispatched experts), the data thread that moves micro-batches through the cluster
+ * (dsd_data.c, dsd_chain.c, dsd_links.c; the layer step itself is experts/ds_layer.h), the
+ * coordinator's scheduler, which has no I/O and its own header (dsd_sched.h), weight
+ * streaming (dsd_stream.c), CURVE (dsd_curve.c), and the event loop's lifecycle and
+ * subsystems (dsd_main.c and the files of dsd_loop.h). The event loop owns membership and the
+ * control/client sockets; the data thread owns the data socket, the peers' sockets, the units
+ * and the jobs, and talks to the loop only over inproc PAIR sockets. */
 #ifndef DSD_H
 #define DSD_H
 
@@ -19,6 +22,7 @@
 #include <zmq.h>
 
 #include "ds_err.h"
+#include "ds_layer.h"
 #include "ds_model.h"
 #include "ds_wire.h"
 
@@ -54,6 +58,7 @@ typedef struct dsd_opts {
     int64_t plan_batch;        /* workload the planner optimises: rows per decode step */
     int64_t plan_context;      /* tokens of context per sequence, 0 = max_context */
     int64_t micro_batches;     /* coordinator: micro-batches in flight at once */
+    int64_t max_rows_per_step; /* coordinator: rows of one micro-batch (chunked prefill) */
     int64_t link_wait_ms;      /* coordinator: first plan waits this long for link calibration */
     char curve_secret_key_file[PATH_MAX]; /* cluster key pair file; "" = CURVE off */
     char curve_authorized_keys[PATH_MAX]; /* client public keys allowed; "" = any client key */
@@ -124,6 +129,9 @@ typedef struct dsd_units {
     bool *expert; /* [n_layers * n_experts] */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
     char dev_names[16][32];
+    /* what ds_backend_open takes for dev_names[i] ("opencl:1"), as this node's device discovery
+     * found it (dsd_local_backend_spec); "" when this node has no such device */
+    char dev_specs[16][24];
 } dsd_units;
 
 void dsd_units_clear(dsd_units *u);
@@ -139,21 +147,19 @@ bool dsd_host_has_attn(const dsd_host *h, uint32_t layer);
 /* Frees the KV cache of a sequence (job id); unknown ids are ignored. */
 void dsd_host_release(dsd_host *h, uint64_t seq);
 
-/* Outputs of attn[l] (+ shared/dense beside it) for n rows. */
-typedef struct dsd_attn_bufs {
-    float *hidden;   /* [n, D] after attention; dense layers: + dense FFN (final) */
-    float *ffn_in;   /* [n, D] */
-    int32_t *ids;    /* [n, K] MoE layers */
-    float *weights;  /* [n, K] MoE layers */
-    float *shared;   /* [n, D] MoE layers with shared experts */
-} dsd_attn_bufs;
-
-/* Runs attn[layer] for rows of sequences seq_ids at positions (validated against this node's
- * KV caches: rows of one sequence consecutive, positions contiguous with the cache). On error
- * *code is the wire error code and err says why. *compute_s gets the time spent. */
-int dsd_host_attn(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
-                  const uint32_t *positions, const float *x, dsd_attn_bufs *o, double *compute_s,
-                  Dsd__ErrorCode *code, ds_error *err);
+/* Checks n rows of a step for attn[layer] against this node's KV caches (layer hosted, rows
+ * of one sequence consecutive, positions contiguous with the cache) and gives each row's slot
+ * in the host's sequence table (dsd_host_seqs), adding sequences seen for the first time. On
+ * error *code is the wire error code and err says why. */
+int dsd_host_rows(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
+                  const uint32_t *positions, int *slots, Dsd__ErrorCode *code, ds_error *err);
+/* The sequence table the layer step runs over (its KV caches cover exactly the hosted
+ * attention layers). */
+ds_seqs *dsd_host_seqs(dsd_host *h);
+/* KV caches each sequence holds here: the number of hosted attention layers. */
+uint32_t dsd_host_kv_layers(const dsd_host *h);
+/* Records seconds of attention (+ shared/dense beside it) computed for attn[layer]. */
+void dsd_host_note_attn(dsd_host *h, uint32_t layer, double seconds);
 /* Runs the routed experts of `layer` for P (row, expert) pairs over R input rows:
  * out[p] = expert_{pair_experts[p]}(rows[pair_rows[p]]), unweighted. Every id is checked
  * against this node's units. */
@@ -184,6 +190,10 @@ typedef struct dsd_plan {
     char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
 } dsd_plan;
 
+/* A plan's tables for model c over n_nodes named nodes, zeroed (embed/head/attn = node 0,
+ * experts on node 0, no replicas, every expert on the CPU engine). -ENOMEM. */
+int dsd_plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
+                   const char (*endpoints)[DSD_STR_MAX], uint64_t version);
 /* Round-robin plan that spreads attention layers and experts over every node (the coordinator
  * keeps embed and head). */
 int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
@@ -200,15 +210,6 @@ int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
                    const char *strategy, uint32_t batch, uint32_t context,
                    const double *expert_stats, uint64_t version, ds_error *err);
-/* dsd_solve.c (kept apart: ds_placement.h and ds_model.h both declare enum ds_unit_kind):
- * runs the solver and fills embed/head, attn[n_layers], expert[n_layers * n_experts] (-1 for
- * dense layers) with node indices into names; solver (32 bytes) gets the solver's name and
- * *solver_json the placement plan JSON (malloc'd). */
-int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
-                    const char (*names)[64], const char *strategy, uint32_t batch,
-                    uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, uint64_t *replicas, char (*expert_devname)[32], char *solver,
-                    char **solver_json, ds_error *err);
 /* Index of accelerator `name` in p's device table (added when new); 0 for a CPU device or an
  * empty name (the node's CPU engine runs those units). */
 uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);
@@ -217,6 +218,12 @@ uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);
 void dsd_solve_thread_done(void);
 /* Plan JSON document: {"version":..,"units":{"attn[0]":"node",..},"nodes":{..}}. */
 char *dsd_plan_json(const dsd_plan *p);
+/* The plan index of node `name`, or -1 when the plan does not list it (a node that joined
+ * after the plan was made). */
+int32_t dsd_plan_node_index(const dsd_plan *p, const char *name);
+/* Writes a plan's JSON to state_dir/plan.json (what `dsctl placement` and operators read);
+ * a failure is logged and returned. */
+int dsd_plan_write_file(const char *state_dir, const char *json);
 /* The units node `idx` hosts. */
 int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u);
 /* Fills a wire Plan (units + data endpoints); the strings point into p. Free with
@@ -228,12 +235,9 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
 /* Units of node `self` from a received wire plan; validates every unit name and index. */
 int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_model_config *c,
                              dsd_units *u, ds_error *err);
-/* Parses "attn[3]", "expert[3][17]", "embed", "head", "dense[0]", "shared[2]". */
-int dsd_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint32_t *expert);
 
 /* ---- data thread (dsd_data.c) ------------------------------------------------------------ */
 typedef struct dsd_data dsd_data;
-typedef struct dsd_sched dsd_sched;
 
 /* Starts the node's data thread. It owns `router` (the bound data ROUTER) and, on the
  * coordinator, `spipe` (a PAIR connected to the loop's client pipe) from now on. */
@@ -253,29 +257,10 @@ void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint);
 /* Snapshots (JSON, caller frees): "stats" this node's units, links and routing counts;
  * "jobs" the coordinator's jobs. NULL before the first snapshot. */
 char *dsd_data_json(dsd_data *d, const char *what);
-/* For the scheduler (data thread only): start micro-batch rid with n embedded rows. */
-int dsd_data_launch(dsd_data *d, uint64_t rid, uint64_t step, uint32_t mb, uint32_t n,
-                    const uint64_t *seq, const uint32_t *pos, const float *x, ds_error *err);
-/* Re-snapshots the scheduler's job list now (after a job starts or ends). */
-void dsd_data_publish_jobs(dsd_data *d);
-/* Frees a sequence's KV caches on every node (CANCEL, fire and forget). */
-void dsd_data_release(dsd_data *d, uint64_t seq);
-const ds_model *dsd_data_model(dsd_data *d);
-ds_pool *dsd_data_pool(dsd_data *d);
-
-/* ---- scheduler (dsd_sched.c, runs on the coordinator's data thread) ----------------------- */
-int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void *pipe,
-                  dsd_sched **ret, ds_error *err);
-dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason);
-void dsd_sched_on_pipe(dsd_sched *s);
-void dsd_sched_refuse_pipe(void *pipe);
-/* Micro-batch rid came back: x[n, D] the final rows, or error != NULL. */
-void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
-                         const char *error);
-void dsd_sched_tick(dsd_sched *s);
-long dsd_sched_wait_ms(dsd_sched *s);
-void dsd_sched_set_opts(dsd_sched *s, const dsd_opts *o);
-char *dsd_sched_jobs_json(dsd_sched *s);
+/* The coordinator's running jobs, as of the last snapshot (0 on a worker). */
+uint32_t dsd_data_jobs_running(dsd_data *d);
+/* The coordinator's scheduler (dsd_sched.h) runs inside the data thread, which owns it and
+ * is its port: it feeds it the client pipe, the results and the ticks. */
 
 /* ---- statistics (dsd_stats.c) ------------------------------------------------------------- */
 /* A node's StepStats as {"node", "units", "links", "expert_counts"} (dsd_data's "stats" form)

@@ -1,14 +1,13 @@
 /* dsd_host.c — the units a node hosts and the data-plane requests that run them.
  *
  * A host opens the checkpoint with only its units bound (the mapping is lazy, so a node pays
- * memory only for the weights it uses), keeps the MLA KV cache of every sequence for the
- * attention layers it hosts, and answers two requests:
- *   step     rows for attn[l]: runs attention + router, then the dense FFN (dense layers, added
- *            here) or the shared experts (MoE layers) beside it, and returns the rows;
- *   dispatch rows routed to experts it hosts: returns one UNWEIGHTED output row per
- *            (row, expert) pair; the caller combines them in the router's slot order with
- *            ds_moe_combine, which is what keeps the cluster bit-identical to the local
- *            engine (a pre-summed partial would change the floating-point order).
+ * memory only for the weights it uses) and keeps a sequence table (experts/ds_layer.h) whose
+ * KV caches cover exactly the attention layers it hosts. The data plane runs the layer step
+ * (ds_layer_step_run) over it for the rows of a step once dsd_host_rows has checked them
+ * against this node's caches, and asks it to run dispatched experts: one UNWEIGHTED output
+ * row per (row, expert) pair; the attention host combines them in the router's slot order,
+ * which is what keeps the cluster bit-identical to the local engine (a pre-summed partial
+ * would change the floating-point order).
  * Every id, count and shape from the wire is checked against the model and this node's units
  * before use; a bad request gets an Error reply and a log line. */
 #include <stdlib.h>
@@ -24,19 +23,13 @@
 #define HOST_MAX_ROWS DSD_MAX_ROWS
 #define HOST_MAX_SEQS 8192u
 
-struct seq_cache {
-    uint64_t seq;
-    ds_kv_cache *kv;
-};
-
 struct dsd_host {
     ds_model *m;
     ds_pool *pool;
     const ds_model_config *c;
     dsd_units u;
     uint32_t max_context;
-    struct seq_cache *seqs; /* [HOST_MAX_SEQS], kv == NULL: free */
-    uint32_t n_seqs;
+    ds_seqs *seqs;  /* sequence (job id) -> KV caches of the hosted attention layers */
     double *attn_s; /* [L] seconds of compute in attn[l] (+ shared/dense beside it) */
     uint64_t *attn_calls;
     double *expert_s; /* [L*E] */
@@ -59,20 +52,6 @@ static bool expert_on_dev(void *ctx, uint32_t layer, uint32_t expert)
            w->u->expert_dev[i] == w->dev;
 }
 
-/* "opencl0" -> "opencl:0", "cuda1" -> "cuda:1" (ds_backend_open's specs). */
-static int backend_spec(const char *name, char *spec, size_t n)
-{
-    const char *kinds[] = {"opencl", "cuda"};
-    for (size_t k = 0; k < 2; k++) {
-        size_t kl = strlen(kinds[k]);
-        if (!strncmp(name, kinds[k], kl) && name[kl] >= '0' && name[kl] <= '9') {
-            snprintf(spec, n, "%s:%s", kinds[k], name + kl);
-            return 0;
-        }
-    }
-    return -EINVAL;
-}
-
 /* Uploads the experts the plan put on each accelerator of this node to it. */
 static int open_accelerators(dsd_host *h, const char *model_dir, ds_error *err)
 {
@@ -83,9 +62,11 @@ static int open_accelerators(dsd_host *h, const char *model_dir, ds_error *err)
             used = h->u.expert[i] && h->u.expert_dev[i] == dev;
         if (!used)
             continue;
-        char spec[48];
-        if (backend_spec(h->u.dev_names[dev], spec, sizeof(spec)) < 0)
-            return ds_error_set(err, -EINVAL, "plan: device '%s' is not one dsd can drive",
+        /* the device by the backend id this node's discovery gave it, not by its name */
+        const char *spec = h->u.dev_specs[dev];
+        if (!spec[0] || !strcmp(spec, "cpu"))
+            return ds_error_set(err, -EINVAL,
+                                "plan: device '%s' is not an accelerator this node discovered",
                                 h->u.dev_names[dev]);
         int rc = ds_backend_open(spec, &h->bk[dev], err);
         struct dev_want w = {&h->u, dev};
@@ -156,12 +137,15 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
         max_context < h->c->max_position_embeddings ? max_context : h->c->max_position_embeddings;
     uint32_t L = h->c->num_hidden_layers, E = h->c->n_routed_experts ? h->c->n_routed_experts : 1;
     rc = -ENOMEM;
-    h->seqs = calloc(HOST_MAX_SEQS, sizeof(*h->seqs));
+    if ((rc = ds_seqs_new(h->c, h->u.attn, HOST_MAX_SEQS, h->max_context ? h->max_context : 1,
+                          &h->seqs)) < 0)
+        goto fail;
+    rc = -ENOMEM;
     h->attn_s = calloc(L, sizeof(double));
     h->attn_calls = calloc(L, sizeof(uint64_t));
     h->expert_s = calloc((size_t)L * E, sizeof(double));
     h->expert_rows = calloc((size_t)L * E, sizeof(uint64_t));
-    if (!h->seqs || !h->attn_s || !h->attn_calls || !h->expert_s || !h->expert_rows)
+    if (!h->attn_s || !h->attn_calls || !h->expert_s || !h->expert_rows)
         goto fail;
     if ((rc = ds_pool_new(threads, NULL, 0, &h->pool)) < 0)
         goto fail;
@@ -180,10 +164,7 @@ dsd_host *dsd_host_free(dsd_host *h)
 {
     if (!h)
         return NULL;
-    if (h->seqs)
-        for (uint32_t i = 0; i < HOST_MAX_SEQS; i++)
-            ds_kv_cache_free(h->seqs[i].kv);
-    free(h->seqs);
+    ds_seqs_free(h->seqs);
     for (int i = 0; i < DSD_MAX_DEVNAMES; i++) {
         ds_backend_moe_free(h->bm[i]);
         ds_backend_free(h->bk[i]);
@@ -209,33 +190,6 @@ ds_pool *dsd_host_pool(const dsd_host *h)
     return h->pool;
 }
 
-static struct seq_cache *seq_find(dsd_host *h, uint64_t seq, bool create)
-{
-    struct seq_cache *free_slot = NULL;
-    for (uint32_t i = 0; i < HOST_MAX_SEQS; i++) {
-        if (h->seqs[i].kv && h->seqs[i].seq == seq)
-            return &h->seqs[i];
-        if (!h->seqs[i].kv && !free_slot)
-            free_slot = &h->seqs[i];
-    }
-    if (!create || !free_slot)
-        return NULL;
-    if (ds_kv_cache_new(h->c, 0, h->c->num_hidden_layers, h->max_context, &free_slot->kv) < 0)
-        return NULL;
-    free_slot->seq = seq;
-    h->n_seqs++;
-    return free_slot;
-}
-
-static void seq_release(dsd_host *h, uint64_t seq)
-{
-    struct seq_cache *s = seq_find(h, seq, false);
-    if (s) {
-        s->kv = ds_kv_cache_free(s->kv);
-        h->n_seqs--;
-    }
-}
-
 bool dsd_host_has_attn(const dsd_host *h, uint32_t layer)
 {
     return h && layer < h->u.n_layers && h->u.attn[layer];
@@ -244,7 +198,25 @@ bool dsd_host_has_attn(const dsd_host *h, uint32_t layer)
 void dsd_host_release(dsd_host *h, uint64_t seq)
 {
     if (h)
-        seq_release(h, seq);
+        ds_seqs_remove(h->seqs, seq);
+}
+
+ds_seqs *dsd_host_seqs(dsd_host *h)
+{
+    return h->seqs;
+}
+
+uint32_t dsd_host_kv_layers(const dsd_host *h)
+{
+    return ds_seqs_layers(h->seqs);
+}
+
+void dsd_host_note_attn(dsd_host *h, uint32_t layer, double seconds)
+{
+    if (layer < h->c->num_hidden_layers) {
+        h->attn_s[layer] += seconds > 0 ? seconds : 0;
+        h->attn_calls[layer]++;
+    }
 }
 
 #define FAIL(c, ...)                                                                               \
@@ -254,63 +226,33 @@ void dsd_host_release(dsd_host *h, uint64_t seq)
         goto out;                                                                                  \
     } while (0)
 
-int dsd_host_attn(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
-                  const uint32_t *positions, const float *x, dsd_attn_bufs *o, double *compute_s,
-                  Dsd__ErrorCode *code, ds_error *err)
+int dsd_host_rows(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_ids,
+                  const uint32_t *positions, int *slots, Dsd__ErrorCode *code, ds_error *err)
 {
     const ds_model_config *c = h->c;
-    uint32_t D = c->hidden_size;
-    ds_kv_cache **caches = NULL;
-    float *delta = NULL;
     int rc = 0;
     if (layer >= c->num_hidden_layers || !h->u.attn[layer])
         FAIL(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "attn[%u] is not hosted here", layer);
     if (n == 0 || n > HOST_MAX_ROWS)
         FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "step: %u rows (1..%u)", n, HOST_MAX_ROWS);
-    caches = malloc(n * sizeof(*caches));
-    if (!caches)
-        FAIL(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
     for (uint32_t i = 0; i < n; i++) {
         bool follows = i > 0 && seq_ids[i - 1] == seq_ids[i];
         for (uint32_t j = 0; !follows && j < i; j++)
             if (seq_ids[j] == seq_ids[i])
                 FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "rows of job %llu are not consecutive",
                      (unsigned long long)seq_ids[i]);
-        struct seq_cache *sc = seq_find(h, seq_ids[i], true);
-        if (!sc)
+        int slot = follows ? slots[i - 1] : ds_seqs_find(h->seqs, seq_ids[i], true);
+        if (slot < 0)
             FAIL(DSD__ERROR_CODE__ERROR_CODE_BUSY, "no room for sequence %llu",
                  (unsigned long long)seq_ids[i]);
-        caches[i] = sc->kv;
+        slots[i] = slot;
         uint32_t p = positions[i];
         if (p >= h->max_context ||
-            (follows ? p != positions[i - 1] + 1 : p > ds_kv_cache_len(sc->kv, layer)))
+            (follows ? p != positions[i - 1] + 1 : p > ds_seqs_len(h->seqs, slot, layer)))
             FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "row %u: position %u invalid for job %llu",
                  i, p, (unsigned long long)seq_ids[i]);
     }
-    bool moe = ds_model_config_layer_is_moe(c, layer);
-    uint64_t t0 = dsd_now_ns();
-    ds_attn_out ao = {o->hidden, o->ffn_in, moe ? o->ids : NULL, moe ? o->weights : NULL};
-    rc = ds_unit_attn(h->m, h->pool, layer, x, n, positions, caches, &ao, err);
-    if (rc >= 0 && moe && c->n_shared_experts)
-        rc = ds_unit_shared(h->m, h->pool, layer, o->ffn_in, n, o->shared, err);
-    if (rc >= 0 && !moe) {
-        if (!(delta = malloc((size_t)n * D * sizeof(float))))
-            FAIL(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
-        rc = ds_unit_dense(h->m, h->pool, layer, o->ffn_in, n, delta, err);
-        if (rc >= 0)
-            ds_unit_add(D, n, delta, o->hidden);
-    }
-    if (rc < 0) {
-        *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
-        goto out;
-    }
-    double dt = (double)(dsd_now_ns() - t0) * 1e-9;
-    h->attn_s[layer] += dt;
-    h->attn_calls[layer]++;
-    *compute_s = dt;
 out:
-    free(caches);
-    free(delta);
     return rc;
 }
 
@@ -320,13 +262,16 @@ int dsd_host_experts(dsd_host *h, uint32_t layer, uint32_t R, const float *rows,
 {
     const ds_model_config *c = h->c;
     uint32_t D = c->hidden_size, E = c->n_routed_experts, L = c->num_hidden_layers;
+    uint32_t K = c->num_experts_per_tok ? c->num_experts_per_tok : 1;
     uint32_t *cnt = NULL, *idx = NULL;
     float *in = NULL, *tmp = NULL;
     int rc = 0;
     if (layer >= L || !ds_model_config_layer_is_moe(c, layer))
         FAIL(DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "layer %u has no routed experts", layer);
-    if (R == 0 || R > HOST_MAX_ROWS || P == 0 || P > (uint64_t)R * E)
-        FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "dispatch: %u rows, %u pairs", R, P);
+    /* each row was routed to K experts: at most K of its pairs come to one host */
+    if (R == 0 || R > HOST_MAX_ROWS || P == 0 || P > (uint64_t)R * K)
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+             "dispatch: %u rows, %u pairs (at most %u per row)", R, P, K);
     for (uint32_t p = 0; p < P; p++) {
         if (pair_rows[p] >= R)
             FAIL(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "pair %u: row %u of %u", p, pair_rows[p],

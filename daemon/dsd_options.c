@@ -1,8 +1,10 @@
 /* dsd_options.c — every dsd option lives in ONE table (name, type, bounds, default, help,
- * reloadable). The table drives the config file parser, the --key=value command line, the
- * SIGHUP reload and `dsd --help`, so an option cannot be documented in one place and parsed
- * differently in another. Precedence: defaults < config file < command line. */
+ * reloadable). The table drives the config file parser, the command line (getopt_long over a
+ * long-option list generated from it: --key=value and --key value, '-' or '_' in the key),
+ * the SIGHUP reload and `dsd --help`, so an option cannot be documented in one place and
+ * parsed differently in another. Precedence: defaults < config file < command line. */
 #include <errno.h>
+#include <getopt.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +12,7 @@
 
 #include "ds_keyfile.h"
 #include "ds_log.h"
+#include "ds_version.h"
 #include "dsd.h"
 
 enum opt_type { OPT_STR, OPT_INT, OPT_BOOL, OPT_ENUM };
@@ -92,6 +95,9 @@ static const struct opt OPTS[] = {
     {"micro_batches", OPT_INT, I(micro_batches), 1, 64, "2", NULL, false,
      "coordinator: micro-batches in flight at once (the running jobs are split over them so "
      "one computes while another crosses a link; 1 when the plan runs on one node)"},
+    {"max_rows_per_step", OPT_INT, I(max_rows_per_step), 1, 65536, "65536", NULL, false,
+     "coordinator: rows (token positions) one micro-batch carries at most; a longer prefill is "
+     "fed in chunks over several steps (the hosts' limit is 65536)"},
     {"curve_secret_key_file", OPT_STR, S(curve_secret_key_file), 0, 0, "", NULL, false,
      "CURVE: the cluster key pair file (dsctl keygen: 'public = KEY', 'secret = KEY', mode "
      "0600), the same on every node; empty = plain TCP, no authentication"},
@@ -217,44 +223,85 @@ int dsd_opts_load_file(dsd_opts *o, const char *path, ds_error *err)
     return rc;
 }
 
-int dsd_opts_parse(dsd_opts *o, int argc, char **argv, const char **config, ds_error *err)
+/* getopt_long's table, generated from OPTS: every option under its name and, where the name
+ * has '_', with '-' instead; then --config, --help, --version. val: the index in OPTS, or the
+ * LONG_* codes below. */
+enum { LONG_CONFIG = 0x10000, LONG_HELP, LONG_VERSION };
+#define N_LONG (2 * N_OPTS + 4)
+
+static void long_options(struct option *lo, char (*dashed)[64])
 {
-    *config = NULL;
-    bool explicit_config = false;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+    size_t n = 0;
+    for (size_t i = 0; i < N_OPTS; i++) {
+        lo[n++] = (struct option){OPTS[i].name, required_argument, NULL, (int)i};
+        if (!strchr(OPTS[i].name, '_'))
+            continue;
+        snprintf(dashed[i], 64, "%s", OPTS[i].name);
+        for (char *c = dashed[i]; *c; c++)
+            if (*c == '_')
+                *c = '-';
+        lo[n++] = (struct option){dashed[i], required_argument, NULL, (int)i};
+    }
+    lo[n++] = (struct option){"config", required_argument, NULL, LONG_CONFIG};
+    lo[n++] = (struct option){"help", no_argument, NULL, LONG_HELP};
+    lo[n++] = (struct option){"version", no_argument, NULL, LONG_VERSION};
+    lo[n] = (struct option){NULL, 0, NULL, 0};
+}
+
+/* One getopt_long pass over argv (reset first: the parse runs again on SIGHUP). pass 0 looks
+ * for --config, --help and --version only; pass 1 applies every option. Returns 0, 1 when
+ * --help or --version was printed, or a negative errno with err naming the argument. */
+static int parse_pass(dsd_opts *o, int argc, char **argv, int pass, const char **config,
+                      ds_error *err)
+{
+    static struct option lo[N_LONG];
+    static char dashed[N_OPTS][64];
+    long_options(lo, dashed);
+    optind = 0;
+    opterr = 0;
+    int c, idx;
+    /* "+": no permutation (argv stays as given; a stray word ends the options), ":": a
+     * missing value is told apart from an unknown option */
+    while ((c = getopt_long(argc, argv, "+:h", lo, &idx)) != -1) {
+        const char *arg = argv[optind - 1];
+        if (c == '?' || c == ':')
+            return ds_error_set(err, -EINVAL, "argument '%s': %s (see dsd --help)", arg,
+                                c == ':' ? "needs a value" : "unknown option");
+        if (c == 'h' || c == LONG_HELP) {
             dsd_opts_help(stdout);
             return 1;
         }
-        if (!strncmp(argv[i], "--config=", 9)) {
-            *config = argv[i] + 9;
-            explicit_config = true;
+        if (c == LONG_VERSION) {
+            printf("dsd %s\n", ds_version());
+            return 1;
         }
-    }
-    if (!explicit_config && access("/etc/dsd/dsd.conf", R_OK) == 0)
-        *config = "/etc/dsd/dsd.conf";
-    int rc;
-    if (*config && **config && (rc = dsd_opts_load_file(o, *config, err)) < 0)
-        return rc;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strncmp(a, "--config=", 9))
+        if (c == LONG_CONFIG) {
+            *config = optarg;
             continue;
-        if (strncmp(a, "--", 2) || !strchr(a, '='))
-            return ds_error_set(err, -EINVAL, "argument '%s': expected --key=value", a);
-        char key[64];
-        size_t kl = (size_t)(strchr(a, '=') - a - 2);
-        if (kl >= sizeof(key))
-            return ds_error_set(err, -EINVAL, "argument '%s': key too long", a);
-        memcpy(key, a + 2, kl);
-        key[kl] = 0;
-        for (char *c = key; *c; c++)
-            if (*c == '-')
-                *c = '_';
-        if ((rc = dsd_opts_set(o, key, strchr(a, '=') + 1, err)) < 0)
+        }
+        if (pass == 0)
+            continue;
+        int rc = opt_apply(o, &OPTS[c], optarg, err);
+        if (rc < 0)
             return rc;
     }
+    if (optind < argc)
+        return ds_error_set(err, -EINVAL, "argument '%s': expected --key=value or --key value",
+                            argv[optind]);
     return 0;
+}
+
+int dsd_opts_parse(dsd_opts *o, int argc, char **argv, const char **config, ds_error *err)
+{
+    *config = NULL;
+    int rc = parse_pass(o, argc, argv, 0, config, err);
+    if (rc != 0)
+        return rc;
+    if (!*config && access("/etc/dsd/dsd.conf", R_OK) == 0)
+        *config = "/etc/dsd/dsd.conf";
+    if (*config && **config && (rc = dsd_opts_load_file(o, *config, err)) < 0)
+        return rc;
+    return parse_pass(o, argc, argv, 1, config, err);
 }
 
 int dsd_opts_check(const dsd_opts *o, ds_error *err)
@@ -303,8 +350,9 @@ void dsd_opts_apply_reload(dsd_opts *cur, const dsd_opts *next)
 
 void dsd_opts_help(FILE *f)
 {
-    fprintf(f, "usage: dsd [--config=PATH] [--key=value ...]\n\n"
-               "Options (config file: key = value; command line: --key=value, '-' or '_'):\n");
+    fprintf(f, "usage: dsd [--config=PATH] [--key=value | --key value ...] [--help] [--version]\n\n"
+               "Options (config file: key = value; command line: --key=value or --key value,\n"
+               "'-' or '_' in the key):\n");
     for (size_t i = 0; i < N_OPTS; i++) {
         const struct opt *p = &OPTS[i];
         char range[96] = "";

@@ -1,15 +1,17 @@
 /* dsd_plan.c — the plan the coordinator rolls out: unit -> node, with the data endpoint of
- * every node. The coordinator asks the placement solver (dsd_plan_solve -> dsd_solve.c); the
+ * every node. The coordinator asks the placement solver (dsd_plan_solve, dsd_solve.c); the
  * built-in round-robin plan (dsd_plan_build) spreads attention layers and routed experts over
  * every node and is used only when asked for (plan_strategy = round-robin, for tests and
  * debugging). embed and head stay on the coordinator, which samples. Shared experts and dense
  * FFNs run beside their attention. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <jansson.h>
 
+#include "ds_log.h"
 #include "dsd.h"
 
 void dsd_units_clear(dsd_units *u)
@@ -32,9 +34,8 @@ void dsd_plan_clear(dsd_plan *p)
     memset(p, 0, sizeof(*p));
 }
 
-static int plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
-                      const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
-                      uint64_t version)
+int dsd_plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
+                   const char (*endpoints)[DSD_STR_MAX], uint64_t version)
 {
     memset(p, 0, sizeof(*p));
     p->version = version;
@@ -62,42 +63,13 @@ static int plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes,
     return 0;
 }
 
-int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
-                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
-                   const char *strategy, uint32_t batch, uint32_t context,
-                   const double *expert_stats, uint64_t version, ds_error *err)
-{
-    memset(p, 0, sizeof(*p));
-    if (n_nodes == 0)
-        return ds_error_set(err, -EINVAL, "plan: no node");
-    int rc = plan_alloc(p, c, n_nodes, names, endpoints, version);
-    if (rc < 0)
-        return rc;
-    snprintf(p->strategy, sizeof(p->strategy), "%s", strategy);
-    size_t ne = (size_t)p->n_layers * p->n_experts;
-    char(*devs)[32] = calloc(ne ? ne : 1, 32);
-    if (!devs) {
-        dsd_plan_clear(p);
-        return ds_error_set(err, -ENOMEM, "out of memory");
-    }
-    rc = dsd_solve_units(c, spec_json, n_nodes, names, strategy, batch, context, expert_stats,
-                         &p->embed, &p->head, p->attn, p->expert, p->replicas, devs, p->solver,
-                         &p->solver_json, err);
-    for (size_t i = 0; rc >= 0 && i < ne; i++)
-        p->expert_dev[i] = dsd_plan_dev_index(p, devs[i]);
-    free(devs);
-    if (rc < 0)
-        dsd_plan_clear(p);
-    return rc;
-}
-
 int dsd_plan_build(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, const char (*names)[64],
                    const char (*endpoints)[DSD_STR_MAX], bool coord_computes, uint64_t version)
 {
     memset(p, 0, sizeof(*p));
     if (n_nodes == 0 || (!coord_computes && n_nodes < 2))
         return -EINVAL;
-    int rc = plan_alloc(p, c, n_nodes, names, endpoints, version);
+    int rc = dsd_plan_alloc(p, c, n_nodes, names, endpoints, version);
     if (rc < 0)
         return rc;
     snprintf(p->strategy, sizeof(p->strategy), "round-robin");
@@ -206,42 +178,6 @@ int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u)
     return 0;
 }
 
-int dsd_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint32_t *expert)
-{
-    unsigned a, b;
-    int n = 0;
-    *layer = *expert = 0;
-    if (!strcmp(s, "embed")) {
-        *kind = DS_UNIT_EMBED;
-        return 0;
-    }
-    if (!strcmp(s, "head")) {
-        *kind = DS_UNIT_HEAD;
-        return 0;
-    }
-    if (sscanf(s, "expert[%u][%u]%n", &a, &b, &n) == 2 && n && !s[n]) {
-        *kind = DS_UNIT_EXPERT;
-        *layer = a;
-        *expert = b;
-        return 0;
-    }
-    static const struct {
-        const char *fmt;
-        enum ds_unit_kind k;
-    } one[] = {{"attn[%u]%n", DS_UNIT_ATTN},
-               {"dense[%u]%n", DS_UNIT_DENSE},
-               {"shared[%u]%n", DS_UNIT_SHARED}};
-    for (size_t i = 0; i < 3; i++) {
-        n = 0;
-        if (sscanf(s, one[i].fmt, &a, &n) == 1 && n && !s[n]) {
-            *kind = one[i].k;
-            *layer = a;
-            return 0;
-        }
-    }
-    return -EINVAL;
-}
-
 int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
 {
     dsd__plan__init(w);
@@ -332,7 +268,7 @@ int dsd_plan_units_from_wire(const Dsd__Plan *w, const char *self, const ds_mode
         const Dsd__PlanUnit *pu = w->units[i];
         enum ds_unit_kind kind;
         uint32_t l, e;
-        if (!pu->unit || !pu->device || dsd_unit_parse(pu->unit, &kind, &l, &e) < 0 ||
+        if (!pu->unit || !pu->device || ds_unit_parse(pu->unit, &kind, &l, &e) < 0 ||
             (kind != DS_UNIT_EMBED && kind != DS_UNIT_HEAD && l >= L) ||
             (kind == DS_UNIT_EXPERT && (e >= E || !ds_model_config_layer_is_moe(c, l)))) {
             dsd_units_clear(u);
@@ -432,8 +368,8 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
         snprintf(names[i], 64, "%s", de->key);
         snprintf(eps[i], DSD_STR_MAX, "%s", de->value);
     }
-    if ((rc = plan_alloc(p, c, N, (const char(*)[64])names, (const char(*)[DSD_STR_MAX])eps,
-                         w->version)) < 0)
+    if ((rc = dsd_plan_alloc(p, c, N, (const char(*)[64])names, (const char(*)[DSD_STR_MAX])eps,
+                             w->version)) < 0)
         goto out;
     uint32_t L = p->n_layers, E = p->n_experts;
     p->embed = p->head = -1;
@@ -447,7 +383,7 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
         enum ds_unit_kind kind;
         uint32_t l, e;
         int32_t node = wire_node(p, pu->device);
-        if (!pu->unit || dsd_unit_parse(pu->unit, &kind, &l, &e) < 0 || node < 0 ||
+        if (!pu->unit || ds_unit_parse(pu->unit, &kind, &l, &e) < 0 || node < 0 ||
             (kind != DS_UNIT_EMBED && kind != DS_UNIT_HEAD && l >= L) ||
             (kind == DS_UNIT_EXPERT && (e >= E || !ds_model_config_layer_is_moe(c, l)))) {
             rc = ds_error_set(err, -EPROTO, "plan: unit %zu '%s' on '%s' is not valid here", i,
@@ -495,6 +431,14 @@ out:
     return rc;
 }
 
+int32_t dsd_plan_node_index(const dsd_plan *p, const char *name)
+{
+    for (uint32_t i = 0; p && name && i < p->n_nodes; i++)
+        if (!strcmp(p->nodes[i], name))
+            return (int32_t)i;
+    return -1;
+}
+
 uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name)
 {
     if (!name || !name[0] || !strncmp(name, "cpu", 3))
@@ -508,4 +452,18 @@ uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name)
         return 0;
     snprintf(p->dev_names[p->n_dev_names], sizeof(p->dev_names[0]), "%s", name);
     return (uint8_t)p->n_dev_names++;
+}
+
+int dsd_plan_write_file(const char *state_dir, const char *json)
+{
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof(path), "%s/plan.json", state_dir);
+    FILE *f = fopen(path, "we");
+    if (!f) {
+        int rc = -errno;
+        ds_log_warn("%s: %s (plan not saved)", path, strerror(errno));
+        return rc;
+    }
+    fprintf(f, "%s\n", json);
+    return fclose(f) == 0 ? 0 : -errno;
 }

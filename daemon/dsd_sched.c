@@ -1,16 +1,15 @@
-/* dsd_sched.c — the coordinator's scheduler: jobs, continuous batching, micro-batches.
+/* dsd_sched.c — the coordinator's scheduler (dsd_sched.h): jobs, continuous batching,
+ * micro-batches, chunked prefill, embed, head and sampling; no I/O.
  *
- * It runs inside the coordinator's data thread (dsd_data.c), which feeds it client requests
- * (dsd_sched_on_pipe), finished micro-batches (dsd_sched_on_result) and a tick after every
- * poll (dsd_sched_tick). At a tick, the active jobs that are not in flight form a new
- * micro-batch (one row per decoding job, every remaining prompt row of a job in prefill)
- * while fewer than `micro_batches` are in flight: the jobs are split evenly over the free
- * micro-batch slots so that one micro-batch computes on one node while another crosses a
- * link. A micro-batch is embedded here and launched down the chain of attention hosts
- * (dsd_data_launch); its final rows come back here, where the head runs and each job samples
- * its next token with its own sampler. Every unit is row-independent (ds_model.h), so the
- * split into micro-batches never changes a token: the cluster answers exactly like
- * `dsctl generate --local`. */
+ * At a tick, the active jobs that are not in flight form new micro-batches while fewer than
+ * `micro_batches` are in flight: the jobs are split evenly over the free slots so that one
+ * micro-batch computes on one node while another crosses a link. A micro-batch takes one row
+ * of each decoding job and the next prompt rows of each job in prefill, at most
+ * max_rows_per_step rows in all: a longer prompt is fed in chunks over several steps and
+ * samples its first token when its last chunk comes back. A micro-batch is embedded here and
+ * handed to the port (launch); its final rows come back (dsd_sched_on_result), the head runs
+ * on the last row of every job that completed its prompt or decodes, and each job samples
+ * its next token with its own sampler. */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -18,77 +17,26 @@
 
 #include <jansson.h>
 
-#include "ds_experts.h"
-#include "ds_tokenizer.h"
 #include "ds_log.h"
-#include "dsd.h"
-
-#define SCHED_MAX_STOP      16
-#define SCHED_MAX_STOP_TEXT 256 /* bytes of one stop string */
-
-struct job {
-    bool active;
-    uint64_t id;
-    uint8_t peer[DSD_MAX_PEER_ID];
-    size_t peer_len;
-    uint64_t request_id;
-    int32_t *prompt;
-    uint32_t n_prompt;
-    uint32_t fed; /* positions already fed */
-    uint32_t max_tokens;
-    uint32_t n_gen;
-    int32_t next; /* token to feed next (decode) */
-    ds_sampler smp;
-    int32_t stop_ids[SCHED_MAX_STOP];
-    uint32_t n_stop;
-    /* text (coordinator with a tokenizer): stop strings, the streaming decoder, and generated
-     * text not yet sent because it may be the start of a stop string */
-    char *stop_text[SCHED_MAX_STOP];
-    uint32_t n_stop_text;
-    ds_tok_stream *ts;
-    char *held;
-    size_t n_held;
-    int32_t mb;     /* micro-batch slot it is in flight in, -1 when not */
-    bool cancelled; /* cancel asked while in flight: finish when the micro-batch returns */
-};
-
-struct mbatch {
-    bool used;
-    uint64_t rid, step;
-    uint32_t nj;
-    uint32_t *jobs; /* [nj] job slots */
-    uint32_t *last; /* [nj] the row of each job whose logits it samples from */
-    uint64_t deadline;
-};
-
-struct dsd_sched {
-    void *pipe;
-    dsd_data *data;
-    dsd_opts o;
-    const ds_model_config *c;
-    ds_tokenizer *tok; /* NULL: token ids only (no tokenizer.json in the model directory) */
-    struct job *jobs;
-    uint32_t max_jobs;
-    struct mbatch *mbs;
-    uint32_t max_mbs;
-    uint64_t next_job, next_rid, step, jobs_done;
-};
+#include "dsd_sched_impl.h"
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
-static void pipe_reply(void *pipe, const uint8_t *peer, size_t peer_len, Dsd__Envelope *env)
+void dsd_sched_client_reply(dsd_sched *s, const uint8_t *peer, size_t peer_len,
+                            const Dsd__Envelope *env)
 {
-    uint8_t *buf;
-    size_t len;
-    if (!peer_len || ds_wire_pack(env, &buf, &len) < 0)
-        return;
-    zmq_send(pipe, peer, peer_len, ZMQ_SNDMORE);
-    zmq_send(pipe, buf, len, 0);
-    free(buf);
+    if (peer_len)
+        s->port->reply(s->ctx, peer, peer_len, env);
 }
 
-static void pipe_error(void *pipe, const uint8_t *peer, size_t peer_len, uint64_t req,
-                       Dsd__ErrorCode code, const char *msg)
+void dsd_sched_jobs_changed(dsd_sched *s)
+{
+    if (s->port->jobs_changed)
+        s->port->jobs_changed(s->ctx);
+}
+
+void dsd_sched_client_error(dsd_sched *s, const uint8_t *peer, size_t peer_len, uint64_t req,
+                            Dsd__ErrorCode code, const char *msg)
 {
     Dsd__Envelope env = DSD__ENVELOPE__INIT;
     Dsd__Error e = DSD__ERROR__INIT;
@@ -98,7 +46,7 @@ static void pipe_error(void *pipe, const uint8_t *peer, size_t peer_len, uint64_
     env.body_case = DSD__ENVELOPE__BODY_ERROR;
     env.error = &e;
     ds_log_warn("client request %llu refused: %s", (unsigned long long)req, msg);
-    pipe_reply(pipe, peer, peer_len, &env);
+    dsd_sched_client_reply(s, peer, peer_len, &env);
 }
 
 /* Ends a job: the final Token (last = true) to its client when it is still there, the KV
@@ -113,10 +61,10 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     env.request_id = j->request_id;
     env.body_case = DSD__ENVELOPE__BODY_TOKEN;
     env.token = &t;
-    uint8_t peer[DSD_MAX_PEER_ID];
+    uint8_t peer[DSD_SCHED_MAX_CLIENT_ID];
     size_t pl = j->peer_len;
     memcpy(peer, j->peer, pl);
-    dsd_data_release(s->data, j->id);
+    s->port->release(s->ctx, j->id);
     ds_log_info("job %llu finished (%s) after %u tokens", (unsigned long long)j->id, reason,
                 j->n_gen);
     free(j->prompt);
@@ -128,15 +76,27 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     j->mb = -1;
     s->jobs_done++;
     /* the job list a client reads after the last token must not show the job any more */
-    dsd_data_publish_jobs(s->data);
-    pipe_reply(s->pipe, peer, pl, &env);
+    dsd_sched_jobs_changed(s);
+    dsd_sched_client_reply(s, peer, pl, &env);
 }
 
-char *dsd_sched_jobs_json(dsd_sched *s)
+void dsd_sched_get_stats(const dsd_sched *s, dsd_sched_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    for (uint32_t i = 0; i < s->max_jobs; i++)
+        st->jobs += s->jobs[i].active;
+    for (uint32_t i = 0; i < s->max_mbs; i++)
+        st->in_flight += s->mbs[i].used;
+    st->finished = s->jobs_done;
+    st->steps = s->step;
+    st->micro_batches = s->max_mbs;
+}
+
+char *dsd_sched_jobs_json(const dsd_sched *s)
 {
     json_t *jobs = json_array();
     for (uint32_t i = 0; i < s->max_jobs; i++) {
-        struct job *j = &s->jobs[i];
+        const struct job *j = &s->jobs[i];
         if (!j->active)
             continue;
         json_array_append_new(jobs, json_pack("{s:I,s:s,s:i,s:i,s:i,s:b}", "id", (json_int_t)j->id,
@@ -157,151 +117,12 @@ char *dsd_sched_jobs_json(dsd_sched *s)
     return r;
 }
 
-/* ---- jobs --------------------------------------------------------------------------------- */
-
-static void handle_submit(dsd_sched *s, void *pipe, const uint8_t *peer, size_t pl,
-                          Dsd__Envelope *env)
-{
-    const Dsd__Submit *sb = env->submit;
-    const ds_model_config *c = s->c;
-    uint32_t ctx = (uint32_t)s->o.max_context < c->max_position_embeddings
-                       ? (uint32_t)s->o.max_context
-                       : c->max_position_embeddings;
-    char msg[256];
-#define BAD(code, ...)                                                                             \
-    do {                                                                                           \
-        snprintf(msg, sizeof(msg), __VA_ARGS__);                                                   \
-        pipe_error(pipe, peer, pl, env->request_id, code, msg);                                    \
-        return;                                                                                    \
-    } while (0)
-    /* the prompt: token ids, or text tokenized here (BOS as the tokenizer config asks) */
-    int32_t *text_ids = NULL;
-    size_t n_prompt = sb->n_tokens;
-    if (sb->n_tokens && sb->prompt && sb->prompt[0])
-        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "send either token ids or text, not both");
-    if (!sb->n_tokens && sb->prompt && sb->prompt[0]) {
-        if (!s->tok)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                "text prompts need the tokenizer, which this coordinator's model directory "
-                "does not have (tokenizer.json): send token ids");
-        ds_error terr = {0};
-        if (ds_tokenizer_encode(s->tok, sb->prompt, strlen(sb->prompt), true, &text_ids,
-                                &n_prompt, &terr) < 0)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "prompt: %s", ds_error_str(&terr));
-    }
-    /* from here on, BAD must free text_ids */
-#undef BAD
-#define BAD(code, ...)                                                                             \
-    do {                                                                                           \
-        snprintf(msg, sizeof(msg), __VA_ARGS__);                                                   \
-        pipe_error(pipe, peer, pl, env->request_id, code, msg);                                    \
-        free(text_ids);                                                                            \
-        return;                                                                                    \
-    } while (0)
-    if (!n_prompt)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "empty prompt");
-    if (n_prompt >= ctx || sb->max_tokens == 0 || n_prompt + sb->max_tokens > ctx)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE,
-            "prompt (%zu tokens) + max_tokens (%u) must fit the context of %u and max_tokens "
-            "must be > 0",
-            n_prompt, sb->max_tokens, ctx);
-    for (size_t i = 0; i < sb->n_tokens; i++)
-        if (sb->tokens[i] >= c->vocab_size)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                "token %zu: id %u outside the vocabulary (%u)", i, sb->tokens[i], c->vocab_size);
-    float temp = sb->sampling ? sb->sampling->temperature : 0;
-    float top_p = sb->sampling && sb->sampling->top_p > 0 ? sb->sampling->top_p : 1;
-    if (!(temp >= 0 && temp <= 1e6) || !(top_p > 0 && top_p <= 1))
-        BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "sampling: temperature must be in [0, 1e6] "
-                                                   "and top_p in (0, 1]");
-    if (sb->n_stop > SCHED_MAX_STOP)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_TOO_LARGE, "at most %d stop entries", SCHED_MAX_STOP);
-    struct job *j = NULL;
-    for (uint32_t i = 0; i < s->max_jobs && !j; i++)
-        if (!s->jobs[i].active)
-            j = &s->jobs[i];
-    if (!j)
-        BAD(DSD__ERROR_CODE__ERROR_CODE_BUSY, "%u jobs running, the limit (max_jobs)", s->max_jobs);
-    /* stops: "eos", "id:N" (token ids) or any other text (a stop string: needs the
-     * tokenizer; the text up to it is sent, the stop string itself is not) */
-    int32_t stops[SCHED_MAX_STOP];
-    uint32_t n_id_stop = 0, n_text_stop = 0;
-    const char *text_stops[SCHED_MAX_STOP];
-    for (size_t i = 0; i < sb->n_stop; i++) {
-        const char *st = sb->stop[i];
-        char *end;
-        int32_t id;
-        if (!strcmp(st, "eos"))
-            stops[n_id_stop++] = c->eos_token_id;
-        else if (!strncmp(st, "id:", 3) && (id = (int32_t)strtol(st + 3, &end, 10)) >= 0 &&
-                 end != st + 3 && !*end)
-            stops[n_id_stop++] = id;
-        else if (!st[0] || strlen(st) > SCHED_MAX_STOP_TEXT)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "stop %zu: a stop string has 1..%d bytes",
-                i, SCHED_MAX_STOP_TEXT);
-        else if (!s->tok)
-            BAD(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
-                "stop '%.64s': without a tokenizer only 'eos' and 'id:N' are understood", st);
-        else
-            text_stops[n_text_stop++] = st;
-    }
-    memset(j, 0, sizeof(*j));
-    j->mb = -1;
-    j->prompt = malloc(n_prompt * sizeof(int32_t));
-    bool ok = j->prompt != NULL;
-    for (uint32_t i = 0; ok && i < n_text_stop; i++)
-        ok = (j->stop_text[j->n_stop_text++] = strdup(text_stops[i])) != NULL;
-    if (ok && s->tok)
-        ok = ds_tok_stream_new(s->tok, true, &j->ts) == 0;
-    if (!ok) {
-        free(j->prompt);
-        for (uint32_t i = 0; i < j->n_stop_text; i++)
-            free(j->stop_text[i]);
-        ds_tok_stream_free(j->ts);
-        memset(j, 0, sizeof(*j));
-        j->mb = -1;
-        BAD(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
-    }
-    for (size_t i = 0; i < n_prompt; i++)
-        j->prompt[i] = text_ids ? text_ids[i] : (int32_t)sb->tokens[i];
-    free(text_ids);
-    text_ids = NULL;
-    j->active = true;
-    j->id = ++s->next_job;
-    memcpy(j->peer, peer, pl);
-    j->peer_len = pl;
-    j->request_id = env->request_id;
-    j->n_prompt = (uint32_t)n_prompt;
-    j->max_tokens = sb->max_tokens;
-    j->n_stop = n_id_stop;
-    memcpy(j->stop_ids, stops, n_id_stop * sizeof(int32_t));
-    j->smp = (ds_sampler){.greedy = temp == 0,
-                          .temperature = temp > 0 ? temp : 1,
-                          .top_p = top_p,
-                          .top_k = sb->sampling ? sb->sampling->top_k : 0};
-    ds_sampler_seed(&j->smp, sb->sampling ? sb->sampling->seed : 1);
-    /* acknowledge with the job id so the client can cancel before the first token */
-    Dsd__Envelope ack = DSD__ENVELOPE__INIT;
-    Dsd__StatusReply sr = DSD__STATUS_REPLY__INIT;
-    char js[64];
-    snprintf(js, sizeof(js), "{\"job\":%llu}", (unsigned long long)j->id);
-    sr.json = js;
-    ack.request_id = env->request_id;
-    ack.body_case = DSD__ENVELOPE__BODY_STATUS_REPLY;
-    ack.status_reply = &sr;
-    dsd_data_publish_jobs(s->data);
-    pipe_reply(pipe, peer, pl, &ack);
-    ds_log_info("job %llu accepted: %u prompt tokens, max %u", (unsigned long long)j->id,
-                j->n_prompt, j->max_tokens);
-#undef BAD
-}
-
-static void handle_cancel(dsd_sched *s, void *pipe, const uint8_t *peer, size_t pl,
-                          Dsd__Envelope *env)
+void dsd_sched_cancel(dsd_sched *s, const uint8_t *peer, size_t pl, uint64_t request_id,
+                      uint64_t job)
 {
     for (uint32_t i = 0; i < s->max_jobs; i++) {
         struct job *j = &s->jobs[i];
-        if (j->active && j->id == env->cancel->job) {
+        if (j->active && j->id == job) {
             /* a client may cancel only its own jobs; the loop cancels on disconnect (pl == 0) */
             if (pl && (pl != j->peer_len || memcmp(peer, j->peer, pl)))
                 break;
@@ -315,8 +136,8 @@ static void handle_cancel(dsd_sched *s, void *pipe, const uint8_t *peer, size_t 
         }
     }
     if (pl)
-        pipe_error(pipe, peer, pl, env->request_id, DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB,
-                   "no such job");
+        dsd_sched_client_error(s, peer, pl, request_id, DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_JOB,
+                               "no such job");
 }
 
 static struct mbatch *mb_find(dsd_sched *s, uint64_t rid)
@@ -412,6 +233,39 @@ static int job_text(dsd_sched *s, struct job *j, int32_t t, bool final, const ch
     return 0;
 }
 
+/* Sends job j the token t it sampled (text decoded, stops checked) and ends it when it is
+ * done or was cancelled while in flight. */
+static void job_emit(dsd_sched *s, struct job *j, int32_t t)
+{
+    j->n_gen++;
+    j->next = t;
+    const char *reason = j->n_gen >= j->max_tokens ? "length" : NULL;
+    for (uint32_t k = 0; k < j->n_stop && !reason; k++)
+        if (j->stop_ids[k] == t)
+            reason = "stop";
+    char *text = NULL;
+    if (s->tok && job_text(s, j, t, j->cancelled, &reason, &text) < 0)
+        reason = "error";
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__Token tk = DSD__TOKEN__INIT;
+    tk.job = j->id;
+    tk.id = (uint32_t)t;
+    tk.text = text ? text : (char *)"";
+    tk.last = reason != NULL;
+    tk.finish_reason = (char *)(reason ? reason : "");
+    env.request_id = j->request_id;
+    env.body_case = DSD__ENVELOPE__BODY_TOKEN;
+    env.token = &tk;
+    dsd_sched_client_reply(s, j->peer, j->peer_len, &env);
+    free(text);
+    if (reason) {
+        j->peer_len = 0; /* the final token carried last = true */
+        job_finish(s, j, reason);
+    } else if (j->cancelled) {
+        job_finish(s, j, "cancelled");
+    }
+}
+
 void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n, const char *error)
 {
     struct mbatch *mb = mb_find(s, rid);
@@ -422,78 +276,67 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
     }
     const ds_model_config *c = s->c;
     uint32_t D = c->hidden_size, V = c->vocab_size;
-    float *sel = NULL, *logits = NULL;
     ds_error err = {0};
     if (error) {
         mb_fail(s, mb, error);
         return;
     }
-    if (n <= mb->last[mb->nj - 1]) {
+    if (!x || n <= mb->last[mb->nj - 1]) {
         mb_fail(s, mb, "the final rows came back short");
         return;
     }
-    sel = malloc((size_t)mb->nj * D * sizeof(float));
-    logits = malloc((size_t)mb->nj * V * sizeof(float));
-    if (!sel || !logits) {
+    /* the jobs that sample now: decoding ones, and those whose last prompt chunk this was */
+    uint32_t ns = 0;
+    for (uint32_t q = 0; q < mb->nj; q++) {
+        struct job *j = &s->jobs[mb->jobs[q]];
+        ns += j->fed + mb->rows[q] >= j->n_prompt;
+    }
+    float *sel = ns ? malloc((size_t)ns * D * sizeof(float)) : NULL;
+    float *logits = ns ? malloc((size_t)ns * V * sizeof(float)) : NULL;
+    if (ns && (!sel || !logits)) {
         free(sel);
         free(logits);
         mb_fail(s, mb, "out of memory");
         return;
     }
-    for (uint32_t q = 0; q < mb->nj; q++)
-        memcpy(sel + (size_t)q * D, x + (size_t)mb->last[q] * D, D * sizeof(float));
-    if (ds_unit_head(dsd_data_model(s->data), dsd_data_pool(s->data), sel, mb->nj, logits, &err) <
-        0) {
+    for (uint32_t q = 0, k = 0; q < mb->nj; q++) {
+        struct job *j = &s->jobs[mb->jobs[q]];
+        if (j->fed + mb->rows[q] >= j->n_prompt)
+            memcpy(sel + (size_t)k++ * D, x + (size_t)mb->last[q] * D, D * sizeof(float));
+    }
+    if (ns && ds_unit_head(s->m, s->pool, sel, ns, logits, &err) < 0) {
         free(sel);
         free(logits);
         mb_fail(s, mb, ds_error_str(&err));
         return;
     }
-    for (uint32_t q = 0; q < mb->nj; q++) {
+    for (uint32_t q = 0, k = 0; q < mb->nj; q++) {
         struct job *j = &s->jobs[mb->jobs[q]];
         j->mb = -1;
-        j->fed = j->fed < j->n_prompt ? j->n_prompt : j->fed + 1;
-        int32_t t = ds_sampler_pick(&j->smp, logits + (size_t)q * V, V);
-        j->n_gen++;
-        j->next = t;
-        const char *reason = j->n_gen >= j->max_tokens ? "length" : NULL;
-        for (uint32_t k = 0; k < j->n_stop && !reason; k++)
-            if (j->stop_ids[k] == t)
-                reason = "stop";
-        char *text = NULL;
-        if (s->tok && job_text(s, j, t, j->cancelled, &reason, &text) < 0)
-            reason = "error";
-        Dsd__Envelope env = DSD__ENVELOPE__INIT;
-        Dsd__Token tk = DSD__TOKEN__INIT;
-        tk.job = j->id;
-        tk.id = (uint32_t)t;
-        tk.text = text ? text : (char *)"";
-        tk.last = reason != NULL;
-        tk.finish_reason = (char *)(reason ? reason : "");
-        env.request_id = j->request_id;
-        env.body_case = DSD__ENVELOPE__BODY_TOKEN;
-        env.token = &tk;
-        pipe_reply(s->pipe, j->peer, j->peer_len, &env);
-        free(text);
-        if (reason) {
-            j->peer_len = 0; /* the final token carried last = true */
-            job_finish(s, j, reason);
-        } else if (j->cancelled) {
-            job_finish(s, j, "cancelled");
+        j->fed += mb->rows[q];
+        if (j->fed < j->n_prompt) { /* a prompt chunk: more of the prompt to feed */
+            if (j->cancelled)
+                job_finish(s, j, "cancelled");
+            continue;
         }
+        job_emit(s, j, ds_sampler_pick(&j->smp, logits + (size_t)k++ * V, V));
     }
     free(sel);
     free(logits);
     mb_release(mb);
 }
 
-/* Launches one micro-batch of the given job slots. */
-static void launch(dsd_sched *s, struct mbatch *mb, const uint32_t *slots, uint32_t nj)
+/* Launches one micro-batch of (the first of) the given ready job slots: one row of each
+ * decoding job, the next prompt rows of each job in prefill, max_rows_per_step rows at most.
+ * Returns how many of the slots it took (at least one). */
+static uint32_t launch(dsd_sched *s, struct mbatch *mb, const uint32_t *slots, uint32_t nj)
 {
-    uint32_t n = 0, D = s->c->hidden_size;
-    for (uint32_t q = 0; q < nj; q++) {
+    uint32_t n = 0, D = s->c->hidden_size, budget = s->lim.max_rows_per_step, taken = 0;
+    for (uint32_t q = 0; q < nj && n < budget; q++, taken++) {
         struct job *j = &s->jobs[slots[q]];
-        n += j->fed < j->n_prompt ? j->n_prompt - j->fed : 1;
+        uint32_t want = j->fed < j->n_prompt ? j->n_prompt - j->fed : 1;
+        mb->rows[q] = want < budget - n ? want : budget - n;
+        n += mb->rows[q];
     }
     int32_t *tok = malloc(n * sizeof(*tok));
     uint64_t *ids = malloc(n * sizeof(*ids));
@@ -503,54 +346,56 @@ static void launch(dsd_sched *s, struct mbatch *mb, const uint32_t *slots, uint3
     mb->used = true;
     mb->rid = ++s->next_rid;
     mb->step = ++s->step;
-    mb->nj = nj;
-    mb->deadline = dsd_now_ns() + (uint64_t)s->o.step_timeout_ms * 1000000ull;
+    mb->nj = taken;
+    mb->deadline = s->now_ns + s->lim.step_timeout_ns;
     uint32_t r = 0;
-    for (uint32_t q = 0; q < nj; q++) {
+    for (uint32_t q = 0; q < taken; q++) {
         struct job *j = &s->jobs[slots[q]];
         mb->jobs[q] = slots[q];
         j->mb = (int32_t)(mb - s->mbs);
         if (!tok || !ids || !pos)
             continue;
-        if (j->fed < j->n_prompt) {
-            for (uint32_t p = j->fed; p < j->n_prompt; p++, r++) {
-                tok[r] = j->prompt[p];
-                ids[r] = j->id;
-                pos[r] = p;
-            }
-        } else {
-            tok[r] = j->next;
+        for (uint32_t k = 0; k < mb->rows[q]; k++, r++) {
+            uint32_t p = j->fed + k;
+            tok[r] = p < j->n_prompt ? j->prompt[p] : j->next;
             ids[r] = j->id;
-            pos[r] = j->fed;
-            r++;
+            pos[r] = p;
         }
         mb->last[q] = r - 1;
     }
     int rc = !tok || !ids || !pos || !x ? ds_error_set(&err, -ENOMEM, "out of memory") : 0;
     if (rc == 0)
-        rc = ds_unit_embed(dsd_data_model(s->data), dsd_data_pool(s->data), tok, n, x, &err);
+        rc = ds_unit_embed(s->m, s->pool, tok, n, x, &err);
     uint64_t rid = mb->rid;
+    dsd_sched_batch b = {.rid = rid,
+                         .step = mb->step,
+                         .mb = (uint32_t)(mb - s->mbs),
+                         .n = n,
+                         .seq = ids,
+                         .pos = pos,
+                         .x = x};
     /* the chain may complete (and release mb) inside launch when every unit is local */
     if (rc == 0)
-        rc = dsd_data_launch(s->data, rid, mb->step, (uint32_t)(mb - s->mbs), n, ids, pos, x, &err);
+        rc = s->port->launch(s->ctx, &b, &err);
     if (rc < 0 && mb_find(s, rid))
         mb_fail(s, mb, ds_error_str(&err));
     free(tok);
     free(ids);
     free(pos);
     free(x);
+    return taken;
 }
 
-void dsd_sched_tick(dsd_sched *s)
+void dsd_sched_tick(dsd_sched *s, uint64_t now_ns)
 {
-    uint64_t now = dsd_now_ns();
+    s->now_ns = now_ns;
     uint32_t inflight = 0;
     for (uint32_t i = 0; i < s->max_mbs; i++) {
         struct mbatch *mb = &s->mbs[i];
-        if (mb->used && now > mb->deadline) {
+        if (mb->used && now_ns > mb->deadline) {
             char why[96];
-            snprintf(why, sizeof(why), "no result within %lld ms (step_timeout_ms)",
-                     (long long)s->o.step_timeout_ms);
+            snprintf(why, sizeof(why), "no result within %llu ms (step_timeout_ms)",
+                     (unsigned long long)(s->lim.step_timeout_ns / 1000000u));
             mb_fail(s, mb, why);
         }
         inflight += mb->used;
@@ -571,8 +416,7 @@ void dsd_sched_tick(dsd_sched *s)
             break;
         uint32_t free_slots = s->max_mbs - inflight, left = nr - at;
         uint32_t take = (left + free_slots - 1) / free_slots;
-        launch(s, mb, ready + at, take);
-        at += take;
+        at += launch(s, mb, ready + at, take);
         inflight = 0;
         for (uint32_t i = 0; i < s->max_mbs; i++)
             inflight += s->mbs[i].used;
@@ -580,15 +424,12 @@ void dsd_sched_tick(dsd_sched *s)
     free(ready);
 }
 
-/* A reload: the step timeout applies to the next micro-batch; max_jobs to the next plan. */
-void dsd_sched_set_opts(dsd_sched *s, const dsd_opts *o)
+void dsd_sched_set_step_timeout(dsd_sched *s, uint64_t step_timeout_ns)
 {
-    uint32_t max_jobs = (uint32_t)s->o.max_jobs;
-    s->o = *o;
-    s->o.max_jobs = max_jobs; /* the job table is sized at start */
+    s->lim.step_timeout_ns = step_timeout_ns;
 }
 
-long dsd_sched_wait_ms(dsd_sched *s)
+long dsd_sched_wait_ms(const dsd_sched *s)
 {
     /* ready jobs and a free micro-batch slot: come back at once */
     uint32_t inflight = 0;
@@ -601,90 +442,33 @@ long dsd_sched_wait_ms(dsd_sched *s)
     return 50;
 }
 
-/* Client requests the event loop forwards as [client-id, envelope]. */
-void dsd_sched_on_pipe(dsd_sched *s)
+int dsd_sched_new(const ds_model *m, ds_pool *pool, ds_tokenizer **tok, const dsd_sched_limits *lim,
+                  const dsd_sched_port *port, void *ctx, dsd_sched **ret, ds_error *err)
 {
-    for (int guard = 0; guard < 1024; guard++) {
-        zmq_msg_t a, b;
-        zmq_msg_init(&a);
-        zmq_msg_init(&b);
-        if (zmq_msg_recv(&a, s->pipe, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&a);
-            zmq_msg_close(&b);
-            return;
-        }
-        zmq_msg_recv(&b, s->pipe, 0);
-        Dsd__Envelope *env = NULL;
-        ds_error err = {0};
-        if (ds_wire_unpack(zmq_msg_data(&b), zmq_msg_size(&b), &env, &err) == 0) {
-            const uint8_t *peer = zmq_msg_data(&a);
-            size_t pl = zmq_msg_size(&a);
-            if (env->body_case == DSD__ENVELOPE__BODY_SUBMIT)
-                handle_submit(s, s->pipe, peer, pl, env);
-            else if (env->body_case == DSD__ENVELOPE__BODY_CANCEL)
-                handle_cancel(s, s->pipe, peer, pl, env);
-            ds_wire_free(env);
-        }
-        zmq_msg_close(&a);
-        zmq_msg_close(&b);
-    }
-}
-
-void dsd_sched_refuse_pipe(void *pipe)
-{
-    for (int guard = 0; guard < 1024; guard++) {
-        zmq_msg_t a, b;
-        zmq_msg_init(&a);
-        zmq_msg_init(&b);
-        if (zmq_msg_recv(&a, pipe, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&a);
-            zmq_msg_close(&b);
-            return;
-        }
-        zmq_msg_recv(&b, pipe, 0);
-        Dsd__Envelope *env = NULL;
-        ds_error err = {0};
-        if (ds_wire_unpack(zmq_msg_data(&b), zmq_msg_size(&b), &env, &err) == 0) {
-            if (zmq_msg_size(&a))
-                pipe_error(pipe, zmq_msg_data(&a), zmq_msg_size(&a), env->request_id,
-                           DSD__ERROR_CODE__ERROR_CODE_BUSY, "no plan is installed");
-            ds_wire_free(env);
-        }
-        zmq_msg_close(&a);
-        zmq_msg_close(&b);
-    }
-}
-
-int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void *pipe,
-                  dsd_sched **ret, ds_error *err)
-{
+    if (!m || !lim || !port || !port->launch || !port->release || !port->reply || !lim->max_jobs ||
+        !lim->max_rows_per_step)
+        return ds_error_set(err, -EINVAL, "scheduler: bad arguments");
     dsd_sched *s = calloc(1, sizeof(*s));
     if (!s)
         return ds_error_set(err, -ENOMEM, "scheduler: out of memory");
-    s->pipe = pipe;
-    s->data = data;
-    s->o = *o;
-    s->c = ds_model_get_config(dsd_data_model(data));
-    ds_error terr = {0};
-    if (ds_tokenizer_load(o->model, &s->tok, &terr) < 0) {
-        s->tok = NULL;
-        ds_log_info("no tokenizer (%s): clients send token ids; stops 'eos' and 'id:N' only",
-                    ds_error_str(&terr));
+    s->m = m;
+    s->pool = pool;
+    s->c = ds_model_get_config(m);
+    s->port = port;
+    s->ctx = ctx;
+    s->lim = *lim;
+    s->ctx_len = lim->max_context < s->c->max_position_embeddings ? lim->max_context
+                                                                  : s->c->max_position_embeddings;
+    if (tok) {
+        s->tok = *tok;
+        *tok = NULL;
     }
-    s->max_jobs = (uint32_t)o->max_jobs;
-    s->max_mbs = (uint32_t)(o->micro_batches > 0 ? o->micro_batches : 1);
+    s->max_jobs = lim->max_jobs;
+    s->max_mbs = lim->micro_batches > 0 ? lim->micro_batches : 1;
     /* pipelining needs a second node to overlap with: a plan that keeps every attention layer
      * and expert on one node gains nothing from splitting a step, and each micro-batch pays
      * the per-step costs (measured: 0.78x on a one-node plan) */
-    bool one_node = true;
-    for (uint32_t l = 0; l < plan->n_layers && one_node; l++) {
-        one_node = plan->attn[l] == plan->attn[0];
-        for (uint32_t e = 0; e < plan->n_experts && one_node; e++) {
-            size_t i = (size_t)l * plan->n_experts + e;
-            one_node = (plan->expert[i] < 0 || plan->expert[i] == plan->attn[0]);
-        }
-    }
-    if (one_node && s->max_mbs > 1) {
+    if (lim->one_node && s->max_mbs > 1) {
         ds_log_info("scheduler: the plan runs on one node: 1 micro-batch in flight");
         s->max_mbs = 1;
     }
@@ -694,7 +478,8 @@ int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void 
     for (uint32_t i = 0; ok && i < s->max_mbs; i++) {
         s->mbs[i].jobs = malloc(s->max_jobs * sizeof(uint32_t));
         s->mbs[i].last = malloc(s->max_jobs * sizeof(uint32_t));
-        ok = s->mbs[i].jobs && s->mbs[i].last;
+        s->mbs[i].rows = malloc(s->max_jobs * sizeof(uint32_t));
+        ok = s->mbs[i].jobs && s->mbs[i].last && s->mbs[i].rows;
     }
     for (uint32_t i = 0; ok && i < s->max_jobs; i++)
         s->jobs[i].mb = -1;
@@ -706,8 +491,6 @@ int dsd_sched_new(const dsd_opts *o, const dsd_plan *plan, dsd_data *data, void 
     return 0;
 }
 
-/* Ends every job with `reason` ("error": the plan changed under it; "cancelled": the node
- * stops) and frees the scheduler. */
 dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason)
 {
     if (!s)
@@ -720,6 +503,7 @@ dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason)
     for (uint32_t i = 0; s->mbs && i < s->max_mbs; i++) {
         free(s->mbs[i].jobs);
         free(s->mbs[i].last);
+        free(s->mbs[i].rows);
     }
     free(s->mbs);
     free(s->jobs);

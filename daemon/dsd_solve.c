@@ -1,7 +1,7 @@
 /* dsd_solve.c — the coordinator's call into the placement solver (placement/ds_placement.h):
- * cluster spec + model config + workload -> unit -> node. Kept in its own file because
- * ds_placement.h and ds_model.h (pulled in by dsd.h) both declare enum ds_unit_kind, with the
- * same enumerators in the same order. */
+ * cluster spec + model config + workload -> a dsd_plan (unit -> node, and the accelerator of
+ * the node that runs each expert). embed and head are pinned to the coordinator, which embeds
+ * and samples. */
 #include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -9,17 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ds_config.h"
-#include "ds_err.h"
 #include "ds_placement.h"
+#include "dsd.h"
 
-int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
-                    const char (*names)[64], const char *strategy, uint32_t batch,
-                    uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, uint64_t *replicas, char (*expert_devname)[32], char *solver,
-                    char **solver_json, ds_error *err);
-
-/* Node index (into names) of the device the solver gave a unit; -1 when absent. */
+/* Node index (into the planned names) of the device the solver gave a unit; -1 when absent. */
 static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t *node_of_spec,
                          enum ds_unit_kind k, uint32_t l, uint32_t e, uint32_t replica)
 {
@@ -30,13 +23,55 @@ static int32_t unit_node(const ds_plan *sp, const ds_cluster *cl, const int32_t 
     return d ? node_of_spec[d->node_index] : -1;
 }
 
-int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
-                    const char (*names)[64], const char *strategy, uint32_t batch,
-                    uint32_t context, const double *expert_stats, int32_t *embed, int32_t *head, int32_t *attn,
-                    int32_t *expert, uint64_t *replicas, char (*expert_devname)[32], char *solver,
-                    char **solver_json, ds_error *err)
+/* Fills p's units from the solver's plan sp over cluster cl (node_of_spec: spec node -> plan
+ * node). -EPROTO when the solver left a unit unplaced or moved embed/head. */
+static int plan_fill(dsd_plan *p, const ds_model_config *c, const ds_plan *sp, const ds_cluster *cl,
+                     const int32_t *node_of_spec, ds_error *err)
 {
-    ds_plan_options opt = {.batch = batch ? batch : 1, .context = context ? context : 1,
+    p->embed = unit_node(sp, cl, node_of_spec, DS_UNIT_EMBED, 0, 0, 0);
+    p->head = unit_node(sp, cl, node_of_spec, DS_UNIT_HEAD, 0, 0, 0);
+    bool bad = p->embed != 0 || p->head != 0;
+    uint32_t L = c->num_hidden_layers, E = c->n_routed_experts;
+    for (uint32_t l = 0; l < L && !bad; l++) {
+        /* dense[l] / shared[l] run beside attn[l] in dsd's hosts (one step request per layer) */
+        p->attn[l] = unit_node(sp, cl, node_of_spec, DS_UNIT_ATTN, l, 0, 0);
+        bad = p->attn[l] < 0;
+        bool moe = ds_model_config_layer_is_moe(c, l);
+        for (uint32_t e = 0; e < E && !bad; e++) {
+            size_t i = (size_t)l * E + e;
+            int32_t h = moe ? unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e, 0) : -1;
+            bad = moe && h < 0;
+            p->expert[i] = h;
+            /* the device within the node: accelerators run their experts there */
+            int dv = moe ? ds_plan_unit_device(sp, DS_UNIT_EXPERT, l, e, 0) : -1;
+            const ds_pl_device *pd = dv >= 0 ? ds_cluster_device(cl, dv) : NULL;
+            p->expert_dev[i] = pd ? dsd_plan_dev_index(p, pd->name) : 0;
+            /* the solver's extra copies of hot experts (replica 1, 2, ...) on other nodes */
+            uint64_t mask = 0;
+            for (uint32_t r = 1; moe && r < 64; r++) {
+                int32_t rn = unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e, r);
+                if (rn < 0)
+                    break;
+                if (rn != h && rn < 64)
+                    mask |= 1ull << rn;
+            }
+            p->replicas[i] = mask;
+        }
+    }
+    if (bad)
+        return ds_error_set(err, -EPROTO,
+                            "plan: the solver left a unit unplaced or moved embed/head");
+    return 0;
+}
+
+int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
+                   const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
+                   const char *strategy, uint32_t batch, uint32_t context,
+                   const double *expert_stats, uint64_t version, ds_error *err)
+{
+    memset(p, 0, sizeof(*p));
+    ds_plan_options opt = {.batch = batch ? batch : 1,
+                           .context = context ? context : 1,
                            .objective = DS_OBJ_LATENCY,
                            .expert_stats = expert_stats};
     if (ds_strategy_parse(strategy, &opt.strategy) < 0)
@@ -49,6 +84,11 @@ int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_
     int rc = ds_cluster_parse(spec_json, strlen(spec_json), &cl, err);
     if (rc < 0)
         return rc;
+    if ((rc = dsd_plan_alloc(p, c, n_nodes, names, endpoints, version)) < 0) {
+        ds_error_set(err, rc, "out of memory");
+        goto out;
+    }
+    snprintf(p->strategy, sizeof(p->strategy), "%s", strategy);
     /* embed and head stay on the coordinator (names[0]): it embeds the tokens and samples */
     int ndev = ds_cluster_n_devices(cl), coord_dev = -1;
     for (int i = 0; i < ndev && coord_dev < 0; i++)
@@ -70,7 +110,7 @@ int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_
     int nn = ds_cluster_n_nodes(cl);
     node_of_spec = calloc((size_t)(nn > 0 ? nn : 1), sizeof(*node_of_spec));
     if (!node_of_spec) {
-        rc = -ENOMEM;
+        rc = ds_error_set(err, -ENOMEM, "out of memory");
         goto out;
     }
     for (int i = 0; i < nn; i++) {
@@ -88,49 +128,18 @@ int dsd_solve_units(const ds_model_config *c, const char *spec_json, uint32_t n_
         goto out;
     ds_plan_summary sum;
     ds_plan_get_summary(sp, &sum);
-    snprintf(solver, 32, "%s", sum.solver ? sum.solver : "?");
-    *solver_json = ds_plan_to_json(sp);
-    *embed = unit_node(sp, cl, node_of_spec, DS_UNIT_EMBED, 0, 0, 0);
-    *head = unit_node(sp, cl, node_of_spec, DS_UNIT_HEAD, 0, 0, 0);
-    bool bad = *embed != 0 || *head != 0;
-    uint32_t L = c->num_hidden_layers, E = c->n_routed_experts;
-    for (uint32_t l = 0; l < L && !bad; l++) {
-        /* dense[l] / shared[l] run beside attn[l] in dsd's hosts (one step request per layer) */
-        attn[l] = unit_node(sp, cl, node_of_spec, DS_UNIT_ATTN, l, 0, 0);
-        bad = attn[l] < 0;
-        bool moe = ds_model_config_layer_is_moe(c, l);
-        for (uint32_t e = 0; e < E && !bad; e++) {
-            int32_t h = moe ? unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e, 0) : -1;
-            bad = moe && h < 0;
-            expert[(size_t)l * E + e] = h;
-            /* the device within the node: accelerators run their experts there */
-            expert_devname[(size_t)l * E + e][0] = 0;
-            int dv = moe ? ds_plan_unit_device(sp, DS_UNIT_EXPERT, l, e, 0) : -1;
-            const ds_pl_device *pd = dv >= 0 ? ds_cluster_device(cl, dv) : NULL;
-            if (pd)
-                snprintf(expert_devname[(size_t)l * E + e], 32, "%s", pd->name);
-            /* the solver's extra copies of hot experts (replica 1, 2, ...) on other nodes */
-            uint64_t mask = 0;
-            for (uint32_t r = 1; moe && r < 64; r++) {
-                int32_t rn = unit_node(sp, cl, node_of_spec, DS_UNIT_EXPERT, l, e, r);
-                if (rn < 0)
-                    break;
-                if (rn != h && rn < 64)
-                    mask |= 1ull << rn;
-            }
-            replicas[(size_t)l * E + e] = mask;
-        }
-    }
-    if (bad)
-        rc = ds_error_set(err, -EPROTO, "plan: the solver left a unit unplaced or moved embed/head");
+    snprintf(p->solver, sizeof(p->solver), "%s", sum.solver ? sum.solver : "?");
+    p->solver_json = ds_plan_to_json(sp);
+    rc = plan_fill(p, c, sp, cl, node_of_spec, err);
 out:
+    if (rc < 0)
+        dsd_plan_clear(p);
     free(node_of_spec);
     ds_plan_free(sp);
     ds_cluster_free(cl);
     return rc;
 }
 
-void dsd_solve_thread_done(void); /* declared in dsd.h, which this file cannot include */
 void dsd_solve_thread_done(void)
 {
     ds_placement_thread_done();

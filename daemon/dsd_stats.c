@@ -19,7 +19,7 @@ json_t *dsd_stats_from_wire(const Dsd__StepStats *st, const char *node, uint32_t
         const Dsd__UnitStat *u = st->units[i];
         enum ds_unit_kind kind;
         uint32_t l, e;
-        if (!u->unit || dsd_unit_parse(u->unit, &kind, &l, &e) < 0 || l >= L ||
+        if (!u->unit || ds_unit_parse(u->unit, &kind, &l, &e) < 0 || l >= L ||
             (kind == DS_UNIT_EXPERT && e >= E) || !isfinite(u->compute_s))
             continue;
         json_object_set_new(units, u->unit,

@@ -18,6 +18,7 @@
 
 #include "ds_backend.h"
 #include "ds_backend_kernels.h" /* generated: ds_backend_kernels_cl[], _len */
+#include "ds_hash.h"
 #include "ds_log.h"
 
 #define NB 4 /* input rows per matmul work-item (kernels/ops.cl) */
@@ -69,14 +70,6 @@ static int cl_fail(ds_error *err, cl_int e, const char *what)
         "opencl: %s failed (error %d)", what, (int)e);
 }
 
-static uint64_t fnv(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ b[i]) * 0x100000001b3ull;
-    return h;
-}
-
 static void dev_str(cl_device_id d, cl_device_info what, char *out, size_t len)
 {
     out[0] = 0;
@@ -124,12 +117,12 @@ static int build_program(ocl *o, cl_platform_id plat, ds_error *err)
     pname[sizeof(pname) - 1] = 0;
     dev_str(o->dev, CL_DEVICE_NAME, dname, sizeof(dname));
     dev_str(o->dev, CL_DRIVER_VERSION, dver, sizeof(dver));
-    uint64_t h = 0xcbf29ce484222325ull;
-    h = fnv(h, pname, strlen(pname) + 1);
-    h = fnv(h, dname, strlen(dname) + 1);
-    h = fnv(h, dver, strlen(dver) + 1);
-    h = fnv(h, build_opts, sizeof(build_opts));
-    h = fnv(h, ds_backend_kernels_cl, ds_backend_kernels_cl_len);
+    uint64_t h = DS_HASH_FNV1A_INIT;
+    h = ds_hash_fnv1a(h, pname, strlen(pname) + 1);
+    h = ds_hash_fnv1a(h, dname, strlen(dname) + 1);
+    h = ds_hash_fnv1a(h, dver, strlen(dver) + 1);
+    h = ds_hash_fnv1a(h, build_opts, sizeof(build_opts));
+    h = ds_hash_fnv1a(h, ds_backend_kernels_cl, ds_backend_kernels_cl_len);
     cache_dir(dir, sizeof(dir));
     path[0] = 0;
     if (dir[0])

@@ -26,6 +26,7 @@
 
 #include "devices_impl.h"
 #include "ds_backend.h"
+#include "ds_hash.h"
 #include "ds_log.h"
 
 #define CALIB_VERSION   1
@@ -497,11 +498,7 @@ static void cache_key(const ds_device_list *l, const ds_calibrate_options *o, ui
     char buf[256];
     snprintf(buf, sizeof(buf), "%s|%d|%llu|%s", l->fingerprint, CALIB_VERSION,
              (unsigned long long)bytes, o->fingerprint_salt ? o->fingerprint_salt : "");
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (const char *p = buf; *p; p++) {
-        h ^= (unsigned char)*p;
-        h *= 0x100000001b3ull;
-    }
+    uint64_t h = ds_hash_fnv1a_str(DS_HASH_FNV1A_INIT, buf);
     snprintf(out, 17, "%016llx", (unsigned long long)h);
 }
 

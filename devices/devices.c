@@ -13,6 +13,7 @@
 
 #include "devices_impl.h"
 #include "ds_cleanup.h"
+#include "ds_hash.h"
 #include "ds_log.h"
 
 /* One registry; sorted by priority at discovery. Adding a source: its file + one line here. */
@@ -127,32 +128,22 @@ const char *ds_device_list_fingerprint(const ds_device_list *l)
     return l->fingerprint;
 }
 
-static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) {
-        h ^= b[i];
-        h *= 0x100000001b3ull;
-    }
-    return h;
-}
-
 /* What the hardware is, not what it is doing: free memory, config caps and labels stay out so
  * the cache survives reboots and edits of the operator config; exclusion stays out too. */
 static void compute_fingerprint(ds_device_list *l)
 {
-    uint64_t h = 0xcbf29ce484222325ull;
+    uint64_t h = DS_HASH_FNV1A_INIT;
     for (size_t i = 0; i < l->n; i++) {
         const ds_device_info *d = &l->dev[i];
-        h = fnv1a(h, d->name, strlen(d->name) + 1);
-        h = fnv1a(h, d->model, strlen(d->model) + 1);
-        h = fnv1a(h, d->vendor, strlen(d->vendor) + 1);
-        h = fnv1a(h, d->driver, strlen(d->driver) + 1);
-        h = fnv1a(h, d->cpuset, strlen(d->cpuset) + 1);
-        h = fnv1a(h, &d->memory_found_bytes, sizeof(d->memory_found_bytes));
-        h = fnv1a(h, &d->cores, sizeof(d->cores));
-        h = fnv1a(h, &d->pus, sizeof(d->pus));
-        h = fnv1a(h, &d->compute_units, sizeof(d->compute_units));
+        h = ds_hash_fnv1a(h, d->name, strlen(d->name) + 1);
+        h = ds_hash_fnv1a(h, d->model, strlen(d->model) + 1);
+        h = ds_hash_fnv1a(h, d->vendor, strlen(d->vendor) + 1);
+        h = ds_hash_fnv1a(h, d->driver, strlen(d->driver) + 1);
+        h = ds_hash_fnv1a(h, d->cpuset, strlen(d->cpuset) + 1);
+        h = ds_hash_fnv1a(h, &d->memory_found_bytes, sizeof(d->memory_found_bytes));
+        h = ds_hash_fnv1a(h, &d->cores, sizeof(d->cores));
+        h = ds_hash_fnv1a(h, &d->pus, sizeof(d->pus));
+        h = ds_hash_fnv1a(h, &d->compute_units, sizeof(d->compute_units));
     }
     snprintf(l->fingerprint, sizeof(l->fingerprint), "%016llx", (unsigned long long)h);
 }

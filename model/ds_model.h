@@ -38,15 +38,7 @@
 #include "ds_err.h"
 #include "ds_pool.h"
 #include "ds_tensor.h"
-
-enum ds_unit_kind {
-    DS_UNIT_EMBED,
-    DS_UNIT_ATTN,   /* layer l: norms, MLA, router gate (+ bias) */
-    DS_UNIT_DENSE,  /* layer l < first_k_dense_replace (or non-MoE layer) */
-    DS_UNIT_SHARED, /* layer l: shared experts */
-    DS_UNIT_EXPERT, /* layer l, expert e */
-    DS_UNIT_HEAD,   /* final norm + lm_head */
-};
+#include "ds_unit.h" /* enum ds_unit_kind: one definition for model, placement, daemon */
 
 /* Which units to bind at open. NULL want = all. Unbound units return -ENOENT when called.
  * Tensors of unbound units are neither validated against the config nor touched (the mapping

@@ -13,6 +13,7 @@
  *
  * The decoded bytes of every id are computed once at load (ByteLevel decoder: a token whose
  * every code point is in the byte map becomes those bytes, any other token its own UTF-8). */
+#include "ds_hash.h"
 #include "ds_tokenizer.h"
 
 #include "ds_gguf.h"
@@ -178,10 +179,7 @@ static uint32_t utf8_get(const uint8_t *s, int len)
 
 static uint64_t hash_bytes(const char *s, size_t n)
 {
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
-    return h;
+    return ds_hash_fnv1a(DS_HASH_FNV1A_INIT, s, n);
 }
 
 static uint64_t hash_u64(uint64_t x)

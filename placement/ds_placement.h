@@ -13,6 +13,7 @@
 
 #include "ds_config.h"
 #include "ds_err.h"
+#include "ds_unit.h"
 
 /* Limits on a parsed cluster spec: a spec from a file or a peer cannot make us allocate
  * unbounded memory or loop for ever. */
@@ -55,8 +56,7 @@ void ds_cluster_link(const ds_cluster *c, int node_a, int node_b, double *latenc
 
 /* ---- unit inventory --------------------------------------------------------------------- */
 
-enum ds_unit_kind { DS_UNIT_EMBED, DS_UNIT_ATTN, DS_UNIT_DENSE, DS_UNIT_SHARED,
-                    DS_UNIT_EXPERT, DS_UNIT_HEAD };
+/* enum ds_unit_kind and unit names: common/ds_unit.h (shared with model and daemon) */
 
 /* Per-unit figures, for one token (one row) unless said otherwise. */
 typedef struct ds_unit_cost {

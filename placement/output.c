@@ -8,6 +8,7 @@
 
 #include <jansson.h>
 
+#include "ds_hash.h"
 #include "ds_placement.h"
 #include "pl_internal.h"
 
@@ -38,39 +39,31 @@ struct ds_plan {
     uint32_t replicas;
 };
 
-static uint64_t fnv(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ b[i]) * 1099511628211ull;
-    return h;
-}
-
 static void digest(ds_plan *p)
 {
     const pl_ctx *x = &p->x;
-    uint64_t h = 1469598103934665603ull;
+    uint64_t h = DS_HASH_FNV1A_INIT;
     for (int d = 0; d < x->nd; d++) {
         const ds_pl_device *v = &x->dev[d];
-        h = fnv(h, v->node, strlen(v->node));
-        h = fnv(h, v->name, strlen(v->name));
+        h = ds_hash_fnv1a(h, v->node, strlen(v->node));
+        h = ds_hash_fnv1a(h, v->name, strlen(v->name));
         double f[5] = {(double)v->memory_bytes, v->mem_bw, v->flops, v->host_link_bw,
                        v->launch_s};
-        h = fnv(h, f, sizeof f);
-        h = fnv(h, &x->usable[d], 1);
+        h = ds_hash_fnv1a(h, f, sizeof f);
+        h = ds_hash_fnv1a(h, &x->usable[d], 1);
     }
-    h = fnv(h, x->lat, (size_t)x->nn * x->nn * sizeof *x->lat);
-    h = fnv(h, x->bw, (size_t)x->nn * x->nn * sizeof *x->bw);
+    h = ds_hash_fnv1a(h, x->lat, (size_t)x->nn * x->nn * sizeof *x->lat);
+    h = ds_hash_fnv1a(h, x->bw, (size_t)x->nn * x->nn * sizeof *x->bw);
     uint64_t mdl[8] = {x->L, x->E, x->inv.top_k, x->inv.attn.weight_bytes,
                        x->inv.expert.weight_bytes, x->inv.dense.weight_bytes,
                        x->inv.embed.weight_bytes, x->inv.shared.weight_bytes};
-    h = fnv(h, mdl, sizeof mdl);
+    h = ds_hash_fnv1a(h, mdl, sizeof mdl);
     uint64_t o[4] = {x->batch, x->context, (uint64_t)x->objective, x->micro};
-    h = fnv(h, o, sizeof o);
-    h = fnv(h, &x->reserve, sizeof x->reserve);
-    h = fnv(h, x->pop, (size_t)x->L * x->E * sizeof *x->pop);
-    h = fnv(h, x->pin_attn, x->L * sizeof *x->pin_attn);
-    h = fnv(h, x->pin_exp, (size_t)x->L * x->E * sizeof *x->pin_exp);
+    h = ds_hash_fnv1a(h, o, sizeof o);
+    h = ds_hash_fnv1a(h, &x->reserve, sizeof x->reserve);
+    h = ds_hash_fnv1a(h, x->pop, (size_t)x->L * x->E * sizeof *x->pop);
+    h = ds_hash_fnv1a(h, x->pin_attn, x->L * sizeof *x->pin_attn);
+    h = ds_hash_fnv1a(h, x->pin_exp, (size_t)x->L * x->E * sizeof *x->pin_exp);
     snprintf(p->digest, sizeof p->digest, "%016llx", (unsigned long long)h);
 }
 

@@ -59,6 +59,10 @@ void pl_layer_sums_add(pl_layer_sums *s, const pl_ctx *x, uint32_t l, uint32_t e
                        int copies, double rows, int sign);
 double pl_path(const pl_ctx *x, const pl_layer_sums *s, int host, int d, double rows);
 double pl_layer_max(const pl_ctx *x, const pl_layer_sums *s, int host, double rows, int *arg);
+/* The memory model: bytes on the host of layer l's attention (+ KV, router, shared or dense);
+ * used[nd] bytes per device of the hosts (embed, head, layer hosts) only, or of every unit. */
+double pl_layer_host_bytes(const pl_ctx *x, uint32_t l);
+void pl_memory_hosts(const pl_ctx *x, const pl_assign *a, double *used);
 void pl_memory(const pl_ctx *x, const pl_assign *a, double *used);
 double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_result *res,
                pl_layer_sums *s);

@@ -65,33 +65,6 @@ static int device_by_name(const pl_ctx *x, const char *s)
     return -1;
 }
 
-static int parse_unit(const char *s, enum ds_unit_kind *k, uint32_t *l, uint32_t *e)
-{
-    unsigned a = 0, b = 0;
-    char canon[64];
-    *l = *e = 0;
-    if (!strcmp(s, "embed")) { *k = DS_UNIT_EMBED; return 0; }
-    if (!strcmp(s, "head")) { *k = DS_UNIT_HEAD; return 0; }
-    /* sscanf accepts what the canonical spelling would not ("attn[+3]"); compare back. */
-    if (sscanf(s, "expert[%u][%u]", &a, &b) == 2) {
-        snprintf(canon, sizeof canon, "expert[%u][%u]", a, b);
-        *k = DS_UNIT_EXPERT;
-    } else if (sscanf(s, "attn[%u]", &a) == 1) {
-        snprintf(canon, sizeof canon, "attn[%u]", a);
-        *k = DS_UNIT_ATTN;
-    } else if (sscanf(s, "dense[%u]", &a) == 1) {
-        snprintf(canon, sizeof canon, "dense[%u]", a);
-        *k = DS_UNIT_DENSE;
-    } else if (sscanf(s, "shared[%u]", &a) == 1) {
-        snprintf(canon, sizeof canon, "shared[%u]", a);
-        *k = DS_UNIT_SHARED;
-    } else
-        return -EINVAL;
-    *l = a;
-    *e = b;
-    return strcmp(canon, s) ? -EINVAL : 0;
-}
-
 int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
                 const ds_plan_options *o, ds_error *err)
 {
@@ -193,8 +166,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
         if (!x->usable[d])
             return ds_error_set(err, -EINVAL, "plan: pin %s: device '%s' is excluded or an "
                                 "alternative of another", o->pins[i].unit, o->pins[i].device);
-        if (parse_unit(o->pins[i].unit, &k, &l, &e) || (k != DS_UNIT_EMBED && k != DS_UNIT_HEAD &&
-                                                        l >= x->L))
+        if (ds_unit_parse(o->pins[i].unit, &k, &l, &e) ||
+            (k != DS_UNIT_EMBED && k != DS_UNIT_HEAD && l >= x->L))
             return ds_error_set(err, -EINVAL, "plan: pin: bad unit '%s'", o->pins[i].unit);
         if (k == DS_UNIT_EMBED)
             x->pin_embed = d;
@@ -361,8 +334,11 @@ void pl_layer_sums_release(pl_layer_sums *s)
     free(s->npairs);
 }
 
-/* Weight + KV bytes of the non-expert units of layer l. */
-static double layer_host_bytes(const pl_ctx *x, uint32_t l)
+/* The placement memory model, written once: what a device must hold for the units given to
+ * it. A layer's host holds attn[l]'s weights and KV cache (batch sequences of `context`
+ * tokens) and, beside it, the router gate + shared experts (MoE layer) or the dense FFN; every
+ * expert copy holds its weights; embed and head hold theirs. */
+double pl_layer_host_bytes(const pl_ctx *x, uint32_t l)
 {
     double b = (double)x->inv.attn.weight_bytes +
                (double)x->inv.attn.kv_bytes_per_token * x->batch * (double)x->context;
@@ -373,13 +349,19 @@ static double layer_host_bytes(const pl_ctx *x, uint32_t l)
     return b;
 }
 
-void pl_memory(const pl_ctx *x, const pl_assign *a, double *used)
+void pl_memory_hosts(const pl_ctx *x, const pl_assign *a, double *used)
 {
     memset(used, 0, x->nd * sizeof *used);
     used[a->embed] += (double)x->inv.embed.weight_bytes;
     used[a->head] += (double)x->inv.head.weight_bytes;
+    for (uint32_t l = 0; l < x->L; l++)
+        used[a->attn[l]] += pl_layer_host_bytes(x, l);
+}
+
+void pl_memory(const pl_ctx *x, const pl_assign *a, double *used)
+{
+    pl_memory_hosts(x, a, used);
     for (uint32_t l = 0; l < x->L; l++) {
-        used[a->attn[l]] += layer_host_bytes(x, l);
         if (!x->inv.is_moe[l])
             continue;
         for (uint32_t e = 0; e < x->E; e++) {

@@ -30,17 +30,6 @@ static double cost_rows(const pl_ctx *x)
     return x->objective == DS_OBJ_LATENCY ? x->batch : ceil((double)x->batch / x->micro);
 }
 
-static double host_layer_bytes(const pl_ctx *x, uint32_t l)
-{
-    double b = (double)x->inv.attn.weight_bytes +
-               (double)x->inv.attn.kv_bytes_per_token * x->batch * (double)x->context;
-    if (x->inv.is_moe[l])
-        b += (double)(x->inv.attn_router.weight_bytes + x->inv.shared.weight_bytes);
-    else
-        b += (double)x->inv.dense.weight_bytes;
-    return b;
-}
-
 /* Seconds one layer's attention takes on device d at the objective's rows. */
 static double attn_speed(const pl_ctx *x, int d)
 {
@@ -509,14 +498,10 @@ static int place_experts(pl_work *w, pl_assign *a)
     double eb = (double)x->inv.expert.weight_bytes;
     double used[DS_PL_MAX_DEVICES];
     /* free memory after the non-expert units */
-    memset(used, 0, sizeof used);
-    used[a->embed] += (double)x->inv.embed.weight_bytes;
-    used[a->head] += (double)x->inv.head.weight_bytes;
+    pl_memory_hosts(x, a, used);
     uint32_t n_moe = 0;
-    for (uint32_t l = 0; l < x->L; l++) {
-        used[a->attn[l]] += host_layer_bytes(x, l);
+    for (uint32_t l = 0; l < x->L; l++)
         n_moe += x->inv.is_moe[l];
-    }
     for (int d = 0; d < x->nd; d++) {
         w->rem[d] = x->usable[d] ? x->cap[d] - used[d] : 0;
         if (w->rem[d] < 0 && (used[d] > 0))
@@ -626,7 +611,7 @@ static int attn_layout(const pl_ctx *x, int c, pl_assign *a)
     qsort(ids, (size_t)n, sizeof *ids, cmp_speed);
     double total = (double)(x->inv.embed.weight_bytes + x->inv.head.weight_bytes);
     for (uint32_t l = 0; l < x->L; l++)
-        total += host_layer_bytes(x, l);
+        total += pl_layer_host_bytes(x, l);
     if (c < 3) {
         int seen = 0;
         for (int i = 0; i < n; i++) {
@@ -646,7 +631,7 @@ static int attn_layout(const pl_ctx *x, int c, pl_assign *a)
     double used = (double)x->inv.embed.weight_bytes;
     a->embed = ids[0];
     for (uint32_t l = 0; l < x->L; l++) {
-        double b = host_layer_bytes(x, l);
+        double b = pl_layer_host_bytes(x, l);
         while (i < n && used + b > x->cap[ids[i]] * 0.5) {
             i++;
             used = 0;
@@ -699,7 +684,7 @@ static int baseline(const pl_ctx *x, enum ds_strategy s, pl_assign *a, char *why
             capsum += x->cap[ids[i]];
         double lb[4096];
         for (uint32_t l = 0; l < x->L; l++) {
-            lb[l] = host_layer_bytes(x, l) +
+            lb[l] = pl_layer_host_bytes(x, l) +
                     (x->inv.is_moe[l] ? (double)x->E * (double)x->inv.expert.weight_bytes : 0);
             tot += lb[l];
         }
@@ -751,7 +736,7 @@ static int baseline(const pl_ctx *x, enum ds_strategy s, pl_assign *a, char *why
         }
         double rem[DS_PL_MAX_DEVICES], used[DS_PL_MAX_DEVICES];
         apply_host_pins(x, a);
-        pl_memory(x, a, used); /* ncopy is 0: hosts only */
+        pl_memory_hosts(x, a, used);
         for (int d = 0; d < x->nd; d++)
             rem[d] = x->cap[d] - used[d];
         double eb = (double)x->inv.expert.weight_bytes;
@@ -880,10 +865,11 @@ void pl_shortfall(const pl_ctx *x, char *msg, size_t ml)
                  "the %.0f%% reserve: short by %.2f GiB", (w + kv) / GIB, w / GIB, kv / GIB,
                  x->batch, x->context, cap / GIB, x->reserve * 100, (w + kv - cap) / GIB);
     else
-        snprintf(msg, ml, "model does not pack: needs %.2f GiB of %.2f GiB usable, but a "
+        snprintf(msg, ml,
+                 "model does not pack: needs %.2f GiB of %.2f GiB usable, but a "
                  "layer's attention + KV cache (%.2f GiB) or the embeddings (%.2f GiB) do not "
                  "fit beside the experts on any device (largest device %.2f GiB usable)",
-                 (w + kv) / GIB, cap / GIB, host_layer_bytes(x, 0) / GIB,
+                 (w + kv) / GIB, cap / GIB, pl_layer_host_bytes(x, 0) / GIB,
                  (double)x->inv.embed.weight_bytes / GIB, biggest / GIB);
 }
 

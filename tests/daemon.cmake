@@ -1,5 +1,7 @@
 # daemon/ and client/ (libdsclient, dsctl cluster commands): see docs/daemon.md, docs/client.md.
 ds_add_test(NAME test_daemon SOURCES test_daemon.c LIBS ds_daemon LABELS unit TIMEOUT 120)
+# the scheduler alone (no sockets): its tokens against the in-process engine
+ds_add_test(NAME test_sched SOURCES test_sched.c LIBS ds_daemon LABELS unit TIMEOUT 120)
 ds_add_test(NAME test_client SOURCES test_client.c LIBS dsclient_static ds_proto ds_model LABELS unit
             TIMEOUT 180)
 add_dependencies(test_client dsd dsctl)
@@ -35,6 +37,10 @@ ds_add_test(NAME test_dsctl_placement
 target_include_directories(test_dsctl_placement PRIVATE ${PROJECT_SOURCE_DIR}/client)
 # a worker without a checkpoint copy: the coordinator streams it its units' weights
 ds_add_script_test(NAME test_stream COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_stream.sh
+                   LABELS cluster TIMEOUT 300)
+# prompts longer than max_rows_per_step fed in chunks across the cluster, token-identical
+ds_add_script_test(NAME test_chunked_prefill
+                   COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_chunked_prefill.sh
                    LABELS cluster TIMEOUT 300)
 # a worker dies and comes back: the coordinator replans around it by itself
 ds_add_script_test(NAME test_failover COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_failover.sh

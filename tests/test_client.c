@@ -167,6 +167,38 @@ static void test_cancel_mid_generation(void **state)
     assert_int_equal(jobs_running(), 0);
 }
 
+/* Tokens a cancelled job generates before the coordinator stops it are not left queued on
+ * the handle: once the job has ended there, the first pull is its final notice. */
+static void test_cancel_drops_queued_tokens(void **state)
+{
+    (void)state;
+    ds_client *c = conn();
+    uint32_t prompt[] = {7, 1};
+    ds_client_request r = {.tokens = prompt, .n_tokens = 2, .max_tokens = 500, .seed = 1};
+    uint64_t job;
+    assert_int_equal(ds_client_submit(c, &r, &job), 0);
+    ds_client_token t;
+    assert_int_equal(ds_client_next(c, job, &t, -1), 0);
+    assert_false(t.last);
+    dsd_sleep_ms(300); /* more tokens arrive meanwhile (models/tiny: hundreds per second) */
+    assert_int_equal(ds_client_cancel(c, job), 0);
+    int running = 1;
+    for (int i = 0; i < 200 && running; i++) {
+        running = jobs_running();
+        if (running)
+            dsd_sleep_ms(50);
+    }
+    assert_int_equal(running, 0);
+    assert_int_equal(ds_client_next(c, job, &t, -1), 0);
+    assert_true(t.last);
+    assert_false(t.has_id);
+    assert_string_equal(t.finish_reason, "cancelled");
+    /* nothing else of it is left: a further pull times out */
+    assert_int_equal(ds_client_next(c, job, &t, 200), -ETIMEDOUT);
+    assert_non_null(strstr(ds_client_error(c), "no answer"));
+    ds_client_close(c);
+}
+
 #define N_CLIENTS 8
 static uint32_t g_want[N_CLIENTS][10];
 
@@ -435,6 +467,7 @@ int main(void)
         cmocka_unit_test(test_stream_matches_local),
         cmocka_unit_test(test_callback_and_stop_id),
         cmocka_unit_test(test_cancel_mid_generation),
+        cmocka_unit_test(test_cancel_drops_queued_tokens),
         cmocka_unit_test(test_many_concurrent_clients),
         cmocka_unit_test(test_disconnect_cancels_job),
         cmocka_unit_test(test_malformed_and_oversized),

@@ -9,7 +9,9 @@
 #include "ds_arena.h"
 #include "ds_cleanup.h"
 #include "ds_err.h"
+#include "ds_hash.h"
 #include "ds_log.h"
+#include "ds_unit.h"
 
 static void test_error_set_and_prefix(void **state)
 {
@@ -66,6 +68,60 @@ static void test_take_ptr(void **state)
     free(t);
 }
 
+/* The published FNV-1a 64 test vectors (Fowler/Noll/Vo reference code), and chaining. */
+static void test_hash_fnv1a_vectors(void **state)
+{
+    (void)state;
+    assert_true(ds_hash_fnv1a(DS_HASH_FNV1A_INIT, "", 0) == 0xcbf29ce484222325ull);
+    assert_true(ds_hash_fnv1a(DS_HASH_FNV1A_INIT, "a", 1) == 0xaf63dc4c8601ec8cull);
+    assert_true(ds_hash_fnv1a(DS_HASH_FNV1A_INIT, "foobar", 6) == 0x85944171f73967e8ull);
+    assert_true(ds_hash_fnv1a_str(DS_HASH_FNV1A_INIT, "foobar") == 0x85944171f73967e8ull);
+    uint64_t h = ds_hash_fnv1a(DS_HASH_FNV1A_INIT, "foo", 3);
+    assert_true(ds_hash_fnv1a(h, "bar", 3) == 0x85944171f73967e8ull);
+}
+
+static void test_unit_parse_format(void **state)
+{
+    (void)state;
+    enum ds_unit_kind k;
+    uint32_t l, e;
+    char buf[DS_UNIT_NAME_MAX];
+    static const char *good[] = {"embed",    "head",           "attn[0]",
+                                 "dense[2]", "shared[60]",     "expert[3][17]",
+                                 "attn[10]", "expert[0][255]", "expert[4294967295][4294967295]"};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        assert_int_equal(ds_unit_parse(good[i], &k, &l, &e), 0);
+        assert_int_equal(ds_unit_format(buf, sizeof(buf), k, l, e), (int)strlen(good[i]));
+        assert_string_equal(buf, good[i]);
+    }
+    assert_int_equal(ds_unit_parse("expert[3][17]", &k, &l, &e), 0);
+    assert_int_equal(k, DS_UNIT_EXPERT);
+    assert_int_equal(l, 3);
+    assert_int_equal(e, 17);
+    assert_int_equal(ds_unit_parse("shared[5]", &k, &l, &e), 0);
+    assert_int_equal(k, DS_UNIT_SHARED);
+    assert_int_equal(l, 5);
+    assert_int_equal(e, 0);
+    static const char *bad[] = {"",
+                                "embe",
+                                "embedx",
+                                "attn",
+                                "attn[]",
+                                "attn[+3]",
+                                "attn[ 3]",
+                                "attn[03]",
+                                "attn[3]x",
+                                "attn[3",
+                                "expert[1]",
+                                "expert[1][2][3]",
+                                "attn[4294967296]",
+                                "Attn[1]",
+                                "head[0]",
+                                "dense[-1]"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        assert_int_equal(ds_unit_parse(bad[i], &k, &l, &e), -EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -73,6 +129,8 @@ int main(void)
         cmocka_unit_test(test_log_level_parse),
         cmocka_unit_test(test_arena_alignment_zero_and_limit),
         cmocka_unit_test(test_take_ptr),
+        cmocka_unit_test(test_hash_fnv1a_vectors),
+        cmocka_unit_test(test_unit_parse_format),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

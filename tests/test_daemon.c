@@ -8,9 +8,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <malloc.h>
+#include <math.h>
+
 #include <cmocka.h>
 
+#include <poll.h>
+
 #include "dsd.h"
+#include "dsd_loop.h"
 #include "cluster/dsd_spawn.h"
 
 /* The shipped example /etc/dsd/dsd.conf loads, and documents every option of the table
@@ -87,6 +93,39 @@ static void test_options_table(void **state)
     assert_string_equal(o.coordinator, "tcp://h:1");
     assert_int_equal(o.heartbeat_ms, 400);
     assert_int_equal(dsd_opts_check(&o, &err), 0);
+    /* getopt_long over the table: --key value and --key=value alike, '-' or '_' */
+    {
+        char *av[] = {"dsd",       "--config",     "/dev/null",     "--model",
+                      "/srv/m",    "--max_jobs=3", "--max-context", "1024",
+                      "--compute", "false",        "--role=worker", NULL};
+        dsd_opts_defaults(&o);
+        assert_int_equal(dsd_opts_parse(&o, 11, av, &cfg, &err), 0);
+        assert_string_equal(cfg, "/dev/null");
+        assert_string_equal(o.model, "/srv/m");
+        assert_int_equal(o.max_jobs, 3);
+        assert_int_equal(o.max_context, 1024);
+        assert_false(o.compute);
+        assert_string_equal(o.role, "worker");
+        char *av2[] = {"dsd", "--config=/dev/null", "--model=/srv/other", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, av2, &cfg, &err), 0);
+        assert_string_equal(o.model, "/srv/other");
+        /* refusals name the argument */
+        char *bad1[] = {"dsd", "--config=/dev/null", "--no-such-option=1", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, bad1, &cfg, &err), -EINVAL);
+        assert_non_null(strstr(err.msg, "--no-such-option=1"));
+        assert_non_null(strstr(err.msg, "unknown option"));
+        char *bad2[] = {"dsd", "--config=/dev/null", "--model", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, bad2, &cfg, &err), -EINVAL);
+        assert_non_null(strstr(err.msg, "needs a value"));
+        char *bad3[] = {"dsd", "--config=/dev/null", "stray", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 3, bad3, &cfg, &err), -EINVAL);
+        assert_non_null(strstr(err.msg, "'stray'"));
+        char *bad4[] = {"dsd", "--config=/dev/null", "--max-jobs", "0", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 4, bad4, &cfg, &err), -ERANGE);
+        /* --version prints and says so (1, like --help) */
+        char *ver[] = {"dsd", "--version", NULL};
+        assert_int_equal(dsd_opts_parse(&o, 2, ver, &cfg, &err), 1);
+    }
     /* a bad line names file and line */
     FILE *f = fopen(path, "w");
     fputs("role = worker\nthis is not an option line\n", f);
@@ -116,18 +155,18 @@ static void test_unit_names(void **state)
     (void)state;
     enum ds_unit_kind k;
     uint32_t l, e;
-    assert_int_equal(dsd_unit_parse("expert[3][17]", &k, &l, &e), 0);
+    assert_int_equal(ds_unit_parse("expert[3][17]", &k, &l, &e), 0);
     assert_int_equal(k, DS_UNIT_EXPERT);
     assert_int_equal(l, 3);
     assert_int_equal(e, 17);
-    assert_int_equal(dsd_unit_parse("attn[2]", &k, &l, &e), 0);
+    assert_int_equal(ds_unit_parse("attn[2]", &k, &l, &e), 0);
     assert_int_equal(k, DS_UNIT_ATTN);
     assert_int_equal(l, 2);
-    assert_int_equal(dsd_unit_parse("head", &k, &l, &e), 0);
+    assert_int_equal(ds_unit_parse("head", &k, &l, &e), 0);
     assert_int_equal(k, DS_UNIT_HEAD);
-    assert_int_equal(dsd_unit_parse("attn[2]x", &k, &l, &e), -EINVAL);
-    assert_int_equal(dsd_unit_parse("expert[1]", &k, &l, &e), -EINVAL);
-    assert_int_equal(dsd_unit_parse("", &k, &l, &e), -EINVAL);
+    assert_int_equal(ds_unit_parse("attn[2]x", &k, &l, &e), -EINVAL);
+    assert_int_equal(ds_unit_parse("expert[1]", &k, &l, &e), -EINVAL);
+    assert_int_equal(ds_unit_parse("", &k, &l, &e), -EINVAL);
 }
 
 static void test_plan_spreads_units(void **state)
@@ -163,6 +202,12 @@ static void test_plan_spreads_units(void **state)
     for (uint32_t n = 0; n < 3; n++)
         if ((int32_t)n != prim)
             p.replicas[hl * p.n_experts + he] |= 1ull << n;
+    /* nodes are found in a plan by name; one that joined after it was made (during a solve)
+     * is not in it, and is never taken for node 0 (the coordinator) */
+    for (uint32_t node = 0; node < 3; node++)
+        assert_int_equal(dsd_plan_node_index(&p, names[node]), (int32_t)node);
+    assert_int_equal(dsd_plan_node_index(&p, "late-joiner"), -1);
+    assert_int_equal(dsd_plan_node_index(&p, ""), -1);
     /* wire round trip: each node gets exactly its units, replicas included */
     Dsd__Plan w;
     assert_int_equal(dsd_plan_to_wire(&p, &w), 0);
@@ -198,6 +243,171 @@ static void test_plan_spreads_units(void **state)
     w.units[1]->unit = saved;
     dsd_plan_wire_clear(&w);
     dsd_plan_clear(&p);
+    ds_model_free(m);
+}
+
+/* ---- a host's KV caches cover exactly its attention layers -------------------------------- */
+
+static int all_pairs_on_host(void *ctx, uint32_t layer, const float *ffn_in, uint32_t n,
+                             const int32_t *ids, const float *weights, float *out, ds_error *err)
+{
+    dsd_host *h = ctx;
+    uint32_t K = ds_model_get_config(dsd_host_model(h))->num_experts_per_tok;
+    uint32_t *pr = malloc((size_t)n * K * 4), *pe = malloc((size_t)n * K * 4);
+    (void)weights;
+    for (uint32_t i = 0; pr && pe && i < n * K; i++) {
+        pr[i] = i / K;
+        pe[i] = (uint32_t)ids[i];
+    }
+    Dsd__ErrorCode code = 0;
+    double cs;
+    int rc = pr && pe ? dsd_host_experts(h, layer, n, ffn_in, n * K, pr, pe, out, &cs, &code, err)
+                      : -ENOMEM;
+    free(pr);
+    free(pe);
+    return rc < 0 ? rc : DS_LAYER_DONE;
+}
+
+static size_t heap_bytes(void)
+{
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+}
+
+/* A worker hosting attn[1] alone of models/tiny's 4 layers: after a 500-token prefill through
+ * that layer, each sequence holds one KV cache (layer 1) and the heap grew by one layer's
+ * cache (512 positions x (kv_lora_rank + qk_rope_head_dim) floats), not by four. */
+static void test_host_kv_hosted_layers_only(void **state)
+{
+    (void)state;
+    const char *dir = DS_TEST_DATA "/../../models/tiny";
+    ds_model *probe;
+    ds_error err = {0};
+    assert_int_equal(ds_model_open(dir, NULL, &probe, &err), 0);
+    const ds_model_config *c = ds_model_get_config(probe);
+    uint32_t L = c->num_hidden_layers, E = c->n_routed_experts, D = c->hidden_size;
+    assert_int_equal(L, 4);
+    assert_true(ds_model_config_layer_is_moe(c, 1));
+    dsd_units u = {0};
+    u.n_layers = L;
+    u.n_experts = E;
+    u.attn = calloc(L, sizeof(bool));
+    u.expert = calloc((size_t)L * E, sizeof(bool));
+    u.attn[1] = true;
+    for (uint32_t e = 0; e < E; e++)
+        u.expert[1 * E + e] = true;
+    dsd_host *h;
+    assert_int_equal(dsd_host_new(dir, &u, 1, 512, &h, &err), 0);
+    dsd_units_clear(&u);
+    assert_int_equal(dsd_host_kv_layers(h), 1);
+    const uint32_t P = 500;
+    uint64_t *seq = malloc(P * sizeof(uint64_t));
+    uint32_t *pos = malloc(P * sizeof(uint32_t));
+    int *slots = malloc(P * sizeof(int));
+    int32_t *tok = malloc(P * sizeof(int32_t));
+    for (uint32_t i = 0; i < P; i++) {
+        seq[i] = 42;
+        pos[i] = i;
+        tok[i] = (int32_t)(i % c->vocab_size);
+    }
+    ds_layer_step *st;
+    assert_int_equal(
+        ds_layer_step_new(dsd_host_model(h), dsd_host_pool(h), dsd_host_seqs(h), P, &st, &err), 0);
+    /* layer 1's input: the embedded tokens (any rows do: the KV written is what is counted) */
+    assert_int_equal(ds_unit_embed(probe, NULL, tok, P, ds_layer_step_x(st), &err), 0);
+    size_t before = heap_bytes();
+    Dsd__ErrorCode code = 0;
+    /* layer 0 is not hosted here: refused */
+    assert_int_equal(dsd_host_rows(h, 0, P, seq, pos, slots, &code, &err), -EINVAL);
+    assert_int_equal(code, DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT);
+    assert_int_equal(dsd_host_rows(h, 1, P, seq, pos, slots, &code, &err), 0);
+    assert_int_equal(ds_layer_step_set_rows(st, P, slots, pos), 0);
+    assert_int_equal(ds_layer_step_run(st, 1, &(ds_expert_runner_ops){all_pairs_on_host}, h, &err),
+                     DS_LAYER_DONE);
+    for (size_t i = 0; i < (size_t)P * D; i++)
+        assert_true(isfinite(ds_layer_step_x(st)[i]));
+    size_t grown = heap_bytes() - before;
+    ds_seqs *sq = dsd_host_seqs(h);
+    assert_int_equal(ds_seqs_count(sq), 1);
+    assert_int_equal(ds_seqs_len(sq, slots[0], 1), P);
+    for (uint32_t l = 0; l < L; l++)
+        if (l != 1)
+            assert_null(ds_seqs_kv(sq, slots[0], l));
+    size_t one_layer = (size_t)512 * (c->kv_lora_rank + c->qk_rope_head_dim) * sizeof(float);
+#if defined(__SANITIZE_ADDRESS__)
+    (void)grown; /* ASan's allocator does not report through mallinfo2 */
+    (void)one_layer;
+#else
+    assert_true(grown >= one_layer);
+    assert_true(grown < 2 * one_layer); /* every layer's cache would be 4 x one_layer */
+#endif
+    /* the job ends: its caches go */
+    dsd_host_release(h, 42);
+    assert_int_equal(ds_seqs_count(sq), 0);
+    ds_layer_step_free(st);
+    free(seq);
+    free(pos);
+    free(slots);
+    free(tok);
+    dsd_host_free(h);
+    ds_model_free(probe);
+}
+
+/* ---- the loader: a plan's units opened on a thread, signalled over an eventfd ------------ */
+
+static void wait_loader(dsd_loader *l)
+{
+    struct pollfd pf = {.fd = dsd_loader_fd(l), .events = POLLIN};
+    assert_int_equal(poll(&pf, 1, 60000), 1); /* the loop would keep polling meanwhile */
+    assert_true(dsd_loader_done(l));
+}
+
+static void test_loader_thread(void **state)
+{
+    (void)state;
+    ds_model *m;
+    ds_error err = {0};
+    assert_int_equal(ds_model_open(DS_TEST_DATA "/ref/v3_bf16", NULL, &m, &err), 0);
+    const ds_model_config *c = ds_model_get_config(m);
+    char names[2][64] = {"coord", "w1"};
+    char eps[2][DSD_STR_MAX] = {"tcp://a:1", "tcp://b:1"};
+    dsd_plan p;
+    assert_int_equal(dsd_plan_build(&p, c, 2, (const char(*)[64])names,
+                                    (const char(*)[DSD_STR_MAX])eps, true, 7),
+                     0);
+    /* node 1's units of the plan, opened off the caller's thread */
+    dsd_loader *l;
+    assert_int_equal(dsd_loader_start(DS_TEST_DATA "/ref/v3_bf16", &p, 1, 1, 64, &l, &err), 0);
+    dsd_plan_clear(&p); /* the loader has its own copy */
+    wait_loader(l);
+    assert_int_equal(dsd_loader_plan(l)->version, 7);
+    assert_int_equal(dsd_loader_self(l), 1);
+    dsd_host *h = NULL;
+    assert_int_equal(dsd_loader_take(l, &h, &err), 0);
+    assert_non_null(h);
+    for (uint32_t layer = 0; layer < c->num_hidden_layers; layer++)
+        assert_int_equal(dsd_host_has_attn(h, layer), dsd_loader_plan(l)->attn[layer] == 1);
+    dsd_host_free(h);
+    dsd_loader_free(l);
+    /* a checkpoint that cannot be opened: the error comes back through take */
+    assert_int_equal(dsd_plan_build(&p, c, 2, (const char(*)[64])names,
+                                    (const char(*)[DSD_STR_MAX])eps, true, 8),
+                     0);
+    assert_int_equal(dsd_loader_start("/nonexistent/model", &p, 1, 1, 64, &l, &err), 0);
+    dsd_plan_clear(&p);
+    wait_loader(l);
+    h = NULL;
+    assert_true(dsd_loader_take(l, &h, &err) < 0);
+    assert_null(h);
+    assert_non_null(strstr(ds_error_str(&err), "/nonexistent/model"));
+    dsd_loader_free(l);
+    /* freed before it signalled: waits for the open, frees its units */
+    assert_int_equal(dsd_plan_build(&p, c, 2, (const char(*)[64])names,
+                                    (const char(*)[DSD_STR_MAX])eps, true, 9),
+                     0);
+    assert_int_equal(dsd_loader_start(DS_TEST_DATA "/ref/v3_bf16", &p, 0, 1, 64, &l, &err), 0);
+    dsd_plan_clear(&p);
+    assert_null(dsd_loader_free(l));
     ds_model_free(m);
 }
 
@@ -339,6 +549,40 @@ static void test_bad_peers(void **state)
     de.tensors = &tdp;
     n = pack(&de, DS_PROTOCOL_VERSION, buf);
     expect_error(ask(dat, buf, n, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT);
+    /* more pairs than rows x num_experts_per_tok (2 in v3_bf16): one row, three hosted
+     * experts, each valid alone; refused as malformed instead of being run */
+    uint32_t pr3[3] = {0, 0, 0}, pe3[3] = {0, 1, 2};
+    float pw3[3] = {1, 1, 1};
+    dh.n_pair_rows = dh.n_pair_experts = dh.n_pair_weights = 3;
+    dh.pair_rows = pr3;
+    dh.pair_experts = pe3;
+    dh.pair_weights = pw3;
+    n = pack(&de, DS_PROTOCOL_VERSION, buf);
+    expect_error(ask(dat, buf, n, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_MALFORMED);
+    /* an absurd pair count (2 M pairs for one row: 512 MiB of output rows) is refused from the
+     * header alone, before anything is allocated for it */
+    {
+        const uint32_t NP = 2000000;
+        uint32_t *hr = calloc(NP, sizeof(uint32_t)), *he = calloc(NP, sizeof(uint32_t));
+        float *hw = calloc(NP, sizeof(float));
+        assert_true(hr && he && hw);
+        dh.n_pair_rows = dh.n_pair_experts = dh.n_pair_weights = NP;
+        dh.pair_rows = hr;
+        dh.pair_experts = he;
+        dh.pair_weights = hw;
+        de.protocol_version = DS_PROTOCOL_VERSION;
+        size_t hn = dsd__envelope__get_packed_size(&de);
+        assert_true(hn < DS_WIRE_MAX_ENVELOPE_BYTES); /* the envelope itself is acceptable */
+        uint8_t *hb = malloc(hn);
+        assert_non_null(hb);
+        assert_int_equal(pack(&de, DS_PROTOCOL_VERSION, hb), hn);
+        expect_error(ask(dat, hb, hn, 1, row, sizeof(row)), DSD__ERROR_CODE__ERROR_CODE_MALFORMED);
+        free(hb);
+        free(hr);
+        free(he);
+        free(hw);
+        assert_int_equal(dsd_log_count(&p, "2000000 pairs for 1 rows, at most 2 per row"), 1);
+    }
     /* a heartbeat from a node that never said hello */
     Dsd__Envelope he = DSD__ENVELOPE__INIT;
     Dsd__Heartbeat hb = DSD__HEARTBEAT__INIT;
@@ -372,7 +616,7 @@ static void test_bad_peers(void **state)
     zmq_close(cli);
     zmq_ctx_term(ctx);
     assert_true(dsd_alive(&p));
-    assert_true(dsd_log_count(&p, "refused") >= 7);
+    assert_true(dsd_log_count(&p, "refused") >= 9);
     assert_int_equal(dsd_stop(&p), 0);
 }
 
@@ -383,6 +627,8 @@ int main(void)
         cmocka_unit_test(test_example_config_complete),
         cmocka_unit_test(test_unit_names),
         cmocka_unit_test(test_plan_spreads_units),
+        cmocka_unit_test(test_host_kv_hosted_layers_only),
+        cmocka_unit_test(test_loader_thread),
         cmocka_unit_test(test_bad_peers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

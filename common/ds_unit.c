@@ -1,0 +1,74 @@
+/* ds_unit.c — unit names (see ds_unit.h). */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ds_unit.h"
+
+int ds_unit_format(char *buf, size_t n, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
+{
+    int len;
+    switch (kind) {
+    case DS_UNIT_EMBED:
+        len = snprintf(buf, n, "embed");
+        break;
+    case DS_UNIT_HEAD:
+        len = snprintf(buf, n, "head");
+        break;
+    case DS_UNIT_ATTN:
+        len = snprintf(buf, n, "attn[%u]", layer);
+        break;
+    case DS_UNIT_DENSE:
+        len = snprintf(buf, n, "dense[%u]", layer);
+        break;
+    case DS_UNIT_SHARED:
+        len = snprintf(buf, n, "shared[%u]", layer);
+        break;
+    case DS_UNIT_EXPERT:
+        len = snprintf(buf, n, "expert[%u][%u]", layer, expert);
+        break;
+    default:
+        return -EINVAL;
+    }
+    return len;
+}
+
+int ds_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint32_t *expert)
+{
+    static const struct {
+        const char *prefix;
+        enum ds_unit_kind kind;
+        int n_index; /* bracketed indices that follow */
+    } kinds[] = {
+        {"embed", DS_UNIT_EMBED, 0}, {"head", DS_UNIT_HEAD, 0},     {"attn", DS_UNIT_ATTN, 1},
+        {"dense", DS_UNIT_DENSE, 1}, {"shared", DS_UNIT_SHARED, 1}, {"expert", DS_UNIT_EXPERT, 2},
+    };
+    for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+        size_t pl = strlen(kinds[k].prefix);
+        if (strncmp(s, kinds[k].prefix, pl))
+            continue;
+        const char *p = s + pl;
+        uint32_t idx[2] = {0, 0};
+        for (int i = 0; i < kinds[k].n_index; i++) {
+            if (*p++ != '[')
+                return -EINVAL;
+            /* decimal digits only: no sign, no space, no leading zero but "0" itself */
+            if (*p < '0' || *p > '9' || (p[0] == '0' && p[1] != ']'))
+                return -EINVAL;
+            uint64_t v = 0;
+            for (; *p >= '0' && *p <= '9'; p++)
+                if ((v = v * 10 + (uint64_t)(*p - '0')) > UINT32_MAX)
+                    return -EINVAL;
+            if (*p++ != ']')
+                return -EINVAL;
+            idx[i] = (uint32_t)v;
+        }
+        if (*p)
+            return -EINVAL;
+        *kind = kinds[k].kind;
+        *layer = idx[0];
+        *expert = idx[1];
+        return 0;
+    }
+    return -EINVAL;
+}
