@@ -286,50 +286,75 @@ int dsd_host_experts(dsd_host *h, uint32_t layer, uint32_t R, const float *rows,
     tmp = malloc((size_t)P * D * sizeof(float));
     if (!cnt || !idx || !in || !tmp)
         FAIL(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
-    /* group the pairs by expert (counting sort, stable) so each expert runs once */
+    /* group the pairs by expert (counting sort, stable) so each expert runs once: first the
+     * experts this node runs on its CPU, then those on an accelerator, each group contiguous */
+    const uint8_t *devs = h->u.expert_dev + (size_t)layer * E;
+    uint32_t *act = malloc((size_t)(E + 1) * 2 * sizeof(uint32_t));
+    if (!act)
+        FAIL(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
+    uint32_t *off = act + E + 1, n_cpu = 0, n_act = 0;
     for (uint32_t p = 0; p < P; p++)
         cnt[pair_experts[p] + 1]++;
-    for (uint32_t e = 0; e < E; e++)
-        cnt[e + 1] += cnt[e];
+    for (int accel = 0; accel < 2; accel++)
+        for (uint32_t e = 0; e < E; e++)
+            if (cnt[e + 1] && (devs[e] && h->bm[devs[e]]) == accel) {
+                act[n_act++] = e;
+                n_cpu += !accel;
+            }
+    off[0] = 0;
+    for (uint32_t j = 0; j < n_act; j++)
+        off[j + 1] = off[j] + cnt[act[j] + 1];
+    /* cnt[e] becomes the next free slot of expert e's group */
+    for (uint32_t j = 0; j < n_act; j++)
+        cnt[act[j]] = off[j];
     for (uint32_t p = 0; p < P; p++)
         idx[cnt[pair_experts[p]]++] = p;
-    /* cnt[e] is now the end of expert e's group */
+    for (uint32_t j = 0; j < P; j++)
+        memcpy(in + (size_t)j * D, rows + (size_t)pair_rows[idx[j]] * D, D * sizeof(float));
     uint64_t t0 = dsd_now_ns();
-    uint32_t start = 0;
-    for (uint32_t e = 0; e < E; e++) {
-        uint32_t end = cnt[e], g = end - start;
-        if (!g)
-            continue;
-        for (uint32_t j = 0; j < g; j++)
-            memcpy(in + (size_t)j * D, rows + (size_t)pair_rows[idx[start + j]] * D,
-                   D * sizeof(float));
-        uint64_t te = dsd_now_ns();
-        uint8_t dev = h->u.expert_dev[(size_t)layer * E + e];
-        if (dev && h->bm[dev]) {
-            /* on the accelerator the plan chose (bit-identical: docs/backends.md) */
-            int32_t *ids = malloc(g * sizeof(int32_t));
-            if (!ids) {
-                *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
-                rc = ds_error_set(err, -ENOMEM, "out of memory");
-                goto out;
-            }
-            for (uint32_t j = 0; j < g; j++)
-                ids[j] = (int32_t)e;
-            rc = ds_backend_moe_run_pairs(h->bm[dev], layer, in, g, ids, tmp, err);
-            free(ids);
-        } else {
-            rc = ds_unit_expert(h->m, h->pool, layer, e, in, g, tmp, err);
-        }
+    /* the CPU experts as one parallel job (ds_unit_experts: two pool wake-ups for all of them,
+     * the bits of one expert at a time); its time is shared out by rows */
+    if (n_cpu) {
+        rc = ds_unit_experts(h->m, h->pool, layer, n_cpu, act, off, in, tmp, err);
         if (rc < 0) {
+            free(act);
+            *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
+            goto out;
+        }
+        double dt = (double)(dsd_now_ns() - t0) * 1e-9;
+        for (uint32_t j = 0; j < n_cpu; j++) {
+            uint32_t g = off[j + 1] - off[j];
+            h->expert_s[(size_t)layer * E + act[j]] += dt * g / off[n_cpu];
+            h->expert_rows[(size_t)layer * E + act[j]] += g;
+        }
+    }
+    for (uint32_t j = n_cpu; j < n_act; j++) {
+        uint32_t e = act[j], b = off[j], g = off[j + 1] - b;
+        uint64_t te = dsd_now_ns();
+        /* on the accelerator the plan chose (bit-identical: docs/backends.md) */
+        int32_t *ids = malloc(g * sizeof(int32_t));
+        if (!ids) {
+            free(act);
+            *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
+            rc = ds_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        for (uint32_t i = 0; i < g; i++)
+            ids[i] = (int32_t)e;
+        rc = ds_backend_moe_run_pairs(h->bm[devs[e]], layer, in + (size_t)b * D, g, ids,
+                                      tmp + (size_t)b * D, err);
+        free(ids);
+        if (rc < 0) {
+            free(act);
             *code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
             goto out;
         }
         h->expert_s[(size_t)layer * E + e] += (double)(dsd_now_ns() - te) * 1e-9;
         h->expert_rows[(size_t)layer * E + e] += g;
-        for (uint32_t j = 0; j < g; j++)
-            memcpy(out + (size_t)idx[start + j] * D, tmp + (size_t)j * D, D * sizeof(float));
-        start = end;
     }
+    for (uint32_t j = 0; j < P; j++)
+        memcpy(out + (size_t)idx[j] * D, tmp + (size_t)j * D, D * sizeof(float));
+    free(act);
     *compute_s = (double)(dsd_now_ns() - t0) * 1e-9;
 out:
     free(cnt);
