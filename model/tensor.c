@@ -947,6 +947,38 @@ KTARGET static KINLINE void vecmat_tile(enum ds_dtype kind, uint32_t CW, uint32_
             _mm256_storeu_ps(out + i * os + c0 + 8 * j, acc[i][j]);
 }
 
+/* One vector (decode): the weight rows are read in order, each once and whole (a sequential
+ * stream for the prefetchers, where the column tiles above revisit every row per tile), the
+ * partial sums kept in out (L1) between rows: each element is still one fmaf chain over d in
+ * ascending order from +0. Columns in steps of 8 (the caller does the tail). */
+KTARGET static KINLINE void vecmat_stream(enum ds_dtype kind, const ds_weight *w, uint32_t r0,
+                                          uint32_t nr, const float *a, float *out)
+{
+    uint32_t c8 = w->cols & ~7u;
+    size_t rb = (size_t)w->cols * dtype_bytes(kind);
+    for (uint32_t c = 0; c < c8; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_setzero_ps());
+    for (uint32_t d = 0; d < nr; d++) {
+        const void *row = (const uint8_t *)w->data + (size_t)(r0 + d) * rb;
+        __m256 av = _mm256_set1_ps(a[d]);
+        uint32_t c = 0;
+        for (; c + 32 <= c8; c += 32) {
+            _mm_prefetch((const char *)row + (size_t)c * dtype_bytes(kind) + 4096, _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                __m256 o = _mm256_loadu_ps(out + c + 8 * j);
+                o = _mm256_fmadd_ps(av, widen8(kind, row, c + 8 * j, _mm256_setzero_ps()), o);
+                _mm256_storeu_ps(out + c + 8 * j, o);
+            }
+        }
+        for (; c < c8; c += 8) {
+            __m256 o = _mm256_loadu_ps(out + c);
+            o = _mm256_fmadd_ps(av, widen8(kind, row, c, _mm256_setzero_ps()), o);
+            _mm256_storeu_ps(out + c, o);
+        }
+    }
+}
+
 #define VECMAT_KERNEL(NAME, KIND)                                                                 \
     KTARGET static void NAME(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,       \
                              size_t as, uint32_t n, float *out, size_t os)                       \
@@ -960,6 +992,10 @@ KTARGET static KINLINE void vecmat_tile(enum ds_dtype kind, uint32_t CW, uint32_
                 vecmat_tile(KIND, 1, 3, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
         }                                                                                        \
         for (; i < n; i++) {                                                                     \
+            if (KIND != DS_DTYPE_F8_E4M3) {                                                      \
+                vecmat_stream(KIND, w, r0, nr, a + i * as, out + i * os);                        \
+                continue;                                                                        \
+            }                                                                                    \
             uint32_t c = 0;                                                                      \
             for (; c + 64 <= cols; c += 64)                                                      \
                 vecmat_tile(KIND, 8, 1, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
@@ -1016,6 +1052,61 @@ void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float 
     }
 }
 
+#if defined(__x86_64__)
+/* out[j] = ds_dot8(W[r0+j], v) for BF16/F16 rows widened in registers, 4 rows at a time (4
+ * chains): the 8-lane order of ds_dot8 on the same (exactly widened) values. */
+#define DOT8_ROWS_KERNEL(NAME, KIND)                                                              \
+    KTARGET static void NAME(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,       \
+                             float *out)                                                         \
+    {                                                                                            \
+        uint32_t cols = w->cols, c8 = cols & ~7u, j = 0;                                         \
+        const uint16_t *base = (const uint16_t *)w->data + (size_t)r0 * cols;                    \
+        for (; j + 4 <= nr; j += 4) {                                                            \
+            __m256 acc[4];                                                                       \
+            for (int t = 0; t < 4; t++)                                                          \
+                acc[t] = _mm256_setzero_ps();                                                    \
+            for (uint32_t c = 0; c < c8; c += 8) {                                               \
+                __m256 vv = _mm256_loadu_ps(v + c);                                              \
+                for (int t = 0; t < 4; t++)                                                      \
+                    acc[t] = _mm256_fmadd_ps(                                                    \
+                        vv, widen8(KIND, base + (size_t)(j + t) * cols, c, vv), acc[t]);         \
+            }                                                                                    \
+            for (int t = 0; t < 4; t++) {                                                        \
+                float sum = hsum8(acc[t]);                                                       \
+                const uint16_t *row = base + (size_t)(j + t) * cols;                             \
+                for (uint32_t c = c8; c < cols; c++)                                             \
+                    sum = fma1(v[c], KIND == DS_DTYPE_BF16 ? ds_bf16_to_f32(row[c])              \
+                                                           : ds_f16_to_f32(row[c]),              \
+                               sum);                                                             \
+                out[j + t] = sum;                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (; j < nr; j++) {                                                                    \
+            __m256 acc = _mm256_setzero_ps();                                                    \
+            const uint16_t *row = base + (size_t)j * cols;                                       \
+            for (uint32_t c = 0; c < c8; c += 8)                                                 \
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + c), widen8(KIND, row, c, acc), acc);   \
+            float sum = hsum8(acc);                                                              \
+            for (uint32_t c = c8; c < cols; c++)                                                 \
+                sum = fma1(v[c],                                                                 \
+                           KIND == DS_DTYPE_BF16 ? ds_bf16_to_f32(row[c]) : ds_f16_to_f32(row[c]), \
+                           sum);                                                                 \
+            out[j] = sum;                                                                        \
+        }                                                                                        \
+    }
+DOT8_ROWS_KERNEL(dot8_rows_bf16, DS_DTYPE_BF16)
+DOT8_ROWS_KERNEL(dot8_rows_f16, DS_DTYPE_F16)
+
+static void dot8_rows_avx2(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,
+                           float *out)
+{
+    if (w->dtype == DS_DTYPE_BF16)
+        dot8_rows_bf16(w, r0, nr, v, out);
+    else
+        dot8_rows_f16(w, r0, nr, v, out);
+}
+#endif
+
 void ds_weight_dot8_rows(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,
                          size_t v_stride, uint32_t n, float *out, size_t out_stride)
 {
@@ -1025,6 +1116,13 @@ void ds_weight_dot8_rows(const ds_weight *w, uint32_t r0, uint32_t nr, const flo
                          nr, w->cols, out + i * out_stride);
         return;
     }
+#if defined(__x86_64__)
+    if (use_avx2() && (w->dtype == DS_DTYPE_BF16 || w->dtype == DS_DTYPE_F16)) {
+        for (uint32_t i = 0; i < n; i++)
+            dot8_rows_avx2(w, r0, nr, v + i * v_stride, out + i * out_stride);
+        return;
+    }
+#endif
     /* Widened a block of rows at a time (exact values), then the f32 dots. */
     enum { RB = 16 };
     float *buf = scratch_get((size_t)RB * w->cols);
