@@ -8,6 +8,7 @@
 #include "bench_ckpt.h"
 
 #include <errno.h>
+#include <immintrin.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,7 @@
 #include <time.h>
 
 #include "ds_numeric.h"
+#include "ds_pool.h"
 
 typedef struct bt {
     char name[96];
@@ -271,4 +273,94 @@ double bench_bytes_per_token(const ds_model_config *c)
     }
     elems += (double)c->vocab_size * d + d; /* lm_head + one embedding row */
     return elems * elem_bytes(c);
+}
+
+/* ---- read bandwidth ---- */
+
+typedef struct rd_ctx {
+    const uint8_t *buf;
+    size_t chunk;  /* bytes per task, a multiple of 256 */
+    uint64_t *out; /* one sum per task, so the loads cannot be optimised away */
+} rd_ctx;
+
+__attribute__((target("avx2"))) static uint64_t sum_avx2(const uint8_t *p, size_t n)
+{
+    /* 8 independent 32-byte accumulators: integer adds have 1-cycle latency, so the loop is
+     * bound by the loads, not by a dependency chain. */
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+            a7 = a0;
+    for (size_t i = 0; i < n; i += 256) {
+        const __m256i *v = (const __m256i *)(p + i);
+        a0 = _mm256_add_epi64(a0, _mm256_load_si256(v + 0));
+        a1 = _mm256_add_epi64(a1, _mm256_load_si256(v + 1));
+        a2 = _mm256_add_epi64(a2, _mm256_load_si256(v + 2));
+        a3 = _mm256_add_epi64(a3, _mm256_load_si256(v + 3));
+        a4 = _mm256_add_epi64(a4, _mm256_load_si256(v + 4));
+        a5 = _mm256_add_epi64(a5, _mm256_load_si256(v + 5));
+        a6 = _mm256_add_epi64(a6, _mm256_load_si256(v + 6));
+        a7 = _mm256_add_epi64(a7, _mm256_load_si256(v + 7));
+    }
+    __m256i s =
+        _mm256_add_epi64(_mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)),
+                         _mm256_add_epi64(_mm256_add_epi64(a4, a5), _mm256_add_epi64(a6, a7)));
+    uint64_t l[4];
+    _mm256_storeu_si256((__m256i *)l, s);
+    return l[0] + l[1] + l[2] + l[3];
+}
+
+static uint64_t sum_portable(const uint8_t *p, size_t n)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (size_t i = 0; i < n / 8; i += 4) {
+        a0 += w[i];
+        a1 += w[i + 1];
+        a2 += w[i + 2];
+        a3 += w[i + 3];
+    }
+    return a0 + a1 + a2 + a3;
+}
+
+static int have_avx2;
+
+static void rd_task(void *arg, uint32_t i)
+{
+    rd_ctx *c = arg;
+    const uint8_t *p = c->buf + (size_t)i * c->chunk;
+    c->out[i] = have_avx2 ? sum_avx2(p, c->chunk) : sum_portable(p, c->chunk);
+}
+
+/* See bench_ckpt.h. The buffer is split into 16 MiB tasks that the pool hands out
+ * dynamically, so a thread delayed by other load on the machine does not leave the others idle
+ * at the end. */
+double bench_read_gbs(ds_pool *pool)
+{
+    const size_t total = (size_t)1 << 30, chunk = (size_t)16 << 20;
+    const uint32_t tasks = (uint32_t)(total / chunk);
+    uint8_t *buf = aligned_alloc(4096, total);
+    uint64_t *out = calloc(tasks, sizeof(*out));
+    if (!buf || !out) {
+        free(buf);
+        free(out);
+        return 0;
+    }
+    memset(buf, 1, total); /* fault every page in before timing */
+    have_avx2 = __builtin_cpu_supports("avx2");
+    rd_ctx c = {buf, chunk, out};
+    double best = 0;
+    uint64_t check = 0;
+    for (int r = 0; r < 5; r++) {
+        double t0 = bench_now_s();
+        ds_pool_run(pool, tasks, rd_task, &c);
+        double gbs = (double)total / (bench_now_s() - t0) / 1e9;
+        best = gbs > best ? gbs : best;
+        for (uint32_t i = 0; i < tasks; i++)
+            check += out[i];
+    }
+    free(buf);
+    free(out);
+    /* every byte is 1: each pass sums total/8 words of 0x0101010101010101 */
+    if (check != 5 * (uint64_t)(total / 8) * 0x0101010101010101ull)
+        fprintf(stderr, "bench: read bandwidth checksum mismatch\n");
+    return best;
 }

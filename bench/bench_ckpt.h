@@ -43,4 +43,10 @@ double bench_bytes_per_token(const ds_model_config *c);
 /* CLOCK_MONOTONIC in seconds. */
 double bench_now_s(void);
 
+/* The read bandwidth of this machine with the pool's threads: every thread sums (AVX2 loads
+ * into 8 accumulators) its 16 MiB tasks of a 1 GiB buffer, far above the last-level cache;
+ * GB/s, best of 5 passes. 0 if the buffer cannot be allocated. */
+struct ds_pool;
+double bench_read_gbs(struct ds_pool *pool);
+
 #endif

@@ -8,20 +8,20 @@
  * token uses them (each layer's projections, k experts, the shared or dense FFN, the head) and
  * compares the sum with a measured decode step and a measured prefill of the whole engine: the
  * difference is the time outside the matmuls (attention over the cache, norms, rope, router,
- * combine, pool hand-offs). It also times an empty parallel loop (the pool's hand-off) and a
- * read of a 1 GiB buffer (the memory system's read bandwidth with the same threads).
+ * combine, pool hand-offs). It also times an empty parallel loop (the pool's hand-off) and the
+ * read bandwidth with the same threads (bench_read_gbs, the figure bench_engine reports).
  *
  *   bench_ops --model DIR [--threads N] [--prompt N]
  *
  * All figures come from this one run; nothing is asserted. */
 #include <errno.h>
 #include <stdbool.h>
-#include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "bench_ckpt.h"
 #include "ds_engine.h"
 #include "ds_model.h"
 #include "ds_pool.h"
@@ -141,47 +141,6 @@ static void noop(void *ctx, uint32_t i)
     (void)i;
 }
 
-typedef struct rd {
-    const float *p;
-    size_t per; /* floats per task */
-    float *sink;
-} rd;
-
-__attribute__((target("avx2"))) static void read_task(void *arg, uint32_t i)
-{
-    rd *r = arg;
-    const float *p = r->p + (size_t)i * r->per;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (size_t j = 0; j + 32 <= r->per; j += 32) {
-        a0 = _mm256_add_ps(a0, _mm256_load_ps(p + j));
-        a1 = _mm256_add_ps(a1, _mm256_load_ps(p + j + 8));
-        a2 = _mm256_add_ps(a2, _mm256_load_ps(p + j + 16));
-        a3 = _mm256_add_ps(a3, _mm256_load_ps(p + j + 24));
-    }
-    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    r->sink[i] = s[0] + s[7];
-}
-
-static double read_gbs(ds_pool *pool)
-{
-    size_t bytes = 1ul << 30;
-    uint32_t tasks = ds_pool_size(pool);
-    float *p = aligned_alloc(64, bytes), sink[1024];
-    if (!p)
-        return 0;
-    memset(p, 0, bytes);
-    rd r = {p, bytes / sizeof(float) / tasks, sink};
-    double best = 0;
-    for (int k = 0; k < 5; k++) {
-        double t0 = now_s();
-        ds_pool_run(pool, tasks, read_task, &r);
-        double g = (double)bytes / (now_s() - t0) / 1e9;
-        best = g > best ? g : best;
-    }
-    free(p);
-    return best;
-}
-
 int main(int argc, char **argv)
 {
     const char *dir = NULL;
@@ -257,7 +216,7 @@ int main(int argc, char **argv)
 #undef OP
     printf("model %s: %u layers (%u MoE), threads %u, prompt %u\n", dir, L, moe_layers,
            ds_pool_size(pool), prompt);
-    double rbw = read_gbs(pool);
+    double rbw = bench_read_gbs(pool);
     printf("read bandwidth (1 GiB, same threads): %.2f GB/s\n", rbw);
     /* the pool's hand-off: an empty parallel loop of `threads` indices */
     double t0 = now_s();
@@ -265,8 +224,8 @@ int main(int argc, char **argv)
         ds_pool_run(pool, ds_pool_size(pool), noop, NULL);
     double handoff_us = (now_s() - t0) / 20000 * 1e6;
     printf("empty parallel loop: %.2f us\n\n", handoff_us);
-    printf("%-30s %11s %5s | %8s %7s %6s | %5s %8s %7s\n", "op", "shape", "dtype", "dec ms",
-           "GB/s", "%read", "rows", "pre ms", "GFLOP/s");
+    printf("%-30s %11s %5s | %8s %7s %6s | %5s %8s %7s\n", "op", "shape", "dtype", "dec ms", "GB/s",
+           "%read", "rows", "pre ms", "GFLOP/s");
     double dec_sum = 0, pre_sum = 0, bytes_tok = 0, calls_tok = 0;
     for (int i = 0; i < n_ops; i++) {
         op *o = &ops[i];

@@ -404,8 +404,8 @@ static void ffn_down_task(void *arg, uint32_t t)
     const ffn_task *k = &j->tasks[t];
     const ds_ffn *f = j->f[k->f];
     uint32_t n = j->off[k->f + 1] - j->off[k->f];
-    ds_weight_matmul_rows(&f->down, j->g + j->goff[k->f], n,
-                          j->out + (size_t)j->off[k->f] * j->D, k->r0, k->r1);
+    ds_weight_matmul_rows(&f->down, j->g + j->goff[k->f], n, j->out + (size_t)j->off[k->f] * j->D,
+                          k->r0, k->r1);
 }
 
 /* Chunks of `rows(f)` output rows over every FFN with rows to do; returns the task count. */
@@ -516,8 +516,7 @@ int ds_unit_experts(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t n
         }
         if (offsets[j + 1] < offsets[j]) {
             free(f);
-            return ds_error_set(err, -EINVAL, "layer %u experts: row offsets go backwards",
-                                layer);
+            return ds_error_set(err, -EINVAL, "layer %u experts: row offsets go backwards", layer);
         }
         f[j] = &m->layers[layer].experts[e];
     }

@@ -344,8 +344,8 @@ static inline float lane_sum(const float *acc16)
 }
 
 /* Rows [r0, r1) of y = W x for n input rows, element by element (FP8 through a row buffer). */
-static void mm_rows_portable(const ds_weight *w, const float *x, uint32_t n, float *y,
-                             uint32_t r0, uint32_t r1)
+static void mm_rows_portable(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
+                             uint32_t r1)
 {
     uint32_t cols = w->cols, c16 = cols & ~15u;
     float *buf = NULL;
@@ -434,8 +434,8 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
 #pragma GCC unroll 4
         for (uint32_t m = 0; m < MR; m++)
             sc[m] = kind == DS_DTYPE_F8_E4M3 ? _mm256_set1_ps(ws[m].scale[blk])
-                    : kind == DS_DTYPE_Q8_0 ? _mm256_set1_ps(q8_0_scale(ws[m].row, blk))
-                                            : _mm256_setzero_ps();
+                    : kind == DS_DTYPE_Q8_0  ? _mm256_set1_ps(q8_0_scale(ws[m].row, blk))
+                                             : _mm256_setzero_ps();
         for (uint32_t c = cb; c < ce; c += 16) {
             __m256 xv[3];
 #pragma GCC unroll 3
@@ -447,8 +447,7 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
             if ((c & pf_mask) == 0) {
 #pragma GCC unroll 4
                 for (uint32_t m = 0; m < MR; m++)
-                    _mm_prefetch((const char *)ws[m].row + (size_t)c * el + PF_BYTES,
-                                 _MM_HINT_T0);
+                    _mm_prefetch((const char *)ws[m].row + (size_t)c * el + PF_BYTES, _MM_HINT_T0);
             }
 #pragma GCC unroll 4
             for (uint32_t m = 0; m < MR; m++) {
@@ -482,37 +481,37 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
 }
 
 /* Decode: n = 1 (4 weight rows per step) or n = 2 (3 per step), widened in registers. */
-#define DECODE_KERNEL(NAME, KIND)                                                                 \
-    KTARGET static void NAME(const ds_weight *w, const float *x, uint32_t n, float *y,          \
-                             uint32_t r0, uint32_t r1)                                           \
-    {                                                                                            \
-        uint32_t cols = w->cols, nbc = 0;                                                        \
-        size_t rb = KIND == DS_DTYPE_Q8_0 ? (size_t)cols / 32 * 34                              \
-                                          : (size_t)cols * dtype_bytes(KIND);                    \
-        if (KIND == DS_DTYPE_F8_E4M3)                                                            \
-            nbc = (cols + w->block_cols - 1) / w->block_cols;                                    \
-        /* n = 1: one weight row at a time, a single sequential stream the prefetchers follow \
-         * (measured on the idle VM, 1 thread, BF16: 1536 columns 11.2 GB/s vs 10.7 for 4 rows   \
-         * at a time, 448 columns 9.8 vs 8.6, 7168 columns equal; read bandwidth 12.6) */        \
-        uint32_t step = n == 1 ? 1 : 3, r = r0;                                                  \
-        wsrc ws[4];                                                                              \
-        for (; r < r1; r += step) {                                                              \
-            uint32_t mr = r1 - r < step ? r1 - r : step;                                         \
-            for (uint32_t m = 0; m < mr; m++) {                                                  \
-                ws[m].row = (const uint8_t *)w->data + (size_t)(r + m) * rb;                     \
-                ws[m].scale = KIND == DS_DTYPE_F8_E4M3                                           \
-                                  ? w->scale_inv + (size_t)((r + m) / w->block_rows) * nbc       \
-                                  : NULL;                                                        \
-            }                                                                                    \
-            float *yr = y + r;                                                                   \
-            if (n == 2 && mr == 3)                                                               \
-                tile(KIND, 3, 2, ws, w->block_cols, x, cols, yr, w->rows);                       \
-            else                                                                                 \
-                for (uint32_t m = 0; m < mr; m++)                                                \
-                    for (uint32_t i = 0; i < n; i++)                                             \
-                        tile(KIND, 1, 1, ws + m, w->block_cols, x + (size_t)i * cols, cols,      \
-                             yr + (size_t)i * w->rows + m, w->rows);                             \
-        }                                                                                        \
+#define DECODE_KERNEL(NAME, KIND)                                                                  \
+    KTARGET static void NAME(const ds_weight *w, const float *x, uint32_t n, float *y,             \
+                             uint32_t r0, uint32_t r1)                                             \
+    {                                                                                              \
+        uint32_t cols = w->cols, nbc = 0;                                                          \
+        size_t rb =                                                                                \
+            KIND == DS_DTYPE_Q8_0 ? (size_t)cols / 32 * 34 : (size_t)cols * dtype_bytes(KIND);     \
+        if (KIND == DS_DTYPE_F8_E4M3)                                                              \
+            nbc = (cols + w->block_cols - 1) / w->block_cols;                                      \
+        /* n = 1: one weight row at a time, a single sequential stream the prefetchers follow      \
+         * (measured on the idle VM, 1 thread, BF16: 1536 columns 11.2 GB/s vs 10.7 for 4 rows     \
+         * at a time, 448 columns 9.8 vs 8.6, 7168 columns equal; read bandwidth 12.6) */          \
+        uint32_t step = n == 1 ? 1 : 3, r = r0;                                                    \
+        wsrc ws[4];                                                                                \
+        for (; r < r1; r += step) {                                                                \
+            uint32_t mr = r1 - r < step ? r1 - r : step;                                           \
+            for (uint32_t m = 0; m < mr; m++) {                                                    \
+                ws[m].row = (const uint8_t *)w->data + (size_t)(r + m) * rb;                       \
+                ws[m].scale = KIND == DS_DTYPE_F8_E4M3                                             \
+                                  ? w->scale_inv + (size_t)((r + m) / w->block_rows) * nbc         \
+                                  : NULL;                                                          \
+            }                                                                                      \
+            float *yr = y + r;                                                                     \
+            if (n == 2 && mr == 3)                                                                 \
+                tile(KIND, 3, 2, ws, w->block_cols, x, cols, yr, w->rows);                         \
+            else                                                                                   \
+                for (uint32_t m = 0; m < mr; m++)                                                  \
+                    for (uint32_t i = 0; i < n; i++)                                               \
+                        tile(KIND, 1, 1, ws + m, w->block_cols, x + (size_t)i * cols, cols,        \
+                             yr + (size_t)i * w->rows + m, w->rows);                               \
+        }                                                                                          \
     }
 
 DECODE_KERNEL(decode_f32, DS_DTYPE_F32)
@@ -979,29 +978,29 @@ KTARGET static KINLINE void vecmat_stream(enum ds_dtype kind, const ds_weight *w
     }
 }
 
-#define VECMAT_KERNEL(NAME, KIND)                                                                 \
-    KTARGET static void NAME(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,       \
-                             size_t as, uint32_t n, float *out, size_t os)                       \
-    {                                                                                            \
-        uint32_t cols = w->cols, i = 0;                                                          \
-        for (; i + 3 <= n; i += 3) {                                                             \
-            uint32_t c = 0;                                                                      \
-            for (; c + 32 <= cols; c += 32)                                                      \
-                vecmat_tile(KIND, 4, 3, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
-            for (; c + 8 <= cols; c += 8)                                                        \
-                vecmat_tile(KIND, 1, 3, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
-        }                                                                                        \
-        for (; i < n; i++) {                                                                     \
-            if (KIND != DS_DTYPE_F8_E4M3) {                                                      \
-                vecmat_stream(KIND, w, r0, nr, a + i * as, out + i * os);                        \
-                continue;                                                                        \
-            }                                                                                    \
-            uint32_t c = 0;                                                                      \
-            for (; c + 64 <= cols; c += 64)                                                      \
-                vecmat_tile(KIND, 8, 1, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
-            for (; c + 8 <= cols; c += 8)                                                        \
-                vecmat_tile(KIND, 1, 1, w, r0, nr, a + i * as, as, c, out + i * os, os);         \
-        }                                                                                        \
+#define VECMAT_KERNEL(NAME, KIND)                                                                  \
+    KTARGET static void NAME(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,         \
+                             size_t as, uint32_t n, float *out, size_t os)                         \
+    {                                                                                              \
+        uint32_t cols = w->cols, i = 0;                                                            \
+        for (; i + 3 <= n; i += 3) {                                                               \
+            uint32_t c = 0;                                                                        \
+            for (; c + 32 <= cols; c += 32)                                                        \
+                vecmat_tile(KIND, 4, 3, w, r0, nr, a + i * as, as, c, out + i * os, os);           \
+            for (; c + 8 <= cols; c += 8)                                                          \
+                vecmat_tile(KIND, 1, 3, w, r0, nr, a + i * as, as, c, out + i * os, os);           \
+        }                                                                                          \
+        for (; i < n; i++) {                                                                       \
+            if (KIND != DS_DTYPE_F8_E4M3) {                                                        \
+                vecmat_stream(KIND, w, r0, nr, a + i * as, out + i * os);                          \
+                continue;                                                                          \
+            }                                                                                      \
+            uint32_t c = 0;                                                                        \
+            for (; c + 64 <= cols; c += 64)                                                        \
+                vecmat_tile(KIND, 8, 1, w, r0, nr, a + i * as, as, c, out + i * os, os);           \
+            for (; c + 8 <= cols; c += 8)                                                          \
+                vecmat_tile(KIND, 1, 1, w, r0, nr, a + i * as, as, c, out + i * os, os);           \
+        }                                                                                          \
     }
 
 VECMAT_KERNEL(vecmat_f32, DS_DTYPE_F32)
@@ -1010,8 +1009,8 @@ VECMAT_KERNEL(vecmat_f16, DS_DTYPE_F16)
 VECMAT_KERNEL(vecmat_fp8, DS_DTYPE_F8_E4M3)
 #endif
 
-void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,
-                      size_t a_stride, uint32_t n, float *out, size_t out_stride)
+void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a, size_t a_stride,
+                      uint32_t n, float *out, size_t out_stride)
 {
     uint32_t cols = w->cols, cv = 0; /* columns done by the vector path */
     if (w->dtype == DS_DTYPE_F8_E4M3)
@@ -1055,50 +1054,50 @@ void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float 
 #if defined(__x86_64__)
 /* out[j] = ds_dot8(W[r0+j], v) for BF16/F16 rows widened in registers, 4 rows at a time (4
  * chains): the 8-lane order of ds_dot8 on the same (exactly widened) values. */
-#define DOT8_ROWS_KERNEL(NAME, KIND)                                                              \
-    KTARGET static void NAME(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,       \
-                             float *out)                                                         \
-    {                                                                                            \
-        uint32_t cols = w->cols, c8 = cols & ~7u, j = 0;                                         \
-        const uint16_t *base = (const uint16_t *)w->data + (size_t)r0 * cols;                    \
-        for (; j + 4 <= nr; j += 4) {                                                            \
-            __m256 acc[4];                                                                       \
-            for (int t = 0; t < 4; t++)                                                          \
-                acc[t] = _mm256_setzero_ps();                                                    \
-            for (uint32_t c = 0; c < c8; c += 8) {                                               \
-                __m256 vv = _mm256_loadu_ps(v + c);                                              \
-                for (int t = 0; t < 4; t++)                                                      \
-                    acc[t] = _mm256_fmadd_ps(                                                    \
-                        vv, widen8(KIND, base + (size_t)(j + t) * cols, c, vv), acc[t]);         \
-            }                                                                                    \
-            for (int t = 0; t < 4; t++) {                                                        \
-                float sum = hsum8(acc[t]);                                                       \
-                const uint16_t *row = base + (size_t)(j + t) * cols;                             \
-                for (uint32_t c = c8; c < cols; c++)                                             \
-                    sum = fma1(v[c], KIND == DS_DTYPE_BF16 ? ds_bf16_to_f32(row[c])              \
-                                                           : ds_f16_to_f32(row[c]),              \
-                               sum);                                                             \
-                out[j + t] = sum;                                                                \
-            }                                                                                    \
-        }                                                                                        \
-        for (; j < nr; j++) {                                                                    \
-            __m256 acc = _mm256_setzero_ps();                                                    \
-            const uint16_t *row = base + (size_t)j * cols;                                       \
-            for (uint32_t c = 0; c < c8; c += 8)                                                 \
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + c), widen8(KIND, row, c, acc), acc);   \
-            float sum = hsum8(acc);                                                              \
-            for (uint32_t c = c8; c < cols; c++)                                                 \
-                sum = fma1(v[c],                                                                 \
+#define DOT8_ROWS_KERNEL(NAME, KIND)                                                               \
+    KTARGET static void NAME(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,         \
+                             float *out)                                                           \
+    {                                                                                              \
+        uint32_t cols = w->cols, c8 = cols & ~7u, j = 0;                                           \
+        const uint16_t *base = (const uint16_t *)w->data + (size_t)r0 * cols;                      \
+        for (; j + 4 <= nr; j += 4) {                                                              \
+            __m256 acc[4];                                                                         \
+            for (int t = 0; t < 4; t++)                                                            \
+                acc[t] = _mm256_setzero_ps();                                                      \
+            for (uint32_t c = 0; c < c8; c += 8) {                                                 \
+                __m256 vv = _mm256_loadu_ps(v + c);                                                \
+                for (int t = 0; t < 4; t++)                                                        \
+                    acc[t] = _mm256_fmadd_ps(                                                      \
+                        vv, widen8(KIND, base + (size_t)(j + t) * cols, c, vv), acc[t]);           \
+            }                                                                                      \
+            for (int t = 0; t < 4; t++) {                                                          \
+                float sum = hsum8(acc[t]);                                                         \
+                const uint16_t *row = base + (size_t)(j + t) * cols;                               \
+                for (uint32_t c = c8; c < cols; c++)                                               \
+                    sum = fma1(v[c],                                                               \
+                               KIND == DS_DTYPE_BF16 ? ds_bf16_to_f32(row[c])                      \
+                                                     : ds_f16_to_f32(row[c]),                      \
+                               sum);                                                               \
+                out[j + t] = sum;                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (; j < nr; j++) {                                                                      \
+            __m256 acc = _mm256_setzero_ps();                                                      \
+            const uint16_t *row = base + (size_t)j * cols;                                         \
+            for (uint32_t c = 0; c < c8; c += 8)                                                   \
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + c), widen8(KIND, row, c, acc), acc);     \
+            float sum = hsum8(acc);                                                                \
+            for (uint32_t c = c8; c < cols; c++)                                                   \
+                sum = fma1(v[c],                                                                   \
                            KIND == DS_DTYPE_BF16 ? ds_bf16_to_f32(row[c]) : ds_f16_to_f32(row[c]), \
-                           sum);                                                                 \
-            out[j] = sum;                                                                        \
-        }                                                                                        \
+                           sum);                                                                   \
+            out[j] = sum;                                                                          \
+        }                                                                                          \
     }
 DOT8_ROWS_KERNEL(dot8_rows_bf16, DS_DTYPE_BF16)
 DOT8_ROWS_KERNEL(dot8_rows_f16, DS_DTYPE_F16)
 
-static void dot8_rows_avx2(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,
-                           float *out)
+static void dot8_rows_avx2(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v, float *out)
 {
     if (w->dtype == DS_DTYPE_BF16)
         dot8_rows_bf16(w, r0, nr, v, out);

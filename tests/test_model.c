@@ -221,8 +221,8 @@ static void test_moe_batched(void **state)
     float *one = malloc((size_t)D * 4);
     assert_non_null(one);
     for (uint32_t j = 0; j < n * k; j++) {
-        assert_int_equal(ds_unit_expert(m, NULL, 1, (uint32_t)ids[j], x + (size_t)(j / k) * D, 1,
-                                        one, &err), 0);
+        assert_int_equal(
+            ds_unit_expert(m, NULL, 1, (uint32_t)ids[j], x + (size_t)(j / k) * D, 1, one, &err), 0);
         assert_memory_equal(one, o2 + (size_t)j * D, (size_t)D * 4);
     }
     ids[5] = (int32_t)E;
@@ -693,7 +693,7 @@ static void test_kernel_identity(void **state)
         for (int r = 0; r < R; r++) {
             double ref = 0;
             for (int c = 0; c < C; c++) {
-                double wv = t == 0 ? wf[r * C + c]
+                double wv = t == 0   ? wf[r * C + c]
                             : t == 1 ? ds_bf16_to_f32(wb[r * C + c])
                                      : ds_f16_to_f32(wh[r * C + c]);
                 if (t >= 3) {
