@@ -12,24 +12,6 @@
 #include "ds_gguf.h"
 #include "model_impl.h"
 
-int ds_model_own(ds_model *m, void *p)
-{
-    if (!p)
-        return -ENOMEM;
-    if (m->n_owned == m->cap_owned) {
-        size_t cap = m->cap_owned ? m->cap_owned * 2 : 64;
-        void **n = realloc(m->owned, cap * sizeof(*n));
-        if (!n) {
-            free(p);
-            return -ENOMEM;
-        }
-        m->owned = n;
-        m->cap_owned = cap;
-    }
-    m->owned[m->n_owned++] = p;
-    return 0;
-}
-
 static const ds_st_tensor *m_find(ds_model *m, const char *name, ds_error *err)
 {
     const ds_st_tensor *t = ds_st_find(m->st, name);
