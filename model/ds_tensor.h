@@ -114,7 +114,7 @@ void ds_weight_dot8_rows(const ds_weight *w, uint32_t r0, uint32_t nr, const flo
 /* A 64-byte aligned buffer of at least n floats owned by the calling thread, kept (and grown)
  * between calls so hot loops allocate nothing once warm; freed when the thread exits. Slot 0 is
  * used inside the matmul kernels, slot 1 by the attention; the pointer is valid until the next
- * call with the same slot on the same thread. */
+ * call with the same slot on the same thread. NULL when the memory cannot be had. */
 float *ds_thread_scratch(unsigned slot, size_t n);
 /* True when the AVX2+FMA+F16C kernels run (the CPU has them and the portable kernel is not
  * forced). */

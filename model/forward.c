@@ -202,6 +202,7 @@ typedef struct attn_ctx {
     const float *q; /* [n, H*(dn+dr)] roped */
     float *att;     /* [n, H*dv] */
     uint32_t t_max; /* longest cache any row reads */
+    int failed;     /* -ENOMEM when a task could not get its scratch (written by any task) */
 } attn_ctx;
 
 /* Rows per attention task: W_UK / W_UV rows are widened once for that many query rows. */
@@ -221,6 +222,10 @@ static void attn_task(void *arg, uint32_t t)
     uint32_t h = t / blocks, i0 = (t % blocks) * ATTN_ROWS;
     uint32_t nr = a->n - i0 < ATTN_ROWS ? a->n - i0 : ATTN_ROWS;
     float *qlat = ds_thread_scratch(1, (size_t)2 * ATTN_ROWS * C + 2 * (size_t)a->t_max);
+    if (!qlat) {
+        a->failed = -ENOMEM; /* a long context's scores: reported, not fatal */
+        return;
+    }
     float *olat = qlat + (size_t)ATTN_ROWS * C, *p = olat + (size_t)ATTN_ROWS * C;
     float *pe = p + a->t_max;
     const float *q0 = a->q + (size_t)i0 * qw + (size_t)h * (dn + dr);
@@ -331,8 +336,13 @@ int ds_unit_attn(const ds_model *m, ds_pool *pool, uint32_t layer, const float *
     uint32_t t_max = 0;
     for (uint32_t i = 0; i < n; i++)
         t_max = positions[i] + 1 > t_max ? positions[i] + 1 : t_max;
-    attn_ctx a = {m, L, n, positions, caches, layer, q, att, t_max};
+    attn_ctx a = {m, L, n, positions, caches, layer, q, att, t_max, 0};
     ds_pool_run(pool, H * ((n + ATTN_ROWS - 1) / ATTN_ROWS), attn_task, &a);
+    if (a.failed) {
+        rc = ds_error_set(err, a.failed, "attn[%u]: out of memory for %u cached positions", layer,
+                          t_max);
+        goto out;
+    }
     ds_weight_matmul(&L->o, att, n, out->hidden, pool);
     for (size_t i = 0; i < (size_t)n * D; i++)
         out->hidden[i] += x[i];

@@ -24,6 +24,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,27 +78,33 @@ float *ds_thread_scratch(unsigned slot, size_t n)
         s = calloc(1, sizeof(*s));
         if (!s || pthread_setspecific(scratch_key, s)) {
             free(s);
-            abort(); /* a few bytes: failing here means the process is already lost */
+            return NULL;
         }
     }
     slot %= SCRATCH_SLOTS;
     if (s->cap[slot] < n) {
         free(s->p[slot]);
         size_t cap = n < 4096 ? 4096 : n;
-        if (posix_memalign((void **)&s->p[slot], 64, cap * sizeof(float))) {
+        if (cap > SIZE_MAX / sizeof(float) ||
+            posix_memalign((void **)&s->p[slot], 64, cap * sizeof(float))) {
             s->p[slot] = NULL;
             s->cap[slot] = 0;
-            abort(); /* weight rows or one head's scores: see above */
+            return NULL;
         }
         s->cap[slot] = cap;
     }
     return s->p[slot];
 }
 
-/* Slot 0 belongs to the kernels of this file (never held across a call into another). */
+/* Slot 0 belongs to the kernels of this file (never held across a call into another). Their
+ * buffers are a few weight rows (at most 3 rows and a tile state, ~100 KB for V3): a process
+ * that cannot get that much has lost its memory, and the kernels have no error path. */
 static float *scratch_get(size_t n)
 {
-    return ds_thread_scratch(0, n);
+    float *p = ds_thread_scratch(0, n);
+    if (!p)
+        abort();
+    return p;
 }
 
 static inline size_t dtype_bytes(enum ds_dtype dt)
