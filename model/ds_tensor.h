@@ -107,8 +107,8 @@ float ds_dot8(const float *a, const float *b, uint32_t n);
 void ds_dot8_many(const float *a, const float *b, size_t b_stride, uint32_t m, uint32_t n,
                   float *out);
 void ds_wsum(const float *w, const float *e, size_t e_stride, uint32_t m, uint32_t n, float *out);
-void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a,
-                      size_t a_stride, uint32_t n, float *out, size_t out_stride);
+void ds_weight_vecmat(const ds_weight *w, uint32_t r0, uint32_t nr, const float *a, size_t a_stride,
+                      uint32_t n, float *out, size_t out_stride);
 void ds_weight_dot8_rows(const ds_weight *w, uint32_t r0, uint32_t nr, const float *v,
                          size_t v_stride, uint32_t n, float *out, size_t out_stride);
 /* A 64-byte aligned buffer of at least n floats owned by the calling thread, kept (and grown)
