@@ -14,15 +14,14 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "ds_gguf.h"
+
+#include "ds_file.h"
 
 #define GGUF_MAGIC_LE      0x46554747u /* "GGUF" read as a little-endian u32 */
 #define GGUF_DEFAULT_ALIGN 32u
@@ -543,27 +542,11 @@ static int gguf_add_file(ds_gguf *g, const char *path, ds_error *err)
     if (!(f->path = strdup(path)))
         return -ENOMEM;
     g->n_files++;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        return ds_error_set(err, -e, "%s: cannot open: %s", path, strerror(e));
-    }
-    struct stat sb;
-    if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return ds_error_set(err, -EBADMSG, "%s: not a regular file", path);
-    }
-    if (sb.st_size == 0) {
-        close(fd);
-        return ds_error_set(err, -EBADMSG, "%s: empty file", path);
-    }
-    void *map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int e = errno;
-    close(fd);
-    if (map == MAP_FAILED)
-        return ds_error_set(err, -e, "%s: mmap failed: %s", path, strerror(e));
+    void *map = NULL;
+    int rc = ds_file_map(path, &map, &f->size, err);
+    if (rc < 0)
+        return rc;
     f->map = map;
-    f->size = (size_t)sb.st_size;
     return gguf_parse(g, f, map, f->size, err);
 }
 

@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "ds_file.h"
 #include "ds_tensor.h"
 
 #define ST_MAX_HEADER (256u << 20) /* 256 MiB of JSON is far above any real checkpoint */
@@ -303,24 +304,10 @@ static int st_add_file(ds_st *st, const char *path, ds_error *err)
     if (!f->path)
         return -ENOMEM;
     st->n_files++;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return ds_error_set(err, -errno, "%s: cannot open: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return ds_error_set(err, -EBADMSG, "%s: not a regular file", path);
-    }
-    f->size = (size_t)sb.st_size;
-    if (f->size == 0) {
-        close(fd);
-        return ds_error_set(err, -EBADMSG, "%s: empty file", path);
-    }
-    void *map = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int e = errno;
-    close(fd);
-    if (map == MAP_FAILED)
-        return ds_error_set(err, -e, "%s: mmap failed: %s", path, strerror(e));
+    void *map = NULL;
+    int rc = ds_file_map(path, &map, &f->size, err);
+    if (rc < 0)
+        return rc;
     f->map = map;
     return st_parse(st, map, f->size, f->path, err);
 }
