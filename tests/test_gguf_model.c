@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "model_test_util.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdbool.h>
@@ -88,36 +90,12 @@ static void read_ids(const char *path, int32_t *a, uint32_t *na, int32_t *b, uin
 
 static float *read_f32(const char *path, size_t *count)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        fail_msg("cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    float *v = malloc((size_t)sz);
-    assert_non_null(v);
-    assert_int_equal(fread(v, 1, (size_t)sz, f), (size_t)sz);
-    fclose(f);
-    *count = (size_t)sz / 4;
-    return v;
+    return test_read_f32_file(path, count);
 }
 
 static ds_model *open_path(const char *path)
 {
-    ds_model *m = NULL;
-    ds_error err = {0};
-    if (ds_model_open(path, NULL, &m, &err) < 0)
-        fail_msg("open %s: %s", path, ds_error_str(&err));
-    return m;
-}
-
-static int32_t argmax(const float *v, uint32_t n)
-{
-    int32_t b = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (v[i] > v[b])
-            b = (int32_t)i;
-    return b;
+    return test_open_model_path(path);
 }
 
 /* Prefill of prompt[np], then greedy decode of ng tokens into gen; lg gets every fed row. */
@@ -137,7 +115,7 @@ static void generate(ds_model *m, ds_pool *pool, const int32_t *prompt, uint32_t
         fail_msg("forward: %s", ds_error_str(&err));
     uint32_t rows = np;
     for (uint32_t s = 0; s < ng; s++) {
-        gen[s] = argmax(lg + (size_t)(rows - 1) * V, V);
+        gen[s] = test_argmax(lg + (size_t)(rows - 1) * V, V);
         if (s + 1 == ng)
             break;
         assert_int_equal(ds_engine_forward(e, 1, &seq, &gen[s], lg + (size_t)rows * V, &err), 0);

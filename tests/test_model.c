@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "model_test_util.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdbool.h>
@@ -59,38 +61,14 @@ static float *read_f32(const char *model, int i, size_t *count)
 {
     char path[512];
     snprintf(path, sizeof(path), REF "%s/ref_%d.f32", model, i);
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    float *v = malloc((size_t)sz);
-    assert_non_null(v);
-    assert_int_equal(fread(v, 1, (size_t)sz, f), (size_t)sz);
-    fclose(f);
-    *count = (size_t)sz / 4;
-    return v;
+    return test_read_f32_file(path, count);
 }
 
 static ds_model *open_model(const char *name)
 {
     char dir[512];
     snprintf(dir, sizeof(dir), REF "%s", name);
-    ds_model *m = NULL;
-    ds_error err = {0};
-    int rc = ds_model_open(dir, NULL, &m, &err);
-    if (rc < 0)
-        fail_msg("open %s: %s", dir, ds_error_str(&err));
-    return m;
-}
-
-static int32_t argmax(const float *v, uint32_t n)
-{
-    int32_t b = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (v[i] > v[b])
-            b = (int32_t)i;
-    return b;
+    return test_open_model_path(dir);
 }
 
 /* Prefill + greedy decode through the KV cache match HF within 1e-3, tokens identical. */
@@ -122,7 +100,7 @@ static void test_reference_logits(void **state)
             assert_int_equal(ds_engine_forward(e, np, seqs, prompt, lg, &err), 0);
             uint32_t rows = np;
             for (uint32_t s = 0; s < ng; s++) {
-                int32_t t = argmax(lg + (size_t)(rows - 1) * V, V);
+                int32_t t = test_argmax(lg + (size_t)(rows - 1) * V, V);
                 if (t != gen[s])
                     fail_msg("%s prompt %d: step %u token %d, HF %d", ref_models[mi], r, s, t,
                              gen[s]);
@@ -175,7 +153,7 @@ static void run_two_seqs(ds_model *m, ds_pool *pool, bool together, float *out_a
     }
     /* then 6 decode steps, batched (together) or one sequence per call */
     for (int s = 0; s < 6; s++) {
-        int32_t ta = argmax(out_a, V), tb = argmax(out_b, V);
+        int32_t ta = test_argmax(out_a, V), tb = test_argmax(out_b, V);
         if (together) {
             int seqs[] = {b, a};
             int32_t toks[] = {tb, ta};
@@ -305,7 +283,7 @@ static void run_mixed(ds_model *m, ds_pool *pool, int others, float *out)
     }
     memcpy(out, lg + (size_t)at * V, V * sizeof(float));
     for (int s = 0; s < STEPS; s++) {
-        int32_t t = argmax(out + (size_t)s * V, V);
+        int32_t t = test_argmax(out + (size_t)s * V, V);
         n = 0;
         /* the target first on even steps, last on odd ones */
         if (s % 2 == 0) {
@@ -379,7 +357,7 @@ static void test_kv_vs_recompute(void **state)
         seqs[i] = s;
     assert_int_equal(ds_engine_forward(e, 3, seqs, toks, lg, &err), 0);
     for (int i = 3; i < 12; i++) {
-        toks[i] = argmax(lg + (size_t)(i - 1) * V, V);
+        toks[i] = test_argmax(lg + (size_t)(i - 1) * V, V);
         assert_int_equal(ds_engine_forward(e, 1, &s, &toks[i], lg + (size_t)i * V, &err), 0);
     }
     ds_engine_free(e);

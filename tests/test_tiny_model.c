@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "model_test_util.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,15 +58,6 @@ static char *read_file(const char *path, size_t *len)
     b[n] = '\0';
     fclose(f);
     *len = (size_t)n;
-    return b;
-}
-
-static int32_t argmax(const float *x, uint32_t n)
-{
-    int32_t b = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (x[i] > x[b])
-            b = (int32_t)i;
     return b;
 }
 
@@ -123,7 +116,7 @@ static void test_tiny_vs_hf(void **state)
         uint32_t rows = np;
         int32_t out[256];
         for (uint32_t s = 0; s < ng; s++) {
-            out[s] = argmax(lg + (size_t)(rows - 1) * V, V);
+            out[s] = test_argmax(lg + (size_t)(rows - 1) * V, V);
             if (out[s] != gen[s])
                 fail_msg("prompt %d: step %u token %d, HF %d", p, s, out[s], gen[s]);
             if (s + 1 == ng)
