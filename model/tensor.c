@@ -424,9 +424,9 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
                                  uint32_t bc, const float *x, uint32_t cols, float *y,
                                  size_t ystride)
 {
-    __m256 lo[4][3], hi[4][3];
+    __m256 lo[3][3], hi[3][3];
     uint32_t c16 = cols & ~15u;
-#pragma GCC unroll 4
+#pragma GCC unroll 3
     for (uint32_t m = 0; m < MR; m++)
 #pragma GCC unroll 3
         for (uint32_t i = 0; i < NR; i++)
@@ -436,9 +436,9 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
     /* one prefetch per 64-byte line: every 64/el columns */
     const uint32_t pf_mask = (uint32_t)(64 / el - 1) & ~15u;
     for (uint32_t cb = 0, blk = 0; cb < c16; cb += bs, blk++) {
-        __m256 sc[4];
+        __m256 sc[3];
         uint32_t ce = cb + bs < c16 ? cb + bs : c16;
-#pragma GCC unroll 4
+#pragma GCC unroll 3
         for (uint32_t m = 0; m < MR; m++)
             sc[m] = kind == DS_DTYPE_F8_E4M3 ? _mm256_set1_ps(ws[m].scale[blk])
                     : kind == DS_DTYPE_Q8_0  ? _mm256_set1_ps(q8_0_scale(ws[m].row, blk))
@@ -452,11 +452,11 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
              * for each, so ask for the line PF_BYTES ahead (measured: 1536-column BF16 rows
              * 7.6 -> 9.3 GB/s, 224-column 4.3 -> 8.0; long rows unchanged). */
             if ((c & pf_mask) == 0) {
-#pragma GCC unroll 4
+#pragma GCC unroll 3
                 for (uint32_t m = 0; m < MR; m++)
                     _mm_prefetch((const char *)ws[m].row + (size_t)c * el + PF_BYTES, _MM_HINT_T0);
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 3
             for (uint32_t m = 0; m < MR; m++) {
                 __m256 wv = widen8(kind, ws[m].row, c, sc[m]);
 #pragma GCC unroll 3
@@ -466,7 +466,7 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
 #pragma GCC unroll 3
             for (uint32_t i = 0; i < NR; i++)
                 xv[i] = _mm256_loadu_ps(x + (size_t)i * cols + c + 8);
-#pragma GCC unroll 4
+#pragma GCC unroll 3
             for (uint32_t m = 0; m < MR; m++) {
                 __m256 wv = widen8(kind, ws[m].row, c + 8, sc[m]);
 #pragma GCC unroll 3
@@ -475,7 +475,7 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
             }
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 3
     for (uint32_t m = 0; m < MR; m++)
 #pragma GCC unroll 3
         for (uint32_t i = 0; i < NR; i++) {
@@ -501,7 +501,7 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
          * (measured on the idle VM, 1 thread, BF16: 1536 columns 11.2 GB/s vs 10.7 for 4 rows     \
          * at a time, 448 columns 9.8 vs 8.6, 7168 columns equal; read bandwidth 12.6) */          \
         uint32_t step = n == 1 ? 1 : 3, r = r0;                                                    \
-        wsrc ws[4];                                                                                \
+        wsrc ws[3];                                                                                \
         for (; r < r1; r += step) {                                                                \
             uint32_t mr = r1 - r < step ? r1 - r : step;                                           \
             for (uint32_t m = 0; m < mr; m++) {                                                    \
@@ -760,7 +760,7 @@ uint32_t ds_weight_matmul_task_rows(const ds_weight *w, uint32_t n, uint32_t thr
 {
     uint32_t tasks = threads * 4;
     /* Enough rows per task to amortise the hand-out, small enough to balance; a multiple of
-     * 12 so the 4-row (decode) and 3-row (prefill) tiles stay whole. */
+     * 12 so the 3-row tiles (decode of 2 rows, prefill) stay whole. */
     uint32_t rpt = (w->rows + tasks - 1) / tasks;
     uint32_t min = n >= 3 ? 24 : 48;
     if (rpt < min)
