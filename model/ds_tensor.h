@@ -92,6 +92,39 @@ void ds_weight_matmul(const ds_weight *w, const float *x, uint32_t n, float *y,
  * parallel job (the experts of a layer); the values are those of ds_weight_matmul. */
 void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
                            uint32_t r1);
+/* The input rows of a matmul, prepared for the weight's kernel. For the ggml block types with an
+ * integer kernel (Q8_0, Q4_K, Q6_K; see model/qdot.c) the rows are quantised to 8 bits once
+ * (fmt DS_QX_Q8_0: a float scale per 32 values, DS_QX_Q8_K: per 256 plus sums per 16) and every
+ * task reads them; for every other weight fmt is DS_QX_NONE and only x is used. A row's result
+ * still depends only on that row. */
+enum { DS_QX_NONE, DS_QX_Q8_0, DS_QX_Q8_K };
+typedef struct ds_matmul_in {
+    const float *x; /* [n, cols] */
+    uint32_t n, cols;
+    uint32_t fmt;
+    const int8_t *q;     /* [n, cols] */
+    const float *d;      /* [n, cols / block] */
+    const int16_t *bsum; /* DS_QX_Q8_K: [n, cols / 16] */
+} ds_matmul_in;
+/* Bytes of buffer ds_matmul_in_prepare needs for n rows into w (0: w takes the floats). */
+size_t ds_matmul_in_bytes(const ds_weight *w, uint32_t n);
+/* Fills in for x [n, w->cols]; buf (ds_matmul_in_bytes long, 64-byte aligned, may be NULL when
+ * that is 0) holds the quantised rows and must outlive in. */
+void ds_matmul_in_prepare(const ds_weight *w, const float *x, uint32_t n, void *buf,
+                          ds_matmul_in *in);
+/* True when in (prepared for some weight) is the format w takes, so it can be shared (gate and
+ * up of one FFN). */
+bool ds_matmul_in_fits(const ds_matmul_in *in, const ds_weight *w);
+/* ds_weight_matmul_rows on prepared rows (the same values). */
+void ds_weight_matmul_rows_in(const ds_weight *w, const ds_matmul_in *in, float *y, uint32_t r0,
+                              uint32_t r1);
+/* How ggml block weights with an integer kernel multiply: DS_QDOT_INT8 (the default; 8-bit
+ * activations, as above) or DS_QDOT_DEQUANT (dequantised to float32 and the canonical float
+ * order: the reference, slower). The environment variable DS_QDOT=dequant sets the latter at
+ * start. Every process of a cluster must use the same mode (tokens depend on it). */
+typedef enum { DS_QDOT_INT8, DS_QDOT_DEQUANT } ds_qdot_mode;
+void ds_tensor_set_qdot(ds_qdot_mode mode);
+ds_qdot_mode ds_tensor_qdot(void);
 /* How many output rows one task of ds_weight_matmul takes for n input rows on `threads`
  * threads (a multiple of 12, so the kernels' row tiles stay whole). */
 uint32_t ds_weight_matmul_task_rows(const ds_weight *w, uint32_t n, uint32_t threads);

@@ -391,6 +391,9 @@ typedef struct ffn_job {
     float *out;      /* [off[nf], D] */
     float *g, *u;    /* intermediate activations */
     const ffn_task *tasks;
+    /* each FFN's prepared inputs (quantised once for block-type weights, tensor.c): gate's,
+     * up's (the same as gate's when the formats agree) and down's */
+    ds_matmul_in *gin, *uin, *din;
 } ffn_job;
 
 static void ffn_up_task(void *arg, uint32_t t)
@@ -399,10 +402,9 @@ static void ffn_up_task(void *arg, uint32_t t)
     const ffn_task *k = &j->tasks[t];
     const ds_ffn *f = j->f[k->f];
     uint32_t n = j->off[k->f + 1] - j->off[k->f], I = f->gate.rows;
-    const float *x = j->in + (size_t)j->off[k->f] * j->D;
     float *g = j->g + j->goff[k->f], *u = j->u + j->goff[k->f];
-    ds_weight_matmul_rows(&f->gate, x, n, g, k->r0, k->r1);
-    ds_weight_matmul_rows(&f->up, x, n, u, k->r0, k->r1);
+    ds_weight_matmul_rows_in(&f->gate, &j->gin[k->f], g, k->r0, k->r1);
+    ds_weight_matmul_rows_in(&f->up, &j->uin[k->f], u, k->r0, k->r1);
     for (uint32_t i = 0; i < n; i++)
         for (uint32_t o = k->r0; o < k->r1; o++)
             g[(size_t)i * I + o] = silu(g[(size_t)i * I + o]) * u[(size_t)i * I + o];
@@ -413,9 +415,17 @@ static void ffn_down_task(void *arg, uint32_t t)
     const ffn_job *j = arg;
     const ffn_task *k = &j->tasks[t];
     const ds_ffn *f = j->f[k->f];
-    uint32_t n = j->off[k->f + 1] - j->off[k->f];
-    ds_weight_matmul_rows(&f->down, j->g + j->goff[k->f], n, j->out + (size_t)j->off[k->f] * j->D,
-                          k->r0, k->r1);
+    ds_weight_matmul_rows_in(&f->down, &j->din[k->f], j->out + (size_t)j->off[k->f] * j->D, k->r0,
+                             k->r1);
+}
+
+/* Bytes of the prepared inputs of FFN f for n rows (each piece 64-byte aligned). */
+static size_t ffn_in_bytes(const ds_ffn *f, uint32_t n)
+{
+    size_t a = (ds_matmul_in_bytes(&f->gate, n) + 63) & ~(size_t)63;
+    size_t b = (ds_matmul_in_bytes(&f->up, n) + 63) & ~(size_t)63;
+    size_t c = (ds_matmul_in_bytes(&f->down, n) + 63) & ~(size_t)63;
+    return a + b + c;
 }
 
 /* Chunks of `rows(f)` output rows over every FFN with rows to do; returns the task count. */
@@ -455,16 +465,39 @@ static int ffn_job_run(const ds_ffn *const *f, const uint32_t *off, uint32_t nf,
         max_tasks += (f[j]->gate.rows > D ? f[j]->gate.rows : D) / 24 + 1;
     }
     max_tasks += threads * 4;
+    size_t qsz = 0;
+    for (uint32_t j = 0; j < nf; j++)
+        qsz += ffn_in_bytes(f[j], off[j + 1] - off[j]);
     float *g = malloc(gsz * sizeof(float) + 1), *u = malloc(gsz * sizeof(float) + 1);
     ffn_task *tasks = malloc((size_t)max_tasks * sizeof(*tasks));
+    ds_matmul_in *ins = malloc((size_t)3 * nf * sizeof(*ins) + 1);
+    uint8_t *qbuf = qsz ? aligned_alloc(64, qsz) : NULL;
     int rc = 0;
-    if (!g || !u || !tasks) {
+    if (!g || !u || !tasks || !ins || (qsz && !qbuf)) {
         rc = -ENOMEM;
         goto out;
     }
-    ffn_job job = {f, off, goff, D, in, out, g, u, tasks};
+    ffn_job job = {f, off, goff, D, in, out, g, u, tasks, ins, ins + nf, ins + 2 * nf};
+    uint8_t *qp = qbuf;
+    for (uint32_t j = 0; j < nf; j++) {
+        uint32_t n = off[j + 1] - off[j];
+        const float *x = in + (size_t)off[j] * D;
+        ds_matmul_in_prepare(&f[j]->gate, x, n, qp, &job.gin[j]);
+        qp += (ds_matmul_in_bytes(&f[j]->gate, n) + 63) & ~(size_t)63;
+        if (ds_matmul_in_fits(&job.gin[j], &f[j]->up)) {
+            job.uin[j] = job.gin[j];
+        } else {
+            ds_matmul_in_prepare(&f[j]->up, x, n, qp, &job.uin[j]);
+            qp += (ds_matmul_in_bytes(&f[j]->up, n) + 63) & ~(size_t)63;
+        }
+    }
     uint32_t nt = ffn_tasks(f, off, nf, false, threads, tasks, max_tasks);
     ds_pool_run(pool, nt, ffn_up_task, &job);
+    for (uint32_t j = 0; j < nf; j++) {
+        uint32_t n = off[j + 1] - off[j];
+        ds_matmul_in_prepare(&f[j]->down, g + goff[j], n, qp, &job.din[j]);
+        qp += (ds_matmul_in_bytes(&f[j]->down, n) + 63) & ~(size_t)63;
+    }
     nt = ffn_tasks(f, off, nf, true, threads, tasks, max_tasks);
     ds_pool_run(pool, nt, ffn_down_task, &job);
 out:
@@ -472,6 +505,8 @@ out:
     free(g);
     free(u);
     free(tasks);
+    free(ins);
+    free(qbuf);
     return rc;
 }
 

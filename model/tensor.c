@@ -31,6 +31,7 @@
 #include "ds_pool.h"
 #include "ds_quant.h"
 #include "ds_tensor.h"
+#include "qdot.h"
 
 static float fp8_lut[256];
 static void fp8_lut_init(void)
@@ -48,7 +49,7 @@ static bool force_portable;
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
-#define SCRATCH_SLOTS 2
+#define SCRATCH_SLOTS 3
 
 typedef struct scratch {
     size_t cap[SCRATCH_SLOTS]; /* floats */
@@ -687,11 +688,88 @@ static bool fp8_fusable(const ds_weight *w)
 }
 #endif
 
+/* ---- prepared inputs: the integer kernels of the block types (qdot.c) ---- */
+
+static ds_qdot_mode qdot_mode;
+static pthread_once_t qdot_once = PTHREAD_ONCE_INIT;
+static bool qdot_set;
+
+static void qdot_env(void)
+{
+    const char *e = getenv("DS_QDOT");
+    if (!qdot_set && e && !strcmp(e, "dequant"))
+        qdot_mode = DS_QDOT_DEQUANT;
+}
+
+void ds_tensor_set_qdot(ds_qdot_mode mode)
+{
+    pthread_once(&qdot_once, qdot_env);
+    qdot_set = true;
+    qdot_mode = mode;
+}
+
+ds_qdot_mode ds_tensor_qdot(void)
+{
+    pthread_once(&qdot_once, qdot_env);
+    return qdot_mode;
+}
+
+static uint32_t in_format(const ds_weight *w)
+{
+    return ds_tensor_qdot() == DS_QDOT_INT8 ? ds_qx_format(w->dtype) : DS_QX_NONE;
+}
+
+size_t ds_matmul_in_bytes(const ds_weight *w, uint32_t n)
+{
+    return ds_qx_bytes(in_format(w), n, w->cols);
+}
+
+void ds_matmul_in_prepare(const ds_weight *w, const float *x, uint32_t n, void *buf,
+                          ds_matmul_in *in)
+{
+    uint32_t fmt = in_format(w);
+    *in = (ds_matmul_in){.x = x, .n = n, .cols = w->cols, .fmt = DS_QX_NONE};
+    if (fmt != DS_QX_NONE && n)
+        ds_qx_quantize(fmt, x, n, w->cols, buf, in);
+    in->x = x;
+}
+
+bool ds_matmul_in_fits(const ds_matmul_in *in, const ds_weight *w)
+{
+    return in->cols == w->cols && in->fmt == in_format(w);
+}
+
+void ds_weight_matmul_rows_in(const ds_weight *w, const ds_matmul_in *in, float *y, uint32_t r0,
+                              uint32_t r1)
+{
+    if (in->n == 0 || r0 >= r1)
+        return;
+    if (in->fmt == DS_QX_NONE)
+        ds_weight_matmul_rows(w, in->x, in->n, y, r0, r1);
+    else
+        ds_qdot_rows(w, in, y, r0, r1, use_avx2());
+}
+
+/* Slot 2 holds a thread's prepared input (the scratch is in floats). */
+static void *in_scratch(size_t bytes)
+{
+    void *p = ds_thread_scratch(2, (bytes + sizeof(float) - 1) / sizeof(float));
+    if (!p)
+        abort(); /* an activation block: see scratch_get */
+    return p;
+}
+
 void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
                            uint32_t r1)
 {
     if (n == 0 || r0 >= r1)
         return;
+    if (in_format(w) != DS_QX_NONE) {
+        ds_matmul_in in;
+        ds_matmul_in_prepare(w, x, n, in_scratch(ds_matmul_in_bytes(w, n)), &in);
+        ds_qdot_rows(w, &in, y, r0, r1, use_avx2());
+        return;
+    }
     if (w->dtype == DS_DTYPE_F8_E4M3)
         pthread_once(&fp8_once, fp8_lut_init);
 #if defined(__x86_64__)
@@ -742,8 +820,7 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
 
 typedef struct mm_ctx {
     const ds_weight *w;
-    const float *x;
-    uint32_t n;
+    const ds_matmul_in *in;
     float *y;
     uint32_t rows_per_task;
 } mm_ctx;
@@ -753,7 +830,7 @@ static void mm_task(void *arg, uint32_t t)
     mm_ctx *m = arg;
     uint32_t r0 = t * m->rows_per_task;
     uint32_t r1 = r0 + m->rows_per_task < m->w->rows ? r0 + m->rows_per_task : m->w->rows;
-    ds_weight_matmul_rows(m->w, m->x, m->n, m->y, r0, r1);
+    ds_weight_matmul_rows_in(m->w, m->in, m->y, r0, r1);
 }
 
 uint32_t ds_weight_matmul_task_rows(const ds_weight *w, uint32_t n, uint32_t threads)
@@ -778,7 +855,11 @@ void ds_weight_matmul(const ds_weight *w, const float *x, uint32_t n, float *y, 
         return;
     }
     uint32_t rpt = ds_weight_matmul_task_rows(w, n, threads);
-    mm_ctx m = {w, x, n, y, rpt};
+    /* the input quantised once (block types), on the caller's slot; the tasks only read it */
+    ds_matmul_in in;
+    size_t qb = ds_matmul_in_bytes(w, n);
+    ds_matmul_in_prepare(w, x, n, qb ? in_scratch(qb) : NULL, &in);
+    mm_ctx m = {w, &in, y, rpt};
     ds_pool_run(pool, (w->rows + rpt - 1) / rpt, mm_task, &m);
 }
 

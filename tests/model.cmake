@@ -27,3 +27,6 @@ ds_add_test(NAME test_gguf_model SOURCES test_gguf_model.c LIBS ds_experts ds_mo
             TIMEOUT 300)
 target_compile_definitions(test_gguf_model PRIVATE _GNU_SOURCE)
 add_dependencies(test_gguf_model dsctl) # test_dsctl_text runs the real command
+# The integer kernels of the block types (model/qdot.c) against the reference dequantiser,
+# the activation rounding rule and the batch/thread/ISA invariance.
+ds_add_test(NAME test_qdot SOURCES test_qdot.c LIBS ds_model LABELS unit TIMEOUT 120)

@@ -125,10 +125,12 @@ static void generate(ds_model *m, ds_pool *pool, const int32_t *prompt, uint32_t
 }
 
 /* Greedy tokens identical to llama.cpp's on the same file; logits fed llama.cpp's own tokens
- * within the type's tolerance. */
-static void test_llama_cpp_reference(void **state)
+ * within the type's tolerance: with the integer kernels (the default) and with the dequantised
+ * float path, the same cases and tolerances. */
+static void llama_cpp_reference(ds_qdot_mode mode)
 {
-    (void)state;
+    ds_tensor_set_qdot(mode);
+    print_message("-- %s\n", mode == DS_QDOT_INT8 ? "integer kernels" : "dequantised float path");
     ds_pool *pool = NULL;
     assert_int_equal(ds_pool_new(2, NULL, 0, &pool), 0);
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
@@ -184,6 +186,14 @@ static void test_llama_cpp_reference(void **state)
         ds_model_free(m);
     }
     ds_pool_free(pool);
+    ds_tensor_set_qdot(DS_QDOT_INT8);
+}
+
+static void test_llama_cpp_reference(void **state)
+{
+    (void)state;
+    llama_cpp_reference(DS_QDOT_INT8);
+    llama_cpp_reference(DS_QDOT_DEQUANT);
 }
 
 /* A GGUF made from a test checkpoint gives HF transformers' greedy tokens and logits within
@@ -634,6 +644,8 @@ static void test_dsctl_text(void **state)
 static void test_block_type_kernels(void **state)
 {
     (void)state;
+    /* the float path's contract; the integer kernels' own is checked by test_qdot */
+    ds_tensor_set_qdot(DS_QDOT_DEQUANT);
     const char *files[] = {GREF "tiny-Q4_K_M.gguf", GREF "tiny-Q2_K.gguf", GREF "tiny-Q8_0.gguf"};
     bool seen[64] = {false};
     int checked = 0;
@@ -698,6 +710,7 @@ static void test_block_type_kernels(void **state)
     }
     assert_int_equal(checked, 7);
     ds_pool_free(pool);
+    ds_tensor_set_qdot(DS_QDOT_INT8);
 }
 
 int main(void)
