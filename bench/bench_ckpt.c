@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "ds_gguf.h"
 #include "ds_numeric.h"
 #include "ds_pool.h"
 
@@ -273,6 +274,30 @@ double bench_bytes_per_token(const ds_model_config *c)
     }
     elems += (double)c->vocab_size * d + d; /* lm_head + one embedding row */
     return elems * elem_bytes(c);
+}
+
+int bench_bytes_per_token_gguf(const char *path, const ds_model_config *c, double *out)
+{
+    ds_gguf *g = NULL;
+    ds_error err = {0};
+    int rc = ds_gguf_open_split(path, &g, &err);
+    if (rc < 0)
+        return rc;
+    double b = 0;
+    for (size_t i = 0; i < ds_gguf_tensor_count(g); i++) {
+        const ds_gguf_tensor *t = ds_gguf_tensor_at(g, i);
+        if (t->n_dims < 2)
+            continue; /* norms, biases: a few KB */
+        if (strstr(t->name, "_exps."))
+            b += (double)t->nbytes * c->num_experts_per_tok / c->n_routed_experts;
+        else if (!strcmp(t->name, "token_embd.weight"))
+            b += (double)t->nbytes / t->ne[1];
+        else
+            b += (double)t->nbytes;
+    }
+    ds_gguf_free(g);
+    *out = b;
+    return 0;
 }
 
 /* ---- read bandwidth ---- */

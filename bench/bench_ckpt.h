@@ -40,6 +40,11 @@ int bench_ckpt_write(const char *dir, const bench_shape *s, double *bytes);
  * its block scales). Norm vectors are left out (a few KB per layer). */
 double bench_bytes_per_token(const ds_model_config *c);
 
+/* The same for a GGUF file (path: the file or the first of a split set), from its tensor
+ * table: each 2-D+ tensor's real bytes in its own type, the stacked *_exps tensors times
+ * top-k / n_routed_experts, one row of token_embd. 0, or a negative errno. */
+int bench_bytes_per_token_gguf(const char *path, const ds_model_config *c, double *out);
+
 /* CLOCK_MONOTONIC in seconds. */
 double bench_now_s(void);
 

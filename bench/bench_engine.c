@@ -13,9 +13,12 @@
  * pool thread sums its part of a 1 GiB buffer (far above the last-level cache) with AVX2
  * loads into several independent accumulators, best of 5.
  *
- *   bench_engine write DIR [--tokenizer DIR]   the ~1.3 GB V2-shaped checkpoint (below), with
- *                                               tokenizer.json/_config.json from models/tiny
- *   bench_engine run --model DIR [--threads N] [--decode N] [--prompt N] [--repeat R]
+ *   bench_engine write DIR [--tokenizer DIR] [--shape v2-1.3g|v2-4g]
+ *                          a V2-shaped BF16 checkpoint (below; default the ~1.3 GB one), with
+ *                          tokenizer.json/_config.json from models/tiny
+ *   bench_engine run --model DIR|FILE.gguf [--threads N] [--decode N] [--prompt N] [--repeat R]
+ *
+ * For a GGUF the bytes per token are counted from its tensor table (each tensor's real type).
  *
  * `run` prints human lines and one `key=value` line per metric for scripts. */
 #include <errno.h>
@@ -36,7 +39,7 @@
  * dims, 64 routed experts of which 6 per token, 2 shared, one leading dense layer. The vocab is
  * DeepSeek-Coder's (32256), the smallest DeepSeek tokenizer llama.cpp's converter recognises
  * (bench/llama_tokenizer.py). 1.32 GB of BF16, 387.5 MB streamed per decode token. */
-static const bench_shape engine_shape = {
+static const bench_shape shape_1g = {
     .vocab = 32256,
     .d = 1536,
     .layers = 8,
@@ -50,6 +53,25 @@ static const bench_shape engine_shape = {
     .shared = 2,
     .moe_inter = 224,
     .dense_inter = 4096,
+};
+
+/* The same proportions at 2048 wide, 9 layers, expert width 512 (every K-quant row whole: a
+ * multiple of 256), for the quantised GGUF benchmarks: 3.9 GB of BF16, so that its Q4_K_M from
+ * llama-quantize is still above 1 GB (Q8_0 ~2.1 GB). */
+static const bench_shape shape_4g = {
+    .vocab = 32256,
+    .d = 2048,
+    .layers = 9,
+    .heads = 16,
+    .kv_lora = 512,
+    .nope = 128,
+    .rope = 64,
+    .v = 128,
+    .experts = 64,
+    .topk = 6,
+    .shared = 2,
+    .moe_inter = 512,
+    .dense_inter = 5632,
 };
 
 static int copy_file(const char *from, const char *to)
@@ -80,16 +102,21 @@ static int copy_file(const char *from, const char *to)
 static int cmd_write(int argc, char **argv)
 {
     const char *dir = NULL, *tok = DS_SOURCE_ROOT "/models/tiny";
+    const bench_shape *shape = &shape_1g;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc)
             tok = argv[++i];
+        else if (!strcmp(argv[i], "--shape") && i + 1 < argc && !strcmp(argv[i + 1], "v2-1.3g"))
+            shape = &shape_1g, i++;
+        else if (!strcmp(argv[i], "--shape") && i + 1 < argc && !strcmp(argv[i + 1], "v2-4g"))
+            shape = &shape_4g, i++;
         else if (!dir && argv[i][0] != '-')
             dir = argv[i];
         else
             dir = NULL, i = argc;
     }
     if (!dir) {
-        fprintf(stderr, "usage: bench_engine write DIR [--tokenizer DIR]\n");
+        fprintf(stderr, "usage: bench_engine write DIR [--tokenizer DIR] [--shape v2-1.3g|v2-4g]\n");
         return 2;
     }
     if (mkdir(dir, 0755) && errno != EEXIST) {
@@ -97,7 +124,7 @@ static int cmd_write(int argc, char **argv)
         return 1;
     }
     double t0 = bench_now_s(), bytes = 0;
-    int rc = bench_ckpt_write(dir, &engine_shape, &bytes);
+    int rc = bench_ckpt_write(dir, shape, &bytes);
     static const char *const tok_files[] = {"tokenizer.json", "tokenizer_config.json"};
     for (size_t i = 0; i < 2 && !rc; i++) {
         char from[4096], to[4096];
@@ -241,6 +268,11 @@ static int cmd_run(int argc, char **argv)
         stats_add(&dec, ndec / secs, r, reps);
     }
     double bpt = bench_bytes_per_token(c), rgbs = bench_read_gbs(pool);
+    size_t dl = strlen(dir);
+    if (dl > 5 && !strcmp(dir + dl - 5, ".gguf") && bench_bytes_per_token_gguf(dir, c, &bpt) < 0) {
+        fprintf(stderr, "bench_engine: cannot read the tensor table of %s\n", dir);
+        goto out;
+    }
     double dgbs = dec.mean * bpt / 1e9;
     uint32_t nt = ds_pool_size(pool);
     printf("model: %s (load %.1f s, warm-up %.1f s)\n", dir, load_s, warm_s);

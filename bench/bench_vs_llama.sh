@@ -10,7 +10,18 @@
 # bandwidth bench_engine measured in that run. Raw outputs are kept in build-bench/results/.
 #
 #   bench/bench_vs_llama.sh [--threads "1 2"] [--rounds N] [--idle-wait S] [--rebuild]
-#                           [--bin PATH] [--skip-without-llama]
+#                           [--bin PATH] [--skip-without-llama] [--shape v2-1.3g|v2-4g]
+#                           [--quant TYPE]
+#
+# --quant TYPE (Q8_0, Q4_K_M, Q6_K, ... anything llama-quantize takes) benchmarks a quantised
+# GGUF instead: the BF16 GGUF requantised by llama-quantize, and both engines load that same
+# file (dsd through its GGUF loader and integer kernels). --shape v2-4g is the 3.9 GB BF16
+# checkpoint whose quantisations stay above 1 GB (Q8_0 2.1 GB, Q4_K_M ~1.2 GB); its bytes per
+# token are counted from the GGUF's tensor table. llama-bench then runs with --repack 0: this
+# llama.cpp (llama-cpp-python 0.3.36's) aborts on every deepseek2 Q8_0/Q4_K file we tried with
+# its weight repacking on (GGML_ASSERT(*cur_backend_id != -1) in
+# ggml_backend_sched_split_graph at context creation, tests/data/gguf_ref/tiny-Q8_0.gguf too);
+# $DS_LLAMA_BENCH_ARGS replaces those extra llama-bench arguments.
 #
 # --bin times another bench_engine build (default build/bench/bench_engine), e.g. one made
 # from a clean `git archive` of a commit while the working tree is mid-edit.
@@ -40,6 +51,8 @@ ROUNDS=1
 IDLE_WAIT=120
 REBUILD=0
 SKIP=0
+SHAPE=v2-1.3g
+QUANT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) THREADS=$2; shift 2 ;;
@@ -48,14 +61,17 @@ while [ $# -gt 0 ]; do
     --rebuild) REBUILD=1; shift ;;
     --bin) BIN=$2; shift 2 ;;
     --skip-without-llama) SKIP=1; shift ;;
+    --shape) SHAPE=$2; shift 2 ;;
+    --quant) QUANT=$2; shift 2 ;;
     *) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
 PROMPT=128 DECODE=64 REPS=3
 WORK=build-bench
-CKPT=$WORK/v2-1.3g
-CONV=$WORK/v2-1.3g-llama
-GGUF=$WORK/v2-1.3g-bf16.gguf
+case "$SHAPE" in v2-1.3g|v2-4g) ;; *) echo "bench_vs_llama: --shape v2-1.3g or v2-4g" >&2; exit 2 ;; esac
+CKPT=$WORK/$SHAPE
+CONV=$WORK/$SHAPE-llama
+GGUF=$WORK/$SHAPE-bf16.gguf
 
 LB=$(tools/llama-cpp.sh bin llama-bench 2>/dev/null || true)
 if [ -z "$LB" ] && [ $SKIP = 1 ]; then
@@ -67,7 +83,7 @@ fi
 mkdir -p "$WORK"
 if [ $REBUILD = 1 ] || [ ! -f "$CKPT/config.json" ] || [ ! -f "$CKPT/model.safetensors" ]; then
   rm -rf "$CKPT" "$GGUF"
-  "$BIN" write "$CKPT"
+  "$BIN" write "$CKPT" --shape "$SHAPE"
 fi
 if [ -n "$LB" ] && { [ ! -s "$GGUF" ] || [ "$CKPT/model.safetensors" -nt "$GGUF" ]; }; then
   rm -rf "$CONV" && mkdir -p "$CONV"
@@ -82,6 +98,20 @@ json.dump(c, open(sys.argv[2], "w"), indent=1)' "$CKPT/config.json" "$CONV/confi
     { tail -20 "$WORK/convert.log" >&2; exit 1; }
   mv "$GGUF.tmp" "$GGUF"
 fi
+
+DSD_MODEL=$CKPT
+if [ -n "$QUANT" ]; then
+  [ -n "$LB" ] || { echo "bench_vs_llama: --quant needs llama.cpp (tools/llama-cpp.sh build)" >&2; exit 1; }
+  QGGUF=$WORK/$SHAPE-$QUANT.gguf
+  if [ ! -s "$QGGUF" ] || [ "$GGUF" -nt "$QGGUF" ]; then
+    echo "quantising $GGUF -> $QGGUF (llama-quantize $QUANT)"
+    tools/llama-cpp.sh quantize "$GGUF" "$QGGUF.tmp" "$QUANT" >"$WORK/quantize-$QUANT.log" 2>&1 ||
+      { tail -20 "$WORK/quantize-$QUANT.log" >&2; exit 1; }
+    mv "$QGGUF.tmp" "$QGGUF"
+  fi
+  GGUF=$QGGUF DSD_MODEL=$QGGUF
+fi
+LARGS=${DS_LLAMA_BENCH_ARGS-${QUANT:+--repack 0}}
 
 # Percent of CPU time idle over the next second (all CPUs, from /proc/stat).
 idle_pct() {
@@ -103,17 +133,18 @@ RES=$WORK/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RES"
 { echo "dsd: $BIN, built $(date -u -r "$BIN" +%FT%TZ); tree $(git describe --always --dirty)"
   git status --short model experts common | sed 's/^/  /'
-  echo "llama.cpp: ${LB:-not built}${LB:+ (llama-cpp-python sdist $(ls "${DS_LLAMA_DIR:-$ROOT/build-llama}"/dl 2>/dev/null | head -1))}"
+  echo "llama.cpp: ${LB:-not built}${LARGS:+ ($LARGS)}${LB:+ (llama-cpp-python sdist $(ls "${DS_LLAMA_DIR:-$ROOT/build-llama}"/dl 2>/dev/null | head -1))}"
 } >"$RES/version.txt"
-echo "results in $RES (checkpoint $CKPT${LB:+, $GGUF})"
+echo "results in $RES (dsd: $DSD_MODEL${LB:+, llama.cpp: $GGUF})"
 for r in $(seq 1 "$ROUNDS"); do
   for t in $THREADS; do
     quiet_start "round $r, threads $t: dsd"
-    "$BIN" run --model "$CKPT" --threads "$t" --prompt $PROMPT --decode $DECODE \
+    "$BIN" run --model "$DSD_MODEL" --threads "$t" --prompt $PROMPT --decode $DECODE \
       --repeat $REPS >"$RES/dsd_t${t}_r$r.txt"
     if [ -n "$LB" ]; then
       quiet_start "round $r, threads $t: llama.cpp"
-      "$LB" -m "$GGUF" -t "$t" -p $PROMPT -n $DECODE -r $REPS -o json \
+      # shellcheck disable=SC2086 # LARGS is a word list
+      "$LB" -m "$GGUF" -t "$t" -p $PROMPT -n $DECODE -r $REPS -o json $LARGS \
         >"$RES/llama_t${t}_r$r.json" 2>"$RES/llama_t${t}_r$r.err"
     fi
   done

@@ -93,10 +93,10 @@ void ds_weight_matmul(const ds_weight *w, const float *x, uint32_t n, float *y,
 void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
                            uint32_t r1);
 /* The input rows of a matmul, prepared for the weight's kernel. For the ggml block types with an
- * integer kernel (Q8_0, Q4_K, Q6_K; see model/qdot.c) the rows are quantised to 8 bits once
- * (fmt DS_QX_Q8_0: a float scale per 32 values, DS_QX_Q8_K: per 256 plus sums per 16) and every
- * task reads them; for every other weight fmt is DS_QX_NONE and only x is used. A row's result
- * still depends only on that row. */
+ * integer kernel (Q8_0, Q4_0, Q5_0, Q2_K..Q6_K; see model/qdot.c) the rows are quantised to 8
+ * bits once (fmt DS_QX_Q8_0: a float scale per 32 values, DS_QX_Q8_K: per 256; both with the
+ * sums per 16) and every task reads them; for every other weight fmt is DS_QX_NONE and only x
+ * is used. A row's result still depends only on that row. */
 enum { DS_QX_NONE, DS_QX_Q8_0, DS_QX_Q8_K };
 typedef struct ds_matmul_in {
     const float *x; /* [n, cols] */
@@ -104,7 +104,7 @@ typedef struct ds_matmul_in {
     uint32_t fmt;
     const int8_t *q;     /* [n, cols] */
     const float *d;      /* [n, cols / block] */
-    const int16_t *bsum; /* DS_QX_Q8_K: [n, cols / 16] */
+    const int16_t *bsum; /* [n, cols / 16] */
 } ds_matmul_in;
 /* Bytes of buffer ds_matmul_in_prepare needs for n rows into w (0: w takes the floats). */
 size_t ds_matmul_in_bytes(const ds_weight *w, uint32_t n);

@@ -1,23 +1,26 @@
-/* qdot.c — ggml block weights times 8-bit activations: the integer kernels of Q8_0, Q4_K, Q6_K.
+/* qdot.c — ggml block weights times 8-bit activations: the integer kernels of Q8_0, Q4_0, Q5_0
+ * and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (Q4_1 and Q5_1 take the float path).
  *
- * A block weight holds small integers q with a float scale per block (and a min for Q4_K). Its
+ * A block weight holds small integers q with a float scale per block (and a min for some). Its
  * product with an activation row is done the way the format invites: the row is quantised to 8
  * bits once per matmul (ds_matmul_in_prepare), the products of a block are summed in integers —
  * exactly, in any order — and only the per-block scales are floating point. The activation
  * formats:
- *   Q8_0 (for Q8_0 weights): per 32 values a float32 scale d = amax / 127 and
+ *   Q8_0 (for Q8_0, Q4_0, Q5_0 weights): per 32 values a float32 scale d = amax / 127 and
  *     q = nearbyint(x * (127 / amax)) in [-127, 127];
- *   Q8_K (for Q4_K, Q6_K): the same per 256 values, plus the sum of q per 16 (the min and bias
- *     terms of the K-quants need it).
+ *   Q8_K (for the K-quants): the same per 256 values;
+ *   both keep the sum of q per 16 (the mins and biases of the K-quants need it).
  * The float order of one output element (the contract every backend must keep to match):
- *   Q8_0: 8 lanes; lane l of block b takes the integer s = sum_k w[4l+k] * x[4l+k] (k < 4) and
- *     acc_l = fmaf(dw_b * dx_b, (float)s, acc_l), blocks ascending; then
- *     ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)).
- *   Q4_K: one chain over super-blocks b ascending from +0: S1 = sum_g sc_g * sum_{i in g} q_i x_i,
- *     S2 = sum_g m_g * sum_{i in g} x_i (integers), acc = fmaf(dx*d, (float)S1, acc), then
- *     acc = fmaf(-(dx*dmin), (float)S2, acc).
- *   Q6_K: one chain: S = sum_g sc_g * sum_{i in g} (q_i - 32) x_i, acc = fmaf(dx*d, (float)S, acc).
- * The integers fit int32 with room (a Q6_K super-block is at most 16 * 16 * 32 * 127 * 128), so
+ *   32-blocks (signed weights w = q - bias): 8 lanes; lane l of block b takes the integer
+ *     s = sum_k w[4l+k] * x[4l+k] (k < 4) and acc_l = fmaf(dw_b * dx_b, (float)s, acc_l), blocks
+ *     ascending; then ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)).
+ *   K-quants: a super-block is 256 unsigned values u (the quant plus its bias), an integer scale
+ *     sc per 16 values and an integer mv per 16; S1 = sum sc_g u_i x_i, S2 = sum mv_g xsum_g
+ *     (xsum_g the activation sum of group g). One chain over super-blocks ascending from +0:
+ *     with a min (Q2_K, Q4_K, Q5_K; mv = the min): acc = fmaf(dx*d, (float)S1, acc), then
+ *     acc = fmaf(dx*(-dmin), (float)S2, acc); with a bias (Q3_K: -4, Q6_K: -32; mv = sc):
+ *     acc = fmaf(dx*d, (float)(S1 + bias*S2), acc).
+ * The integers fit int32 with room (a Q6_K super-block is at most 16 * 16 * 63 * 127 * 128), so
  * they are the same in the AVX2 and the portable code; a row's value does not depend on the
  * batch, the threads or the ISA. The result differs from dequantise-then-float32 by the
  * activation rounding (|x - q*d| <= d/2): that is the cost of the speed, the same llama.cpp
@@ -51,8 +54,13 @@ uint32_t ds_qx_format(enum ds_dtype dt)
 {
     switch (dt) {
     case DS_DTYPE_Q8_0:
+    case DS_DTYPE_Q4_0:
+    case DS_DTYPE_Q5_0:
         return DS_QX_Q8_0;
+    case DS_DTYPE_Q2_K:
+    case DS_DTYPE_Q3_K:
     case DS_DTYPE_Q4_K:
+    case DS_DTYPE_Q5_K:
     case DS_DTYPE_Q6_K:
         return DS_QX_Q8_K;
     default:
@@ -75,10 +83,8 @@ size_t ds_qx_bytes(uint32_t fmt, uint32_t n, uint32_t cols)
     if (fmt == DS_QX_NONE)
         return 0;
     size_t nb = (size_t)n * (cols / qx_block(fmt));
-    size_t b = up64((size_t)n * cols) + up64(nb * sizeof(float));
-    if (fmt == DS_QX_Q8_K)
-        b += up64((size_t)n * (cols / 16) * sizeof(int16_t));
-    return b;
+    return up64((size_t)n * cols) + up64(nb * sizeof(float)) +
+           up64((size_t)n * (cols / 16) * sizeof(int16_t));
 }
 
 /* One block of len values: the scale and the 8-bit values (the scalar reference of the rule in
@@ -110,9 +116,7 @@ void ds_qx_quantize(uint32_t fmt, const float *x, uint32_t n, uint32_t cols, voi
     out->cols = cols;
     out->q = (int8_t *)p;
     out->d = (float *)(p + up64((size_t)n * cols));
-    out->bsum = fmt == DS_QX_Q8_K
-                    ? (int16_t *)(p + up64((size_t)n * cols) + up64((size_t)n * nb * sizeof(float)))
-                    : NULL;
+    out->bsum = (int16_t *)(p + up64((size_t)n * cols) + up64((size_t)n * nb * sizeof(float)));
     int8_t *q = (int8_t *)out->q;
     float *d = (float *)out->d;
     int16_t *bs = (int16_t *)out->bsum;
@@ -121,34 +125,24 @@ void ds_qx_quantize(uint32_t fmt, const float *x, uint32_t n, uint32_t cols, voi
             size_t o = (size_t)i * cols + (size_t)b * bl;
             d[(size_t)i * nb + b] = quant_block(x + o, bl, q + o);
         }
-    if (bs)
-        for (size_t g = 0; g < (size_t)n * (cols / 16); g++) {
-            int s = 0;
-            for (int k = 0; k < 16; k++)
-                s += q[g * 16 + (size_t)k];
-            bs[g] = (int16_t)s;
-        }
-}
-
-/* ---- the portable kernels (reference) ---- */
-
-static float q8_0_dot_ref(const uint8_t *w, const int8_t *x, const float *xd, uint32_t nb)
-{
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (uint32_t b = 0; b < nb; b++, w += 34, x += QK8_0) {
-        float dd = f16_at(w) * xd[b];
-        const int8_t *wq = (const int8_t *)(w + 2);
-        for (int l = 0; l < 8; l++) {
-            int s = 0;
-            for (int k = 0; k < 4; k++)
-                s += wq[4 * l + k] * x[4 * l + k];
-            acc[l] = fmaf(dd, (float)s, acc[l]);
-        }
+    for (size_t g = 0; g < (size_t)n * (cols / 16); g++) {
+        int s = 0;
+        for (int k = 0; k < 16; k++)
+            s += q[g * 16 + (size_t)k];
+        bs[g] = (int16_t)s;
     }
-    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-/* The 6-bit scale and min of sub-block g of a Q4_K block (the packing of model/quant.c). */
+/* ---- block layouts: the values as the kernels see them (scalar; the reference) ---- */
+
+/* A K-quant super-block: its 256 unsigned values, scale and sum multiplier per 16, and how S1 and
+ * S2 become float (see the header). */
+typedef struct kdesc {
+    float c1, c2; /* d, and -dmin (with a min) */
+    int bias;     /* 0 with a min, else -4 (Q3_K) or -32 (Q6_K) */
+} kdesc;
+
+/* The 6-bit scale and min of sub-block g of a Q4_K/Q5_K block (the packing of model/quant.c). */
 static inline void k4_sm(const uint8_t *s, int g, int *sc, int *m)
 {
     if (g < 4) {
@@ -160,50 +154,171 @@ static inline void k4_sm(const uint8_t *s, int g, int *sc, int *m)
     }
 }
 
-static float q4_k_dot_ref(const uint8_t *w, const int8_t *x, const float *xd, const int16_t *bs,
-                          uint32_t nb)
+/* Q3_K's 16 scales, 6 bits biased by 32. */
+static inline void k3_scales(const uint8_t *sc, int16_t *out)
+{
+    for (int g = 0; g < 16; g++) {
+        int lo = g < 8 ? sc[g] & 0xf : sc[g - 8] >> 4;
+        int hi = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
+        out[g] = (int16_t)((lo | hi << 4) - 32);
+    }
+}
+
+static void ku_q2_k(const uint8_t *b, uint8_t *u, int16_t *sc, int16_t *mv, kdesc *k)
+{
+    for (int j = 0; j < 256; j++)
+        u[j] = (b[16 + 32 * (j / 128) + j % 32] >> (2 * ((j / 32) % 4))) & 3;
+    for (int g = 0; g < 16; g++) {
+        sc[g] = b[g] & 0xf;
+        mv[g] = b[g] >> 4;
+    }
+    *k = (kdesc){f16_at(b + 80), -f16_at(b + 82), 0};
+}
+
+static void ku_q3_k(const uint8_t *b, uint8_t *u, int16_t *sc, int16_t *mv, kdesc *k)
+{
+    for (int j = 0; j < 256; j++) {
+        int grp = j / 32, l = j % 32;
+        int ql = (b[32 + 32 * (grp / 4) + l] >> (2 * (grp % 4))) & 3;
+        u[j] = (uint8_t)(ql | ((b[l] >> grp) & 1) << 2); /* q = u - 4 */
+    }
+    k3_scales(b + 96, sc);
+    memcpy(mv, sc, 16 * sizeof(int16_t));
+    *k = (kdesc){f16_at(b + 108), 0, -4};
+}
+
+static void ku_q4_k(const uint8_t *b, uint8_t *u, int16_t *sc, int16_t *mv, kdesc *k)
+{
+    for (int g = 0; g < 8; g++) {
+        int s, m;
+        k4_sm(b + 4, g, &s, &m);
+        sc[2 * g] = sc[2 * g + 1] = (int16_t)s;
+        mv[2 * g] = mv[2 * g + 1] = (int16_t)m;
+        for (int l = 0; l < 32; l++)
+            u[32 * g + l] = (b[16 + 32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf;
+    }
+    *k = (kdesc){f16_at(b), -f16_at(b + 2), 0};
+}
+
+static void ku_q5_k(const uint8_t *b, uint8_t *u, int16_t *sc, int16_t *mv, kdesc *k)
+{
+    for (int g = 0; g < 8; g++) {
+        int s, m;
+        k4_sm(b + 4, g, &s, &m);
+        sc[2 * g] = sc[2 * g + 1] = (int16_t)s;
+        mv[2 * g] = mv[2 * g + 1] = (int16_t)m;
+        for (int l = 0; l < 32; l++)
+            u[32 * g + l] = (uint8_t)(((b[48 + 32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) |
+                                      ((b[16 + l] >> g) & 1) << 4);
+    }
+    *k = (kdesc){f16_at(b), -f16_at(b + 2), 0};
+}
+
+static void ku_q6_k(const uint8_t *b, uint8_t *u, int16_t *sc, int16_t *mv, kdesc *k)
+{
+    for (int j = 0; j < 256; j++) {
+        int h = j / 128, r = j % 128;
+        int lo = (b[64 * h + r % 64] >> (4 * (r / 64))) & 0xf;
+        int hi = (b[128 + 32 * h + r % 32] >> (2 * (r / 32))) & 3;
+        u[j] = (uint8_t)(lo | hi << 4); /* q = u - 32 */
+    }
+    for (int g = 0; g < 16; g++)
+        sc[g] = mv[g] = (int8_t)b[192 + g];
+    *k = (kdesc){f16_at(b + 208), 0, -32};
+}
+
+/* A 32-block's signed values in order and its scale. */
+static float wu_q8_0(const uint8_t *b, int8_t *w)
+{
+    memcpy(w, b + 2, 32);
+    return f16_at(b);
+}
+
+static float wu_q4_0(const uint8_t *b, int8_t *w)
+{
+    for (int j = 0; j < 32; j++)
+        w[j] = (int8_t)((j < 16 ? b[2 + j] & 0xf : b[2 + j - 16] >> 4) - 8);
+    return f16_at(b);
+}
+
+static float wu_q5_0(const uint8_t *b, int8_t *w)
+{
+    uint32_t qh =
+        (uint32_t)b[2] | (uint32_t)b[3] << 8 | (uint32_t)b[4] << 16 | (uint32_t)b[5] << 24;
+    for (int j = 0; j < 32; j++) {
+        int lo = j < 16 ? b[6 + j] & 0xf : b[6 + j - 16] >> 4;
+        w[j] = (int8_t)((lo | (int)((qh >> j) & 1) << 4) - 16);
+    }
+    return f16_at(b);
+}
+
+typedef struct qtype {
+    enum ds_dtype dt;
+    uint32_t bb; /* bytes per block (32 or 256 values) */
+    float (*wu)(const uint8_t *, int8_t *);
+    void (*ku)(const uint8_t *, uint8_t *, int16_t *, int16_t *, kdesc *);
+} qtype;
+
+static const qtype qtypes[] = {
+    {DS_DTYPE_Q8_0, 34, wu_q8_0, NULL},  {DS_DTYPE_Q4_0, 18, wu_q4_0, NULL},
+    {DS_DTYPE_Q5_0, 22, wu_q5_0, NULL},  {DS_DTYPE_Q2_K, 84, NULL, ku_q2_k},
+    {DS_DTYPE_Q3_K, 110, NULL, ku_q3_k}, {DS_DTYPE_Q4_K, 144, NULL, ku_q4_k},
+    {DS_DTYPE_Q5_K, 176, NULL, ku_q5_k}, {DS_DTYPE_Q6_K, 210, NULL, ku_q6_k},
+};
+
+static const qtype *qtype_of(enum ds_dtype dt)
+{
+    for (size_t i = 0; i < sizeof(qtypes) / sizeof(qtypes[0]); i++)
+        if (qtypes[i].dt == dt)
+            return &qtypes[i];
+    return NULL;
+}
+
+/* ---- the portable kernels (reference) ---- */
+
+static float dot32_ref(const qtype *t, const uint8_t *w, const int8_t *x, const float *xd,
+                       uint32_t nb)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int8_t wq[32];
+    for (uint32_t b = 0; b < nb; b++, w += t->bb, x += QK8_0) {
+        float dd = t->wu(w, wq) * xd[b];
+        for (int l = 0; l < 8; l++) {
+            int s = 0;
+            for (int k = 0; k < 4; k++)
+                s += wq[4 * l + k] * x[4 * l + k];
+            acc[l] = fmaf(dd, (float)s, acc[l]);
+        }
+    }
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+static float dotk_ref(const qtype *t, const uint8_t *w, const int8_t *x, const float *xd,
+                      const int16_t *bs, uint32_t nb)
 {
     float acc = 0;
-    for (uint32_t b = 0; b < nb; b++, w += 144, x += QK_K, bs += 16) {
+    uint8_t u[256];
+    int16_t sc[16], mv[16];
+    kdesc k;
+    for (uint32_t b = 0; b < nb; b++, w += t->bb, x += QK_K, bs += 16) {
+        t->ku(w, u, sc, mv, &k);
         int32_t s1 = 0, s2 = 0;
-        for (int g = 0; g < 8; g++) {
-            int sc, m, s = 0;
-            k4_sm(w + 4, g, &sc, &m);
-            for (int l = 0; l < 32; l++)
-                s += ((w[16 + 32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) * x[32 * g + l];
-            s1 += sc * s;
-            s2 += m * (bs[2 * g] + bs[2 * g + 1]);
+        for (int j = 0; j < 256; j++)
+            s1 += sc[j / 16] * u[j] * x[j];
+        for (int g = 0; g < 16; g++)
+            s2 += mv[g] * bs[g];
+        if (k.bias) {
+            acc = fmaf(xd[b] * k.c1, (float)(s1 + k.bias * s2), acc);
+        } else {
+            acc = fmaf(xd[b] * k.c1, (float)s1, acc);
+            acc = fmaf(xd[b] * k.c2, (float)s2, acc);
         }
-        acc = fmaf(xd[b] * f16_at(w), (float)s1, acc);
-        acc = fmaf(-(xd[b] * f16_at(w + 2)), (float)s2, acc);
     }
     return acc;
 }
 
-static float q6_k_dot_ref(const uint8_t *w, const int8_t *x, const float *xd, uint32_t nb)
-{
-    float acc = 0;
-    for (uint32_t b = 0; b < nb; b++, w += 210, x += QK_K) {
-        const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
-        int32_t s = 0;
-        for (int g = 0; g < 16; g++) {
-            int sg = 0;
-            for (int k = 0; k < 16; k++) {
-                int j = 16 * g + k, h = j / 128, r = j % 128;
-                int lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 0xf;
-                int hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
-                sg += ((lo | hi << 4) - 32) * x[j];
-            }
-            s += sc[g] * sg;
-        }
-        acc = fmaf(xd[b] * f16_at(w + 208), (float)s, acc);
-    }
-    return acc;
-}
-
-static void rows_portable(const ds_weight *w, size_t rb, const ds_matmul_in *in, float *y,
-                          uint32_t r0, uint32_t r1)
+static void rows_portable(const qtype *t, const ds_weight *w, size_t rb, const ds_matmul_in *in,
+                          float *y, uint32_t r0, uint32_t r1)
 {
     uint32_t cols = in->cols, nb = cols / qx_block(in->fmt);
     for (uint32_t r = r0; r < r1; r++) {
@@ -211,14 +326,9 @@ static void rows_portable(const ds_weight *w, size_t rb, const ds_matmul_in *in,
         for (uint32_t i = 0; i < in->n; i++) {
             const int8_t *x = in->q + (size_t)i * cols;
             const float *xd = in->d + (size_t)i * nb;
-            float v;
-            if (w->dtype == DS_DTYPE_Q8_0)
-                v = q8_0_dot_ref(row, x, xd, nb);
-            else if (w->dtype == DS_DTYPE_Q4_K)
-                v = q4_k_dot_ref(row, x, xd, in->bsum + (size_t)i * (cols / 16), nb);
-            else
-                v = q6_k_dot_ref(row, x, xd, nb);
-            y[(size_t)i * w->rows + r] = v;
+            y[(size_t)i * w->rows + r] =
+                t->wu ? dot32_ref(t, row, x, xd, nb)
+                      : dotk_ref(t, row, x, xd, in->bsum + (size_t)i * (cols / 16), nb);
         }
     }
 }
@@ -250,11 +360,49 @@ QTARGET static QINLINE float f16_avx(const uint8_t *p)
     return _cvtsh_ss(h);
 }
 
-/* One Q8_0 weight row against NX activation rows (NX <= 4): lane sums of the signed bytes via
+QTARGET static QINLINE void prefetch_block(const uint8_t *w, uint32_t bb)
+{
+    for (uint32_t o = 0; o < bb; o += 64)
+        _mm_prefetch((const char *)w + QPF + o, _MM_HINT_T0);
+}
+
+/* 16 nibbles per byte pair: low nibbles of qs[0..15] then the high ones (values 0..31). */
+QTARGET static QINLINE __m256i nibbles32(const uint8_t *qs)
+{
+    __m128i q = _mm_loadu_si128((const __m128i *)qs), m4 = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+}
+
+/* 0x10 in byte j where bit j of the 32-bit qh is set. */
+QTARGET static QINLINE __m256i bits32(uint32_t qh)
+{
+    const __m256i sh = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
+                                        2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bm = _mm256_set1_epi64x(0x8040201008040201ll);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), sh);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bm), bm);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+/* A 32-block's signed values (in value order) and scale, as wu_* above. */
+QTARGET static QINLINE __m256i wv32(enum ds_dtype dt, const uint8_t *b, float *d)
+{
+    *d = f16_avx(b);
+    if (dt == DS_DTYPE_Q8_0)
+        return _mm256_loadu_si256((const __m256i *)(b + 2));
+    if (dt == DS_DTYPE_Q4_0)
+        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), bits32(qh)), _mm256_set1_epi8(16));
+}
+
+/* One 32-block weight row against NX activation rows (NX <= 4): lane sums of the signed bytes via
  * |w| * (x with w's sign) (vpmaddubsw; |w| <= 128 and |x| <= 127 cannot saturate), pairs summed
  * by vpmaddwd with ones: lane l = sum of bytes 4l..4l+3, as the reference. */
-QTARGET static QINLINE void q8_0_row(const uint8_t *w, uint32_t nb, const ds_matmul_in *in,
-                                     uint32_t i0, uint32_t NX, float *out, size_t os)
+QTARGET static QINLINE void row32(enum ds_dtype dt, uint32_t bb, const uint8_t *w, uint32_t nb,
+                                  const ds_matmul_in *in, uint32_t i0, uint32_t NX, float *out,
+                                  size_t os)
 {
     __m256 acc[4];
     const __m256i ones = _mm256_set1_epi16(1);
@@ -262,11 +410,11 @@ QTARGET static QINLINE void q8_0_row(const uint8_t *w, uint32_t nb, const ds_mat
 #pragma GCC unroll 4
     for (uint32_t i = 0; i < NX; i++)
         acc[i] = _mm256_setzero_ps();
-    for (uint32_t b = 0; b < nb; b++, w += 34) {
-        _mm_prefetch((const char *)w + QPF, _MM_HINT_T0);
-        __m256i wq = _mm256_loadu_si256((const __m256i *)(w + 2));
+    for (uint32_t b = 0; b < nb; b++, w += bb) {
+        prefetch_block(w, bb);
+        float dw;
+        __m256i wq = wv32(dt, w, &dw);
         __m256i aw = _mm256_sign_epi8(wq, wq);
-        float dw = f16_avx(w);
 #pragma GCC unroll 4
         for (uint32_t i = 0; i < NX; i++) {
             const int8_t *x = in->q + (size_t)(i0 + i) * cols + (size_t)b * QK8_0;
@@ -281,161 +429,227 @@ QTARGET static QINLINE void q8_0_row(const uint8_t *w, uint32_t nb, const ds_mat
         out[i * os] = hsum_f8(acc[i]);
 }
 
-/* Q4_K: the nibbles of a 32-byte group are split once per weight row and reused for NX rows. */
-QTARGET static QINLINE void q4_k_row(const uint8_t *w, uint32_t nb, const ds_matmul_in *in,
-                                     uint32_t i0, uint32_t NX, float *out, size_t os)
+/* Scale vector of 32 values: sc_a for the first 16 (vpmaddubsw's low lanes), sc_b the next. */
+QTARGET static QINLINE __m256i sc_pair(int a, int b)
 {
-    float acc[4] = {0, 0, 0, 0};
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    uint32_t cols = in->cols, nbx = cols / QK_K;
-    for (uint32_t b = 0; b < nb; b++, w += 144) {
-        _mm_prefetch((const char *)w + QPF, _MM_HINT_T0);
-        _mm_prefetch((const char *)w + QPF + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)w + QPF + 128, _MM_HINT_T0);
-        int sc[8], mn[8];
-        for (int g = 0; g < 8; g++)
-            k4_sm(w + 4, g, &sc[g], &mn[g]);
-        __m256i lo[4], hi[4];
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; k++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * k));
-            lo[k] = _mm256_and_si256(q, m4);
-            hi[k] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-        }
-        __m128i mv = _mm_setr_epi16((short)mn[0], (short)mn[1], (short)mn[2], (short)mn[3],
-                                    (short)mn[4], (short)mn[5], (short)mn[6], (short)mn[7]);
-        float d = f16_avx(w), dmin = f16_avx(w + 2);
-#pragma GCC unroll 4
-        for (uint32_t i = 0; i < NX; i++) {
-            const int8_t *x = in->q + (size_t)(i0 + i) * cols + (size_t)b * QK_K;
-            __m256i s = _mm256_setzero_si256();
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) {
-                __m256i xl = _mm256_loadu_si256((const __m256i *)(x + 64 * k));
-                __m256i xh = _mm256_loadu_si256((const __m256i *)(x + 64 * k + 32));
-                __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[k], xl),
-                                               _mm256_set1_epi16((short)sc[2 * k]));
-                __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[k], xh),
-                                               _mm256_set1_epi16((short)sc[2 * k + 1]));
-                s = _mm256_add_epi32(s, _mm256_add_epi32(pl, ph));
-            }
-            const int16_t *bs = in->bsum + (size_t)(i0 + i) * (cols / 16) + (size_t)b * 16;
-            __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs),
-                                         _mm_loadu_si128((const __m128i *)(bs + 8)));
-            __m128i m2 = _mm_madd_epi16(b32, mv);
-            m2 = _mm_add_epi32(m2, _mm_shuffle_epi32(m2, 0x4e));
-            m2 = _mm_add_epi32(m2, _mm_shuffle_epi32(m2, 0xb1));
-            float dx = in->d[(size_t)(i0 + i) * nbx + b];
-            acc[i] = fmaf(dx * d, (float)hsum_i32(s), acc[i]);
-            acc[i] = fmaf(-(dx * dmin), (float)_mm_cvtsi128_si32(m2), acc[i]);
-        }
-    }
-    for (uint32_t i = 0; i < NX; i++)
-        out[i * os] = acc[i];
+    return _mm256_set_m128i(_mm_set1_epi16((short)b), _mm_set1_epi16((short)a));
 }
 
-/* Q6_K: the four 6-bit planes of each half built once per weight row; the -32 bias is taken
- * out through the 16-value sums of x (S = sum sc * (sum q x - 32 sum x)). */
-QTARGET static QINLINE void q6_k_row(const uint8_t *w, uint32_t nb, const ds_matmul_in *in,
-                                     uint32_t i0, uint32_t NX, float *out, size_t os)
+/* A K-quant super-block in registers: p[k] the unsigned values 32k..32k+31, sc[k] their scales,
+ * mv the 16 sum multipliers (the same values as ku_* above). */
+QTARGET static QINLINE void kv(enum ds_dtype dt, const uint8_t *b, __m256i *p, __m256i *sc,
+                               __m256i *mv, kdesc *k)
 {
-    float acc[4] = {0, 0, 0, 0};
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
-    uint32_t cols = in->cols, nbx = cols / QK_K;
-    for (uint32_t b = 0; b < nb; b++, w += 210) {
-        for (int k = 0; k < 4; k++)
-            _mm_prefetch((const char *)w + QPF + 64 * k, _MM_HINT_T0);
-        const int8_t *sc = (const int8_t *)(w + 192);
-        __m256i q[8], scv[8];
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    switch (dt) {
+    case DS_DTYPE_Q2_K: {
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (c / 4)));
+            p[c] = _mm256_and_si256(_mm256_srli_epi16(q, 2 * (c % 4)), m3);
+        }
+        __m128i s = _mm_loadu_si128((const __m128i *)b);
+        __m128i lo = _mm_and_si128(s, _mm_set1_epi8(0x0f));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0f));
+        int16_t s16[16];
+        _mm256_storeu_si256((__m256i *)s16, _mm256_cvtepu8_epi16(lo));
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            sc[c] = sc_pair(s16[2 * c], s16[2 * c + 1]);
+        *mv = _mm256_cvtepu8_epi16(hi);
+        *k = (kdesc){f16_avx(b + 80), -f16_avx(b + 82), 0};
+        break;
+    }
+    case DS_DTYPE_Q3_K: {
+        __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * (c / 4)));
+            __m256i ql = _mm256_and_si256(_mm256_srli_epi16(q, 2 * (c % 4)), m3);
+            __m256i h = _mm256_and_si256(_mm256_srli_epi16(hm, c), one);
+            p[c] = _mm256_or_si256(ql, _mm256_slli_epi16(h, 2));
+        }
+        int16_t s16[16];
+        k3_scales(b + 96, s16);
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            sc[c] = sc_pair(s16[2 * c], s16[2 * c + 1]);
+        *mv = _mm256_loadu_si256((const __m256i *)s16);
+        *k = (kdesc){f16_avx(b + 108), 0, -4};
+        break;
+    }
+    case DS_DTYPE_Q4_K:
+    case DS_DTYPE_Q5_K: {
+        int s[8], m[8];
+        for (int g = 0; g < 8; g++)
+            k4_sm(b + 4, g, &s[g], &m[g]);
+        bool five = dt == DS_DTYPE_Q5_K;
+        const uint8_t *qs = b + (five ? 48 : 16);
+        __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            p[2 * c] = _mm256_and_si256(q, m4);
+            p[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (five) {
+                __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one);
+                __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one);
+                p[2 * c] = _mm256_or_si256(p[2 * c], _mm256_slli_epi16(h0, 4));
+                p[2 * c + 1] = _mm256_or_si256(p[2 * c + 1], _mm256_slli_epi16(h1, 4));
+            }
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++)
+            sc[g] = _mm256_set1_epi16((short)s[g]);
+        *mv = _mm256_setr_epi16((short)m[0], (short)m[0], (short)m[1], (short)m[1], (short)m[2],
+                                (short)m[2], (short)m[3], (short)m[3], (short)m[4], (short)m[4],
+                                (short)m[5], (short)m[5], (short)m[6], (short)m[6], (short)m[7],
+                                (short)m[7]);
+        *k = (kdesc){f16_avx(b), -f16_avx(b + 2), 0};
+        break;
+    }
+    default: { /* Q6_K */
 #pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
-            q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4),
-                                           _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
-            q[4 * h + 1] = _mm256_or_si256(
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+            p[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4),
+                                           _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+            p[4 * h + 1] = _mm256_or_si256(
                 _mm256_and_si256(l1, m4),
-                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
-            q[4 * h + 2] = _mm256_or_si256(
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
+            p[4 * h + 2] = _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
-            q[4 * h + 3] = _mm256_or_si256(
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
+            p[4 * h + 3] = _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
         }
+        const int8_t *s8 = (const int8_t *)(b + 192);
 #pragma GCC unroll 8
-        for (int k = 0; k < 8; k++)
-            scv[k] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * k + 1]), _mm_set1_epi16(sc[2 * k]));
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
-        float d = f16_avx(w + 208);
+        for (int c = 0; c < 8; c++)
+            sc[c] = sc_pair(s8[2 * c], s8[2 * c + 1]);
+        *mv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+        *k = (kdesc){f16_avx(b + 208), 0, -32};
+        break;
+    }
+    }
+}
+
+/* One K-quant weight row against NX activation rows: each super-block unpacked once. */
+QTARGET static QINLINE void rowk(enum ds_dtype dt, uint32_t bb, const uint8_t *w, uint32_t nb,
+                                 const ds_matmul_in *in, uint32_t i0, uint32_t NX, float *out,
+                                 size_t os)
+{
+    float acc[4] = {0, 0, 0, 0};
+    uint32_t cols = in->cols, nbx = cols / QK_K;
+    for (uint32_t b = 0; b < nb; b++, w += bb) {
+        prefetch_block(w, bb);
+        __m256i p[8], sc[8], mv;
+        kdesc k;
+        kv(dt, w, p, sc, &mv, &k);
 #pragma GCC unroll 4
         for (uint32_t i = 0; i < NX; i++) {
             const int8_t *x = in->q + (size_t)(i0 + i) * cols + (size_t)b * QK_K;
             __m256i s = _mm256_setzero_si256();
 #pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * k));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], xv), scv[k]));
+            for (int c = 0; c < 8; c++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * c));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(p[c], xv), sc[c]));
             }
             const int16_t *bs = in->bsum + (size_t)(i0 + i) * (cols / 16) + (size_t)b * 16;
-            __m256i s2 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), sc16);
-            int32_t tot = hsum_i32(s) - 32 * hsum_i32(s2);
-            acc[i] = fmaf(in->d[(size_t)(i0 + i) * nbx + b] * d, (float)tot, acc[i]);
+            int32_t s1 = hsum_i32(s);
+            int32_t s2 = hsum_i32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), mv));
+            float dx = in->d[(size_t)(i0 + i) * nbx + b];
+            if (k.bias) {
+                acc[i] = fmaf(dx * k.c1, (float)(s1 + k.bias * s2), acc[i]);
+            } else {
+                acc[i] = fmaf(dx * k.c1, (float)s1, acc[i]);
+                acc[i] = fmaf(dx * k.c2, (float)s2, acc[i]);
+            }
         }
     }
     for (uint32_t i = 0; i < NX; i++)
         out[i * os] = acc[i];
 }
 
-#define QROWS_KERNEL(NAME, ROW)                                                                    \
+/* Rows [r0, r1): 4 activation rows at a time, then the rest, the weight row unpacked once per
+ * group. One function per type so that the unpacking is inlined with constants. */
+#define QROWS_KERNEL(NAME, ROW, DT, BB)                                                            \
     QTARGET static void NAME(const ds_weight *w, size_t rb, const ds_matmul_in *in, float *y,      \
                              uint32_t r0, uint32_t r1)                                             \
     {                                                                                              \
         uint32_t nb = in->cols / qx_block(in->fmt), n = in->n;                                     \
         for (uint32_t r = r0; r < r1; r++) {                                                       \
             const uint8_t *row = (const uint8_t *)w->data + (size_t)r * rb;                        \
+            float *yr = y + r;                                                                     \
             uint32_t i = 0;                                                                        \
             for (; i + 4 <= n; i += 4)                                                             \
-                ROW(row, nb, in, i, 4, y + (size_t)i * w->rows + r, w->rows);                      \
+                ROW(DT, BB, row, nb, in, i, 4, yr + (size_t)i * w->rows, w->rows);                 \
             switch (n - i) {                                                                       \
             case 3:                                                                                \
-                ROW(row, nb, in, i, 3, y + (size_t)i * w->rows + r, w->rows);                      \
+                ROW(DT, BB, row, nb, in, i, 3, yr + (size_t)i * w->rows, w->rows);                 \
                 break;                                                                             \
             case 2:                                                                                \
-                ROW(row, nb, in, i, 2, y + (size_t)i * w->rows + r, w->rows);                      \
+                ROW(DT, BB, row, nb, in, i, 2, yr + (size_t)i * w->rows, w->rows);                 \
                 break;                                                                             \
             case 1:                                                                                \
-                ROW(row, nb, in, i, 1, y + (size_t)i * w->rows + r, w->rows);                      \
+                ROW(DT, BB, row, nb, in, i, 1, yr + (size_t)i * w->rows, w->rows);                 \
                 break;                                                                             \
             default:                                                                               \
                 break;                                                                             \
             }                                                                                      \
         }                                                                                          \
     }
-QROWS_KERNEL(q8_0_rows_avx2, q8_0_row)
-QROWS_KERNEL(q4_k_rows_avx2, q4_k_row)
-QROWS_KERNEL(q6_k_rows_avx2, q6_k_row)
+QROWS_KERNEL(rows_q8_0, row32, DS_DTYPE_Q8_0, 34)
+QROWS_KERNEL(rows_q4_0, row32, DS_DTYPE_Q4_0, 18)
+QROWS_KERNEL(rows_q5_0, row32, DS_DTYPE_Q5_0, 22)
+QROWS_KERNEL(rows_q2_k, rowk, DS_DTYPE_Q2_K, 84)
+QROWS_KERNEL(rows_q3_k, rowk, DS_DTYPE_Q3_K, 110)
+QROWS_KERNEL(rows_q4_k, rowk, DS_DTYPE_Q4_K, 144)
+QROWS_KERNEL(rows_q5_k, rowk, DS_DTYPE_Q5_K, 176)
+QROWS_KERNEL(rows_q6_k, rowk, DS_DTYPE_Q6_K, 210)
 #endif
 
 void ds_qdot_rows(const ds_weight *w, const ds_matmul_in *in, float *y, uint32_t r0, uint32_t r1,
                   bool avx2)
 {
-    size_t rb = w->dtype == DS_DTYPE_Q8_0   ? (size_t)w->cols / 32 * 34
-                : w->dtype == DS_DTYPE_Q4_K ? (size_t)w->cols / 256 * 144
-                                            : (size_t)w->cols / 256 * 210;
+    const qtype *t = qtype_of(w->dtype);
+    if (!t)
+        abort(); /* ds_qx_format gave a format only for the types above */
+    size_t rb = (size_t)w->cols / qx_block(in->fmt) * t->bb;
 #if defined(__x86_64__)
     if (avx2) {
-        if (w->dtype == DS_DTYPE_Q8_0)
-            q8_0_rows_avx2(w, rb, in, y, r0, r1);
-        else if (w->dtype == DS_DTYPE_Q4_K)
-            q4_k_rows_avx2(w, rb, in, y, r0, r1);
-        else
-            q6_k_rows_avx2(w, rb, in, y, r0, r1);
-        return;
+        switch (w->dtype) {
+        case DS_DTYPE_Q8_0:
+            rows_q8_0(w, rb, in, y, r0, r1);
+            return;
+        case DS_DTYPE_Q4_0:
+            rows_q4_0(w, rb, in, y, r0, r1);
+            return;
+        case DS_DTYPE_Q5_0:
+            rows_q5_0(w, rb, in, y, r0, r1);
+            return;
+        case DS_DTYPE_Q2_K:
+            rows_q2_k(w, rb, in, y, r0, r1);
+            return;
+        case DS_DTYPE_Q3_K:
+            rows_q3_k(w, rb, in, y, r0, r1);
+            return;
+        case DS_DTYPE_Q4_K:
+            rows_q4_k(w, rb, in, y, r0, r1);
+            return;
+        case DS_DTYPE_Q5_K:
+            rows_q5_k(w, rb, in, y, r0, r1);
+            return;
+        default:
+            rows_q6_k(w, rb, in, y, r0, r1);
+            return;
+        }
     }
 #else
     (void)avx2;
 #endif
-    rows_portable(w, rb, in, y, r0, r1);
+    rows_portable(t, w, rb, in, y, r0, r1);
 }

@@ -47,21 +47,23 @@ typedef struct gcase {
     double tol;        /* max |logit difference| to llama.cpp, teacher-forced */
     uint32_t same;     /* greedy steps identical to llama.cpp's (NSTEPS = all) */
     uint32_t outliers; /* rows allowed past tol (a router flip in llama.cpp's precision) */
+    uint32_t same_int; /* with the integer kernels, when not `same` (0: the same) */
 } gcase;
 
 static const gcase cases[] = {
-    {"v2-F32", 0, 0.02, NSTEPS, 0},
-    {"v2-F32", 1, 0.02, NSTEPS, 0},
-    {"v3-F16", 0, 0.05, NSTEPS, 0},
-    {"v3-F16", 1, 0.05, 26, 1}, /* step 26: llama.cpp routes differently, margin 0.28 */
-    {"v3-Q8_0", 0, 0.4, 9, 0},  /* random weights: top-2 margin 0.047 at step 9 */
-    {"v3-Q8_0", 1, 0.4, 12, 0}, /* margin 0.073 at step 12 */
-    {"tiny-Q8_0", 0, 0.3, NSTEPS, 0},
-    {"tiny-Q8_0", 1, 0.3, NSTEPS, 0},
-    {"tiny-Q4_K_M", 0, 0.4, NSTEPS, 0},
-    {"tiny-Q4_K_M", 1, 0.4, NSTEPS, 0},
-    {"tiny-Q2_K", 0, 0.8, 11, 1}, /* margin 0.009 at step 11 */
-    {"tiny-Q2_K", 1, 0.8, NSTEPS, 0},
+    {"v2-F32", 0, 0.02, NSTEPS, 0, 0},
+    {"v2-F32", 1, 0.02, NSTEPS, 0, 0},
+    {"v3-F16", 0, 0.05, NSTEPS, 0, 0},
+    {"v3-F16", 1, 0.05, 26, 1, 0}, /* step 26: llama.cpp routes differently, margin 0.28 */
+    {"v3-Q8_0", 0, 0.4, 9, 0, 0},  /* random weights: top-2 margin 0.047 at step 9 */
+    {"v3-Q8_0", 1, 0.4, 12, 0, 0}, /* margin 0.073 at step 12 */
+    {"tiny-Q8_0", 0, 0.3, NSTEPS, 0, 0},
+    {"tiny-Q8_0", 1, 0.3, NSTEPS, 0, 0},
+    /* integer kernels: step 9, llama.cpp's top-2 margin 0.014 */
+    {"tiny-Q4_K_M", 0, 0.4, NSTEPS, 0, 9},
+    {"tiny-Q4_K_M", 1, 0.4, NSTEPS, 0, 0},
+    {"tiny-Q2_K", 0, 0.8, 11, 1, 0}, /* margin 0.009 at step 11 */
+    {"tiny-Q2_K", 1, 0.8, NSTEPS, 0, 0},
 };
 
 static uint32_t parse_ids(const char *s, int32_t *out, uint32_t max)
@@ -147,7 +149,8 @@ static void llama_cpp_reference(ds_qdot_mode mode)
         float *lg = malloc((size_t)(np + NSTEPS) * V * sizeof(float));
         assert_non_null(lg);
         generate(m, pool, prompt, np, NSTEPS, gen, lg);
-        for (uint32_t s = 0; s < c->same; s++)
+        uint32_t same = mode == DS_QDOT_INT8 && c->same_int ? c->same_int : c->same;
+        for (uint32_t s = 0; s < same; s++)
             if (gen[s] != ref[s])
                 fail_msg("%s prompt %d: step %u token %d, llama.cpp %d", c->file, c->prompt, s,
                          gen[s], ref[s]);

@@ -50,10 +50,16 @@ static void put_f16_scale(uint8_t *p)
 static const struct qtype {
     enum ds_dtype dt;
     uint32_t qt, bv, bb;
+    int scale_at[2]; /* byte offsets of the f16 scales (d, dmin) in a block; -1: none */
 } qtypes[] = {
-    {DS_DTYPE_Q8_0, DS_QUANT_Q8_0, 32, 34},
-    {DS_DTYPE_Q4_K, DS_QUANT_Q4_K, 256, 144},
-    {DS_DTYPE_Q6_K, DS_QUANT_Q6_K, 256, 210},
+    {DS_DTYPE_Q8_0, DS_QUANT_Q8_0, 32, 34, {0, -1}},
+    {DS_DTYPE_Q4_0, DS_QUANT_Q4_0, 32, 18, {0, -1}},
+    {DS_DTYPE_Q5_0, DS_QUANT_Q5_0, 32, 22, {0, -1}},
+    {DS_DTYPE_Q2_K, DS_QUANT_Q2_K, 256, 84, {80, 82}},
+    {DS_DTYPE_Q3_K, DS_QUANT_Q3_K, 256, 110, {108, -1}},
+    {DS_DTYPE_Q4_K, DS_QUANT_Q4_K, 256, 144, {0, 2}},
+    {DS_DTYPE_Q5_K, DS_QUANT_Q5_K, 256, 176, {0, 2}},
+    {DS_DTYPE_Q6_K, DS_QUANT_Q6_K, 256, 210, {208, -1}},
 };
 
 /* rows x cols random blocks of type t with sane scales. */
@@ -66,14 +72,9 @@ static uint8_t *random_weight(const struct qtype *t, uint32_t rows, uint32_t col
         w[i] = (uint8_t)rnd();
     for (size_t b = 0; b < nb; b++) {
         uint8_t *blk = w + b * t->bb;
-        if (t->dt == DS_DTYPE_Q8_0) {
-            put_f16_scale(blk);
-        } else if (t->dt == DS_DTYPE_Q4_K) {
-            put_f16_scale(blk);
-            put_f16_scale(blk + 2);
-        } else {
-            put_f16_scale(blk + 208);
-        }
+        for (int k = 0; k < 2; k++)
+            if (t->scale_at[k] >= 0)
+                put_f16_scale(blk + t->scale_at[k]);
     }
     return w;
 }
@@ -101,7 +102,7 @@ static void test_activation_rounding(void **state)
     (void)state;
     for (size_t ti = 0; ti < sizeof(qtypes) / sizeof(qtypes[0]); ti++) {
         const struct qtype *t = &qtypes[ti];
-        uint32_t n = 3, cols = 512, bl = t->dt == DS_DTYPE_Q8_0 ? 32 : 256;
+        uint32_t n = 3, cols = 512, bl = t->bv;
         uint8_t *wb = random_weight(t, 4, cols);
         ds_weight w = {.dtype = t->dt, .rows = 4, .cols = cols, .data = wb};
         float *x = random_x(n, cols);
@@ -110,7 +111,7 @@ static void test_activation_rounding(void **state)
         void *buf = qbuf(&w, n);
         ds_matmul_in in;
         ds_matmul_in_prepare(&w, x, n, buf, &in);
-        assert_int_equal(in.fmt, t->dt == DS_DTYPE_Q8_0 ? DS_QX_Q8_0 : DS_QX_Q8_K);
+        assert_int_equal(in.fmt, t->bv == 32 ? DS_QX_Q8_0 : DS_QX_Q8_K);
         for (uint32_t i = 0; i < n; i++)
             for (uint32_t b = 0; b < cols / bl; b++) {
                 const float *xb = x + (size_t)i * cols + (size_t)b * bl;
@@ -125,13 +126,12 @@ static void test_activation_rounding(void **state)
                     assert_true(fabs((double)qb[c] * d - xb[c]) <= d * 0.5 * (1 + 1e-5) + 1e-30);
                 }
             }
-        if (in.bsum)
-            for (size_t g = 0; g < (size_t)n * cols / 16; g++) {
-                int s = 0;
-                for (int k = 0; k < 16; k++)
-                    s += in.q[g * 16 + (size_t)k];
-                assert_int_equal(in.bsum[g], s);
-            }
+        for (size_t g = 0; g < (size_t)n * cols / 16; g++) {
+            int s = 0;
+            for (int k = 0; k < 16; k++)
+                s += in.q[g * 16 + (size_t)k];
+            assert_int_equal(in.bsum[g], s);
+        }
         free(buf);
         free(x);
         free(wb);
@@ -157,7 +157,7 @@ static void test_value_vs_dequantised(void **state)
         ds_weight_matmul(&w, x, n, y, NULL);
         uint64_t rbytes;
         assert_int_equal(ds_quant_row_bytes(t->qt, cols, &rbytes), 0);
-        uint32_t bl = t->dt == DS_DTYPE_Q8_0 ? 32 : 256;
+        uint32_t bl = t->bv;
         double worst = 0;
         for (uint32_t r = 0; r < rows; r++) {
             assert_int_equal(ds_quant_dequant_row(t->qt, wb + (size_t)r * rbytes, cols, wr), 0);
