@@ -16,10 +16,12 @@
  *     ascending; then ((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7)).
  *   K-quants: a super-block is 256 unsigned values u (the quant plus its bias), an integer scale
  *     sc per 16 values and an integer mv per 16; S1 = sum sc_g u_i x_i, S2 = sum mv_g xsum_g
- *     (xsum_g the activation sum of group g). One chain over super-blocks ascending from +0:
- *     with a min (Q2_K, Q4_K, Q5_K; mv = the min): acc = fmaf(dx*d, (float)S1, acc), then
- *     acc = fmaf(dx*(-dmin), (float)S2, acc); with a bias (Q3_K: -4, Q6_K: -32; mv = sc):
- *     acc = fmaf(dx*d, (float)(S1 + bias*S2), acc).
+ *     (xsum_g the activation sum of group g), both split into 8 lanes: lane l of S1 takes
+ *     values 4l..4l+3 of each 32-value chunk, lane l of S2 groups 2l and 2l+1. Per lane a chain
+ *     over the super-blocks ascending from +0: with a min (Q2_K, Q4_K, Q5_K; mv = the min):
+ *     acc_l = fmaf(dx*d, (float)S1_l, acc_l), then acc_l = fmaf(dx*(-dmin), (float)S2_l, acc_l);
+ *     with a bias (Q3_K: -4, Q6_K: -32; mv = sc): acc_l = fmaf(dx*d, (float)(S1_l + bias*S2_l),
+ *     acc_l); then the 8-lane tree.
  * The integers fit int32 with room (a Q6_K super-block is at most 16 * 16 * 63 * 127 * 128), so
  * they are the same in the AVX2 and the portable code; a row's value does not depend on the
  * batch, the threads or the ISA. The result differs from dequantise-then-float32 by the
@@ -293,28 +295,38 @@ static float dot32_ref(const qtype *t, const uint8_t *w, const int8_t *x, const 
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
+/* The canonical 8-lane tree. */
+static inline float tree8(const float *a)
+{
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
 static float dotk_ref(const qtype *t, const uint8_t *w, const int8_t *x, const float *xd,
                       const int16_t *bs, uint32_t nb)
 {
-    float acc = 0;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     uint8_t u[256];
     int16_t sc[16], mv[16];
     kdesc k;
     for (uint32_t b = 0; b < nb; b++, w += t->bb, x += QK_K, bs += 16) {
         t->ku(w, u, sc, mv, &k);
-        int32_t s1 = 0, s2 = 0;
-        for (int j = 0; j < 256; j++)
-            s1 += sc[j / 16] * u[j] * x[j];
-        for (int g = 0; g < 16; g++)
-            s2 += mv[g] * bs[g];
-        if (k.bias) {
-            acc = fmaf(xd[b] * k.c1, (float)(s1 + k.bias * s2), acc);
-        } else {
-            acc = fmaf(xd[b] * k.c1, (float)s1, acc);
-            acc = fmaf(xd[b] * k.c2, (float)s2, acc);
+        for (int l = 0; l < 8; l++) {
+            /* lane l: values 4l..4l+3 of every 32-value chunk, and groups 2l, 2l+1 of the sums */
+            int32_t s1 = 0, s2 = mv[2 * l] * bs[2 * l] + mv[2 * l + 1] * bs[2 * l + 1];
+            for (int c = 0; c < 8; c++)
+                for (int q = 0; q < 4; q++) {
+                    int j = 32 * c + 4 * l + q;
+                    s1 += sc[j / 16] * u[j] * x[j];
+                }
+            if (k.bias) {
+                acc[l] = fmaf(xd[b] * k.c1, (float)(s1 + k.bias * s2), acc[l]);
+            } else {
+                acc[l] = fmaf(xd[b] * k.c1, (float)s1, acc[l]);
+                acc[l] = fmaf(xd[b] * k.c2, (float)s2, acc[l]);
+            }
         }
     }
-    return acc;
+    return tree8(acc);
 }
 
 static void rows_portable(const qtype *t, const ds_weight *w, size_t rb, const ds_matmul_in *in,
@@ -429,10 +441,34 @@ QTARGET static QINLINE void row32(enum ds_dtype dt, uint32_t bb, const uint8_t *
         out[i * os] = hsum_f8(acc[i]);
 }
 
-/* Scale vector of 32 values: sc_a for the first 16 (vpmaddubsw's low lanes), sc_b the next. */
-QTARGET static QINLINE __m256i sc_pair(int a, int b)
+/* Scale vectors from 16 scale bytes (b16, both 128-bit halves the same): for chunk c the low
+ * half is byte 2c, the high half byte 2c+1 (the two 16-value groups of the chunk), each as int16
+ * (signed bytes sign-extended: the byte is put in the high half of each int16, then shifted). */
+QTARGET static QINLINE void sc_pairs(__m256i b16, bool is_signed, __m256i *sc)
 {
-    return _mm256_set_m128i(_mm_set1_epi16((short)b), _mm_set1_epi16((short)a));
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) {
+        char lo = (char)(2 * c), hi = (char)(2 * c + 1), z = (char)0x80;
+        __m256i m = _mm256_setr_epi8(z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, hi,
+                                     z, hi, z, hi, z, hi, z, hi, z, hi, z, hi, z, hi);
+        __m256i v = _mm256_shuffle_epi8(b16, m);
+        sc[c] = is_signed ? _mm256_srai_epi16(v, 8) : _mm256_srli_epi16(v, 8);
+    }
+}
+
+/* Q4_K/Q5_K's 8 scales and 8 mins from the 12 packed bytes: bytes 0..7 the scales, 8..15 the
+ * mins (the k4_sm rule on 32-bit words). */
+static inline __m128i k4_unpack(const uint8_t *s)
+{
+    uint32_t u[3], o[4];
+    memcpy(u, s, 12);
+    o[0] = u[0] & 0x3f3f3f3fu;                                             /* sc 0..3 */
+    o[1] = (u[2] & 0x0f0f0f0fu) | ((u[0] >> 6) & 0x03030303u) << 4;        /* sc 4..7 */
+    o[2] = u[1] & 0x3f3f3f3fu;                                             /* m 0..3 */
+    o[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | ((u[1] >> 6) & 0x03030303u) << 4; /* m 4..7 */
+    __m128i r;
+    memcpy(&r, o, 16);
+    return r;
 }
 
 /* A K-quant super-block in registers: p[k] the unsigned values 32k..32k+31, sc[k] their scales,
@@ -451,11 +487,7 @@ QTARGET static QINLINE void kv(enum ds_dtype dt, const uint8_t *b, __m256i *p, _
         __m128i s = _mm_loadu_si128((const __m128i *)b);
         __m128i lo = _mm_and_si128(s, _mm_set1_epi8(0x0f));
         __m128i hi = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0f));
-        int16_t s16[16];
-        _mm256_storeu_si256((__m256i *)s16, _mm256_cvtepu8_epi16(lo));
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; c++)
-            sc[c] = sc_pair(s16[2 * c], s16[2 * c + 1]);
+        sc_pairs(_mm256_broadcastsi128_si256(lo), false, sc);
         *mv = _mm256_cvtepu8_epi16(hi);
         *k = (kdesc){f16_avx(b + 80), -f16_avx(b + 82), 0};
         break;
@@ -470,19 +502,18 @@ QTARGET static QINLINE void kv(enum ds_dtype dt, const uint8_t *b, __m256i *p, _
             p[c] = _mm256_or_si256(ql, _mm256_slli_epi16(h, 2));
         }
         int16_t s16[16];
+        int8_t s8[16];
         k3_scales(b + 96, s16);
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; c++)
-            sc[c] = sc_pair(s16[2 * c], s16[2 * c + 1]);
+        for (int g = 0; g < 16; g++)
+            s8[g] = (int8_t)s16[g];
+        sc_pairs(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)s8)), true, sc);
         *mv = _mm256_loadu_si256((const __m256i *)s16);
         *k = (kdesc){f16_avx(b + 108), 0, -4};
         break;
     }
     case DS_DTYPE_Q4_K:
     case DS_DTYPE_Q5_K: {
-        int s[8], m[8];
-        for (int g = 0; g < 8; g++)
-            k4_sm(b + 4, g, &s[g], &m[g]);
+        __m128i sm = k4_unpack(b + 4); /* 8 scales, 8 mins */
         bool five = dt == DS_DTYPE_Q5_K;
         const uint8_t *qs = b + (five ? 48 : 16);
         __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
@@ -498,13 +529,9 @@ QTARGET static QINLINE void kv(enum ds_dtype dt, const uint8_t *b, __m256i *p, _
                 p[2 * c + 1] = _mm256_or_si256(p[2 * c + 1], _mm256_slli_epi16(h1, 4));
             }
         }
-#pragma GCC unroll 8
-        for (int g = 0; g < 8; g++)
-            sc[g] = _mm256_set1_epi16((short)s[g]);
-        *mv = _mm256_setr_epi16((short)m[0], (short)m[0], (short)m[1], (short)m[1], (short)m[2],
-                                (short)m[2], (short)m[3], (short)m[3], (short)m[4], (short)m[4],
-                                (short)m[5], (short)m[5], (short)m[6], (short)m[6], (short)m[7],
-                                (short)m[7]);
+        /* each scale covers a whole chunk: bytes [s0 s0 s1 s1 ... s7 s7] give pairs (g, g) */
+        sc_pairs(_mm256_broadcastsi128_si256(_mm_unpacklo_epi8(sm, sm)), false, sc);
+        *mv = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
         *k = (kdesc){f16_avx(b), -f16_avx(b + 2), 0};
         break;
     }
@@ -526,24 +553,26 @@ QTARGET static QINLINE void kv(enum ds_dtype dt, const uint8_t *b, __m256i *p, _
                 _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
         }
-        const int8_t *s8 = (const int8_t *)(b + 192);
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; c++)
-            sc[c] = sc_pair(s8[2 * c], s8[2 * c + 1]);
-        *mv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+        __m128i s8 = _mm_loadu_si128((const __m128i *)(b + 192));
+        sc_pairs(_mm256_broadcastsi128_si256(s8), true, sc);
+        *mv = _mm256_cvtepi8_epi16(s8);
         *k = (kdesc){f16_avx(b + 208), 0, -32};
         break;
     }
     }
 }
 
-/* One K-quant weight row against NX activation rows: each super-block unpacked once. */
+/* One K-quant weight row against NX activation rows: each super-block unpacked once; the int32
+ * lane sums go into 8 float lanes per row (no reduction per super-block). */
 QTARGET static QINLINE void rowk(enum ds_dtype dt, uint32_t bb, const uint8_t *w, uint32_t nb,
                                  const ds_matmul_in *in, uint32_t i0, uint32_t NX, float *out,
                                  size_t os)
 {
-    float acc[4] = {0, 0, 0, 0};
+    __m256 acc[4];
     uint32_t cols = in->cols, nbx = cols / QK_K;
+#pragma GCC unroll 4
+    for (uint32_t i = 0; i < NX; i++)
+        acc[i] = _mm256_setzero_ps();
     for (uint32_t b = 0; b < nb; b++, w += bb) {
         prefetch_block(w, bb);
         __m256i p[8], sc[8], mv;
@@ -559,19 +588,20 @@ QTARGET static QINLINE void rowk(enum ds_dtype dt, uint32_t bb, const uint8_t *w
                 s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(p[c], xv), sc[c]));
             }
             const int16_t *bs = in->bsum + (size_t)(i0 + i) * (cols / 16) + (size_t)b * 16;
-            int32_t s1 = hsum_i32(s);
-            int32_t s2 = hsum_i32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), mv));
+            __m256i s2 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), mv);
             float dx = in->d[(size_t)(i0 + i) * nbx + b];
             if (k.bias) {
-                acc[i] = fmaf(dx * k.c1, (float)(s1 + k.bias * s2), acc[i]);
+                __m256i t = _mm256_add_epi32(s, _mm256_mullo_epi32(s2, _mm256_set1_epi32(k.bias)));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c1), _mm256_cvtepi32_ps(t), acc[i]);
             } else {
-                acc[i] = fmaf(dx * k.c1, (float)s1, acc[i]);
-                acc[i] = fmaf(dx * k.c2, (float)s2, acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c1), _mm256_cvtepi32_ps(s), acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c2), _mm256_cvtepi32_ps(s2), acc[i]);
             }
         }
     }
+#pragma GCC unroll 4
     for (uint32_t i = 0; i < NX; i++)
-        out[i * os] = acc[i];
+        out[i * os] = hsum_f8(acc[i]);
 }
 
 /* Rows [r0, r1): 4 activation rows at a time, then the rest, the weight row unpacked once per
