@@ -152,5 +152,9 @@ float *ds_thread_scratch(unsigned slot, size_t n);
 /* True when the AVX2+FMA+F16C kernels run (the CPU has them and the portable kernel is not
  * forced). */
 bool ds_tensor_use_avx2(void);
+/* True when the prefill GEMM uses its AVX-512 tile (the CPU has AVX-512F, AVX2 is in use, and
+ * neither ds_tensor_force_avx2 nor DS_NO_AVX512=1 keeps the AVX2 tile). Same bits either way. */
+bool ds_tensor_use_avx512(void);
+void ds_tensor_force_avx2(bool on);
 
 #endif

@@ -31,6 +31,7 @@
 #include "ds_pool.h"
 #include "ds_quant.h"
 #include "ds_tensor.h"
+#include "gemm512.h"
 #include "qdot.h"
 
 static float fp8_lut[256];
@@ -267,6 +268,30 @@ static bool use_avx2(void)
 bool ds_tensor_use_avx2(void)
 {
     return use_avx2();
+}
+
+/* AVX-512 for the prefill GEMM tile (gemm512.c) where the CPU has it; tests and
+ * DS_NO_AVX512=1 can keep the AVX2 tile (the same bits). */
+static bool force_avx2;
+
+static bool use_avx512(void)
+{
+    static int env = -1;
+    if (env < 0) {
+        const char *e = getenv("DS_NO_AVX512");
+        env = e && *e && strcmp(e, "0") != 0;
+    }
+    return use_avx2() && !force_avx2 && !env && ds_gemm512_supported();
+}
+
+void ds_tensor_force_avx2(bool on)
+{
+    force_avx2 = on;
+}
+
+bool ds_tensor_use_avx512(void)
+{
+    return use_avx512();
 }
 
 static void fp8_dequant(const uint8_t *p, uint32_t len, float scale, float *out)
@@ -614,6 +639,31 @@ KTARGET static KINLINE void tile_part(uint32_t MR, uint32_t NR, const float *con
  * input rows of the block streams past. A multiple of 16 (lane alignment). */
 #define GEMM_KC 512u
 
+/* Prefill on AVX-512: per 4 weight rows (widened once, F32 rows used in place), the 4 x 6 zmm
+ * tile of gemm512.c over every input row, K blocked, in the canonical order. */
+static void gemm_rows512(const ds_weight *w, const float *x, uint32_t n, float *y, uint32_t r0,
+                         uint32_t r1)
+{
+    uint32_t cols = w->cols;
+    /* input rows per block: their 512-column K block (2 KB a row) within ~192 KB of L2 */
+    uint32_t nb = n < 96 ? n : 96;
+    size_t wfl = ((size_t)4 * cols + 15) & ~(size_t)15;
+    float *buf = scratch_get(wfl + ds_gemm512_state_floats(nb));
+    const float *wr[4];
+    for (uint32_t r = r0; r < r1; r += 4) {
+        uint32_t mr = r1 - r < 4 ? r1 - r : 4;
+        if (w->dtype == DS_DTYPE_F32) {
+            for (uint32_t m = 0; m < mr; m++)
+                wr[m] = (const float *)w->data + (size_t)(r + m) * cols;
+        } else {
+            widen_rows(w, r, mr, buf);
+            for (uint32_t m = 0; m < mr; m++)
+                wr[m] = buf + (size_t)m * cols;
+        }
+        ds_gemm512_rows(wr, mr, x, cols, n, cols, y + r, w->rows, buf + wfl, nb);
+    }
+}
+
 /* Prefill: n >= 3. Per block of input rows whose K-block fits in L2, per 3 weight rows: widen
  * once (whole rows), then per K block a 3 x 2 register tile over every pair of input rows,
  * partial sums kept per tile between K blocks; then the lanes are combined and the tail added. */
@@ -775,7 +825,10 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
 #if defined(__x86_64__)
     if (use_avx2()) {
         if (n >= 3) {
-            gemm_rows(w, x, n, y, r0, r1);
+            if (use_avx512())
+                gemm_rows512(w, x, n, y, r0, r1);
+            else
+                gemm_rows(w, x, n, y, r0, r1);
             return;
         }
         switch (w->dtype) {
