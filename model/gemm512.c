@@ -17,7 +17,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#define T512    __attribute__((target("avx512f,fma")))
+#define T512    __attribute__((target("avx512f,fma,f16c")))
 #define INLINE_ __attribute__((always_inline)) inline
 
 /* Columns per K block: 4 rows of it (8 KB) stay in L1 while the block's input rows stream. */
@@ -104,6 +104,30 @@ T512 static INLINE_ float fma1(float a, float b, float c)
     return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
 }
 
+T512 void ds_gemm512_widen(const uint16_t *p, bool f16, uint32_t cols, float *dst)
+{
+    uint32_t c = 0;
+    if (f16) {
+        for (; c + 16 <= cols; c += 16)
+            _mm512_storeu_ps(dst + c,
+                             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + c))));
+        for (; c < cols; c++)
+            dst[c] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p[c])));
+    } else {
+        for (; c + 16 <= cols; c += 16)
+            _mm512_storeu_ps(
+                dst + c,
+                _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + c))), 16)));
+        for (; c < cols; c++) {
+            uint32_t u = (uint32_t)p[c] << 16;
+            float f;
+            __builtin_memcpy(&f, &u, 4);
+            dst[c] = f;
+        }
+    }
+}
+
 T512 void ds_gemm512_rows(const float *const *wr, uint32_t mr, const float *x, size_t xs,
                           uint32_t n, uint32_t cols, float *y, size_t ys, float *state, uint32_t nb)
 {
@@ -160,6 +184,10 @@ T512 void ds_gemm512_rows(const float *const *wr, uint32_t mr, const float *x, s
 bool ds_gemm512_supported(void)
 {
     return false;
+}
+void ds_gemm512_widen(const uint16_t *p, bool f16, uint32_t cols, float *dst)
+{
+    (void)p, (void)f16, (void)cols, (void)dst;
 }
 size_t ds_gemm512_state_floats(uint32_t nb)
 {

@@ -17,5 +17,7 @@ bool ds_gemm512_supported(void);
 void ds_gemm512_rows(const float *const *wr, uint32_t mr, const float *x, size_t xs, uint32_t n,
                      uint32_t cols, float *y, size_t ys, float *state, uint32_t nb);
 size_t ds_gemm512_state_floats(uint32_t nb);
+/* cols BF16 (or F16) values widened to float32 exactly (the values every other path uses). */
+void ds_gemm512_widen(const uint16_t *p, bool f16, uint32_t cols, float *dst);
 
 #endif

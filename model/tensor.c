@@ -655,6 +655,12 @@ static void gemm_rows512(const ds_weight *w, const float *x, uint32_t n, float *
         if (w->dtype == DS_DTYPE_F32) {
             for (uint32_t m = 0; m < mr; m++)
                 wr[m] = (const float *)w->data + (size_t)(r + m) * cols;
+        } else if (w->dtype == DS_DTYPE_BF16 || w->dtype == DS_DTYPE_F16) {
+            for (uint32_t m = 0; m < mr; m++) {
+                ds_gemm512_widen((const uint16_t *)w->data + (size_t)(r + m) * cols,
+                                 w->dtype == DS_DTYPE_F16, cols, buf + (size_t)m * cols);
+                wr[m] = buf + (size_t)m * cols;
+            }
         } else {
             widen_rows(w, r, mr, buf);
             for (uint32_t m = 0; m < mr; m++)
