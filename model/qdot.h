@@ -17,9 +17,12 @@ size_t ds_qx_bytes(uint32_t fmt, uint32_t n, uint32_t cols);
  * (out->x is left to the caller). cols must be a whole number of the format's blocks. */
 void ds_qx_quantize(uint32_t fmt, const float *x, uint32_t n, uint32_t cols, void *buf,
                     ds_matmul_in *out);
-/* y[i * rows + o] for output rows [r0, r1) of the block weight w (a type with an integer kernel)
- * and the quantised rows of in, AVX2 or the portable reference (the same bits). */
+/* y[i * rows + o] for output rows [r0, r1) of the block weight w (a type with an integer
+ * kernel) and the quantised rows of in: isa 2 AVX-512 (BW, VNNI), 1 AVX2, 0 the portable reference
+ * (the same bits). */
 void ds_qdot_rows(const ds_weight *w, const ds_matmul_in *in, float *y, uint32_t r0, uint32_t r1,
-                  bool avx2);
+                  int isa);
+/* True when the CPU has AVX-512F, BW, VL and VNNI (isa 2 may be used). */
+bool ds_qdot_avx512_supported(void);
 
 #endif

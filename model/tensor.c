@@ -770,6 +770,11 @@ ds_qdot_mode ds_tensor_qdot(void)
     return qdot_mode;
 }
 
+static int qdot_isa(void)
+{
+    return use_avx512() && ds_qdot_avx512_supported() ? 2 : use_avx2() ? 1 : 0;
+}
+
 static uint32_t in_format(const ds_weight *w)
 {
     return ds_tensor_qdot() == DS_QDOT_INT8 ? ds_qx_format(w->dtype) : DS_QX_NONE;
@@ -803,7 +808,7 @@ void ds_weight_matmul_rows_in(const ds_weight *w, const ds_matmul_in *in, float 
     if (in->fmt == DS_QX_NONE)
         ds_weight_matmul_rows(w, in->x, in->n, y, r0, r1);
     else
-        ds_qdot_rows(w, in, y, r0, r1, use_avx2());
+        ds_qdot_rows(w, in, y, r0, r1, qdot_isa());
 }
 
 /* Slot 2 holds a thread's prepared input (the scratch is in floats). */
@@ -823,7 +828,7 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
     if (in_format(w) != DS_QX_NONE) {
         ds_matmul_in in;
         ds_matmul_in_prepare(w, x, n, in_scratch(ds_matmul_in_bytes(w, n)), &in);
-        ds_qdot_rows(w, &in, y, r0, r1, use_avx2());
+        ds_qdot_rows(w, &in, y, r0, r1, qdot_isa());
         return;
     }
     if (w->dtype == DS_DTYPE_F8_E4M3)
