@@ -13,7 +13,7 @@
 #include "ds_placement.h"
 #include "dsctl.h"
 
-#define MAX_PINS 4096
+#define MAX_PINS    4096
 #define MAX_EXCLUDE 256
 
 static void usage(FILE *f)
@@ -116,8 +116,7 @@ static int load_stats(const char *path, const ds_model_config *cfg, double **out
                 continue;
             }
             if (!json_is_number(v) || json_number_value(v) < 0 || json_number_value(v) > 1e18) {
-                fprintf(stderr, "dsctl plan: %s: layer %zu expert %zu: not a count\n", path, l,
-                        e);
+                fprintf(stderr, "dsctl plan: %s: layer %zu expert %zu: not a count\n", path, l, e);
                 goto bad;
             }
             st[l * E + e] = json_number_value(v);
@@ -134,15 +133,21 @@ bad:
 
 static int cmd_plan(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"cluster", required_argument, NULL, 'c'},  {"model", required_argument, NULL, 'm'},
-        {"batch", required_argument, NULL, 'b'},    {"context", required_argument, NULL, 't'},
-        {"objective", required_argument, NULL, 'o'}, {"strategy", required_argument, NULL, 's'},
-        {"expert-stats", required_argument, NULL, 'x'}, {"pin", required_argument, NULL, 'p'},
-        {"exclude", required_argument, NULL, 'e'},  {"reserve", required_argument, NULL, 'r'},
-        {"micro-batches", required_argument, NULL, 'M'}, {"json", no_argument, NULL, 'j'},
-        {"explain", no_argument, NULL, 'X'},        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"cluster", required_argument, NULL, 'c'},
+                                         {"model", required_argument, NULL, 'm'},
+                                         {"batch", required_argument, NULL, 'b'},
+                                         {"context", required_argument, NULL, 't'},
+                                         {"objective", required_argument, NULL, 'o'},
+                                         {"strategy", required_argument, NULL, 's'},
+                                         {"expert-stats", required_argument, NULL, 'x'},
+                                         {"pin", required_argument, NULL, 'p'},
+                                         {"exclude", required_argument, NULL, 'e'},
+                                         {"reserve", required_argument, NULL, 'r'},
+                                         {"micro-batches", required_argument, NULL, 'M'},
+                                         {"json", no_argument, NULL, 'j'},
+                                         {"explain", no_argument, NULL, 'X'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
     const char *cluster_path = NULL, *model = NULL, *stats_path = NULL;
     ds_plan_options o = {.batch = 1, .context = 4096};
     static ds_pin pins[MAX_PINS];
@@ -153,11 +158,21 @@ static int cmd_plan(int argc, char **argv)
     optind = 1;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
-        case 'c': cluster_path = optarg; break;
-        case 'm': model = optarg; break;
-        case 'x': stats_path = optarg; break;
-        case 'j': json = true; break;
-        case 'X': explain = true; break;
+        case 'c':
+            cluster_path = optarg;
+            break;
+        case 'm':
+            model = optarg;
+            break;
+        case 'x':
+            stats_path = optarg;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'X':
+            explain = true;
+            break;
         case 'b':
             if (parse_u32(optarg, 1, 1000000, &o.batch)) {
                 fprintf(stderr, "dsctl plan: bad --batch '%s' (1..1000000)\n", optarg);
@@ -223,8 +238,12 @@ static int cmd_plan(int argc, char **argv)
             }
             excl[nex++] = optarg;
             break;
-        case 'h': usage(stdout); return DSCTL_EXIT_OK;
-        default: usage(stderr); return DSCTL_EXIT_USAGE;
+        case 'h':
+            usage(stdout);
+            return DSCTL_EXIT_OK;
+        default:
+            usage(stderr);
+            return DSCTL_EXIT_USAGE;
         }
     }
     if (!cluster_path || !model || optind < argc) {

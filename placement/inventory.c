@@ -10,9 +10,11 @@
 static uint64_t lin_bytes(const ds_model_config *c, uint64_t rows, uint64_t cols)
 {
     switch (c->dtype) {
-    case DS_DTYPE_F32: return 4 * rows * cols;
+    case DS_DTYPE_F32:
+        return 4 * rows * cols;
     case DS_DTYPE_F16:
-    case DS_DTYPE_BF16: return 2 * rows * cols;
+    case DS_DTYPE_BF16:
+        return 2 * rows * cols;
     case DS_DTYPE_F8_E4M3: {
         uint64_t br = c->fp8_block_rows ? c->fp8_block_rows : 128;
         uint64_t bc = c->fp8_block_cols ? c->fp8_block_cols : 128;

@@ -19,12 +19,18 @@
 const char *ds_strategy_name(enum ds_strategy s)
 {
     switch (s) {
-    case DS_STRAT_AUTO: return "auto";
-    case DS_STRAT_MEM_PROPORTIONAL: return "mem-proportional";
-    case DS_STRAT_EXPERTS_ON_CPU: return "experts-on-cpu";
-    case DS_STRAT_BALANCED_EXPERTS: return "balanced-experts";
-    case DS_STRAT_HEURISTIC: return "heuristic";
-    case DS_STRAT_EXACT: return "exact";
+    case DS_STRAT_AUTO:
+        return "auto";
+    case DS_STRAT_MEM_PROPORTIONAL:
+        return "mem-proportional";
+    case DS_STRAT_EXPERTS_ON_CPU:
+        return "experts-on-cpu";
+    case DS_STRAT_BALANCED_EXPERTS:
+        return "balanced-experts";
+    case DS_STRAT_HEURISTIC:
+        return "heuristic";
+    case DS_STRAT_EXACT:
+        return "exact";
     }
     return "?";
 }
@@ -134,7 +140,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
     }
     free(excl);
     if (!n_usable)
-        return ds_error_set(err, -ENOENT, "plan: no usable device (all excluded or without "
+        return ds_error_set(err, -ENOENT,
+                            "plan: no usable device (all excluded or without "
                             "memory)");
     /* Popularity: per layer, normalised to sum 1 over experts. */
     for (uint32_t l = 0; l < x->L; l++) {
@@ -142,14 +149,13 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
         for (uint32_t e = 0; e < x->E; e++) {
             double v = o->expert_stats ? o->expert_stats[(size_t)l * x->E + e] : 1.0;
             if (!isfinite(v) || v < 0)
-                return ds_error_set(err, -ERANGE, "plan: expert stats layer %u expert %u: %g",
-                                    l, e, v);
+                return ds_error_set(err, -ERANGE, "plan: expert stats layer %u expert %u: %g", l, e,
+                                    v);
             x->pop[(size_t)l * x->E + e] = v;
             s += v;
         }
         for (uint32_t e = 0; e < x->E; e++)
-            x->pop[(size_t)l * x->E + e] = s > 0 ? x->pop[(size_t)l * x->E + e] / s
-                                                 : 1.0 / x->E;
+            x->pop[(size_t)l * x->E + e] = s > 0 ? x->pop[(size_t)l * x->E + e] / s : 1.0 / x->E;
     }
     x->pin_embed = x->pin_head = -1;
     for (uint32_t l = 0; l < x->L; l++)
@@ -161,11 +167,15 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
         uint32_t l, e;
         int d = device_by_name(x, o->pins[i].device);
         if (d < 0)
-            return ds_error_set(err, -EINVAL, "plan: pin %s: unknown device '%s' (want "
-                                "node/device)", o->pins[i].unit, o->pins[i].device);
+            return ds_error_set(err, -EINVAL,
+                                "plan: pin %s: unknown device '%s' (want "
+                                "node/device)",
+                                o->pins[i].unit, o->pins[i].device);
         if (!x->usable[d])
-            return ds_error_set(err, -EINVAL, "plan: pin %s: device '%s' is excluded or an "
-                                "alternative of another", o->pins[i].unit, o->pins[i].device);
+            return ds_error_set(err, -EINVAL,
+                                "plan: pin %s: device '%s' is excluded or an "
+                                "alternative of another",
+                                o->pins[i].unit, o->pins[i].device);
         if (ds_unit_parse(o->pins[i].unit, &k, &l, &e) ||
             (k != DS_UNIT_EMBED && k != DS_UNIT_HEAD && l >= x->L))
             return ds_error_set(err, -EINVAL, "plan: pin: bad unit '%s'", o->pins[i].unit);
@@ -182,7 +192,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
                 (k == DS_UNIT_SHARED && (!x->inv.is_moe[l] || !x->inv.shared.weight_bytes)))
                 return ds_error_set(err, -EINVAL, "plan: pin: no unit '%s'", o->pins[i].unit);
             if (x->pin_attn[l] >= 0 && x->pin_attn[l] != d)
-                return ds_error_set(err, -EINVAL, "plan: pins put layer %u's attention, dense "
+                return ds_error_set(err, -EINVAL,
+                                    "plan: pins put layer %u's attention, dense "
                                     "and shared units on different devices; they share a host",
                                     l);
             x->pin_attn[l] = d;
@@ -268,8 +279,8 @@ void pl_layer_sums_reset(pl_layer_sums *s, const pl_ctx *x)
 }
 
 /* Adds (sign +1) or removes (-1) one copy of expert e of layer l (of `copies`) on device d. */
-void pl_layer_sums_add(pl_layer_sums *s, const pl_ctx *x, uint32_t l, uint32_t e, int d,
-                       int copies, double rows, int sign)
+void pl_layer_sums_add(pl_layer_sums *s, const pl_ctx *x, uint32_t l, uint32_t e, int d, int copies,
+                       double rows, int sign)
 {
     double p = x->pop[(size_t)l * x->E + e];
     double picks = rows * x->inv.top_k;
@@ -386,14 +397,14 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
         memset(res->link_bytes, 0, (size_t)x->nn * x->nn * sizeof *res->link_bytes);
         memset(res->link_s, 0, (size_t)x->nn * x->nn * sizeof *res->link_s);
     }
-#define HOP(from, to, bytes)                                                                  \
-    do {                                                                                      \
-        double t_ = xfer(x, (from), (to), (bytes), &la, &lb);                                 \
-        step += t_;                                                                           \
-        if (res && la >= 0) {                                                                 \
-            res->link_bytes[la * x->nn + lb] += (bytes);                                      \
-            res->link_s[la * x->nn + lb] += t_;                                               \
-        }                                                                                     \
+#define HOP(from, to, bytes)                                                                       \
+    do {                                                                                           \
+        double t_ = xfer(x, (from), (to), (bytes), &la, &lb);                                      \
+        step += t_;                                                                                \
+        if (res && la >= 0) {                                                                      \
+            res->link_bytes[la * x->nn + lb] += (bytes);                                           \
+            res->link_s[la * x->nn + lb] += t_;                                                    \
+        }                                                                                          \
     } while (0)
     /* embed: a row lookup per token. */
     double t = dev_time(&x->dev[a->embed], rows * act, 0);
@@ -432,8 +443,8 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
             for (uint32_t e = 0; e < x->E; e++) {
                 size_t i = (size_t)l * x->E + e;
                 for (int c = 0; c < a->ncopy[i]; c++)
-                    pl_layer_sums_add(s, x, l, e, a->exp[i * PL_MAX_COPIES + c], a->ncopy[i],
-                                      rows, +1);
+                    pl_layer_sums_add(s, x, l, e, a->exp[i * PL_MAX_COPIES + c], a->ncopy[i], rows,
+                                      +1);
             }
             double te = 0;
             for (int d = 0; d < x->nd; d++) {

@@ -16,9 +16,9 @@
 typedef struct pl_work {
     pl_ctx *x;
     pl_layer_sums s;
-    double *rem;    /* [nd] bytes still free for experts */
-    double *lim;    /* [nd] this layer's expert budget */
-    double *lused;  /* [nd] this layer's expert bytes */
+    double *rem;     /* [nd] bytes still free for experts */
+    double *lim;     /* [nd] this layer's expert budget */
+    double *lused;   /* [nd] this layer's expert bytes */
     uint32_t *order; /* [E] experts by popularity */
     bool exact;      /* use the MILP for experts */
     bool exact_failed;
@@ -251,8 +251,8 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
     glp_prob *P = glp_create_prob();
     glp_set_obj_dir(P, GLP_MIN);
     /* columns: x[e][d] (E*nd), u[d], c[d], y[n], r[n], wn[n], rd[d], wd[d], t */
-    int cx = 1, cu = cx + (int)x->E * nd, cc = cu + nd, cy = cc + nd, cr = cy + nn,
-        cw = cr + nn, crd = cw + nn, cwd = crd + nd, ct = cwd + nd;
+    int cx = 1, cu = cx + (int)x->E * nd, cc = cu + nd, cy = cc + nd, cr = cy + nn, cw = cr + nn,
+        crd = cw + nn, cwd = crd + nd, ct = cwd + nd;
     glp_add_cols(P, ct);
     for (int j = 1; j <= ct; j++)
         glp_set_col_bnds(P, j, GLP_LO, 0, 0);
@@ -274,12 +274,11 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
         glp_set_col_kind(P, cy + n, GLP_BV);
         glp_set_col_kind(P, cw + n, GLP_BV);
     }
-    double ts = iv->shared.weight_bytes ? fmax((double)iv->shared.weight_bytes /
-                                                   x->dev[host].mem_bw,
-                                               iv->shared.flops_per_token * rows /
-                                                   x->dev[host].flops) +
-                                              x->dev[host].launch_s
-                                        : 0;
+    double ts = iv->shared.weight_bytes
+                    ? fmax((double)iv->shared.weight_bytes / x->dev[host].mem_bw,
+                           iv->shared.flops_per_token * rows / x->dev[host].flops) +
+                          x->dev[host].launch_s
+                    : 0;
     glp_set_col_bnds(P, ct, GLP_LO, 0, 0);
     glp_set_obj_coef(P, ct, 1.0);
     int cap = 8 + 2 * nd + (int)x->E * nd;
@@ -292,11 +291,11 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
         return -ENOMEM;
     }
     int k;
-#define ROW(type, lo, hi)                                                                     \
-    do {                                                                                      \
-        int r_ = glp_add_rows(P, 1);                                                          \
-        glp_set_row_bnds(P, r_, type, lo, hi);                                                \
-        glp_set_mat_row(P, r_, k, ia, ar);                                                    \
+#define ROW(type, lo, hi)                                                                          \
+    do {                                                                                           \
+        int r_ = glp_add_rows(P, 1);                                                               \
+        glp_set_row_bnds(P, r_, type, lo, hi);                                                     \
+        glp_set_mat_row(P, r_, k, ia, ar);                                                         \
     } while (0)
     for (uint32_t e = 0; e < x->E; e++) { /* each expert once */
         k = 0;
@@ -340,9 +339,9 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
                 double p = x->pop[base + e];
                 ++k;
                 ia[k] = cx + (int)e * nd + d;
-                ar[k] = pass == 0 ? -(1 - exp(picks * log1p(-fmin(p, 1 - 1e-15)))) * eb /
-                                        x->dev[d].mem_bw
-                                  : -picks * p * iv->expert.flops_per_token / x->dev[d].flops;
+                ar[k] = pass == 0
+                            ? -(1 - exp(picks * log1p(-fmin(p, 1 - 1e-15)))) * eb / x->dev[d].mem_bw
+                            : -picks * p * iv->expert.flops_per_token / x->dev[d].flops;
             }
             ROW(GLP_LO, 0, 0);
         }
@@ -766,8 +765,8 @@ static int baseline(const pl_ctx *x, enum ds_strategy s, pl_assign *a, char *why
 /* ---- the solver ------------------------------------------------------------------------------ */
 
 /* Runs the heuristic (exact = false) or the MILP over the attention candidates; best in a. */
-static int solver(pl_ctx *x, bool exact, pl_assign *a, double *obj, bool *not_optimal,
-                  char *why, size_t wl)
+static int solver(pl_ctx *x, bool exact, pl_assign *a, double *obj, bool *not_optimal, char *why,
+                  size_t wl)
 {
     pl_work w = {.x = x, .exact = exact};
     pl_assign t;
@@ -792,8 +791,10 @@ static int solver(pl_ctx *x, bool exact, pl_assign *a, double *obj, bool *not_op
             continue;
         if (x->E && (size_t)x->E * x->nd > x->exact_max_vars && exact) {
             result = -E2BIG;
-            snprintf(why, wl, "instance too large for the exact MILP (%u experts x %d devices "
-                     "> %u)", x->E, x->nd, x->exact_max_vars);
+            snprintf(why, wl,
+                     "instance too large for the exact MILP (%u experts x %d devices "
+                     "> %u)",
+                     x->E, x->nd, x->exact_max_vars);
             break;
         }
         for (int d = 0; d < x->nd; d++)
@@ -822,8 +823,8 @@ out:
     return result;
 }
 
-int pl_run_strategy(pl_ctx *x, enum ds_strategy s, pl_assign *a, double *obj,
-                    bool *not_optimal, char *why, size_t wl)
+int pl_run_strategy(pl_ctx *x, enum ds_strategy s, pl_assign *a, double *obj, bool *not_optimal,
+                    char *why, size_t wl)
 {
     *not_optimal = false;
     if (s == DS_STRAT_HEURISTIC || s == DS_STRAT_AUTO)
@@ -860,10 +861,12 @@ void pl_shortfall(const pl_ctx *x, char *msg, size_t ml)
             biggest = fmax(biggest, x->cap[d]);
         }
     if (w + kv > cap)
-        snprintf(msg, ml, "model does not fit: needs %.2f GiB (weights %.2f GiB + KV cache %.2f "
+        snprintf(msg, ml,
+                 "model does not fit: needs %.2f GiB (weights %.2f GiB + KV cache %.2f "
                  "GiB for batch %u x context %u) but the usable devices offer %.2f GiB after "
-                 "the %.0f%% reserve: short by %.2f GiB", (w + kv) / GIB, w / GIB, kv / GIB,
-                 x->batch, x->context, cap / GIB, x->reserve * 100, (w + kv - cap) / GIB);
+                 "the %.0f%% reserve: short by %.2f GiB",
+                 (w + kv) / GIB, w / GIB, kv / GIB, x->batch, x->context, cap / GIB,
+                 x->reserve * 100, (w + kv - cap) / GIB);
     else
         snprintf(msg, ml,
                  "model does not pack: needs %.2f GiB of %.2f GiB usable, but a "
