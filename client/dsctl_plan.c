@@ -1,5 +1,7 @@
 /* dsctl_plan.c — `dsctl plan`: place a model on a described cluster, offline (no daemon).
- * Pure computation on a cluster spec and a config.json; see docs/placement.md. */
+ * Pure computation on a cluster spec and the model's config and tensor table (a checkpoint's
+ * safetensors headers or a GGUF header: the real bytes of every unit, no weight read), or a
+ * bare config.json; see docs/placement.md. */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -10,6 +12,7 @@
 #include <jansson.h>
 
 #include "ds_config.h"
+#include "ds_model.h"
 #include "ds_placement.h"
 #include "dsctl.h"
 
@@ -19,7 +22,11 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: dsctl plan --cluster FILE --model DIR|config.json [options]\n"
+            "usage: dsctl plan --cluster FILE --model DIR|config.json|FILE.gguf [options]\n"
+            "  --model                a checkpoint directory or a GGUF file (or the first part\n"
+            "                         of a split set): each unit's bytes from its tensor types,\n"
+            "                         reading only the headers; a bare config.json: from the\n"
+            "                         config's dtype\n"
             "  --batch B              sequences decoded together (default 1)\n"
             "  --context T            tokens of context per sequence (default 4096)\n"
             "  --objective latency|throughput   (default latency)\n"
@@ -252,26 +259,27 @@ static int cmd_plan(int argc, char **argv)
     }
     ds_error err = {0};
     ds_model_config cfg;
-    char cpath[4096];
-    struct stat st;
-    if (!stat(model, &st) && S_ISDIR(st.st_mode))
-        snprintf(cpath, sizeof cpath, "%s/config.json", model);
-    else
-        snprintf(cpath, sizeof cpath, "%s", model);
-    /* Planning needs no weights: the dtype comes from the config (quantization_config -> FP8,
-     * else torch_dtype), which ds_model_config_load already resolves. */
-    if (ds_model_config_load(cpath, &cfg, &err)) {
+    ds_unit_bytes ub;
+    /* Planning reads no weights: the config, and each unit's bytes from the tensor table (a
+     * checkpoint directory's safetensors headers, a GGUF header); a bare config.json gives
+     * the config alone, whose dtype (quantization_config -> FP8, else torch_dtype) then sizes
+     * the units. */
+    if (ds_model_unit_bytes(model, DS_QUANTIZE_NONE, &cfg, &ub, &err)) {
         fprintf(stderr, "dsctl plan: %s\n", ds_error_str(&err));
         return DSCTL_EXIT_USAGE;
     }
+    if (ub.n_layers)
+        o.unit_bytes = &ub;
     ds_cluster *cl = NULL;
     if (ds_cluster_load(cluster_path, &cl, &err)) {
         fprintf(stderr, "dsctl plan: %s\n", ds_error_str(&err));
+        ds_unit_bytes_release(&ub);
         return DSCTL_EXIT_USAGE;
     }
     double *stats = NULL;
     if (stats_path && load_stats(stats_path, &cfg, &stats)) {
         ds_cluster_free(cl);
+        ds_unit_bytes_release(&ub);
         return DSCTL_EXIT_USAGE;
     }
     o.expert_stats = stats;
@@ -283,6 +291,7 @@ static int cmd_plan(int argc, char **argv)
     int rc = ds_plan_solve(cl, &cfg, &o, &p, &err);
     free(stats);
     ds_cluster_free(cl);
+    ds_unit_bytes_release(&ub);
     if (rc) {
         fprintf(stderr, "dsctl plan: %s\n", ds_error_str(&err));
         return rc == -ENOMEM ? DSCTL_EXIT_FAILURE : DSCTL_EXIT_USAGE;

@@ -209,7 +209,8 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src);
 int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
                    const char *strategy, uint32_t batch, uint32_t context,
-                   const double *expert_stats, uint64_t version, ds_error *err);
+                   const double *expert_stats, const ds_unit_bytes *unit_bytes, uint64_t version,
+                   ds_error *err);
 /* Index of accelerator `name` in p's device table (added when new); 0 for a CPU device or an
  * empty name (the node's CPU engine runs those units). */
 uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);

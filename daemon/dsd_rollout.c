@@ -56,6 +56,7 @@ void dsd_rollout_solve_free(struct solve_job *j)
     free(j->eps);
     free(j->spec);
     free(j->stats);
+    ds_unit_bytes_release(&j->bytes);
     dsd_plan_clear(&j->plan);
     free(j);
 }
@@ -65,7 +66,7 @@ static void *solve_main(void *arg)
     struct solve_job *j = arg;
     j->rc = dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
                            (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps,
-                           j->strategy, j->batch, j->ctx, j->stats, j->version, &j->err);
+                           j->strategy, j->batch, j->ctx, j->stats, &j->bytes, j->version, &j->err);
     dsd_solve_thread_done();
     uint64_t one = 1;
     if (write(j->efd, &one, sizeof(one)) != sizeof(one))
@@ -280,6 +281,14 @@ int dsd_rollout_start(struct dsd *d)
             j->ctx = c->max_position_embeddings;
         j->batch = (uint32_t)d->o.plan_batch;
         j->stats = measured_expert_stats(d, c);
+        /* the units' real bytes (a GGUF's tensor types; quantised ones under `quantize`) from
+         * the file's tensor table; when it cannot be read, the config's dtype sizes them */
+        ds_model_config bc;
+        ds_error be = {0};
+        if (ds_model_unit_bytes(d->o.model, DS_QUANTIZE_NONE, &bc, &j->bytes, &be) < 0)
+            ds_log_warn("plan: unit sizes from the config (%s)", ds_error_str(&be));
+        else if (bc.num_hidden_layers != c->num_hidden_layers)
+            ds_unit_bytes_release(&j->bytes);
         snprintf(j->strategy, sizeof(j->strategy), "%s", d->o.plan_strategy);
         j->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (!j->spec || j->efd < 0) {

@@ -79,11 +79,19 @@ typedef struct ds_inventory {
     ds_unit_cost shared;      /* shared experts of one MoE layer (weight_bytes 0 when none) */
     ds_unit_cost expert;      /* one routed expert */
     bool *is_moe;             /* [n_layers] */
+    /* Weight bytes of every unit, layer by layer: what the memory model and the streaming
+     * cost use. From the figures above (every layer alike) unless the model file's real
+     * tensor types were given (ds_inventory_set_bytes; a GGUF differs layer by layer). */
+    ds_unit_bytes bytes;
+    bool bytes_from_file; /* bytes came from the file's tensor table */
 } ds_inventory;
 
 /* Builds the inventory from a config; weights in cfg->dtype (FP8: 1 byte + one f32 scale per
  * block; embeddings, norms and the router stay BF16 as in the checkpoints). */
 int ds_inventory_build(const ds_model_config *cfg, ds_inventory *inv, ds_error *err);
+/* Replaces the per-layer bytes (and embed/head weight_bytes) with b, the model file's real
+ * figures (ds_model_unit_bytes); -EINVAL when b has another layer count. */
+int ds_inventory_set_bytes(ds_inventory *inv, const ds_unit_bytes *b, ds_error *err);
 void ds_inventory_release(ds_inventory *inv);
 /* Total weight bytes of the model as placed (each unit once). */
 uint64_t ds_inventory_total_bytes(const ds_inventory *inv);
@@ -124,6 +132,8 @@ typedef struct ds_plan_options {
     bool no_replicas;          /* do not replicate hot experts (benchmarks comparing to MILP) */
     uint32_t exact_max_vars;   /* MILP used when experts x devices <= this (0 = 1024) */
     double exact_time_limit_s; /* GLPK time limit per distinct MoE layer problem (0 = 1 s) */
+    const ds_unit_bytes *unit_bytes; /* the model file's real per-unit bytes (its tensor types,
+                                      * or --quantize), or NULL: from the config's dtype */
 } ds_plan_options;
 
 typedef struct ds_plan ds_plan;

@@ -61,6 +61,17 @@ static void digest(ds_plan *p)
                        x->inv.embed.weight_bytes,
                        x->inv.shared.weight_bytes};
     h = ds_hash_fnv1a(h, mdl, sizeof mdl);
+    if (x->inv.bytes_from_file) { /* the file's real bytes differ layer by layer */
+        const ds_unit_bytes *ub = &x->inv.bytes;
+        size_t lb = x->L * sizeof(uint64_t);
+        h = ds_hash_fnv1a(h, &ub->embed, sizeof ub->embed);
+        h = ds_hash_fnv1a(h, &ub->head, sizeof ub->head);
+        h = ds_hash_fnv1a(h, ub->attn, lb);
+        h = ds_hash_fnv1a(h, ub->router, lb);
+        h = ds_hash_fnv1a(h, ub->dense, lb);
+        h = ds_hash_fnv1a(h, ub->shared, lb);
+        h = ds_hash_fnv1a(h, ub->expert, lb);
+    }
     uint64_t o[4] = {x->batch, x->context, (uint64_t)x->objective, x->micro};
     h = ds_hash_fnv1a(h, o, sizeof o);
     h = ds_hash_fnv1a(h, &x->reserve, sizeof x->reserve);
@@ -304,30 +315,28 @@ char *ds_plan_to_json(const ds_plan *p)
                                   p->bneck_s));
     json_t *units = json_array();
     char nm[48];
-    add_unit(units, "embed", x, p->a.embed, x->inv.embed.weight_bytes, 0);
+    const ds_unit_bytes *ub = &x->inv.bytes;
+    add_unit(units, "embed", x, p->a.embed, ub->embed, 0);
     for (uint32_t l = 0; l < x->L; l++) {
         snprintf(nm, sizeof nm, "attn[%u]", l);
-        add_unit(
-            units, nm, x, p->a.attn[l],
-            x->inv.attn.weight_bytes + (x->inv.is_moe[l] ? x->inv.attn_router.weight_bytes : 0), 0);
+        add_unit(units, nm, x, p->a.attn[l], ub->attn[l] + ub->router[l], 0);
         if (!x->inv.is_moe[l]) {
             snprintf(nm, sizeof nm, "dense[%u]", l);
-            add_unit(units, nm, x, p->a.attn[l], x->inv.dense.weight_bytes, 0);
+            add_unit(units, nm, x, p->a.attn[l], ub->dense[l], 0);
             continue;
         }
         if (x->inv.shared.weight_bytes) {
             snprintf(nm, sizeof nm, "shared[%u]", l);
-            add_unit(units, nm, x, p->a.attn[l], x->inv.shared.weight_bytes, 0);
+            add_unit(units, nm, x, p->a.attn[l], ub->shared[l], 0);
         }
         for (uint32_t e = 0; e < x->E; e++) {
             size_t i = (size_t)l * x->E + e;
             snprintf(nm, sizeof nm, "expert[%u][%u]", l, e);
             for (int c = 0; c < p->a.ncopy[i]; c++)
-                add_unit(units, nm, x, p->a.exp[i * PL_MAX_COPIES + c], x->inv.expert.weight_bytes,
-                         c);
+                add_unit(units, nm, x, p->a.exp[i * PL_MAX_COPIES + c], ub->expert[l], c);
         }
     }
-    add_unit(units, "head", x, p->a.head, x->inv.head.weight_bytes, 0);
+    add_unit(units, "head", x, p->a.head, ub->head, 0);
     json_object_set_new(root, "units", units);
     json_t *devs = json_array();
     char buf[2 * DS_PL_MAX_NAME + 2];

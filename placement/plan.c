@@ -78,6 +78,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
     int rc = ds_inventory_build(cfg, &x->inv, err);
     if (rc)
         return rc;
+    if (o->unit_bytes && (rc = ds_inventory_set_bytes(&x->inv, o->unit_bytes, err)) < 0)
+        return rc;
     x->cl = cl;
     x->nd = ds_cluster_n_devices(cl);
     x->nn = ds_cluster_n_nodes(cl);
@@ -285,7 +287,7 @@ void pl_layer_sums_add(pl_layer_sums *s, const pl_ctx *x, uint32_t l, uint32_t e
     double p = x->pop[(size_t)l * x->E + e];
     double picks = rows * x->inv.top_k;
     double r = picks * p / copies;
-    s->bytes[d] += sign * touched(p, picks, copies) * (double)x->inv.expert.weight_bytes;
+    s->bytes[d] += sign * touched(p, picks, copies) * (double)x->inv.bytes.expert[l];
     s->flops[d] += sign * r * x->inv.expert.flops_per_token;
     s->pairs[d] += sign * r;
     s->cnt[d] += sign;
@@ -351,20 +353,21 @@ void pl_layer_sums_release(pl_layer_sums *s)
  * expert copy holds its weights; embed and head hold theirs. */
 double pl_layer_host_bytes(const pl_ctx *x, uint32_t l)
 {
-    double b = (double)x->inv.attn.weight_bytes +
+    const ds_unit_bytes *ub = &x->inv.bytes;
+    double b = (double)ub->attn[l] +
                (double)x->inv.attn.kv_bytes_per_token * x->batch * (double)x->context;
     if (x->inv.is_moe[l])
-        b += (double)(x->inv.attn_router.weight_bytes + x->inv.shared.weight_bytes);
+        b += (double)(ub->router[l] + ub->shared[l]);
     else
-        b += (double)x->inv.dense.weight_bytes;
+        b += (double)ub->dense[l];
     return b;
 }
 
 void pl_memory_hosts(const pl_ctx *x, const pl_assign *a, double *used)
 {
     memset(used, 0, x->nd * sizeof *used);
-    used[a->embed] += (double)x->inv.embed.weight_bytes;
-    used[a->head] += (double)x->inv.head.weight_bytes;
+    used[a->embed] += (double)x->inv.bytes.embed;
+    used[a->head] += (double)x->inv.bytes.head;
     for (uint32_t l = 0; l < x->L; l++)
         used[a->attn[l]] += pl_layer_host_bytes(x, l);
 }
@@ -378,7 +381,7 @@ void pl_memory(const pl_ctx *x, const pl_assign *a, double *used)
         for (uint32_t e = 0; e < x->E; e++) {
             size_t i = (size_t)l * x->E + e;
             for (int c = 0; c < a->ncopy[i]; c++)
-                used[a->exp[i * PL_MAX_COPIES + c]] += (double)x->inv.expert.weight_bytes;
+                used[a->exp[i * PL_MAX_COPIES + c]] += (double)x->inv.bytes.expert[l];
         }
     }
 }
@@ -415,9 +418,9 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
     for (uint32_t l = 0; l < x->L; l++) {
         int h = a->attn[l];
         HOP(prev, h, rows * act);
-        double wb = (double)iv->attn.weight_bytes, fl = iv->attn.flops_per_token * rows;
+        double wb = (double)iv->bytes.attn[l], fl = iv->attn.flops_per_token * rows;
         if (iv->is_moe[l]) {
-            wb += (double)iv->attn_router.weight_bytes;
+            wb += (double)iv->bytes.router[l];
             fl += iv->attn_router.flops_per_token * rows;
         }
         /* The KV cache is streamed too: every row reads its whole context. */
@@ -428,17 +431,15 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
         if (res)
             res->busy[h] += t;
         if (!iv->is_moe[l]) {
-            t = dev_time(&x->dev[h], (double)iv->dense.weight_bytes,
-                         iv->dense.flops_per_token * rows);
+            t = dev_time(&x->dev[h], (double)iv->bytes.dense[l], iv->dense.flops_per_token * rows);
             step += t;
             if (res)
                 res->busy[h] += t;
         } else {
             /* Shared experts run on the host beside the routed experts. */
-            double ts = iv->shared.weight_bytes
-                            ? dev_time(&x->dev[h], (double)iv->shared.weight_bytes,
-                                       iv->shared.flops_per_token * rows)
-                            : 0;
+            double ts = iv->bytes.shared[l] ? dev_time(&x->dev[h], (double)iv->bytes.shared[l],
+                                                       iv->shared.flops_per_token * rows)
+                                            : 0;
             pl_layer_sums_reset(s, x);
             for (uint32_t e = 0; e < x->E; e++) {
                 size_t i = (size_t)l * x->E + e;
@@ -478,7 +479,7 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
         prev = h;
     }
     HOP(prev, a->head, rows * act);
-    t = dev_time(&x->dev[a->head], (double)iv->head.weight_bytes, iv->head.flops_per_token * rows);
+    t = dev_time(&x->dev[a->head], (double)iv->bytes.head, iv->head.flops_per_token * rows);
     step += t;
     if (res)
         res->busy[a->head] += t;

@@ -27,3 +27,8 @@ ds_add_test(NAME test_gguf_model SOURCES test_gguf_model.c LIBS ds_experts ds_mo
             TIMEOUT 300)
 target_compile_definitions(test_gguf_model PRIVATE _GNU_SOURCE)
 add_dependencies(test_gguf_model dsctl) # test_dsctl_text runs the real command
+# Each unit's real bytes from a model file's tensor table (placement's inventory, dsctl plan)
+# against tests/data/unit_bytes/*.txt from tools/gen_unit_bytes.py (gguf-py, safetensors headers).
+ds_add_test(NAME test_model_bytes SOURCES test_model_bytes.c LIBS ds_model ds_placement
+            PkgConfig::JANSSON LABELS unit TIMEOUT 120)
+add_dependencies(test_model_bytes dsctl) # test_dsctl_plan_gguf runs the real command
