@@ -273,8 +273,9 @@ json_t *dsd_stats_from_wire(const Dsd__StepStats *st, const char *node, uint32_t
 typedef struct dsd_stream_out dsd_stream_out;
 typedef struct dsd_stream_in dsd_stream_in;
 
-/* Coordinator: the checkpoint of exactly units u (config.json + model.safetensors) from its
- * copy at model_dir, to stream to a node without a copy. */
+/* Coordinator: the checkpoint of exactly units u (config.json + model.safetensors; for a GGUF
+ * model one model.gguf of its metadata and those units' tensors in their types) from its copy
+ * at model_dir, to stream to a node without a copy. */
 int dsd_stream_out_new(const char *model_dir, const dsd_units *u, uint64_t plan_version,
                        dsd_stream_out **ret, ds_error *err);
 void dsd_stream_out_free(dsd_stream_out *s);
@@ -295,6 +296,10 @@ int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void 
 bool dsd_stream_in_complete(const dsd_stream_in *s);
 uint64_t dsd_stream_in_bytes(const dsd_stream_in *s);
 const char *dsd_stream_in_dir(const dsd_stream_in *s);
+/* Once complete: the model path to open (the directory of an HF checkpoint, or its model.gguf). */
+const char *dsd_stream_in_model(const dsd_stream_in *s);
+/* Bytes that cross the link (a GGUF's holes are not sent). */
+uint64_t dsd_stream_out_wire_bytes(const dsd_stream_out *s);
 
 /* ---- CURVE (dsd_curve.c) ------------------------------------------------------------------ */
 /* ZAP domains: who may connect to a CURVE server socket. */

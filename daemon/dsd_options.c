@@ -49,7 +49,8 @@ static const struct opt OPTS[] = {
     {"data_advertise", OPT_STR, S(data_advertise), 0, 0, "", NULL, false,
      "data endpoint peers connect to (default: data_bind)"},
     {"model", OPT_STR, S(model), 0, 0, "/var/lib/dsd/model", NULL, false,
-     "checkpoint directory (config.json + safetensors), mmapped"},
+     "checkpoint directory (config.json + safetensors) or GGUF file (deepseek2, or any part of "
+     "a split set), mmapped"},
     {"state_dir", OPT_STR, S(state_dir), 0, 0, "/var/lib/dsd", NULL, false,
      "state directory (current plan, node identity)"},
     {"log_level", OPT_ENUM, S(log_level), 0, 0, "info", "err|warning|notice|info|debug", true,

@@ -115,7 +115,7 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
         return;
     }
     ds_log_notice("node %s has no checkpoint copy: streaming its units (%.1f MiB)", n->name,
-                  (double)dsd_stream_out_total(n->stream) / (1 << 20));
+                  (double)dsd_stream_out_wire_bytes(n->stream) / (1 << 20));
     dsd_stream_out_pump(n->stream, d->control, n->name);
 }
 

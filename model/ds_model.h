@@ -90,8 +90,17 @@ const ds_model_config *ds_model_get_config(const ds_model *m);
 /* The checkpoint tensors the bound units read (weights, norms, scales, biases), each once:
  * *out is a malloc'd array (caller frees) of *n pointers valid while m is open. What a node
  * without a checkpoint copy needs streamed to it (docs/daemon.md, weight streaming).
- * -ENOTSUP for a model opened from a GGUF file (not streamed yet). */
+ * -EMEDIUMTYPE for a model opened from a GGUF file: ds_model_gguf_tensors_used. */
 int ds_model_tensors_used(const ds_model *m, const ds_st_tensor ***out, size_t *n);
+/* The same for a model opened from a GGUF: the GGUF tensors the bound units read, each once
+ * (a stacked ffn_*_exps tensor whole, even when only some of its experts are bound; the split
+ * k_b and v_b, from which the loader rebuilds kv_b), in their types. -EMEDIUMTYPE for an HF
+ * checkpoint. */
+struct ds_gguf_tensor;
+struct ds_gguf;
+int ds_model_gguf_tensors_used(const ds_model *m, const struct ds_gguf_tensor ***out, size_t *n);
+/* The GGUF file (set) m was opened from (its metadata, tensor table), or NULL. */
+const struct ds_gguf *ds_model_gguf(const ds_model *m);
 
 /* --- KV cache ---------------------------------------------------------------------------
  * The compressed MLA cache of ONE sequence for the layers [layer_begin, layer_end): per

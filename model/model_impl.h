@@ -50,6 +50,8 @@ struct ds_model {
     size_t n_owned, cap_owned;
     const ds_st_tensor **used; /* every checkpoint tensor the bound units read */
     size_t n_used, cap_used;
+    const struct ds_gguf_tensor **gused; /* the same for a GGUF */
+    size_t n_gused, cap_gused;
 };
 
 int ds_rope_init(const ds_model_config *c, ds_rope *r);

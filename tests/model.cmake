@@ -32,3 +32,7 @@ add_dependencies(test_gguf_model dsctl) # test_dsctl_text runs the real command
 ds_add_test(NAME test_model_bytes SOURCES test_model_bytes.c LIBS ds_model ds_placement
             PkgConfig::JANSSON LABELS unit TIMEOUT 120)
 add_dependencies(test_model_bytes dsctl) # test_dsctl_plan_gguf runs the real command
+# A GGUF opened for some units reads only theirs; the subset GGUF the daemon streams opens with
+# the same loader and computes them bit for bit (docs/daemon.md, weight streaming).
+ds_add_test(NAME test_gguf_subset SOURCES test_gguf_subset.c LIBS ds_model LABELS unit
+            TIMEOUT 120)
