@@ -47,12 +47,11 @@ int dsd_plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, cons
     p->attn = calloc(p->n_layers ? p->n_layers : 1, sizeof(*p->attn));
     p->expert = calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1),
                        sizeof(*p->expert));
-    p->replicas = calloc((size_t)(p->n_layers ? p->n_layers : 1) *
-                             (p->n_experts ? p->n_experts : 1),
-                         sizeof(*p->replicas));
-    p->expert_dev = calloc((size_t)(p->n_layers ? p->n_layers : 1) *
-                               (p->n_experts ? p->n_experts : 1),
-                           1);
+    p->replicas =
+        calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1),
+               sizeof(*p->replicas));
+    p->expert_dev =
+        calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1), 1);
     p->n_dev_names = 1; /* [0] = "": the CPU engine */
     if (!p->nodes || !p->endpoints || !p->attn || !p->expert || !p->replicas || !p->expert_dev) {
         dsd_plan_clear(p);
@@ -322,8 +321,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     if (src->solver_json)
         dst->solver_json = strdup(src->solver_json);
     if (!dst->nodes || !dst->endpoints || !dst->attn || !dst->expert || !dst->replicas ||
-        !dst->expert_dev ||
-        (src->solver_json && !dst->solver_json)) {
+        !dst->expert_dev || (src->solver_json && !dst->solver_json)) {
         dsd_plan_clear(dst);
         return -ENOMEM;
     }
@@ -331,8 +329,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     memcpy(dst->endpoints, src->endpoints, N * sizeof(*dst->endpoints));
     memcpy(dst->attn, src->attn, src->n_layers * sizeof(int32_t));
     memcpy(dst->expert, src->expert, (size_t)src->n_layers * src->n_experts * sizeof(int32_t));
-    memcpy(dst->replicas, src->replicas,
-           (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
+    memcpy(dst->replicas, src->replicas, (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
     memcpy(dst->expert_dev, src->expert_dev, (size_t)src->n_layers * src->n_experts);
     return 0;
 }
@@ -400,8 +397,7 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
             p->expert[(size_t)l * E + e] = node;
             const char *slash = strchr(pu->device, '/');
             p->expert_dev[(size_t)l * E + e] = slash ? dsd_plan_dev_index(p, slash + 1) : 0;
-        }
-        else
+        } else
             p->attn[l] = node;
     }
     /* every unit of the model placed once */
