@@ -53,7 +53,10 @@ static void gen_usage(FILE *f)
         "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
         "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
         "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
-        "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n");
+        "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n"
+        "  --quantize q8_0|q4_k  quantise the F32/F16/BF16/FP8 linear weights at load\n"
+        "                      (norms, embeddings, router gates stay; q4_k falls back to\n"
+        "                      q8_0 for rows not a multiple of 256)\n");
 }
 
 /* "0-3,8" -> cpu ids (at most max). */
@@ -181,6 +184,7 @@ static int cmd_generate(int argc, char **argv)
         {"stop-eos", no_argument, NULL, 'e'},
         {"ignore-eos", no_argument, NULL, 'I'},
         {"experts-on", required_argument, NULL, 'x'},
+        {"quantize", required_argument, NULL, 'Q'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -190,6 +194,7 @@ static int cmd_generate(int argc, char **argv)
     uint32_t n_cpus = 0;
     double max_tokens = 16, temp = 0, top_p = 1, top_k = 0, seed = 1, threads = 0;
     ds_sampler smp = {.greedy = true, .temperature = 1, .top_p = 1};
+    enum ds_quantize quant = DS_QUANTIZE_NONE;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -239,6 +244,12 @@ static int cmd_generate(int argc, char **argv)
             break;
         case 'x':
             experts_on = optarg;
+            break;
+        case 'Q':
+            if (ds_quantize_parse(optarg, &quant) < 0) {
+                fprintf(stderr, "dsctl generate: --quantize is q8_0 or q4_k, not '%s'\n", optarg);
+                return DSCTL_EXIT_USAGE;
+            }
             break;
         case 'h':
             gen_usage(stdout);
@@ -296,7 +307,8 @@ static int cmd_generate(int argc, char **argv)
     float *logits = NULL;
     int32_t *gen = NULL;
     uint32_t ngen = 0, nmax = (uint32_t)max_tokens;
-    if ((rc = ds_model_open(model, NULL, &m, &err)) < 0) {
+    ds_model_open_opts mo = {.quantize = quant};
+    if ((rc = ds_model_open(model, &mo, &m, &err)) < 0) {
         fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
         ret = DSCTL_EXIT_USAGE;
         goto out;

@@ -27,6 +27,9 @@ static void usage(FILE *f)
             "                         of a split set): each unit's bytes from its tensor types,\n"
             "                         reading only the headers; a bare config.json: from the\n"
             "                         config's dtype\n"
+            "  --quantize q8_0|q4_k   plan the model as quantised at load (its F32/F16/BF16/FP8\n"
+            "                         linear weights as Q8_0 / Q4_K blocks; needs the tensor\n"
+            "                         table: a checkpoint directory or a GGUF)\n"
             "  --batch B              sequences decoded together (default 1)\n"
             "  --context T            tokens of context per sequence (default 4096)\n"
             "  --objective latency|throughput   (default latency)\n"
@@ -153,6 +156,7 @@ static int cmd_plan(int argc, char **argv)
                                          {"micro-batches", required_argument, NULL, 'M'},
                                          {"json", no_argument, NULL, 'j'},
                                          {"explain", no_argument, NULL, 'X'},
+                                         {"quantize", required_argument, NULL, 'Q'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
     const char *cluster_path = NULL, *model = NULL, *stats_path = NULL;
@@ -161,6 +165,7 @@ static int cmd_plan(int argc, char **argv)
     static const char *excl[MAX_EXCLUDE];
     size_t npin = 0, nex = 0;
     bool json = false, explain = false;
+    enum ds_quantize quant = DS_QUANTIZE_NONE;
     int ch;
     optind = 1;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -179,6 +184,12 @@ static int cmd_plan(int argc, char **argv)
             break;
         case 'X':
             explain = true;
+            break;
+        case 'Q':
+            if (ds_quantize_parse(optarg, &quant) < 0) {
+                fprintf(stderr, "dsctl plan: --quantize is q8_0 or q4_k, not '%s'\n", optarg);
+                return DSCTL_EXIT_USAGE;
+            }
             break;
         case 'b':
             if (parse_u32(optarg, 1, 1000000, &o.batch)) {
@@ -264,8 +275,13 @@ static int cmd_plan(int argc, char **argv)
      * checkpoint directory's safetensors headers, a GGUF header); a bare config.json gives
      * the config alone, whose dtype (quantization_config -> FP8, else torch_dtype) then sizes
      * the units. */
-    if (ds_model_unit_bytes(model, DS_QUANTIZE_NONE, &cfg, &ub, &err)) {
+    if (ds_model_unit_bytes(model, quant, &cfg, &ub, &err)) {
         fprintf(stderr, "dsctl plan: %s\n", ds_error_str(&err));
+        return DSCTL_EXIT_USAGE;
+    }
+    if (quant && !ub.n_layers) {
+        fprintf(stderr, "dsctl plan: --quantize needs the model's tensor table (a checkpoint "
+                        "directory or a GGUF), not a bare config.json\n");
         return DSCTL_EXIT_USAGE;
     }
     if (ub.n_layers)

@@ -55,6 +55,7 @@ typedef struct dsd_opts {
     bool discover_opencl;      /* include OpenCL devices in discovery */
     char devices_config[PATH_MAX]; /* devices operator config (memory_cap, ...), "" = none */
     char plan_strategy[32];        /* coordinator: auto | <ds_strategy name> | round-robin */
+    char quantize[8];              /* none | q8_0 | q4_k: linear weights quantised at load */
     int64_t plan_batch;            /* workload the planner optimises: rows per decode step */
     int64_t plan_context;          /* tokens of context per sequence, 0 = max_context */
     int64_t micro_batches;         /* coordinator: micro-batches in flight at once */
@@ -127,6 +128,7 @@ typedef struct dsd_units {
     uint32_t n_layers, n_experts;
     bool *attn;          /* [n_layers] (attention + router + shared/dense beside it) */
     bool *expert;        /* [n_layers * n_experts] */
+    uint8_t quantize;    /* enum ds_quantize: the plan's load-time quantisation */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
     char dev_names[16][32];
     /* what ds_backend_open takes for dev_names[i] ("opencl:1"), as this node's device discovery
@@ -187,6 +189,7 @@ typedef struct dsd_plan {
     uint32_t n_dev_names;
     char strategy[32]; /* strategy requested ("round-robin" or a ds_strategy name) */
     char solver[32];   /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
+    uint8_t quantize;  /* enum ds_quantize every node applies to its units at load */
     char *solver_json; /* the placement library's plan JSON (predicted times), or NULL */
 } dsd_plan;
 

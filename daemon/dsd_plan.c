@@ -94,6 +94,9 @@ char *dsd_plan_json(const dsd_plan *p)
     json_object_set_new(root, "version", json_integer((json_int_t)p->version));
     json_object_set_new(root, "strategy", json_string(p->strategy));
     json_object_set_new(root, "solver", json_string(p->solver));
+    if (p->quantize)
+        json_object_set_new(root, "quantize",
+                            json_string(ds_quantize_name((enum ds_quantize)p->quantize)));
     for (uint32_t i = 0; i < p->n_nodes; i++)
         json_object_set_new(nodes, p->nodes[i], json_string(p->endpoints[i]));
     json_object_set_new(units, "embed", json_string(p->nodes[p->embed]));
@@ -174,6 +177,7 @@ int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u)
         }
     }
     memcpy(u->dev_names, p->dev_names, sizeof(u->dev_names));
+    u->quantize = p->quantize;
     return 0;
 }
 
@@ -182,6 +186,7 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
     dsd__plan__init(w);
     w->version = p->version;
     w->json = dsd_plan_json(p);
+    w->quantize = (char *)ds_quantize_name((enum ds_quantize)p->quantize);
     size_t n = 2 + p->n_layers + (size_t)p->n_layers * p->n_experts;
     for (size_t i = 0; i < (size_t)p->n_layers * p->n_experts; i++)
         n += (size_t)__builtin_popcountll(p->replicas[i]);
@@ -368,6 +373,12 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
     if ((rc = dsd_plan_alloc(p, c, N, (const char(*)[64])names, (const char(*)[DSD_STR_MAX])eps,
                              w->version)) < 0)
         goto out;
+    enum ds_quantize q = DS_QUANTIZE_NONE;
+    if (w->quantize && ds_quantize_parse(w->quantize, &q) < 0) {
+        rc = ds_error_set(err, -EPROTO, "plan: quantize '%.16s' unknown", w->quantize);
+        goto fail;
+    }
+    p->quantize = (uint8_t)q;
     uint32_t L = p->n_layers, E = p->n_experts;
     p->embed = p->head = -1;
     for (uint32_t l = 0; l < L; l++) {

@@ -137,6 +137,9 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
     dsd_plan_clear(&d->coord.plan);
     d->coord.plan = j->plan;
     memset(&j->plan, 0, sizeof(j->plan));
+    enum ds_quantize q = DS_QUANTIZE_NONE;
+    ds_quantize_parse(d->o.quantize, &q); /* checked by the options table */
+    d->coord.plan.quantize = (uint8_t)q;  /* every node quantises its units the same way */
     d->plan_version = d->coord.plan.version;
     d->coord.have_plan = true;
     Dsd__Plan wp;
@@ -285,7 +288,9 @@ int dsd_rollout_start(struct dsd *d)
          * the file's tensor table; when it cannot be read, the config's dtype sizes them */
         ds_model_config bc;
         ds_error be = {0};
-        if (ds_model_unit_bytes(d->o.model, DS_QUANTIZE_NONE, &bc, &j->bytes, &be) < 0)
+        enum ds_quantize q = DS_QUANTIZE_NONE;
+        ds_quantize_parse(d->o.quantize, &q);
+        if (ds_model_unit_bytes(d->o.model, q, &bc, &j->bytes, &be) < 0)
             ds_log_warn("plan: unit sizes from the config (%s)", ds_error_str(&be));
         else if (bc.num_hidden_layers != c->num_hidden_layers)
             ds_unit_bytes_release(&j->bytes);

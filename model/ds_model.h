@@ -40,14 +40,6 @@
 #include "ds_tensor.h"
 #include "ds_unit.h" /* enum ds_unit_kind: one definition for model, placement, daemon */
 
-/* Which units to bind at open. NULL want = all. Unbound units return -ENOENT when called.
- * Tensors of unbound units are neither validated against the config nor touched (the mapping
- * is lazy, so they cost no memory). */
-typedef struct ds_model_open_opts {
-    bool (*want)(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert);
-    void *want_ctx;
-} ds_model_open_opts;
-
 /* Load-time quantisation of linear weights (--quantize, dsd's `quantize` option): the F32,
  * F16, BF16 and FP8 weights of attention, dense/shared FFNs, routed experts and lm_head become
  * Q8_0 or Q4_K blocks in memory; norms, embeddings and router gates stay as they are; a weight
@@ -66,6 +58,15 @@ const char *ds_quantize_name(enum ds_quantize q);
 /* Whether a linear weight of ggml type src_type (or DS_QUANTIZE_SRC_F8) with rows of cols values
  * is quantised under q, and to which ggml type (*out). */
 bool ds_quantize_weight_type(enum ds_quantize q, uint32_t src_type, uint64_t cols, uint32_t *out);
+
+/* Which units to bind at open. NULL want = all. Unbound units return -ENOENT when called.
+ * Tensors of unbound units are neither validated against the config nor touched (the mapping
+ * is lazy, so they cost no memory). */
+typedef struct ds_model_open_opts {
+    bool (*want)(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert);
+    void *want_ctx;
+    enum ds_quantize quantize; /* quantise the bound units' linear weights at load (0: none) */
+} ds_model_open_opts;
 
 typedef struct ds_model ds_model;
 

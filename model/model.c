@@ -322,7 +322,8 @@ int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **re
     if (!m->dir)
         goto fail;
     if (ds_model_path_is_gguf(dir)) {
-        if ((rc = ds_model_open_gguf(m, opts, err)) < 0)
+        if ((rc = ds_model_open_gguf(m, opts, err)) < 0 ||
+            (opts && opts->quantize && (rc = ds_model_quantize_bound(m, opts->quantize, err)) < 0))
             goto fail;
         *ret = m;
         return 0;
@@ -364,6 +365,8 @@ int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **re
         ds_error_set(err, rc, "%s: rope tables", dir);
         goto fail;
     }
+    if (opts && opts->quantize && (rc = ds_model_quantize_bound(m, opts->quantize, err)) < 0)
+        goto fail;
     *ret = m;
     return 0;
 fail:

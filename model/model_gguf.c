@@ -289,6 +289,7 @@ static int g_kv_b_split(ds_model *m, uint32_t l, ds_weight *w, ds_error *err)
             ds_quant_dequant_row(tv->type, vs + (size_t)j * vb, C, df + (size_t)(dn + j) * C);
     }
     free(tmp);
+    m->layers[l].kv_b_dequantised = !plain;
     memset(w, 0, sizeof(*w));
     w->dtype = dt;
     w->rows = (uint32_t)rows;

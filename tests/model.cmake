@@ -36,3 +36,7 @@ add_dependencies(test_model_bytes dsctl) # test_dsctl_plan_gguf runs the real co
 # the same loader and computes them bit for bit (docs/daemon.md, weight streaming).
 ds_add_test(NAME test_gguf_subset SOURCES test_gguf_subset.c LIBS ds_model LABELS unit
             TIMEOUT 120)
+# --quantize q8_0|q4_k: Q8_0 bit-exact to gguf-py (tests/data/quant from tools/gen_quant_ref.py),
+# the Q4_K fit's error bound on every value, and dsctl generate --local --quantize on models/tiny.
+ds_add_test(NAME test_quantize SOURCES test_quantize.c LIBS ds_model LABELS unit TIMEOUT 120)
+add_dependencies(test_quantize dsctl)

@@ -118,6 +118,19 @@ static void test_hf_checkpoints(void **state)
     check(DATA "ref/v3_noqlora_d72", DS_QUANTIZE_NONE, UB "v3_noqlora_d72.txt");
 }
 
+/* --quantize: the F32/F16/BF16/FP8 linear weights counted as the Q8_0 / Q4_K blocks they
+ * become (q4_k rows not a multiple of 256 as Q8_0, FP8 scales dropped); a GGUF's block
+ * tensors stay, its F16 ones (and the kv_b rebuilt from F16 k_b/v_b) are quantised. */
+static void test_quantized(void **state)
+{
+    (void)state;
+    check(DS_SOURCE_ROOT "/models/tiny", DS_QUANTIZE_Q8_0, UB "tiny-q8_0.txt");
+    check(DS_SOURCE_ROOT "/models/tiny", DS_QUANTIZE_Q4_K, UB "tiny-q4_k.txt");
+    check(DATA "ref/v3_fp8", DS_QUANTIZE_Q4_K, UB "v3_fp8-q4_k.txt");
+    check(DATA "gguf_ref/v3-F16.gguf", DS_QUANTIZE_Q8_0, UB "v3-F16-q8_0.txt");
+    check(DATA "gguf_ref/tiny-Q4_K_M.gguf", DS_QUANTIZE_Q8_0, UB "tiny-Q4_K_M.txt");
+}
+
 /* A Q4_K_M file's layers differ: its experts are not all the same type (llama-quantize gives
  * some layers' ffn_down more bits), which a config-derived inventory cannot know. */
 static void test_layers_differ(void **state)
@@ -283,6 +296,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gguf_files),
         cmocka_unit_test(test_hf_checkpoints),
+        cmocka_unit_test(test_quantized),
         cmocka_unit_test(test_layers_differ),
         cmocka_unit_test(test_plan_uses_file_bytes),
         cmocka_unit_test(test_config_only_and_errors),

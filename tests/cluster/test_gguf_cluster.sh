@@ -6,7 +6,8 @@
 # types. Checked against sources independent of the streaming code: greedy tokens identical to
 # `dsctl generate --local` on the same file; the GGUF w2 received holds only tensors of units
 # its plan.json gives it (by llama.cpp's tensor naming), every expert it hosts has its layer's
-# stacked tensors, and fewer bytes crossed the link than the file holds.
+# stacked tensors, and fewer bytes crossed the link than the file holds. Then `quantize = q4_k`
+# on models/tiny: the plan carries it to every node, token-identical to --local --quantize.
 set -u
 . "$(dirname "$0")/lib.sh"
 trap cluster_cleanup EXIT
@@ -75,5 +76,40 @@ for u in $( (jq -r '.units | to_entries[] | select((.value | split("/")[0]) == "
             { echo "FAIL: $u hosted on w2 but blk.$l.ffn_${w}_exps is missing"; fail=1; }
     done
 done
-[ $fail -eq 0 ] && echo PASS || tail -n 20 "$CLUSTER_DIR"/*.log
+
+# ---- load-time quantisation in the cluster: models/tiny (BF16) with quantize = q4_k on the
+# coordinator, carried to the workers by the plan (w1 is told quantize=none itself and must
+# follow the plan; w2 gets the BF16 tensors streamed and quantises them at load), each node
+# capped at 22% of the BF16 checkpoint (about half of it in Q4_K) so the plan splits it;
+# tokens identical to `dsctl generate --local --quantize q4_k`, on prompts where they differ
+# from the unquantised model's (so a node that did not quantise would show).
+cluster_stop
+mkdir -p "$CLUSTER_DIR/gguf" && mv "$CLUSTER_DIR"/*.log "$CLUSTER_DIR/gguf/"
+T="$DS_ROOT/models/tiny"
+tb=$(cat "$T"/*.safetensors | wc -c)
+printf 'device.cpu0.memory_cap = %d\n' $((tb * 22 / 100)) >"$CLUSTER_DIR/devices.conf"
+CLUSTER_WORKER_ARGS[1]="--quantize=none"
+CLUSTER_WORKER_ARGS[2]="--model=$CLUSTER_DIR/no-copy-here"
+cluster_start "$T" 2 --devices_config="$CLUSTER_DIR/devices.conf" --plan_context=64 --quantize=q4_k ||
+    { tail -n 20 "$CLUSTER_DIR"/*.log; exit 1; }
+[ "$(jq -r '.quantize // "none"' "$CLUSTER_DIR/w1/plan.json")" = q4_k ] ||
+    { echo "FAIL: w1's plan does not carry quantize = q4_k"; fail=1; }
+grep -q "node w2 has no checkpoint copy: streaming its units" "$CLUSTER_DIR/coord.log" ||
+    { echo "FAIL: the coordinator did not stream w2's units"; fail=1; }
+for node in w1 w2; do # (the coordinator's cap goes mostly to embed and head)
+    n=$("$DSCTL" placement --json | jq --arg n "$node" '[.plan.units | to_entries[] | select((.key | test("^(attn|expert)")) and ((.value | split("/")[0]) == $n))] | length')
+    [ "$n" -gt 0 ] || { echo "FAIL: quantised tiny: $node hosts no attention layer and no expert"; fail=1; }
+done
+differ=0
+for p in "10,20,30,40,50" "1" "100,200,300" "42,43"; do
+    want=$("$DSCTL" generate --local --model "$T" --quantize q4_k --tokens "$p" --max-tokens 16 --threads 1 | tail -n1)
+    plain=$("$DSCTL" generate --local --model "$T" --tokens "$p" --max-tokens 16 --threads 1 | tail -n1)
+    got=$(timeout 60 "$DSCTL" submit --tokens "$p" --max-tokens 16 | tail -n1)
+    if [ "$want" = "$got" ] && [ -n "$want" ]; then echo "ok   quantize q4_k, prompt $p: $got"; else
+        echo "FAIL quantize q4_k, prompt $p: local '$want' cluster '$got'"; fail=1; fi
+    [ "$plain" != "$want" ] && differ=$((differ + 1))
+done
+echo "the unquantised model gives other tokens on $differ of 4 prompts"
+[ "$differ" -gt 0 ] || { echo "FAIL: no prompt tells the quantised model from the unquantised one"; fail=1; }
+[ $fail -eq 0 ] && echo PASS || tail -n 20 "$CLUSTER_DIR"/*.log "$CLUSTER_DIR"/gguf/*.log
 exit $fail
