@@ -229,6 +229,12 @@ static double *measured_expert_stats(struct dsd *d, const ds_model_config *c)
     return st;
 }
 
+static bool want_no_unit(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
+{
+    (void)ctx, (void)kind, (void)layer, (void)expert;
+    return false;
+}
+
 /* Starts a new plan over the nodes that are up and not drained: round-robin at once, the
  * solver on its own thread (on_solved finishes). A call while one is being made asks for
  * another one after it (membership changed meanwhile). */
@@ -242,7 +248,10 @@ int dsd_rollout_start(struct dsd *d)
     if (!j)
         return -ENOMEM;
     j->efd = -1;
-    int rc = ds_model_open(d->o.model, NULL, &j->probe, &j->err);
+    /* the model's shape only: no unit bound, so no weight is read (NULL options would bind
+     * every unit: all norms converted and, for a GGUF, every layer's kv_b rebuilt) */
+    ds_model_open_opts shape_only = {.want = want_no_unit};
+    int rc = ds_model_open(d->o.model, &shape_only, &j->probe, &j->err);
     if (rc < 0) {
         ds_log_err("plan: cannot read the model: %s", ds_error_str(&j->err));
         dsd_rollout_solve_free(j);
