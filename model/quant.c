@@ -440,6 +440,13 @@ static float round_away(float v)
     return roundf(v);
 }
 
+/* v as an int in [lo, hi]; NaN gives lo (a weight file may hold non-finite values: no
+ * undefined conversion). */
+static int clamp_int(float v, int lo, int hi)
+{
+    return !(v >= (float)lo) ? lo : v > (float)hi ? hi : (int)v;
+}
+
 /* block_q8_0 {f16 d; i8 qs[32]}, as ggml's quantize_row_q8_0_ref: d = amax / 127,
  * q = round(x / d) computed as x * (1 / d), in float32. */
 static void q_q8_0(const float *x, uint64_t nb, uint8_t *b)
@@ -453,7 +460,7 @@ static void q_q8_0(const float *x, uint64_t nb, uint8_t *b)
         b[0] = (uint8_t)h;
         b[1] = (uint8_t)(h >> 8);
         for (int j = 0; j < 32; j++)
-            b[2 + j] = (uint8_t)(int8_t)round_away(x[j] * id);
+            b[2 + j] = (uint8_t)(int8_t)clamp_int(round_away(x[j] * id), -128, 127);
     }
 }
 
@@ -498,9 +505,7 @@ static void q_q4_k(const float *x, uint64_t nb, uint8_t *b)
         int m[8], sc[8];
         float maxneed = 0;
         for (int g = 0; g < 8; g++) {
-            m[g] = dmin > 0 ? (int)round_away(mn[g] / dmin) : 0;
-            if (m[g] > 63)
-                m[g] = 63;
+            m[g] = dmin > 0 ? clamp_int(round_away(mn[g] / dmin), 0, 63) : 0;
             need[g] = (hi[g] + dmin * (float)m[g]) / 15.0f;
             maxneed = fmaxf(maxneed, need[g]);
         }
@@ -508,9 +513,7 @@ static void q_q4_k(const float *x, uint64_t nb, uint8_t *b)
         uint8_t pdd[2] = {(uint8_t)hd, (uint8_t)(hd >> 8)};
         float d = f16_f32(pdd);
         for (int g = 0; g < 8; g++) {
-            sc[g] = d > 0 ? (int)ceilf(need[g] / d) : 0;
-            if (sc[g] > 63)
-                sc[g] = 63;
+            sc[g] = d > 0 ? clamp_int(ceilf(need[g] / d), 0, 63) : 0;
             while (sc[g] < 63 && 15.0f * (d * (float)sc[g]) - dmin * (float)m[g] < hi[g])
                 sc[g]++; /* float rounding in the division above */
         }
@@ -536,8 +539,7 @@ static void q_q4_k(const float *x, uint64_t nb, uint8_t *b)
             float dl = d * (float)sc[g], ml = dmin * (float)m[g];
             float id = dl > 0 ? 1.0f / dl : 0.0f;
             for (int l = 0; l < 32; l++) {
-                float q = round_away((x[32 * g + l] + ml) * id);
-                int qi = q < 0 ? 0 : q > 15 ? 15 : (int)q;
+                int qi = clamp_int(round_away((x[32 * g + l] + ml) * id), 0, 15);
                 qs[32 * (g / 2) + l] |= (uint8_t)(qi << (4 * (g % 2)));
             }
         }
