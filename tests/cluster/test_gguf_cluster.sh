@@ -85,6 +85,7 @@ done
 # from the unquantised model's (so a node that did not quantise would show).
 cluster_stop
 mkdir -p "$CLUSTER_DIR/gguf" && mv "$CLUSTER_DIR"/*.log "$CLUSTER_DIR/gguf/"
+rm -f "$CLUSTER_DIR"/*/plan.json # the first cluster's
 T="$DS_ROOT/models/tiny"
 tb=$(cat "$T"/*.safetensors | wc -c)
 printf 'device.cpu0.memory_cap = %d\n' $((tb * 22 / 100)) >"$CLUSTER_DIR/devices.conf"
@@ -92,6 +93,8 @@ CLUSTER_WORKER_ARGS[1]="--quantize=none"
 CLUSTER_WORKER_ARGS[2]="--model=$CLUSTER_DIR/no-copy-here"
 cluster_start "$T" 2 --devices_config="$CLUSTER_DIR/devices.conf" --plan_context=64 --quantize=q4_k ||
     { tail -n 20 "$CLUSTER_DIR"/*.log; exit 1; }
+# (cluster_start may return as soon as one node reports serving: wait, bounded, for w1's load)
+for _ in $(seq 100); do [ -s "$CLUSTER_DIR/w1/plan.json" ] && break; sleep 0.1; done
 [ "$(jq -r '.quantize // "none"' "$CLUSTER_DIR/w1/plan.json")" = q4_k ] ||
     { echo "FAIL: w1's plan does not carry quantize = q4_k"; fail=1; }
 grep -q "node w2 has no checkpoint copy: streaming its units" "$CLUSTER_DIR/coord.log" ||
