@@ -26,30 +26,37 @@ int dsctl_generate_cluster(int argc, char **argv);
 /* Text prompts on the cluster (client/dsctl_generate_text.c). */
 int dsctl_generate_cluster_text(int argc, char **argv);
 
-#define GEN_MAX_TOKENS 1000000
+#define GEN_MAX_TOKENS       1000000
 #define GEN_MAX_PROMPT_BYTES (16u << 20) /* text prompt read from stdin */
 
 static void gen_usage(FILE *f)
 {
-    fprintf(f, "usage: dsctl generate --local --model DIR|FILE.gguf --tokens ID,ID,... [options]\n"
-               "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl submit --help)\n"
-               "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text prompt)\n"
-               "       dsctl generate --local --model DIR|FILE.gguf [options] TEXT|-\n"
-               "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
-               "                      or the GGUF file's tokenizer;\n"
-               "                      the generated text is streamed to stdout\n"
-               "  --max-tokens N      tokens to generate (default 16)\n"
-               "  --greedy            argmax decoding (default when no --temperature)\n"
-               "  --temperature T     sample with temperature T > 0\n"
-               "  --top-p P           nucleus sampling mass (0, 1]\n"
-               "  --top-k K           keep the K most likely tokens\n"
-               "  --seed S            sampler seed (default 1)\n"
-               "  --threads N         compute threads (default: all online CPUs)\n"
-               "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
-               "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
-               "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
-               "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
-               "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n");
+    fprintf(
+        f,
+        "usage: dsctl generate --local --model DIR|FILE.gguf --tokens ID,ID,... [options]\n"
+        "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl "
+        "submit --help)\n"
+        "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text "
+        "prompt)\n"
+        "       dsctl generate --local --model DIR|FILE.gguf [options] TEXT|-\n"
+        "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
+        "                      or the GGUF file's tokenizer;\n"
+        "                      the generated text is streamed to stdout\n"
+        "  --max-tokens N      tokens to generate (default 16)\n"
+        "  --greedy            argmax decoding (default when no --temperature)\n"
+        "  --temperature T     sample with temperature T > 0\n"
+        "  --top-p P           nucleus sampling mass (0, 1]\n"
+        "  --top-k K           keep the K most likely tokens\n"
+        "  --seed S            sampler seed (default 1)\n"
+        "  --threads N         compute threads (default: all online CPUs)\n"
+        "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
+        "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
+        "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
+        "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
+        "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n"
+        "  --quantize q8_0|q4_k  quantise the F32/F16/BF16/FP8 linear weights at load\n"
+        "                      (norms, embeddings, router gates stay; q4_k falls back to\n"
+        "                      q8_0 for rows not a multiple of 256)\n");
 }
 
 /* "0-3,8" -> cpu ids (at most max). */
@@ -142,7 +149,8 @@ static int stream_token(ds_tok_stream *ts, int32_t id, bool *nl_last)
 
 static int cmd_generate(int argc, char **argv)
 {
-    /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c). */
+    /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c).
+     */
     bool want_local = false, want_help = false, has_model = false, has_tokens = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--local") == 0)
@@ -176,6 +184,7 @@ static int cmd_generate(int argc, char **argv)
         {"stop-eos", no_argument, NULL, 'e'},
         {"ignore-eos", no_argument, NULL, 'I'},
         {"experts-on", required_argument, NULL, 'x'},
+        {"quantize", required_argument, NULL, 'Q'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -185,6 +194,7 @@ static int cmd_generate(int argc, char **argv)
     uint32_t n_cpus = 0;
     double max_tokens = 16, temp = 0, top_p = 1, top_k = 0, seed = 1, threads = 0;
     ds_sampler smp = {.greedy = true, .temperature = 1, .top_p = 1};
+    enum ds_quantize quant = DS_QUANTIZE_NONE;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -235,6 +245,12 @@ static int cmd_generate(int argc, char **argv)
         case 'x':
             experts_on = optarg;
             break;
+        case 'Q':
+            if (ds_quantize_parse(optarg, &quant) < 0) {
+                fprintf(stderr, "dsctl generate: --quantize is q8_0 or q4_k, not '%s'\n", optarg);
+                return DSCTL_EXIT_USAGE;
+            }
+            break;
         case 'h':
             gen_usage(stdout);
             return DSCTL_EXIT_OK;
@@ -261,8 +277,8 @@ static int cmd_generate(int argc, char **argv)
     int32_t *prompt = NULL; /* ids <= INT32_MAX: the same bits as uint32_t */
     uint32_t np = 0;
     size_t np_z = 0;
-    if (tokens_s && dsctl_parse_ids(tokens_s, INT32_MAX, GEN_MAX_TOKENS, (uint32_t **)&prompt,
-                                    &np_z) < 0) {
+    if (tokens_s &&
+        dsctl_parse_ids(tokens_s, INT32_MAX, GEN_MAX_TOKENS, (uint32_t **)&prompt, &np_z) < 0) {
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }
@@ -291,7 +307,8 @@ static int cmd_generate(int argc, char **argv)
     float *logits = NULL;
     int32_t *gen = NULL;
     uint32_t ngen = 0, nmax = (uint32_t)max_tokens;
-    if ((rc = ds_model_open(model, NULL, &m, &err)) < 0) {
+    ds_model_open_opts mo = {.quantize = quant};
+    if ((rc = ds_model_open(model, &mo, &m, &err)) < 0) {
         fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
         ret = DSCTL_EXIT_USAGE;
         goto out;
@@ -326,8 +343,8 @@ static int cmd_generate(int argc, char **argv)
         }
         if (nids == 0 || nids > GEN_MAX_TOKENS) {
             free(ids);
-            fprintf(stderr, "dsctl generate: the prompt encodes to %zu tokens (need 1..%d)\n",
-                    nids, GEN_MAX_TOKENS);
+            fprintf(stderr, "dsctl generate: the prompt encodes to %zu tokens (need 1..%d)\n", nids,
+                    GEN_MAX_TOKENS);
             ret = DSCTL_EXIT_USAGE;
             goto out;
         }
@@ -342,7 +359,8 @@ static int cmd_generate(int argc, char **argv)
             fprintf(stderr, "dsctl generate: out of memory\n");
             goto out;
         }
-    }    for (uint32_t i = 0; i < np; i++)
+    }
+    for (uint32_t i = 0; i < np; i++)
         if ((uint32_t)prompt[i] >= V) {
             fprintf(stderr, "dsctl generate: token %d is outside the vocabulary (%u)\n", prompt[i],
                     V);

@@ -1,5 +1,7 @@
 /* dsctl_plan.c — `dsctl plan`: place a model on a described cluster, offline (no daemon).
- * Pure computation on a cluster spec and a config.json; see docs/placement.md. */
+ * Pure computation on a cluster spec and the model's config and tensor table (a checkpoint's
+ * safetensors headers or a GGUF header: the real bytes of every unit, no weight read), or a
+ * bare config.json; see docs/placement.md. */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -10,16 +12,24 @@
 #include <jansson.h>
 
 #include "ds_config.h"
+#include "ds_model.h"
 #include "ds_placement.h"
 #include "dsctl.h"
 
-#define MAX_PINS 4096
+#define MAX_PINS    4096
 #define MAX_EXCLUDE 256
 
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: dsctl plan --cluster FILE --model DIR|config.json [options]\n"
+            "usage: dsctl plan --cluster FILE --model DIR|config.json|FILE.gguf [options]\n"
+            "  --model                a checkpoint directory or a GGUF file (or the first part\n"
+            "                         of a split set): each unit's bytes from its tensor types,\n"
+            "                         reading only the headers; a bare config.json: from the\n"
+            "                         config's dtype\n"
+            "  --quantize q8_0|q4_k   plan the model as quantised at load (its F32/F16/BF16/FP8\n"
+            "                         linear weights as Q8_0 / Q4_K blocks; needs the tensor\n"
+            "                         table: a checkpoint directory or a GGUF)\n"
             "  --batch B              sequences decoded together (default 1)\n"
             "  --context T            tokens of context per sequence (default 4096)\n"
             "  --objective latency|throughput   (default latency)\n"
@@ -116,8 +126,7 @@ static int load_stats(const char *path, const ds_model_config *cfg, double **out
                 continue;
             }
             if (!json_is_number(v) || json_number_value(v) < 0 || json_number_value(v) > 1e18) {
-                fprintf(stderr, "dsctl plan: %s: layer %zu expert %zu: not a count\n", path, l,
-                        e);
+                fprintf(stderr, "dsctl plan: %s: layer %zu expert %zu: not a count\n", path, l, e);
                 goto bad;
             }
             st[l * E + e] = json_number_value(v);
@@ -134,30 +143,54 @@ bad:
 
 static int cmd_plan(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"cluster", required_argument, NULL, 'c'},  {"model", required_argument, NULL, 'm'},
-        {"batch", required_argument, NULL, 'b'},    {"context", required_argument, NULL, 't'},
-        {"objective", required_argument, NULL, 'o'}, {"strategy", required_argument, NULL, 's'},
-        {"expert-stats", required_argument, NULL, 'x'}, {"pin", required_argument, NULL, 'p'},
-        {"exclude", required_argument, NULL, 'e'},  {"reserve", required_argument, NULL, 'r'},
-        {"micro-batches", required_argument, NULL, 'M'}, {"json", no_argument, NULL, 'j'},
-        {"explain", no_argument, NULL, 'X'},        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"cluster", required_argument, NULL, 'c'},
+                                         {"model", required_argument, NULL, 'm'},
+                                         {"batch", required_argument, NULL, 'b'},
+                                         {"context", required_argument, NULL, 't'},
+                                         {"objective", required_argument, NULL, 'o'},
+                                         {"strategy", required_argument, NULL, 's'},
+                                         {"expert-stats", required_argument, NULL, 'x'},
+                                         {"pin", required_argument, NULL, 'p'},
+                                         {"exclude", required_argument, NULL, 'e'},
+                                         {"reserve", required_argument, NULL, 'r'},
+                                         {"micro-batches", required_argument, NULL, 'M'},
+                                         {"json", no_argument, NULL, 'j'},
+                                         {"explain", no_argument, NULL, 'X'},
+                                         {"quantize", required_argument, NULL, 'Q'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
     const char *cluster_path = NULL, *model = NULL, *stats_path = NULL;
     ds_plan_options o = {.batch = 1, .context = 4096};
     static ds_pin pins[MAX_PINS];
     static const char *excl[MAX_EXCLUDE];
     size_t npin = 0, nex = 0;
     bool json = false, explain = false;
+    enum ds_quantize quant = DS_QUANTIZE_NONE;
     int ch;
     optind = 1;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
-        case 'c': cluster_path = optarg; break;
-        case 'm': model = optarg; break;
-        case 'x': stats_path = optarg; break;
-        case 'j': json = true; break;
-        case 'X': explain = true; break;
+        case 'c':
+            cluster_path = optarg;
+            break;
+        case 'm':
+            model = optarg;
+            break;
+        case 'x':
+            stats_path = optarg;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'X':
+            explain = true;
+            break;
+        case 'Q':
+            if (ds_quantize_parse(optarg, &quant) < 0) {
+                fprintf(stderr, "dsctl plan: --quantize is q8_0 or q4_k, not '%s'\n", optarg);
+                return DSCTL_EXIT_USAGE;
+            }
+            break;
         case 'b':
             if (parse_u32(optarg, 1, 1000000, &o.batch)) {
                 fprintf(stderr, "dsctl plan: bad --batch '%s' (1..1000000)\n", optarg);
@@ -223,8 +256,12 @@ static int cmd_plan(int argc, char **argv)
             }
             excl[nex++] = optarg;
             break;
-        case 'h': usage(stdout); return DSCTL_EXIT_OK;
-        default: usage(stderr); return DSCTL_EXIT_USAGE;
+        case 'h':
+            usage(stdout);
+            return DSCTL_EXIT_OK;
+        default:
+            usage(stderr);
+            return DSCTL_EXIT_USAGE;
         }
     }
     if (!cluster_path || !model || optind < argc) {
@@ -233,26 +270,32 @@ static int cmd_plan(int argc, char **argv)
     }
     ds_error err = {0};
     ds_model_config cfg;
-    char cpath[4096];
-    struct stat st;
-    if (!stat(model, &st) && S_ISDIR(st.st_mode))
-        snprintf(cpath, sizeof cpath, "%s/config.json", model);
-    else
-        snprintf(cpath, sizeof cpath, "%s", model);
-    /* Planning needs no weights: the dtype comes from the config (quantization_config -> FP8,
-     * else torch_dtype), which ds_model_config_load already resolves. */
-    if (ds_model_config_load(cpath, &cfg, &err)) {
+    ds_unit_bytes ub;
+    /* Planning reads no weights: the config, and each unit's bytes from the tensor table (a
+     * checkpoint directory's safetensors headers, a GGUF header); a bare config.json gives
+     * the config alone, whose dtype (quantization_config -> FP8, else torch_dtype) then sizes
+     * the units. */
+    if (ds_model_unit_bytes(model, quant, &cfg, &ub, &err)) {
         fprintf(stderr, "dsctl plan: %s\n", ds_error_str(&err));
         return DSCTL_EXIT_USAGE;
     }
+    if (quant && !ub.n_layers) {
+        fprintf(stderr, "dsctl plan: --quantize needs the model's tensor table (a checkpoint "
+                        "directory or a GGUF), not a bare config.json\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (ub.n_layers)
+        o.unit_bytes = &ub;
     ds_cluster *cl = NULL;
     if (ds_cluster_load(cluster_path, &cl, &err)) {
         fprintf(stderr, "dsctl plan: %s\n", ds_error_str(&err));
+        ds_unit_bytes_release(&ub);
         return DSCTL_EXIT_USAGE;
     }
     double *stats = NULL;
     if (stats_path && load_stats(stats_path, &cfg, &stats)) {
         ds_cluster_free(cl);
+        ds_unit_bytes_release(&ub);
         return DSCTL_EXIT_USAGE;
     }
     o.expert_stats = stats;
@@ -264,6 +307,7 @@ static int cmd_plan(int argc, char **argv)
     int rc = ds_plan_solve(cl, &cfg, &o, &p, &err);
     free(stats);
     ds_cluster_free(cl);
+    ds_unit_bytes_release(&ub);
     if (rc) {
         fprintf(stderr, "dsctl plan: %s\n", ds_error_str(&err));
         return rc == -ENOMEM ? DSCTL_EXIT_FAILURE : DSCTL_EXIT_USAGE;

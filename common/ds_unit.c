@@ -1,6 +1,7 @@
 /* ds_unit.c — unit names (see ds_unit.h). */
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ds_unit.h"
@@ -71,4 +72,39 @@ int ds_unit_parse(const char *s, enum ds_unit_kind *kind, uint32_t *layer, uint3
         return 0;
     }
     return -EINVAL;
+}
+
+int ds_unit_bytes_init(ds_unit_bytes *b, uint32_t n_layers)
+{
+    memset(b, 0, sizeof(*b));
+    size_t n = n_layers ? n_layers : 1;
+    uint64_t **arr[5] = {&b->attn, &b->router, &b->dense, &b->shared, &b->expert};
+    for (int i = 0; i < 5; i++)
+        if (!(*arr[i] = calloc(n, sizeof(uint64_t)))) {
+            ds_unit_bytes_release(b);
+            return -ENOMEM;
+        }
+    b->n_layers = n_layers;
+    return 0;
+}
+
+void ds_unit_bytes_release(ds_unit_bytes *b)
+{
+    if (!b)
+        return;
+    free(b->attn);
+    free(b->router);
+    free(b->dense);
+    free(b->shared);
+    free(b->expert);
+    memset(b, 0, sizeof(*b));
+}
+
+uint64_t ds_unit_bytes_total(const ds_unit_bytes *b, uint32_t n_experts)
+{
+    uint64_t t = b->embed + b->head;
+    for (uint32_t l = 0; l < b->n_layers; l++)
+        t += b->attn[l] + b->router[l] + b->dense[l] + b->shared[l] +
+             (uint64_t)n_experts * b->expert[l];
+    return t;
 }

@@ -54,12 +54,13 @@ typedef struct dsd_opts {
     bool calibrate;            /* measure devices at start (cached in state_dir) */
     bool discover_opencl;      /* include OpenCL devices in discovery */
     char devices_config[PATH_MAX]; /* devices operator config (memory_cap, ...), "" = none */
-    char plan_strategy[32];    /* coordinator: auto | <ds_strategy name> | round-robin */
-    int64_t plan_batch;        /* workload the planner optimises: rows per decode step */
-    int64_t plan_context;      /* tokens of context per sequence, 0 = max_context */
-    int64_t micro_batches;     /* coordinator: micro-batches in flight at once */
-    int64_t max_rows_per_step; /* coordinator: rows of one micro-batch (chunked prefill) */
-    int64_t link_wait_ms;      /* coordinator: first plan waits this long for link calibration */
+    char plan_strategy[32];        /* coordinator: auto | <ds_strategy name> | round-robin */
+    char quantize[8];              /* none | q8_0 | q4_k: linear weights quantised at load */
+    int64_t plan_batch;            /* workload the planner optimises: rows per decode step */
+    int64_t plan_context;          /* tokens of context per sequence, 0 = max_context */
+    int64_t micro_batches;         /* coordinator: micro-batches in flight at once */
+    int64_t max_rows_per_step;     /* coordinator: rows of one micro-batch (chunked prefill) */
+    int64_t link_wait_ms; /* coordinator: first plan waits this long for link calibration */
     char curve_secret_key_file[PATH_MAX]; /* cluster key pair file; "" = CURVE off */
     char curve_authorized_keys[PATH_MAX]; /* client public keys allowed; "" = any client key */
     char curve_server_public_key[41];     /* Z85; "" = the public key of the key file */
@@ -125,8 +126,9 @@ typedef struct dsd_host dsd_host;
 typedef struct dsd_units {
     bool embed, head;
     uint32_t n_layers, n_experts;
-    bool *attn;   /* [n_layers] (attention + router + shared/dense beside it) */
-    bool *expert; /* [n_layers * n_experts] */
+    bool *attn;          /* [n_layers] (attention + router + shared/dense beside it) */
+    bool *expert;        /* [n_layers * n_experts] */
+    uint8_t quantize;    /* enum ds_quantize: the plan's load-time quantisation */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
     char dev_names[16][32];
     /* what ds_backend_open takes for dev_names[i] ("opencl:1"), as this node's device discovery
@@ -185,9 +187,10 @@ typedef struct dsd_plan {
                           * accelerator dev_names[i] (opencl0, cuda0, ...) */
     char dev_names[DSD_MAX_DEVNAMES][32]; /* [0] = "" */
     uint32_t n_dev_names;
-    char strategy[32];   /* strategy requested ("round-robin" or a ds_strategy name) */
-    char solver[32];     /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
-    char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
+    char strategy[32]; /* strategy requested ("round-robin" or a ds_strategy name) */
+    char solver[32];   /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
+    uint8_t quantize;  /* enum ds_quantize every node applies to its units at load */
+    char *solver_json; /* the placement library's plan JSON (predicted times), or NULL */
 } dsd_plan;
 
 /* A plan's tables for model c over n_nodes named nodes, zeroed (embed/head/attn = node 0,
@@ -209,7 +212,8 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src);
 int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
                    const char *strategy, uint32_t batch, uint32_t context,
-                   const double *expert_stats, uint64_t version, ds_error *err);
+                   const double *expert_stats, const ds_unit_bytes *unit_bytes, uint64_t version,
+                   ds_error *err);
 /* Index of accelerator `name` in p's device table (added when new); 0 for a CPU device or an
  * empty name (the node's CPU engine runs those units). */
 uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);
@@ -272,8 +276,9 @@ json_t *dsd_stats_from_wire(const Dsd__StepStats *st, const char *node, uint32_t
 typedef struct dsd_stream_out dsd_stream_out;
 typedef struct dsd_stream_in dsd_stream_in;
 
-/* Coordinator: the checkpoint of exactly units u (config.json + model.safetensors) from its
- * copy at model_dir, to stream to a node without a copy. */
+/* Coordinator: the checkpoint of exactly units u (config.json + model.safetensors; for a GGUF
+ * model one model.gguf of its metadata and those units' tensors in their types) from its copy
+ * at model_dir, to stream to a node without a copy. */
 int dsd_stream_out_new(const char *model_dir, const dsd_units *u, uint64_t plan_version,
                        dsd_stream_out **ret, ds_error *err);
 void dsd_stream_out_free(dsd_stream_out *s);
@@ -294,6 +299,10 @@ int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void 
 bool dsd_stream_in_complete(const dsd_stream_in *s);
 uint64_t dsd_stream_in_bytes(const dsd_stream_in *s);
 const char *dsd_stream_in_dir(const dsd_stream_in *s);
+/* Once complete: the model path to open (the directory of an HF checkpoint, or its model.gguf). */
+const char *dsd_stream_in_model(const dsd_stream_in *s);
+/* Bytes that cross the link (a GGUF's holes are not sent). */
+uint64_t dsd_stream_out_wire_bytes(const dsd_stream_out *s);
 
 /* ---- CURVE (dsd_curve.c) ------------------------------------------------------------------ */
 /* ZAP domains: who may connect to a CURVE server socket. */

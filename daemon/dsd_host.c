@@ -125,7 +125,8 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
     memcpy(h->u.expert, units->expert, (size_t)units->n_layers * units->n_experts * sizeof(bool));
     if (units->expert_dev)
         memcpy(h->u.expert_dev, units->expert_dev, (size_t)units->n_layers * units->n_experts);
-    ds_model_open_opts oo = {.want = dsd_units_want, .want_ctx = &h->u};
+    ds_model_open_opts oo = {
+        .want = dsd_units_want, .want_ctx = &h->u, .quantize = (enum ds_quantize)units->quantize};
     if ((rc = ds_model_open(model_dir, &oo, &h->m, err)) < 0)
         goto fail;
     h->c = ds_model_get_config(h->m);

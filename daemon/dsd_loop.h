@@ -97,7 +97,8 @@ struct solve_job {
     char (*names)[64];
     char (*eps)[DSD_STR_MAX];
     char *spec;
-    double *stats; /* [L * E] routing counts measured so far, or NULL (uniform popularity) */
+    double *stats;       /* [L * E] routing counts measured so far, or NULL (uniform popularity) */
+    ds_unit_bytes bytes; /* each unit's real bytes from the model file's tensor table */
     char strategy[32];
     uint32_t batch, ctx;
     uint64_t version;

@@ -49,7 +49,12 @@ static const struct opt OPTS[] = {
     {"data_advertise", OPT_STR, S(data_advertise), 0, 0, "", NULL, false,
      "data endpoint peers connect to (default: data_bind)"},
     {"model", OPT_STR, S(model), 0, 0, "/var/lib/dsd/model", NULL, false,
-     "checkpoint directory (config.json + safetensors), mmapped"},
+     "checkpoint directory (config.json + safetensors) or GGUF file (deepseek2, or any part of "
+     "a split set), mmapped"},
+    {"quantize", OPT_ENUM, S(quantize), 0, 0, "none", "none|q8_0|q4_k", false,
+     "coordinator: quantise the model's F32/F16/BF16/FP8 linear weights at load into Q8_0 or "
+     "Q4_K blocks on every node (norms, embeddings, router gates stay; q4_k rows not a "
+     "multiple of 256 fall back to q8_0); the plan counts the quantised bytes"},
     {"state_dir", OPT_STR, S(state_dir), 0, 0, "/var/lib/dsd", NULL, false,
      "state directory (current plan, node identity)"},
     {"log_level", OPT_ENUM, S(log_level), 0, 0, "info", "err|warning|notice|info|debug", true,

@@ -47,12 +47,11 @@ int dsd_plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, cons
     p->attn = calloc(p->n_layers ? p->n_layers : 1, sizeof(*p->attn));
     p->expert = calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1),
                        sizeof(*p->expert));
-    p->replicas = calloc((size_t)(p->n_layers ? p->n_layers : 1) *
-                             (p->n_experts ? p->n_experts : 1),
-                         sizeof(*p->replicas));
-    p->expert_dev = calloc((size_t)(p->n_layers ? p->n_layers : 1) *
-                               (p->n_experts ? p->n_experts : 1),
-                           1);
+    p->replicas =
+        calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1),
+               sizeof(*p->replicas));
+    p->expert_dev =
+        calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1), 1);
     p->n_dev_names = 1; /* [0] = "": the CPU engine */
     if (!p->nodes || !p->endpoints || !p->attn || !p->expert || !p->replicas || !p->expert_dev) {
         dsd_plan_clear(p);
@@ -95,6 +94,9 @@ char *dsd_plan_json(const dsd_plan *p)
     json_object_set_new(root, "version", json_integer((json_int_t)p->version));
     json_object_set_new(root, "strategy", json_string(p->strategy));
     json_object_set_new(root, "solver", json_string(p->solver));
+    if (p->quantize)
+        json_object_set_new(root, "quantize",
+                            json_string(ds_quantize_name((enum ds_quantize)p->quantize)));
     for (uint32_t i = 0; i < p->n_nodes; i++)
         json_object_set_new(nodes, p->nodes[i], json_string(p->endpoints[i]));
     json_object_set_new(units, "embed", json_string(p->nodes[p->embed]));
@@ -175,6 +177,7 @@ int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u)
         }
     }
     memcpy(u->dev_names, p->dev_names, sizeof(u->dev_names));
+    u->quantize = p->quantize;
     return 0;
 }
 
@@ -183,6 +186,7 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
     dsd__plan__init(w);
     w->version = p->version;
     w->json = dsd_plan_json(p);
+    w->quantize = (char *)ds_quantize_name((enum ds_quantize)p->quantize);
     size_t n = 2 + p->n_layers + (size_t)p->n_layers * p->n_experts;
     for (size_t i = 0; i < (size_t)p->n_layers * p->n_experts; i++)
         n += (size_t)__builtin_popcountll(p->replicas[i]);
@@ -322,8 +326,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     if (src->solver_json)
         dst->solver_json = strdup(src->solver_json);
     if (!dst->nodes || !dst->endpoints || !dst->attn || !dst->expert || !dst->replicas ||
-        !dst->expert_dev ||
-        (src->solver_json && !dst->solver_json)) {
+        !dst->expert_dev || (src->solver_json && !dst->solver_json)) {
         dsd_plan_clear(dst);
         return -ENOMEM;
     }
@@ -331,8 +334,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     memcpy(dst->endpoints, src->endpoints, N * sizeof(*dst->endpoints));
     memcpy(dst->attn, src->attn, src->n_layers * sizeof(int32_t));
     memcpy(dst->expert, src->expert, (size_t)src->n_layers * src->n_experts * sizeof(int32_t));
-    memcpy(dst->replicas, src->replicas,
-           (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
+    memcpy(dst->replicas, src->replicas, (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
     memcpy(dst->expert_dev, src->expert_dev, (size_t)src->n_layers * src->n_experts);
     return 0;
 }
@@ -371,6 +373,12 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
     if ((rc = dsd_plan_alloc(p, c, N, (const char(*)[64])names, (const char(*)[DSD_STR_MAX])eps,
                              w->version)) < 0)
         goto out;
+    enum ds_quantize q = DS_QUANTIZE_NONE;
+    if (w->quantize && ds_quantize_parse(w->quantize, &q) < 0) {
+        rc = ds_error_set(err, -EPROTO, "plan: quantize '%.16s' unknown", w->quantize);
+        goto fail;
+    }
+    p->quantize = (uint8_t)q;
     uint32_t L = p->n_layers, E = p->n_experts;
     p->embed = p->head = -1;
     for (uint32_t l = 0; l < L; l++) {
@@ -400,8 +408,7 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
             p->expert[(size_t)l * E + e] = node;
             const char *slash = strchr(pu->device, '/');
             p->expert_dev[(size_t)l * E + e] = slash ? dsd_plan_dev_index(p, slash + 1) : 0;
-        }
-        else
+        } else
             p->attn[l] = node;
     }
     /* every unit of the model placed once */

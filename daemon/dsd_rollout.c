@@ -56,6 +56,7 @@ void dsd_rollout_solve_free(struct solve_job *j)
     free(j->eps);
     free(j->spec);
     free(j->stats);
+    ds_unit_bytes_release(&j->bytes);
     dsd_plan_clear(&j->plan);
     free(j);
 }
@@ -65,7 +66,7 @@ static void *solve_main(void *arg)
     struct solve_job *j = arg;
     j->rc = dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
                            (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps,
-                           j->strategy, j->batch, j->ctx, j->stats, j->version, &j->err);
+                           j->strategy, j->batch, j->ctx, j->stats, &j->bytes, j->version, &j->err);
     dsd_solve_thread_done();
     uint64_t one = 1;
     if (write(j->efd, &one, sizeof(one)) != sizeof(one))
@@ -114,7 +115,7 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
         return;
     }
     ds_log_notice("node %s has no checkpoint copy: streaming its units (%.1f MiB)", n->name,
-                  (double)dsd_stream_out_total(n->stream) / (1 << 20));
+                  (double)dsd_stream_out_wire_bytes(n->stream) / (1 << 20));
     dsd_stream_out_pump(n->stream, d->control, n->name);
 }
 
@@ -136,6 +137,9 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
     dsd_plan_clear(&d->coord.plan);
     d->coord.plan = j->plan;
     memset(&j->plan, 0, sizeof(j->plan));
+    enum ds_quantize q = DS_QUANTIZE_NONE;
+    ds_quantize_parse(d->o.quantize, &q); /* checked by the options table */
+    d->coord.plan.quantize = (uint8_t)q;  /* every node quantises its units the same way */
     d->plan_version = d->coord.plan.version;
     d->coord.have_plan = true;
     Dsd__Plan wp;
@@ -225,6 +229,12 @@ static double *measured_expert_stats(struct dsd *d, const ds_model_config *c)
     return st;
 }
 
+static bool want_no_unit(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert)
+{
+    (void)ctx, (void)kind, (void)layer, (void)expert;
+    return false;
+}
+
 /* Starts a new plan over the nodes that are up and not drained: round-robin at once, the
  * solver on its own thread (on_solved finishes). A call while one is being made asks for
  * another one after it (membership changed meanwhile). */
@@ -238,7 +248,10 @@ int dsd_rollout_start(struct dsd *d)
     if (!j)
         return -ENOMEM;
     j->efd = -1;
-    int rc = ds_model_open(d->o.model, NULL, &j->probe, &j->err);
+    /* the model's shape only: no unit bound, so no weight is read (NULL options would bind
+     * every unit: all norms converted and, for a GGUF, every layer's kv_b rebuilt) */
+    ds_model_open_opts shape_only = {.want = want_no_unit};
+    int rc = ds_model_open(d->o.model, &shape_only, &j->probe, &j->err);
     if (rc < 0) {
         ds_log_err("plan: cannot read the model: %s", ds_error_str(&j->err));
         dsd_rollout_solve_free(j);
@@ -280,6 +293,16 @@ int dsd_rollout_start(struct dsd *d)
             j->ctx = c->max_position_embeddings;
         j->batch = (uint32_t)d->o.plan_batch;
         j->stats = measured_expert_stats(d, c);
+        /* the units' real bytes (a GGUF's tensor types; quantised ones under `quantize`) from
+         * the file's tensor table; when it cannot be read, the config's dtype sizes them */
+        ds_model_config bc;
+        ds_error be = {0};
+        enum ds_quantize q = DS_QUANTIZE_NONE;
+        ds_quantize_parse(d->o.quantize, &q);
+        if (ds_model_unit_bytes(d->o.model, q, &bc, &j->bytes, &be) < 0)
+            ds_log_warn("plan: unit sizes from the config (%s)", ds_error_str(&be));
+        else if (bc.num_hidden_layers != c->num_hidden_layers)
+            ds_unit_bytes_release(&j->bytes);
         snprintf(j->strategy, sizeof(j->strategy), "%s", d->o.plan_strategy);
         j->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (!j->spec || j->efd < 0) {

@@ -67,13 +67,15 @@ static int plan_fill(dsd_plan *p, const ds_model_config *c, const ds_plan *sp, c
 int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
                    const char *strategy, uint32_t batch, uint32_t context,
-                   const double *expert_stats, uint64_t version, ds_error *err)
+                   const double *expert_stats, const ds_unit_bytes *unit_bytes, uint64_t version,
+                   ds_error *err)
 {
     memset(p, 0, sizeof(*p));
     ds_plan_options opt = {.batch = batch ? batch : 1,
                            .context = context ? context : 1,
                            .objective = DS_OBJ_LATENCY,
-                           .expert_stats = expert_stats};
+                           .expert_stats = expert_stats,
+                           .unit_bytes = unit_bytes && unit_bytes->n_layers ? unit_bytes : NULL};
     if (ds_strategy_parse(strategy, &opt.strategy) < 0)
         return ds_error_set(err, -EINVAL, "plan_strategy '%s': unknown strategy", strategy);
     if (n_nodes == 0 || n_nodes > DS_PL_MAX_NODES)

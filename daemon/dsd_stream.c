@@ -1,6 +1,15 @@
 /* dsd_stream.c — weights for a node without a checkpoint copy (an edge box), streamed from the
  * coordinator over the control socket.
  *
+ * A GGUF model streams as one file, model.gguf: a header the coordinator writes
+ * (ds_gguf_subset_header: the model's metadata, and the tensor infos of only the tensors the
+ * node's units read) and those tensors' bytes straight from the mapping, in their ggml types (no
+ * dequantisation on the wire). A stacked ffn_*_exps tensor keeps its shape, so the same loader
+ * opens the file, but only the node's experts' slices are sent: the node writes each chunk at
+ * its offset and the slices of other experts stay holes of the file (sparse on disk, never
+ * read: those experts are not bound there).
+ *
+ * An HF checkpoint streams as two files:
  * The coordinator opens its own copy with only that node's units bound, asks the model which
  * checkpoint tensors those units read (ds_model_tensors_used) and streams a small checkpoint
  * made of exactly them: config.json, then model.safetensors (a header it writes, the tensors'
@@ -21,31 +30,47 @@
 
 #include <jansson.h>
 
+#include "ds_gguf.h"
 #include "ds_log.h"
 #include "dsd.h"
 
-#define STREAM_CHUNK       (1u << 20)
-#define STREAM_WINDOW      (8u << 20)
-#define STREAM_MAX_CONFIG  (1u << 20)
-#define STREAM_MAX_HEADER  (256u << 20)
-#define STREAM_MAX_BYTES   (1ull << 42) /* 4 TiB: more than any DeepSeek checkpoint */
+#define STREAM_CHUNK      (1u << 20)
+#define STREAM_WINDOW     (8u << 20)
+#define STREAM_MAX_CONFIG (1u << 20)
+#define STREAM_MAX_HEADER (256u << 20)
+#define STREAM_MAX_BYTES  (1ull << 42) /* 4 TiB: more than any DeepSeek checkpoint */
 
-static const char *const FILES[2] = {"config.json", "model.safetensors"};
+enum { F_CONFIG, F_ST, F_GGUF, N_FILES };
+static const char *const FILES[N_FILES] = {"config.json", "model.safetensors", "model.gguf"};
 
 /* ---- coordinator -------------------------------------------------------------------------- */
 
+/* A GGUF stream: bytes of model.gguf from `src`, at file offset `off` (ascending, not
+ * overlapping; the gaps are holes). */
+struct region {
+    uint64_t off, len;
+    const uint8_t *src;
+};
+
 struct dsd_stream_out {
     ds_model *m;
+    /* GGUF (gguf true): one file, the regions in order; else config.json + model.safetensors */
+    bool gguf;
+    struct region *reg;
+    size_t n_reg, reg_i; /* next region to send from */
+    uint64_t gguf_len;   /* model.gguf size */
+    const struct ds_gguf_tensor **gt;
     const ds_st_tensor **t; /* in file order */
     size_t n;
-    uint64_t *t_off;         /* [n] offset of each tensor's bytes in model.safetensors */
-    uint8_t *config;         /* config.json bytes */
+    uint64_t *t_off; /* [n] offset of each tensor's bytes in model.safetensors */
+    uint8_t *config; /* config.json bytes */
     size_t config_len;
-    uint8_t *head;           /* u64 length + JSON header (padded) */
+    uint8_t *head; /* u64 length + JSON header (padded) */
     size_t head_len;
-    uint64_t st_len;         /* model.safetensors size */
+    uint64_t st_len; /* model.safetensors size */
     uint64_t plan_version;
-    uint64_t sent, acked;    /* bytes over both files */
+    uint64_t sent, acked; /* positions: config.json length + model.safetensors offset, or
+                           * the model.gguf offset reached (holes included) */
 };
 
 static int align_rank(enum ds_st_dtype dt)
@@ -82,6 +107,69 @@ static uint8_t *read_small_file(const char *path, size_t max, size_t *len, ds_er
     return buf;
 }
 
+static int by_offset(const void *a, const void *b)
+{
+    const struct region *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* The GGUF stream of s->m's bound units: header + the tensors (or, for stacked experts, the
+ * bound experts' slices). */
+static int gguf_out_init(dsd_stream_out *s, const dsd_units *u, ds_error *err)
+{
+    const ds_gguf *g = ds_model_gguf(s->m);
+    size_t n = 0;
+    int rc = ds_model_gguf_tensors_used(s->m, &s->gt, &n);
+    if (rc < 0)
+        return ds_error_set(err, rc, "out of memory");
+    uint64_t *off = malloc((n ? n : 1) * sizeof(*off)), data_len = 0;
+    size_t cap = n + 2;
+    for (size_t i = 0; i < n; i++) {
+        unsigned l;
+        char which[8];
+        if (sscanf(s->gt[i]->name, "blk.%u.ffn_%7[a-z]_exps.weight", &l, which) == 2)
+            cap += u->n_experts;
+    }
+    s->reg = calloc(cap, sizeof(*s->reg));
+    if (!off || !s->reg) {
+        free(off);
+        return ds_error_set(err, -ENOMEM, "out of memory");
+    }
+    if ((rc = ds_gguf_subset_header(g, s->gt, n, &s->head, &s->head_len, off, &data_len, err)) <
+        0) {
+        free(off);
+        return rc;
+    }
+    s->reg[s->n_reg++] = (struct region){0, s->head_len, s->head};
+    for (size_t i = 0; i < n; i++) {
+        const ds_gguf_tensor *t = s->gt[i];
+        uint64_t at = s->head_len + off[i];
+        unsigned l;
+        char which[8];
+        bool stacked = sscanf(t->name, "blk.%u.ffn_%7[a-z]_exps.weight", &l, which) == 2 &&
+                       t->n_dims == 3 && l < u->n_layers && t->ne[2] == u->n_experts;
+        if (!stacked) {
+            s->reg[s->n_reg++] = (struct region){at, t->nbytes, t->data};
+            continue;
+        }
+        uint64_t per = t->nbytes / t->ne[2];
+        for (uint32_t e = 0; e < u->n_experts; e++)
+            if (dsd_units_want((void *)u, DS_UNIT_EXPERT, l, e))
+                s->reg[s->n_reg++] =
+                    (struct region){at + e * per, per, (const uint8_t *)t->data + e * per};
+    }
+    free(off);
+    qsort(s->reg, s->n_reg, sizeof(*s->reg), by_offset);
+    s->gguf_len = s->head_len + data_len;
+    /* the last byte is always sent, so the node knows the file is whole when it has it */
+    static const uint8_t zero;
+    const struct region *last = &s->reg[s->n_reg - 1];
+    if (last->off + last->len < s->gguf_len)
+        s->reg[s->n_reg++] = (struct region){s->gguf_len - 1, 1, &zero};
+    s->gguf = true;
+    return 0;
+}
+
 int dsd_stream_out_new(const char *model_dir, const dsd_units *u, uint64_t plan_version,
                        dsd_stream_out **ret, ds_error *err)
 {
@@ -96,6 +184,12 @@ int dsd_stream_out_new(const char *model_dir, const dsd_units *u, uint64_t plan_
     int rc = ds_model_open(model_dir, &oo, &s->m, err);
     if (rc < 0)
         goto fail;
+    if (ds_model_gguf(s->m)) {
+        if ((rc = gguf_out_init(s, u, err)) < 0)
+            goto fail;
+        *ret = s;
+        return 0;
+    }
     snprintf(path, sizeof(path), "%s/config.json", model_dir);
     if (!(s->config = read_small_file(path, STREAM_MAX_CONFIG, &s->config_len, err))) {
         rc = err->code ? err->code : -EIO;
@@ -155,6 +249,8 @@ void dsd_stream_out_free(dsd_stream_out *s)
     if (!s)
         return;
     free(s->t);
+    free(s->gt);
+    free(s->reg);
     free(s->t_off);
     free(s->config);
     free(s->head);
@@ -164,7 +260,17 @@ void dsd_stream_out_free(dsd_stream_out *s)
 
 uint64_t dsd_stream_out_total(const dsd_stream_out *s)
 {
-    return s->config_len + s->st_len;
+    return s->gguf ? s->gguf_len : s->config_len + s->st_len;
+}
+
+uint64_t dsd_stream_out_wire_bytes(const dsd_stream_out *s)
+{
+    if (!s->gguf)
+        return dsd_stream_out_total(s);
+    uint64_t b = 0;
+    for (size_t i = 0; i < s->n_reg; i++)
+        b += s->reg[i].len;
+    return b;
 }
 
 bool dsd_stream_out_done(const dsd_stream_out *s)
@@ -209,14 +315,24 @@ int dsd_stream_out_pump(dsd_stream_out *s, void *sock, const char *peer)
 {
     uint64_t total = dsd_stream_out_total(s);
     while (s->sent < total && s->sent - s->acked < STREAM_WINDOW) {
-        bool cfg = s->sent < s->config_len;
-        uint64_t base = cfg ? 0 : s->config_len;
-        uint64_t flen = cfg ? s->config_len : s->st_len, off = s->sent - base;
-        size_t len = (size_t)(flen - off < STREAM_CHUNK ? flen - off : STREAM_CHUNK);
+        bool cfg = !s->gguf && s->sent < s->config_len;
+        uint64_t base = cfg || s->gguf ? 0 : s->config_len;
+        uint64_t flen = s->gguf ? s->gguf_len : cfg ? s->config_len : s->st_len;
+        uint64_t off = s->sent - base;
+        const struct region *r = NULL;
+        if (s->gguf) { /* from the next region: a hole before it is skipped */
+            r = &s->reg[s->reg_i];
+            if (off < r->off)
+                off = r->off;
+        }
+        uint64_t left = r ? r->off + r->len - off : flen - off;
+        size_t len = (size_t)(left < STREAM_CHUNK ? left : STREAM_CHUNK);
         uint8_t *buf = malloc(len ? len : 1);
         if (!buf)
             return -ENOMEM;
-        if (cfg)
+        if (r)
+            memcpy(buf, r->src + (off - r->off), len);
+        else if (cfg)
             memcpy(buf, s->config + off, len);
         else
             st_read(s, off, buf, len);
@@ -225,7 +341,7 @@ int dsd_stream_out_pump(dsd_stream_out *s, void *sock, const char *peer)
         Dsd__TensorDesc td, *tdp = &td;
         uint32_t shp[2];
         dsd_tensor_desc(&td, shp, DSD__DTYPE__DTYPE_U8, 1, (uint32_t)len);
-        wc.file = (char *)FILES[cfg ? 0 : 1];
+        wc.file = (char *)FILES[s->gguf ? F_GGUF : cfg ? F_CONFIG : F_ST];
         wc.offset = off;
         wc.total_bytes = flen;
         wc.plan_version = s->plan_version;
@@ -237,7 +353,9 @@ int dsd_stream_out_pump(dsd_stream_out *s, void *sock, const char *peer)
         int rc = dsd_send(sock, peer, strlen(peer), &env, &fr, &len, 1);
         if (rc < 0)
             return rc;
-        s->sent += len;
+        s->sent = base + off + len;
+        if (r && off + len == r->off + r->len)
+            s->reg_i++;
     }
     return 0;
 }
@@ -252,10 +370,11 @@ void dsd_stream_out_ack(dsd_stream_out *s, uint64_t bytes_loaded)
 
 struct dsd_stream_in {
     char dir[PATH_MAX];
+    char model[PATH_MAX + 16]; /* what to open once complete: dir, or dir/model.gguf */
     uint64_t plan_version;
-    int fd[2];
-    uint64_t total[2], got[2];
-    bool started[2];
+    int fd[N_FILES];
+    uint64_t total[N_FILES], got[N_FILES]; /* got: the offset reached (a GGUF's holes too) */
+    bool started[N_FILES];
 };
 
 int dsd_stream_in_new(const char *dir, uint64_t plan_version, dsd_stream_in **ret, ds_error *err)
@@ -265,23 +384,19 @@ int dsd_stream_in_new(const char *dir, uint64_t plan_version, dsd_stream_in **re
         return ds_error_set(err, -ENOMEM, "out of memory");
     snprintf(s->dir, sizeof(s->dir), "%s", dir);
     s->plan_version = plan_version;
-    s->fd[0] = s->fd[1] = -1;
+    for (int i = 0; i < N_FILES; i++)
+        s->fd[i] = -1;
     if (mkdir(dir, 0750) < 0 && errno != EEXIST) {
         int rc = ds_error_set(err, -errno, "%s: %s", dir, strerror(errno));
         free(s);
         return rc;
     }
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < N_FILES; i++) {
         char p[PATH_MAX + 32];
         snprintf(p, sizeof(p), "%s/%s", dir, FILES[i]);
         unlink(p); /* the previous plan's files: this node's units may have changed */
         snprintf(p, sizeof(p), "%s/%s.part", dir, FILES[i]);
-        s->fd[i] = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-        if (s->fd[i] < 0) {
-            int rc = ds_error_set(err, -errno, "%s: %s", p, strerror(errno));
-            dsd_stream_in_free(s);
-            return rc;
-        }
+        unlink(p);
     }
     *ret = s;
     return 0;
@@ -291,7 +406,7 @@ void dsd_stream_in_free(dsd_stream_in *s)
 {
     if (!s)
         return;
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < N_FILES; i++)
         if (s->fd[i] >= 0)
             close(s->fd[i]);
     free(s);
@@ -302,21 +417,34 @@ const char *dsd_stream_in_dir(const dsd_stream_in *s)
     return s->dir;
 }
 
+const char *dsd_stream_in_model(const dsd_stream_in *s)
+{
+    return s->model;
+}
+
 uint64_t dsd_stream_in_bytes(const dsd_stream_in *s)
 {
-    return s->got[0] + s->got[1];
+    return s->got[F_CONFIG] + s->got[F_ST] + s->got[F_GGUF];
+}
+
+static bool file_done(const dsd_stream_in *s, int i)
+{
+    return s->started[i] && s->got[i] == s->total[i];
 }
 
 bool dsd_stream_in_complete(const dsd_stream_in *s)
 {
-    return s->started[0] && s->started[1] && s->got[0] == s->total[0] &&
-           s->got[1] == s->total[1];
+    return (file_done(s, F_CONFIG) && file_done(s, F_ST) && !s->started[F_GGUF]) ||
+           (file_done(s, F_GGUF) && !s->started[F_CONFIG] && !s->started[F_ST]);
 }
 
-int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void *data,
-                        size_t len, ds_error *err)
+int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void *data, size_t len,
+                        ds_error *err)
 {
-    int i = c->file && !strcmp(c->file, FILES[0]) ? 0 : c->file && !strcmp(c->file, FILES[1]) ? 1 : -1;
+    int i = -1;
+    for (int k = 0; k < N_FILES && i < 0; k++)
+        if (c->file && !strcmp(c->file, FILES[k]))
+            i = k;
     if (i < 0)
         return ds_error_set(err, -EPROTO, "weight chunk for unknown file '%.64s'",
                             c->file ? c->file : "");
@@ -324,14 +452,24 @@ int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void 
         return ds_error_set(err, -ESTALE, "weight chunk for plan v%llu, loading v%llu",
                             (unsigned long long)c->plan_version,
                             (unsigned long long)s->plan_version);
-    uint64_t max = i == 0 ? STREAM_MAX_CONFIG : STREAM_MAX_BYTES;
-    if (c->total_bytes == 0 || c->total_bytes > max || (s->started[i] && c->total_bytes != s->total[i]))
+    uint64_t max = i == F_CONFIG ? STREAM_MAX_CONFIG : STREAM_MAX_BYTES;
+    if (c->total_bytes == 0 || c->total_bytes > max ||
+        (s->started[i] && c->total_bytes != s->total[i]))
         return ds_error_set(err, -EPROTO, "%s: size %llu invalid", FILES[i],
                             (unsigned long long)c->total_bytes);
-    if (len == 0 || c->offset != s->got[i] || c->offset + len > c->total_bytes)
+    /* in order; a GGUF's chunks may skip ahead (the slices of experts hosted elsewhere) */
+    if (len == 0 || c->offset + len > c->total_bytes ||
+        (i == F_GGUF ? c->offset < s->got[i] : c->offset != s->got[i]))
         return ds_error_set(err, -EPROTO, "%s: chunk [%llu, +%zu) out of order (have %llu)",
                             FILES[i], (unsigned long long)c->offset, len,
                             (unsigned long long)s->got[i]);
+    if (!s->started[i]) {
+        char p[PATH_MAX + 32];
+        snprintf(p, sizeof(p), "%s/%s.part", s->dir, FILES[i]);
+        s->fd[i] = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+        if (s->fd[i] < 0)
+            return ds_error_set(err, -errno, "%s: %s", p, strerror(errno));
+    }
     s->started[i] = true;
     s->total[i] = c->total_bytes;
     const uint8_t *p = data;
@@ -345,7 +483,7 @@ int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void 
         p += w;
         left -= (size_t)w;
     }
-    s->got[i] += len;
+    s->got[i] = c->offset + len;
     if (s->got[i] == s->total[i]) {
         char a[PATH_MAX + 32], b[PATH_MAX + 32];
         snprintf(a, sizeof(a), "%s/%s.part", s->dir, FILES[i]);
@@ -353,5 +491,7 @@ int dsd_stream_in_chunk(dsd_stream_in *s, const Dsd__WeightChunk *c, const void 
         if (fsync(s->fd[i]) < 0 || rename(a, b) < 0)
             return ds_error_set(err, -errno, "%s: %s", b, strerror(errno));
     }
+    if (dsd_stream_in_complete(s))
+        snprintf(s->model, sizeof(s->model), i == F_GGUF ? "%s/model.gguf" : "%s", s->dir);
     return 0;
 }

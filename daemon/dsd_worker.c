@@ -118,8 +118,8 @@ static void on_weight_chunk(struct dsd *d, dsd_msg *m)
     send_load(d, version, dsd_stream_in_bytes(d->worker.stream_in), 0, false, NULL);
     if (!dsd_stream_in_complete(d->worker.stream_in))
         return;
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s", dsd_stream_in_dir(d->worker.stream_in));
+    char dir[PATH_MAX + 16];
+    snprintf(dir, sizeof(dir), "%s", dsd_stream_in_model(d->worker.stream_in));
     ds_log_notice("weights: %llu bytes received into %s",
                   (unsigned long long)dsd_stream_in_bytes(d->worker.stream_in), dir);
     d->worker.stream_in = (dsd_stream_in_free(d->worker.stream_in), NULL);

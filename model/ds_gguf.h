@@ -105,6 +105,20 @@ enum ds_gguf_vtype ds_gguf_kv_elem_type(const ds_gguf_kv *kv);
 uint64_t ds_gguf_kv_len(const ds_gguf_kv *kv);
 const char *ds_gguf_vtype_name(uint32_t vtype); /* "u32", "string", ...; never NULL */
 
+/* The value as the file holds it (u32 type id, then the value: for arrays the element type,
+ * count and elements), inside the mapping; what a writer copies to carry the key over. */
+void ds_gguf_kv_raw(const ds_gguf_kv *kv, const void **bytes, size_t *len);
+
+/* A GGUF image holding g's metadata (every key of the first part except split.*) and the n
+ * tensors t[] (of g, in that order) at offsets of their own: *header (malloc'd, caller frees)
+ * is everything before the data section, header_len bytes (a multiple of g's alignment);
+ * tensor i's bytes go at data offset offsets[i] (each aligned; zeros between), and the data
+ * section is *data_len bytes. What the daemon streams to a node without a copy of the model:
+ * its units' tensors as they are, opened by the same reader (model/gguf_write.c). */
+int ds_gguf_subset_header(const ds_gguf *g, const ds_gguf_tensor *const *t, size_t n,
+                          uint8_t **header, size_t *header_len, uint64_t *offsets,
+                          uint64_t *data_len, ds_error *err);
+
 /* Typed getters. Integers accept any integer type whose value fits (u16 split.count read as
  * u32 is fine), else -ERANGE; f32 accepts f32 and f64 (rounded); bool only bool; string only
  * string. A value of another kind is -EBADMSG naming the file, key and both types. Outputs

@@ -40,15 +40,45 @@
 #include "ds_tensor.h"
 #include "ds_unit.h" /* enum ds_unit_kind: one definition for model, placement, daemon */
 
+/* Load-time quantisation of linear weights (--quantize, dsd's `quantize` option): the F32,
+ * F16, BF16 and FP8 weights of attention, dense/shared FFNs, routed experts and lm_head become
+ * Q8_0 or Q4_K blocks in memory; norms, embeddings and router gates stay as they are; a weight
+ * already in a ggml block type stays. A row whose length is not a multiple of 256 falls back
+ * from Q4_K to Q8_0 (and one not a multiple of 32 stays as it is). docs/gguf.md. */
+enum ds_quantize {
+    DS_QUANTIZE_NONE,
+    DS_QUANTIZE_Q8_0,
+    DS_QUANTIZE_Q4_K,
+};
+#define DS_QUANTIZE_SRC_F8 0xF8F8u /* src_type of an FP8 (e4m3 + block scales) weight below */
+
+/* "none" | "q8_0" | "q4_k" (also upper case) -> *q; -EINVAL otherwise. */
+int ds_quantize_parse(const char *s, enum ds_quantize *q);
+const char *ds_quantize_name(enum ds_quantize q);
+/* Whether a linear weight of ggml type src_type (or DS_QUANTIZE_SRC_F8) with rows of cols values
+ * is quantised under q, and to which ggml type (*out). */
+bool ds_quantize_weight_type(enum ds_quantize q, uint32_t src_type, uint64_t cols, uint32_t *out);
+
 /* Which units to bind at open. NULL want = all. Unbound units return -ENOENT when called.
  * Tensors of unbound units are neither validated against the config nor touched (the mapping
  * is lazy, so they cost no memory). */
 typedef struct ds_model_open_opts {
     bool (*want)(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint32_t expert);
     void *want_ctx;
+    enum ds_quantize quantize; /* quantise the bound units' linear weights at load (0: none) */
 } ds_model_open_opts;
 
 typedef struct ds_model ds_model;
+
+/* Reads only the header / tensor table of the model at path (a GGUF file or any part of a split
+ * set; an HF directory: config.json and the safetensors headers; no weight is read) and fills
+ * cfg and ub (ds_unit_bytes_release) with each unit's real bytes as the loader would hold them
+ * under q: matrices at their bytes in the file, vectors as float32, a GGUF's split k_b/v_b as
+ * the kv_b rebuilt at load, quantised weights as their blocks. For a bare config.json, or a
+ * directory without safetensors, only cfg is filled (ub->n_layers == 0: no tensors to count).
+ * Errors name the file and tensor. */
+int ds_model_unit_bytes(const char *path, enum ds_quantize q, ds_model_config *cfg,
+                        ds_unit_bytes *ub, ds_error *err);
 
 /* Opens DIR (config.json + model.safetensors or model.safetensors.index.json), or a llama.cpp
  * GGUF file of architecture deepseek2 (any path whose file starts with "GGUF"; the first, or
@@ -61,8 +91,17 @@ const ds_model_config *ds_model_get_config(const ds_model *m);
 /* The checkpoint tensors the bound units read (weights, norms, scales, biases), each once:
  * *out is a malloc'd array (caller frees) of *n pointers valid while m is open. What a node
  * without a checkpoint copy needs streamed to it (docs/daemon.md, weight streaming).
- * -ENOTSUP for a model opened from a GGUF file (not streamed yet). */
+ * -EMEDIUMTYPE for a model opened from a GGUF file: ds_model_gguf_tensors_used. */
 int ds_model_tensors_used(const ds_model *m, const ds_st_tensor ***out, size_t *n);
+/* The same for a model opened from a GGUF: the GGUF tensors the bound units read, each once
+ * (a stacked ffn_*_exps tensor whole, even when only some of its experts are bound; the split
+ * k_b and v_b, from which the loader rebuilds kv_b), in their types. -EMEDIUMTYPE for an HF
+ * checkpoint. */
+struct ds_gguf_tensor;
+struct ds_gguf;
+int ds_model_gguf_tensors_used(const ds_model *m, const struct ds_gguf_tensor ***out, size_t *n);
+/* The GGUF file (set) m was opened from (its metadata, tensor table), or NULL. */
+const struct ds_gguf *ds_model_gguf(const ds_model *m);
 
 /* --- KV cache ---------------------------------------------------------------------------
  * The compressed MLA cache of ONE sequence for the layers [layer_begin, layer_end): per

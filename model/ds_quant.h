@@ -76,4 +76,12 @@ int ds_quant_row_bytes(uint32_t type, uint64_t n_values, uint64_t *bytes);
  * number of blocks. */
 int ds_quant_dequant_row(uint32_t type, const void *src, uint64_t n_values, float *dst);
 
+/* Quantises n_values float32 from src into type's blocks at dst (n_values / block_values
+ * blocks, packed). Q8_0 exactly as ggml defines it (d = amax / 127 stored as f16, q = round(x /
+ * d)): the bytes of gguf-py's numpy quantize. Q4_K by a min-max fit of our own whose every
+ * dequantised value is within half its sub-block's step of x, or within the min's 6-bit rounding
+ * (model/quant.c, docs/gguf.md). 0, -ENOTSUP for another type, -EINVAL when n_values is not a
+ * whole number of blocks. */
+int ds_quant_quantize_row(uint32_t type, const float *src, uint64_t n_values, void *dst);
+
 #endif

@@ -40,6 +40,8 @@ struct ds_gguf_kv {
     uint64_t n;         /* arrays: element count; else 1 */
     const uint8_t *val; /* numeric scalar or numeric array elements (packed, unaligned) */
     ds_gguf_str *strs;  /* string value (1) or string array elements (n) */
+    const uint8_t *raw; /* the value as in the file: type id, then the value (writers copy it) */
+    uint64_t raw_len;
 };
 
 typedef struct gguf_file {
@@ -249,8 +251,11 @@ static int kvs_parse(cur *c, gguf_file *f, uint64_t n_kv)
         if ((rc = cur_name(c, "key", &kv->key)) < 0)
             return rc;
         snprintf(c->what, sizeof(c->what), "key '%s'", kv->key);
+        size_t at = c->off;
         if ((rc = cur_u32(c, &kv->type)) < 0 || (rc = kv_parse_value(c, kv)) < 0)
             return rc;
+        kv->raw = c->buf + at;
+        kv->raw_len = c->off - at;
         f->kv_sorted[i] = kv;
     }
     if (f->n_kvs > 1)
@@ -978,4 +983,10 @@ int ds_gguf_get_array(const ds_gguf *g, const char *key, const ds_gguf_kv **kv, 
     *kv = k;
     *len = k->n;
     return 0;
+}
+
+void ds_gguf_kv_raw(const ds_gguf_kv *kv, const void **bytes, size_t *len)
+{
+    *bytes = kv->raw;
+    *len = (size_t)kv->raw_len;
 }

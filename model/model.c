@@ -35,27 +35,45 @@ static const ds_st_tensor *m_find(ds_model *m, const char *name, ds_error *err)
 
 static int ptr_cmp(const void *a, const void *b)
 {
-    uintptr_t x = (uintptr_t)*(const ds_st_tensor *const *)a;
-    uintptr_t y = (uintptr_t)*(const ds_st_tensor *const *)b;
+    uintptr_t x = (uintptr_t) * (const ds_st_tensor *const *)a;
+    uintptr_t y = (uintptr_t) * (const ds_st_tensor *const *)b;
     return x < y ? -1 : x > y;
+}
+
+/* A sorted copy of the n pointers p without repeats. */
+static int unique_ptrs(const void *const *p, size_t n, const void ***out, size_t *k_out)
+{
+    const void **v = malloc((n ? n : 1) * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    memcpy(v, p, n * sizeof(*v));
+    qsort(v, n, sizeof(*v), ptr_cmp);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!k || v[k - 1] != v[i])
+            v[k++] = v[i];
+    *out = v;
+    *k_out = k;
+    return 0;
 }
 
 int ds_model_tensors_used(const ds_model *m, const ds_st_tensor ***out, size_t *n)
 {
     if (m->gg)
-        return -ENOTSUP; /* streaming GGUF units is not implemented yet (issue 14) */
-    const ds_st_tensor **v = malloc((m->n_used ? m->n_used : 1) * sizeof(*v));
-    if (!v)
-        return -ENOMEM;
-    memcpy(v, m->used, m->n_used * sizeof(*v));
-    qsort(v, m->n_used, sizeof(*v), ptr_cmp);
-    size_t k = 0;
-    for (size_t i = 0; i < m->n_used; i++)
-        if (!k || v[k - 1] != v[i])
-            v[k++] = v[i];
-    *out = v;
-    *n = k;
-    return 0;
+        return -EMEDIUMTYPE; /* a GGUF: ds_model_gguf_tensors_used */
+    return unique_ptrs((const void *const *)m->used, m->n_used, (const void ***)out, n);
+}
+
+int ds_model_gguf_tensors_used(const ds_model *m, const struct ds_gguf_tensor ***out, size_t *n)
+{
+    if (!m->gg)
+        return -EMEDIUMTYPE;
+    return unique_ptrs((const void *const *)m->gused, m->n_gused, (const void ***)out, n);
+}
+
+const struct ds_gguf *ds_model_gguf(const ds_model *m)
+{
+    return m->gg;
 }
 
 /* A float32 copy of a 1-D tensor of len elements. */
@@ -304,7 +322,8 @@ int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **re
     if (!m->dir)
         goto fail;
     if (ds_model_path_is_gguf(dir)) {
-        if ((rc = ds_model_open_gguf(m, opts, err)) < 0)
+        if ((rc = ds_model_open_gguf(m, opts, err)) < 0 ||
+            (opts && opts->quantize && (rc = ds_model_quantize_bound(m, opts->quantize, err)) < 0))
             goto fail;
         *ret = m;
         return 0;
@@ -346,6 +365,8 @@ int ds_model_open(const char *dir, const ds_model_open_opts *opts, ds_model **re
         ds_error_set(err, rc, "%s: rope tables", dir);
         goto fail;
     }
+    if (opts && opts->quantize && (rc = ds_model_quantize_bound(m, opts->quantize, err)) < 0)
+        goto fail;
     *ret = m;
     return 0;
 fail:
@@ -365,6 +386,7 @@ ds_model *ds_model_free(ds_model *m)
         free(m->owned[i]);
     free(m->owned);
     free(m->used);
+    free(m->gused);
     free(m->rope.inv_freq);
     ds_st_free(m->st);
     ds_gguf_free(m->gg);

@@ -45,11 +45,25 @@ bool ds_model_path_is_gguf(const char *path)
     return n == 4 && !memcmp(magic, "GGUF", 4);
 }
 
+/* The tensor `name`, recorded as read by a bound unit (ds_model_gguf_tensors_used). */
 static const ds_gguf_tensor *g_find(ds_model *m, const char *name, ds_error *err)
 {
     const ds_gguf_tensor *t = ds_gguf_tensor_find(m->gg, name);
-    if (!t)
+    if (!t) {
         ds_error_set(err, -ENOENT, "%s: missing tensor '%s'", m->dir, name);
+        return NULL;
+    }
+    if (m->n_gused == m->cap_gused) {
+        size_t cap = m->cap_gused ? m->cap_gused * 2 : 256;
+        const ds_gguf_tensor **u = realloc(m->gused, cap * sizeof(*u));
+        if (!u) {
+            ds_error_set(err, -ENOMEM, "out of memory");
+            return NULL;
+        }
+        m->gused = u;
+        m->cap_gused = cap;
+    }
+    m->gused[m->n_gused++] = t;
     return t;
 }
 
@@ -275,6 +289,7 @@ static int g_kv_b_split(ds_model *m, uint32_t l, ds_weight *w, ds_error *err)
             ds_quant_dequant_row(tv->type, vs + (size_t)j * vb, C, df + (size_t)(dn + j) * C);
     }
     free(tmp);
+    m->layers[l].kv_b_dequantised = !plain;
     memset(w, 0, sizeof(*w));
     w->dtype = dt;
     w->rows = (uint32_t)rows;

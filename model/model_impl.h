@@ -21,6 +21,7 @@ typedef struct ds_layer {
     ds_weight kv_a;         /* [C + dr, D] */
     const float *kv_a_norm; /* [C] */
     ds_weight kv_b;         /* [H*(dn+dv), C]: per head dn rows W_UK then dv rows W_UV */
+    bool kv_b_dequantised;  /* kv_b rebuilt in float32 from block types (not requantised) */
     ds_weight o;            /* [D, H*dv] */
     ds_weight gate;         /* [E, D] router (MoE) */
     const float *gate_bias; /* [E] e_score_correction_bias or NULL */
@@ -50,6 +51,8 @@ struct ds_model {
     size_t n_owned, cap_owned;
     const ds_st_tensor **used; /* every checkpoint tensor the bound units read */
     size_t n_used, cap_used;
+    const struct ds_gguf_tensor **gused; /* the same for a GGUF */
+    size_t n_gused, cap_gused;
 };
 
 int ds_rope_init(const ds_model_config *c, ds_rope *r);
@@ -62,5 +65,8 @@ bool ds_model_path_is_gguf(const char *path);
 /* Opens m->dir as a GGUF file or split set (model_gguf.c): config from its metadata, then the
  * wanted units' tensors bound (views into the mapping; kv_b rebuilt when split). */
 int ds_model_open_gguf(ds_model *m, const ds_model_open_opts *opts, ds_error *err);
+/* --quantize: the bound units' linear weights (not embeddings, router gates or norms) that
+ * ds_quantize_weight_type selects, replaced by owned Q8_0 / Q4_K copies (quantize.c). */
+int ds_model_quantize_bound(ds_model *m, enum ds_quantize q, ds_error *err);
 
 #endif

@@ -7,6 +7,7 @@
  * spelled out so the order is visible). Multi-byte fields are read byte by byte (little-endian
  * in the file, any alignment). */
 #include <errno.h>
+#include <math.h>
 #include <string.h>
 
 #include "ds_quant.h"
@@ -407,5 +408,154 @@ int ds_quant_dequant_row(uint32_t type, const void *src, uint64_t n_values, floa
         dq_q6_k(s, nb, dst);
         break;
     }
+    return 0;
+}
+
+/* ---- quantisers (load-time --quantize; docs/gguf.md, "Quantising at load") ---------------- */
+
+/* float32 -> IEEE half, round to nearest even (as numpy's astype(float16)): overflow to
+ * infinity, subnormal halves, NaN kept quiet. */
+static uint16_t f32_f16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) /* NaN: quiet, top payload bits kept */
+        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u) /* >= 65520 rounds to infinity (infinity itself too) */
+        return (uint16_t)(sign | 0x7c00u);
+    if (a < 0x38800000u) { /* below 2^-14: a subnormal half, units of 2^-24 (exact scaling) */
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)rintf(v * 0x1p24f));
+    }
+    uint32_t r = a - 0x38000000u; /* rebias the exponent (127 - 15) */
+    r = (r + 0x0fffu + ((r >> 13) & 1u)) >> 13;
+    return (uint16_t)(sign | r);
+}
+
+/* Round half away from zero (numpy's np_roundf in gguf-py, which equals roundf). */
+static float round_away(float v)
+{
+    return roundf(v);
+}
+
+/* v as an int in [lo, hi]; NaN gives lo (a weight file may hold non-finite values: no
+ * undefined conversion). */
+static int clamp_int(float v, int lo, int hi)
+{
+    return !(v >= (float)lo) ? lo : v > (float)hi ? hi : (int)v;
+}
+
+/* block_q8_0 {f16 d; i8 qs[32]}, as ggml's quantize_row_q8_0_ref: d = amax / 127,
+ * q = round(x / d) computed as x * (1 / d), in float32. */
+static void q_q8_0(const float *x, uint64_t nb, uint8_t *b)
+{
+    for (uint64_t i = 0; i < nb; i++, x += 32, b += 34) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++)
+            amax = fmaxf(amax, fabsf(x[j]));
+        float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+        uint16_t h = f32_f16(d);
+        b[0] = (uint8_t)h;
+        b[1] = (uint8_t)(h >> 8);
+        for (int j = 0; j < 32; j++)
+            b[2 + j] = (uint8_t)(int8_t)clamp_int(round_away(x[j] * id), -128, 127);
+    }
+}
+
+/* The smallest half >= v (v >= 0 finite): f32_f16 rounds to nearest, so step up one when it
+ * rounded down. Keeps 63 * scale above every sub-block's need below. */
+static uint16_t f16_ceil(float v)
+{
+    uint16_t h = f32_f16(v);
+    uint8_t p[2] = {(uint8_t)h, (uint8_t)(h >> 8)};
+    if (f16_f32(p) < v && h < 0x7bffu)
+        h++;
+    return h;
+}
+
+/* block_q4_K {f16 d, dmin; u8 scales[12]; u8 qs[128]}, a min-max fit of our own: each
+ * sub-block g of 32 values gets the offset min_g = max(0, -min x) and the step (max x +
+ * min_g') / 15, where min_g' = dmin * m_g is the min after its 6-bit rounding (m_g = round(min_g
+ * / dmin)); d and dmin are the largest step / min over 63, rounded UP to a half, and the step's
+ * 6-bit scale is rounded UP (sc_g = ceil(step / d)), so 15 * d * sc_g - min_g' >= max x: no
+ * value of the sub-block is clamped at the top. Each value is then q = round((x + min_g') /
+ * (d * sc_g)) in 0..15, so a dequantised value is within half a step (d * sc_g / 2) of x, or,
+ * for values below -min_g' (the min rounded down), within the min's rounding |min_g - min_g'|.
+ * (llama.cpp searches scales that minimise the squared error instead; this fit is simpler and
+ * gives a bound per value.) */
+static void q_q4_k(const float *x, uint64_t nb, uint8_t *b)
+{
+    for (uint64_t i = 0; i < nb; i++, x += QK_K, b += 144) {
+        float mn[8], hi[8], need[8], maxmin = 0;
+        for (int g = 0; g < 8; g++) {
+            float lo = 0, h = 0;
+            for (int l = 0; l < 32; l++) {
+                lo = fminf(lo, x[32 * g + l]);
+                h = fmaxf(h, x[32 * g + l]);
+            }
+            mn[g] = -lo;
+            hi[g] = h;
+            maxmin = fmaxf(maxmin, mn[g]);
+        }
+        uint16_t hdmin = maxmin > 0 ? f16_ceil(maxmin / 63.0f) : 0;
+        uint8_t pd[2] = {(uint8_t)hdmin, (uint8_t)(hdmin >> 8)};
+        float dmin = f16_f32(pd);
+        int m[8], sc[8];
+        float maxneed = 0;
+        for (int g = 0; g < 8; g++) {
+            m[g] = dmin > 0 ? clamp_int(round_away(mn[g] / dmin), 0, 63) : 0;
+            need[g] = (hi[g] + dmin * (float)m[g]) / 15.0f;
+            maxneed = fmaxf(maxneed, need[g]);
+        }
+        uint16_t hd = maxneed > 0 ? f16_ceil(maxneed / 63.0f) : 0;
+        uint8_t pdd[2] = {(uint8_t)hd, (uint8_t)(hd >> 8)};
+        float d = f16_f32(pdd);
+        for (int g = 0; g < 8; g++) {
+            sc[g] = d > 0 ? clamp_int(ceilf(need[g] / d), 0, 63) : 0;
+            while (sc[g] < 63 && 15.0f * (d * (float)sc[g]) - dmin * (float)m[g] < hi[g])
+                sc[g]++; /* float rounding in the division above */
+        }
+        b[0] = (uint8_t)hd;
+        b[1] = (uint8_t)(hd >> 8);
+        b[2] = (uint8_t)hdmin;
+        b[3] = (uint8_t)(hdmin >> 8);
+        uint8_t *s = b + 4; /* the inverse of k4_scale_min */
+        memset(s, 0, 12);
+        for (int g = 0; g < 8; g++) {
+            if (g < 4) {
+                s[g] |= (uint8_t)sc[g];
+                s[g + 4] |= (uint8_t)m[g];
+            } else {
+                s[g + 4] = (uint8_t)((sc[g] & 0xf) | (m[g] & 0xf) << 4);
+                s[g - 4] |= (uint8_t)((sc[g] >> 4) << 6);
+                s[g] |= (uint8_t)((m[g] >> 4) << 6);
+            }
+        }
+        uint8_t *qs = b + 16;
+        memset(qs, 0, 128);
+        for (int g = 0; g < 8; g++) {
+            float dl = d * (float)sc[g], ml = dmin * (float)m[g];
+            float id = dl > 0 ? 1.0f / dl : 0.0f;
+            for (int l = 0; l < 32; l++) {
+                int qi = clamp_int(round_away((x[32 * g + l] + ml) * id), 0, 15);
+                qs[32 * (g / 2) + l] |= (uint8_t)(qi << (4 * (g % 2)));
+            }
+        }
+    }
+}
+
+int ds_quant_quantize_row(uint32_t type, const float *src, uint64_t n_values, void *dst)
+{
+    uint32_t bv = ds_quant_block_values(type);
+    if (type != DS_QUANT_Q8_0 && type != DS_QUANT_Q4_K)
+        return -ENOTSUP;
+    if (n_values % bv)
+        return -EINVAL;
+    if (type == DS_QUANT_Q8_0)
+        q_q8_0(src, n_values / bv, dst);
+    else
+        q_q4_k(src, n_values / bv, dst);
     return 0;
 }

@@ -17,9 +17,9 @@
 
 /* Limits on a parsed cluster spec: a spec from a file or a peer cannot make us allocate
  * unbounded memory or loop for ever. */
-#define DS_PL_MAX_NODES 256
-#define DS_PL_MAX_DEVICES 1024 /* over all nodes */
-#define DS_PL_MAX_NAME 64      /* node and device names, bytes incl. NUL */
+#define DS_PL_MAX_NODES      256
+#define DS_PL_MAX_DEVICES    1024 /* over all nodes */
+#define DS_PL_MAX_NAME       64   /* node and device names, bytes incl. NUL */
 #define DS_PL_MAX_SPEC_BYTES (16u << 20)
 
 /* ---- cluster spec ---------------------------------------------------------------------- */
@@ -68,22 +68,30 @@ typedef struct ds_unit_cost {
 } ds_unit_cost;
 
 typedef struct ds_inventory {
-    uint32_t n_layers;      /* num_hidden_layers (MTP layers are not placed) */
-    uint32_t n_experts;     /* routed experts per MoE layer */
-    uint32_t top_k;         /* num_experts_per_tok */
+    uint32_t n_layers;  /* num_hidden_layers (MTP layers are not placed) */
+    uint32_t n_experts; /* routed experts per MoE layer */
+    uint32_t top_k;     /* num_experts_per_tok */
     uint32_t n_group, topk_group;
     ds_unit_cost embed, head;
-    ds_unit_cost attn;      /* every layer's attention is the same (incl. router on MoE layers) */
+    ds_unit_cost attn;        /* every layer's attention is the same (incl. router on MoE layers) */
     ds_unit_cost attn_router; /* bytes / flops the router gate adds to attn[l] of a MoE layer */
-    ds_unit_cost dense;     /* dense FFN of one layer below first_k_dense_replace */
-    ds_unit_cost shared;    /* shared experts of one MoE layer (weight_bytes 0 when none) */
-    ds_unit_cost expert;    /* one routed expert */
-    bool *is_moe;           /* [n_layers] */
+    ds_unit_cost dense;       /* dense FFN of one layer below first_k_dense_replace */
+    ds_unit_cost shared;      /* shared experts of one MoE layer (weight_bytes 0 when none) */
+    ds_unit_cost expert;      /* one routed expert */
+    bool *is_moe;             /* [n_layers] */
+    /* Weight bytes of every unit, layer by layer: what the memory model and the streaming
+     * cost use. From the figures above (every layer alike) unless the model file's real
+     * tensor types were given (ds_inventory_set_bytes; a GGUF differs layer by layer). */
+    ds_unit_bytes bytes;
+    bool bytes_from_file; /* bytes came from the file's tensor table */
 } ds_inventory;
 
 /* Builds the inventory from a config; weights in cfg->dtype (FP8: 1 byte + one f32 scale per
  * block; embeddings, norms and the router stay BF16 as in the checkpoints). */
 int ds_inventory_build(const ds_model_config *cfg, ds_inventory *inv, ds_error *err);
+/* Replaces the per-layer bytes (and embed/head weight_bytes) with b, the model file's real
+ * figures (ds_model_unit_bytes); -EINVAL when b has another layer count. */
+int ds_inventory_set_bytes(ds_inventory *inv, const ds_unit_bytes *b, ds_error *err);
 void ds_inventory_release(ds_inventory *inv);
 /* Total weight bytes of the model as placed (each unit once). */
 uint64_t ds_inventory_total_bytes(const ds_inventory *inv);
@@ -105,17 +113,17 @@ const char *ds_strategy_name(enum ds_strategy s);
 int ds_strategy_parse(const char *name, enum ds_strategy *out);
 
 typedef struct ds_pin {
-    char unit[48];   /* unit name ("attn[3]", "expert[5][17]", "embed", ...) */
+    char unit[48];                   /* unit name ("attn[3]", "expert[5][17]", "embed", ...) */
     char device[2 * DS_PL_MAX_NAME]; /* "node/device" */
 } ds_pin;
 
 typedef struct ds_plan_options {
-    uint32_t batch;            /* sequences decoded together (rows per step), >= 1 */
-    uint32_t context;          /* tokens of context per sequence (KV cache size), >= 1 */
+    uint32_t batch;   /* sequences decoded together (rows per step), >= 1 */
+    uint32_t context; /* tokens of context per sequence (KV cache size), >= 1 */
     enum ds_objective objective;
     enum ds_strategy strategy;
-    uint32_t micro_batches;    /* throughput: micro-batches in flight (0 = 4) */
-    double reserve_fraction;   /* memory kept free on every device (0 = 0.05) */
+    uint32_t micro_batches;     /* throughput: micro-batches in flight (0 = 4) */
+    double reserve_fraction;    /* memory kept free on every device (0 = 0.05) */
     const double *expert_stats; /* [n_layers][n_experts] popularity, or NULL (uniform) */
     const ds_pin *pins;
     size_t n_pins;
@@ -124,6 +132,8 @@ typedef struct ds_plan_options {
     bool no_replicas;          /* do not replicate hot experts (benchmarks comparing to MILP) */
     uint32_t exact_max_vars;   /* MILP used when experts x devices <= this (0 = 1024) */
     double exact_time_limit_s; /* GLPK time limit per distinct MoE layer problem (0 = 1 s) */
+    const ds_unit_bytes *unit_bytes; /* the model file's real per-unit bytes (its tensor types,
+                                      * or --quantize), or NULL: from the config's dtype */
 } ds_plan_options;
 
 typedef struct ds_plan ds_plan;
@@ -138,22 +148,22 @@ int ds_plan_solve(const ds_cluster *cl, const ds_model_config *cfg, const ds_pla
 ds_plan *ds_plan_free(ds_plan *p);
 
 typedef struct ds_plan_summary {
-    double decode_step_s;          /* latency of one decode step of `batch` rows */
-    double decode_tokens_per_s;    /* by objective: batch / step, or pipelined bottleneck */
+    double decode_step_s;       /* latency of one decode step of `batch` rows */
+    double decode_tokens_per_s; /* by objective: batch / step, or pipelined bottleneck */
     double prefill_s_per_1k_tokens;
-    double bottleneck_busy_s;      /* the busiest device or link per step */
+    double bottleneck_busy_s;                /* the busiest device or link per step */
     char bottleneck[2 * DS_PL_MAX_NAME + 8]; /* its name ("node/device" or "a<->b") */
-    const char *solver;            /* "exact-milp", "heuristic", or the baseline's name */
-    const char *strategy;          /* strategy requested */
-    uint32_t replicas;             /* extra expert copies placed */
+    const char *solver;                      /* "exact-milp", "heuristic", or the baseline's name */
+    const char *strategy;                    /* strategy requested */
+    uint32_t replicas;                       /* extra expert copies placed */
 } ds_plan_summary;
 
 void ds_plan_get_summary(const ds_plan *p, ds_plan_summary *s);
 
 /* Device index (into the cluster) of a unit: kind, layer (ignored for embed/head), expert
  * (DS_UNIT_EXPERT only), replica r (0 = primary). -ENOENT when absent. */
-int ds_plan_unit_device(const ds_plan *p, enum ds_unit_kind kind, uint32_t layer,
-                        uint32_t expert, uint32_t replica);
+int ds_plan_unit_device(const ds_plan *p, enum ds_unit_kind kind, uint32_t layer, uint32_t expert,
+                        uint32_t replica);
 /* Replica count (>= 1) of expert e of layer l; 0 when l is not a MoE layer. */
 uint32_t ds_plan_expert_copies(const ds_plan *p, uint32_t layer, uint32_t expert);
 /* Per-device bytes used and busy seconds per decode step. */

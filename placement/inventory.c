@@ -10,9 +10,11 @@
 static uint64_t lin_bytes(const ds_model_config *c, uint64_t rows, uint64_t cols)
 {
     switch (c->dtype) {
-    case DS_DTYPE_F32: return 4 * rows * cols;
+    case DS_DTYPE_F32:
+        return 4 * rows * cols;
     case DS_DTYPE_F16:
-    case DS_DTYPE_BF16: return 2 * rows * cols;
+    case DS_DTYPE_BF16:
+        return 2 * rows * cols;
     case DS_DTYPE_F8_E4M3: {
         uint64_t br = c->fp8_block_rows ? c->fp8_block_rows : 128;
         uint64_t bc = c->fp8_block_cols ? c->fp8_block_cols : 128;
@@ -95,6 +97,44 @@ int ds_inventory_build(const ds_model_config *c, ds_inventory *inv, ds_error *er
         return ds_error_set(err, -ENOMEM, "inventory: out of memory");
     for (uint32_t l = 0; l < inv->n_layers; l++)
         inv->is_moe[l] = E && ds_model_config_layer_is_moe(c, l);
+    if (ds_unit_bytes_init(&inv->bytes, inv->n_layers) < 0) {
+        ds_inventory_release(inv);
+        return ds_error_set(err, -ENOMEM, "inventory: out of memory");
+    }
+    ds_unit_bytes *ub = &inv->bytes;
+    ub->embed = inv->embed.weight_bytes;
+    ub->head = inv->head.weight_bytes;
+    for (uint32_t l = 0; l < inv->n_layers; l++) {
+        ub->attn[l] = inv->attn.weight_bytes;
+        if (inv->is_moe[l]) {
+            ub->router[l] = inv->attn_router.weight_bytes;
+            ub->shared[l] = inv->shared.weight_bytes;
+            ub->expert[l] = inv->expert.weight_bytes;
+        } else {
+            ub->dense[l] = inv->dense.weight_bytes;
+        }
+    }
+    return 0;
+}
+
+int ds_inventory_set_bytes(ds_inventory *inv, const ds_unit_bytes *b, ds_error *err)
+{
+    if (b->n_layers != inv->n_layers)
+        return ds_error_set(err, -EINVAL,
+                            "inventory: the file's unit bytes cover %u layers, the "
+                            "config has %u",
+                            b->n_layers, inv->n_layers);
+    ds_unit_bytes *ub = &inv->bytes;
+    ub->embed = inv->embed.weight_bytes = b->embed;
+    ub->head = inv->head.weight_bytes = b->head;
+    for (uint32_t l = 0; l < inv->n_layers; l++) {
+        ub->attn[l] = b->attn[l];
+        ub->router[l] = inv->is_moe[l] ? b->router[l] : 0;
+        ub->dense[l] = inv->is_moe[l] ? 0 : b->dense[l];
+        ub->shared[l] = inv->is_moe[l] ? b->shared[l] : 0;
+        ub->expert[l] = inv->is_moe[l] ? b->expert[l] : 0;
+    }
+    inv->bytes_from_file = true;
     return 0;
 }
 
@@ -103,19 +143,11 @@ void ds_inventory_release(ds_inventory *inv)
     if (inv) {
         free(inv->is_moe);
         inv->is_moe = NULL;
+        ds_unit_bytes_release(&inv->bytes);
     }
 }
 
 uint64_t ds_inventory_total_bytes(const ds_inventory *inv)
 {
-    uint64_t t = inv->embed.weight_bytes + inv->head.weight_bytes;
-    for (uint32_t l = 0; l < inv->n_layers; l++) {
-        t += inv->attn.weight_bytes;
-        if (inv->is_moe[l])
-            t += inv->attn_router.weight_bytes + inv->shared.weight_bytes +
-                 (uint64_t)inv->n_experts * inv->expert.weight_bytes;
-        else
-            t += inv->dense.weight_bytes;
-    }
-    return t;
+    return ds_unit_bytes_total(&inv->bytes, inv->n_experts);
 }

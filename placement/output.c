@@ -12,8 +12,7 @@
 #include "ds_placement.h"
 #include "pl_internal.h"
 
-
-#define GIB (1024.0 * 1024.0 * 1024.0)
+#define GIB    (1024.0 * 1024.0 * 1024.0)
 #define N_CAND 5
 
 typedef struct pl_cand {
@@ -28,7 +27,7 @@ struct ds_plan {
     ds_pl_device *devs; /* own copy: the plan outlives the cluster */
     pl_assign a;
     pl_result r;
-    double *used;       /* [nd] bytes */
+    double *used; /* [nd] bytes */
     double step, tps, prefill, obj;
     double bneck_s;
     char bneck[2 * DS_PL_MAX_NAME + 8];
@@ -47,17 +46,32 @@ static void digest(ds_plan *p)
         const ds_pl_device *v = &x->dev[d];
         h = ds_hash_fnv1a(h, v->node, strlen(v->node));
         h = ds_hash_fnv1a(h, v->name, strlen(v->name));
-        double f[5] = {(double)v->memory_bytes, v->mem_bw, v->flops, v->host_link_bw,
-                       v->launch_s};
+        double f[5] = {(double)v->memory_bytes, v->mem_bw, v->flops, v->host_link_bw, v->launch_s};
         h = ds_hash_fnv1a(h, f, sizeof f);
         h = ds_hash_fnv1a(h, &x->usable[d], 1);
     }
     h = ds_hash_fnv1a(h, x->lat, (size_t)x->nn * x->nn * sizeof *x->lat);
     h = ds_hash_fnv1a(h, x->bw, (size_t)x->nn * x->nn * sizeof *x->bw);
-    uint64_t mdl[8] = {x->L, x->E, x->inv.top_k, x->inv.attn.weight_bytes,
-                       x->inv.expert.weight_bytes, x->inv.dense.weight_bytes,
-                       x->inv.embed.weight_bytes, x->inv.shared.weight_bytes};
+    uint64_t mdl[8] = {x->L,
+                       x->E,
+                       x->inv.top_k,
+                       x->inv.attn.weight_bytes,
+                       x->inv.expert.weight_bytes,
+                       x->inv.dense.weight_bytes,
+                       x->inv.embed.weight_bytes,
+                       x->inv.shared.weight_bytes};
     h = ds_hash_fnv1a(h, mdl, sizeof mdl);
+    if (x->inv.bytes_from_file) { /* the file's real bytes differ layer by layer */
+        const ds_unit_bytes *ub = &x->inv.bytes;
+        size_t lb = x->L * sizeof(uint64_t);
+        h = ds_hash_fnv1a(h, &ub->embed, sizeof ub->embed);
+        h = ds_hash_fnv1a(h, &ub->head, sizeof ub->head);
+        h = ds_hash_fnv1a(h, ub->attn, lb);
+        h = ds_hash_fnv1a(h, ub->router, lb);
+        h = ds_hash_fnv1a(h, ub->dense, lb);
+        h = ds_hash_fnv1a(h, ub->shared, lb);
+        h = ds_hash_fnv1a(h, ub->expert, lb);
+    }
     uint64_t o[4] = {x->batch, x->context, (uint64_t)x->objective, x->micro};
     h = ds_hash_fnv1a(h, o, sizeof o);
     h = ds_hash_fnv1a(h, &x->reserve, sizeof x->reserve);
@@ -111,10 +125,9 @@ int ds_plan_solve(const ds_cluster *cl, const ds_model_config *cfg, const ds_pla
     p->requested = opt->strategy;
     /* Every strategy is run (cheap) so the report can name the runner-up; auto picks the best
      * of the solver and the baselines, so it never loses to one. */
-    static const enum ds_strategy order[N_CAND] = {DS_STRAT_HEURISTIC, DS_STRAT_EXACT,
-                                                   DS_STRAT_MEM_PROPORTIONAL,
-                                                   DS_STRAT_EXPERTS_ON_CPU,
-                                                   DS_STRAT_BALANCED_EXPERTS};
+    static const enum ds_strategy order[N_CAND] = {
+        DS_STRAT_HEURISTIC, DS_STRAT_EXACT, DS_STRAT_MEM_PROPORTIONAL, DS_STRAT_EXPERTS_ON_CPU,
+        DS_STRAT_BALANCED_EXPERTS};
     pl_assign t;
     if (pl_assign_init(&t, x)) {
         ds_plan_free(p);
@@ -174,9 +187,15 @@ int ds_plan_solve(const ds_cluster *cl, const ds_model_config *cfg, const ds_pla
     }
     p->chosen = p->cand[best].s;
     switch (p->chosen) {
-    case DS_STRAT_HEURISTIC: p->solver = "heuristic"; break;
-    case DS_STRAT_EXACT: p->solver = exact_partial ? "exact-milp-time-limited" : "exact-milp"; break;
-    default: p->solver = ds_strategy_name(p->chosen); break;
+    case DS_STRAT_HEURISTIC:
+        p->solver = "heuristic";
+        break;
+    case DS_STRAT_EXACT:
+        p->solver = exact_partial ? "exact-milp-time-limited" : "exact-milp";
+        break;
+    default:
+        p->solver = ds_strategy_name(p->chosen);
+        break;
     }
     p->obj = p->cand[best].obj;
     pl_layer_sums s;
@@ -225,13 +244,14 @@ void ds_plan_get_summary(const ds_plan *p, ds_plan_summary *s)
     s->replicas = p->replicas;
 }
 
-int ds_plan_unit_device(const ds_plan *p, enum ds_unit_kind k, uint32_t l, uint32_t e,
-                        uint32_t r)
+int ds_plan_unit_device(const ds_plan *p, enum ds_unit_kind k, uint32_t l, uint32_t e, uint32_t r)
 {
     const pl_ctx *x = &p->x;
     switch (k) {
-    case DS_UNIT_EMBED: return r ? -ENOENT : p->a.embed;
-    case DS_UNIT_HEAD: return r ? -ENOENT : p->a.head;
+    case DS_UNIT_EMBED:
+        return r ? -ENOENT : p->a.embed;
+    case DS_UNIT_HEAD:
+        return r ? -ENOENT : p->a.head;
     case DS_UNIT_ATTN:
         return l < x->L && !r ? p->a.attn[l] : -ENOENT;
     case DS_UNIT_DENSE:
@@ -270,8 +290,8 @@ static void add_unit(json_t *arr, const char *unit, const pl_ctx *x, int d, uint
 {
     char buf[2 * DS_PL_MAX_NAME + 2];
     json_array_append_new(arr, json_pack("{s:s,s:s,s:I,s:i}", "unit", unit, "device",
-                                         dname(x, d, buf, sizeof buf), "bytes",
-                                         (json_int_t)bytes, "replica", replica));
+                                         dname(x, d, buf, sizeof buf), "bytes", (json_int_t)bytes,
+                                         "replica", replica));
 }
 
 char *ds_plan_to_json(const ds_plan *p)
@@ -295,31 +315,28 @@ char *ds_plan_to_json(const ds_plan *p)
                                   p->bneck_s));
     json_t *units = json_array();
     char nm[48];
-    add_unit(units, "embed", x, p->a.embed, x->inv.embed.weight_bytes, 0);
+    const ds_unit_bytes *ub = &x->inv.bytes;
+    add_unit(units, "embed", x, p->a.embed, ub->embed, 0);
     for (uint32_t l = 0; l < x->L; l++) {
         snprintf(nm, sizeof nm, "attn[%u]", l);
-        add_unit(units, nm, x, p->a.attn[l],
-                 x->inv.attn.weight_bytes + (x->inv.is_moe[l] ? x->inv.attn_router.weight_bytes
-                                                              : 0),
-                 0);
+        add_unit(units, nm, x, p->a.attn[l], ub->attn[l] + ub->router[l], 0);
         if (!x->inv.is_moe[l]) {
             snprintf(nm, sizeof nm, "dense[%u]", l);
-            add_unit(units, nm, x, p->a.attn[l], x->inv.dense.weight_bytes, 0);
+            add_unit(units, nm, x, p->a.attn[l], ub->dense[l], 0);
             continue;
         }
         if (x->inv.shared.weight_bytes) {
             snprintf(nm, sizeof nm, "shared[%u]", l);
-            add_unit(units, nm, x, p->a.attn[l], x->inv.shared.weight_bytes, 0);
+            add_unit(units, nm, x, p->a.attn[l], ub->shared[l], 0);
         }
         for (uint32_t e = 0; e < x->E; e++) {
             size_t i = (size_t)l * x->E + e;
             snprintf(nm, sizeof nm, "expert[%u][%u]", l, e);
             for (int c = 0; c < p->a.ncopy[i]; c++)
-                add_unit(units, nm, x, p->a.exp[i * PL_MAX_COPIES + c],
-                         x->inv.expert.weight_bytes, c);
+                add_unit(units, nm, x, p->a.exp[i * PL_MAX_COPIES + c], ub->expert[l], c);
         }
     }
-    add_unit(units, "head", x, p->a.head, x->inv.head.weight_bytes, 0);
+    add_unit(units, "head", x, p->a.head, ub->head, 0);
     json_object_set_new(root, "units", units);
     json_t *devs = json_array();
     char buf[2 * DS_PL_MAX_NAME + 2];
@@ -334,12 +351,10 @@ char *ds_plan_to_json(const ds_plan *p)
     for (int i = 0; i < x->nn; i++)
         for (int j = i + 1; j < x->nn; j++)
             if (p->r.link_bytes[i * x->nn + j] > 0)
-                json_array_append_new(links, json_pack("{s:s,s:s,s:f,s:f}", "a", p->devs ?
-                                                       x->dev[0].node : "", "b", "",
-                                                       "bytes_per_step",
-                                                       p->r.link_bytes[i * x->nn + j],
-                                                       "seconds_per_step",
-                                                       p->r.link_s[i * x->nn + j]));
+                json_array_append_new(
+                    links, json_pack("{s:s,s:s,s:f,s:f}", "a", p->devs ? x->dev[0].node : "", "b",
+                                     "", "bytes_per_step", p->r.link_bytes[i * x->nn + j],
+                                     "seconds_per_step", p->r.link_s[i * x->nn + j]));
     /* node names: the first device of each node carries it */
     size_t k = 0;
     for (int i = 0; i < x->nn; i++)
@@ -394,8 +409,8 @@ void ds_plan_print(const ds_plan *p, void *file, bool explain)
         for (uint32_t l = 0; l < x->L; l++)
             nl += p->a.attn[l] == d;
         fprintf(f, "%-28s %10.2f %10.2f %10.3f %8d %8d%s\n", dname(x, d, buf, sizeof buf),
-                p->used[d] / GIB, (double)x->dev[d].memory_bytes / GIB, p->r.busy[d] * 1e3, ne,
-                nl, x->usable[d] ? "" : "  (not used: excluded or shares silicon)");
+                p->used[d] / GIB, (double)x->dev[d].memory_bytes / GIB, p->r.busy[d] * 1e3, ne, nl,
+                x->usable[d] ? "" : "  (not used: excluded or shares silicon)");
     }
     fprintf(f, "\nattention hosts (attn/dense/shared): embed -> %s\n",
             dname(x, p->a.embed, buf, sizeof buf));

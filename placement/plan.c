@@ -19,12 +19,18 @@
 const char *ds_strategy_name(enum ds_strategy s)
 {
     switch (s) {
-    case DS_STRAT_AUTO: return "auto";
-    case DS_STRAT_MEM_PROPORTIONAL: return "mem-proportional";
-    case DS_STRAT_EXPERTS_ON_CPU: return "experts-on-cpu";
-    case DS_STRAT_BALANCED_EXPERTS: return "balanced-experts";
-    case DS_STRAT_HEURISTIC: return "heuristic";
-    case DS_STRAT_EXACT: return "exact";
+    case DS_STRAT_AUTO:
+        return "auto";
+    case DS_STRAT_MEM_PROPORTIONAL:
+        return "mem-proportional";
+    case DS_STRAT_EXPERTS_ON_CPU:
+        return "experts-on-cpu";
+    case DS_STRAT_BALANCED_EXPERTS:
+        return "balanced-experts";
+    case DS_STRAT_HEURISTIC:
+        return "heuristic";
+    case DS_STRAT_EXACT:
+        return "exact";
     }
     return "?";
 }
@@ -71,6 +77,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
     memset(x, 0, sizeof *x);
     int rc = ds_inventory_build(cfg, &x->inv, err);
     if (rc)
+        return rc;
+    if (o->unit_bytes && (rc = ds_inventory_set_bytes(&x->inv, o->unit_bytes, err)) < 0)
         return rc;
     x->cl = cl;
     x->nd = ds_cluster_n_devices(cl);
@@ -134,7 +142,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
     }
     free(excl);
     if (!n_usable)
-        return ds_error_set(err, -ENOENT, "plan: no usable device (all excluded or without "
+        return ds_error_set(err, -ENOENT,
+                            "plan: no usable device (all excluded or without "
                             "memory)");
     /* Popularity: per layer, normalised to sum 1 over experts. */
     for (uint32_t l = 0; l < x->L; l++) {
@@ -142,14 +151,13 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
         for (uint32_t e = 0; e < x->E; e++) {
             double v = o->expert_stats ? o->expert_stats[(size_t)l * x->E + e] : 1.0;
             if (!isfinite(v) || v < 0)
-                return ds_error_set(err, -ERANGE, "plan: expert stats layer %u expert %u: %g",
-                                    l, e, v);
+                return ds_error_set(err, -ERANGE, "plan: expert stats layer %u expert %u: %g", l, e,
+                                    v);
             x->pop[(size_t)l * x->E + e] = v;
             s += v;
         }
         for (uint32_t e = 0; e < x->E; e++)
-            x->pop[(size_t)l * x->E + e] = s > 0 ? x->pop[(size_t)l * x->E + e] / s
-                                                 : 1.0 / x->E;
+            x->pop[(size_t)l * x->E + e] = s > 0 ? x->pop[(size_t)l * x->E + e] / s : 1.0 / x->E;
     }
     x->pin_embed = x->pin_head = -1;
     for (uint32_t l = 0; l < x->L; l++)
@@ -161,11 +169,15 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
         uint32_t l, e;
         int d = device_by_name(x, o->pins[i].device);
         if (d < 0)
-            return ds_error_set(err, -EINVAL, "plan: pin %s: unknown device '%s' (want "
-                                "node/device)", o->pins[i].unit, o->pins[i].device);
+            return ds_error_set(err, -EINVAL,
+                                "plan: pin %s: unknown device '%s' (want "
+                                "node/device)",
+                                o->pins[i].unit, o->pins[i].device);
         if (!x->usable[d])
-            return ds_error_set(err, -EINVAL, "plan: pin %s: device '%s' is excluded or an "
-                                "alternative of another", o->pins[i].unit, o->pins[i].device);
+            return ds_error_set(err, -EINVAL,
+                                "plan: pin %s: device '%s' is excluded or an "
+                                "alternative of another",
+                                o->pins[i].unit, o->pins[i].device);
         if (ds_unit_parse(o->pins[i].unit, &k, &l, &e) ||
             (k != DS_UNIT_EMBED && k != DS_UNIT_HEAD && l >= x->L))
             return ds_error_set(err, -EINVAL, "plan: pin: bad unit '%s'", o->pins[i].unit);
@@ -182,7 +194,8 @@ int pl_ctx_init(pl_ctx *x, const ds_cluster *cl, const ds_model_config *cfg,
                 (k == DS_UNIT_SHARED && (!x->inv.is_moe[l] || !x->inv.shared.weight_bytes)))
                 return ds_error_set(err, -EINVAL, "plan: pin: no unit '%s'", o->pins[i].unit);
             if (x->pin_attn[l] >= 0 && x->pin_attn[l] != d)
-                return ds_error_set(err, -EINVAL, "plan: pins put layer %u's attention, dense "
+                return ds_error_set(err, -EINVAL,
+                                    "plan: pins put layer %u's attention, dense "
                                     "and shared units on different devices; they share a host",
                                     l);
             x->pin_attn[l] = d;
@@ -268,13 +281,13 @@ void pl_layer_sums_reset(pl_layer_sums *s, const pl_ctx *x)
 }
 
 /* Adds (sign +1) or removes (-1) one copy of expert e of layer l (of `copies`) on device d. */
-void pl_layer_sums_add(pl_layer_sums *s, const pl_ctx *x, uint32_t l, uint32_t e, int d,
-                       int copies, double rows, int sign)
+void pl_layer_sums_add(pl_layer_sums *s, const pl_ctx *x, uint32_t l, uint32_t e, int d, int copies,
+                       double rows, int sign)
 {
     double p = x->pop[(size_t)l * x->E + e];
     double picks = rows * x->inv.top_k;
     double r = picks * p / copies;
-    s->bytes[d] += sign * touched(p, picks, copies) * (double)x->inv.expert.weight_bytes;
+    s->bytes[d] += sign * touched(p, picks, copies) * (double)x->inv.bytes.expert[l];
     s->flops[d] += sign * r * x->inv.expert.flops_per_token;
     s->pairs[d] += sign * r;
     s->cnt[d] += sign;
@@ -340,20 +353,21 @@ void pl_layer_sums_release(pl_layer_sums *s)
  * expert copy holds its weights; embed and head hold theirs. */
 double pl_layer_host_bytes(const pl_ctx *x, uint32_t l)
 {
-    double b = (double)x->inv.attn.weight_bytes +
+    const ds_unit_bytes *ub = &x->inv.bytes;
+    double b = (double)ub->attn[l] +
                (double)x->inv.attn.kv_bytes_per_token * x->batch * (double)x->context;
     if (x->inv.is_moe[l])
-        b += (double)(x->inv.attn_router.weight_bytes + x->inv.shared.weight_bytes);
+        b += (double)(ub->router[l] + ub->shared[l]);
     else
-        b += (double)x->inv.dense.weight_bytes;
+        b += (double)ub->dense[l];
     return b;
 }
 
 void pl_memory_hosts(const pl_ctx *x, const pl_assign *a, double *used)
 {
     memset(used, 0, x->nd * sizeof *used);
-    used[a->embed] += (double)x->inv.embed.weight_bytes;
-    used[a->head] += (double)x->inv.head.weight_bytes;
+    used[a->embed] += (double)x->inv.bytes.embed;
+    used[a->head] += (double)x->inv.bytes.head;
     for (uint32_t l = 0; l < x->L; l++)
         used[a->attn[l]] += pl_layer_host_bytes(x, l);
 }
@@ -367,7 +381,7 @@ void pl_memory(const pl_ctx *x, const pl_assign *a, double *used)
         for (uint32_t e = 0; e < x->E; e++) {
             size_t i = (size_t)l * x->E + e;
             for (int c = 0; c < a->ncopy[i]; c++)
-                used[a->exp[i * PL_MAX_COPIES + c]] += (double)x->inv.expert.weight_bytes;
+                used[a->exp[i * PL_MAX_COPIES + c]] += (double)x->inv.bytes.expert[l];
         }
     }
 }
@@ -386,14 +400,14 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
         memset(res->link_bytes, 0, (size_t)x->nn * x->nn * sizeof *res->link_bytes);
         memset(res->link_s, 0, (size_t)x->nn * x->nn * sizeof *res->link_s);
     }
-#define HOP(from, to, bytes)                                                                  \
-    do {                                                                                      \
-        double t_ = xfer(x, (from), (to), (bytes), &la, &lb);                                 \
-        step += t_;                                                                           \
-        if (res && la >= 0) {                                                                 \
-            res->link_bytes[la * x->nn + lb] += (bytes);                                      \
-            res->link_s[la * x->nn + lb] += t_;                                               \
-        }                                                                                     \
+#define HOP(from, to, bytes)                                                                       \
+    do {                                                                                           \
+        double t_ = xfer(x, (from), (to), (bytes), &la, &lb);                                      \
+        step += t_;                                                                                \
+        if (res && la >= 0) {                                                                      \
+            res->link_bytes[la * x->nn + lb] += (bytes);                                           \
+            res->link_s[la * x->nn + lb] += t_;                                                    \
+        }                                                                                          \
     } while (0)
     /* embed: a row lookup per token. */
     double t = dev_time(&x->dev[a->embed], rows * act, 0);
@@ -404,9 +418,9 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
     for (uint32_t l = 0; l < x->L; l++) {
         int h = a->attn[l];
         HOP(prev, h, rows * act);
-        double wb = (double)iv->attn.weight_bytes, fl = iv->attn.flops_per_token * rows;
+        double wb = (double)iv->bytes.attn[l], fl = iv->attn.flops_per_token * rows;
         if (iv->is_moe[l]) {
-            wb += (double)iv->attn_router.weight_bytes;
+            wb += (double)iv->bytes.router[l];
             fl += iv->attn_router.flops_per_token * rows;
         }
         /* The KV cache is streamed too: every row reads its whole context. */
@@ -417,23 +431,21 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
         if (res)
             res->busy[h] += t;
         if (!iv->is_moe[l]) {
-            t = dev_time(&x->dev[h], (double)iv->dense.weight_bytes,
-                         iv->dense.flops_per_token * rows);
+            t = dev_time(&x->dev[h], (double)iv->bytes.dense[l], iv->dense.flops_per_token * rows);
             step += t;
             if (res)
                 res->busy[h] += t;
         } else {
             /* Shared experts run on the host beside the routed experts. */
-            double ts = iv->shared.weight_bytes
-                            ? dev_time(&x->dev[h], (double)iv->shared.weight_bytes,
-                                       iv->shared.flops_per_token * rows)
-                            : 0;
+            double ts = iv->bytes.shared[l] ? dev_time(&x->dev[h], (double)iv->bytes.shared[l],
+                                                       iv->shared.flops_per_token * rows)
+                                            : 0;
             pl_layer_sums_reset(s, x);
             for (uint32_t e = 0; e < x->E; e++) {
                 size_t i = (size_t)l * x->E + e;
                 for (int c = 0; c < a->ncopy[i]; c++)
-                    pl_layer_sums_add(s, x, l, e, a->exp[i * PL_MAX_COPIES + c], a->ncopy[i],
-                                      rows, +1);
+                    pl_layer_sums_add(s, x, l, e, a->exp[i * PL_MAX_COPIES + c], a->ncopy[i], rows,
+                                      +1);
             }
             double te = 0;
             for (int d = 0; d < x->nd; d++) {
@@ -467,7 +479,7 @@ double pl_eval(const pl_ctx *x, const pl_assign *a, double rows, double ctx, pl_
         prev = h;
     }
     HOP(prev, a->head, rows * act);
-    t = dev_time(&x->dev[a->head], (double)iv->head.weight_bytes, iv->head.flops_per_token * rows);
+    t = dev_time(&x->dev[a->head], (double)iv->bytes.head, iv->head.flops_per_token * rows);
     step += t;
     if (res)
         res->busy[a->head] += t;

@@ -16,9 +16,9 @@
 typedef struct pl_work {
     pl_ctx *x;
     pl_layer_sums s;
-    double *rem;    /* [nd] bytes still free for experts */
-    double *lim;    /* [nd] this layer's expert budget */
-    double *lused;  /* [nd] this layer's expert bytes */
+    double *rem;     /* [nd] bytes still free for experts */
+    double *lim;     /* [nd] this layer's expert budget */
+    double *lused;   /* [nd] this layer's expert bytes */
     uint32_t *order; /* [E] experts by popularity */
     bool exact;      /* use the MILP for experts */
     bool exact_failed;
@@ -68,7 +68,7 @@ static double node_key(const pl_ctx *x, const pl_layer_sums *s, int host, int d,
 static void greedy_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double rows)
 {
     pl_ctx *x = w->x;
-    double eb = (double)x->inv.expert.weight_bytes;
+    double eb = (double)x->inv.bytes.expert[l];
     size_t base = (size_t)l * x->E;
     for (uint32_t i = 0; i < x->E; i++) {
         uint32_t e = w->order[i];
@@ -109,7 +109,7 @@ static void greedy_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double 
 static void local_search(pl_work *w, pl_assign *a, uint32_t l, int host, double rows)
 {
     pl_ctx *x = w->x;
-    double eb = (double)x->inv.expert.weight_bytes;
+    double eb = (double)x->inv.bytes.expert[l];
     size_t base = (size_t)l * x->E;
     bool swaps = (size_t)x->E * x->nd <= 4096;
     for (uint32_t it = 0; it < 8 * x->E + 64; it++) {
@@ -180,7 +180,7 @@ static void local_search(pl_work *w, pl_assign *a, uint32_t l, int host, double 
 static void add_replicas(pl_work *w, pl_assign *a, uint32_t l, int host, double rows)
 {
     pl_ctx *x = w->x;
-    double eb = (double)x->inv.expert.weight_bytes;
+    double eb = (double)x->inv.bytes.expert[l];
     size_t base = (size_t)l * x->E;
     for (uint32_t it = 0; it < x->E; it++) {
         int b;
@@ -243,7 +243,7 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
 {
     pl_ctx *x = w->x;
     const ds_inventory *iv = &x->inv;
-    double eb = (double)iv->expert.weight_bytes;
+    double eb = (double)iv->bytes.expert[l];
     double act = (double)iv->expert.act_bytes_per_token;
     double picks = rows * iv->top_k, M = picks + rows;
     size_t base = (size_t)l * x->E;
@@ -251,8 +251,8 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
     glp_prob *P = glp_create_prob();
     glp_set_obj_dir(P, GLP_MIN);
     /* columns: x[e][d] (E*nd), u[d], c[d], y[n], r[n], wn[n], rd[d], wd[d], t */
-    int cx = 1, cu = cx + (int)x->E * nd, cc = cu + nd, cy = cc + nd, cr = cy + nn,
-        cw = cr + nn, crd = cw + nn, cwd = crd + nd, ct = cwd + nd;
+    int cx = 1, cu = cx + (int)x->E * nd, cc = cu + nd, cy = cc + nd, cr = cy + nn, cw = cr + nn,
+        crd = cw + nn, cwd = crd + nd, ct = cwd + nd;
     glp_add_cols(P, ct);
     for (int j = 1; j <= ct; j++)
         glp_set_col_bnds(P, j, GLP_LO, 0, 0);
@@ -274,12 +274,10 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
         glp_set_col_kind(P, cy + n, GLP_BV);
         glp_set_col_kind(P, cw + n, GLP_BV);
     }
-    double ts = iv->shared.weight_bytes ? fmax((double)iv->shared.weight_bytes /
-                                                   x->dev[host].mem_bw,
-                                               iv->shared.flops_per_token * rows /
-                                                   x->dev[host].flops) +
-                                              x->dev[host].launch_s
-                                        : 0;
+    double ts = iv->bytes.shared[l] ? fmax((double)iv->bytes.shared[l] / x->dev[host].mem_bw,
+                                           iv->shared.flops_per_token * rows / x->dev[host].flops) +
+                                          x->dev[host].launch_s
+                                    : 0;
     glp_set_col_bnds(P, ct, GLP_LO, 0, 0);
     glp_set_obj_coef(P, ct, 1.0);
     int cap = 8 + 2 * nd + (int)x->E * nd;
@@ -292,11 +290,11 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
         return -ENOMEM;
     }
     int k;
-#define ROW(type, lo, hi)                                                                     \
-    do {                                                                                      \
-        int r_ = glp_add_rows(P, 1);                                                          \
-        glp_set_row_bnds(P, r_, type, lo, hi);                                                \
-        glp_set_mat_row(P, r_, k, ia, ar);                                                    \
+#define ROW(type, lo, hi)                                                                          \
+    do {                                                                                           \
+        int r_ = glp_add_rows(P, 1);                                                               \
+        glp_set_row_bnds(P, r_, type, lo, hi);                                                     \
+        glp_set_mat_row(P, r_, k, ia, ar);                                                         \
     } while (0)
     for (uint32_t e = 0; e < x->E; e++) { /* each expert once */
         k = 0;
@@ -340,9 +338,9 @@ static int milp_layer(pl_work *w, pl_assign *a, uint32_t l, int host, double row
                 double p = x->pop[base + e];
                 ++k;
                 ia[k] = cx + (int)e * nd + d;
-                ar[k] = pass == 0 ? -(1 - exp(picks * log1p(-fmin(p, 1 - 1e-15)))) * eb /
-                                        x->dev[d].mem_bw
-                                  : -picks * p * iv->expert.flops_per_token / x->dev[d].flops;
+                ar[k] = pass == 0
+                            ? -(1 - exp(picks * log1p(-fmin(p, 1 - 1e-15)))) * eb / x->dev[d].mem_bw
+                            : -picks * p * iv->expert.flops_per_token / x->dev[d].flops;
             }
             ROW(GLP_LO, 0, 0);
         }
@@ -495,7 +493,6 @@ static int place_experts(pl_work *w, pl_assign *a)
 {
     pl_ctx *x = w->x;
     double rows = cost_rows(x);
-    double eb = (double)x->inv.expert.weight_bytes;
     double used[DS_PL_MAX_DEVICES];
     /* free memory after the non-expert units */
     pl_memory_hosts(x, a, used);
@@ -513,6 +510,7 @@ static int place_experts(pl_work *w, pl_assign *a)
         if (!x->inv.is_moe[l])
             continue;
         size_t base = (size_t)l * x->E;
+        double eb = (double)x->inv.bytes.expert[l];
         bool pinned = false;
         for (uint32_t e = 0; e < x->E; e++)
             pinned |= x->pin_exp[base + e] >= 0;
@@ -609,7 +607,7 @@ static int attn_layout(const pl_ctx *x, int c, pl_assign *a)
     spd_x = x;
     (void)cmp_speed_x_dummy;
     qsort(ids, (size_t)n, sizeof *ids, cmp_speed);
-    double total = (double)(x->inv.embed.weight_bytes + x->inv.head.weight_bytes);
+    double total = (double)(x->inv.bytes.embed + x->inv.bytes.head);
     for (uint32_t l = 0; l < x->L; l++)
         total += pl_layer_host_bytes(x, l);
     if (c < 3) {
@@ -628,7 +626,7 @@ static int attn_layout(const pl_ctx *x, int c, pl_assign *a)
         return -ENOENT;
     }
     int i = 0;
-    double used = (double)x->inv.embed.weight_bytes;
+    double used = (double)x->inv.bytes.embed;
     a->embed = ids[0];
     for (uint32_t l = 0; l < x->L; l++) {
         double b = pl_layer_host_bytes(x, l);
@@ -679,17 +677,17 @@ static int baseline(const pl_ctx *x, enum ds_strategy s, pl_assign *a, char *why
             ids[n++] = d;
     memset(a->ncopy, 0, (size_t)x->L * x->E);
     if (s == DS_STRAT_MEM_PROPORTIONAL) {
-        double capsum = 0, tot = (double)x->inv.embed.weight_bytes;
+        double capsum = 0, tot = (double)x->inv.bytes.embed;
         for (int i = 0; i < n; i++)
             capsum += x->cap[ids[i]];
         double lb[4096];
         for (uint32_t l = 0; l < x->L; l++) {
             lb[l] = pl_layer_host_bytes(x, l) +
-                    (x->inv.is_moe[l] ? (double)x->E * (double)x->inv.expert.weight_bytes : 0);
+                    (x->inv.is_moe[l] ? (double)x->E * (double)x->inv.bytes.expert[l] : 0);
             tot += lb[l];
         }
-        tot += (double)x->inv.head.weight_bytes;
-        double cum = (double)x->inv.embed.weight_bytes, bound = 0;
+        tot += (double)x->inv.bytes.head;
+        double cum = (double)x->inv.bytes.embed, bound = 0;
         int i = 0;
         bound = x->cap[ids[0]] / capsum * tot;
         for (uint32_t l = 0; l < x->L; l++) {
@@ -739,11 +737,11 @@ static int baseline(const pl_ctx *x, enum ds_strategy s, pl_assign *a, char *why
         pl_memory_hosts(x, a, used);
         for (int d = 0; d < x->nd; d++)
             rem[d] = x->cap[d] - used[d];
-        double eb = (double)x->inv.expert.weight_bytes;
         int rr = 0;
         for (uint32_t l = 0; l < x->L; l++) {
             if (!x->inv.is_moe[l])
                 continue;
+            double eb = (double)x->inv.bytes.expert[l];
             for (uint32_t e = 0; e < x->E; e++) {
                 int tries = 0;
                 while (tries < n && rem[ids[rr % n]] < eb && s == DS_STRAT_BALANCED_EXPERTS) {
@@ -766,8 +764,8 @@ static int baseline(const pl_ctx *x, enum ds_strategy s, pl_assign *a, char *why
 /* ---- the solver ------------------------------------------------------------------------------ */
 
 /* Runs the heuristic (exact = false) or the MILP over the attention candidates; best in a. */
-static int solver(pl_ctx *x, bool exact, pl_assign *a, double *obj, bool *not_optimal,
-                  char *why, size_t wl)
+static int solver(pl_ctx *x, bool exact, pl_assign *a, double *obj, bool *not_optimal, char *why,
+                  size_t wl)
 {
     pl_work w = {.x = x, .exact = exact};
     pl_assign t;
@@ -792,8 +790,10 @@ static int solver(pl_ctx *x, bool exact, pl_assign *a, double *obj, bool *not_op
             continue;
         if (x->E && (size_t)x->E * x->nd > x->exact_max_vars && exact) {
             result = -E2BIG;
-            snprintf(why, wl, "instance too large for the exact MILP (%u experts x %d devices "
-                     "> %u)", x->E, x->nd, x->exact_max_vars);
+            snprintf(why, wl,
+                     "instance too large for the exact MILP (%u experts x %d devices "
+                     "> %u)",
+                     x->E, x->nd, x->exact_max_vars);
             break;
         }
         for (int d = 0; d < x->nd; d++)
@@ -822,8 +822,8 @@ out:
     return result;
 }
 
-int pl_run_strategy(pl_ctx *x, enum ds_strategy s, pl_assign *a, double *obj,
-                    bool *not_optimal, char *why, size_t wl)
+int pl_run_strategy(pl_ctx *x, enum ds_strategy s, pl_assign *a, double *obj, bool *not_optimal,
+                    char *why, size_t wl)
 {
     *not_optimal = false;
     if (s == DS_STRAT_HEURISTIC || s == DS_STRAT_AUTO)
@@ -860,17 +860,19 @@ void pl_shortfall(const pl_ctx *x, char *msg, size_t ml)
             biggest = fmax(biggest, x->cap[d]);
         }
     if (w + kv > cap)
-        snprintf(msg, ml, "model does not fit: needs %.2f GiB (weights %.2f GiB + KV cache %.2f "
+        snprintf(msg, ml,
+                 "model does not fit: needs %.2f GiB (weights %.2f GiB + KV cache %.2f "
                  "GiB for batch %u x context %u) but the usable devices offer %.2f GiB after "
-                 "the %.0f%% reserve: short by %.2f GiB", (w + kv) / GIB, w / GIB, kv / GIB,
-                 x->batch, x->context, cap / GIB, x->reserve * 100, (w + kv - cap) / GIB);
+                 "the %.0f%% reserve: short by %.2f GiB",
+                 (w + kv) / GIB, w / GIB, kv / GIB, x->batch, x->context, cap / GIB,
+                 x->reserve * 100, (w + kv - cap) / GIB);
     else
         snprintf(msg, ml,
                  "model does not pack: needs %.2f GiB of %.2f GiB usable, but a "
                  "layer's attention + KV cache (%.2f GiB) or the embeddings (%.2f GiB) do not "
                  "fit beside the experts on any device (largest device %.2f GiB usable)",
                  (w + kv) / GIB, cap / GIB, pl_layer_host_bytes(x, 0) / GIB,
-                 (double)x->inv.embed.weight_bytes / GIB, biggest / GIB);
+                 (double)x->inv.bytes.embed / GIB, biggest / GIB);
 }
 
 void ds_placement_thread_done(void)

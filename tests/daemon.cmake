@@ -38,6 +38,10 @@ target_include_directories(test_dsctl_placement PRIVATE ${PROJECT_SOURCE_DIR}/cl
 # a worker without a checkpoint copy: the coordinator streams it its units' weights
 ds_add_script_test(NAME test_stream COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_stream.sh
                    LABELS cluster TIMEOUT 300)
+# the cluster on a GGUF (Q4_K_M): split by memory caps, a worker without a copy gets its
+# quantised units streamed; token-identical to dsctl generate --local on the file
+ds_add_script_test(NAME test_gguf_cluster COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_gguf_cluster.sh
+                   LABELS cluster TIMEOUT 300)
 # prompts longer than max_rows_per_step fed in chunks across the cluster, token-identical
 ds_add_script_test(NAME test_chunked_prefill
                    COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_chunked_prefill.sh

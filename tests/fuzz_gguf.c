@@ -3,7 +3,10 @@
  * metadata value must be readable through the getters, and a supported tensor's first row must
  * dequantise (the reference dequantisers see arbitrary block bytes too). The deepseek2 config
  * mapping and the tokenizer from tokenizer.ggml.* run on every accepted image (seed
- * deepseek2_meta.gguf: the metadata of a real converted file). */
+ * deepseek2_meta.gguf: the metadata of a real converted file). The subset GGUF the daemon
+ * streams is written from every accepted image and read back; the load-time quantisers run on
+ * every dequantised first row. */
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +46,54 @@ static void touch_kv(const ds_gguf_kv *kv)
     (void)sink;
 }
 
+/* The image the daemon streams (ds_gguf_subset_header + every other tensor) must be a GGUF the
+ * reader accepts, with the same metadata (less split.*) and those tensors, byte for byte. */
+static void subset_roundtrip(const ds_gguf *g)
+{
+    size_t nt = ds_gguf_tensor_count(g), n = 0;
+    const ds_gguf_tensor **t = malloc((nt + 1) * sizeof(*t));
+    uint64_t *off = malloc((nt + 1) * sizeof(*off)), data_len = 0, bytes = 0;
+    if (!t || !off)
+        abort();
+    for (size_t i = 0; i < nt; i += 2) {
+        t[n] = ds_gguf_tensor_at(g, i);
+        bytes += t[n++]->nbytes;
+    }
+    uint8_t *hdr = NULL;
+    size_t hl = 0;
+    ds_error err = {0};
+    if (bytes > (64u << 20) || ds_gguf_subset_header(g, t, n, &hdr, &hl, off, &data_len, &err))
+        goto out; /* large images: not worth a copy here */
+    uint8_t *img = calloc(1, hl + data_len + 1);
+    if (!img)
+        abort();
+    memcpy(img, hdr, hl);
+    for (size_t i = 0; i < n; i++)
+        memcpy(img + hl + off[i], t[i]->data, t[i]->nbytes);
+    ds_gguf *s = NULL;
+    if (ds_gguf_open_buffer(img, hl + data_len, "subset.gguf", &s, &err) != 0 ||
+        ds_gguf_tensor_count(s) != n)
+        abort();
+    for (size_t i = 0; i < n; i++) {
+        const ds_gguf_tensor *a = ds_gguf_tensor_find(s, t[i]->name);
+        if (!a || a->type != t[i]->type || memcmp(a->ne, t[i]->ne, sizeof(a->ne)) ||
+            a->nbytes != t[i]->nbytes || memcmp(a->data, t[i]->data, a->nbytes))
+            abort();
+    }
+    for (size_t i = 0; i < ds_gguf_kv_count(g); i++) {
+        const ds_gguf_kv *kv = ds_gguf_kv_at(g, i);
+        bool split = !strncmp(ds_gguf_kv_key(kv), "split.", 6);
+        if (!ds_gguf_kv_find(s, ds_gguf_kv_key(kv)) != split)
+            abort();
+    }
+    ds_gguf_free(s);
+    free(img);
+out:
+    free(hdr);
+    free(t);
+    free(off);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     ds_gguf *g = NULL;
@@ -70,9 +121,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             float *y = malloc(t->ne[0] * sizeof(float));
             if (!y || ds_quant_dequant_row(t->type, p, t->ne[0], y) != 0)
                 abort();
+            /* --quantize's quantisers on whatever values a file holds (inf, NaN, subnormal) */
+            uint8_t *q = malloc(t->ne[0] / 32 * 34 + 1);
+            if (!q)
+                abort();
+            if (t->ne[0] % 32 == 0 && ds_quant_quantize_row(DS_QUANT_Q8_0, y, t->ne[0], q) != 0)
+                abort();
+            if (t->ne[0] % 256 == 0 && ds_quant_quantize_row(DS_QUANT_Q4_K, y, t->ne[0], q) != 0)
+                abort();
+            free(q);
             free(y);
         }
     }
+    subset_roundtrip(g);
     ds_model_config cfg;
     (void)ds_model_config_from_gguf(g, &cfg, &err);
     ds_tokenizer *tok = NULL;

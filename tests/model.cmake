@@ -30,3 +30,16 @@ add_dependencies(test_gguf_model dsctl) # test_dsctl_text runs the real command
 # The integer kernels of the block types (model/qdot.c) against the reference dequantiser,
 # the activation rounding rule and the batch/thread/ISA invariance.
 ds_add_test(NAME test_qdot SOURCES test_qdot.c LIBS ds_model LABELS unit TIMEOUT 120)
+# Each unit's real bytes from a model file's tensor table (placement's inventory, dsctl plan)
+# against tests/data/unit_bytes/*.txt from tools/gen_unit_bytes.py (gguf-py, safetensors headers).
+ds_add_test(NAME test_model_bytes SOURCES test_model_bytes.c LIBS ds_model ds_placement
+            PkgConfig::JANSSON LABELS unit TIMEOUT 120)
+add_dependencies(test_model_bytes dsctl) # test_dsctl_plan_gguf runs the real command
+# A GGUF opened for some units reads only theirs; the subset GGUF the daemon streams opens with
+# the same loader and computes them bit for bit (docs/daemon.md, weight streaming).
+ds_add_test(NAME test_gguf_subset SOURCES test_gguf_subset.c LIBS ds_model LABELS unit
+            TIMEOUT 120)
+# --quantize q8_0|q4_k: Q8_0 bit-exact to gguf-py (tests/data/quant from tools/gen_quant_ref.py),
+# the Q4_K fit's error bound on every value, and dsctl generate --local --quantize on models/tiny.
+ds_add_test(NAME test_quantize SOURCES test_quantize.c LIBS ds_model LABELS unit TIMEOUT 120)
+add_dependencies(test_quantize dsctl)

@@ -412,7 +412,7 @@ static void test_open_subset(void **state)
     (void)state;
     ds_model *m = NULL;
     ds_error err = {0};
-    ds_model_open_opts o = {want_expert3, NULL};
+    ds_model_open_opts o = {.want = want_expert3};
     assert_int_equal(ds_model_open(REF "v3_noqlora_d72", &o, &m, &err), 0);
     uint32_t D = ds_model_get_config(m)->hidden_size;
     float *x = calloc(D, 4), *y = calloc(D, 4);
