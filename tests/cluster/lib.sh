@@ -40,9 +40,9 @@ cluster_start() {
     # when it has exited (a bind that failed, a bad option)
     local deadline=$((SECONDS + 60))
     while ((SECONDS < deadline)); do
-        # the cluster's own state (the nodes' entries say "serving" as soon as they loaded)
-        if DSD_TIMEOUT_MS=1000 "$DSCTL" status --json 2>/dev/null | python3 -c \
-            'import json, sys; sys.exit(json.load(sys.stdin).get("state") != "serving")' 2>/dev/null; then
+        # the cluster's own state, a top-level key (indent 2): the nodes' entries (deeper) say
+        # "serving" as soon as each loaded
+        if DSD_TIMEOUT_MS=1000 "$DSCTL" status --json 2>/dev/null | grep -q '^  "state": "serving"'; then
             return 0
         fi
         kill -0 "${CLUSTER_PIDS[0]}" 2>/dev/null || { echo "the coordinator exited" >&2; break; }
