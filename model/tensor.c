@@ -435,6 +435,28 @@ static inline float wval(enum ds_dtype kind, const wsrc *s, uint32_t c, uint32_t
 
 #define PF_BYTES 16384
 
+/* Weight rows per step of the one-input-row decode tile: 3 interleaved rows (6 independent FMA
+ * chains) by default, 1 (one sequential stream) with DS_DECODE_ROWS=1 or
+ * ds_tensor_set_decode_rows(1). Which is faster depends on the core: measured on the Xeon
+ * (AVX-512 machine), v2-4g BF16 decode 12.8 vs 11.6 tokens/s at 1 thread and 23.3-24.1 vs
+ * 21.0-21.7 at 2; on the EPYC of an earlier session one row was ahead by ~4 %. The bits are
+ * the same either way (each output is its own chains). */
+static int decode_rows = -1;
+
+void ds_tensor_set_decode_rows(uint32_t rows)
+{
+    decode_rows = rows == 1 ? 1 : 3;
+}
+
+static uint32_t dec_step(void)
+{
+    if (decode_rows < 0) {
+        const char *e = getenv("DS_DECODE_ROWS");
+        decode_rows = e && atoi(e) == 1 ? 1 : 3;
+    }
+    return (uint32_t)decode_rows;
+}
+
 /* The f16 scale of block blk of a Q8_0 row, exactly widened (vcvtph2ps). */
 KTARGET static KINLINE float q8_0_scale(const void *row, uint32_t blk)
 {
@@ -523,10 +545,10 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
             KIND == DS_DTYPE_Q8_0 ? (size_t)cols / 32 * 34 : (size_t)cols * dtype_bytes(KIND);     \
         if (KIND == DS_DTYPE_F8_E4M3)                                                              \
             nbc = (cols + w->block_cols - 1) / w->block_cols;                                      \
-        /* n = 1: one weight row at a time, a single sequential stream the prefetchers follow      \
-         * (measured on the idle VM, 1 thread, BF16: 1536 columns 11.2 GB/s vs 10.7 for 4 rows     \
-         * at a time, 448 columns 9.8 vs 8.6, 7168 columns equal; read bandwidth 12.6) */          \
-        uint32_t step = n == 1 ? 1 : 3, r = r0;                                                    \
+        /* n = 1: dec_step() weight rows at a time (3, or 1: a single sequential stream; on the    \
+         * EPYC, 1 thread, BF16: 1536 columns 11.2 GB/s vs 10.7 for 4 rows at a time, 448          \
+         * columns 9.8 vs 8.6, 7168 equal; on the Xeon 3 rows are ahead, see dec_step) */          \
+        uint32_t step = n == 1 ? dec_step() : 3, r = r0;                                           \
         wsrc ws[3];                                                                                \
         for (; r < r1; r += step) {                                                                \
             uint32_t mr = r1 - r < step ? r1 - r : step;                                           \
@@ -539,6 +561,8 @@ KTARGET static KINLINE void tile(enum ds_dtype kind, uint32_t MR, uint32_t NR, c
             float *yr = y + r;                                                                     \
             if (n == 2 && mr == 3)                                                                 \
                 tile(KIND, 3, 2, ws, w->block_cols, x, cols, yr, w->rows);                         \
+            else if (n == 1 && mr == 3)                                                            \
+                tile(KIND, 3, 1, ws, w->block_cols, x, cols, yr, w->rows);                         \
             else                                                                                   \
                 for (uint32_t m = 0; m < mr; m++)                                                  \
                     for (uint32_t i = 0; i < n; i++)                                               \

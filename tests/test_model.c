@@ -615,8 +615,8 @@ static void test_fp8_matmul(void **state)
 }
 
 /* The AVX2 kernels (decode tiles for 1 and 2 rows, the GEMM tile for 3+), the AVX-512 GEMM
- * tile (where the CPU has it) and the portable kernel give identical bits for every weight type, any number of rows per call, any row
- * range, and agree with a double reference. */
+ * tile (where the CPU has it) and the portable kernel give identical bits for every weight type,
+ * any number of rows per call, any row range, and agree with a double reference. */
 static void test_kernel_identity(void **state)
 {
     (void)state;
@@ -661,6 +661,11 @@ static void test_kernel_identity(void **state)
             ds_tensor_force_avx2(true);
             ds_weight_matmul(&w, x, n, y2, NULL);
             ds_tensor_force_avx2(false);
+            assert_memory_equal(y1, y2, (size_t)n * R * 4);
+            /* the one-row decode tile one weight row at a time instead of three */
+            ds_tensor_set_decode_rows(1);
+            ds_weight_matmul(&w, x, n, y2, NULL);
+            ds_tensor_set_decode_rows(3);
             assert_memory_equal(y1, y2, (size_t)n * R * 4);
             /* each row alone, and the rows split in uneven ranges on the fast path */
             for (uint32_t i = 0; i < n; i++) {
