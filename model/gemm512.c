@@ -1,4 +1,5 @@
-/* gemm512.c — the prefill GEMM's register tile on AVX-512: 4 weight rows x 6 input rows.
+/* gemm512.c — AVX-512 kernels: the prefill GEMM's register tile (4 weight rows x 6 input rows)
+ * and the one-row decode of BF16/F16 weights (3 rows interleaved, 16 lanes per zmm).
  *
  * The canonical order keeps 16 interleaved partial sums per output; a zmm register holds
  * exactly those 16 lanes, so a tile of 4 widened weight rows by 6 input rows is 24 accumulators
@@ -128,6 +129,64 @@ T512 void ds_gemm512_widen(const uint16_t *p, bool f16, uint32_t cols, float *ds
     }
 }
 
+/* One 16-column step of a BF16/F16 row, widened in a zmm (exact). */
+T512 static INLINE_ __m512 wide16(const uint16_t *p, bool f16)
+{
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return f16 ? _mm512_cvtph_ps(h)
+               : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+T512 static INLINE_ float wval1(const uint16_t *p, bool f16)
+{
+    if (f16)
+        return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*p)));
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+/* MR (1..3) weight rows against one input row, interleaved: MR independent zmm chains. */
+T512 static INLINE_ void gemv_rows(uint32_t MR, const uint16_t *w, size_t rs, bool f16,
+                                   const float *x, uint32_t cols, float *y)
+{
+    __m512 acc[3];
+    uint32_t c16 = cols & ~15u;
+#pragma GCC unroll 3
+    for (uint32_t m = 0; m < MR; m++)
+        acc[m] = _mm512_setzero_ps();
+    for (uint32_t c = 0; c < c16; c += 16) {
+        __m512 xv = _mm512_loadu_ps(x + c);
+        if ((c & 31) == 0) /* one prefetch per 64-byte line of each row, 16 KB ahead */
+#pragma GCC unroll 3
+            for (uint32_t m = 0; m < MR; m++)
+                _mm_prefetch((const char *)(w + m * rs + c) + 16384, _MM_HINT_T0);
+#pragma GCC unroll 3
+        for (uint32_t m = 0; m < MR; m++)
+            acc[m] = _mm512_fmadd_ps(wide16(w + m * rs + c, f16), xv, acc[m]);
+    }
+    float st[16] __attribute__((aligned(64)));
+#pragma GCC unroll 3
+    for (uint32_t m = 0; m < MR; m++) {
+        _mm512_store_ps(st, acc[m]);
+        float v = combine16(st);
+        for (uint32_t c = c16; c < cols; c++)
+            v = fma1(wval1(w + m * rs + c, f16), x[c], v);
+        y[m] = v;
+    }
+}
+
+T512 void ds_gemv512_rows(const uint16_t *w, bool f16, uint32_t cols, uint32_t nrows,
+                          const float *x, float *y)
+{
+    uint32_t r = 0;
+    for (; r + 3 <= nrows; r += 3)
+        gemv_rows(3, w + (size_t)r * cols, cols, f16, x, cols, y + r);
+    for (; r < nrows; r++)
+        gemv_rows(1, w + (size_t)r * cols, cols, f16, x, cols, y + r);
+}
+
 T512 void ds_gemm512_rows(const float *const *wr, uint32_t mr, const float *x, size_t xs,
                           uint32_t n, uint32_t cols, float *y, size_t ys, float *state, uint32_t nb)
 {
@@ -188,6 +247,11 @@ bool ds_gemm512_supported(void)
 void ds_gemm512_widen(const uint16_t *p, bool f16, uint32_t cols, float *dst)
 {
     (void)p, (void)f16, (void)cols, (void)dst;
+}
+void ds_gemv512_rows(const uint16_t *w, bool f16, uint32_t cols, uint32_t nrows, const float *x,
+                     float *y)
+{
+    (void)w, (void)f16, (void)cols, (void)nrows, (void)x, (void)y;
 }
 size_t ds_gemm512_state_floats(uint32_t nb)
 {

@@ -19,5 +19,9 @@ void ds_gemm512_rows(const float *const *wr, uint32_t mr, const float *x, size_t
 size_t ds_gemm512_state_floats(uint32_t nb);
 /* cols BF16 (or F16) values widened to float32 exactly (the values every other path uses). */
 void ds_gemm512_widen(const uint16_t *p, bool f16, uint32_t cols, float *dst);
+/* y[r] = the canonical dot of BF16 (or F16) row r of w [nrows, cols] with x, for one input row
+ * (decode): 3 rows at a time, one zmm chain each, widened in registers, prefetched ahead. */
+void ds_gemv512_rows(const uint16_t *w, bool f16, uint32_t cols, uint32_t nrows, const float *x,
+                     float *y);
 
 #endif

@@ -871,10 +871,14 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
             decode_f32(w, x, n, y, r0, r1);
             return;
         case DS_DTYPE_BF16:
-            decode_bf16(w, x, n, y, r0, r1);
-            return;
         case DS_DTYPE_F16:
-            decode_f16(w, x, n, y, r0, r1);
+            if (n == 1 && use_avx512() && decode_rows != 1)
+                ds_gemv512_rows((const uint16_t *)w->data + (size_t)r0 * w->cols,
+                                w->dtype == DS_DTYPE_F16, w->cols, r1 - r0, x, y + r0);
+            else if (w->dtype == DS_DTYPE_BF16)
+                decode_bf16(w, x, n, y, r0, r1);
+            else
+                decode_f16(w, x, n, y, r0, r1);
             return;
         case DS_DTYPE_Q8_0:
             /* rows are whole blocks of 32 (the loader checks), widened in registers */
