@@ -24,7 +24,11 @@
 
 #include "ds_log.h"
 #include "ds_version.h"
+#include "dsd_http.h"
 #include "dsd_loop.h"
+
+/* the HTTP server's connections reach the client ROUTER here (dsd_http.c) */
+#define HTTP_CLIENT_EP "inproc://dsd-http-clients"
 
 static void on_timer(struct dsd *d)
 {
@@ -119,8 +123,7 @@ static void on_signal(struct dsd *d)
 }
 
 /* zap_domain: a TCP ROUTER's CURVE domain (dsd_curve.c), NULL for inproc sockets */
-static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_domain,
-                       ds_error *err)
+static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_domain, ds_error *err)
 {
     void *s = zmq_socket(zctx, type);
     int zero = 0, rc;
@@ -142,6 +145,7 @@ int main(int argc, char **argv)
 {
     struct dsd d = {0};
     ds_error err = {0};
+    dsd_http *http = NULL;
     dsd_opts_defaults(&d.o);
     int rc = dsd_opts_parse(&d.o, argc, argv, &d.config_path, &err);
     if (rc == 1)
@@ -180,12 +184,16 @@ int main(int argc, char **argv)
         !(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, DSD_CURVE_DOMAIN_CLUSTER, &err)))
         goto out;
     if (d.coordinator) {
-        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind,
-                                    DSD_CURVE_DOMAIN_CLUSTER, &err)) ||
-            !(d.client = bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, DSD_CURVE_DOMAIN_CLIENT,
-                                   &err)) ||
+        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind, DSD_CURVE_DOMAIN_CLUSTER,
+                                    &err)) ||
+            !(d.client =
+                  bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, DSD_CURVE_DOMAIN_CLIENT, &err)) ||
             !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, &err)))
             goto out;
+        if (zmq_bind(d.client, HTTP_CLIENT_EP) < 0) {
+            ds_error_set(&err, -EIO, "bind %s: %s", HTTP_CLIENT_EP, zmq_strerror(zmq_errno()));
+            goto out;
+        }
         int one = 1;
         zmq_setsockopt(d.client, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
         int ivl = 1000, ttl = 5000;
@@ -228,6 +236,12 @@ int main(int argc, char **argv)
     }
     if (dsd_data_start(d.zctx, d.data, d.spipe, &d.o, d.coordinator, &d.dp, &err) < 0)
         goto out;
+    /* a port that cannot be had leaves the cluster serving over ZeroMQ: logged, not fatal */
+    if (d.coordinator && d.o.http_bind[0] &&
+        dsd_http_start(d.zctx, &d.o, HTTP_CLIENT_EP, &http, &err) < 0) {
+        ds_log_err("http: %s; serving without the HTTP API", ds_error_str(&err));
+        ds_error_clear(&err);
+    }
     sd_watchdog_enabled(0, &d.wd_usec);
     ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node, d.o.data_advertise);
     dsd_loop_set_state(&d, "joining");
@@ -274,7 +288,8 @@ out:
     if (err.code)
         ds_log_err("%s", ds_error_str(&err));
     sd_notify(0, "STOPPING=1");
-    if (d.coord.solving) { /* the solver has time limits: wait for it, drop its plan */
+    http = dsd_http_stop(http); /* its connections end within a wait slice, jobs cancelled */
+    if (d.coord.solving) {      /* the solver has time limits: wait for it, drop its plan */
         pthread_join(d.coord.solving->th, NULL);
         dsd_rollout_solve_free(d.coord.solving);
     }

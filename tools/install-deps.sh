@@ -12,6 +12,7 @@ PKGS=(
   libcmocka-dev
   libsystemd-dev systemd
   libjansson-dev
+  libmicrohttpd-dev
   libpcre2-dev
   libglpk-dev
   iproute2
