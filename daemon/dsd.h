@@ -54,12 +54,12 @@ typedef struct dsd_opts {
     bool calibrate;            /* measure devices at start (cached in state_dir) */
     bool discover_opencl;      /* include OpenCL devices in discovery */
     char devices_config[PATH_MAX]; /* devices operator config (memory_cap, ...), "" = none */
-    char plan_strategy[32];        /* coordinator: auto | <ds_strategy name> | round-robin */
-    int64_t plan_batch;            /* workload the planner optimises: rows per decode step */
-    int64_t plan_context;          /* tokens of context per sequence, 0 = max_context */
-    int64_t micro_batches;         /* coordinator: micro-batches in flight at once */
-    int64_t max_rows_per_step;     /* coordinator: rows of one micro-batch (chunked prefill) */
-    int64_t link_wait_ms; /* coordinator: first plan waits this long for link calibration */
+    char plan_strategy[32];    /* coordinator: auto | <ds_strategy name> | round-robin */
+    int64_t plan_batch;        /* workload the planner optimises: rows per decode step */
+    int64_t plan_context;      /* tokens of context per sequence, 0 = max_context */
+    int64_t micro_batches;     /* coordinator: micro-batches in flight at once */
+    int64_t max_rows_per_step; /* coordinator: rows of one micro-batch (chunked prefill) */
+    int64_t link_wait_ms;      /* coordinator: first plan waits this long for link calibration */
     char curve_secret_key_file[PATH_MAX]; /* cluster key pair file; "" = CURVE off */
     char curve_authorized_keys[PATH_MAX]; /* client public keys allowed; "" = any client key */
     char curve_server_public_key[41];     /* Z85; "" = the public key of the key file */
@@ -132,8 +132,8 @@ typedef struct dsd_host dsd_host;
 typedef struct dsd_units {
     bool embed, head;
     uint32_t n_layers, n_experts;
-    bool *attn;          /* [n_layers] (attention + router + shared/dense beside it) */
-    bool *expert;        /* [n_layers * n_experts] */
+    bool *attn;   /* [n_layers] (attention + router + shared/dense beside it) */
+    bool *expert; /* [n_layers * n_experts] */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
     char dev_names[16][32];
     /* what ds_backend_open takes for dev_names[i] ("opencl:1"), as this node's device discovery
@@ -192,9 +192,9 @@ typedef struct dsd_plan {
                           * accelerator dev_names[i] (opencl0, cuda0, ...) */
     char dev_names[DSD_MAX_DEVNAMES][32]; /* [0] = "" */
     uint32_t n_dev_names;
-    char strategy[32]; /* strategy requested ("round-robin" or a ds_strategy name) */
-    char solver[32];   /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
-    char *solver_json; /* the placement library's plan JSON (predicted times), or NULL */
+    char strategy[32];   /* strategy requested ("round-robin" or a ds_strategy name) */
+    char solver[32];     /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
+    char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
 } dsd_plan;
 
 /* A plan's tables for model c over n_nodes named nodes, zeroed (embed/head/attn = node 0,

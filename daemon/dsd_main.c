@@ -123,7 +123,8 @@ static void on_signal(struct dsd *d)
 }
 
 /* zap_domain: a TCP ROUTER's CURVE domain (dsd_curve.c), NULL for inproc sockets */
-static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_domain, ds_error *err)
+static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_domain,
+                       ds_error *err)
 {
     void *s = zmq_socket(zctx, type);
     int zero = 0, rc;
@@ -184,10 +185,10 @@ int main(int argc, char **argv)
         !(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, DSD_CURVE_DOMAIN_CLUSTER, &err)))
         goto out;
     if (d.coordinator) {
-        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind, DSD_CURVE_DOMAIN_CLUSTER,
-                                    &err)) ||
-            !(d.client =
-                  bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, DSD_CURVE_DOMAIN_CLIENT, &err)) ||
+        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind,
+                                    DSD_CURVE_DOMAIN_CLUSTER, &err)) ||
+            !(d.client = bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, DSD_CURVE_DOMAIN_CLIENT,
+                                   &err)) ||
             !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, &err)))
             goto out;
         if (zmq_bind(d.client, HTTP_CLIENT_EP) < 0) {
@@ -288,8 +289,9 @@ out:
     if (err.code)
         ds_log_err("%s", ds_error_str(&err));
     sd_notify(0, "STOPPING=1");
-    http = dsd_http_stop(http); /* its connections end within a wait slice, jobs cancelled */
-    if (d.coord.solving) {      /* the solver has time limits: wait for it, drop its plan */
+    /* its connections end within a wait slice, their jobs cancelled */
+    http = dsd_http_stop(http);
+    if (d.coord.solving) { /* the solver has time limits: wait for it, drop its plan */
         pthread_join(d.coord.solving->th, NULL);
         dsd_rollout_solve_free(d.coord.solving);
     }
