@@ -27,9 +27,42 @@ void dsd_http_error_set(dsd_http_error *e, int status, const char *type, const c
     va_end(ap);
 }
 
+/* s with every byte that is not part of a well-formed UTF-8 sequence replaced by '?' (a
+ * message may quote the client's bytes, and JSON text must be UTF-8). */
+static void utf8_clean(const char *s, char *out, size_t n)
+{
+    size_t o = 0;
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p && o + 5 < n) {
+        unsigned c = *p;
+        size_t k = c < 0x80                   ? 1
+                   : (c >= 0xC2 && c <= 0xDF) ? 2
+                   : (c >= 0xE0 && c <= 0xEF) ? 3
+                   : (c >= 0xF0 && c <= 0xF4) ? 4
+                                              : 0;
+        bool ok = k > 0;
+        for (size_t j = 1; ok && j < k; j++)
+            ok = (p[j] & 0xC0) == 0x80;
+        if (ok && k > 2)
+            ok = !((c == 0xE0 && p[1] < 0xA0) || (c == 0xED && p[1] > 0x9F) ||
+                   (c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] > 0x8F));
+        if (!ok) {
+            out[o++] = '?';
+            p++;
+            continue;
+        }
+        memcpy(out + o, p, k);
+        o += k;
+        p += k;
+    }
+    out[o] = 0;
+}
+
 char *dsd_http_error_json(const dsd_http_error *e)
 {
-    json_t *o = json_pack("{s:{s:s,s:s,s:o,s:o}}", "error", "message", e->message, "type",
+    char msg[sizeof(e->message) + 8];
+    utf8_clean(e->message, msg, sizeof(msg));
+    json_t *o = json_pack("{s:{s:s,s:s,s:o,s:o}}", "error", "message", msg, "type",
                           e->type ? e->type : "invalid_request_error", "param",
                           e->param ? json_string(e->param) : json_null(), "code",
                           e->code ? json_string(e->code) : json_null());

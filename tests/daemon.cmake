@@ -49,3 +49,7 @@ ds_add_script_test(NAME test_failover COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluste
 ds_add_script_test(NAME test_accel COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_accel.sh
                    LABELS "cluster;opencl" TIMEOUT 300)
 set_tests_properties(test_accel PROPERTIES SKIP_RETURN_CODE 77)
+# the HTTP API's pure layers: chat templates against HF's renderings, request bodies
+ds_add_test(NAME test_http SOURCES test_http.c LIBS ds_daemon LABELS unit TIMEOUT 60)
+ds_add_fuzz(NAME fuzz_http SOURCES fuzz_http.c LIBS ds_daemon
+            CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/http ITERATIONS 100000)
