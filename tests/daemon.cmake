@@ -53,3 +53,8 @@ set_tests_properties(test_accel PROPERTIES SKIP_RETURN_CODE 77)
 ds_add_test(NAME test_http SOURCES test_http.c LIBS ds_daemon LABELS unit TIMEOUT 60)
 ds_add_fuzz(NAME fuzz_http SOURCES fuzz_http.c LIBS ds_daemon
             CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/http ITERATIONS 100000)
+# the OpenAI-compatible HTTP API with the real openai client and curl (docs/http.md); skips
+# (77) when PyPI cannot be reached for the test's venv
+ds_add_script_test(NAME test_http_api COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_http.sh
+                   LABELS cluster TIMEOUT 600)
+set_tests_properties(test_http_api PROPERTIES SKIP_RETURN_CODE 77)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The HTTP API (label `cluster`, docs/http.md): a coordinator and one worker on models/tiny
+# with API keys, DeepSeek-V3's chat template and a small body limit, driven by the real
+# `openai` Python client (installed from PyPI into this test's own venv, kept in the build
+# tree) and by curl: tests/cluster/http_client.py checks models, completions and chat
+# completions (streaming and not) against `dsctl generate` / `dsctl submit`, stop strings,
+# usage, a disconnect that cancels its job, bad requests, /metrics (prometheus_client's
+# parser) and /health. Before that, a coordinator waiting for a worker that never comes must
+# answer 503 with the reason. Skips (77) only when PyPI cannot be reached.
+set -u
+. "$(dirname "$0")/lib.sh"
+trap cluster_cleanup EXIT
+need_jq
+fail=0
+
+VENV="$DS_BUILD/test-venv-http"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, prometheus_client, tokenizers" 2>/dev/null; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || { echo "python3 -m venv failed (python3-venv missing?)"; exit 1; }
+    if ! timeout 300 "$VENV/bin/pip" install -q --disable-pip-version-check openai prometheus_client tokenizers \
+        >"$CLUSTER_DIR/pip.log" 2>&1; then
+        if grep -qiE "connection|resolve|network|timed out|No matching distribution" "$CLUSTER_DIR/pip.log"; then
+            echo "SKIP: PyPI cannot be reached to install openai, prometheus_client, tokenizers:"
+            tail -n 3 "$CLUSTER_DIR/pip.log"
+            rm -rf "$VENV"
+            exit 77
+        fi
+        echo "FAIL: pip install failed:"; tail -n 20 "$CLUSTER_DIR/pip.log"
+        exit 1
+    fi
+fi
+
+model="$DS_ROOT/models/tiny"
+printf '# test keys\nsk-test-one\n\nsk-test-two\n' >"$CLUSTER_DIR/keys"
+
+# a coordinator that waits for a worker: /health and the API answer 503 with the reason
+"$DSD" --node=lonely --role=coordinator --expect_workers=1 --link_wait_ms=600000 \
+    --control_bind="tcp://127.0.0.1:$((BASE_PORT + 10))" --client_bind="tcp://127.0.0.1:$((BASE_PORT + 11))" \
+    --data_bind="tcp://127.0.0.1:$((BASE_PORT + 12))" --http_bind="127.0.0.1:$((BASE_PORT + 13))" \
+    --model="$model" --state_dir="$CLUSTER_DIR/lonely" --threads=1 --calibrate=false \
+    --discover_opencl=false >"$CLUSTER_DIR/lonely.log" 2>&1 &
+CLUSTER_PIDS+=($!)
+code=000
+for _ in $(seq 100); do
+    code=$(curl -s -o "$CLUSTER_DIR/h.json" -w '%{http_code}' "http://127.0.0.1:$((BASE_PORT + 13))/health") && break
+    sleep 0.1
+done
+if [ "$code" = 503 ] && jq -e '.status == "unavailable" and (.reason | test("join"))' "$CLUSTER_DIR/h.json" >/dev/null; then
+    echo "ok   /health while joining: 503 $(cat "$CLUSTER_DIR/h.json")"
+else
+    echo "FAIL /health while joining: $code $(cat "$CLUSTER_DIR/h.json" 2>/dev/null)"; fail=1
+fi
+code=$(curl -s -o "$CLUSTER_DIR/c.json" -w '%{http_code}' "http://127.0.0.1:$((BASE_PORT + 13))/v1/completions" \
+    -d '{"prompt":"hi","max_tokens":2}')
+if [ "$code" = 503 ] && jq -e '.error.message | test("not serving")' "$CLUSTER_DIR/c.json" >/dev/null; then
+    echo "ok   completion while joining: 503 $(jq -c .error.message "$CLUSTER_DIR/c.json")"
+else
+    echo "FAIL completion while joining: $code $(cat "$CLUSTER_DIR/c.json")"; fail=1
+fi
+kill "${CLUSTER_PIDS[0]}"; wait "${CLUSTER_PIDS[0]}" 2>/dev/null; CLUSTER_PIDS=()
+
+cluster_start "$model" 1 --http_api_keys_file="$CLUSTER_DIR/keys" \
+    --chat_template_file="$DS_ROOT/tests/data/chat/deepseek_v3.jinja" --http_max_body_bytes=65536 ||
+    { cluster_stop; exit 1; }
+grep -q "http: OpenAI API on http://127.0.0.1:$HTTP_PORT/v1" "$CLUSTER_DIR/coord.log" ||
+    { echo "FAIL: no HTTP server line in the log"; fail=1; }
+
+DS_MODEL="$model" HTTP_URL="http://127.0.0.1:$HTTP_PORT" API_KEY=sk-test-two \
+    COORD_LOG="$CLUSTER_DIR/coord.log" COORD_PID="${CLUSTER_PIDS[0]}" TMPD="$CLUSTER_DIR" \
+    timeout 300 "$VENV/bin/python" "$(dirname "$0")/http_client.py" || fail=1
+
+kill -0 "${CLUSTER_PIDS[0]}" 2>/dev/null || { echo "FAIL: the coordinator died"; fail=1; }
+exit $fail
