@@ -39,7 +39,7 @@
 #define MAX_KEYS          256
 #define N_BUCKETS         14
 
-extern const char dsd_http_status_page[]; /* dsd_http_page.c: the status page at / */
+extern const char dsd_http_status_page[]; /* daemon/www/status.html, compiled in */
 
 static const double BUCKETS[N_BUCKETS] = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08,
                                           0.1,   0.25,  0.5,  1,    2.5,  5,    10};
@@ -1064,7 +1064,8 @@ static void metrics_cluster(struct dsd_http *h, struct sbuf *b)
         }
         metric_head(b, "dsd_predicted_step_seconds", "gauge",
                     "The solver's predicted decode step time.");
-        sb_printf(b, "dsd_predicted_step_seconds %.9g\n", num(pred, "decode_step_s"));
+        sb_printf(b, "dsd_predicted_step_seconds %.9g\n",
+                  num(json_object_get(pred, "predicted"), "decode_step_s"));
     }
     if (es) {
         metric_head(b, "dsd_expert_routed_total", "counter",

@@ -58,3 +58,7 @@ ds_add_fuzz(NAME fuzz_http SOURCES fuzz_http.c LIBS ds_daemon
 ds_add_script_test(NAME test_http_api COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_http.sh
                    LABELS cluster TIMEOUT 600)
 set_tests_properties(test_http_api PROPERTIES SKIP_RETURN_CODE 77)
+# the status page rendered by headless Chromium (skips, 77, without it)
+ds_add_script_test(NAME test_http_page COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_http_page.sh
+                   LABELS cluster TIMEOUT 300)
+set_tests_properties(test_http_page PROPERTIES SKIP_RETURN_CODE 77)

@@ -17,6 +17,7 @@ PKGS=(
   libglpk-dev
   iproute2
   jq
+  chromium python3-venv curl
 )
 
 missing=()
