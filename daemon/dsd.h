@@ -87,6 +87,11 @@ void dsd_opts_apply_reload(dsd_opts *cur, const dsd_opts *next);
 void dsd_opts_help(FILE *f);
 /* Checks cross-option rules (worker needs coordinator, ...). */
 int dsd_opts_check(const dsd_opts *o, ds_error *err);
+/* model as a Hugging Face hub cache entry (dsd_hf.c): a models--org--name directory, or
+ * org/name in $HF_HUB_CACHE / $HF_HOME/hub / ~/.cache/huggingface/hub, becomes its newest
+ * snapshot directory (1) and repo_id to "org/name"; anything else is left as it is (0).
+ * -ENOENT for an entry without snapshots. */
+int dsd_model_resolve(char *model, size_t n, char *repo_id, size_t rn, ds_error *err);
 /* Writes the resolved options as JSON-able key = value lines (for `dsd --print-config`). */
 void dsd_opts_print(const dsd_opts *o, FILE *f);
 

@@ -155,6 +155,10 @@ int main(int argc, char **argv)
         gethostname(d.o.node, sizeof(d.o.node) - 1);
     if (rc == 0)
         rc = dsd_opts_check(&d.o, &err);
+    char repo[128] = "";
+    if (rc >= 0 && (rc = dsd_model_resolve(d.o.model, sizeof(d.o.model), repo, sizeof(repo),
+                                           &err)) == 1 && !d.o.http_model_name[0])
+        snprintf(d.o.http_model_name, sizeof(d.o.http_model_name), "%s", repo);
     if (rc < 0) {
         fprintf(stderr, "dsd: %s\n", ds_error_str(&err));
         return 2;

@@ -16,6 +16,11 @@
 #include <cmocka.h>
 #include <jansson.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "dsd.h"
 #include "dsd_http.h"
 
 static char *read_file(const char *path, size_t *len)
@@ -265,13 +270,64 @@ static void test_req_errors(void **state)
     }
 }
 
+/* --model as a hub cache entry: the entry directory, or org/name under $HF_HOME/hub, become
+ * the newest snapshot; other paths are left alone. */
+static void test_hf_cache(void **state)
+{
+    (void)state;
+    char root[] = "/tmp/dsd-hf-XXXXXX", p[512], model[4096];
+    assert_non_null(mkdtemp(root));
+    const char *dirs[] = {"hub",
+                          "hub/models--org--m",
+                          "hub/models--org--m/snapshots",
+                          "hub/models--org--m/snapshots/aaa",
+                          "hub/models--org--m/snapshots/bbb",
+                          "hub/models--org--empty",
+                          "plain"};
+    for (size_t i = 0; i < sizeof(dirs) / sizeof(dirs[0]); i++) {
+        snprintf(p, sizeof(p), "%s/%s", root, dirs[i]);
+        assert_int_equal(mkdir(p, 0755), 0);
+    }
+    /* bbb is the newest */
+    struct timespec ts[2] = {{.tv_sec = 1000}, {.tv_sec = 1000}};
+    snprintf(p, sizeof(p), "%s/hub/models--org--m/snapshots/aaa", root);
+    utimensat(AT_FDCWD, p, ts, 0);
+    ts[0].tv_sec = ts[1].tv_sec = 2000;
+    snprintf(p, sizeof(p), "%s/hub/models--org--m/snapshots/bbb", root);
+    utimensat(AT_FDCWD, p, ts, 0);
+    ds_error err = {0};
+    char repo[128] = "";
+    snprintf(model, sizeof(model), "%s/hub/models--org--m/", root);
+    assert_int_equal(dsd_model_resolve(model, sizeof(model), repo, sizeof(repo), &err), 1);
+    assert_string_equal(model, p);
+    assert_string_equal(repo, "org/m");
+    setenv("HF_HOME", root, 1);
+    unsetenv("HF_HUB_CACHE");
+    snprintf(model, sizeof(model), "org/m");
+    assert_int_equal(dsd_model_resolve(model, sizeof(model), repo, sizeof(repo), &err), 1);
+    assert_string_equal(model, p);
+    snprintf(model, sizeof(model), "org/empty");
+    assert_int_equal(dsd_model_resolve(model, sizeof(model), repo, sizeof(repo), &err), -ENOENT);
+    assert_non_null(strstr(ds_error_str(&err), "snapshot"));
+    snprintf(model, sizeof(model), "org/absent"); /* not cached: left alone */
+    assert_int_equal(dsd_model_resolve(model, sizeof(model), repo, sizeof(repo), &err), 0);
+    assert_string_equal(model, "org/absent");
+    snprintf(model, sizeof(model), "%s/plain", root); /* an ordinary directory */
+    assert_int_equal(dsd_model_resolve(model, sizeof(model), repo, sizeof(repo), &err), 0);
+    snprintf(model, sizeof(model), "/var/lib/dsd/model"); /* a worker without a copy */
+    assert_int_equal(dsd_model_resolve(model, sizeof(model), repo, sizeof(repo), &err), 0);
+    assert_string_equal(model, "/var/lib/dsd/model");
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_matches_hf),
-        cmocka_unit_test(test_chat_families),
-        cmocka_unit_test(test_req_fields),
-        cmocka_unit_test(test_req_errors),
+        cmocka_unit_test(test_chat_matches_hf), cmocka_unit_test(test_chat_families),
+        cmocka_unit_test(test_req_fields),      cmocka_unit_test(test_req_errors),
+        cmocka_unit_test(test_hf_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The HTTP API (label `cluster`, docs/http.md): a coordinator and one worker on models/tiny
-# with API keys, DeepSeek-V3's chat template and a small body limit, driven by the real
+# (given as a Hugging Face hub cache entry, org/name under $HF_HOME) with API keys,
+# DeepSeek-V3's chat template and a small body limit, driven by the real
 # `openai` Python client (installed from PyPI into this test's own venv, kept in the build
 # tree) and by curl: tests/cluster/http_client.py checks models, completions and chat
 # completions (streaming and not) against `dsctl generate` / `dsctl submit`, stop strings,
@@ -59,13 +60,26 @@ else
 fi
 kill "${CLUSTER_PIDS[0]}"; wait "${CLUSTER_PIDS[0]}" 2>/dev/null; CLUSTER_PIDS=()
 
-cluster_start "$model" 1 --http_api_keys_file="$CLUSTER_DIR/keys" \
+# the model as a Hugging Face hub cache entry: HF_HOME/hub/models--dsd-test--tiny, its files
+# links into blobs as huggingface_hub makes them; an older snapshot must not be taken
+hub="$CLUSTER_DIR/hf/hub/models--dsd-test--tiny"
+mkdir -p "$hub/blobs" "$hub/snapshots/0ld" "$hub/snapshots/c0ffee"
+for f in "$model"/*; do
+    cp "$f" "$hub/blobs/$(basename "$f").blob"
+    ln -s "../../blobs/$(basename "$f").blob" "$hub/snapshots/c0ffee/$(basename "$f")"
+done
+touch -d '2020-01-01' "$hub/snapshots/0ld"
+export HF_HOME="$CLUSTER_DIR/hf"
+unset HF_HUB_CACHE
+cluster_start dsd-test/tiny 1 --http_api_keys_file="$CLUSTER_DIR/keys" \
     --chat_template_file="$DS_ROOT/tests/data/chat/deepseek_v3.jinja" --http_max_body_bytes=65536 ||
     { cluster_stop; exit 1; }
+grep -q "model dsd-test/tiny: the hub cache snapshot $hub/snapshots/c0ffee" "$CLUSTER_DIR/coord.log" ||
+    { echo "FAIL: the hub cache entry was not resolved to its newest snapshot"; fail=1; }
 grep -q "http: OpenAI API on http://127.0.0.1:$HTTP_PORT/v1" "$CLUSTER_DIR/coord.log" ||
     { echo "FAIL: no HTTP server line in the log"; fail=1; }
 
-DS_MODEL="$model" HTTP_URL="http://127.0.0.1:$HTTP_PORT" API_KEY=sk-test-two \
+DS_MODEL="$model" MODEL_ID=dsd-test/tiny HTTP_URL="http://127.0.0.1:$HTTP_PORT" API_KEY=sk-test-two \
     COORD_LOG="$CLUSTER_DIR/coord.log" COORD_PID="${CLUSTER_PIDS[0]}" TMPD="$CLUSTER_DIR" \
     timeout 300 "$VENV/bin/python" "$(dirname "$0")/http_client.py" || fail=1
 
