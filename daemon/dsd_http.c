@@ -485,7 +485,8 @@ static int gen_submit(struct gen *g, dsd_http_error *e)
         ids[i] = (uint32_t)g->prompt[i];
     char *stops[DSD_HTTP_MAX_STOP + 1];
     size_t n_stop = 0;
-    stops[n_stop++] = "eos"; /* a model's end of sequence ends its answer (finish "stop") */
+    if (!r->ignore_eos)
+        stops[n_stop++] = "eos"; /* a model's end of sequence ends its answer (finish "stop") */
     for (uint32_t i = 0; i < r->n_stop; i++)
         stops[n_stop++] = (char *)r->stop[i];
     Dsd__Envelope env = DSD__ENVELOPE__INIT;

@@ -85,6 +85,7 @@ typedef struct dsd_http_req {
     const char *stop[DSD_HTTP_MAX_STOP];
     uint32_t n_stop;
     bool stream, include_usage, return_token_ids, thinking;
+    bool ignore_eos; /* vLLM's extension: generate past the end-of-sequence token */
 } dsd_http_req;
 
 /* An error for the client in OpenAI's shape; status is the HTTP status. */

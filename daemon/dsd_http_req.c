@@ -375,7 +375,8 @@ int dsd_http_req_parse(enum dsd_http_kind kind, const char *body, size_t len, ds
         get_int(root, "max_tokens", 1, 1 << 24, &max_tokens, e) < 0 ||
         get_int(root, "max_completion_tokens", 1, 1 << 24, &max_tokens, e) < 0 ||
         get_bool(root, "stream", &r->stream, e) < 0 ||
-        get_bool(root, "return_token_ids", &r->return_token_ids, e) < 0)
+        get_bool(root, "return_token_ids", &r->return_token_ids, e) < 0 ||
+        get_bool(root, "ignore_eos", &r->ignore_eos, e) < 0)
         goto fail;
     if (top_p == 0)
         BAD("top_p", "'top_p' must be in (0, 1]");
