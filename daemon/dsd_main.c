@@ -32,6 +32,7 @@
 
 static void on_timer(struct dsd *d)
 {
+    dsd_progress_tick(d);
     uint64_t now = dsd_now_ns(), hb = (uint64_t)d->o.heartbeat_ms * 1000000ull;
     if (d->wd_usec && now - d->last_wd_ns >= d->wd_usec * 500ull) {
         sd_notify(0, "WATCHDOG=1");
@@ -278,8 +279,10 @@ int main(int argc, char **argv)
             on_signal(&d);
         if (it[1].revents)
             dsd_rollout_on_solved(&d);
-        if (it[2].revents)
+        if (it[2].revents) {
+            dsd_progress_tick(&d); /* the load's last sample: all paged in */
             d.coordinator ? dsd_rollout_on_loaded(&d) : dsd_worker_on_loaded(&d);
+        }
         if (it[3].revents)
             d.coordinator ? dsd_members_on_control(&d) : dsd_worker_on_control(&d);
         if (d.coordinator && it[4].revents)
