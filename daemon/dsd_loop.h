@@ -74,7 +74,7 @@ struct dsd_worker {
 struct dsd_progress {
     bool active;
     uint64_t done, total; /* bytes; total 0 when unknown */
-    uint64_t t0_ns, last_ns, last_done, last_log_ns, last_extend_ns;
+    uint64_t t0_ns, last_ns, last_done, last_log_ns, last_extend_ns, last_status_ns;
     double rate; /* bytes per second, smoothed */
 };
 

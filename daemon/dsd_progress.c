@@ -42,6 +42,7 @@ static void update(struct dsd *d, struct dsd_progress *p, const char *what, bool
         memset(p, 0, sizeof(*p));
         p->active = true;
         p->t0_ns = p->last_ns = p->last_log_ns = now;
+        p->last_status_ns = 0;
     }
     if (now - p->last_ns >= 1000000000ull) { /* the rate over the last second or more */
         double inst = (double)(done - (done >= p->last_done ? p->last_done : done)) /
@@ -65,10 +66,14 @@ static void update(struct dsd *d, struct dsd_progress *p, const char *what, bool
         else
             ds_log_notice("%s: %s, %s/s", what, a, r);
     }
-    if (total)
-        dsd_notify("STATUS=%s: %s %.0f%% (%s of %s, %s/s)", d->state, what, pct, a, b, r);
-    else
-        dsd_notify("STATUS=%s: %s %s (%s/s)", d->state, what, a, r);
+    /* the loop ticks on every message: STATUS at most every 0.2 s, and at 100 % */
+    if (now - p->last_status_ns >= 200000000ull || (total && done == total && moved)) {
+        p->last_status_ns = now;
+        if (total)
+            dsd_notify("STATUS=%s: %s %.0f%% (%s of %s, %s/s)", d->state, what, pct, a, b, r);
+        else
+            dsd_notify("STATUS=%s: %s %s (%s/s)", d->state, what, a, r);
+    }
     if (moved && now - p->last_extend_ns >= 1000000000ull) {
         p->last_extend_ns = now;
         dsd_notify("EXTEND_TIMEOUT_USEC=%llu", (unsigned long long)EXTEND_WINDOW_S * 1000000ull);
