@@ -1370,65 +1370,77 @@ static int parse_bind(const char *bind, struct sockaddr_storage *ss, bool *loopb
     return 0;
 }
 
+int dsd_http_chat_template_find(const char *model, const char *file, char **text, size_t *len,
+                                char *src, size_t srcn, ds_error *err)
+{
+    *text = NULL;
+    *len = 0;
+    if (file && file[0]) {
+        snprintf(src, srcn, "%s", file);
+        FILE *f = fopen(file, "re");
+        if (!f)
+            return ds_error_set(err, -errno, "chat_template_file %s: %s", file, strerror(errno));
+        struct sbuf b = {0};
+        char chunk[4096];
+        size_t n;
+        while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0 && b.n < (1u << 20))
+            sb_put(&b, chunk, n);
+        fclose(f);
+        if (b.oom) {
+            free(b.p);
+            return ds_error_set(err, -ENOMEM, "out of memory");
+        }
+        *text = b.p;
+        *len = b.n;
+        return 0;
+    }
+    snprintf(src, srcn, "%s/tokenizer_config.json", model);
+    json_t *j = json_load_file(src, 0, NULL);
+    if (j) {
+        json_t *t = json_object_get(j, "chat_template");
+        if (json_is_array(t)) { /* [{"name": "default", "template": ...}, ...] */
+            size_t i;
+            json_t *x, *def = NULL;
+            json_array_foreach(t, i, x)
+            {
+                const char *nm = json_string_value(json_object_get(x, "name"));
+                if (nm && !strcmp(nm, "default"))
+                    def = json_object_get(x, "template");
+            }
+            t = def;
+        }
+        if (json_is_string(t) && (*text = malloc(json_string_length(t) + 1))) {
+            *len = json_string_length(t);
+            memcpy(*text, json_string_value(t), *len + 1);
+        }
+        json_decref(j);
+        return 0;
+    }
+    ds_gguf *g;
+    ds_error gerr = {0};
+    if (ds_gguf_open_split(model, &g, &gerr) == 0) {
+        snprintf(src, srcn, "%s (tokenizer.chat_template)", model);
+        ds_gguf_str s;
+        if (ds_gguf_get_str(g, "tokenizer.chat_template", &s, &gerr) == 0 && s.len < (1u << 20) &&
+            (*text = malloc(s.len + 1))) {
+            memcpy(*text, s.ptr, s.len);
+            (*text)[s.len] = 0;
+            *len = s.len;
+        }
+        ds_gguf_free(g);
+    }
+    return 0;
+}
+
 /* The chat template: chat_template_file, else tokenizer_config.json's, else the GGUF's. */
 static void load_chat(struct dsd_http *h, const dsd_opts *o)
 {
     char *text = NULL, src[PATH_MAX + 64];
     size_t len = 0;
     ds_error err = {0};
-    if (o->chat_template_file[0]) {
-        snprintf(src, sizeof(src), "%s", o->chat_template_file);
-        FILE *f = fopen(o->chat_template_file, "re");
-        if (f) {
-            struct sbuf b = {0};
-            char chunk[4096];
-            size_t n;
-            while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0 && b.n < (1u << 20))
-                sb_put(&b, chunk, n);
-            fclose(f);
-            text = b.p;
-            len = b.n;
-        } else
-            snprintf(h->chat_error, sizeof(h->chat_error), "chat_template_file %s: %s",
-                     o->chat_template_file, strerror(errno));
-    } else {
-        char cfg[PATH_MAX + 32];
-        snprintf(cfg, sizeof(cfg), "%s/tokenizer_config.json", o->model);
-        snprintf(src, sizeof(src), "%s", cfg);
-        json_t *j = json_load_file(cfg, 0, NULL);
-        json_t *t = json_object_get(j, "chat_template");
-        if (json_is_array(t)) { /* [{"name": "default", "template": ...}, ...] */
-            size_t i;
-            json_t *x;
-            json_array_foreach(t, i, x)
-            {
-                const char *nm = json_string_value(json_object_get(x, "name"));
-                if (nm && !strcmp(nm, "default"))
-                    t = json_object_get(x, "template");
-            }
-        }
-        if (json_is_string(t)) {
-            len = json_string_length(t);
-            text = malloc(len + 1);
-            if (text)
-                memcpy(text, json_string_value(t), len + 1);
-        }
-        json_decref(j);
-        if (!j) {
-            ds_gguf *g;
-            if (ds_gguf_open_split(o->model, &g, &err) == 0) {
-                snprintf(src, sizeof(src), "%s (tokenizer.chat_template)", o->model);
-                ds_gguf_str s;
-                if (ds_gguf_get_str(g, "tokenizer.chat_template", &s, &err) == 0 &&
-                    (text = malloc(s.len + 1))) {
-                    memcpy(text, s.ptr, s.len);
-                    text[s.len] = 0;
-                    len = s.len;
-                }
-                ds_gguf_free(g);
-            }
-        }
-    }
+    if (dsd_http_chat_template_find(o->model, o->chat_template_file, &text, &len, src, sizeof(src),
+                                    &err) < 0)
+        snprintf(h->chat_error, sizeof(h->chat_error), "%s", ds_error_str(&err));
     if (!h->chat_error[0]) {
         if (dsd_chat_template_detect(text, len, src, &h->chat, &err) == 0)
             h->have_chat = true;

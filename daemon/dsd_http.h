@@ -119,6 +119,12 @@ typedef struct dsd_http dsd_http;
  * template of o->model (a missing or unknown template only disables chat, with a log line). */
 int dsd_http_start(void *zctx, const struct dsd_opts *o, const char *client_ep, dsd_http **ret,
                    ds_error *err);
+/* The chat template's Jinja text: the file `file` when given, else model's
+ * tokenizer_config.json `chat_template` (a string, or the "default" of a list), else, for a
+ * GGUF model, its `tokenizer.chat_template`. 0 with *text malloc'd (NULL when the model has
+ * none) and src naming where it came from; an unreadable `file` is an error. */
+int dsd_http_chat_template_find(const char *model, const char *file, char **text, size_t *len,
+                                char *src, size_t srcn, ds_error *err);
 /* Stops accepting, ends every connection, frees. NULL-safe; returns NULL. */
 dsd_http *dsd_http_stop(dsd_http *h);
 

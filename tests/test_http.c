@@ -322,12 +322,95 @@ static void test_hf_cache(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
+static void put_u32(FILE *f, uint32_t v)
+{
+    fwrite(&v, 4, 1, f);
+}
+static void put_u64(FILE *f, uint64_t v)
+{
+    fwrite(&v, 8, 1, f);
+}
+static void put_str(FILE *f, const char *s)
+{
+    put_u64(f, strlen(s));
+    fwrite(s, 1, strlen(s), f);
+}
+
+/* Where the template comes from: chat_template_file, tokenizer_config.json (a string or the
+ * "default" of a list), a GGUF's tokenizer.chat_template (a file written here: GGUF v3, no
+ * tensors, two string keys). */
+static void test_chat_template_sources(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/dsd-chat-XXXXXX", p[600], src[700];
+    assert_non_null(mkdtemp(dir));
+    size_t v3len = 0;
+    char *v3 = read_file(DS_TEST_DATA "/chat/deepseek_v3.jinja", &v3len);
+    assert_non_null(v3);
+    char *text;
+    size_t len;
+    ds_error err = {0};
+    dsd_chat_template t;
+    /* GGUF */
+    snprintf(p, sizeof(p), "%s/m.gguf", dir);
+    FILE *f = fopen(p, "wb");
+    assert_non_null(f);
+    fwrite("GGUF", 1, 4, f);
+    put_u32(f, 3);
+    put_u64(f, 0); /* tensors */
+    put_u64(f, 2); /* kvs */
+    put_str(f, "general.architecture");
+    put_u32(f, 8); /* string */
+    put_str(f, "deepseek2");
+    put_str(f, "tokenizer.chat_template");
+    put_u32(f, 8);
+    put_str(f, v3);
+    fclose(f);
+    assert_int_equal(dsd_http_chat_template_find(p, "", &text, &len, src, sizeof(src), &err), 0);
+    assert_non_null(text);
+    assert_int_equal(len, v3len);
+    assert_memory_equal(text, v3, len);
+    assert_non_null(strstr(src, "tokenizer.chat_template"));
+    assert_int_equal(dsd_chat_template_detect(text, len, src, &t, &err), 0);
+    assert_int_equal(t.family, DSD_CHAT_FAMILY_V3);
+    free(text);
+    /* tokenizer_config.json with a list of named templates */
+    json_t *cfg = json_pack("{s:[{s:s,s:s},{s:s,s:s}]}", "chat_template", "name", "tool_use",
+                            "template", "x", "name", "default", "template", v3);
+    snprintf(p, sizeof(p), "%s/tokenizer_config.json", dir);
+    assert_int_equal(json_dump_file(cfg, p, 0), 0);
+    json_decref(cfg);
+    assert_int_equal(dsd_http_chat_template_find(dir, NULL, &text, &len, src, sizeof(src), &err),
+                     0);
+    assert_non_null(text);
+    assert_string_equal(text, v3);
+    free(text);
+    /* none at all: no text, no error (chat is then refused, naming chat_template_file) */
+    assert_int_equal(json_dump_file(json_pack("{s:b}", "add_bos_token", 1), p, 0), 0);
+    assert_int_equal(dsd_http_chat_template_find(dir, NULL, &text, &len, src, sizeof(src), &err),
+                     0);
+    assert_null(text);
+    /* chat_template_file wins; a missing one is an error naming it */
+    assert_int_equal(dsd_http_chat_template_find(dir, DS_TEST_DATA "/chat/deepseek_r1.jinja", &text,
+                                                 &len, src, sizeof(src), &err),
+                     0);
+    assert_non_null(strstr(text, "</think>"));
+    free(text);
+    assert_true(dsd_http_chat_template_find(dir, "/nonexistent/t.jinja", &text, &len, src,
+                                            sizeof(src), &err) < 0);
+    assert_non_null(strstr(ds_error_str(&err), "chat_template_file /nonexistent/t.jinja"));
+    free(v3);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_chat_matches_hf), cmocka_unit_test(test_chat_families),
         cmocka_unit_test(test_req_fields),      cmocka_unit_test(test_req_errors),
-        cmocka_unit_test(test_hf_cache),
+        cmocka_unit_test(test_hf_cache),        cmocka_unit_test(test_chat_template_sources),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
