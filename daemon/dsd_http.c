@@ -1244,6 +1244,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                                cn->body ? cn->body : "", cn->len);
     }
     enum MHD_Result r;
+    unsigned code = 200; /* /metrics and /api/status answer 200 or 5xx: counted as 2xx here */
     if (!strcmp(method, "GET") && !strcmp(url, "/v1/models"))
         r = reply_json(c, 200, json_pack("{s:s,s:[o]}", "object", "list", "data", model_obj(h)));
     else if (!strcmp(method, "GET") && !strncmp(url, "/v1/models/", 11)) {
@@ -1251,6 +1252,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             dsd_http_error_set(&e, 404, "invalid_request_error", "model_not_found", "model",
                                "the model '%.100s' does not exist", url + 11);
             r = reply_error(c, &e);
+            code = 404;
         } else
             r = reply_json(c, 200, model_obj(h));
     } else if (!strcmp(method, "GET") && !strcmp(url, "/metrics"))
@@ -1261,8 +1263,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         dsd_http_error_set(&e, 404, "invalid_request_error", "not_found", NULL,
                            "no route %.16s %.200s", method, url);
         r = reply_error(c, &e);
+        code = 404;
     }
-    count_request(h, 2, 200);
+    count_request(h, 2, code);
     return r;
 }
 
