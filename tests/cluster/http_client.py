@@ -215,6 +215,71 @@ fin = [l for l in open(os.environ["COORD_LOG"]) if "finished (cancelled)" in l]
 check(fin and int(fin[-1].split("after ")[1].split()[0]) < 400,
       "the cancelled job stopped early", fin[-1].strip() if fin else "no line")
 
+# ---- with the worker stopped (SIGSTOP), jobs cannot progress: deterministic holds -------------
+# round-robin puts attention on the worker, so no job produces a token while it is stopped;
+# heartbeat_misses is high enough that it is not declared failed meanwhile
+import signal
+
+W1 = int(os.environ["W1_PID"])
+
+
+def raw_request(path, payload):
+    body = json.dumps(payload).encode()
+    sk = socket.create_connection((host, int(port)))
+    sk.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               .encode() + body)
+    return sk
+
+
+def wait_jobs(n):
+    for _ in range(400):  # bounded
+        if len(json.loads(dsctl("jobs", "--json") or "{}").get("jobs", [])) == n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def log_count(text):
+    return open(os.environ["COORD_LOG"]).read().count(text)
+
+
+os.kill(W1, signal.SIGSTOP)
+try:
+    # a non-streamed request whose client hangs up while it waits
+    gone0 = log_count("cancelled: its client is gone")
+    sk = raw_request("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 100})
+    held = wait_jobs(1)
+    sk.close()
+    noticed = False
+    for _ in range(200):
+        if log_count("cancelled: its client is gone") > gone0:
+            noticed = True
+            break
+        time.sleep(0.05)
+    check(held and noticed, "a non-streamed client that hangs up while its job waits: cancelled")
+    # max_jobs (4 here) running: the next request is 429
+    socks = [raw_request("/v1/chat/completions", {"model": MODEL, "messages": convs[0],
+                                                   "max_tokens": 50, "stream": True})
+             for _ in range(3)]
+    full = wait_jobs(4)  # the three and the cancelled one, still in flight
+    code, text = curl("/v1/completions", body=json.dumps({"model": MODEL, "prompt": "x"}))
+    check(full and code == 429 and json.loads(text)["error"]["type"] == "rate_limit_error",
+          "max_jobs running: 429 rate_limit_error", f"{code} {text[:100]}")
+    try:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        check(False, "openai client: 429 raises RateLimitError")
+    except openai.RateLimitError:
+        check(True, "openai client: 429 raises RateLimitError")
+    for sk in socks:
+        sk.close()
+finally:
+    os.kill(W1, signal.SIGCONT)
+check(wait_jobs(0), "once the worker runs again every abandoned job ends: no job left")
+m = metrics()
+check(metric(m, "dsd_request_success_total", finish_reason="cancelled") >= before + 5,
+      "dsd_request_success_total counts the 5 cancelled jobs")
+
 # ---- bad requests: the right status, OpenAI's error shape, no crash ----------------------------
 def bad(what, want, path="/v1/completions", key=KEY, body=None, method_args=()):
     code, text = curl(path, *method_args, key=key, body=body)

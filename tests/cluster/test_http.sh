@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The HTTP API (label `cluster`, docs/http.md): a coordinator and one worker on models/tiny
 # (given as a Hugging Face hub cache entry, org/name under $HF_HOME) with API keys,
-# DeepSeek-V3's chat template and a small body limit, driven by the real
+# DeepSeek-V3's chat template, a small body limit, max_jobs = 4 and round-robin placement (the
+# test stops the worker to hold jobs), driven by the real
 # `openai` Python client (installed from PyPI into this test's own venv, kept in the build
 # tree) and by curl: tests/cluster/http_client.py checks models, completions and chat
 # completions (streaming and not) against `dsctl generate` / `dsctl submit`, stop strings,
@@ -72,7 +73,8 @@ touch -d '2020-01-01' "$hub/snapshots/0ld"
 export HF_HOME="$CLUSTER_DIR/hf"
 unset HF_HUB_CACHE
 cluster_start dsd-test/tiny 1 --http_api_keys_file="$CLUSTER_DIR/keys" \
-    --chat_template_file="$DS_ROOT/tests/data/chat/deepseek_v3.jinja" --http_max_body_bytes=65536 ||
+    --chat_template_file="$DS_ROOT/tests/data/chat/deepseek_v3.jinja" --http_max_body_bytes=65536 \
+    --plan_strategy=round-robin --max_jobs=4 --heartbeat_misses=100 ||
     { cluster_stop; exit 1; }
 grep -q "model dsd-test/tiny: the hub cache snapshot $hub/snapshots/c0ffee" "$CLUSTER_DIR/coord.log" ||
     { echo "FAIL: the hub cache entry was not resolved to its newest snapshot"; fail=1; }
@@ -80,7 +82,7 @@ grep -q "http: OpenAI API on http://127.0.0.1:$HTTP_PORT/v1" "$CLUSTER_DIR/coord
     { echo "FAIL: no HTTP server line in the log"; fail=1; }
 
 DS_MODEL="$model" MODEL_ID=dsd-test/tiny HTTP_URL="http://127.0.0.1:$HTTP_PORT" API_KEY=sk-test-two \
-    COORD_LOG="$CLUSTER_DIR/coord.log" COORD_PID="${CLUSTER_PIDS[0]}" TMPD="$CLUSTER_DIR" \
+    COORD_LOG="$CLUSTER_DIR/coord.log" COORD_PID="${CLUSTER_PIDS[0]}" W1_PID="${CLUSTER_PIDS[1]}" TMPD="$CLUSTER_DIR" \
     timeout 300 "$VENV/bin/python" "$(dirname "$0")/http_client.py" || fail=1
 
 kill -0 "${CLUSTER_PIDS[0]}" 2>/dev/null || { echo "FAIL: the coordinator died"; fail=1; }
