@@ -386,7 +386,9 @@ static void test_chat_template_sources(void **state)
     assert_string_equal(text, v3);
     free(text);
     /* none at all: no text, no error (chat is then refused, naming chat_template_file) */
-    assert_int_equal(json_dump_file(json_pack("{s:b}", "add_bos_token", 1), p, 0), 0);
+    cfg = json_pack("{s:b}", "add_bos_token", 1);
+    assert_int_equal(json_dump_file(cfg, p, 0), 0);
+    json_decref(cfg);
     assert_int_equal(dsd_http_chat_template_find(dir, NULL, &text, &len, src, sizeof(src), &err),
                      0);
     assert_null(text);
