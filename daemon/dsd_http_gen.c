@@ -48,8 +48,10 @@ static void gen_free(struct gen *g)
             env.body_case = DSD__ENVELOPE__BODY_CANCEL;
             env.cancel = &cc;
             http_zsend(g->sock, &env);
-            ds_log_notice("http: job %llu cancelled: its client is gone",
-                          (unsigned long long)g->job);
+            ds_log_notice("http: job %llu cancelled: %s", (unsigned long long)g->job,
+                          g->gone                        ? "its client is gone"
+                          : atomic_load(&g->h->stopping) ? "the server stops"
+                                                         : "no token within the step timeout");
         }
         zmq_close(g->sock);
     }
@@ -463,8 +465,10 @@ static void stream_free(void *cls)
 {
     struct gen *g = cls;
     if (!g->ended && g->job) {
-        /* the connection ended before the stream did: the client hung up */
-        if (!g->gone) {
+        /* the connection ended before the stream did: the client hung up (noticed by us, or
+         * by libmicrohttpd when a write failed), unless the server stops */
+        if (!g->gone && !atomic_load(&g->h->stopping)) {
+            g->gone = true;
             pthread_mutex_lock(&g->h->mu);
             g->h->m.disconnects++;
             pthread_mutex_unlock(&g->h->mu);
