@@ -38,7 +38,7 @@ printf '# test keys\nsk-test-one\n\nsk-test-two\n' >"$CLUSTER_DIR/keys"
 # a coordinator that waits for a worker: /health and the API answer 503 with the reason
 "$DSD" --node=lonely --role=coordinator --expect_workers=1 --link_wait_ms=600000 \
     --control_bind="tcp://127.0.0.1:$((BASE_PORT + 10))" --client_bind="tcp://127.0.0.1:$((BASE_PORT + 11))" \
-    --data_bind="tcp://127.0.0.1:$((BASE_PORT + 12))" --http_bind="127.0.0.1:$((BASE_PORT + 13))" \
+    --data_bind="tcp://127.0.0.1:$((BASE_PORT + 12))" --http_bind="0.0.0.0:$((BASE_PORT + 13))" \
     --model="$model" --state_dir="$CLUSTER_DIR/lonely" --threads=1 --calibrate=false \
     --discover_opencl=false >"$CLUSTER_DIR/lonely.log" 2>&1 &
 CLUSTER_PIDS+=($!)
@@ -58,6 +58,20 @@ if [ "$code" = 503 ] && jq -e '.error.message | test("not serving")' "$CLUSTER_D
     echo "ok   completion while joining: 503 $(jq -c .error.message "$CLUSTER_DIR/c.json")"
 else
     echo "FAIL completion while joining: $code $(cat "$CLUSTER_DIR/c.json")"; fail=1
+fi
+# asked for every address but without API keys: loopback only, and it says so
+if grep -q "http: no http_api_keys_file: serving on loopback only (127.0.0.1), not 0.0.0.0:" "$CLUSTER_DIR/lonely.log"; then
+    echo "ok   without http_api_keys_file, http_bind 0.0.0.0 serves loopback only (logged)"
+else
+    echo "FAIL: no loopback-only log line"; fail=1
+fi
+other=$(ip -4 -o addr show scope global 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | head -n1)
+if [ -n "$other" ]; then
+    if curl -s -m 5 -o /dev/null "http://$other:$((BASE_PORT + 13))/health"; then
+        echo "FAIL: answered on $other without API keys"; fail=1
+    else
+        echo "ok   not reachable on $other"
+    fi
 fi
 kill "${CLUSTER_PIDS[0]}"; wait "${CLUSTER_PIDS[0]}" 2>/dev/null; CLUSTER_PIDS=()
 
