@@ -96,6 +96,16 @@ static void on_timer(struct dsd *d)
     dsd_worker_send_stats(d);
 }
 
+/* model as a Hugging Face cache entry: its snapshot, and its repository id for the HTTP API */
+static int resolve_model(dsd_opts *o, ds_error *err)
+{
+    char repo[128] = "";
+    int rc = dsd_model_resolve(o->model, sizeof(o->model), repo, sizeof(repo), err);
+    if (rc == 1 && !o->http_model_name[0])
+        snprintf(o->http_model_name, sizeof(o->http_model_name), "%s", repo);
+    return rc;
+}
+
 static void on_signal(struct dsd *d)
 {
     struct signalfd_siginfo si;
@@ -106,7 +116,8 @@ static void on_signal(struct dsd *d)
             dsd_opts_defaults(&next);
             ds_error err = {0};
             const char *cfg;
-            if (dsd_opts_parse(&next, d->argc, d->argv, &cfg, &err) < 0)
+            if (dsd_opts_parse(&next, d->argc, d->argv, &cfg, &err) < 0 ||
+                resolve_model(&next, &err) < 0) /* as at start: compared with the running */
                 ds_log_err("reload: %s (kept the running options)", ds_error_str(&err));
             else {
                 dsd_opts_apply_reload(&d->o, &next);
@@ -156,10 +167,8 @@ int main(int argc, char **argv)
         gethostname(d.o.node, sizeof(d.o.node) - 1);
     if (rc == 0)
         rc = dsd_opts_check(&d.o, &err);
-    char repo[128] = "";
-    if (rc >= 0 && (rc = dsd_model_resolve(d.o.model, sizeof(d.o.model), repo, sizeof(repo),
-                                           &err)) == 1 && !d.o.http_model_name[0])
-        snprintf(d.o.http_model_name, sizeof(d.o.http_model_name), "%s", repo);
+    if (rc >= 0)
+        rc = resolve_model(&d.o, &err);
     if (rc < 0) {
         fprintf(stderr, "dsd: %s\n", ds_error_str(&err));
         return 2;
