@@ -643,8 +643,13 @@ int dsd_http_start(void *zctx, const dsd_opts *o, const char *client_ep, dsd_htt
     char cfgp[PATH_MAX + 16];
     snprintf(cfgp, sizeof(cfgp), "%s/config.json", o->model);
     ds_error cerr = {0};
-    if (ds_model_config_load(cfgp, &mc, &cerr) == 0 && mc.max_position_embeddings &&
-        mc.max_position_embeddings < h->ctx_len)
+    int crc = ds_model_config_load(cfgp, &mc, &cerr);
+    ds_gguf *g;
+    if (crc < 0 && ds_gguf_open_split(o->model, &g, &cerr) == 0) { /* a GGUF model */
+        crc = ds_model_config_from_gguf(g, &mc, &cerr);
+        ds_gguf_free(g);
+    }
+    if (crc == 0 && mc.max_position_embeddings && mc.max_position_embeddings < h->ctx_len)
         h->ctx_len = mc.max_position_embeddings;
     load_chat(h, o);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
