@@ -26,7 +26,9 @@ struct gen {
     uint32_t *ids;    /* generated ids */
     size_t n_ids, cap_ids;
     const char *finish; /* stop | length | cancelled | error, once done */
-    bool done, gone;
+    bool done;          /* nothing more to wait for (the job ended, or waiting failed) */
+    bool job_over;      /* the coordinator ended the job (its last token, or an error) */
+    bool gone;          /* the client hung up */
     uint64_t t_start, t_first, t_last;
     char id[48];
     long long created;
@@ -41,7 +43,7 @@ static void gen_free(struct gen *g)
     if (!g)
         return;
     if (g->sock) {
-        if (g->job && !g->done) { /* the client went away or the server stops: cancel */
+        if (g->job && !g->job_over) { /* the client went away, the server stops, a timeout */
             Dsd__Envelope env = DSD__ENVELOPE__INIT;
             Dsd__Cancel cc = DSD__CANCEL__INIT;
             cc.job = g->job;
@@ -241,8 +243,8 @@ static int gen_next(struct gen *g, Dsd__Envelope **env, const char **text, size_
             return rc;
         }
         if (rc < 0) {
-            g->finish = "error";
-            g->done = rc != -ESHUTDOWN && rc != -ETIMEDOUT ? true : false;
+            g->finish = "error"; /* the job still runs: gen_free cancels it */
+            g->done = true;
             return rc;
         }
         Dsd__Envelope *m = *env;
@@ -250,7 +252,7 @@ static int gen_next(struct gen *g, Dsd__Envelope **env, const char **text, size_
             ds_log_warn("http: job %llu: %s", (unsigned long long)g->job,
                         m->error->message ? m->error->message : "error");
             g->finish = "error";
-            g->done = true;
+            g->done = g->job_over = true;
             return 0;
         }
         if (m->body_case != DSD__ENVELOPE__BODY_TOKEN || m->token->job != g->job) {
@@ -292,7 +294,7 @@ static int gen_next(struct gen *g, Dsd__Envelope **env, const char **text, size_
                         : !strcmp(fr, "cancelled") ? "cancelled"
                         : !strcmp(fr, "error")     ? "error"
                                                    : "length";
-            g->done = true;
+            g->done = g->job_over = true;
         }
         return 1;
     }
