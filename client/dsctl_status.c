@@ -173,6 +173,22 @@ static void status_table(json_t *j)
                    b;
                }),
                json_string_value(json_object_get(n, "endpoint")));
+    /* long work under way (dsd_progress.c): bytes done of total, rate */
+    const char *kinds[] = {"loading", "streaming"};
+    const char *words[] = {"paging in weights", "streaming weights"};
+    for (int k = 0; k < 2; k++) {
+        json_t *p = json_object_get(json_object_get(j, "progress"), kinds[k]);
+        if (!p)
+            continue;
+        double done = json_number_value(json_object_get(p, "bytes_done"));
+        double total = json_number_value(json_object_get(p, "bytes_total"));
+        double rate = json_number_value(json_object_get(p, "bytes_per_s"));
+        if (total > 0)
+            printf("%s: %.1f of %.1f MiB (%.0f%%), %.1f MiB/s\n", words[k], done / 1048576,
+                   total / 1048576, 100 * done / total, rate / 1048576);
+        else
+            printf("%s: %.1f MiB, %.1f MiB/s\n", words[k], done / 1048576, rate / 1048576);
+    }
 }
 
 static int cmd_status(int argc, char **argv)

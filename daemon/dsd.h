@@ -64,6 +64,13 @@ typedef struct dsd_opts {
     char curve_secret_key_file[PATH_MAX]; /* cluster key pair file; "" = CURVE off */
     char curve_authorized_keys[PATH_MAX]; /* client public keys allowed; "" = any client key */
     char curve_server_public_key[41];     /* Z85; "" = the public key of the key file */
+    char http_bind[DSD_STR_MAX];          /* coordinator: HOST:PORT of the HTTP API, "" = off */
+    char http_api_keys_file[PATH_MAX];    /* Bearer keys, one a line; "" = loopback only */
+    char http_model_name[128];            /* the model's id in /v1/models; "" = model's name */
+    char chat_template_file[PATH_MAX];    /* a chat template to use instead of the model's */
+    int64_t http_max_connections;         /* concurrent HTTP connections */
+    int64_t http_max_body_bytes;          /* largest HTTP request body */
+    int64_t http_timeout_s;               /* an idle HTTP connection is closed after this */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -81,6 +88,11 @@ void dsd_opts_apply_reload(dsd_opts *cur, const dsd_opts *next);
 void dsd_opts_help(FILE *f);
 /* Checks cross-option rules (worker needs coordinator, ...). */
 int dsd_opts_check(const dsd_opts *o, ds_error *err);
+/* model as a Hugging Face hub cache entry (dsd_hf.c): a models--org--name directory, or
+ * org/name in $HF_HUB_CACHE / $HF_HOME/hub / ~/.cache/huggingface/hub, becomes its newest
+ * snapshot directory (1) and repo_id to "org/name"; anything else is left as it is (0).
+ * -ENOENT for an entry without snapshots. */
+int dsd_model_resolve(char *model, size_t n, char *repo_id, size_t rn, ds_error *err);
 /* Writes the resolved options as JSON-able key = value lines (for `dsd --print-config`). */
 void dsd_opts_print(const dsd_opts *o, FILE *f);
 

@@ -37,6 +37,7 @@ struct node {
     bool loaded, failed, drained, has_model_copy;
     json_t *stats;          /* the node's last StepStats, in dsd_data's "stats" form */
     dsd_stream_out *stream; /* its units' weights being streamed (no checkpoint copy) */
+    uint64_t stream_acked;  /* bytes of them it acknowledged */
     char state[16];
     char klass[16]; /* server | gpu | edge */
 };
@@ -69,6 +70,14 @@ struct dsd_worker {
     uint32_t load_layers; /* and its layers (n_layers_hint once loaded) */
 };
 
+/* A piece of long work watched by dsd_progress.c (bytes, rate, when last logged/extended). */
+struct dsd_progress {
+    bool active;
+    uint64_t done, total; /* bytes; total 0 when unknown */
+    uint64_t t0_ns, last_ns, last_done, last_log_ns, last_extend_ns, last_status_ns;
+    double rate; /* bytes per second, smoothed */
+};
+
 /* The loop's state. coord is used on the coordinator only, worker on a worker only. */
 struct dsd {
     dsd_opts o, cli_o;
@@ -85,6 +94,7 @@ struct dsd {
     dsd_loader *loading; /* this node's units of a plan being opened on the loader thread */
     struct dsd_coord coord;
     struct dsd_worker worker;
+    struct dsd_progress progress_load, progress_stream;
 };
 
 /* A plan being made. The placement solver runs on its own thread (the exact MILP can take
@@ -122,6 +132,8 @@ int dsd_loader_take(dsd_loader *l, dsd_host **host, ds_error *err);
 /* Joins the thread and hands the units with l's plan to the data thread (install), or frees
  * them (a stale load); the open's or the install's error. */
 int dsd_loader_finish(dsd_loader *l, dsd_data *dp, bool install, ds_error *err);
+/* Bytes of the units' tensors paged in so far and in all (0 until known). Any thread. */
+void dsd_loader_progress(const dsd_loader *l, uint64_t *done, uint64_t *total);
 /* Joins (an open cannot be interrupted) and frees what was not taken. NULL-safe. */
 dsd_loader *dsd_loader_free(dsd_loader *l);
 
@@ -163,6 +175,12 @@ json_t *dsd_status_measured(struct dsd *d);
 /* The status document `what` (malloc'd JSON); NULL with *code set for an unknown one. */
 char *dsd_status_json(struct dsd *d, const char *what, int *code);
 void dsd_status_reply(void *sock, const void *peer, size_t pl, uint64_t req, const char *json);
+
+/* ---- dsd_progress.c ---- */
+/* Loading and streaming progress: STATUS, the journal, EXTEND_TIMEOUT_USEC (from the timer). */
+void dsd_progress_tick(struct dsd *d);
+/* {"loading": {...}, "streaming": {...}} of the work under way, or NULL when none. */
+json_t *dsd_progress_json(struct dsd *d);
 
 /* ---- dsd_clients.c ---- */
 void dsd_clients_on_request(struct dsd *d);

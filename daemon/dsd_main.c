@@ -24,10 +24,15 @@
 
 #include "ds_log.h"
 #include "ds_version.h"
+#include "dsd_http.h"
 #include "dsd_loop.h"
+
+/* the HTTP server's connections reach the client ROUTER here (dsd_http.c) */
+#define HTTP_CLIENT_EP "inproc://dsd-http-clients"
 
 static void on_timer(struct dsd *d)
 {
+    dsd_progress_tick(d);
     uint64_t now = dsd_now_ns(), hb = (uint64_t)d->o.heartbeat_ms * 1000000ull;
     if (d->wd_usec && now - d->last_wd_ns >= d->wd_usec * 500ull) {
         sd_notify(0, "WATCHDOG=1");
@@ -91,6 +96,16 @@ static void on_timer(struct dsd *d)
     dsd_worker_send_stats(d);
 }
 
+/* model as a Hugging Face cache entry: its snapshot, and its repository id for the HTTP API */
+static int resolve_model(dsd_opts *o, ds_error *err)
+{
+    char repo[128] = "";
+    int rc = dsd_model_resolve(o->model, sizeof(o->model), repo, sizeof(repo), err);
+    if (rc == 1 && !o->http_model_name[0])
+        snprintf(o->http_model_name, sizeof(o->http_model_name), "%s", repo);
+    return rc;
+}
+
 static void on_signal(struct dsd *d)
 {
     struct signalfd_siginfo si;
@@ -101,7 +116,8 @@ static void on_signal(struct dsd *d)
             dsd_opts_defaults(&next);
             ds_error err = {0};
             const char *cfg;
-            if (dsd_opts_parse(&next, d->argc, d->argv, &cfg, &err) < 0)
+            if (dsd_opts_parse(&next, d->argc, d->argv, &cfg, &err) < 0 ||
+                resolve_model(&next, &err) < 0) /* as at start: compared with the running */
                 ds_log_err("reload: %s (kept the running options)", ds_error_str(&err));
             else {
                 dsd_opts_apply_reload(&d->o, &next);
@@ -142,6 +158,7 @@ int main(int argc, char **argv)
 {
     struct dsd d = {0};
     ds_error err = {0};
+    dsd_http *http = NULL;
     dsd_opts_defaults(&d.o);
     int rc = dsd_opts_parse(&d.o, argc, argv, &d.config_path, &err);
     if (rc == 1)
@@ -150,6 +167,8 @@ int main(int argc, char **argv)
         gethostname(d.o.node, sizeof(d.o.node) - 1);
     if (rc == 0)
         rc = dsd_opts_check(&d.o, &err);
+    if (rc >= 0)
+        rc = resolve_model(&d.o, &err);
     if (rc < 0) {
         fprintf(stderr, "dsd: %s\n", ds_error_str(&err));
         return 2;
@@ -186,6 +205,10 @@ int main(int argc, char **argv)
                                    &err)) ||
             !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, &err)))
             goto out;
+        if (zmq_bind(d.client, HTTP_CLIENT_EP) < 0) {
+            ds_error_set(&err, -EIO, "bind %s: %s", HTTP_CLIENT_EP, zmq_strerror(zmq_errno()));
+            goto out;
+        }
         int one = 1;
         zmq_setsockopt(d.client, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
         int ivl = 1000, ttl = 5000;
@@ -228,6 +251,12 @@ int main(int argc, char **argv)
     }
     if (dsd_data_start(d.zctx, d.data, d.spipe, &d.o, d.coordinator, &d.dp, &err) < 0)
         goto out;
+    /* a port that cannot be had leaves the cluster serving over ZeroMQ: logged, not fatal */
+    if (d.coordinator && d.o.http_bind[0] &&
+        dsd_http_start(d.zctx, &d.o, HTTP_CLIENT_EP, &http, &err) < 0) {
+        ds_log_err("http: %s; serving without the HTTP API", ds_error_str(&err));
+        ds_error_clear(&err);
+    }
     sd_watchdog_enabled(0, &d.wd_usec);
     ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node, d.o.data_advertise);
     dsd_loop_set_state(&d, "joining");
@@ -259,8 +288,10 @@ int main(int argc, char **argv)
             on_signal(&d);
         if (it[1].revents)
             dsd_rollout_on_solved(&d);
-        if (it[2].revents)
+        if (it[2].revents) {
+            dsd_progress_tick(&d); /* the load's last sample: all paged in */
             d.coordinator ? dsd_rollout_on_loaded(&d) : dsd_worker_on_loaded(&d);
+        }
         if (it[3].revents)
             d.coordinator ? dsd_members_on_control(&d) : dsd_worker_on_control(&d);
         if (d.coordinator && it[4].revents)
@@ -274,6 +305,8 @@ out:
     if (err.code)
         ds_log_err("%s", ds_error_str(&err));
     sd_notify(0, "STOPPING=1");
+    /* its connections end within a wait slice, their jobs cancelled */
+    http = dsd_http_stop(http);
     if (d.coord.solving) { /* the solver has time limits: wait for it, drop its plan */
         pthread_join(d.coord.solving->th, NULL);
         dsd_rollout_solve_free(d.coord.solving);

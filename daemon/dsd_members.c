@@ -171,6 +171,7 @@ void dsd_members_on_control(struct dsd *d)
         }
         if (!env->load_progress->done && n->stream) {
             dsd_stream_out_ack(n->stream, env->load_progress->bytes_loaded);
+            n->stream_acked = env->load_progress->bytes_loaded;
             dsd_stream_out_pump(n->stream, d->control, n->name);
             break;
         }

@@ -112,6 +112,25 @@ static const struct opt OPTS[] = {
     {"curve_server_public_key", OPT_STR, S(curve_server_public_key), 0, 0, "", NULL, false,
      "CURVE: the coordinator's (= cluster) public key, to pin it; empty = the public key of "
      "curve_secret_key_file; a different key refuses to start"},
+    {"http_bind", OPT_STR, S(http_bind), 0, 0, "127.0.0.1:8080", NULL, false,
+     "coordinator: HOST:PORT of the OpenAI-compatible HTTP API, /health, /metrics and the "
+     "status page (docs/http.md); empty = no HTTP server. Without http_api_keys_file only "
+     "loopback is served"},
+    {"http_api_keys_file", OPT_STR, S(http_api_keys_file), 0, 0, "", NULL, false,
+     "coordinator: file of HTTP API keys (one a line, # comments) a client sends as "
+     "'Authorization: Bearer KEY'; empty = no keys, and the HTTP API binds loopback only"},
+    {"http_model_name", OPT_STR, S(http_model_name), 0, 0, "", NULL, false,
+     "coordinator: the model's id in /v1/models and the answers (default: the last part of "
+     "the model path)"},
+    {"chat_template_file", OPT_STR, S(chat_template_file), 0, 0, "", NULL, false,
+     "coordinator: a chat template (Jinja text of the DeepSeek V2/V2.5/V3/R1/V3.1 form) used "
+     "instead of the model's own, for a model whose template dsd does not render"},
+    {"http_max_connections", OPT_INT, I(http_max_connections), 1, 10000, "256", NULL, false,
+     "coordinator: concurrent HTTP connections (one thread each); more are refused"},
+    {"http_max_body_bytes", OPT_INT, I(http_max_body_bytes), 1024, 256 << 20, "4194304", NULL,
+     false, "coordinator: largest HTTP request body; a larger one is answered 413"},
+    {"http_timeout_s", OPT_INT, I(http_timeout_s), 1, 86400, "600", NULL, false,
+     "coordinator: an HTTP connection idle this long is closed"},
 };
 #define N_OPTS (sizeof(OPTS) / sizeof(OPTS[0]))
 

@@ -97,6 +97,7 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
 {
     dsd_stream_out_free(n->stream);
     n->stream = NULL;
+    n->stream_acked = 0;
     if (n->has_model_copy)
         return;
     dsd_units u;

@@ -220,6 +220,9 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
             json_object_set_new(r, "plan_error", json_string(d->coord.plan_error));
         if (dsd_curve_enabled())
             json_object_set_new(r, "curve_refused", json_integer((json_int_t)dsd_curve_refused()));
+        json_t *prog = dsd_progress_json(d); /* loading / streaming under way */
+        if (prog)
+            json_object_set_new(r, "progress", prog);
         json_decref(st);
     } else if (!strcmp(what, "jobs")) {
         r = dsd_status_data(d, "jobs");

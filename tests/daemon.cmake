@@ -53,3 +53,16 @@ ds_add_script_test(NAME test_failover COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluste
 ds_add_script_test(NAME test_accel COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_accel.sh
                    LABELS "cluster;opencl" TIMEOUT 300)
 set_tests_properties(test_accel PROPERTIES SKIP_RETURN_CODE 77)
+# the HTTP API's pure layers: chat templates against HF's renderings, request bodies
+ds_add_test(NAME test_http SOURCES test_http.c LIBS ds_daemon LABELS unit TIMEOUT 60)
+ds_add_fuzz(NAME fuzz_http SOURCES fuzz_http.c LIBS ds_daemon
+            CORPUS ${CMAKE_CURRENT_SOURCE_DIR}/corpus/http ITERATIONS 100000)
+# the OpenAI-compatible HTTP API with the real openai client and curl (docs/http.md); skips
+# (77) when PyPI cannot be reached for the test's venv
+ds_add_script_test(NAME test_http_api COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_http.sh
+                   LABELS cluster TIMEOUT 600)
+set_tests_properties(test_http_api PROPERTIES SKIP_RETURN_CODE 77)
+# the status page rendered by headless Chromium (skips, 77, without it)
+ds_add_script_test(NAME test_http_page COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_http_page.sh
+                   LABELS cluster TIMEOUT 300)
+set_tests_properties(test_http_page PROPERTIES SKIP_RETURN_CODE 77)

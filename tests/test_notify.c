@@ -4,6 +4,7 @@
  * that order: no READY before a STATUS, no WATCHDOG before READY; then SIGHUP gives
  * RELOADING=1 followed by READY=1, and SIGTERM a clean exit 0. */
 #include <setjmp.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -84,8 +85,78 @@ static void test_ready_status_watchdog(void **state)
     assert_true(seen_wd >= 0);
 }
 
+/* Long work is visible (daemon/dsd_progress.c): a coordinator alone pages in its units before
+ * READY=1, announcing the load in STATUS (100% of the bytes at the end) and extending its
+ * start timeout (EXTEND_TIMEOUT_USEC) while it progresses; its journal line, written before
+ * READY, counts exactly the tensor bytes of the checkpoint (the safetensors file less its
+ * header: it hosts every unit). */
+static void test_load_progress(void **state)
+{
+    (void)state;
+    char path[108];
+    snprintf(path, sizeof(path), "/tmp/dsd-notify-p-%d.sock", (int)getpid());
+    unlink(path);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    struct timeval tv = {.tv_sec = 10};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    static char env1[160];
+    snprintf(env1, sizeof(env1), "NOTIFY_SOCKET=%s", path);
+    struct dsd_proc p;
+    assert_int_equal(dsd_spawn(&p, NULL, env1), 0);
+    int seen_extend = -1, seen_full = -1, seen_ready = -1;
+    for (int i = 0, idle = 0; i < 400 && seen_ready < 0 && idle < 6; i++) {
+        char buf[1024];
+        ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+        if (n <= 0) {
+            idle++;
+            continue;
+        }
+        buf[n] = 0;
+        if (strstr(buf, "EXTEND_TIMEOUT_USEC=") && seen_extend < 0)
+            seen_extend = i;
+        if (strstr(buf, "STATUS=loading: paging in weights 100%") && seen_full < 0)
+            seen_full = i;
+        if (strstr(buf, "READY=1"))
+            seen_ready = i;
+    }
+    assert_true(seen_ready >= 0);
+    assert_true(seen_extend >= 0 && seen_extend < seen_ready);
+    assert_true(seen_full >= 0 && seen_full < seen_ready);
+    /* the bytes: the file's data section (safetensors: u64 header length, header, data) */
+    FILE *f = fopen(DS_TEST_DATA "/ref/v3_bf16/model.safetensors", "rb");
+    assert_non_null(f);
+    uint64_t hl = 0;
+    assert_int_equal(fread(&hl, 8, 1, f), 1);
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fclose(f);
+    char want[96];
+    snprintf(want, sizeof(want), "paging in weights: ");
+    char bytes[48];
+    unsigned long long data = (unsigned long long)(size - 8 - (long)hl);
+    snprintf(bytes, sizeof(bytes), "(100%%: %llu of %llu bytes)", data, data);
+    f = fopen(p.log, "r");
+    assert_non_null(f);
+    char line[512];
+    bool found = false;
+    while (fgets(line, sizeof(line), f))
+        found |= strstr(line, want) && strstr(line, bytes);
+    fclose(f);
+    int st = dsd_stop(&p); /* removes the log */
+    close(fd);
+    unlink(path);
+    assert_int_equal(st, 0);
+    if (!found)
+        fail_msg("no '%s...%s' line in the log", want, bytes);
+}
+
 int main(void)
 {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_ready_status_watchdog)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_ready_status_watchdog),
+                                       cmocka_unit_test(test_load_progress)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -12,10 +12,12 @@ PKGS=(
   libcmocka-dev
   libsystemd-dev systemd
   libjansson-dev
+  libmicrohttpd-dev
   libpcre2-dev
   libglpk-dev
   iproute2
   jq
+  chromium python3-venv curl
 )
 
 missing=()

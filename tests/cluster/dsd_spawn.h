@@ -65,12 +65,13 @@ static inline int dsd_spawn_at(struct dsd_proc *p, int slot, const char *const *
                                 "--heartbeat_ms=100",
                                 "--calibrate=false",
                                 "--discover_opencl=false",
+                                "--http_bind=", /* no HTTP port: parallel tests would share it */
                                 a[0],
                                 a[1],
                                 a[2],
                                 a[3],
                                 a[4]};
-        int n = 11;
+        int n = 12;
         for (int i = 0; extra && extra[i] && n < 30; i++)
             argv[n++] = extra[i];
         argv[n] = NULL;

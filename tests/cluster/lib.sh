@@ -11,6 +11,7 @@ CLUSTER_DIR=$(mktemp -d /tmp/dsd-cluster.XXXXXX)
 # 20000..32767, above the C tests' block (tests/cluster/dsd_spawn.h) and below Linux's
 # ephemeral range (32768..), so no outgoing connection can hold one of these ports
 BASE_PORT=$((20000 + ($$ % 800) * 16))
+HTTP_PORT=$((BASE_PORT + 15)) # the coordinator's HTTP API (docs/http.md)
 
 # cluster_start MODEL N_WORKERS [extra dsd options...]: coordinator + N workers on loopback.
 # Heartbeats every 200 ms, a peer failed after 2 s of silence (short enough for the failover
@@ -23,7 +24,7 @@ cluster_start() {
     "$DSD" --node=coord --role=coordinator --expect_workers="$n" \
         --control_bind="tcp://127.0.0.1:$BASE_PORT" --client_bind="tcp://127.0.0.1:$((BASE_PORT + 1))" \
         --data_bind="tcp://127.0.0.1:$((BASE_PORT + 2))" --model="$model" \
-        --state_dir="$CLUSTER_DIR/coord" --threads=1 --heartbeat_ms=200 --heartbeat_misses=10 --calibrate=false --discover_opencl=false "$@" \
+        --http_bind="127.0.0.1:$HTTP_PORT" --state_dir="$CLUSTER_DIR/coord" --threads=1 --heartbeat_ms=200 --heartbeat_misses=10 --calibrate=false --discover_opencl=false "$@" \
         >"$CLUSTER_DIR/coord.log" 2>&1 &
     CLUSTER_PIDS+=($!)
     local i
