@@ -5,8 +5,13 @@
 # llama-cpp-python sdist); the files are committed so the test needs none of it.
 #
 # What it makes (docs/gguf.md, "Models"):
-#   tiny-{Q8_0,Q4_K_M,Q2_K}.gguf  models/tiny converted to F16 by convert_hf_to_gguf.py, then
-#                                  llama-quantize'd (hidden 256: the K-quant rows are whole)
+#   tiny-F16.gguf                  models/tiny converted to F16 by convert_hf_to_gguf.py;
+#   tiny-{Q8_0,Q4_K_M,Q6_K,Q2_K}.gguf  that file llama-quantize'd (hidden 256: the K-quant rows
+#                                  of the hidden-wide matrices are whole)
+#   v3w-F16.gguf                   the checkpoint of tools/gen_wide_checkpoint.py (V3, every
+#                                  matrix row a multiple of 256 wide, 8 experts, groups, q LoRA)
+#                                  converted to F16, with the byte-level tokenizer below;
+#   v3w-{Q8_0,Q4_K_M,Q6_K,Q2_K}.gguf  that file llama-quantize'd
 #   v3-{F16,Q8_0}.gguf             tests/data/ref/v3_bf16 (V3 sigmoid router with groups, q LoRA)
 #                                  converted with --outtype f16 / q8_0, with a byte-level
 #                                  tokenizer of its 256 ids (one merge) written for the converter;
@@ -65,11 +70,14 @@ convert() { # HF_DIR OUT.gguf OUTTYPE [CONVERTER-ARGS...]
 }
 
 # models/tiny: F16, then llama-quantize (the types people download)
-convert "$ROOT/models/tiny" "$TMP/tiny-F16.gguf" f16
-for t in Q8_0 Q4_K_M Q2_K; do
-  "$QUANT" "$TMP/tiny-F16.gguf" "$OUT/tiny-$t.gguf" "$t" >"$TMP/quant.log" 2>&1 ||
-    { tail -20 "$TMP/quant.log" >&2; exit 1; }
-done
+quantize() { # NAME: $OUT/NAME-F16.gguf -> $OUT/NAME-<TYPE>.gguf for each type
+  for t in Q8_0 Q4_K_M Q6_K Q2_K; do
+    "$QUANT" "$OUT/$1-F16.gguf" "$OUT/$1-$t.gguf" "$t" >"$TMP/quant.log" 2>&1 ||
+      { tail -20 "$TMP/quant.log" >&2; exit 1; }
+  done
+}
+convert "$ROOT/models/tiny" "$OUT/tiny-F16.gguf" f16
+quantize tiny
 
 # a byte-level tokenizer of the 256 ids of a test checkpoint (they have none), for the converter
 byte_tokenizer() { # DIR
@@ -127,6 +135,15 @@ for k, f in r.fields.items():
 w.write_header_to_file(); w.write_kv_data_to_file(); w.close()
 PY
 
+# v3w: DeepSeek-V3 of hidden 256 whose every matrix row is whole K-quant super-blocks, made by
+# tools/gen_wide_checkpoint.py (seeded; float32 safetensors), F16, then llama-quantize
+"$PY" "$ROOT/tools/gen_wide_checkpoint.py" "$TMP" >"$TMP/wide.log" 2>&1 ||
+  { tail -20 "$TMP/wide.log" >&2; exit 1; }
+byte_tokenizer "$TMP/v3w"
+rm -f "$TMP"/v3w/ref_*
+convert "$TMP/v3w" "$OUT/v3w-F16.gguf" f16
+quantize v3w
+
 # tests/data/ref/v2_greedy (V2: softmax router, no q LoRA, F32). llama.cpp reads a deepseek2
 # file without q LoRA only when attention.q_lora_rank is present (or the model has V2-Lite's
 # layer count); the converter writes it for a non-null value, so the copy says 0 (= none).
@@ -145,9 +162,13 @@ ref() { # NAME PROMPT_INDEX IDS
   toks=$("$GREEDY" "$f" --tokens "$3" -n $N --logits-out "$r.f32" | sed -n 's/^tokens: //p')
   printf '%s\n%s\n' "$3" "$toks" >"$r.txt"
 }
-for t in Q8_0 Q4_K_M Q2_K; do
+for t in F16 Q8_0 Q4_K_M Q6_K Q2_K; do
   ref "tiny-$t" 0 "0,300,400,500"
   ref "tiny-$t" 1 "0,319,1112,280,290,684,301"  # BOS + "The meaning of life is"
+done
+for t in F16 Q8_0 Q4_K_M Q6_K Q2_K; do
+  ref "v3w-$t" 0 "3,17,42"
+  ref "v3w-$t" 1 "5,100,7,9,200,11,1"  # the prompts of tools/gen_reference.py
 done
 for f in v3-F16 v3-Q8_0 v2-F32; do
   ref "$f" 0 "3,17,42"

@@ -66,6 +66,11 @@ int main(int argc, char **argv)
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    // Plain CPU buffers: no repacked or AMX weight layouts. With them, a -march=native build on
+    // an AVX-512 + AMX Xeon aborts for every one of these models while reserving the
+    // flash-attention probe graph (ggml-backend.cpp: GGML_ASSERT(*cur_backend_id != -1)); without
+    // them every matmul takes ggml's plain vec_dot path, whatever the CPU.
+    mp.use_extra_bufts = false;
     llama_model *model = llama_model_load_from_file(path, mp);
     if (!model)
         return 1;
