@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dsd_http.h"
+#include "dsd_chat.h"
 
 #define U_USER "<\xef\xbd\x9cUser\xef\xbd\x9c>"
 #define U_ASSISTANT                                                                                \

@@ -1,5 +1,6 @@
 /* dsd_http_impl.h — the HTTP server's state shared by its files (not a header for others):
- *   dsd_http.c          the server: routes, auth, limits, start/stop, the shared helpers below
+ *   dsd_http.c          the server: routes, auth, limits, start/stop
+ *   dsd_http_io.c       the shared helpers below
  *   dsd_http_gen.c      completions and chat completions: submit, tokens, SSE, disconnects
  *   dsd_http_metrics.c  /health, /v1/models, /metrics, /api/status
  * Only the metrics (under mu) are written by several connection threads. */
@@ -14,7 +15,10 @@
 
 #include "ds_tokenizer.h"
 #include "dsd.h"
-#include "dsd_http.h"
+#include "dsd_chat.h"
+#include "dsd_http_req.h"
+
+typedef struct dsd_http dsd_http;
 
 #define DSD_HTTP_SLICE_MS 200
 #define MAX_KEYS          256
@@ -64,7 +68,7 @@ struct sbuf {
     bool oom;
 };
 
-/* ---- helpers (dsd_http.c) ---- */
+/* ---- helpers (dsd_http_io.c) ---- */
 uint64_t http_now_ns(void);
 void http_hist_add(struct histogram *hg, double v);
 /* Counts an answered request: endpoint 0 completions, 1 chat, 2 other. */

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dsd_http.h"
+#include "dsd_http_req.h"
 
 void dsd_http_error_set(dsd_http_error *e, int status, const char *type, const char *code,
                         const char *param, const char *fmt, ...)
