@@ -88,7 +88,7 @@ static void rope_apply(const float *cs, const float *sn, uint32_t dim, float *x)
 
 static float silu(float g)
 {
-    return g / (1.0f + expf(-g));
+    return g / (1.0f + ds_expf(-g));
 }
 
 /* ---- KV cache ---- */
@@ -246,7 +246,7 @@ static void attn_task(void *arg, uint32_t t)
         }
         float sum = 0;
         for (uint32_t s = 0; s < T; s++) {
-            p[s] = expf(p[s] - mx);
+            p[s] = ds_expf(p[s] - mx);
             sum += p[s];
         }
         for (uint32_t s = 0; s < T; s++)
