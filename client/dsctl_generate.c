@@ -8,7 +8,9 @@
  * printed is `tokens: a,b,c` (the generated ids); with --logits-out writes float32 little-endian
  * logits, one row of vocab_size per position fed to the model (the prompt, then every generated
  * token but the last). --experts-on SPEC runs every routed expert on a compute backend
- * (experts/ds_backend_moe.h) instead of the CPU engine (HF checkpoints only so far). */
+ * (experts/ds_backend_moe.h) instead of the CPU engine (HF checkpoints only so far);
+ * --device attn=DEV,experts=DEV places the other units too (experts/ds_backend_units.h:
+ * attention with its KV cache and router, dense and shared FFNs, embedding and head). */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -16,6 +18,7 @@
 #include <string.h>
 
 #include "ds_backend_moe.h"
+#include "ds_backend_units.h"
 #include "ds_engine.h"
 #include "ds_model.h"
 #include "ds_tokenizer.h"
@@ -26,30 +29,93 @@ int dsctl_generate_cluster(int argc, char **argv);
 /* Text prompts on the cluster (client/dsctl_generate_text.c). */
 int dsctl_generate_cluster_text(int argc, char **argv);
 
-#define GEN_MAX_TOKENS 1000000
+#define GEN_MAX_TOKENS       1000000
 #define GEN_MAX_PROMPT_BYTES (16u << 20) /* text prompt read from stdin */
 
 static void gen_usage(FILE *f)
 {
-    fprintf(f, "usage: dsctl generate --local --model DIR|FILE.gguf --tokens ID,ID,... [options]\n"
-               "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl submit --help)\n"
-               "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text prompt)\n"
-               "       dsctl generate --local --model DIR|FILE.gguf [options] TEXT|-\n"
-               "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
-               "                      or the GGUF file's tokenizer;\n"
-               "                      the generated text is streamed to stdout\n"
-               "  --max-tokens N      tokens to generate (default 16)\n"
-               "  --greedy            argmax decoding (default when no --temperature)\n"
-               "  --temperature T     sample with temperature T > 0\n"
-               "  --top-p P           nucleus sampling mass (0, 1]\n"
-               "  --top-k K           keep the K most likely tokens\n"
-               "  --seed S            sampler seed (default 1)\n"
-               "  --threads N         compute threads (default: all online CPUs)\n"
-               "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
-               "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
-               "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
-               "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
-               "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n");
+    fprintf(
+        f,
+        "usage: dsctl generate --local --model DIR|FILE.gguf --tokens ID,ID,... [options]\n"
+        "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl "
+        "submit --help)\n"
+        "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text "
+        "prompt)\n"
+        "       dsctl generate --local --model DIR|FILE.gguf [options] TEXT|-\n"
+        "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
+        "                      or the GGUF file's tokenizer;\n"
+        "                      the generated text is streamed to stdout\n"
+        "  --max-tokens N      tokens to generate (default 16)\n"
+        "  --greedy            argmax decoding (default when no --temperature)\n"
+        "  --temperature T     sample with temperature T > 0\n"
+        "  --top-p P           nucleus sampling mass (0, 1]\n"
+        "  --top-k K           keep the K most likely tokens\n"
+        "  --seed S            sampler seed (default 1)\n"
+        "  --threads N         compute threads (default: all online CPUs)\n"
+        "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
+        "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
+        "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
+        "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
+        "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n"
+        "  --device KEY=DEV,.. where units run: attn (attention + KV cache + router, dense\n"
+        "                      and shared FFNs, embed, head) and experts (routed experts);\n"
+        "                      DEV: cpu0 (the CPU engine, default), openclN, cudaN, or a\n"
+        "                      backend spec (cpu, opencl[:N], cuda[:N]); exact: the same\n"
+        "                      tokens and logits as the CPU engine\n");
+}
+
+/* A --device value: NULL for the CPU engine (cpuN), else a backend spec in spec[len]
+ * (openclN -> opencl:N, cudaN -> cuda:N, a spec as it is). -EINVAL for anything else. */
+static int device_spec(const char *dev, size_t n, char *spec, size_t len, bool *engine)
+{
+    *engine = false;
+    static const char *const kinds[] = {"cpu", "opencl", "cuda"};
+    for (int k = 0; k < 3; k++) {
+        size_t kl = strlen(kinds[k]);
+        if (n < kl || strncmp(dev, kinds[k], kl))
+            continue;
+        const char *rest = dev + kl;
+        size_t rn = n - kl, digits = 0;
+        while (digits < rn && rest[digits] >= '0' && rest[digits] <= '9')
+            digits++;
+        if (rn == 0 ||
+            (rest[0] == ':' && rn > 1 && digits == 0 && strspn(rest + 1, "0123456789") >= rn - 1)) {
+            snprintf(spec, len, "%.*s", (int)n, dev); /* a backend spec */
+            return 0;
+        }
+        if (digits == rn && digits > 0 && digits < 6) {
+            if (k == 0) {
+                *engine = true;
+                return 0;
+            }
+            snprintf(spec, len, "%s:%.*s", kinds[k], (int)digits, rest);
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+/* "attn=opencl0,experts=cpu0" -> the two specs ("" for the CPU engine). */
+static int parse_devices(const char *s, char *attn, char *experts, size_t len)
+{
+    attn[0] = experts[0] = 0;
+    while (*s) {
+        const char *eq = strchr(s, '='), *end = strchr(s, ',');
+        if (!end)
+            end = s + strlen(s);
+        if (!eq || eq > end)
+            return -EINVAL;
+        char *dst = (size_t)(eq - s) == 4 && !strncmp(s, "attn", 4)      ? attn
+                    : (size_t)(eq - s) == 7 && !strncmp(s, "experts", 7) ? experts
+                                                                         : NULL;
+        bool engine;
+        if (!dst || device_spec(eq + 1, (size_t)(end - eq - 1), dst, len, &engine) < 0)
+            return -EINVAL;
+        if (engine)
+            dst[0] = 0;
+        s = *end ? end + 1 : end;
+    }
+    return 0;
 }
 
 /* "0-3,8" -> cpu ids (at most max). */
@@ -142,7 +208,8 @@ static int stream_token(ds_tok_stream *ts, int32_t id, bool *nl_last)
 
 static int cmd_generate(int argc, char **argv)
 {
-    /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c). */
+    /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c).
+     */
     bool want_local = false, want_help = false, has_model = false, has_tokens = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--local") == 0)
@@ -176,10 +243,13 @@ static int cmd_generate(int argc, char **argv)
         {"stop-eos", no_argument, NULL, 'e'},
         {"ignore-eos", no_argument, NULL, 'I'},
         {"experts-on", required_argument, NULL, 'x'},
+        {"device", required_argument, NULL, 'D'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *experts_on = NULL;
+    const char *devices = NULL;
+    char attn_spec[64] = "", experts_spec[64] = "";
     bool local = false, stop_eos = false, ignore_eos = false, greedy = false;
     int cpus[1024];
     uint32_t n_cpus = 0;
@@ -235,6 +305,10 @@ static int cmd_generate(int argc, char **argv)
         case 'x':
             experts_on = optarg;
             break;
+        case 'D':
+            devices = optarg;
+            bad = parse_devices(optarg, attn_spec, experts_spec, sizeof(attn_spec)) < 0;
+            break;
         case 'h':
             gen_usage(stdout);
             return DSCTL_EXIT_OK;
@@ -251,6 +325,12 @@ static int cmd_generate(int argc, char **argv)
         fprintf(stderr, "dsctl generate: only --local (in-process) is supported so far\n");
         return DSCTL_EXIT_USAGE;
     }
+    if (devices && experts_on) {
+        fprintf(stderr, "dsctl generate: give --experts-on or --device experts=..., not both\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (experts_spec[0])
+        experts_on = experts_spec;
     const char *text_arg = optind < argc ? argv[optind] : NULL;
     if (!model || !!tokens_s == !!text_arg || optind + (text_arg ? 1 : 0) != argc) {
         if (tokens_s && text_arg)
@@ -261,8 +341,8 @@ static int cmd_generate(int argc, char **argv)
     int32_t *prompt = NULL; /* ids <= INT32_MAX: the same bits as uint32_t */
     uint32_t np = 0;
     size_t np_z = 0;
-    if (tokens_s && dsctl_parse_ids(tokens_s, INT32_MAX, GEN_MAX_TOKENS, (uint32_t **)&prompt,
-                                    &np_z) < 0) {
+    if (tokens_s &&
+        dsctl_parse_ids(tokens_s, INT32_MAX, GEN_MAX_TOKENS, (uint32_t **)&prompt, &np_z) < 0) {
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }
@@ -279,8 +359,9 @@ static int cmd_generate(int argc, char **argv)
     ds_error err = {0};
     ds_tokenizer *tok = NULL;
     ds_tok_stream *ts = NULL;
-    ds_backend *bk = NULL;
+    ds_backend *bk = NULL, *abk = NULL; /* experts', attention's (when another device) */
     ds_backend_moe *bm = NULL;
+    ds_backend_units *bu = NULL;
     char *text = NULL;
     bool nl_last = true; /* the streamed text ended with a newline (or is empty) */
     int32_t eos = -1;
@@ -326,8 +407,8 @@ static int cmd_generate(int argc, char **argv)
         }
         if (nids == 0 || nids > GEN_MAX_TOKENS) {
             free(ids);
-            fprintf(stderr, "dsctl generate: the prompt encodes to %zu tokens (need 1..%d)\n",
-                    nids, GEN_MAX_TOKENS);
+            fprintf(stderr, "dsctl generate: the prompt encodes to %zu tokens (need 1..%d)\n", nids,
+                    GEN_MAX_TOKENS);
             ret = DSCTL_EXIT_USAGE;
             goto out;
         }
@@ -342,7 +423,8 @@ static int cmd_generate(int argc, char **argv)
             fprintf(stderr, "dsctl generate: out of memory\n");
             goto out;
         }
-    }    for (uint32_t i = 0; i < np; i++)
+    }
+    for (uint32_t i = 0; i < np; i++)
         if ((uint32_t)prompt[i] >= V) {
             fprintf(stderr, "dsctl generate: token %d is outside the vocabulary (%u)\n", prompt[i],
                     V);
@@ -370,6 +452,20 @@ static int cmd_generate(int argc, char **argv)
             goto out;
         }
         ds_engine_set_moe_runner(eng, run_on_backend, bm);
+    }
+    if (attn_spec[0]) {
+        ds_backend *ab = bk && !strcmp(attn_spec, experts_on) ? bk : NULL;
+        if (!ab && (rc = ds_backend_open(attn_spec, &abk, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: --device attn=%s: %s\n", attn_spec,
+                    ds_error_str(&err));
+            goto out;
+        }
+        if ((rc = ds_backend_units_new(m, pool, ab ? ab : abk, NULL, NULL, &bu, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: --device attn=%s: %s\n", attn_spec,
+                    ds_error_str(&err));
+            goto out;
+        }
+        ds_engine_set_units(eng, &ds_backend_units_ops, bu);
     }
     logits = malloc((size_t)np * V * sizeof(float));
     gen = malloc((nmax + 1) * sizeof(*gen));
@@ -445,7 +541,9 @@ out:
     free(text);
     ds_tok_stream_free(ts);
     ds_tokenizer_free(tok);
-    ds_engine_free(eng);
+    ds_engine_free(eng); /* before the device units: its caches live on their device */
+    ds_backend_units_free(bu);
+    ds_backend_free(abk);
     ds_backend_moe_free(bm);
     ds_backend_free(bk);
     ds_pool_free(pool);
