@@ -100,7 +100,8 @@ static void publish(dsd_data *d)
             continue;
         json_t *row = json_array();
         for (uint32_t e = 0; e < E; e++)
-            json_array_append_new(row, json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
+            json_array_append_new(row,
+                                  json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
         json_array_append_new(layers, json_pack("{s:i,s:o}", "layer", (int)l, "counts", row));
     }
     json_object_set_new(o, "expert_counts",
@@ -271,6 +272,8 @@ static int sched_start(dsd_data *d, ds_error *err)
     };
     int rc = dsd_sched_new(dsd_host_model(d->host), dsd_host_pool(d->host), &tok, &lim, &SCHED_PORT,
                            d, &d->sched, err);
+    if (rc == 0)
+        dsd_sched_set_units(d->sched, &dsd_host_unit_ops, d->host);
     ds_tokenizer_free(tok);
     return rc;
 }
@@ -352,7 +355,8 @@ static bool on_ctl(dsd_data *d)
         dsd_links_add(d, cm.name, cm.endpoint);
         return true;
     case OP_OPTS:
-        ds_log_info("data: reloaded options (step_timeout_ms %lld)", (long long)cm.o.step_timeout_ms);
+        ds_log_info("data: reloaded options (step_timeout_ms %lld)",
+                    (long long)cm.o.step_timeout_ms);
         d->o = cm.o;
         if (d->sched)
             dsd_sched_set_step_timeout(d->sched, (uint64_t)cm.o.step_timeout_ms * 1000000ull);

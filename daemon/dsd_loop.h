@@ -99,6 +99,7 @@ struct solve_job {
     char *spec;
     double *stats; /* [L * E] routing counts measured so far, or NULL (uniform popularity) */
     char strategy[32];
+    char pins[1024]; /* plan_pin */
     uint32_t batch, ctx;
     uint64_t version;
     dsd_plan plan;

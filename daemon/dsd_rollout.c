@@ -65,7 +65,7 @@ static void *solve_main(void *arg)
     struct solve_job *j = arg;
     j->rc = dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
                            (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps,
-                           j->strategy, j->batch, j->ctx, j->stats, j->version, &j->err);
+                           j->strategy, j->batch, j->ctx, j->stats, j->pins, j->version, &j->err);
     dsd_solve_thread_done();
     uint64_t one = 1;
     if (write(j->efd, &one, sizeof(one)) != sizeof(one))
@@ -281,6 +281,7 @@ int dsd_rollout_start(struct dsd *d)
         j->batch = (uint32_t)d->o.plan_batch;
         j->stats = measured_expert_stats(d, c);
         snprintf(j->strategy, sizeof(j->strategy), "%s", d->o.plan_strategy);
+        snprintf(j->pins, sizeof(j->pins), "%s", d->o.plan_pin);
         j->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (!j->spec || j->efd < 0) {
             j->rc = ds_error_set(&j->err, -ENOMEM, "cannot start the solver");
