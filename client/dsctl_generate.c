@@ -29,39 +29,35 @@ int dsctl_generate_cluster(int argc, char **argv);
 /* Text prompts on the cluster (client/dsctl_generate_text.c). */
 int dsctl_generate_cluster_text(int argc, char **argv);
 
-#define GEN_MAX_TOKENS       1000000
+#define GEN_MAX_TOKENS 1000000
 #define GEN_MAX_PROMPT_BYTES (16u << 20) /* text prompt read from stdin */
 
 static void gen_usage(FILE *f)
 {
-    fprintf(
-        f,
-        "usage: dsctl generate --local --model DIR|FILE.gguf --tokens ID,ID,... [options]\n"
-        "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl "
-        "submit --help)\n"
-        "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text "
-        "prompt)\n"
-        "       dsctl generate --local --model DIR|FILE.gguf [options] TEXT|-\n"
-        "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
-        "                      or the GGUF file's tokenizer;\n"
-        "                      the generated text is streamed to stdout\n"
-        "  --max-tokens N      tokens to generate (default 16)\n"
-        "  --greedy            argmax decoding (default when no --temperature)\n"
-        "  --temperature T     sample with temperature T > 0\n"
-        "  --top-p P           nucleus sampling mass (0, 1]\n"
-        "  --top-k K           keep the K most likely tokens\n"
-        "  --seed S            sampler seed (default 1)\n"
-        "  --threads N         compute threads (default: all online CPUs)\n"
-        "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
-        "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
-        "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
-        "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
-        "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n"
-        "  --device KEY=DEV,.. where units run: attn (attention + KV cache + router, dense\n"
-        "                      and shared FFNs, embed, head) and experts (routed experts);\n"
-        "                      DEV: cpu0 (the CPU engine, default), openclN, cudaN, or a\n"
-        "                      backend spec (cpu, opencl[:N], cuda[:N]); exact: the same\n"
-        "                      tokens and logits as the CPU engine\n");
+    fprintf(f, "usage: dsctl generate --local --model DIR|FILE.gguf --tokens ID,ID,... [options]\n"
+               "       dsctl generate [--endpoint E] --tokens ID,ID,... [options]   (cluster; see dsctl submit --help)\n"
+               "       dsctl generate [--endpoint E] --model DIR [options] TEXT|-   (cluster, text prompt)\n"
+               "       dsctl generate --local --model DIR|FILE.gguf [options] TEXT|-\n"
+               "  TEXT | -            text prompt (\"-\": read stdin), encoded with DIR/tokenizer.json\n"
+               "                      or the GGUF file's tokenizer;\n"
+               "                      the generated text is streamed to stdout\n"
+               "  --max-tokens N      tokens to generate (default 16)\n"
+               "  --greedy            argmax decoding (default when no --temperature)\n"
+               "  --temperature T     sample with temperature T > 0\n"
+               "  --top-p P           nucleus sampling mass (0, 1]\n"
+               "  --top-k K           keep the K most likely tokens\n"
+               "  --seed S            sampler seed (default 1)\n"
+               "  --threads N         compute threads (default: all online CPUs)\n"
+               "  --cpus LIST         pin the threads to these CPUs, e.g. 0-7,16\n"
+               "  --logits-out FILE   write float32 LE logits, one row per fed position\n"
+               "  --stop-eos          stop at the config's eos_token_id (default for TEXT)\n"
+               "  --ignore-eos        do not stop at EOS (TEXT prompts)\n"
+               "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n"
+               "  --device KEY=DEV,.. where units run: attn (attention + KV cache + router, dense\n"
+               "                      and shared FFNs, embed, head) and experts (routed experts);\n"
+               "                      DEV: cpu0 (the CPU engine, default), openclN, cudaN, or a\n"
+               "                      backend spec (cpu, opencl[:N], cuda[:N]); exact: the same\n"
+               "                      tokens and logits as the CPU engine\n");
 }
 
 /* A --device value: NULL for the CPU engine (cpuN), else a backend spec in spec[len]
@@ -208,8 +204,7 @@ static int stream_token(ds_tok_stream *ts, int32_t id, bool *nl_last)
 
 static int cmd_generate(int argc, char **argv)
 {
-    /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c).
-     */
+    /* Without --local the job goes to the cluster's coordinator (client/dsctl_generate_cluster.c). */
     bool want_local = false, want_help = false, has_model = false, has_tokens = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--local") == 0)
@@ -341,8 +336,8 @@ static int cmd_generate(int argc, char **argv)
     int32_t *prompt = NULL; /* ids <= INT32_MAX: the same bits as uint32_t */
     uint32_t np = 0;
     size_t np_z = 0;
-    if (tokens_s &&
-        dsctl_parse_ids(tokens_s, INT32_MAX, GEN_MAX_TOKENS, (uint32_t **)&prompt, &np_z) < 0) {
+    if (tokens_s && dsctl_parse_ids(tokens_s, INT32_MAX, GEN_MAX_TOKENS, (uint32_t **)&prompt,
+                                    &np_z) < 0) {
         fprintf(stderr, "dsctl generate: --tokens must be comma-separated ids\n");
         return DSCTL_EXIT_USAGE;
     }
@@ -407,8 +402,8 @@ static int cmd_generate(int argc, char **argv)
         }
         if (nids == 0 || nids > GEN_MAX_TOKENS) {
             free(ids);
-            fprintf(stderr, "dsctl generate: the prompt encodes to %zu tokens (need 1..%d)\n", nids,
-                    GEN_MAX_TOKENS);
+            fprintf(stderr, "dsctl generate: the prompt encodes to %zu tokens (need 1..%d)\n",
+                    nids, GEN_MAX_TOKENS);
             ret = DSCTL_EXIT_USAGE;
             goto out;
         }
@@ -423,8 +418,7 @@ static int cmd_generate(int argc, char **argv)
             fprintf(stderr, "dsctl generate: out of memory\n");
             goto out;
         }
-    }
-    for (uint32_t i = 0; i < np; i++)
+    }    for (uint32_t i = 0; i < np; i++)
         if ((uint32_t)prompt[i] >= V) {
             fprintf(stderr, "dsctl generate: token %d is outside the vocabulary (%u)\n", prompt[i],
                     V);

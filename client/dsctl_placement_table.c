@@ -231,8 +231,7 @@ static void print_predicted_vs_measured(FILE *f, json_t *pred, json_t *meas, jso
     size_t i;
     json_t *o;
     const char *key;
-    json_object_foreach(json_object_get(meas, "nodes"), key, o)
-        node_add(nodes, &nn, key, strlen(key));
+    json_object_foreach(json_object_get(meas, "nodes"), key, o) node_add(nodes, &nn, key, strlen(key));
     json_array_foreach(json_object_get(meas, "links"), i, o)
     {
         const char *from = json_string_value(json_object_get(o, "from"));
@@ -346,15 +345,16 @@ void dsctl_placement_print(FILE *f, json_t *pl, long only_layer, bool explain)
     print_predicted_vs_measured(f, json_object_get(pl, "predicted"), meas,
                                 json_object_get(plan, "devices"));
     if (explain)
-        fprintf(f, "\nwhy: embed and head stay on the coordinator, which samples; the placement "
-                   "solver (or the round-robin debugging plan) chose every other unit's node "
-                   "(dsctl plan --explain shows the solver's reasoning for a cluster spec); shared "
-                   "experts and dense FFNs run beside their attention. A micro-batch travels from "
-                   "attention host to attention host; each sends one dispatch per expert host per "
-                   "MoE layer. Predicted per message = 2 x link latency + bytes / bandwidth "
-                   "(calibrated over the real sockets); measured = dispatch round trip minus the "
-                   "expert host's reported compute time. Per decode step: predicted = the "
-                   "solver's busy seconds per device (summed per node) and per link; measured = "
-                   "the compute of the units a node ran and the transfer time per link divided by "
-                   "the steps run (the most calls of any attention layer).\n");
+        fprintf(f,
+                "\nwhy: embed and head stay on the coordinator, which samples; the placement "
+                "solver (or the round-robin debugging plan) chose every other unit's node "
+                "(dsctl plan --explain shows the solver's reasoning for a cluster spec); shared "
+                "experts and dense FFNs run beside their attention. A micro-batch travels from "
+                "attention host to attention host; each sends one dispatch per expert host per "
+                "MoE layer. Predicted per message = 2 x link latency + bytes / bandwidth "
+                "(calibrated over the real sockets); measured = dispatch round trip minus the "
+                "expert host's reported compute time. Per decode step: predicted = the "
+                "solver's busy seconds per device (summed per node) and per link; measured = "
+                "the compute of the units a node ran and the transfer time per link divided by "
+                "the steps run (the most calls of any attention layer).\n");
 }

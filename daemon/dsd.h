@@ -126,8 +126,8 @@ typedef struct dsd_host dsd_host;
 typedef struct dsd_units {
     bool embed, head;
     uint32_t n_layers, n_experts;
-    bool *attn;          /* [n_layers] (attention + router + shared/dense beside it) */
-    bool *expert;        /* [n_layers * n_experts] */
+    bool *attn;   /* [n_layers] (attention + router + shared/dense beside it) */
+    bool *expert; /* [n_layers * n_experts] */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
     /* [n_layers] where attn[l] (with its KV cache, router, dense/shared FFN) runs: 0 the CPU
      * engine, else the accelerator dev_names[i]; may be NULL (all on the CPU engine) */
@@ -196,9 +196,9 @@ typedef struct dsd_plan {
     uint8_t embed_dev, head_dev;
     char dev_names[DSD_MAX_DEVNAMES][32]; /* [0] = "" */
     uint32_t n_dev_names;
-    char strategy[32]; /* strategy requested ("round-robin" or a ds_strategy name) */
-    char solver[32];   /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
-    char *solver_json; /* the placement library's plan JSON (predicted times), or NULL */
+    char strategy[32];   /* strategy requested ("round-robin" or a ds_strategy name) */
+    char solver[32];     /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
+    char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
 } dsd_plan;
 
 /* A plan's tables for model c over n_nodes named nodes, zeroed (embed/head/attn = node 0,

@@ -100,8 +100,7 @@ static void publish(dsd_data *d)
             continue;
         json_t *row = json_array();
         for (uint32_t e = 0; e < E; e++)
-            json_array_append_new(row,
-                                  json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
+            json_array_append_new(row, json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
         json_array_append_new(layers, json_pack("{s:i,s:o}", "layer", (int)l, "counts", row));
     }
     json_object_set_new(o, "expert_counts",
@@ -355,8 +354,7 @@ static bool on_ctl(dsd_data *d)
         dsd_links_add(d, cm.name, cm.endpoint);
         return true;
     case OP_OPTS:
-        ds_log_info("data: reloaded options (step_timeout_ms %lld)",
-                    (long long)cm.o.step_timeout_ms);
+        ds_log_info("data: reloaded options (step_timeout_ms %lld)", (long long)cm.o.step_timeout_ms);
         d->o = cm.o;
         if (d->sched)
             dsd_sched_set_step_timeout(d->sched, (uint64_t)cm.o.step_timeout_ms * 1000000ull);

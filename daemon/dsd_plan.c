@@ -360,7 +360,8 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     memcpy(dst->endpoints, src->endpoints, N * sizeof(*dst->endpoints));
     memcpy(dst->attn, src->attn, src->n_layers * sizeof(int32_t));
     memcpy(dst->expert, src->expert, (size_t)src->n_layers * src->n_experts * sizeof(int32_t));
-    memcpy(dst->replicas, src->replicas, (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
+    memcpy(dst->replicas, src->replicas,
+           (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
     memcpy(dst->expert_dev, src->expert_dev, (size_t)src->n_layers * src->n_experts);
     memcpy(dst->attn_dev, src->attn_dev, src->n_layers);
     return 0;

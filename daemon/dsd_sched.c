@@ -108,10 +108,10 @@ char *dsd_sched_jobs_json(const dsd_sched *s)
     uint32_t inflight = 0;
     for (uint32_t i = 0; i < s->max_mbs; i++)
         inflight += s->mbs[i].used;
-    json_t *jr =
-        json_pack("{s:o,s:I,s:I,s:i,s:i}", "jobs", jobs, "finished", (json_int_t)s->jobs_done,
-                  "steps", (json_int_t)s->step, "micro_batches_in_flight", (int)inflight,
-                  "micro_batches", (int)s->max_mbs);
+    json_t *jr = json_pack("{s:o,s:I,s:I,s:i,s:i}", "jobs", jobs, "finished",
+                           (json_int_t)s->jobs_done, "steps", (json_int_t)s->step,
+                           "micro_batches_in_flight", (int)inflight, "micro_batches",
+                           (int)s->max_mbs);
     char *r = json_dumps(jr, JSON_COMPACT);
     json_decref(jr);
     return r;

@@ -217,8 +217,7 @@ static int run_k(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, uint32
         return ds_error_set(err, rc, "layer %u: bad routing ids", layer);
     uint32_t rows = n * k;
     for (uint32_t e = 0; e < c->n_routed_experts; e++)
-        if (g.offsets[e + 1] > g.offsets[e] &&
-            !bm->ex[(size_t)layer * c->n_routed_experts + e].gate) {
+        if (g.offsets[e + 1] > g.offsets[e] && !bm->ex[(size_t)layer * c->n_routed_experts + e].gate) {
             rc = ds_error_set(err, -ENOENT, "expert[%u][%u] is not on this device", layer, e);
             goto out;
         }

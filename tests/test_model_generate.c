@@ -25,7 +25,7 @@
 
 #include "ds_backend.h"
 
-#define REF   DS_TEST_DATA "/ref/"
+#define REF DS_TEST_DATA "/ref/"
 #define DSCTL DS_BINARY_ROOT "/client/dsctl"
 
 static const char *spec = "opencl";
