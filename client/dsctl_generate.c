@@ -57,7 +57,10 @@ static void gen_usage(FILE *f)
                "                      and shared FFNs, embed, head) and experts (routed experts);\n"
                "                      DEV: cpu0 (the CPU engine, default), openclN, cudaN, or a\n"
                "                      backend spec (cpu, opencl[:N], cuda[:N]); exact: the same\n"
-               "                      tokens and logits as the CPU engine\n");
+               "                      tokens and logits as the CPU engine\n"
+               "  --fast              with --device attn=...: the device's fast kernels (tree\n"
+               "                      RMSNorm, cuBLAS batches on cuda); logits within 1e-3 of\n"
+               "                      the exact run, not bit-identical\n");
 }
 
 /* A --device value: NULL for the CPU engine (cpuN), else a backend spec in spec[len]
@@ -239,13 +242,14 @@ static int cmd_generate(int argc, char **argv)
         {"ignore-eos", no_argument, NULL, 'I'},
         {"experts-on", required_argument, NULL, 'x'},
         {"device", required_argument, NULL, 'D'},
+        {"fast", no_argument, NULL, 'F'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *experts_on = NULL;
     const char *devices = NULL;
     char attn_spec[64] = "", experts_spec[64] = "";
-    bool local = false, stop_eos = false, ignore_eos = false, greedy = false;
+    bool local = false, stop_eos = false, ignore_eos = false, greedy = false, fast = false;
     int cpus[1024];
     uint32_t n_cpus = 0;
     double max_tokens = 16, temp = 0, top_p = 1, top_k = 0, seed = 1, threads = 0;
@@ -300,6 +304,9 @@ static int cmd_generate(int argc, char **argv)
         case 'x':
             experts_on = optarg;
             break;
+        case 'F':
+            fast = true;
+            break;
         case 'D':
             devices = optarg;
             bad = parse_devices(optarg, attn_spec, experts_spec, sizeof(attn_spec)) < 0;
@@ -326,6 +333,10 @@ static int cmd_generate(int argc, char **argv)
     }
     if (experts_spec[0])
         experts_on = experts_spec;
+    if (fast && !attn_spec[0]) {
+        fprintf(stderr, "dsctl generate: --fast needs --device attn=DEV (an accelerator)\n");
+        return DSCTL_EXIT_USAGE;
+    }
     const char *text_arg = optind < argc ? argv[optind] : NULL;
     if (!model || !!tokens_s == !!text_arg || optind + (text_arg ? 1 : 0) != argc) {
         if (tokens_s && text_arg)
@@ -459,6 +470,7 @@ static int cmd_generate(int argc, char **argv)
                     ds_error_str(&err));
             goto out;
         }
+        ds_backend_units_set_exact(bu, !fast);
         ds_engine_set_units(eng, &ds_backend_units_ops, bu);
     }
     logits = malloc((size_t)np * V * sizeof(float));

@@ -516,3 +516,9 @@ int ds_bk_gather_rows(ds_bk_weight *w, const int32_t *ids, uint32_t n, ds_bk_buf
         return rc;
     return b->ops->gather_rows(b->impl, w->h, &w->desc, ids, n, y->h, y_off, err);
 }
+
+void ds_backend_set_exact(ds_backend *b, bool exact)
+{
+    if (b && b->ops->set_exact)
+        b->ops->set_exact(b->impl, exact);
+}

@@ -150,6 +150,9 @@ typedef struct ds_backend_ops {
      * already checked against rows. */
     int (*gather_rows)(void *impl, void *w, const ds_bk_weight_desc *d, const int32_t *ids,
                        uint32_t n, void *y, size_t y_off, ds_error *err);
+    /* (optional) exact true: every op in the engine's order (cuda: no cuBLAS for batches);
+     * false: the backend's fast paths. NULL: the backend is always exact. */
+    void (*set_exact)(void *impl, bool exact);
 } ds_backend_ops;
 
 typedef struct ds_backend ds_backend;
@@ -218,6 +221,11 @@ int ds_bk_mla_attn(const ds_bk_mla_desc *m, ds_bk_buf *q, size_t q_off, ds_bk_we
 size_t ds_bk_router_scratch(const ds_bk_router_desc *r, uint32_t n);
 int ds_bk_router(const ds_bk_router_desc *r, ds_bk_buf *logits, ds_bk_buf *bias, uint32_t n,
                  ds_bk_buf *scratch, ds_bk_buf *ids, ds_bk_buf *weights, ds_error *err);
+/* Exact (true): matmul keeps the engine's order for every batch size (cuda then never calls
+ * cuBLAS); false: the backend's fast paths (cuda: cuBLAS SGEMM from 16 rows, within the op
+ * suite's tolerance). cpu and opencl are always exact. The default is each backend's own
+ * (cuda: fast). */
+void ds_backend_set_exact(ds_backend *b, bool exact);
 /* The embedding lookup: -ERANGE (naming the id) for an id outside [0, rows). */
 int ds_bk_gather_rows(ds_bk_weight *w, const int32_t *ids, uint32_t n, ds_bk_buf *y, size_t y_off,
                       ds_error *err);

@@ -40,6 +40,7 @@ struct ds_backend_units {
     bu_ffn *dense, *shared; /* [L] */
     ds_bk_weight *embed, *lm_head;
     ds_bk_buf *final_norm;
+    bool exact; /* the engine's orders everywhere (default); false: the fast paths */
     uint64_t weight_bytes, kv_bytes, calls;
     double busy_s;
     /* activations */
@@ -222,6 +223,8 @@ int ds_backend_units_new(const ds_model *m, ds_pool *pool, ds_backend *b,
     bu->pool = pool;
     bu->b = b;
     bu->ffn_layer = UINT32_MAX;
+    bu->exact = true;
+    ds_backend_set_exact(b, true);
     uint32_t L = bu->c->num_hidden_layers;
     bu->attn = calloc(L + 1, sizeof(*bu->attn));
     bu->dense = calloc(L + 1, sizeof(*bu->dense));
@@ -303,6 +306,22 @@ double ds_backend_units_busy_s(const ds_backend_units *bu, uint64_t *calls)
     if (calls)
         *calls = bu->calls;
     return bu->busy_s;
+}
+
+void ds_backend_units_set_exact(ds_backend_units *bu, bool exact)
+{
+    bu->exact = exact;
+    ds_backend_set_exact(bu->b, exact);
+}
+
+/* RMSNorm of n rows: the engine's (double sum in order) in exact mode; the backend's
+ * work-group tree in fast mode where the rows are contiguous from the buffers' start. */
+static int norm(ds_backend_units *bu, ds_bk_buf *x, size_t stride, ds_bk_buf *g, uint32_t n,
+                uint32_t d, double eps, ds_bk_buf *y, ds_error *err)
+{
+    if (!bu->exact && stride == d)
+        return ds_bk_rmsnorm(x, g, n, d, (float)eps, y, err);
+    return ds_bk_rmsnorm_rows(x, 0, stride, g, n, d, eps, y, 0, stride, err);
 }
 
 /* ---- the device KV cache ---- */
@@ -448,13 +467,11 @@ static int dev_attn(ds_backend_units *bu, uint32_t layer, const float *x, uint32
         return rc;
     /* input norm, q (LoRA) and kv_a: model/forward.c ds_unit_attn, step for step */
     if ((rc = ds_bk_buf_write(bu->x.b, 0, x, rowb, err)) < 0 ||
-        (rc = ds_bk_rmsnorm_rows(bu->x.b, 0, D, a->attn_norm, n, D, c->rms_norm_eps, bu->xn.b, 0, D,
-                                 err)) < 0)
+        (rc = norm(bu, bu->x.b, D, a->attn_norm, n, D, c->rms_norm_eps, bu->xn.b, err)) < 0)
         return rc;
     if (ql) {
         if ((rc = ds_bk_matmul(a->q_a, bu->xn.b, 0, n, bu->qa.b, 0, err)) < 0 ||
-            (rc = ds_bk_rmsnorm_rows(bu->qa.b, 0, ql, a->q_a_norm, n, ql, 1e-6, bu->qa.b, 0, ql,
-                                     err)) < 0 ||
+            (rc = norm(bu, bu->qa.b, ql, a->q_a_norm, n, ql, 1e-6, bu->qa.b, err)) < 0 ||
             (rc = ds_bk_matmul(a->q_b, bu->qa.b, 0, n, bu->q.b, 0, err)) < 0)
             return rc;
     } else if ((rc = ds_bk_matmul(a->q_b, bu->xn.b, 0, n, bu->q.b, 0, err)) < 0) {
@@ -496,8 +513,7 @@ static int dev_attn(ds_backend_units *bu, uint32_t layer, const float *x, uint32
     /* o_proj + residual, post-attention norm */
     if ((rc = ds_bk_matmul(a->o, bu->att.b, 0, n, bu->hid.b, 0, err)) < 0 ||
         (rc = ds_bk_add(bu->hid.b, bu->x.b, (size_t)n * D, err)) < 0 ||
-        (rc = ds_bk_rmsnorm_rows(bu->hid.b, 0, D, a->ffn_norm, n, D, c->rms_norm_eps, bu->ffn.b, 0,
-                                 D, err)) < 0)
+        (rc = norm(bu, bu->hid.b, D, a->ffn_norm, n, D, c->rms_norm_eps, bu->ffn.b, err)) < 0)
         return rc;
     if (a->gate && out->topk_ids && out->topk_weights) {
         uint32_t E = c->n_routed_experts, k = c->num_experts_per_tok;
@@ -634,8 +650,7 @@ static int units_head(void *ctx, const float *x, uint32_t n, float *logits, ds_e
     if (rc == 0)
         rc = ds_bk_buf_write(bu->x.b, 0, x, rowb, err);
     if (rc == 0)
-        rc = ds_bk_rmsnorm_rows(bu->x.b, 0, D, bu->final_norm, n, D, bu->c->rms_norm_eps, bu->xn.b,
-                                0, D, err);
+        rc = norm(bu, bu->x.b, D, bu->final_norm, n, D, bu->c->rms_norm_eps, bu->xn.b, err);
     if (rc == 0)
         rc = ds_bk_matmul(bu->lm_head, bu->xn.b, 0, n, bu->logits.b, 0, err);
     if (rc == 0)

@@ -42,6 +42,12 @@ ds_backend_units *ds_backend_units_free(ds_backend_units *bu);
  * changes that buffer in between must pass another one. */
 extern const ds_unit_runner_ops ds_backend_units_ops;
 
+/* Exact mode (default true): every op bit-identical to the CPU engine (and the backend in its
+ * exact mode: cuda without cuBLAS). false: the fast paths — the backend's tree RMSNorm for
+ * contiguous rows, cuBLAS SGEMM for batches of 16+ rows on cuda — whose logits stay within
+ * 1e-3 of the exact ones (absolute; test_model_generate checks it on the reference
+ * checkpoints). The cluster always runs exact (its token identity needs it). */
+void ds_backend_units_set_exact(ds_backend_units *bu, bool exact);
 /* Whether the unit runs on the device. */
 bool ds_backend_units_hosts(const ds_backend_units *bu, enum ds_unit_kind kind, uint32_t layer);
 /* Bytes of weights uploaded; bytes of KV cache allocated on the device now. */

@@ -440,6 +440,70 @@ static void test_generate_device(void **state)
     free(o);
 }
 
+/* --device attn=SPEC --fast: the fast kernels; the stated tolerance: every logit within 1e-3
+ * (absolute) of the exact CPU run, and the HF reference tokens on every checkpoint. */
+static void test_generate_fast(void **state)
+{
+    (void)state;
+    const char *names[] = {"v3_fp8",  "v3_qlora_group_yarn", "v2_group_limited",
+                           "v3_bf16", "v2_greedy",           "v3_noqlora_d72"};
+    for (int mi = 0; mi < 6; mi++) {
+        char path[512], l1[4096], l2[4096], toks[1024] = "", want[1024] = "tokens: ";
+        snprintf(path, sizeof(path), REF "%s/ref_1.txt", names[mi]);
+        FILE *f = fopen(path, "r");
+        assert_non_null(f);
+        assert_non_null(fgets(l1, sizeof(l1), f));
+        assert_non_null(fgets(l2, sizeof(l2), f));
+        fclose(f);
+        int32_t prompt[64], gen[64];
+        uint32_t np = parse_ids(l1, prompt, 64), ng = parse_ids(l2, gen, 64);
+        for (uint32_t i = 0; i < np; i++)
+            snprintf(toks + strlen(toks), sizeof(toks) - strlen(toks), "%s%d", i ? "," : "",
+                     prompt[i]);
+        for (uint32_t i = 0; i < ng; i++)
+            snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? "," : "",
+                     gen[i]);
+        strcat(want, "\n");
+        unsigned char *lg[2];
+        size_t ln[2];
+        for (int r = 0; r < 2; r++) {
+            char lp[32] = "/tmp/ds_gen_fast_XXXXXX", cmd[4096], extra[128] = "", last[4096];
+            int fd = mkstemp(lp);
+            assert_true(fd >= 0);
+            close(fd);
+            if (r)
+                snprintf(extra, sizeof(extra), " --device attn=%s --fast", spec);
+            snprintf(cmd, sizeof(cmd),
+                     DSCTL " generate --local --model " REF "%s --tokens %s --max-tokens %u "
+                           "--greedy --logits-out %s --threads 2%s",
+                     names[mi], toks, ng, lp, extra);
+            run(cmd, last, sizeof(last));
+            assert_string_equal(last, want);
+            lg[r] = read_all(lp, &ln[r]);
+            unlink(lp);
+        }
+        assert_int_equal(ln[0], ln[1]);
+        double worst = 0;
+        for (size_t i = 0; i < ln[0] / 4; i++) {
+            float a, b;
+            memcpy(&a, lg[0] + 4 * i, 4);
+            memcpy(&b, lg[1] + 4 * i, 4);
+            worst = fabs((double)a - b) > worst ? fabs((double)a - b) : worst;
+        }
+        printf("%s --fast on %s: max |logit - exact| %.3g\n", names[mi], spec, worst);
+        assert_true(worst <= 1e-3);
+        free(lg[0]);
+        free(lg[1]);
+    }
+    size_t len;
+    char *o = run_all(DSCTL " generate --local --model " REF "v3_bf16 --tokens 1 --fast 2>&1; "
+                            "echo rc=$?",
+                      &len);
+    assert_non_null(strstr(o, "--fast needs --device attn=DEV"));
+    assert_non_null(strstr(o, "rc=2"));
+    free(o);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1)
@@ -458,6 +522,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_generate_tiny_english),
         cmocka_unit_test(test_generate_tiny_experts_on),
         cmocka_unit_test(test_generate_device),
+        cmocka_unit_test(test_generate_fast),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

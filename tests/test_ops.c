@@ -175,6 +175,21 @@ static void test_matmul(void **state)
     }
 }
 
+/* Exact mode (ds_backend_set_exact): batches too in the engine's order on every backend
+ * (cuda: no cuBLAS), bit-identical to ds_weight_matmul. */
+static void test_matmul_exact_mode(void **state)
+{
+    bool was = exact_matmul;
+    ds_backend_set_exact(B, true);
+    exact_matmul = true;
+    for (int dt = 0; dt < 3; dt++) {
+        check_matmul((enum ds_bk_dtype)dt, 67, 300, 16, 128, 128);
+        check_matmul((enum ds_bk_dtype)dt, 130, 129, 37, 128, 128);
+    }
+    exact_matmul = was;
+    ds_backend_set_exact(B, false);
+}
+
 /* ---- rmsnorm ---- */
 
 static void test_rmsnorm(void **state)
@@ -931,6 +946,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_mla_attn),
         cmocka_unit_test(test_router),
         cmocka_unit_test(test_gather_swiglu_exact),
+        cmocka_unit_test(test_matmul_exact_mode),
     };
     rc = cmocka_run_group_tests_name(spec, tests, NULL, NULL);
     ds_backend_free(B);

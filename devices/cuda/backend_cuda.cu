@@ -69,6 +69,7 @@ typedef struct cu_ctx {
     float *scratch;   /* widened weight for cuBLAS (float32), grown on demand */
     size_t scratch_n; /* floats */
     float *lut;       /* [256] FP8 values on the device */
+    bool exact;       /* matmul in the fixed order for every batch (no cuBLAS) */
 } cu_ctx;
 
 typedef struct cu_weight {
@@ -503,7 +504,7 @@ static int cu_matmul(void *impl, void *wp, const ds_bk_weight_desc *d, void *xp,
     if ((bcol & (bcol - 1)) == 0)
         bcol = 0x80000000u | (unsigned)__builtin_ctz(bcol);
     CU(cudaSetDevice(c->dev), "cudaSetDevice");
-    if (n >= CUBLAS_MIN_N) {
+    if (n >= CUBLAS_MIN_N && !c->exact) {
         /* y^T [rows, n] = W [rows, cols] x^T: in cuBLAS's column-major terms
          * Y (rows x n, ld rows) = W^T' ... i.e. op(A) = A^T with A = W stored as cols x rows. */
         const float *A = (const float *)w->data;
@@ -962,10 +963,16 @@ static int cu_gather_rows(void *impl, void *wp, const ds_bk_weight_desc *d, cons
     return rc;
 }
 
+static void cu_set_exact(void *impl, bool exact)
+{
+    ((cu_ctx *)impl)->exact = exact;
+}
+
 /* The one exported symbol (positional: C++17 has no designated initialisers). */
 extern "C" __attribute__((visibility("default"))) const ds_backend_ops ds_backend_cuda_ops = {
     DS_BACKEND_ABI, "cuda",      cu_open,          cu_close,       cu_buf_alloc, cu_buf_free,
     cu_buf_write,   cu_buf_read, cu_weight_upload, cu_weight_free, cu_matmul,    cu_rmsnorm,
     cu_rope,        cu_mla,      cu_swiglu,        cu_topk,        cu_add,       cu_scale,
     cu_copy,        cu_finish,   cu_rmsnorm_rows,  cu_mla_attn,    cu_router,    cu_gather_rows,
+    cu_set_exact,
 };
