@@ -12,7 +12,8 @@
 
 #include "ds_backend_units.h"
 
-#define MAX_ROPE_DIM 4096 /* config.c bounds qk_rope_head_dim by this */
+#define MAX_ROPE_DIM  4096 /* config.c bounds qk_rope_head_dim by this */
+#define MLA_MAX_CHUNK 256  /* rows of one sequence per mla_attn call (grid and scratch bounds) */
 
 typedef struct bu_attn {
     bool on;
@@ -499,7 +500,12 @@ static int dev_attn(ds_backend_units *bu, uint32_t layer, const float *x, uint32
     md.scale = (float)p.softmax_scale;
     for (uint32_t i0 = 0; i0 < n;) {
         uint32_t i1 = i0 + 1;
-        while (i1 < n && caches[i1] == caches[i0] && pos[i1] == pos[i1 - 1] + 1)
+        /* a run of one sequence's consecutive positions, in chunks whose scratch (q_lat, o_lat
+         * and the scores: rows x H x (2C + context)) stays below 64 Mi floats */
+        size_t per_row = (size_t)H * (2 * (size_t)C + pos[i0] + MLA_MAX_CHUNK);
+        uint32_t chunk = (uint32_t)((64u << 20) / per_row);
+        chunk = chunk < 1 ? 1 : chunk > MLA_MAX_CHUNK ? MLA_MAX_CHUNK : chunk;
+        while (i1 < n && i1 - i0 < chunk && caches[i1] == caches[i0] && pos[i1] == pos[i1 - 1] + 1)
             i1++;
         ds_bk_buf *cb;
         if ((rc = kv_device(bu, caches[i0], layer, pos[i1 - 1] + 1, &cb, err)) < 0 ||

@@ -326,6 +326,56 @@ static void test_units_batched(void **state)
         units_batched(names[i]);
 }
 
+/* A prompt longer than one mla_attn call takes (256 rows of a sequence per call): models/tiny,
+ * 300 rows in one forward, then decode steps; bit-identical to the CPU engine. */
+static void test_units_long_prefill(void **state)
+{
+    char dir[1024];
+    snprintf(dir, sizeof(dir), "%s/models/tiny", DS_SOURCE_ROOT);
+    ds_error err = {0};
+    ds_model *m = NULL;
+    if (ds_model_open(dir, NULL, &m, &err) < 0) {
+        printf("models/tiny not present: skipped\n");
+        return;
+    }
+    uint32_t V = ds_model_get_config(m)->vocab_size, n = 300;
+    ds_engine *cpu = NULL, *dev = NULL;
+    ds_backend_units *bu = NULL;
+    assert_int_equal(ds_engine_new(m, NULL, 400, &cpu, &err), 0);
+    assert_int_equal(ds_engine_new(m, NULL, 400, &dev, &err), 0);
+    if (ds_backend_units_new(m, NULL, B, NULL, NULL, &bu, &err) < 0)
+        fail_msg("units on %s: %s", spec, ds_error_str(&err));
+    ds_engine_set_units(dev, &ds_backend_units_ops, bu);
+    int sc = ds_engine_seq_add(cpu), sd = ds_engine_seq_add(dev);
+    int *rc_ = malloc(n * sizeof(int)), *rd_ = malloc(n * sizeof(int));
+    int32_t *tok = malloc(n * sizeof(int32_t));
+    float *lc = malloc((size_t)n * V * 4), *ld = malloc((size_t)n * V * 4);
+    for (uint32_t i = 0; i < n; i++) {
+        rc_[i] = sc;
+        rd_[i] = sd;
+        tok[i] = (int32_t)((i * 7919u + 13u) % V);
+    }
+    assert_int_equal(ds_engine_forward(cpu, n, rc_, tok, lc, &err), 0);
+    if (ds_engine_forward(dev, n, rd_, tok, ld, &err) < 0)
+        fail_msg("long prefill on %s: %s", spec, ds_error_str(&err));
+    assert_memory_equal(lc, ld, (size_t)n * V * 4);
+    for (int k = 0; k < 3; k++) {
+        int32_t t = argmax(lc + (k ? 0 : (size_t)(n - 1) * V), V);
+        assert_int_equal(ds_engine_forward(cpu, 1, &sc, &t, lc, &err), 0);
+        assert_int_equal(ds_engine_forward(dev, 1, &sd, &t, ld, &err), 0);
+        assert_memory_equal(lc, ld, (size_t)V * 4);
+    }
+    ds_engine_free(dev);
+    ds_engine_free(cpu);
+    ds_backend_units_free(bu);
+    free(rc_);
+    free(rd_);
+    free(tok);
+    free(lc);
+    free(ld);
+    ds_model_free(m);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1)
@@ -345,6 +395,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_v2_group_limited),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_units_batched),
+        cmocka_unit_test(test_units_long_prefill),
     };
     int rc = cmocka_run_group_tests_name(spec, tests, NULL, NULL);
     ds_backend_free(B);
