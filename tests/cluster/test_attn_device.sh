@@ -74,10 +74,12 @@ run_model() { # model dir, prompts...
         echo "ok   two concurrent jobs"; else echo "FAIL: concurrent jobs differ"; fail=1; fi
     # measured per device: the coordinator's attention work on opencl0, beside the prediction
     local table steps=0
-    for _ in $(seq 30); do # the nodes publish their figures at most every 100 ms
+    for _ in $(seq 40); do # the nodes publish their figures at most every 100 ms
         table=$("$DSCTL" placement)
         steps=$(echo "$table" | sed -n 's/.*measured over \([0-9]*\) steps.*/\1/p')
-        [ "${steps:-0}" -ge 20 ] && break
+        # and the workers' figures, which come with their heartbeats
+        if [ "${steps:-0}" -ge 20 ] && echo "$table" | awk '$1 == "w1/cpu0" && $4 ~ /^[0-9.]+$/ { f = 1 }
+                END { exit !f }'; then break; fi
         sleep 0.1
     done
     echo "$table" | sed -n '/PREDICTED VS MEASURED/,/NODE PAIR/p'
