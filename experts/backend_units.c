@@ -235,6 +235,12 @@ int ds_backend_units_new(const ds_model *m, ds_pool *pool, ds_backend *b,
         rc = ds_error_set(err, -ENOMEM, "device units: out of memory");
         goto fail;
     }
+    /* the unit ops must exist there (OpenCL: fp64): refused at load, not at the first step */
+    if ((rc = ensure(bu, &bu->x, 16, err)) < 0 || (rc = ensure(bu, &bu->xn, 16, err)) < 0 ||
+        (rc = ds_bk_rmsnorm_rows(bu->x.b, 0, 1, bu->xn.b, 1, 1, 1e-6, bu->xn.b, 0, 1, err)) < 0) {
+        ds_error_prefix(err, "device units on %s", ds_backend_kind(b));
+        goto fail;
+    }
     for (uint32_t l = 0; l < L; l++) {
         if ((!want || want(ctx, DS_UNIT_ATTN, l)) && (rc = attn_up(bu, l, err)) < 0) {
             ds_error_prefix(err, "attn[%u] on %s", l, ds_backend_kind(b));
@@ -560,16 +566,20 @@ static int units_attn(void *ctx, uint32_t layer, const float *x, uint32_t n,
                       ds_error *err)
 {
     ds_backend_units *bu = ctx;
-    if (!ds_backend_units_hosts(bu, DS_UNIT_ATTN, layer))
+    if (!ds_backend_units_hosts(bu, DS_UNIT_ATTN, layer)) {
+        bu->ffn_layer = UINT32_MAX; /* the device holds no ffn_in of this layer */
         return ds_unit_attn(bu->m, bu->pool, layer, x, n, positions, caches, out, err);
+    }
     if (n == 0)
         return 0;
     double t0 = now_s();
     int rc = dev_attn(bu, layer, x, n, positions, caches, out, err);
     bu->busy_s += now_s() - t0;
     bu->calls++;
-    if (rc < 0)
+    if (rc < 0) {
+        bu->ffn_layer = UINT32_MAX;
         ds_error_prefix(err, "attn[%u] on %s", layer, ds_backend_kind(bu->b));
+    }
     return rc;
 }
 
