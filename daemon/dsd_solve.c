@@ -101,8 +101,8 @@ static int pin_expand(const char *u, size_t ul, const char *dev, size_t dl,
         e1 = E;
         by_expert = true;
     } else {
-        if (*n >= cap)
-            return -ENOSPC;
+        if (strchr(unit, '*') || *n >= cap) /* a pattern of none of the forms above */
+            return -EINVAL;
         snprintf(pins[*n].unit, sizeof(pins[*n].unit), "%s", unit);
         snprintf(pins[*n].device, sizeof(pins[*n].device), "%.*s", (int)dl, dev);
         (*n)++;
