@@ -23,6 +23,7 @@
 #include "ds_model.h"
 #include "ds_tokenizer.h"
 #include "dsctl.h"
+#include "dsctl_generate_plan.h"
 
 /* The cluster side of `dsctl generate` (client/dsctl_generate_cluster.c). */
 int dsctl_generate_cluster(int argc, char **argv);
@@ -58,6 +59,8 @@ static void gen_usage(FILE *f)
                "                      DEV: cpu0 (the CPU engine, default), openclN, cudaN, or a\n"
                "                      backend spec (cpu, opencl[:N], cuda[:N]); exact: the same\n"
                "                      tokens and logits as the CPU engine\n"
+               "  --plan FILE         run the units where a `dsctl plan --json` plan puts them\n"
+               "                      (by device name: cpuN = the CPU engine, openclN, cudaN)\n"
                "  --fast              with --device attn=...: the device's fast kernels (tree\n"
                "                      RMSNorm, cuBLAS batches on cuda); logits within 1e-3 of\n"
                "                      the exact run, not bit-identical\n");
@@ -243,11 +246,12 @@ static int cmd_generate(int argc, char **argv)
         {"experts-on", required_argument, NULL, 'x'},
         {"device", required_argument, NULL, 'D'},
         {"fast", no_argument, NULL, 'F'},
+        {"plan", required_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *experts_on = NULL;
-    const char *devices = NULL;
+    const char *devices = NULL, *plan_path = NULL;
     char attn_spec[64] = "", experts_spec[64] = "";
     bool local = false, stop_eos = false, ignore_eos = false, greedy = false, fast = false;
     int cpus[1024];
@@ -307,6 +311,9 @@ static int cmd_generate(int argc, char **argv)
         case 'F':
             fast = true;
             break;
+        case 'P':
+            plan_path = optarg;
+            break;
         case 'D':
             devices = optarg;
             bad = parse_devices(optarg, attn_spec, experts_spec, sizeof(attn_spec)) < 0;
@@ -325,6 +332,11 @@ static int cmd_generate(int argc, char **argv)
     }
     if (!local) {
         fprintf(stderr, "dsctl generate: only --local (in-process) is supported so far\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (plan_path && (devices || experts_on || fast)) {
+        fprintf(stderr, "dsctl generate: --plan places every unit: no --device, --experts-on "
+                        "or --fast with it\n");
         return DSCTL_EXIT_USAGE;
     }
     if (devices && experts_on) {
@@ -368,6 +380,7 @@ static int cmd_generate(int argc, char **argv)
     ds_backend *bk = NULL, *abk = NULL; /* experts', attention's (when another device) */
     ds_backend_moe *bm = NULL;
     ds_backend_units *bu = NULL;
+    gen_plan *gp = NULL;
     char *text = NULL;
     bool nl_last = true; /* the streamed text ended with a newline (or is empty) */
     int32_t eos = -1;
@@ -473,6 +486,16 @@ static int cmd_generate(int argc, char **argv)
         ds_backend_units_set_exact(bu, !fast);
         ds_engine_set_units(eng, &ds_backend_units_ops, bu);
     }
+    if (plan_path) {
+        if ((rc = gen_plan_load(plan_path, m, model, pool, &gp, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
+            if (rc == -EINVAL || rc == -ENOTSUP)
+                ret = DSCTL_EXIT_USAGE; /* a plan this model or process cannot run */
+            goto out;
+        }
+        gen_plan_describe(gp, stderr);
+        gen_plan_install(gp, eng);
+    }
     logits = malloc((size_t)np * V * sizeof(float));
     gen = malloc((nmax + 1) * sizeof(*gen));
     int *seqs = calloc(np, sizeof(int));
@@ -549,6 +572,7 @@ out:
     ds_tokenizer_free(tok);
     ds_engine_free(eng); /* before the device units: its caches live on their device */
     ds_backend_units_free(bu);
+    gen_plan_free(gp);
     ds_backend_free(abk);
     ds_backend_moe_free(bm);
     ds_backend_free(bk);

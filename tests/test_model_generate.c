@@ -508,6 +508,125 @@ static void test_generate_fast(void **state)
     free(o);
 }
 
+/* --plan FILE: a plan made by `dsctl plan --pin ...` for a one-box cluster spec (cpu0 +
+ * opencl0). Layouts: attention/embed/head on opencl0 and the experts on cpu0; attn[0] on cpu0,
+ * the other layers and the experts on opencl0. The tokens and the logits file must equal the
+ * CPU-only run. With SPEC cpu (the sanitizer run) every unit stays on cpu0: the plan file's
+ * parsing and the errors are what is checked there. */
+static void test_generate_plan(void **state)
+{
+    (void)state;
+    bool dev = strncmp(spec, "opencl", 6) == 0;
+    char dir[] = "/tmp/ds_gen_plan_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char specf[600], planf[600], cmd[8192];
+    snprintf(specf, sizeof(specf), "%s/spec.json", dir);
+    snprintf(planf, sizeof(planf), "%s/plan.json", dir);
+    FILE *f = fopen(specf, "w");
+    assert_non_null(f);
+    fprintf(f, "{\"nodes\":[{\"name\":\"box\",\"class\":\"server\",\"devices\":["
+               "{\"name\":\"cpu0\",\"kind\":\"cpu\",\"class\":\"server\",\"memory_bytes\":8e9,"
+               "\"mem_bw_bytes_per_s\":1e10,\"flops\":1e11},"
+               "{\"name\":\"opencl0\",\"kind\":\"gpu\",\"class\":\"gpu\",\"memory_bytes\":8e9,"
+               "\"mem_bw_bytes_per_s\":1e11,\"flops\":1e12}]}]}\n");
+    assert_int_equal(fclose(f), 0);
+    const char *models[] = {DS_SOURCE_ROOT "/models/tiny", REF "v3_fp8", REF "v2_greedy"};
+    const uint32_t layers[] = {4, 2, 2}, first_moe[] = {1, 1, 1}, experts[] = {8, 0, 0};
+    for (int mi = 0; mi < 3; mi++) {
+        if (access(models[mi], R_OK) != 0)
+            continue;
+        uint32_t E = experts[mi];
+        if (!E) { /* from the config */
+            char cp[600];
+            snprintf(cp, sizeof(cp), "%s/config.json", models[mi]);
+            size_t n;
+            char *cj = (char *)read_all(cp, &n);
+            cj = realloc(cj, n + 1);
+            cj[n] = 0;
+            const char *k = strstr(cj, "\"n_routed_experts\"");
+            assert_non_null(k);
+            E = (uint32_t)strtoul(strchr(k, ':') + 1, NULL, 10);
+            free(cj);
+        }
+        for (int layout = 0; layout < 2; layout++) {
+            const char *a = dev ? "opencl0" : "cpu0", *x = dev && layout ? "opencl0" : "cpu0";
+            size_t o = (size_t)snprintf(cmd, sizeof(cmd),
+                                        DSCTL " plan --cluster %s --model %s --json "
+                                              "--pin embed=box/%s --pin head=box/%s",
+                                        specf, models[mi], a, a);
+            for (uint32_t l = 0; l < layers[mi]; l++)
+                o += (size_t)snprintf(cmd + o, sizeof(cmd) - o, " --pin attn[%u]=box/%s", l,
+                                      layout && l == 0 ? "cpu0" : a);
+            for (uint32_t l = first_moe[mi]; l < layers[mi]; l++)
+                for (uint32_t e = 0; e < E; e++)
+                    o += (size_t)snprintf(cmd + o, sizeof(cmd) - o, " --pin expert[%u][%u]=box/%s",
+                                          l, e, x);
+            snprintf(cmd + o, sizeof(cmd) - o, " > %s", planf);
+            assert_true(o < sizeof(cmd) - 64);
+            if (system(cmd) != 0)
+                fail_msg("dsctl plan failed: %s", cmd);
+            unsigned char *lg[2];
+            size_t ln[2];
+            char *out[2];
+            for (int r = 0; r < 2; r++) {
+                char lp[40], extra[700] = "";
+                snprintf(lp, sizeof(lp), "%s/l%d.f32", dir, r);
+                if (r)
+                    snprintf(extra, sizeof(extra), " --plan %s", planf);
+                snprintf(cmd, sizeof(cmd),
+                         DSCTL " generate --local --model %s --tokens 3,17,42,9,1 --max-tokens 8 "
+                               "--greedy --logits-out %s --threads 2%s",
+                         models[mi], lp, extra);
+                size_t len;
+                out[r] = run_all(cmd, &len);
+                lg[r] = read_all(lp, &ln[r]);
+                unlink(lp);
+            }
+            assert_non_null(strstr(out[0], "tokens: "));
+            assert_string_equal(out[0], out[1]);
+            assert_int_equal(ln[0], ln[1]);
+            if (memcmp(lg[0], lg[1], ln[0]))
+                fail_msg("%s --plan (layout %d): logits differ from the CPU engine's", models[mi],
+                         layout);
+            for (int r = 0; r < 2; r++) {
+                free(lg[r]);
+                free(out[r]);
+            }
+        }
+    }
+    /* bad plans: not JSON, not this model's, mixed with --device: clear errors, exit 2 */
+    f = fopen(planf, "w");
+    assert_non_null(f);
+    fprintf(f, "{\"units\":[{\"unit\":\"attn[99]\",\"device\":\"box/cpu0\"}]}\n");
+    assert_int_equal(fclose(f), 0);
+    const char *bad[][2] = {
+        {"--plan /nonexistent/plan.json", "/nonexistent/plan.json"},
+        {"--plan PLAN", "is not a unit of this model"},
+        {"--plan PLAN --device attn=cpu0", "--plan places every unit"},
+    };
+    for (int i = 0; i < 3; i++) {
+        char opt[700];
+        snprintf(opt, sizeof(opt), "%s", bad[i][0]);
+        char *pp = strstr(opt, "PLAN");
+        if (pp) {
+            char rest[700];
+            snprintf(rest, sizeof(rest), "%s%s", planf, pp + 4);
+            snprintf(pp, sizeof(opt) - (size_t)(pp - opt), "%s", rest);
+        }
+        snprintf(cmd, sizeof(cmd),
+                 DSCTL " generate --local --model " REF "v3_bf16 --tokens 1 %s 2>&1; echo rc=$?",
+                 opt);
+        size_t len;
+        char *o = run_all(cmd, &len);
+        if (!strstr(o, bad[i][1]) || !strstr(o, "rc=2"))
+            fail_msg("%s: [%s]", bad[i][0], o);
+        free(o);
+    }
+    unlink(planf);
+    unlink(specf);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1)
@@ -527,6 +646,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_generate_tiny_experts_on),
         cmocka_unit_test(test_generate_device),
         cmocka_unit_test(test_generate_fast),
+        cmocka_unit_test(test_generate_plan),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
