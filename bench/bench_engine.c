@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "bench_ckpt.h"
+#include "ds_backend_units.h"
 #include "ds_engine.h"
 #include "ds_model.h"
 #include "ds_pool.h"
@@ -208,7 +209,8 @@ static int run_decode(ds_engine *e, uint32_t n, uint32_t vocab, float *logits, d
 
 static int cmd_run(int argc, char **argv)
 {
-    const char *dir = NULL;
+    const char *dir = NULL, *attn_on = NULL;
+    bool fast = false;
     uint32_t threads = 0, ndec = 64, nprompt = 128, reps = 3;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
@@ -223,14 +225,20 @@ static int cmd_run(int argc, char **argv)
             nprompt = (uint32_t)atoi(argv[++i]);
         else if (!strcmp(a, "--repeat") && more)
             reps = (uint32_t)atoi(argv[++i]);
+        else if (!strcmp(a, "--attn-on") && more)
+            attn_on = argv[++i]; /* attention, KV, FFNs, embed, head on a backend */
+        else if (!strcmp(a, "--fast"))
+            fast = true;
         else
             dir = NULL, i = argc;
     }
     if (!dir || !ndec || !nprompt || !reps || ndec > 65536 || nprompt > 65536 || reps > 1000) {
         fprintf(stderr, "usage: bench_engine run --model DIR [--threads N] [--decode N] "
-                        "[--prompt N] [--repeat R]\n");
+                        "[--prompt N] [--repeat R] [--attn-on SPEC [--fast]]\n");
         return 2;
     }
+    ds_backend *bk = NULL;
+    ds_backend_units *bu = NULL;
     ds_model *m = NULL;
     ds_pool *pool = NULL;
     ds_engine *e = NULL;
@@ -242,6 +250,15 @@ static int cmd_run(int argc, char **argv)
         ds_engine_new(m, pool, (nprompt > ndec ? nprompt : ndec) + 8, &e, &err) < 0) {
         fprintf(stderr, "bench_engine: %s\n", err.msg[0] ? ds_error_str(&err) : "out of memory");
         goto out;
+    }
+    if (attn_on) { /* every unit but the routed experts on the device (the KTransformers layout) */
+        if (ds_backend_open(attn_on, &bk, &err) < 0 ||
+            ds_backend_units_new(m, pool, bk, NULL, NULL, &bu, &err) < 0) {
+            fprintf(stderr, "bench_engine: --attn-on %s: %s\n", attn_on, ds_error_str(&err));
+            goto out;
+        }
+        ds_backend_units_set_exact(bu, !fast);
+        ds_engine_set_units(e, &ds_backend_units_ops, bu);
     }
     const ds_model_config *c = ds_model_get_config(m);
     if (c->vocab_size < 3 || !(logits = malloc((size_t)c->vocab_size * sizeof(*logits)))) {
@@ -284,6 +301,8 @@ static int cmd_run(int argc, char **argv)
     printf("weights streamed per decode token: %.1f MB\n", bpt / 1e6);
     printf("decode weight streaming: %.2f GB/s = %.0f%% of the read bandwidth (%.2f GB/s)\n", dgbs,
            rgbs > 0 ? 100 * dgbs / rgbs : 0, rgbs);
+    if (attn_on)
+        printf("attn_on=%s%s (%s)\n", attn_on, fast ? " fast" : " exact", ds_backend_device(bk));
     printf("threads=%u\n", nt);
     printf("prompt_rows=%u\n", nprompt);
     printf("prefill_tok_s=%.3f\n", pre.mean);
@@ -299,7 +318,9 @@ fail:
     fprintf(stderr, "bench_engine: %s\n", ds_error_str(&err));
 out:
     free(logits);
-    ds_engine_free(e);
+    ds_engine_free(e); /* before the device units: the caches live on the device */
+    ds_backend_units_free(bu);
+    ds_backend_free(bk);
     ds_pool_free(pool);
     ds_model_free(m);
     return status;
@@ -313,6 +334,6 @@ int main(int argc, char **argv)
         return cmd_run(argc, argv);
     fprintf(stderr, "usage: bench_engine write DIR [--tokenizer DIR]\n"
                     "       bench_engine run --model DIR [--threads N] [--decode N] [--prompt N] "
-                    "[--repeat R]\n");
+                    "[--repeat R] [--attn-on SPEC [--fast]]\n");
     return 2;
 }

@@ -8,7 +8,9 @@
  * printed is `tokens: a,b,c` (the generated ids); with --logits-out writes float32 little-endian
  * logits, one row of vocab_size per position fed to the model (the prompt, then every generated
  * token but the last). --experts-on SPEC runs every routed expert on a compute backend
- * (experts/ds_backend_moe.h) instead of the CPU engine (HF checkpoints only so far). */
+ * (experts/ds_backend_moe.h) instead of the CPU engine (HF checkpoints only so far);
+ * --device attn=DEV,experts=DEV places the other units too (experts/ds_backend_units.h:
+ * attention with its KV cache and router, dense and shared FFNs, embedding and head). */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -16,10 +18,12 @@
 #include <string.h>
 
 #include "ds_backend_moe.h"
+#include "ds_backend_units.h"
 #include "ds_engine.h"
 #include "ds_model.h"
 #include "ds_tokenizer.h"
 #include "dsctl.h"
+#include "dsctl_generate_plan.h"
 
 /* The cluster side of `dsctl generate` (client/dsctl_generate_cluster.c). */
 int dsctl_generate_cluster(int argc, char **argv);
@@ -56,7 +60,71 @@ static void gen_usage(FILE *f)
         "  --experts-on SPEC   run all routed experts on backend cpu, opencl[:N], cuda[:N]\n"
         "  --quantize q8_0|q4_k  quantise the F32/F16/BF16/FP8 linear weights at load\n"
         "                      (norms, embeddings, router gates stay; q4_k falls back to\n"
-        "                      q8_0 for rows not a multiple of 256)\n");
+        "                      q8_0 for rows not a multiple of 256)\n"
+        "  --device KEY=DEV,.. where units run: attn (attention + KV cache + router, dense\n"
+        "                      and shared FFNs, embed, head) and experts (routed experts);\n"
+        "                      DEV: cpu0 (the CPU engine, default), openclN, cudaN, or a\n"
+        "                      backend spec (cpu, opencl[:N], cuda[:N]); exact: the same\n"
+        "                      tokens and logits as the CPU engine\n"
+        "  --plan FILE         run the units where a `dsctl plan --json` plan puts them\n"
+        "                      (by device name: cpuN = the CPU engine, openclN, cudaN)\n"
+        "  --fast              with --device attn=...: the device's fast kernels (tree\n"
+        "                      RMSNorm, cuBLAS batches on cuda); logits within 1e-3 of\n"
+        "                      the exact run, not bit-identical\n");
+}
+
+/* A --device value: NULL for the CPU engine (cpuN), else a backend spec in spec[len]
+ * (openclN -> opencl:N, cudaN -> cuda:N, a spec as it is). -EINVAL for anything else. */
+static int device_spec(const char *dev, size_t n, char *spec, size_t len, bool *engine)
+{
+    *engine = false;
+    static const char *const kinds[] = {"cpu", "opencl", "cuda"};
+    for (int k = 0; k < 3; k++) {
+        size_t kl = strlen(kinds[k]);
+        if (n < kl || strncmp(dev, kinds[k], kl))
+            continue;
+        const char *rest = dev + kl;
+        size_t rn = n - kl, digits = 0;
+        while (digits < rn && rest[digits] >= '0' && rest[digits] <= '9')
+            digits++;
+        if (rn == 0 ||
+            (rest[0] == ':' && rn > 1 && digits == 0 && strspn(rest + 1, "0123456789") >= rn - 1)) {
+            snprintf(spec, len, "%.*s", (int)n, dev); /* a backend spec */
+            return 0;
+        }
+        if (digits == rn && digits > 0 && digits < 6) {
+            if (k == 0) {
+                *engine = true;
+                return 0;
+            }
+            snprintf(spec, len, "%s:%.*s", kinds[k], (int)digits, rest);
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+/* "attn=opencl0,experts=cpu0" -> the two specs ("" for the CPU engine). */
+static int parse_devices(const char *s, char *attn, char *experts, size_t len)
+{
+    attn[0] = experts[0] = 0;
+    while (*s) {
+        const char *eq = strchr(s, '='), *end = strchr(s, ',');
+        if (!end)
+            end = s + strlen(s);
+        if (!eq || eq > end)
+            return -EINVAL;
+        char *dst = (size_t)(eq - s) == 4 && !strncmp(s, "attn", 4)      ? attn
+                    : (size_t)(eq - s) == 7 && !strncmp(s, "experts", 7) ? experts
+                                                                         : NULL;
+        bool engine;
+        if (!dst || device_spec(eq + 1, (size_t)(end - eq - 1), dst, len, &engine) < 0)
+            return -EINVAL;
+        if (engine)
+            dst[0] = 0;
+        s = *end ? end + 1 : end;
+    }
+    return 0;
 }
 
 /* "0-3,8" -> cpu ids (at most max). */
@@ -185,11 +253,16 @@ static int cmd_generate(int argc, char **argv)
         {"ignore-eos", no_argument, NULL, 'I'},
         {"experts-on", required_argument, NULL, 'x'},
         {"quantize", required_argument, NULL, 'Q'},
+        {"device", required_argument, NULL, 'D'},
+        {"fast", no_argument, NULL, 'F'},
+        {"plan", required_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *experts_on = NULL;
-    bool local = false, stop_eos = false, ignore_eos = false, greedy = false;
+    const char *devices = NULL, *plan_path = NULL;
+    char attn_spec[64] = "", experts_spec[64] = "";
+    bool local = false, stop_eos = false, ignore_eos = false, greedy = false, fast = false;
     int cpus[1024];
     uint32_t n_cpus = 0;
     double max_tokens = 16, temp = 0, top_p = 1, top_k = 0, seed = 1, threads = 0;
@@ -251,6 +324,16 @@ static int cmd_generate(int argc, char **argv)
                 return DSCTL_EXIT_USAGE;
             }
             break;
+        case 'F':
+            fast = true;
+            break;
+        case 'P':
+            plan_path = optarg;
+            break;
+        case 'D':
+            devices = optarg;
+            bad = parse_devices(optarg, attn_spec, experts_spec, sizeof(attn_spec)) < 0;
+            break;
         case 'h':
             gen_usage(stdout);
             return DSCTL_EXIT_OK;
@@ -265,6 +348,21 @@ static int cmd_generate(int argc, char **argv)
     }
     if (!local) {
         fprintf(stderr, "dsctl generate: only --local (in-process) is supported so far\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (plan_path && (devices || experts_on || fast)) {
+        fprintf(stderr, "dsctl generate: --plan places every unit: no --device, --experts-on "
+                        "or --fast with it\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (devices && experts_on) {
+        fprintf(stderr, "dsctl generate: give --experts-on or --device experts=..., not both\n");
+        return DSCTL_EXIT_USAGE;
+    }
+    if (experts_spec[0])
+        experts_on = experts_spec;
+    if (fast && !attn_spec[0]) {
+        fprintf(stderr, "dsctl generate: --fast needs --device attn=DEV (an accelerator)\n");
         return DSCTL_EXIT_USAGE;
     }
     const char *text_arg = optind < argc ? argv[optind] : NULL;
@@ -295,8 +393,10 @@ static int cmd_generate(int argc, char **argv)
     ds_error err = {0};
     ds_tokenizer *tok = NULL;
     ds_tok_stream *ts = NULL;
-    ds_backend *bk = NULL;
+    ds_backend *bk = NULL, *abk = NULL; /* experts', attention's (when another device) */
     ds_backend_moe *bm = NULL;
+    ds_backend_units *bu = NULL;
+    gen_plan *gp = NULL;
     char *text = NULL;
     bool nl_last = true; /* the streamed text ended with a newline (or is empty) */
     int32_t eos = -1;
@@ -389,6 +489,31 @@ static int cmd_generate(int argc, char **argv)
         }
         ds_engine_set_moe_runner(eng, run_on_backend, bm);
     }
+    if (attn_spec[0]) {
+        ds_backend *ab = bk && !strcmp(attn_spec, experts_on) ? bk : NULL;
+        if (!ab && (rc = ds_backend_open(attn_spec, &abk, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: --device attn=%s: %s\n", attn_spec,
+                    ds_error_str(&err));
+            goto out;
+        }
+        if ((rc = ds_backend_units_new(m, pool, ab ? ab : abk, NULL, NULL, &bu, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: --device attn=%s: %s\n", attn_spec,
+                    ds_error_str(&err));
+            goto out;
+        }
+        ds_backend_units_set_exact(bu, !fast);
+        ds_engine_set_units(eng, &ds_backend_units_ops, bu);
+    }
+    if (plan_path) {
+        if ((rc = gen_plan_load(plan_path, m, model, pool, &gp, &err)) < 0) {
+            fprintf(stderr, "dsctl generate: %s\n", ds_error_str(&err));
+            if (rc == -EINVAL || rc == -ENOTSUP)
+                ret = DSCTL_EXIT_USAGE; /* a plan this model or process cannot run */
+            goto out;
+        }
+        gen_plan_describe(gp, stderr);
+        gen_plan_install(gp, eng);
+    }
     logits = malloc((size_t)np * V * sizeof(float));
     gen = malloc((nmax + 1) * sizeof(*gen));
     int *seqs = calloc(np, sizeof(int));
@@ -463,7 +588,10 @@ out:
     free(text);
     ds_tok_stream_free(ts);
     ds_tokenizer_free(tok);
-    ds_engine_free(eng);
+    ds_engine_free(eng); /* before the device units: its caches live on their device */
+    ds_backend_units_free(bu);
+    gen_plan_free(gp);
+    ds_backend_free(abk);
     ds_backend_moe_free(bm);
     ds_backend_free(bk);
     ds_pool_free(pool);

@@ -50,7 +50,12 @@ static void print_layers(FILE *f, json_t *units, json_t *reps, json_t *devs, jso
         long calls = (long)json_integer_value(json_object_get(mu, "calls"));
         char mbuf[32];
         snprintf(mbuf, sizeof(mbuf), "%.3f ms/call", calls ? ms / (double)calls : 0.0);
-        fprintf(f, "%-6ld %-14s %-14s ", l, unit_node(units, name), mbuf);
+        /* node, or node/accelerator when the plan puts the attention on one */
+        char host[160];
+        const char *adev = json_string_value(json_object_get(devs, name));
+        snprintf(host, sizeof(host), "%s%s%s", unit_node(units, name), adev ? "/" : "",
+                 adev ? adev : "");
+        fprintf(f, "%-6ld %-14s %-14s ", l, host, mbuf);
         int any = 0;
         for (long e = 0; e < 1 << 16; e++) {
             snprintf(name, sizeof(name), "expert[%ld][%ld]", l, e);

@@ -58,6 +58,7 @@ typedef struct dsd_opts {
     char quantize[8];              /* none | q8_0 | q4_k: linear weights quantised at load */
     int64_t plan_batch;            /* workload the planner optimises: rows per decode step */
     int64_t plan_context;          /* tokens of context per sequence, 0 = max_context */
+    char plan_pin[1024];           /* coordinator: "UNIT=NODE/DEV,..." pins for the solver */
     int64_t micro_batches;         /* coordinator: micro-batches in flight at once */
     int64_t max_rows_per_step;     /* coordinator: rows of one micro-batch (chunked prefill) */
     int64_t link_wait_ms; /* coordinator: first plan waits this long for link calibration */
@@ -142,6 +143,10 @@ typedef struct dsd_units {
     bool *expert;        /* [n_layers * n_experts] */
     uint8_t quantize;    /* enum ds_quantize: the plan's load-time quantisation */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: CPU engine, else dev_names[i]; may be NULL */
+    /* [n_layers] where attn[l] (with its KV cache, router, dense/shared FFN) runs: 0 the CPU
+     * engine, else the accelerator dev_names[i]; may be NULL (all on the CPU engine) */
+    uint8_t *attn_dev;
+    uint8_t embed_dev, head_dev; /* the same for embed and head */
     char dev_names[16][32];
     /* what ds_backend_open takes for dev_names[i] ("opencl:1"), as this node's device discovery
      * found it (dsd_local_backend_spec); "" when this node has no such device */
@@ -172,6 +177,10 @@ int dsd_host_rows(dsd_host *h, uint32_t layer, uint32_t n, const uint64_t *seq_i
 ds_seqs *dsd_host_seqs(dsd_host *h);
 /* KV caches each sequence holds here: the number of hosted attention layers. */
 uint32_t dsd_host_kv_layers(const dsd_host *h);
+/* The host's unit runner (experts/ds_layer.h; ctx: the dsd_host): attention (with its KV
+ * cache and router) and the dense/shared FFN beside it, embed and head, each on the device the
+ * plan named (a ds_backend_units of that accelerator) or on the CPU engine. */
+extern const struct ds_unit_runner_ops dsd_host_unit_ops;
 /* Records seconds of attention (+ shared/dense beside it) computed for attn[layer]. */
 void dsd_host_note_attn(dsd_host *h, uint32_t layer, double seconds);
 /* Runs the routed experts of `layer` for P (row, expert) pairs over R input rows:
@@ -197,6 +206,8 @@ typedef struct dsd_plan {
     uint64_t *replicas;  /* [n_layers * n_experts] bit n: node n (< 64) holds an extra copy */
     uint8_t *expert_dev; /* [n_layers * n_experts] 0: the primary node's CPU engine; i > 0: its
                           * accelerator dev_names[i] (opencl0, cuda0, ...) */
+    uint8_t *attn_dev;   /* [n_layers] the same for attn[l] (and the dense/shared FFN beside it) */
+    uint8_t embed_dev, head_dev;
     char dev_names[DSD_MAX_DEVNAMES][32]; /* [0] = "" */
     uint32_t n_dev_names;
     char strategy[32]; /* strategy requested ("round-robin" or a ds_strategy name) */
@@ -220,12 +231,15 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src);
  * are exactly names[0..n_nodes) (spec_json: docs/cluster-spec.md, built by the coordinator
  * from the nodes' reported devices and the measured links). embed and head are pinned to the
  * coordinator (names[0]), which embeds and samples; each unit goes to the node hosting the
- * device the solver chose. -ENOSPC infeasible, -EINVAL bad spec/strategy; err says why. */
+ * device the solver chose. pins (may be NULL or ""): "UNIT=NODE/DEV" entries separated by
+ * commas or spaces, UNIT a unit name or attn[*] (every layer), kept where they say (the
+ * operator's plan_pin; embed/head pins must name a device of the coordinator). -ENOSPC
+ * infeasible, -EINVAL bad spec/strategy/pin; err says why. */
 int dsd_plan_solve(dsd_plan *p, const ds_model_config *c, const char *spec_json, uint32_t n_nodes,
                    const char (*names)[64], const char (*endpoints)[DSD_STR_MAX],
                    const char *strategy, uint32_t batch, uint32_t context,
-                   const double *expert_stats, const ds_unit_bytes *unit_bytes, uint64_t version,
-                   ds_error *err);
+                   const double *expert_stats, const ds_unit_bytes *unit_bytes, const char *pins,
+                   uint64_t version, ds_error *err);
 /* Index of accelerator `name` in p's device table (added when new); 0 for a CPU device or an
  * empty name (the node's CPU engine runs those units). */
 uint8_t dsd_plan_dev_index(dsd_plan *p, const char *name);

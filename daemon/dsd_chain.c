@@ -81,6 +81,7 @@ static struct task *task_new(dsd_data *d, uint64_t rid, uint64_t step, uint32_t 
         dsd_chain_task_free(t);
         return NULL;
     }
+    ds_layer_step_set_units(t->st, &dsd_host_unit_ops, d->host);
     return t;
 }
 

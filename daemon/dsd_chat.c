@@ -9,6 +9,7 @@
  * transformers' apply_chat_template on the templates in tests/data/chat/. */
 #include <errno.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "dsd_chat.h"

@@ -271,6 +271,8 @@ static int sched_start(dsd_data *d, ds_error *err)
     };
     int rc = dsd_sched_new(dsd_host_model(d->host), dsd_host_pool(d->host), &tok, &lim, &SCHED_PORT,
                            d, &d->sched, err);
+    if (rc == 0)
+        dsd_sched_set_units(d->sched, &dsd_host_unit_ops, d->host);
     ds_tokenizer_free(tok);
     return rc;
 }

@@ -16,6 +16,7 @@
 #include <jansson.h>
 
 #include "ds_backend_moe.h"
+#include "ds_backend_units.h"
 #include "ds_experts.h"
 #include "ds_log.h"
 #include "dsd.h"
@@ -37,6 +38,9 @@ struct dsd_host {
     /* accelerators the plan gave experts to (u.expert_dev > 0): one backend each */
     ds_backend *bk[DSD_MAX_DEVNAMES];
     ds_backend_moe *bm[DSD_MAX_DEVNAMES];
+    /* accelerators the plan gave attention (with its KV cache, router, dense/shared FFN),
+     * embed or head to (u.attn_dev, u.embed_dev, u.head_dev > 0) */
+    ds_backend_units *bu[DSD_MAX_DEVNAMES];
 };
 
 struct dev_want {
@@ -52,6 +56,64 @@ static bool expert_on_dev(void *ctx, uint32_t layer, uint32_t expert)
            w->u->expert_dev[i] == w->dev;
 }
 
+/* The backend of accelerator dev (opened once, shared by its experts and other units). */
+static int open_backend(dsd_host *h, uint8_t dev, ds_error *err)
+{
+    if (h->bk[dev])
+        return 0;
+    /* the device by the backend id this node's discovery gave it, not by its name */
+    const char *spec = h->u.dev_specs[dev];
+    if (!spec[0] || !strcmp(spec, "cpu"))
+        return ds_error_set(err, -EINVAL,
+                            "plan: device '%s' is not an accelerator this node discovered",
+                            h->u.dev_names[dev]);
+    return ds_backend_open(spec, &h->bk[dev], err);
+}
+
+static bool unit_on_dev(void *ctx, enum ds_unit_kind kind, uint32_t layer)
+{
+    const struct dev_want *w = ctx;
+    const dsd_units *u = w->u;
+    switch (kind) {
+    case DS_UNIT_EMBED:
+        return u->embed && u->embed_dev == w->dev;
+    case DS_UNIT_HEAD:
+        return u->head && u->head_dev == w->dev;
+    case DS_UNIT_ATTN:
+    case DS_UNIT_DENSE:
+    case DS_UNIT_SHARED:
+        return layer < u->n_layers && u->attn[layer] && u->attn_dev[layer] == w->dev;
+    default:
+        return false;
+    }
+}
+
+/* Uploads the attention layers (with the dense/shared FFN beside them), embed and head the
+ * plan put on each accelerator of this node (experts/ds_backend_units.h). */
+static int open_unit_devices(dsd_host *h, ds_error *err)
+{
+    for (uint8_t dev = 1; dev < DSD_MAX_DEVNAMES; dev++) {
+        struct dev_want w = {&h->u, dev};
+        bool used = unit_on_dev(&w, DS_UNIT_EMBED, 0) || unit_on_dev(&w, DS_UNIT_HEAD, 0);
+        for (uint32_t l = 0; l < h->u.n_layers && !used; l++)
+            used = unit_on_dev(&w, DS_UNIT_ATTN, l);
+        if (!used)
+            continue;
+        int rc = open_backend(h, dev, err);
+        if (rc == 0)
+            rc = ds_backend_units_new(h->m, h->pool, h->bk[dev], unit_on_dev, &w, &h->bu[dev], err);
+        if (rc < 0) {
+            ds_error_prefix(err, "units on %s", h->u.dev_names[dev]);
+            return rc;
+        }
+        ds_log_info("host: %.1f MiB of attention/FFN/embed/head weights on %s (%s), KV cache "
+                    "there",
+                    (double)ds_backend_units_weight_bytes(h->bu[dev]) / (1 << 20),
+                    h->u.dev_names[dev], ds_backend_device(h->bk[dev]));
+    }
+    return 0;
+}
+
 /* Uploads the experts the plan put on each accelerator of this node to it. */
 static int open_accelerators(dsd_host *h, const char *model_dir, ds_error *err)
 {
@@ -62,13 +124,7 @@ static int open_accelerators(dsd_host *h, const char *model_dir, ds_error *err)
             used = h->u.expert[i] && h->u.expert_dev[i] == dev;
         if (!used)
             continue;
-        /* the device by the backend id this node's discovery gave it, not by its name */
-        const char *spec = h->u.dev_specs[dev];
-        if (!spec[0] || !strcmp(spec, "cpu"))
-            return ds_error_set(err, -EINVAL,
-                                "plan: device '%s' is not an accelerator this node discovered",
-                                h->u.dev_names[dev]);
-        int rc = ds_backend_open(spec, &h->bk[dev], err);
+        int rc = open_backend(h, dev, err);
         struct dev_want w = {&h->u, dev};
         if (rc == 0)
             rc = ds_backend_moe_new_subset(h->m, model_dir, h->bk[dev], expert_on_dev, &w,
@@ -119,8 +175,11 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
     h->u.expert_dev = calloc((size_t)(units->n_layers ? units->n_layers : 1) *
                                  (units->n_experts ? units->n_experts : 1),
                              1);
-    if (!h->u.attn || !h->u.expert || !h->u.expert_dev)
+    h->u.attn_dev = calloc(units->n_layers ? units->n_layers : 1, 1);
+    if (!h->u.attn || !h->u.expert || !h->u.expert_dev || !h->u.attn_dev)
         goto fail;
+    if (units->attn_dev)
+        memcpy(h->u.attn_dev, units->attn_dev, units->n_layers);
     memcpy(h->u.attn, units->attn, units->n_layers * sizeof(bool));
     memcpy(h->u.expert, units->expert, (size_t)units->n_layers * units->n_experts * sizeof(bool));
     if (units->expert_dev)
@@ -150,7 +209,7 @@ int dsd_host_new(const char *model_dir, const dsd_units *units, uint32_t threads
         goto fail;
     if ((rc = ds_pool_new(threads, NULL, 0, &h->pool)) < 0)
         goto fail;
-    if ((rc = open_accelerators(h, model_dir, err)) < 0)
+    if ((rc = open_accelerators(h, model_dir, err)) < 0 || (rc = open_unit_devices(h, err)) < 0)
         goto fail;
     *ret = h;
     return 0;
@@ -165,8 +224,9 @@ dsd_host *dsd_host_free(dsd_host *h)
 {
     if (!h)
         return NULL;
-    ds_seqs_free(h->seqs);
+    ds_seqs_free(h->seqs); /* first: device KV caches are released through the units */
     for (int i = 0; i < DSD_MAX_DEVNAMES; i++) {
+        ds_backend_units_free(h->bu[i]);
         ds_backend_moe_free(h->bm[i]);
         ds_backend_free(h->bk[i]);
     }
@@ -211,6 +271,57 @@ uint32_t dsd_host_kv_layers(const dsd_host *h)
 {
     return ds_seqs_layers(h->seqs);
 }
+
+/* ---- the unit runner: each unit on the device the plan names ---- */
+
+static ds_backend_units *attn_units(const dsd_host *h, uint32_t layer)
+{
+    return layer < h->u.n_layers ? h->bu[h->u.attn_dev[layer]] : NULL;
+}
+
+static int host_attn(void *ctx, uint32_t layer, const float *x, uint32_t n,
+                     const uint32_t *positions, ds_kv_cache *const *caches, ds_attn_out *out,
+                     ds_error *err)
+{
+    dsd_host *h = ctx;
+    ds_backend_units *bu = attn_units(h, layer);
+    return bu ? ds_backend_units_ops.attn(bu, layer, x, n, positions, caches, out, err)
+              : ds_unit_attn(h->m, h->pool, layer, x, n, positions, caches, out, err);
+}
+
+static int host_ffn(void *ctx, enum ds_unit_kind kind, uint32_t layer, const float *ffn_in,
+                    uint32_t n, float *out, ds_error *err)
+{
+    dsd_host *h = ctx;
+    ds_backend_units *bu = attn_units(h, layer);
+    if (bu)
+        return ds_backend_units_ops.ffn(bu, kind, layer, ffn_in, n, out, err);
+    return kind == DS_UNIT_DENSE ? ds_unit_dense(h->m, h->pool, layer, ffn_in, n, out, err)
+                                 : ds_unit_shared(h->m, h->pool, layer, ffn_in, n, out, err);
+}
+
+static int host_embed(void *ctx, const int32_t *tokens, uint32_t n, float *out, ds_error *err)
+{
+    dsd_host *h = ctx;
+    ds_backend_units *bu = h->bu[h->u.embed_dev];
+    return bu ? ds_backend_units_ops.embed(bu, tokens, n, out, err)
+              : ds_unit_embed(h->m, h->pool, tokens, n, out, err);
+}
+
+static int host_head(void *ctx, const float *x, uint32_t n, float *logits, ds_error *err)
+{
+    dsd_host *h = ctx;
+    ds_backend_units *bu = h->bu[h->u.head_dev];
+    return bu ? ds_backend_units_ops.head(bu, x, n, logits, err)
+              : ds_unit_head(h->m, h->pool, x, n, logits, err);
+}
+
+const ds_unit_runner_ops dsd_host_unit_ops = {
+    .attn = host_attn,
+    .ffn = host_ffn,
+    .embed = host_embed,
+    .head = host_head,
+};
 
 void dsd_host_note_attn(dsd_host *h, uint32_t layer, double seconds)
 {

@@ -257,4 +257,3 @@ json_t *http_status_doc(struct dsd_http *h, const char *what, char *why, size_t 
     zmq_close(s);
     return r;
 }
-

@@ -110,6 +110,7 @@ struct solve_job {
     double *stats;       /* [L * E] routing counts measured so far, or NULL (uniform popularity) */
     ds_unit_bytes bytes; /* each unit's real bytes from the model file's tensor table */
     char strategy[32];
+    char pins[1024]; /* plan_pin */
     uint32_t batch, ctx;
     uint64_t version;
     dsd_plan plan;

@@ -91,6 +91,10 @@ static const struct opt OPTS[] = {
      "coordinator: sequences decoded together that the planner optimises for"},
     {"plan_context", OPT_INT, I(plan_context), 0, 1 << 20, "0", NULL, true,
      "coordinator: context tokens per sequence the planner reserves KV for (0: max_context)"},
+    {"plan_pin", OPT_STR, S(plan_pin), 0, 0, "", NULL, true,
+     "coordinator: units the solver must keep on a device, UNIT=NODE/DEV separated by commas "
+     "(attn[*] = every layer, expert[L][*] / expert[*][*] = every expert of layer L / of all "
+     "layers), e.g. attn[*]=coord/cuda0,head=coord/cuda0,expert[*][*]=coord/cpu0"},
     {"auto_replan", OPT_BOOL, I(auto_replan), 0, 1, "true", NULL, true,
      "coordinator: replan without a node that fails (its jobs end with an error), and take "
      "nodes outside the plan back in once no job runs"},

@@ -19,6 +19,7 @@ void dsd_units_clear(dsd_units *u)
     free(u->attn);
     free(u->expert);
     free(u->expert_dev);
+    free(u->attn_dev);
     memset(u, 0, sizeof(*u));
 }
 
@@ -30,6 +31,7 @@ void dsd_plan_clear(dsd_plan *p)
     free(p->expert);
     free(p->replicas);
     free(p->expert_dev);
+    free(p->attn_dev);
     free(p->solver_json);
     memset(p, 0, sizeof(*p));
 }
@@ -52,8 +54,10 @@ int dsd_plan_alloc(dsd_plan *p, const ds_model_config *c, uint32_t n_nodes, cons
                sizeof(*p->replicas));
     p->expert_dev =
         calloc((size_t)(p->n_layers ? p->n_layers : 1) * (p->n_experts ? p->n_experts : 1), 1);
+    p->attn_dev = calloc(p->n_layers ? p->n_layers : 1, 1);
     p->n_dev_names = 1; /* [0] = "": the CPU engine */
-    if (!p->nodes || !p->endpoints || !p->attn || !p->expert || !p->replicas || !p->expert_dev) {
+    if (!p->nodes || !p->endpoints || !p->attn || !p->expert || !p->replicas || !p->expert_dev ||
+        !p->attn_dev) {
         dsd_plan_clear(p);
         return -ENOMEM;
     }
@@ -114,8 +118,17 @@ char *dsd_plan_json(const dsd_plan *p)
     }
     json_object_set_new(units, "head", json_string(p->nodes[p->head]));
     json_object_set_new(root, "units", units);
-    /* experts on an accelerator of their node: "expert[l][e]": "opencl0" */
+    /* units on an accelerator of their node: "expert[l][e]": "opencl0", "attn[l]": "cuda0" */
     json_t *on_dev = json_object();
+    for (uint32_t l = 0; l < p->n_layers; l++)
+        if (p->attn_dev[l]) {
+            snprintf(name, sizeof(name), "attn[%u]", l);
+            json_object_set_new(on_dev, name, json_string(p->dev_names[p->attn_dev[l]]));
+        }
+    if (p->embed_dev)
+        json_object_set_new(on_dev, "embed", json_string(p->dev_names[p->embed_dev]));
+    if (p->head_dev)
+        json_object_set_new(on_dev, "head", json_string(p->dev_names[p->head_dev]));
     for (size_t i = 0; i < (size_t)p->n_layers * p->n_experts; i++)
         if (p->expert_dev[i]) {
             snprintf(name, sizeof(name), "expert[%zu][%zu]", i / p->n_experts, i % p->n_experts);
@@ -151,7 +164,8 @@ static int units_alloc(dsd_units *u, uint32_t L, uint32_t E)
     u->attn = calloc(L ? L : 1, sizeof(bool));
     u->expert = calloc((size_t)(L ? L : 1) * (E ? E : 1), sizeof(bool));
     u->expert_dev = calloc((size_t)(L ? L : 1) * (E ? E : 1), 1);
-    if (!u->attn || !u->expert || !u->expert_dev) {
+    u->attn_dev = calloc(L ? L : 1, 1);
+    if (!u->attn || !u->expert || !u->expert_dev || !u->attn_dev) {
         dsd_units_clear(u);
         return -ENOMEM;
     }
@@ -165,8 +179,11 @@ int dsd_plan_units_of(const dsd_plan *p, uint32_t idx, dsd_units *u)
         return rc;
     u->embed = p->embed == (int32_t)idx;
     u->head = p->head == (int32_t)idx;
+    u->embed_dev = u->embed ? p->embed_dev : 0;
+    u->head_dev = u->head ? p->head_dev : 0;
     for (uint32_t l = 0; l < p->n_layers; l++) {
         u->attn[l] = p->attn[l] == (int32_t)idx;
+        u->attn_dev[l] = u->attn[l] ? p->attn_dev[l] : 0;
         for (uint32_t e = 0; e < p->n_experts; e++) {
             size_t i = (size_t)l * p->n_experts + e;
             u->expert[i] =
@@ -213,9 +230,19 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
         w->units[k] = &pu[k];                                                                      \
         k++;                                                                                       \
     } while (0)
+#define ON_DEV(node, dev)                                                                          \
+    do {                                                                                           \
+        if (dev) { /* "node/device": an accelerator of that node runs it */                        \
+            char *dn = devnames + (k - 1) * 96;                                                    \
+            snprintf(dn, 96, "%s/%s", p->nodes[node], p->dev_names[dev]);                          \
+            pu[k - 1].device = dn;                                                                 \
+        }                                                                                          \
+    } while (0)
     ADD(p->embed, "embed");
+    ON_DEV(p->embed, p->embed_dev);
     for (uint32_t l = 0; l < p->n_layers; l++) {
         ADD(p->attn[l], "attn[%u]", l);
+        ON_DEV(p->attn[l], p->attn_dev[l]);
         for (uint32_t e = 0; e < p->n_experts; e++) {
             size_t i = (size_t)l * p->n_experts + e;
             if (p->expert[i] < 0)
@@ -235,6 +262,8 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
         }
     }
     ADD(p->head, "head");
+    ON_DEV(p->head, p->head_dev);
+#undef ON_DEV
 #undef ADD
     w->n_units = k;
     for (uint32_t i = 0; i < p->n_nodes; i++) {
@@ -314,6 +343,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     dst->expert = NULL;
     dst->replicas = NULL;
     dst->expert_dev = NULL;
+    dst->attn_dev = NULL;
     dst->solver_json = NULL;
     uint32_t N = src->n_nodes, L = src->n_layers ? src->n_layers : 1;
     size_t ne = (size_t)L * (src->n_experts ? src->n_experts : 1);
@@ -323,10 +353,11 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     dst->expert = malloc(ne * sizeof(int32_t));
     dst->replicas = malloc(ne * sizeof(uint64_t));
     dst->expert_dev = malloc(ne);
+    dst->attn_dev = malloc(L);
     if (src->solver_json)
         dst->solver_json = strdup(src->solver_json);
     if (!dst->nodes || !dst->endpoints || !dst->attn || !dst->expert || !dst->replicas ||
-        !dst->expert_dev || (src->solver_json && !dst->solver_json)) {
+        !dst->expert_dev || !dst->attn_dev || (src->solver_json && !dst->solver_json)) {
         dsd_plan_clear(dst);
         return -ENOMEM;
     }
@@ -336,6 +367,7 @@ int dsd_plan_copy(dsd_plan *dst, const dsd_plan *src)
     memcpy(dst->expert, src->expert, (size_t)src->n_layers * src->n_experts * sizeof(int32_t));
     memcpy(dst->replicas, src->replicas, (size_t)src->n_layers * src->n_experts * sizeof(uint64_t));
     memcpy(dst->expert_dev, src->expert_dev, (size_t)src->n_layers * src->n_experts);
+    memcpy(dst->attn_dev, src->attn_dev, src->n_layers);
     return 0;
 }
 
@@ -398,18 +430,24 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
                               pu->unit ? pu->unit : "(null)", pu->device ? pu->device : "(null)");
             goto fail;
         }
-        if (kind == DS_UNIT_EMBED)
+        const char *dslash = strchr(pu->device, '/');
+        uint8_t dev = dslash ? dsd_plan_dev_index(p, dslash + 1) : 0;
+        if (kind == DS_UNIT_EMBED) {
             p->embed = node;
-        else if (kind == DS_UNIT_HEAD)
+            p->embed_dev = dev;
+        } else if (kind == DS_UNIT_HEAD) {
             p->head = node;
-        else if (kind == DS_UNIT_EXPERT && pu->replica)
+            p->head_dev = dev;
+        } else if (kind == DS_UNIT_EXPERT && pu->replica)
             p->replicas[(size_t)l * E + e] |= node < 64 ? 1ull << node : 0;
         else if (kind == DS_UNIT_EXPERT) {
             p->expert[(size_t)l * E + e] = node;
             const char *slash = strchr(pu->device, '/');
             p->expert_dev[(size_t)l * E + e] = slash ? dsd_plan_dev_index(p, slash + 1) : 0;
-        } else
+        } else {
             p->attn[l] = node;
+            p->attn_dev[l] = dev;
+        }
     }
     /* every unit of the model placed once */
     rc = ds_error_set(err, -EPROTO, "plan: embed or head unplaced");

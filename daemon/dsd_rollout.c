@@ -64,9 +64,10 @@ void dsd_rollout_solve_free(struct solve_job *j)
 static void *solve_main(void *arg)
 {
     struct solve_job *j = arg;
-    j->rc = dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
-                           (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps,
-                           j->strategy, j->batch, j->ctx, j->stats, &j->bytes, j->version, &j->err);
+    j->rc =
+        dsd_plan_solve(&j->plan, ds_model_get_config(j->probe), j->spec, j->n,
+                       (const char(*)[64])j->names, (const char(*)[DSD_STR_MAX])j->eps, j->strategy,
+                       j->batch, j->ctx, j->stats, &j->bytes, j->pins, j->version, &j->err);
     dsd_solve_thread_done();
     uint64_t one = 1;
     if (write(j->efd, &one, sizeof(one)) != sizeof(one))
@@ -305,6 +306,7 @@ int dsd_rollout_start(struct dsd *d)
         else if (bc.num_hidden_layers != c->num_hidden_layers)
             ds_unit_bytes_release(&j->bytes);
         snprintf(j->strategy, sizeof(j->strategy), "%s", d->o.plan_strategy);
+        snprintf(j->pins, sizeof(j->pins), "%s", d->o.plan_pin);
         j->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (!j->spec || j->efd < 0) {
             j->rc = ds_error_set(&j->err, -ENOMEM, "cannot start the solver");

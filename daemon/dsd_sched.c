@@ -304,7 +304,9 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
         if (j->fed + mb->rows[q] >= j->n_prompt)
             memcpy(sel + (size_t)k++ * D, x + (size_t)mb->last[q] * D, D * sizeof(float));
     }
-    if (ns && ds_unit_head(s->m, s->pool, sel, ns, logits, &err) < 0) {
+    if (ns &&
+        (s->units && s->units->head ? s->units->head(s->units_ctx, sel, ns, logits, &err)
+                                    : ds_unit_head(s->m, s->pool, sel, ns, logits, &err)) < 0) {
         free(sel);
         free(logits);
         mb_fail(s, mb, ds_error_str(&err));
@@ -365,7 +367,8 @@ static uint32_t launch(dsd_sched *s, struct mbatch *mb, const uint32_t *slots, u
     }
     int rc = !tok || !ids || !pos || !x ? ds_error_set(&err, -ENOMEM, "out of memory") : 0;
     if (rc == 0)
-        rc = ds_unit_embed(s->m, s->pool, tok, n, x, &err);
+        rc = s->units && s->units->embed ? s->units->embed(s->units_ctx, tok, n, x, &err)
+                                         : ds_unit_embed(s->m, s->pool, tok, n, x, &err);
     uint64_t rid = mb->rid;
     dsd_sched_batch b = {.rid = rid,
                          .step = mb->step,
@@ -510,4 +513,10 @@ dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason)
     ds_tokenizer_free(s->tok);
     free(s);
     return NULL;
+}
+
+void dsd_sched_set_units(dsd_sched *s, const ds_unit_runner_ops *ops, void *ctx)
+{
+    s->units = ops;
+    s->units_ctx = ops ? ctx : NULL;
 }

@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "ds_err.h"
+#include "ds_layer.h" /* ds_unit_runner_ops */
 #include "ds_model.h"
 #include "ds_tokenizer.h"
 #include "ds_wire.h"
@@ -67,6 +68,9 @@ typedef struct dsd_sched_limits {
  * (token ids only); TAKES OWNERSHIP of *tok and sets it to NULL. port and ctx are borrowed. */
 int dsd_sched_new(const ds_model *m, ds_pool *pool, ds_tokenizer **tok, const dsd_sched_limits *lim,
                   const dsd_sched_port *port, void *ctx, dsd_sched **ret, ds_error *err);
+/* Runs embed and head through a unit runner (experts/ds_layer.h: the node's units on the
+ * device the plan names); ops NULL: the model's CPU units. ctx is borrowed. */
+void dsd_sched_set_units(dsd_sched *s, const ds_unit_runner_ops *ops, void *ctx);
 /* Ends every job with `reason` ("error": the plan changed under it; "cancelled": the node
  * stops) through the port, frees the scheduler. NULL-safe; returns NULL. */
 dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason);

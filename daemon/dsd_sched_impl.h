@@ -48,6 +48,8 @@ struct mbatch {
 struct dsd_sched {
     const ds_model *m;
     ds_pool *pool;
+    const ds_unit_runner_ops *units; /* embed / head elsewhere (dsd_sched_set_units), or NULL */
+    void *units_ctx;
     const ds_model_config *c;
     const dsd_sched_port *port;
     void *ctx;

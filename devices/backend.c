@@ -402,3 +402,123 @@ int ds_bk_copy(ds_bk_buf *dst, size_t dst_off, ds_bk_buf *src, size_t src_off, s
         return 0;
     return dst->b->ops->copy(dst->b->impl, dst->h, dst_off, src->h, src_off, bytes, err);
 }
+
+/* ---- ABI 2: the ops of whole units ---- */
+
+/* The last float row i < n of a strided range: off + (n-1)*stride + d <= buffer floats. */
+static bool rows_in_range(const ds_bk_buf *buf, size_t off, size_t stride, uint32_t n, uint32_t d)
+{
+    if (!n)
+        return true;
+    if (stride < d || stride > (SIZE_MAX / 8) / n)
+        return false;
+    return in_range(buf, off, (size_t)(n - 1) * stride + d, 4);
+}
+
+static int need_op(const ds_backend *b, const void *op, const char *what, ds_error *err)
+{
+    return op ? 0
+              : ds_error_set(err, -ENOTSUP, "%s: the %s backend has no %s op", what, b->ops->name,
+                             what);
+}
+
+int ds_bk_rmsnorm_rows(ds_bk_buf *x, size_t x_off, size_t x_stride, ds_bk_buf *gamma, uint32_t n,
+                       uint32_t d, double eps, ds_bk_buf *y, size_t y_off, size_t y_stride,
+                       ds_error *err)
+{
+    CHECK(x && gamma && y, "rmsnorm_rows: missing buffer");
+    SAME(x->b, gamma, y);
+    CHECK(d > 0 && rows_in_range(x, x_off, x_stride, n, d) &&
+              rows_in_range(y, y_off, y_stride, n, d) && in_range(gamma, 0, d, 4),
+          "rmsnorm_rows: [%u, %u] (strides %zu, %zu) outside the buffers", n, d, x_stride,
+          y_stride);
+    CHECK(eps >= 0 && isfinite(eps), "rmsnorm_rows: eps %g", eps);
+    int rc = need_op(x->b, (const void *)x->b->ops->rmsnorm_rows, "rmsnorm_rows", err);
+    if (rc < 0 || !n)
+        return rc;
+    return x->b->ops->rmsnorm_rows(x->b->impl, x->h, x_off, x_stride, gamma->h, n, d, eps, y->h,
+                                   y_off, y_stride, err);
+}
+
+size_t ds_bk_mla_attn_scratch(const ds_bk_mla_desc *m, uint32_t pos0, uint32_t n)
+{
+    return (size_t)n * m->heads * (2 * (size_t)m->C + pos0 + n);
+}
+
+int ds_bk_mla_attn(const ds_bk_mla_desc *m, ds_bk_buf *q, size_t q_off, ds_bk_weight *kv_b,
+                   ds_bk_buf *cache, uint32_t pos0, uint32_t n, ds_bk_buf *scratch, ds_bk_buf *att,
+                   size_t att_off, ds_error *err)
+{
+    CHECK(m && q && kv_b && cache && scratch && att, "mla_attn: missing argument");
+    ds_backend *b = kv_b->b;
+    SAME(b, q, cache, scratch, att);
+    CHECK(m->heads && m->nope && m->v && m->C && m->heads <= 4096 && m->nope <= 4096 &&
+              m->rope <= 4096 && m->v <= 4096 && m->C <= 65536 && isfinite(m->scale),
+          "mla_attn: shape H %u nope %u rope %u v %u C %u", m->heads, m->nope, m->rope, m->v, m->C);
+    CHECK(kv_b->desc.rows == m->heads * (m->nope + m->v) && kv_b->desc.cols == m->C,
+          "mla_attn: kv_b is [%u, %u], the shape needs [%u, %u]", kv_b->desc.rows, kv_b->desc.cols,
+          m->heads * (m->nope + m->v), m->C);
+    CHECK(pos0 < (1u << 24) && n < (1u << 24), "mla_attn: positions %u + %u", pos0, n);
+    size_t qw = (size_t)m->heads * (m->nope + m->rope), kvw = (size_t)m->C + m->rope;
+    CHECK(in_range(q, q_off, (size_t)n * qw, 4) &&
+              in_range(cache, 0, (pos0 + (size_t)n) * kvw, 4) &&
+              in_range(att, att_off, (size_t)n * m->heads * m->v, 4) &&
+              in_range(scratch, 0, ds_bk_mla_attn_scratch(m, pos0, n), 4),
+          "mla_attn: %u rows at position %u outside the buffers", n, pos0);
+    int rc = need_op(b, (const void *)b->ops->mla_attn, "mla_attn", err);
+    if (rc < 0 || !n)
+        return rc;
+    return b->ops->mla_attn(b->impl, m, q->h, q_off, kv_b->h, &kv_b->desc, cache->h, pos0, n,
+                            scratch->h, att->h, att_off, err);
+}
+
+size_t ds_bk_router_scratch(const ds_bk_router_desc *r, uint32_t n)
+{
+    return (size_t)n * (3 * (size_t)r->E + 2 * (size_t)r->n_group);
+}
+
+int ds_bk_router(const ds_bk_router_desc *r, ds_bk_buf *logits, ds_bk_buf *bias, uint32_t n,
+                 ds_bk_buf *scratch, ds_bk_buf *ids, ds_bk_buf *weights, ds_error *err)
+{
+    CHECK(r && logits && scratch && ids && weights, "router: missing argument");
+    SAME(logits->b, bias, scratch, ids, weights);
+    CHECK(r->E > 0 && r->E <= 65536 && r->k > 0 && r->k <= r->E && r->k <= 64 &&
+              r->method <= DS_BK_ROUTER_GROUP_TOP2SUM && isfinite(r->scaling),
+          "router: k %u of E %u, method %u", r->k, r->E, r->method);
+    CHECK(r->method == DS_BK_ROUTER_GREEDY ||
+              (r->n_group > 0 && r->E % r->n_group == 0 && r->topk_group <= r->n_group),
+          "router: %u groups (%u kept) of %u experts", r->n_group, r->topk_group, r->E);
+    CHECK(in_range(logits, 0, (size_t)n * r->E, 4) && (!bias || in_range(bias, 0, r->E, 4)) &&
+              in_range(ids, 0, (size_t)n * r->k, 4) && in_range(weights, 0, (size_t)n * r->k, 4) &&
+              in_range(scratch, 0, ds_bk_router_scratch(r, n), 4),
+          "router: [%u, %u] k %u outside the buffers", n, r->E, r->k);
+    ds_backend *b = logits->b;
+    int rc = need_op(b, (const void *)b->ops->router, "router", err);
+    if (rc < 0 || !n)
+        return rc;
+    return b->ops->router(b->impl, r, logits->h, bias ? bias->h : NULL, n, scratch->h, ids->h,
+                          weights->h, err);
+}
+
+int ds_bk_gather_rows(ds_bk_weight *w, const int32_t *ids, uint32_t n, ds_bk_buf *y, size_t y_off,
+                      ds_error *err)
+{
+    ds_backend *b = w->b;
+    SAME(b, y);
+    CHECK(y && (ids || !n), "gather_rows: missing argument");
+    for (uint32_t i = 0; i < n; i++)
+        CHECK(ids[i] >= 0 && (uint32_t)ids[i] < w->desc.rows, "gather_rows: id %d outside [0, %u)",
+              ids[i], w->desc.rows);
+    CHECK(in_range(y, y_off, (size_t)n * w->desc.cols, 4), "gather_rows: y [%u, %u] at %zu outside",
+          n, w->desc.cols, y_off);
+    int rc = need_op(b, (const void *)b->ops->gather_rows, "gather_rows", err);
+    if (rc < 0 || !n)
+        return rc;
+    return b->ops->gather_rows(b->impl, w->h, &w->desc, ids, n, y->h, y_off, err);
+}
+
+void ds_backend_set_exact(ds_backend *b, bool exact)
+{
+    if (b && b->ops->set_exact)
+        b->ops->set_exact(b->impl, exact);
+}

@@ -194,7 +194,7 @@ static int cpu_mla_decode(void *impl, void *qlp, void *qpp, void *cp, uint32_t h
         }
         float sum = 0;
         for (uint32_t j = 0; j < t; j++) {
-            s[j] = expf(s[j] - mx);
+            s[j] = ds_expf(s[j] - mx);
             sum += s[j];
         }
         for (uint32_t c = 0; c < C; c++)
@@ -215,7 +215,7 @@ static int cpu_swiglu(void *impl, void *gp, void *up, size_t count, ds_error *er
     float *g = gp;
     const float *u = up;
     for (size_t i = 0; i < count; i++)
-        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        g[i] = g[i] / (1.0f + ds_expf(-g[i])) * u[i];
     return 0;
 }
 
@@ -280,6 +280,204 @@ static int cpu_finish(void *impl, ds_error *err)
     return 0;
 }
 
+/* ---- ABI 2 ops: the engine's own orders (model/forward.c, model/router.c) ---- */
+
+static int cpu_rmsnorm_rows(void *impl, void *xp, size_t x_off, size_t x_stride, void *gp,
+                            uint32_t n, uint32_t d, double eps, void *yp, size_t y_off,
+                            size_t y_stride, ds_error *err)
+{
+    const float *gamma = gp;
+    for (uint32_t i = 0; i < n; i++) {
+        const float *x = (const float *)xp + x_off + (size_t)i * x_stride;
+        float *y = (float *)yp + y_off + (size_t)i * y_stride;
+        double ss = 0;
+        for (uint32_t c = 0; c < d; c++)
+            ss += (double)x[c] * x[c];
+        float r = (float)(1.0 / sqrt(ss / d + eps));
+        for (uint32_t c = 0; c < d; c++)
+            y[c] = gamma[c] * (x[c] * r);
+    }
+    return 0;
+}
+
+/* ds_dot8's order: lane j takes elements j, j+8, ... below n & ~7, the fixed tree, the tail. */
+static float dot8(const float *a, const float *b, uint32_t n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint32_t n8 = n & ~7u;
+    for (uint32_t c = 0; c < n8; c += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] = fmaf(a[c + j], b[c + j], acc[j]);
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (uint32_t c = n8; c < n; c++)
+        s = fmaf(a[c], b[c], s);
+    return s;
+}
+
+static void row_f32(const cpu_weight *w, const ds_bk_weight_desc *d, uint32_t r, float *out)
+{
+    uint32_t nbc = d->dtype == DS_BK_F8_E4M3 ? (d->cols + d->block_cols - 1) / d->block_cols : 0;
+    const float *srow =
+        d->dtype == DS_BK_F8_E4M3 ? w->scale_inv + (size_t)(r / d->block_rows) * nbc : NULL;
+    for (uint32_t c = 0; c < d->cols; c++)
+        out[c] = w_at(w, d, srow, (size_t)r * d->cols, c);
+}
+
+static int cpu_mla_attn(void *impl, const ds_bk_mla_desc *m, void *qp, size_t q_off, void *wp,
+                        const ds_bk_weight_desc *d, void *cp, uint32_t pos0, uint32_t n,
+                        void *scratch, void *ap, size_t att_off, ds_error *err)
+{
+    const cpu_weight *w = wp;
+    uint32_t H = m->heads, dn = m->nope, dr = m->rope, dv = m->v, C = m->C;
+    size_t qw = (size_t)H * (dn + dr), kvw = (size_t)C + dr;
+    const float *cache = cp;
+    float *qlat = scratch, *olat = qlat + C, *p = olat + C; /* per (row, head), reused */
+    float *wrow = malloc((size_t)C * sizeof(float));
+    if (!wrow)
+        return ds_error_set(err, -ENOMEM, "cpu: mla row");
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t T = pos0 + i + 1;
+        for (uint32_t h = 0; h < H; h++) {
+            const float *q = (const float *)qp + q_off + (size_t)i * qw + (size_t)h * (dn + dr);
+            for (uint32_t c = 0; c < C; c++)
+                qlat[c] = 0;
+            for (uint32_t e = 0; e < dn; e++) {
+                row_f32(w, d, h * (dn + dv) + e, wrow);
+                for (uint32_t c = 0; c < C; c++)
+                    qlat[c] = fmaf(q[e], wrow[c], qlat[c]);
+            }
+            float mx = -INFINITY;
+            for (uint32_t t = 0; t < T; t++) {
+                const float *ct = cache + (size_t)t * kvw;
+                p[t] = (dot8(qlat, ct, C) + dot8(q + dn, ct + C, dr)) * m->scale;
+                if (p[t] > mx)
+                    mx = p[t];
+            }
+            float sum = 0;
+            for (uint32_t t = 0; t < T; t++) {
+                p[t] = ds_expf(p[t] - mx);
+                sum += p[t];
+            }
+            for (uint32_t t = 0; t < T; t++)
+                p[t] = p[t] / sum;
+            for (uint32_t c = 0; c < C; c++)
+                olat[c] = 0;
+            for (uint32_t t = 0; t < T; t++)
+                for (uint32_t c = 0; c < C; c++)
+                    olat[c] = fmaf(p[t], cache[(size_t)t * kvw + c], olat[c]);
+            float *att = (float *)ap + att_off + (size_t)i * H * dv + (size_t)h * dv;
+            for (uint32_t j = 0; j < dv; j++) {
+                row_f32(w, d, h * (dn + dv) + dn + j, wrow);
+                att[j] = dot8(olat, wrow, C);
+            }
+        }
+    }
+    free(wrow);
+    return 0;
+}
+
+/* Index of the largest v[i] with !taken[i] (lowest on ties, NaN skipped), or -1. */
+static int argmax_free(const float *v, const float *taken, uint32_t n)
+{
+    int best = -1;
+    for (uint32_t i = 0; i < n; i++) {
+        if (taken[i] != 0 || isnan(v[i]))
+            continue;
+        if (best < 0 || v[i] > v[best])
+            best = (int)i;
+    }
+    return best;
+}
+
+static int cpu_router(void *impl, const ds_bk_router_desc *r, void *lp, void *bp, uint32_t n,
+                      void *sp, void *idp, void *wp, ds_error *err)
+{
+    uint32_t E = r->E, k = r->k, G = r->n_group;
+    const float *bias = bp;
+    for (uint32_t i = 0; i < n; i++) {
+        const float *logits = (const float *)lp + (size_t)i * E;
+        float *score = (float *)sp + (size_t)i * (3 * E + 2 * G), *choice = score + E;
+        float *taken = choice + E, *gscore = taken + E, *gtaken = gscore + G;
+        int32_t *ids = (int32_t *)idp + (size_t)i * k;
+        float *weights = (float *)wp + (size_t)i * k;
+        if (r->sigmoid) {
+            for (uint32_t e = 0; e < E; e++)
+                score[e] = 1.0f / (1.0f + ds_expf(-logits[e]));
+        } else {
+            float mx = -INFINITY, sum = 0;
+            for (uint32_t e = 0; e < E; e++)
+                mx = logits[e] > mx ? logits[e] : mx;
+            for (uint32_t e = 0; e < E; e++) {
+                score[e] = ds_expf(logits[e] - mx);
+                sum += score[e];
+            }
+            for (uint32_t e = 0; e < E; e++)
+                score[e] /= sum;
+        }
+        for (uint32_t e = 0; e < E; e++)
+            choice[e] = bias ? score[e] + bias[e] : score[e];
+        if (G > 1 && r->method != DS_BK_ROUTER_GREEDY) {
+            uint32_t per = E / G;
+            for (uint32_t g = 0; g < G; g++) {
+                const float *v = choice + g * per;
+                float a = -INFINITY, b = -INFINITY;
+                for (uint32_t j = 0; j < per; j++) {
+                    if (r->method == DS_BK_ROUTER_GROUP_TOP2SUM) {
+                        if (v[j] > a) {
+                            b = a;
+                            a = v[j];
+                        } else if (v[j] > b) {
+                            b = v[j];
+                        }
+                    } else {
+                        a = v[j] > a ? v[j] : a;
+                    }
+                }
+                gscore[g] = r->method == DS_BK_ROUTER_GROUP_TOP2SUM ? a + b : a;
+                gtaken[g] = 0;
+            }
+            for (uint32_t t = 0; t < r->topk_group; t++) {
+                int g = argmax_free(gscore, gtaken, G);
+                if (g >= 0)
+                    gtaken[g] = 1;
+            }
+            for (uint32_t g = 0; g < G; g++)
+                if (gtaken[g] == 0)
+                    for (uint32_t j = 0; j < per; j++)
+                        choice[g * per + j] = -INFINITY;
+        }
+        for (uint32_t e = 0; e < E; e++)
+            taken[e] = 0;
+        float sum = 0;
+        for (uint32_t s = 0; s < k; s++) {
+            int e = argmax_free(choice, taken, E);
+            if (e < 0)
+                for (e = 0; taken[e] != 0; e++)
+                    ;
+            taken[e] = 1;
+            ids[s] = e;
+            weights[s] = score[e];
+            sum += score[e];
+        }
+        if (r->norm && k > 1) {
+            float den = sum + 1e-20f;
+            for (uint32_t s = 0; s < k; s++)
+                weights[s] /= den;
+        }
+        for (uint32_t s = 0; s < k; s++)
+            weights[s] *= r->scaling;
+    }
+    return 0;
+}
+
+static int cpu_gather_rows(void *impl, void *wp, const ds_bk_weight_desc *d, const int32_t *ids,
+                           uint32_t n, void *yp, size_t y_off, ds_error *err)
+{
+    for (uint32_t i = 0; i < n; i++)
+        row_f32(wp, d, (uint32_t)ids[i], (float *)yp + y_off + (size_t)i * d->cols);
+    return 0;
+}
+
 const ds_backend_ops ds_backend_cpu_ops = {
     .abi = DS_BACKEND_ABI,
     .name = "cpu",
@@ -301,4 +499,8 @@ const ds_backend_ops ds_backend_cpu_ops = {
     .scale = cpu_scale,
     .copy = cpu_copy,
     .finish = cpu_finish,
+    .rmsnorm_rows = cpu_rmsnorm_rows,
+    .mla_attn = cpu_mla_attn,
+    .router = cpu_router,
+    .gather_rows = cpu_gather_rows,
 };

@@ -38,11 +38,21 @@ enum {
     K_ADD,
     K_SCALE,
     K_COPY4,
+    K_RMS_ROWS, /* absent without cl_khr_fp64 */
+    K_MLA_QLAT,
+    K_MLA_SCORES,
+    K_MLA_SOFTMAX,
+    K_MLA_WSUM,
+    K_MLA_OUT,
+    K_ROUTER,
+    K_GATHER,
     K_N
 };
 static const char *const kernel_names[K_N] = {
-    "matmul_f32", "matmul_bf16", "matmul_f8", "matvec_f32", "matvec_bf16", "matvec_f8", "rmsnorm",
-    "rope",       "mla_decode",  "swiglu",    "topk",       "add",         "scale",     "copy4"};
+    "matmul_f32", "matmul_bf16", "matmul_f8",    "matvec_f32", "matvec_bf16", "matvec_f8",
+    "rmsnorm",    "rope",        "mla_decode",   "swiglu",     "topk",        "add",
+    "scale",      "copy4",       "rmsnorm_rows", "mla_qlat",   "mla_scores",  "mla_softmax",
+    "mla_wsum",   "mla_out",     "router",       "gather_rows"};
 
 typedef struct ocl {
     cl_context ctx;
@@ -266,6 +276,8 @@ static int ocl_open(const char *arg, void **impl, char *name, size_t name_len, d
         goto fail;
     for (int i = 0; i < K_N; i++) {
         o->k[i] = clCreateKernel(o->prog, kernel_names[i], &e);
+        if (!o->k[i] && i == K_RMS_ROWS) /* a device without fp64 */
+            continue;
         if (!o->k[i]) {
             rc = cl_fail(err, e, kernel_names[i]);
             goto fail;
@@ -288,6 +300,8 @@ static int ocl_open(const char *arg, void **impl, char *name, size_t name_len, d
      * (256 work-items: a good occupancy on GPUs, small enough for low-end ones). */
     size_t lim = o->max_wg;
     for (int i = K_MM_F32; i <= K_MV_F8; i++) { /* the smallest limit of the matmul kernels */
+        if (!o->k[i])
+            continue;
         size_t kwg = 0;
         if (clGetKernelWorkGroupInfo(o->k[i], dev, CL_KERNEL_WORK_GROUP_SIZE, sizeof(kwg), &kwg,
                                      NULL) == CL_SUCCESS &&
@@ -611,6 +625,200 @@ static int ocl_finish(void *impl, ds_error *err)
     return e == CL_SUCCESS ? 0 : cl_fail(err, e, "clFinish");
 }
 
+/* ---- ABI 2 ops ---- */
+
+/* The weight arguments of w_elem (kernels/ops.cl) at index i..i+6. */
+static cl_int weight_args(ocl *o, cl_kernel k, cl_uint i, ocl_weight *w, const ds_bk_weight_desc *d)
+{
+    cl_uint kind = d->dtype == DS_BK_F32 ? 0 : d->dtype == DS_BK_BF16 ? 1 : 2;
+    cl_uint brow = d->block_rows ? d->block_rows : 1, bcol = d->block_cols ? d->block_cols : 1;
+    cl_uint nbc = (d->cols + bcol - 1) / bcol;
+    cl_int e = 0;
+    ARG(k, i, kind);
+    ARG(k, i + 1, w->data);
+    e |= clSetKernelArg(k, i + 2, sizeof(cl_mem), w->scale ? &w->scale : NULL);
+    ARG(k, i + 3, o->lut);
+    ARG(k, i + 4, nbc);
+    ARG(k, i + 5, brow);
+    ARG(k, i + 6, bcol);
+    return e;
+}
+
+static int ocl_rmsnorm_rows(void *impl, void *x, size_t x_off, size_t x_stride, void *gamma,
+                            uint32_t n, uint32_t d, double eps, void *y, size_t y_off,
+                            size_t y_stride, ds_error *err)
+{
+    ocl *o = impl;
+    cl_kernel k = o->k[K_RMS_ROWS];
+    if (!k)
+        return ds_error_set(err, -ENOTSUP,
+                            "opencl: the device has no fp64 (cl_khr_fp64): the engine's RMSNorm "
+                            "sums in double");
+    cl_mem xm = x, gm = gamma, ym = y;
+    cl_ulong xo = x_off, xs = x_stride, yo = y_off, ys = y_stride;
+    cl_uint d_ = d;
+    cl_double ep = eps;
+    cl_int e = 0;
+    ARG(k, 0, xm);
+    ARG(k, 1, xo);
+    ARG(k, 2, xs);
+    ARG(k, 3, gm);
+    ARG(k, 4, d_);
+    ARG(k, 5, ep);
+    ARG(k, 6, ym);
+    ARG(k, 7, yo);
+    ARG(k, 8, ys);
+    e |= clSetKernelArg(k, 9, sizeof(float), NULL);
+    if (e != CL_SUCCESS)
+        return cl_fail(err, e, "rmsnorm_rows arguments");
+    size_t local = o->red_wg, global = (size_t)n * o->red_wg;
+    return run(o, K_RMS_ROWS, 1, &global, &local, err);
+}
+
+static int ocl_mla_attn(void *impl, const ds_bk_mla_desc *m, void *q, size_t q_off, void *wp,
+                        const ds_bk_weight_desc *d, void *cache, uint32_t pos0, uint32_t n,
+                        void *scratch, void *att, size_t att_off, ds_error *err)
+{
+    ocl *o = impl;
+    ocl_weight *w = wp;
+    cl_mem qm = q, cm = cache, sm = scratch, am = att;
+    cl_ulong qo = q_off, ao = att_off;
+    cl_uint H = m->heads, dn = m->nope, dr = m->rope, dv = m->v, C = m->C, p0 = pos0;
+    cl_uint tmax = pos0 + n;
+    float scale = m->scale;
+    /* scratch (floats): q_lat [n, H, C], o_lat [n, H, C], scores [n, H, tmax] */
+    cl_ulong qlo = 0, olo = (cl_ulong)n * H * C, sco = 2 * olo;
+    int rc;
+    cl_kernel k = o->k[K_MLA_QLAT];
+    cl_int e = 0;
+    ARG(k, 0, qm);
+    ARG(k, 1, qo);
+    e |= weight_args(o, k, 2, w, d);
+    ARG(k, 9, H);
+    ARG(k, 10, dn);
+    ARG(k, 11, dr);
+    ARG(k, 12, dv);
+    ARG(k, 13, C);
+    ARG(k, 14, sm);
+    ARG(k, 15, qlo);
+    size_t g1[3] = {(C + 63) / 64 * 64, H, n};
+    if (e != CL_SUCCESS)
+        return cl_fail(err, e, "mla_qlat arguments");
+    if ((rc = run(o, K_MLA_QLAT, 3, g1, NULL, err)) < 0)
+        return rc;
+    k = o->k[K_MLA_SCORES];
+    ARG(k, 0, qm);
+    ARG(k, 1, qo);
+    ARG(k, 2, sm);
+    ARG(k, 3, qlo);
+    ARG(k, 4, cm);
+    ARG(k, 5, H);
+    ARG(k, 6, dn);
+    ARG(k, 7, dr);
+    ARG(k, 8, C);
+    ARG(k, 9, p0);
+    ARG(k, 10, tmax);
+    ARG(k, 11, scale);
+    ARG(k, 12, sco);
+    size_t g2[3] = {(tmax + 63) / 64 * 64, H, n};
+    if (e != CL_SUCCESS)
+        return cl_fail(err, e, "mla_scores arguments");
+    if ((rc = run(o, K_MLA_SCORES, 3, g2, NULL, err)) < 0)
+        return rc;
+    k = o->k[K_MLA_SOFTMAX];
+    ARG(k, 0, H);
+    ARG(k, 1, p0);
+    ARG(k, 2, tmax);
+    ARG(k, 3, sm);
+    ARG(k, 4, sco);
+    size_t g3[2] = {H, n};
+    if (e != CL_SUCCESS)
+        return cl_fail(err, e, "mla_softmax arguments");
+    if ((rc = run(o, K_MLA_SOFTMAX, 2, g3, NULL, err)) < 0)
+        return rc;
+    k = o->k[K_MLA_WSUM];
+    ARG(k, 0, sm);
+    ARG(k, 1, sco);
+    ARG(k, 2, cm);
+    ARG(k, 3, H);
+    ARG(k, 4, dr);
+    ARG(k, 5, C);
+    ARG(k, 6, p0);
+    ARG(k, 7, tmax);
+    ARG(k, 8, olo);
+    if (e != CL_SUCCESS)
+        return cl_fail(err, e, "mla_wsum arguments");
+    if ((rc = run(o, K_MLA_WSUM, 3, g1, NULL, err)) < 0)
+        return rc;
+    k = o->k[K_MLA_OUT];
+    ARG(k, 0, sm);
+    ARG(k, 1, olo);
+    e |= weight_args(o, k, 2, w, d);
+    ARG(k, 9, H);
+    ARG(k, 10, dn);
+    ARG(k, 11, dv);
+    ARG(k, 12, C);
+    ARG(k, 13, am);
+    ARG(k, 14, ao);
+    size_t g5[3] = {(dv + 31) / 32 * 32, H, n};
+    if (e != CL_SUCCESS)
+        return cl_fail(err, e, "mla_out arguments");
+    return run(o, K_MLA_OUT, 3, g5, NULL, err);
+}
+
+static int ocl_router(void *impl, const ds_bk_router_desc *r, void *logits, void *bias, uint32_t n,
+                      void *scratch, void *ids, void *weights, ds_error *err)
+{
+    ocl *o = impl;
+    cl_kernel k = o->k[K_ROUTER];
+    cl_mem lm = logits, bm = bias ? bias : logits, sm = scratch, im = ids, wm = weights;
+    cl_uint hb = bias != NULL, n_ = n, E = r->E, kk = r->k, G = r->n_group, tg = r->topk_group;
+    cl_uint sg = r->sigmoid, me = r->method, no = r->norm;
+    float sf = r->scaling;
+    cl_int e = 0;
+    ARG(k, 0, lm);
+    ARG(k, 1, bm);
+    ARG(k, 2, hb);
+    ARG(k, 3, n_);
+    ARG(k, 4, E);
+    ARG(k, 5, kk);
+    ARG(k, 6, G);
+    ARG(k, 7, tg);
+    ARG(k, 8, sg);
+    ARG(k, 9, me);
+    ARG(k, 10, no);
+    ARG(k, 11, sf);
+    ARG(k, 12, sm);
+    ARG(k, 13, im);
+    ARG(k, 14, wm);
+    return e == CL_SUCCESS ? run_1d(o, K_ROUTER, n, err) : cl_fail(err, e, "router arguments");
+}
+
+static int ocl_gather_rows(void *impl, void *wp, const ds_bk_weight_desc *d, const int32_t *ids,
+                           uint32_t n, void *y, size_t y_off, ds_error *err)
+{
+    ocl *o = impl;
+    cl_int e;
+    cl_mem idm = clCreateBuffer(o->ctx, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR,
+                                (size_t)n * sizeof(int32_t), (void *)ids, &e);
+    if (!idm)
+        return cl_fail(err, e, "gather ids");
+    cl_kernel k = o->k[K_GATHER];
+    cl_mem ym = y;
+    cl_uint cols = d->cols;
+    cl_ulong yo = y_off;
+    e = weight_args(o, k, 0, wp, d);
+    ARG(k, 7, cols);
+    ARG(k, 8, idm);
+    ARG(k, 9, ym);
+    ARG(k, 10, yo);
+    size_t g[2] = {(cols + 63) / 64 * 64, n};
+    int rc = e == CL_SUCCESS ? run(o, K_GATHER, 2, g, NULL, err)
+                             : cl_fail(err, e, "gather_rows arguments");
+    clReleaseMemObject(idm);
+    return rc;
+}
+
 const ds_backend_ops ds_backend_opencl_ops = {
     .abi = DS_BACKEND_ABI,
     .name = "opencl",
@@ -632,4 +840,8 @@ const ds_backend_ops ds_backend_opencl_ops = {
     .scale = ocl_scale,
     .copy = ocl_copy,
     .finish = ocl_finish,
+    .rmsnorm_rows = ocl_rmsnorm_rows,
+    .mla_attn = ocl_mla_attn,
+    .router = ocl_router,
+    .gather_rows = ocl_gather_rows,
 };

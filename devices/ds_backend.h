@@ -33,7 +33,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever ds_backend_ops changes; a plugin built for another ABI is refused. */
-#define DS_BACKEND_ABI 1
+#define DS_BACKEND_ABI 2
 
 enum ds_bk_dtype {
     DS_BK_F32 = 0,
@@ -49,6 +49,30 @@ typedef struct ds_bk_weight_desc {
     const float *scale_inv;          /* F8 only: [ceil(rows/block_rows), ceil(cols/block_cols)] */
     uint32_t block_rows, block_cols; /* F8 only: block size (128x128 in DeepSeek-V3) */
 } ds_bk_weight_desc;
+
+/* Absorbed MLA attention (ds_bk_mla_attn): the shapes of one layer. */
+typedef struct ds_bk_mla_desc {
+    uint32_t heads;      /* H */
+    uint32_t nope, rope; /* qk_nope_head_dim, qk_rope_head_dim */
+    uint32_t v;          /* v_head_dim */
+    uint32_t C;          /* kv_lora_rank: the cache holds C + rope floats per position */
+    float scale;         /* softmax scale */
+} ds_bk_mla_desc;
+
+/* The router's rules (ds_bk_router), as model/router.c applies them. */
+enum ds_bk_router_method {
+    DS_BK_ROUTER_GREEDY = 0,        /* top-k over all experts */
+    DS_BK_ROUTER_GROUP_MAX = 1,     /* group score: the max (group_limited_greedy) */
+    DS_BK_ROUTER_GROUP_TOP2SUM = 2, /* group score: sum of the top 2 (noaux_tc) */
+};
+typedef struct ds_bk_router_desc {
+    uint32_t E, k; /* routed experts, experts per token (k <= 64) */
+    uint32_t n_group, topk_group;
+    uint32_t sigmoid; /* 1: sigmoid scores (V3), 0: softmax (V2) */
+    uint32_t method;  /* enum ds_bk_router_method */
+    uint32_t norm;    /* divide the weights by their sum (+1e-20) when k > 1 */
+    float scaling;    /* routed_scaling_factor, times every weight */
+} ds_bk_router_desc;
 
 /* What a backend implements. `impl` is the backend's own device context; buffers and weights
  * are its own handles. Sizes are already validated by the generic layer. Returns 0 or a
@@ -98,6 +122,37 @@ typedef struct ds_backend_ops {
                 ds_error *err);
     /* Waits until every queued op is done. */
     int (*finish)(void *impl, ds_error *err);
+
+    /* ---- ABI 2: the ops of whole units, each bit-identical to the CPU engine's own code
+     * (model/forward.c, model/router.c): what lets attention, its KV cache, the router, the
+     * dense and shared FFNs, the embedding and the head run on a device in exact mode. ---- */
+    /* Rows i < n of x (x_off + i*x_stride, d floats): y = gamma * (x * r) with
+     * r = (float)(1 / sqrt(ss / d + eps)), ss the sum of x^2 in double in element order. */
+    int (*rmsnorm_rows)(void *impl, void *x, size_t x_off, size_t x_stride, void *gamma, uint32_t n,
+                        uint32_t d, double eps, void *y, size_t y_off, size_t y_stride,
+                        ds_error *err);
+    /* Absorbed MLA for n consecutive positions pos0..pos0+n-1 of one sequence. q [n, H*(nope +
+     * rope)] (rope part already rotated); cache [>= pos0+n, C+rope] holds the normalised latent
+     * and roped k_pe of every position up to pos0+n-1; w = kv_b [H*(nope+v), C]. Row i, head h:
+     * q_lat[c] = one fma chain over d < nope of q_nope[d] * W[h*(nope+v)+d][c] (from +0);
+     * s_t = (dot8(q_lat, c_t) + dot8(q_pe, kpe_t)) * scale for t <= pos0+i; softmax in order
+     * (ds_expf); o_lat[c] = one fma chain over t of p_t * c_t[c]; att[i, h*v + j] =
+     * dot8(W[h*(nope+v)+nope+j], o_lat). dot8: ds_dot8's 8-lane order (model/ds_tensor.h).
+     * scratch: at least n*H*(2C + pos0+n) floats. */
+    int (*mla_attn)(void *impl, const ds_bk_mla_desc *m, void *q, size_t q_off, void *w,
+                    const ds_bk_weight_desc *d, void *cache, uint32_t pos0, uint32_t n,
+                    void *scratch, void *att, size_t att_off, ds_error *err);
+    /* ds_router_select for n rows of gate logits [n, E] (bias [E] may be NULL): ids [n, k]
+     * int32, weights [n, k]. scratch: at least n*(3E + 2*n_group) floats. */
+    int (*router)(void *impl, const ds_bk_router_desc *r, void *logits, void *bias, uint32_t n,
+                  void *scratch, void *ids, void *weights, ds_error *err);
+    /* y[i, :] = row ids[i] of W widened to float32 (exact), for n rows; ids are host values,
+     * already checked against rows. */
+    int (*gather_rows)(void *impl, void *w, const ds_bk_weight_desc *d, const int32_t *ids,
+                       uint32_t n, void *y, size_t y_off, ds_error *err);
+    /* (optional) exact true: every op in the engine's order (cuda: no cuBLAS for batches);
+     * false: the backend's fast paths. NULL: the backend is always exact. */
+    void (*set_exact)(void *impl, bool exact);
 } ds_backend_ops;
 
 typedef struct ds_backend ds_backend;
@@ -141,6 +196,8 @@ int ds_bk_rope(ds_bk_buf *x, uint32_t n, uint32_t heads, uint32_t stride, uint32
 int ds_bk_mla_decode(ds_bk_buf *q_lat, ds_bk_buf *q_pe, ds_bk_buf *cache, uint32_t heads,
                      uint32_t C, uint32_t R, uint32_t t, float scale, ds_bk_buf *out,
                      ds_error *err);
+/* Bit-identical to the engine's silu(g) * u (ds_expf, a correctly rounded division) on cpu,
+ * opencl devices with fp64 and cuda. */
 int ds_bk_swiglu(ds_bk_buf *g, ds_bk_buf *u, size_t count, ds_error *err);
 int ds_bk_topk(ds_bk_buf *scores, ds_bk_buf *bias, uint32_t n, uint32_t E, uint32_t k,
                ds_bk_buf *ids, ds_bk_buf *weights, ds_error *err);
@@ -150,6 +207,28 @@ int ds_bk_scale(ds_bk_buf *y, float s, size_t count, ds_error *err);
 int ds_bk_copy(ds_bk_buf *dst, size_t dst_off, ds_bk_buf *src, size_t src_off, size_t bytes,
                ds_error *err);
 int ds_backend_finish(ds_backend *b, ds_error *err);
+
+/* ---- ABI 2 ops (formulas at ds_backend_ops; offsets and strides in floats). Bit-identical to
+ * the engine on cpu, opencl (devices with cl_khr_fp64: -ENOTSUP otherwise) and cuda. ---- */
+int ds_bk_rmsnorm_rows(ds_bk_buf *x, size_t x_off, size_t x_stride, ds_bk_buf *gamma, uint32_t n,
+                       uint32_t d, double eps, ds_bk_buf *y, size_t y_off, size_t y_stride,
+                       ds_error *err);
+/* Floats of scratch ds_bk_mla_attn needs. */
+size_t ds_bk_mla_attn_scratch(const ds_bk_mla_desc *m, uint32_t pos0, uint32_t n);
+int ds_bk_mla_attn(const ds_bk_mla_desc *m, ds_bk_buf *q, size_t q_off, ds_bk_weight *kv_b,
+                   ds_bk_buf *cache, uint32_t pos0, uint32_t n, ds_bk_buf *scratch, ds_bk_buf *att,
+                   size_t att_off, ds_error *err);
+size_t ds_bk_router_scratch(const ds_bk_router_desc *r, uint32_t n);
+int ds_bk_router(const ds_bk_router_desc *r, ds_bk_buf *logits, ds_bk_buf *bias, uint32_t n,
+                 ds_bk_buf *scratch, ds_bk_buf *ids, ds_bk_buf *weights, ds_error *err);
+/* Exact (true): matmul keeps the engine's order for every batch size (cuda then never calls
+ * cuBLAS); false: the backend's fast paths (cuda: cuBLAS SGEMM from 16 rows, within the op
+ * suite's tolerance). cpu and opencl are always exact. The default is each backend's own
+ * (cuda: fast). */
+void ds_backend_set_exact(ds_backend *b, bool exact);
+/* The embedding lookup: -ERANGE (naming the id) for an id outside [0, rows). */
+int ds_bk_gather_rows(ds_bk_weight *w, const int32_t *ids, uint32_t n, ds_bk_buf *y, size_t y_off,
+                      ds_error *err);
 
 /* What a backend achieves, for calibration (the devices issue) and bench/bench_matvec: the
  * device-to-device copy bandwidth of a copy_bytes buffer ((read + written bytes) / s), and the

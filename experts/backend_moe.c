@@ -249,7 +249,7 @@ static int run_k(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, uint32
             (rc = ds_bk_buf_read(bm->u, 0, bm->hu, gi * 4, err)) < 0)
             goto out;
         for (size_t i = 0; i < gi; i++)
-            bm->hg[i] = bm->hg[i] / (1.0f + expf(-bm->hg[i])) * bm->hu[i];
+            bm->hg[i] = bm->hg[i] / (1.0f + ds_expf(-bm->hg[i])) * bm->hu[i];
         if ((rc = ds_bk_buf_write(bm->g, 0, bm->hg, gi * 4, err)) < 0)
             goto out;
     } else if ((rc = ds_bk_swiglu(bm->g, bm->u, gi, err)) < 0) {

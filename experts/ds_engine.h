@@ -25,6 +25,11 @@ typedef int (*ds_moe_runner_fn)(void *ctx, uint32_t layer, const float *ffn_in, 
  * experts of m). ctx is borrowed and must outlive the engine's use of it. The runner must be
  * bit-identical to ds_moe_run_experts for the engine's tokens to stay exact. */
 void ds_engine_set_moe_runner(ds_engine *e, ds_moe_runner_fn fn, void *ctx);
+/* Runs attention, dense/shared FFNs, embed and head through a unit runner (experts/ds_layer.h,
+ * e.g. ds_backend_units_ops: those units on an accelerator); ops NULL: the CPU units. Set it
+ * before the first sequence is added; ctx is borrowed and must outlive the engine. */
+struct ds_unit_runner_ops;
+void ds_engine_set_units(ds_engine *e, const struct ds_unit_runner_ops *ops, void *ctx);
 /* Adds a sequence (empty cache); returns its id (>= 0) or a negative errno. */
 int ds_engine_seq_add(ds_engine *e);
 void ds_engine_seq_remove(ds_engine *e, int seq);

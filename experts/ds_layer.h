@@ -70,6 +70,22 @@ typedef struct ds_expert_runner_cpu {
 } ds_expert_runner_cpu;
 extern const ds_expert_runner_ops ds_expert_runner_cpu_ops;
 
+/* ---- unit runners ------------------------------------------------------------------------- */
+
+/* Where the units other than the routed experts run: by default the model's CPU units
+ * (ds_unit_attn, ds_unit_dense / ds_unit_shared, ds_unit_embed, ds_unit_head); a device runner
+ * (experts/ds_backend_units.h) puts them on an accelerator, per layer. Each function has the
+ * contract of the CPU unit it replaces and must be bit-identical to it for tokens to stay
+ * exact. A NULL function means the CPU unit. ffn: kind is DS_UNIT_DENSE or DS_UNIT_SHARED. */
+typedef struct ds_unit_runner_ops {
+    int (*attn)(void *ctx, uint32_t layer, const float *x, uint32_t n, const uint32_t *positions,
+                ds_kv_cache *const *caches, ds_attn_out *out, ds_error *err);
+    int (*ffn)(void *ctx, enum ds_unit_kind kind, uint32_t layer, const float *ffn_in, uint32_t n,
+               float *out, ds_error *err);
+    int (*embed)(void *ctx, const int32_t *tokens, uint32_t n, float *out, ds_error *err);
+    int (*head)(void *ctx, const float *x, uint32_t n, float *logits, ds_error *err);
+} ds_unit_runner_ops;
+
 /* ---- the layer step ----------------------------------------------------------------------- */
 
 typedef struct ds_layer_step ds_layer_step;
@@ -95,6 +111,8 @@ uint32_t ds_layer_step_rows(const ds_layer_step *st);
  * ds_layer_step_resume. Negative errno on failure (err says why; the rows are then garbage). */
 int ds_layer_step_run(ds_layer_step *st, uint32_t layer, const ds_expert_runner_ops *runner,
                       void *ctx, ds_error *err);
+/* Runs attention / dense / shared FFNs through ops/ctx (borrowed; NULL: the CPU units). */
+void ds_layer_step_set_units(ds_layer_step *st, const ds_unit_runner_ops *ops, void *ctx);
 /* Finishes a pending layer once every expert row is in: the combine. */
 void ds_layer_step_resume(ds_layer_step *st);
 bool ds_layer_step_pending(const ds_layer_step *st);

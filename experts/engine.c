@@ -15,11 +15,19 @@ struct ds_engine {
     const ds_model *m;
     ds_pool *pool;
     uint32_t max_positions;
-    ds_seqs *seqs;           /* every layer; a sequence's handle is its slot */
-    uint64_t next_id;        /* ids of the sequence table */
-    ds_moe_runner_fn runner; /* NULL: ds_moe_run_experts on m */
-    void *runner_ctx;        /* borrowed, passed to runner */
+    ds_seqs *seqs;                   /* every layer; a sequence's handle is its slot */
+    uint64_t next_id;                /* ids of the sequence table */
+    ds_moe_runner_fn runner;         /* NULL: ds_moe_run_experts on m */
+    void *runner_ctx;                /* borrowed, passed to runner */
+    const ds_unit_runner_ops *units; /* NULL: the CPU units */
+    void *units_ctx;
 };
+
+void ds_engine_set_units(ds_engine *e, const struct ds_unit_runner_ops *ops, void *ctx)
+{
+    e->units = ops;
+    e->units_ctx = ops ? ctx : NULL;
+}
 
 int ds_engine_new(const ds_model *m, ds_pool *pool, uint32_t max_positions, ds_engine **ret,
                   ds_error *err)
@@ -103,7 +111,11 @@ int ds_engine_forward(ds_engine *e, uint32_t n, const int *seqs, const int32_t *
                 pos[i]++;
     }
     ds_layer_step_set_rows(st, n, seqs, pos);
-    if ((rc = ds_unit_embed(m, e->pool, tokens, n, ds_layer_step_x(st), err)) < 0)
+    ds_layer_step_set_units(st, e->units, e->units_ctx);
+    rc = e->units && e->units->embed
+             ? e->units->embed(e->units_ctx, tokens, n, ds_layer_step_x(st), err)
+             : ds_unit_embed(m, e->pool, tokens, n, ds_layer_step_x(st), err);
+    if (rc < 0)
         goto out;
     ds_expert_runner_cpu cpu = {m, e->pool};
     const ds_expert_runner_ops *ops = e->runner ? &fn_runner_ops : &ds_expert_runner_cpu_ops;
@@ -111,7 +123,10 @@ int ds_engine_forward(ds_engine *e, uint32_t n, const int *seqs, const int32_t *
     for (uint32_t l = 0; l < c->num_hidden_layers; l++)
         if ((rc = ds_layer_step_run(st, l, ops, ctx, err)) < 0)
             goto out;
-    rc = logits ? ds_unit_head(m, e->pool, ds_layer_step_x(st), n, logits, err) : 0;
+    if (logits && e->units && e->units->head)
+        rc = e->units->head(e->units_ctx, ds_layer_step_x(st), n, logits, err);
+    else
+        rc = logits ? ds_unit_head(m, e->pool, ds_layer_step_x(st), n, logits, err) : 0;
 out:
     ds_layer_step_free(st);
     free(pos);

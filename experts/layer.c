@@ -169,18 +169,35 @@ struct ds_layer_step {
     ds_pool *pool;
     ds_seqs *seqs;
     uint32_t max_rows, n, K;
-    int *slots;           /* [max_rows] */
-    uint32_t *pos;        /* [max_rows] */
-    ds_kv_cache **caches; /* [max_rows] of the layer being run */
-    float *x;             /* [max_rows, D] hidden state, in/out */
-    float *hid;           /* [max_rows, D] after attention */
-    float *ffn_in;        /* [max_rows, D] */
-    float *ffn_out;       /* [max_rows, D] dense FFN or shared experts */
-    int32_t *ids;         /* [max_rows, K] */
-    float *w;             /* [max_rows, K] */
-    float *eo;            /* [max_rows * K, D] routed expert outputs by slot */
-    bool pending, shared; /* waiting for expert rows; ffn_out holds the shared experts */
+    int *slots;                      /* [max_rows] */
+    uint32_t *pos;                   /* [max_rows] */
+    ds_kv_cache **caches;            /* [max_rows] of the layer being run */
+    float *x;                        /* [max_rows, D] hidden state, in/out */
+    float *hid;                      /* [max_rows, D] after attention */
+    float *ffn_in;                   /* [max_rows, D] */
+    float *ffn_out;                  /* [max_rows, D] dense FFN or shared experts */
+    int32_t *ids;                    /* [max_rows, K] */
+    float *w;                        /* [max_rows, K] */
+    float *eo;                       /* [max_rows * K, D] routed expert outputs by slot */
+    bool pending, shared;            /* waiting for expert rows; ffn_out holds the shared experts */
+    const ds_unit_runner_ops *units; /* NULL: the CPU units */
+    void *units_ctx;
 };
+
+void ds_layer_step_set_units(ds_layer_step *st, const ds_unit_runner_ops *ops, void *ctx)
+{
+    st->units = ops;
+    st->units_ctx = ops ? ctx : NULL;
+}
+
+static int step_ffn(ds_layer_step *st, enum ds_unit_kind kind, uint32_t layer, ds_error *err)
+{
+    if (st->units && st->units->ffn)
+        return st->units->ffn(st->units_ctx, kind, layer, st->ffn_in, st->n, st->ffn_out, err);
+    if (kind == DS_UNIT_DENSE)
+        return ds_unit_dense(st->m, st->pool, layer, st->ffn_in, st->n, st->ffn_out, err);
+    return ds_unit_shared(st->m, st->pool, layer, st->ffn_in, st->n, st->ffn_out, err);
+}
 
 ds_layer_step *ds_layer_step_free(ds_layer_step *st)
 {
@@ -268,11 +285,13 @@ int ds_layer_step_run(ds_layer_step *st, uint32_t layer, const ds_expert_runner_
             return ds_error_set(err, -ENOENT, "layer %u: row %u has no KV cache here", layer, i);
     bool moe = ds_model_config_layer_is_moe(c, layer);
     ds_attn_out ao = {st->hid, st->ffn_in, moe ? st->ids : NULL, moe ? st->w : NULL};
-    int rc = ds_unit_attn(st->m, st->pool, layer, st->x, n, st->pos, st->caches, &ao, err);
+    int rc = st->units && st->units->attn
+                 ? st->units->attn(st->units_ctx, layer, st->x, n, st->pos, st->caches, &ao, err)
+                 : ds_unit_attn(st->m, st->pool, layer, st->x, n, st->pos, st->caches, &ao, err);
     if (rc < 0)
         return rc;
     if (!moe) {
-        if ((rc = ds_unit_dense(st->m, st->pool, layer, st->ffn_in, n, st->ffn_out, err)) < 0)
+        if ((rc = step_ffn(st, DS_UNIT_DENSE, layer, err)) < 0)
             return rc;
         ds_unit_add(D, n, st->ffn_out, st->hid);
         memcpy(st->x, st->hid, (size_t)n * D * sizeof(float));
@@ -283,8 +302,7 @@ int ds_layer_step_run(ds_layer_step *st, uint32_t layer, const ds_expert_runner_
             return ds_error_set(err, -ERANGE, "attn[%u]: expert id %d out of range", layer,
                                 st->ids[i]);
     st->shared = c->n_shared_experts > 0;
-    if (st->shared &&
-        (rc = ds_unit_shared(st->m, st->pool, layer, st->ffn_in, n, st->ffn_out, err)) < 0)
+    if (st->shared && (rc = step_ffn(st, DS_UNIT_SHARED, layer, err)) < 0)
         return rc;
     rc = runner->run(ctx, layer, st->ffn_in, n, st->ids, st->w, st->eo, err);
     if (rc < 0)

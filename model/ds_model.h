@@ -118,6 +118,17 @@ uint32_t ds_kv_cache_len(const ds_kv_cache *kv, uint32_t layer);
 /* Forgets positions >= len in every layer (rewind); len must be <= the current lengths. */
 int ds_kv_cache_truncate(ds_kv_cache *kv, uint32_t len);
 
+/* A copy of the cache kept elsewhere (an accelerator's memory, experts/ds_backend_units.h): an
+ * opaque pointer owned by the cache from then on and released with free_fn(ext) when the
+ * cache is freed (or replaced). A cache whose attention runs on a device holds its rows there
+ * only; the host side then tracks just the lengths. */
+void ds_kv_cache_set_ext(ds_kv_cache *kv, void *ext, void (*free_fn)(void *ext));
+void *ds_kv_cache_ext(const ds_kv_cache *kv);
+/* Records that layer now holds len positions (written elsewhere, by the owner of ext). */
+int ds_kv_cache_set_len(ds_kv_cache *kv, uint32_t layer, uint32_t len);
+uint32_t ds_kv_cache_max_positions(const ds_kv_cache *kv);
+bool ds_kv_cache_has_layer(const ds_kv_cache *kv, uint32_t layer);
+
 /* --- Units --------------------------------------------------------------------------------
  * All row buffers are float32 row-major and caller-owned; n may be 0. pool may be NULL. */
 
@@ -160,6 +171,31 @@ int ds_unit_experts(const ds_model *m, ds_pool *pool, uint32_t layer, uint32_t n
 /* logits[n, vocab] = lm_head(norm(x)). */
 int ds_unit_head(const ds_model *m, ds_pool *pool, const float *x, uint32_t n, float *logits,
                  ds_error *err);
+
+/* --- A unit's parameters, for a runner that computes it elsewhere (an accelerator) ---------
+ * Views into the opened model (valid while it is open); -ENOENT when the unit is not bound. */
+typedef struct ds_attn_params {
+    const float *attn_norm, *ffn_norm; /* [D] input / post-attention RMSNorm */
+    const ds_weight *q_a;              /* [q_lora, D], or NULL without q LoRA */
+    const float *q_a_norm;             /* [q_lora] (eps 1e-6) */
+    const ds_weight *q_b;              /* [H*(dn+dr), q_lora or D] */
+    const ds_weight *kv_a;             /* [C + dr, D] */
+    const float *kv_a_norm;            /* [C] (eps 1e-6) */
+    const ds_weight *kv_b, *o;         /* [H*(dn+dv), C], [D, H*dv] */
+    const ds_weight *gate;             /* [E, D] router, NULL in a dense layer */
+    const float *gate_bias;            /* [E] or NULL */
+    double softmax_scale;              /* with YaRN's mscale^2 */
+} ds_attn_params;
+int ds_model_attn_params(const ds_model *m, uint32_t layer, ds_attn_params *out);
+/* The dense FFN (kind DS_UNIT_DENSE) or the shared experts (DS_UNIT_SHARED) of layer. */
+int ds_model_ffn_params(const ds_model *m, enum ds_unit_kind kind, uint32_t layer,
+                        const ds_weight **gate, const ds_weight **up, const ds_weight **down);
+/* The embedding [V, D]; the final norm [D] and lm_head [V, D]. */
+int ds_model_embed_params(const ds_model *m, const ds_weight **embed);
+int ds_model_head_params(const ds_model *m, const float **final_norm, const ds_weight **lm_head);
+/* The rope coefficients of position pos, as ds_unit_attn computes them (YaRN frequencies and
+ * attention factor): cs[dr/2], sn[dr/2]. */
+void ds_model_rope_coefs(const ds_model *m, uint32_t pos, float *cs, float *sn);
 
 /* --- Router (DeepSeek's reference rules) ---------------------------------------------------
  * scores: softmax (V2) or sigmoid (V3) of the gate logits, in fp32. Selection uses the scores

@@ -88,7 +88,7 @@ static void rope_apply(const float *cs, const float *sn, uint32_t dim, float *x)
 
 static float silu(float g)
 {
-    return g / (1.0f + expf(-g));
+    return g / (1.0f + ds_expf(-g));
 }
 
 /* ---- KV cache ---- */
@@ -100,6 +100,8 @@ struct ds_kv_cache {
     uint32_t cap;  /* positions allocated per layer */
     uint32_t *len; /* [layers] */
     float **data;  /* [layers][cap * width] */
+    void *ext;     /* a copy kept elsewhere (ds_kv_cache_set_ext), or NULL */
+    void (*ext_free)(void *ext);
 };
 
 int ds_kv_cache_new(const ds_model_config *c, uint32_t lb, uint32_t le, uint32_t max_positions,
@@ -129,6 +131,8 @@ ds_kv_cache *ds_kv_cache_free(ds_kv_cache *kv)
 {
     if (!kv)
         return NULL;
+    if (kv->ext && kv->ext_free)
+        kv->ext_free(kv->ext);
     if (kv->data)
         for (uint32_t l = 0; l < kv->layer_end - kv->layer_begin; l++)
             free(kv->data[l]);
@@ -153,6 +157,37 @@ int ds_kv_cache_truncate(ds_kv_cache *kv, uint32_t len)
         kv->len[l] = len;
     }
     return 0;
+}
+
+void ds_kv_cache_set_ext(ds_kv_cache *kv, void *ext, void (*free_fn)(void *ext))
+{
+    if (kv->ext && kv->ext != ext && kv->ext_free)
+        kv->ext_free(kv->ext);
+    kv->ext = ext;
+    kv->ext_free = free_fn;
+}
+
+void *ds_kv_cache_ext(const ds_kv_cache *kv)
+{
+    return kv->ext;
+}
+
+int ds_kv_cache_set_len(ds_kv_cache *kv, uint32_t layer, uint32_t len)
+{
+    if (layer < kv->layer_begin || layer >= kv->layer_end || len > kv->max_positions)
+        return -EINVAL;
+    kv->len[layer - kv->layer_begin] = len;
+    return 0;
+}
+
+bool ds_kv_cache_has_layer(const ds_kv_cache *kv, uint32_t layer)
+{
+    return layer >= kv->layer_begin && layer < kv->layer_end;
+}
+
+uint32_t ds_kv_cache_max_positions(const ds_kv_cache *kv)
+{
+    return kv->max_positions;
 }
 
 static int kv_reserve(ds_kv_cache *kv, uint32_t need)
@@ -246,7 +281,7 @@ static void attn_task(void *arg, uint32_t t)
         }
         float sum = 0;
         for (uint32_t s = 0; s < T; s++) {
-            p[s] = expf(p[s] - mx);
+            p[s] = ds_expf(p[s] - mx);
             sum += p[s];
         }
         for (uint32_t s = 0; s < T; s++)
@@ -590,4 +625,66 @@ void ds_unit_add(uint32_t d, uint32_t n, const float *delta, float *hidden)
 {
     for (size_t i = 0; i < (size_t)d * n; i++)
         hidden[i] += delta[i];
+}
+
+/* ---- a unit's parameters (ds_model.h) ---- */
+
+int ds_model_attn_params(const ds_model *m, uint32_t layer, ds_attn_params *out)
+{
+    if (layer >= m->cfg.num_hidden_layers || !m->layers[layer].attn_bound)
+        return -ENOENT;
+    const ds_layer *L = &m->layers[layer];
+    *out = (ds_attn_params){
+        .attn_norm = L->attn_norm,
+        .ffn_norm = L->ffn_norm,
+        .q_a = m->cfg.q_lora_rank ? &L->q_a : NULL,
+        .q_a_norm = m->cfg.q_lora_rank ? L->q_a_norm : NULL,
+        .q_b = &L->q_b,
+        .kv_a = &L->kv_a,
+        .kv_a_norm = L->kv_a_norm,
+        .kv_b = &L->kv_b,
+        .o = &L->o,
+        .gate = L->moe ? &L->gate : NULL,
+        .gate_bias = L->moe ? L->gate_bias : NULL,
+        .softmax_scale = m->rope.softmax_scale,
+    };
+    return 0;
+}
+
+int ds_model_ffn_params(const ds_model *m, enum ds_unit_kind kind, uint32_t layer,
+                        const ds_weight **gate, const ds_weight **up, const ds_weight **down)
+{
+    if (layer >= m->cfg.num_hidden_layers)
+        return -ENOENT;
+    const ds_ffn *f = kind == DS_UNIT_DENSE    ? &m->layers[layer].dense
+                      : kind == DS_UNIT_SHARED ? &m->layers[layer].shared
+                                               : NULL;
+    if (!f || !f->bound)
+        return -ENOENT;
+    *gate = &f->gate;
+    *up = &f->up;
+    *down = &f->down;
+    return 0;
+}
+
+int ds_model_embed_params(const ds_model *m, const ds_weight **embed)
+{
+    if (!m->embed_bound)
+        return -ENOENT;
+    *embed = &m->embed;
+    return 0;
+}
+
+int ds_model_head_params(const ds_model *m, const float **final_norm, const ds_weight **lm_head)
+{
+    if (!m->head_bound)
+        return -ENOENT;
+    *final_norm = m->final_norm;
+    *lm_head = &m->lm_head;
+    return 0;
+}
+
+void ds_model_rope_coefs(const ds_model *m, uint32_t pos, float *cs, float *sn)
+{
+    rope_coefs(&m->rope, m->cfg.qk_rope_head_dim, pos, cs, sn);
 }

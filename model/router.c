@@ -39,13 +39,13 @@ void ds_router_select(const ds_model_config *c, const float *logits, const float
     unsigned char *gtaken = (unsigned char *)(gscore + c->n_group);
     if (c->scoring_func == DS_SCORING_SIGMOID) {
         for (uint32_t e = 0; e < E; e++)
-            score[e] = 1.0f / (1.0f + expf(-logits[e]));
+            score[e] = 1.0f / (1.0f + ds_expf(-logits[e]));
     } else {
         float mx = -INFINITY, sum = 0;
         for (uint32_t e = 0; e < E; e++)
             mx = logits[e] > mx ? logits[e] : mx;
         for (uint32_t e = 0; e < E; e++) {
-            score[e] = expf(logits[e] - mx);
+            score[e] = ds_expf(logits[e] - mx);
             sum += score[e];
         }
         for (uint32_t e = 0; e < E; e++)

@@ -66,3 +66,8 @@ set_tests_properties(test_http_api PROPERTIES SKIP_RETURN_CODE 77)
 ds_add_script_test(NAME test_http_page COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_http_page.sh
                    LABELS cluster TIMEOUT 300)
 set_tests_properties(test_http_page PROPERTIES SKIP_RETURN_CODE 77)
+# attention + KV cache + router + dense/shared FFN + embed + head on the coordinator's OpenCL
+# device (PoCL here), routed experts on two workers' CPUs, pinned with plan_pin
+ds_add_script_test(NAME test_attn_device COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_attn_device.sh
+                   LABELS "cluster;opencl" TIMEOUT 300)
+set_tests_properties(test_attn_device PROPERTIES SKIP_RETURN_CODE 77)

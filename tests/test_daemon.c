@@ -246,6 +246,90 @@ static void test_plan_spreads_units(void **state)
     ds_model_free(m);
 }
 
+/* ---- attention / embed / head on a device: plan_pin through the solver, the plan's wire and
+ * JSON forms, and each node's units ------------------------------------------------------- */
+
+static void test_plan_unit_devices(void **state)
+{
+    (void)state;
+    ds_model *m;
+    ds_error err = {0};
+    assert_int_equal(ds_model_open(DS_TEST_DATA "/ref/v3_bf16", NULL, &m, &err), 0);
+    const ds_model_config *c = ds_model_get_config(m);
+    char names[2][64] = {"coord", "w1"};
+    char eps[2][DSD_STR_MAX] = {"tcp://a:1", "tcp://b:1"};
+    const char *spec =
+        "{\"nodes\":[{\"name\":\"coord\",\"class\":\"server\",\"devices\":["
+        "{\"name\":\"cpu0\",\"kind\":\"cpu\",\"class\":\"server\",\"memory_bytes\":1000000000,"
+        "\"mem_bw_bytes_per_s\":1e10,\"flops\":1e11},"
+        "{\"name\":\"opencl0\",\"kind\":\"gpu\",\"class\":\"gpu\",\"memory_bytes\":1000000000,"
+        "\"mem_bw_bytes_per_s\":1e11,\"flops\":1e12}]},"
+        "{\"name\":\"w1\",\"class\":\"server\",\"devices\":["
+        "{\"name\":\"cpu0\",\"kind\":\"cpu\",\"class\":\"server\",\"memory_bytes\":1000000000,"
+        "\"mem_bw_bytes_per_s\":1e10,\"flops\":1e11}]}]}";
+    dsd_plan p;
+    /* attention, embed and head pinned to coord/opencl0, every expert to w1's CPU */
+    int rc = dsd_plan_solve(&p, c, spec, 2, (const char(*)[64])names,
+                            (const char(*)[DSD_STR_MAX])eps, "auto", 1, 16, NULL, NULL,
+                            "attn[*]=coord/opencl0, embed=coord/opencl0,head=coord/opencl0,"
+                            "expert[*][*]=w1/cpu0",
+                            1, &err);
+    if (rc < 0)
+        fail_msg("solve: %s", ds_error_str(&err));
+    uint8_t dev = dsd_plan_dev_index(&p, "opencl0");
+    assert_true(dev > 0);
+    assert_int_equal(p.embed, 0);
+    assert_int_equal(p.embed_dev, dev);
+    assert_int_equal(p.head_dev, dev);
+    for (uint32_t l = 0; l < p.n_layers; l++) {
+        assert_int_equal(p.attn[l], 0);
+        assert_int_equal(p.attn_dev[l], dev);
+        for (uint32_t e = 0; ds_model_config_layer_is_moe(c, l) && e < p.n_experts; e++) {
+            assert_int_equal(p.expert[l * p.n_experts + e], 1);
+            assert_int_equal(p.expert_dev[l * p.n_experts + e], 0); /* the CPU engine */
+        }
+    }
+    char *pj = dsd_plan_json(&p);
+    assert_non_null(strstr(pj, "\"attn[0]\":\"opencl0\""));
+    assert_non_null(strstr(pj, "\"head\":\"opencl0\""));
+    free(pj);
+    /* the wire carries node/device for them; the coordinator's units name the device */
+    Dsd__Plan w;
+    assert_int_equal(dsd_plan_to_wire(&p, &w), 0);
+    dsd_plan q;
+    assert_int_equal(dsd_plan_from_wire(&w, c, &q, &err), 0);
+    uint8_t qd = dsd_plan_dev_index(&q, "opencl0");
+    assert_true(qd > 0);
+    assert_int_equal(q.embed_dev, qd);
+    assert_int_equal(q.head_dev, qd);
+    for (uint32_t l = 0; l < q.n_layers; l++)
+        assert_int_equal(q.attn_dev[l], qd);
+    dsd_units u;
+    assert_int_equal(dsd_plan_units_of(&q, 0, &u), 0);
+    assert_true(u.embed && u.head && u.embed_dev == qd && u.head_dev == qd);
+    for (uint32_t l = 0; l < q.n_layers; l++)
+        assert_true(u.attn[l] && u.attn_dev[l] == qd);
+    assert_string_equal(u.dev_names[qd], "opencl0");
+    dsd_units_clear(&u);
+    assert_int_equal(dsd_plan_units_of(&q, 1, &u), 0); /* w1: experts only, on its CPU */
+    assert_true(!u.embed && !u.head && !u.attn[0]);
+    dsd_units_clear(&u);
+    dsd_plan_clear(&q);
+    dsd_plan_wire_clear(&w);
+    dsd_plan_clear(&p);
+    /* malformed pins are refused with the entry named */
+    const char *bad[] = {"attn[0]", "attn[0]=opencl0", "=coord/cpu0", "expert[9][*]=w1/cpu0"};
+    for (int i = 0; i < 4; i++) {
+        ds_error e2 = {0};
+        assert_int_equal(dsd_plan_solve(&p, c, spec, 2, (const char(*)[64])names,
+                                        (const char(*)[DSD_STR_MAX])eps, "auto", 1, 16, NULL, NULL,
+                                        bad[i], 1, &e2),
+                         -EINVAL);
+        assert_non_null(strstr(e2.msg, "plan_pin: bad entry"));
+    }
+    ds_model_free(m);
+}
+
 /* ---- a host's KV caches cover exactly its attention layers -------------------------------- */
 
 static int all_pairs_on_host(void *ctx, uint32_t layer, const float *ffn_in, uint32_t n,
@@ -623,13 +707,10 @@ static void test_bad_peers(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_options_table),
-        cmocka_unit_test(test_example_config_complete),
-        cmocka_unit_test(test_unit_names),
-        cmocka_unit_test(test_plan_spreads_units),
-        cmocka_unit_test(test_host_kv_hosted_layers_only),
-        cmocka_unit_test(test_loader_thread),
-        cmocka_unit_test(test_bad_peers),
+        cmocka_unit_test(test_options_table),     cmocka_unit_test(test_example_config_complete),
+        cmocka_unit_test(test_unit_names),        cmocka_unit_test(test_plan_spreads_units),
+        cmocka_unit_test(test_plan_unit_devices), cmocka_unit_test(test_host_kv_hosted_layers_only),
+        cmocka_unit_test(test_loader_thread),     cmocka_unit_test(test_bad_peers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,6 +6,7 @@
  * tolerances, topk/add/scale/rope exactly. Shapes are random (odd sizes included) from a
  * seed printed at start (DS_TEST_SEED overrides it). A spec whose device is absent fails,
  * except cuda, which exits 77 (ctest: skipped) on a machine without a CUDA device. */
+#include <errno.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -18,6 +19,7 @@
 #include <cmocka.h>
 
 #include "ds_backend.h"
+#include "ds_model.h"
 #include "ds_tensor.h"
 
 static const char *spec = "cpu";
@@ -171,6 +173,21 @@ static void test_matmul(void **state)
         check_matmul((enum ds_bk_dtype)dt, 67, 300, 16, 128, 128);
         check_matmul((enum ds_bk_dtype)dt, 130, 129, 37, 128, 128);
     }
+}
+
+/* Exact mode (ds_backend_set_exact): batches too in the engine's order on every backend
+ * (cuda: no cuBLAS), bit-identical to ds_weight_matmul. */
+static void test_matmul_exact_mode(void **state)
+{
+    bool was = exact_matmul;
+    ds_backend_set_exact(B, true);
+    exact_matmul = true;
+    for (int dt = 0; dt < 3; dt++) {
+        check_matmul((enum ds_bk_dtype)dt, 67, 300, 16, 128, 128);
+        check_matmul((enum ds_bk_dtype)dt, 130, 129, 37, 128, 128);
+    }
+    exact_matmul = was;
+    ds_backend_set_exact(B, false);
 }
 
 /* ---- rmsnorm ---- */
@@ -500,6 +517,404 @@ static void test_opencl_cache(void **state)
     unsetenv("DS_OPENCL_CACHE");
 }
 
+/* ---- ABI 2: the ops of whole units, bit-identical to the engine ----
+ * References: the engine's own functions (ds_weight_row_f32, ds_weight_vecmat, ds_dot8_many,
+ * ds_wsum, ds_weight_dot8_rows, ds_router_select, ds_expf) composed on the host as
+ * model/forward.c composes them, compared with memcmp; and float64 formulas with a tolerance,
+ * so a reference that drifted from the maths would be caught too. */
+
+typedef struct rnd_weight {
+    ds_bk_weight_desc d; /* what the backend gets */
+    ds_weight w;         /* the same bytes as the engine reads them */
+    void *data;
+    float *scale;
+} rnd_weight;
+
+static void rnd_weight_make(rnd_weight *rw, enum ds_bk_dtype dt, uint32_t rows, uint32_t cols,
+                            uint32_t br, uint32_t bc, float amp)
+{
+    size_t el = dt == DS_BK_F32 ? 4 : dt == DS_BK_BF16 ? 2 : 1;
+    uint8_t *data = malloc((size_t)rows * cols * el);
+    uint32_t nbr = (rows + br - 1) / br, nbc = (cols + bc - 1) / bc;
+    float *scale = malloc((size_t)nbr * nbc * sizeof(float));
+    for (size_t i = 0; i < (size_t)rows * cols; i++) {
+        if (dt == DS_BK_F32)
+            ((float *)data)[i] = frnd() * amp;
+        else if (dt == DS_BK_BF16)
+            ((uint16_t *)data)[i] = ds_f32_to_bf16(frnd() * amp);
+        else {
+            uint8_t v = (uint8_t)rnd();
+            data[i] = (v & 0x7f) == 0x7f ? 0x3f : v;
+        }
+    }
+    for (size_t i = 0; i < (size_t)nbr * nbc; i++)
+        scale[i] = ldexpf(1.0f + (float)(rnd() % 64) / 64.0f, -(int)(rnd() % 4) - 6) * amp;
+    bool f8 = dt == DS_BK_F8_E4M3;
+    rw->d = (ds_bk_weight_desc){dt, rows, cols, data, f8 ? scale : NULL, f8 ? br : 0, f8 ? bc : 0};
+    enum ds_dtype mdt = dt == DS_BK_F32    ? DS_DTYPE_F32
+                        : dt == DS_BK_BF16 ? DS_DTYPE_BF16
+                                           : DS_DTYPE_F8_E4M3;
+    rw->w = (ds_weight){mdt, rows, cols, data, f8 ? scale : NULL, br, bc};
+    rw->data = data;
+    rw->scale = scale;
+}
+
+static void rnd_weight_clear(rnd_weight *rw)
+{
+    free(rw->data);
+    free(rw->scale);
+}
+
+static ds_bk_weight *bk_weight(const rnd_weight *rw)
+{
+    ds_bk_weight *bw = NULL;
+    ds_error err = {0};
+    if (ds_bk_weight_new(B, &rw->d, &bw, &err) < 0)
+        fail_msg("weight upload: %s", ds_error_str(&err));
+    return bw;
+}
+
+static void check_bits(const float *got, const float *want, size_t n, const char *what)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &want[i], 4))
+            fail_msg("%s %s at %zu: %.9g, the engine's %.9g", spec, what, i, got[i], want[i]);
+}
+
+static void test_expf(void **state)
+{
+    /* ds_expf against exp in double: within 2 ulp over its range, 0 below, inf above */
+    for (int i = 0; i < 200000; i++) {
+        float x = -87.0f + (float)(rnd() % 1750001) * 1e-4f;
+        double want = exp((double)x);
+        float got = ds_expf(x);
+        if (fabs(got - want) > 2.5 * 1.1920929e-7 * want)
+            fail_msg("ds_expf(%.9g) = %.9g, exp %.9g", x, got, want);
+    }
+    assert_true(ds_expf(-87.5f) == 0.0f && isinf(ds_expf(88.5f)) && isnan(ds_expf(NAN)));
+    assert_true(ds_expf(0.0f) == 1.0f);
+}
+
+static void test_rmsnorm_rows(void **state)
+{
+    for (int t = 0; t < 6; t++) {
+        uint32_t n = 1 + rnd() % 5, d = 1 + rnd() % 900, stride = d + rnd() % 7, off = rnd() % 5;
+        double eps = t % 2 ? 1e-6 : 1e-5;
+        size_t len = off + (size_t)n * stride;
+        float *x = malloc(len * 4), *g = malloc(d * 4), *y = malloc(len * 4),
+              *want = malloc(len * 4);
+        for (size_t i = 0; i < len; i++)
+            x[i] = frnd() * 3;
+        for (uint32_t i = 0; i < d; i++)
+            g[i] = frnd();
+        memcpy(want, x, len * 4);
+        /* model/forward.c's rmsnorm: double sum in order, (float)(1/sqrt(mean + eps)) */
+        for (uint32_t i = 0; i < n; i++) {
+            const float *xr = x + off + (size_t)i * stride;
+            double ss = 0;
+            for (uint32_t c = 0; c < d; c++)
+                ss += (double)xr[c] * xr[c];
+            float r = (float)(1.0 / sqrt(ss / d + eps));
+            for (uint32_t c = 0; c < d; c++) {
+                want[off + (size_t)i * stride + c] = g[c] * (xr[c] * r);
+                if (!close_to(want[off + (size_t)i * stride + c],
+                              g[c] * (xr[c] / sqrt(ss / d + eps)), 2e-6, 1e-7))
+                    fail_msg("rmsnorm reference off");
+            }
+        }
+        ds_bk_buf *bx = up(x, len * 4), *bg = up(g, d * 4);
+        ds_error err = {0};
+        int rc = ds_bk_rmsnorm_rows(bx, off, stride, bg, n, d, eps, bx, off, stride, &err);
+        if (rc == -ENOTSUP) { /* an OpenCL device without fp64 */
+            fprintf(stderr, "%s: rmsnorm_rows: %s\n", spec, ds_error_str(&err));
+            skip();
+        }
+        if (rc < 0)
+            fail_msg("rmsnorm_rows: %s", ds_error_str(&err));
+        down(bx, y, len * 4);
+        check_bits(y, want, len, "rmsnorm_rows (in place, strided)");
+        ds_bk_buf_free(bx);
+        ds_bk_buf_free(bg);
+        free(x);
+        free(g);
+        free(y);
+        free(want);
+    }
+}
+
+/* model/forward.c's attn_task for rows pos0..pos0+n-1, with the engine's kernels. */
+static void mla_reference(const ds_bk_mla_desc *m, const ds_weight *kvb, const float *q,
+                          const float *cache, uint32_t pos0, uint32_t n, float *att)
+{
+    uint32_t H = m->heads, dn = m->nope, dr = m->rope, dv = m->v, C = m->C;
+    size_t qw = (size_t)H * (dn + dr), kvw = (size_t)C + dr, T = pos0 + n;
+    float *qlat = malloc(C * 4), *olat = malloc(C * 4), *p = malloc(T * 4), *pe = malloc(T * 4);
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t h = 0; h < H; h++) {
+            const float *q0 = q + i * qw + (size_t)h * (dn + dr);
+            uint32_t t = pos0 + i + 1;
+            ds_weight_vecmat(kvb, h * (dn + dv), dn, q0, qw, 1, qlat, C);
+            ds_dot8_many(qlat, cache, kvw, t, C, p);
+            ds_dot8_many(q0 + dn, cache + C, kvw, t, dr, pe);
+            float mx = -INFINITY;
+            for (uint32_t s = 0; s < t; s++) {
+                p[s] = (p[s] + pe[s]) * m->scale;
+                if (p[s] > mx)
+                    mx = p[s];
+            }
+            float sum = 0;
+            for (uint32_t s = 0; s < t; s++) {
+                p[s] = ds_expf(p[s] - mx);
+                sum += p[s];
+            }
+            for (uint32_t s = 0; s < t; s++)
+                p[s] = p[s] / sum;
+            ds_wsum(p, cache, kvw, t, C, olat);
+            ds_weight_dot8_rows(kvb, h * (dn + dv) + dn, dv, olat, C, 1,
+                                att + (size_t)i * H * dv + (size_t)h * dv, (size_t)H * dv);
+        }
+    free(qlat);
+    free(olat);
+    free(p);
+    free(pe);
+}
+
+/* The same in float64 straight from the formula (no order): the tolerance check. */
+static double mla_f64(const ds_bk_mla_desc *m, const ds_weight *kvb, const float *q,
+                      const float *cache, uint32_t pos, uint32_t h, uint32_t j)
+{
+    uint32_t dn = m->nope, dr = m->rope, dv = m->v, C = m->C;
+    size_t kvw = (size_t)C + dr;
+    float *row = malloc(C * 4);
+    double *qlat = calloc(C, sizeof(double)), *s = malloc((pos + 1) * sizeof(double));
+    for (uint32_t d = 0; d < dn; d++) {
+        ds_weight_row_f32(kvb, h * (dn + dv) + d, row);
+        for (uint32_t c = 0; c < C; c++)
+            qlat[c] += (double)q[d] * row[c];
+    }
+    double mx = -INFINITY, sum = 0, out = 0;
+    for (uint32_t t = 0; t <= pos; t++) {
+        double a = 0;
+        for (uint32_t c = 0; c < C; c++)
+            a += qlat[c] * cache[t * kvw + c];
+        for (uint32_t c = 0; c < dr; c++)
+            a += (double)q[dn + c] * cache[t * kvw + C + c];
+        s[t] = a * m->scale;
+        mx = s[t] > mx ? s[t] : mx;
+    }
+    for (uint32_t t = 0; t <= pos; t++)
+        sum += s[t] = exp(s[t] - mx);
+    ds_weight_row_f32(kvb, h * (dn + dv) + dn + j, row);
+    for (uint32_t c = 0; c < C; c++) {
+        double o = 0;
+        for (uint32_t t = 0; t <= pos; t++)
+            o += s[t] / sum * cache[t * kvw + c];
+        out += o * row[c];
+    }
+    free(row);
+    free(qlat);
+    free(s);
+    return out;
+}
+
+static void test_mla_attn(void **state)
+{
+    static const enum ds_bk_dtype dts[] = {DS_BK_F32, DS_BK_BF16, DS_BK_F8_E4M3};
+    for (int t = 0; t < 6; t++) {
+        enum ds_bk_dtype dt = dts[t % 3];
+        ds_bk_mla_desc m = {1 + rnd() % 4,  1 + rnd() % 24, 2 * (rnd() % 6),
+                            1 + rnd() % 20, 1 + rnd() % 70, 0};
+        if (t == 5) /* a wider latent, whole 8-lane blocks and 128 FP8 blocks */
+            m = (ds_bk_mla_desc){3, 16, 8, 16, 256, 0};
+        m.scale = 1.0f / sqrtf((float)(m.nope + m.rope));
+        uint32_t pos0 = rnd() % 40, n = 1 + rnd() % 4;
+        uint32_t bsz = t == 5 ? 128 : 1 + rnd() % 40;
+        size_t qw = (size_t)m.heads * (m.nope + m.rope), kvw = (size_t)m.C + m.rope;
+        size_t T = pos0 + n, nq = (size_t)n * qw, natt = (size_t)n * m.heads * m.v;
+        rnd_weight kvb;
+        rnd_weight_make(&kvb, dt, m.heads * (m.nope + m.v), m.C, bsz, bsz, 0.5f);
+        float *q = malloc(nq * 4), *cache = malloc(T * kvw * 4), *att = malloc(natt * 4),
+              *want = malloc(natt * 4);
+        for (size_t i = 0; i < nq; i++)
+            q[i] = frnd() * 2;
+        for (size_t i = 0; i < T * kvw; i++)
+            cache[i] = frnd();
+        mla_reference(&m, &kvb.w, q, cache, pos0, n, want);
+        for (uint32_t i = 0; i < n; i++)
+            for (uint32_t h = 0; h < m.heads; h++)
+                for (uint32_t j = 0; j < m.v; j++) {
+                    double f = mla_f64(&m, &kvb.w, q + i * qw + (size_t)h * (m.nope + m.rope),
+                                       cache, pos0 + i, h, j);
+                    if (!close_to(want[(size_t)i * m.heads * m.v + h * m.v + j], f, 1e-3, 1e-4))
+                        fail_msg("mla reference off at %u,%u,%u: %.9g vs %.9g", i, h, j,
+                                 want[(size_t)i * m.heads * m.v + h * m.v + j], f);
+                }
+        uint32_t q_off = rnd() % 3, a_off = rnd() % 3;
+        float *qq = calloc(nq + q_off, 4);
+        memcpy(qq + q_off, q, nq * 4);
+        ds_bk_weight *bw = bk_weight(&kvb);
+        ds_bk_buf *bq = up(qq, (nq + q_off) * 4), *bc = up(cache, T * kvw * 4);
+        ds_bk_buf *bs = up(NULL, ds_bk_mla_attn_scratch(&m, pos0, n) * 4);
+        ds_bk_buf *ba = up(NULL, (natt + a_off) * 4);
+        ds_error err = {0};
+        if (ds_bk_mla_attn(&m, bq, q_off, bw, bc, pos0, n, bs, ba, a_off, &err) < 0)
+            fail_msg("mla_attn: %s", ds_error_str(&err));
+        float *got = malloc((natt + a_off) * 4);
+        down(ba, got, (natt + a_off) * 4);
+        char what[128];
+        snprintf(what, sizeof(what), "mla_attn dtype %d H %u nope %u rope %u v %u C %u pos %u+%u",
+                 dt, m.heads, m.nope, m.rope, m.v, m.C, pos0, n);
+        check_bits(got + a_off, want, natt, what);
+        /* a scratch too small, a cache too short: refused, not run */
+        ds_bk_buf *small = up(NULL, 4);
+        assert_int_equal(ds_bk_mla_attn(&m, bq, q_off, bw, bc, pos0, n, small, ba, a_off, &err),
+                         -ERANGE);
+        assert_int_equal(ds_bk_mla_attn(&m, bq, q_off, bw, bc, pos0 + 1, n, bs, ba, a_off, &err),
+                         -ERANGE);
+        ds_bk_buf_free(small);
+        ds_bk_weight_free(bw);
+        ds_bk_buf_free(bq);
+        ds_bk_buf_free(bc);
+        ds_bk_buf_free(bs);
+        ds_bk_buf_free(ba);
+        rnd_weight_clear(&kvb);
+        free(q);
+        free(qq);
+        free(cache);
+        free(att);
+        free(want);
+        free(got);
+    }
+}
+
+static void test_router(void **state)
+{
+    static const struct {
+        enum ds_scoring sf;
+        enum ds_topk_method tm;
+        uint32_t E, k, G, tg;
+        bool norm, bias;
+    } cases[] = {
+        {DS_SCORING_SIGMOID, DS_TOPK_NOAUX_TC, 64, 6, 8, 3, true, true},
+        {DS_SCORING_SIGMOID, DS_TOPK_NOAUX_TC, 256, 8, 8, 4, true, true},
+        {DS_SCORING_SIGMOID, DS_TOPK_GREEDY, 24, 4, 1, 1, false, false},
+        {DS_SCORING_SOFTMAX, DS_TOPK_GREEDY, 33, 5, 1, 1, false, false},
+        {DS_SCORING_SOFTMAX, DS_TOPK_GROUP_LIMITED_GREEDY, 32, 4, 4, 2, true, false},
+        {DS_SCORING_SIGMOID, DS_TOPK_NOAUX_TC, 16, 1, 4, 1, true, true},
+    };
+    for (size_t t = 0; t < sizeof(cases) / sizeof(cases[0]); t++) {
+        ds_model_config c = {0};
+        c.n_routed_experts = cases[t].E;
+        c.num_experts_per_tok = cases[t].k;
+        c.n_group = cases[t].G;
+        c.topk_group = cases[t].tg;
+        c.scoring_func = cases[t].sf;
+        c.topk_method = cases[t].tm;
+        c.norm_topk_prob = cases[t].norm;
+        c.routed_scaling_factor = t % 2 ? 2.5 : 1.0;
+        uint32_t n = 1 + rnd() % 6, E = c.n_routed_experts, k = c.num_experts_per_tok;
+        float *lg = malloc((size_t)n * E * 4), *bias = malloc(E * 4);
+        for (size_t i = 0; i < (size_t)n * E; i++)
+            lg[i] = frnd() * 4;
+        if (n > 1) /* ties: the lower index must win */
+            lg[E] = lg[E + 1];
+        for (uint32_t e = 0; e < E; e++)
+            bias[e] = frnd() * 0.1f;
+        int32_t *ids = malloc((size_t)n * k * 4), *want_ids = malloc((size_t)n * k * 4);
+        float *w = malloc((size_t)n * k * 4), *want_w = malloc((size_t)n * k * 4);
+        for (uint32_t i = 0; i < n; i++)
+            ds_router_select(&c, lg + (size_t)i * E, cases[t].bias ? bias : NULL,
+                             want_ids + (size_t)i * k, want_w + (size_t)i * k);
+        ds_bk_router_desc r = {E,
+                               k,
+                               c.n_group,
+                               c.topk_group,
+                               c.scoring_func == DS_SCORING_SIGMOID,
+                               c.topk_method == DS_TOPK_GREEDY     ? DS_BK_ROUTER_GREEDY
+                               : c.topk_method == DS_TOPK_NOAUX_TC ? DS_BK_ROUTER_GROUP_TOP2SUM
+                                                                   : DS_BK_ROUTER_GROUP_MAX,
+                               c.norm_topk_prob,
+                               (float)c.routed_scaling_factor};
+        ds_bk_buf *bl = up(lg, (size_t)n * E * 4), *bb = cases[t].bias ? up(bias, E * 4) : NULL;
+        ds_bk_buf *bs = up(NULL, ds_bk_router_scratch(&r, n) * 4);
+        ds_bk_buf *bi = up(NULL, (size_t)n * k * 4), *bwt = up(NULL, (size_t)n * k * 4);
+        ds_error err = {0};
+        if (ds_bk_router(&r, bl, bb, n, bs, bi, bwt, &err) < 0)
+            fail_msg("router: %s", ds_error_str(&err));
+        down(bi, ids, (size_t)n * k * 4);
+        down(bwt, w, (size_t)n * k * 4);
+        for (size_t i = 0; i < (size_t)n * k; i++)
+            if (ids[i] != want_ids[i])
+                fail_msg("%s router case %zu slot %zu: expert %d, the engine's %d", spec, t, i,
+                         ids[i], want_ids[i]);
+        check_bits(w, want_w, (size_t)n * k, "router weights");
+        ds_bk_buf_free(bl);
+        ds_bk_buf_free(bb);
+        ds_bk_buf_free(bs);
+        ds_bk_buf_free(bi);
+        ds_bk_buf_free(bwt);
+        free(lg);
+        free(bias);
+        free(ids);
+        free(want_ids);
+        free(w);
+        free(want_w);
+    }
+}
+
+static void test_gather_swiglu_exact(void **state)
+{
+    static const enum ds_bk_dtype dts[] = {DS_BK_F32, DS_BK_BF16, DS_BK_F8_E4M3};
+    for (int t = 0; t < 3; t++) {
+        rnd_weight rw;
+        uint32_t rows = 5 + rnd() % 60, cols = 1 + rnd() % 300, n = 1 + rnd() % 7;
+        rnd_weight_make(&rw, dts[t], rows, cols, 1 + rnd() % 40, 1 + rnd() % 40, 1.0f);
+        int32_t *ids = malloc(n * 4);
+        for (uint32_t i = 0; i < n; i++)
+            ids[i] = (int32_t)(rnd() % rows);
+        float *want = malloc((size_t)n * cols * 4), *got = malloc(((size_t)n * cols + 2) * 4);
+        for (uint32_t i = 0; i < n; i++)
+            ds_weight_row_f32(&rw.w, (uint32_t)ids[i], want + (size_t)i * cols);
+        ds_bk_weight *bw = bk_weight(&rw);
+        ds_bk_buf *by = up(NULL, ((size_t)n * cols + 2) * 4);
+        ds_error err = {0};
+        if (ds_bk_gather_rows(bw, ids, n, by, 2, &err) < 0)
+            fail_msg("gather_rows: %s", ds_error_str(&err));
+        down(by, got, ((size_t)n * cols + 2) * 4);
+        check_bits(got + 2, want, (size_t)n * cols, "gather_rows");
+        int32_t bad[2] = {0, (int32_t)rows};
+        assert_int_equal(ds_bk_gather_rows(bw, bad, 2, by, 0, &err), -ERANGE);
+        bad[1] = -1;
+        assert_int_equal(ds_bk_gather_rows(bw, bad, 2, by, 0, &err), -ERANGE);
+        ds_bk_weight_free(bw);
+        ds_bk_buf_free(by);
+        rnd_weight_clear(&rw);
+        free(ids);
+        free(want);
+        free(got);
+    }
+    /* swiglu: the engine's silu(g) * u bit for bit (ds_expf, a correctly rounded division),
+     * including both ends of ds_expf's range */
+    size_t n = 4000;
+    float *g = malloc(n * 4), *u = malloc(n * 4), *y = malloc(n * 4), *want = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) {
+        g[i] = i < 8 ? (float)((int)i - 4) * 30.0f : frnd() * 12;
+        u[i] = frnd() * 2;
+        want[i] = g[i] / (1.0f + ds_expf(-g[i])) * u[i];
+    }
+    ds_bk_buf *bg = up(g, n * 4), *bu = up(u, n * 4);
+    ds_error err = {0};
+    assert_int_equal(ds_bk_swiglu(bg, bu, n, &err), 0);
+    down(bg, y, n * 4);
+    check_bits(y, want, n, "swiglu");
+    ds_bk_buf_free(bg);
+    ds_bk_buf_free(bu);
+    free(g);
+    free(u);
+    free(y);
+    free(want);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1)
@@ -518,10 +933,20 @@ int main(int argc, char **argv)
     fprintf(stderr, "test_ops: %s device '%s'\n", spec, ds_backend_device(B));
     exact_matmul = strncmp(spec, "cuda", 4) != 0;
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_matmul),      cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_rope),        cmocka_unit_test(test_mla),
-        cmocka_unit_test(test_elementwise), cmocka_unit_test(test_topk),
-        cmocka_unit_test(test_ranges),      cmocka_unit_test(test_opencl_cache),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_mla),
+        cmocka_unit_test(test_elementwise),
+        cmocka_unit_test(test_topk),
+        cmocka_unit_test(test_ranges),
+        cmocka_unit_test(test_opencl_cache),
+        cmocka_unit_test(test_expf),
+        cmocka_unit_test(test_rmsnorm_rows),
+        cmocka_unit_test(test_mla_attn),
+        cmocka_unit_test(test_router),
+        cmocka_unit_test(test_gather_swiglu_exact),
+        cmocka_unit_test(test_matmul_exact_mode),
     };
     rc = cmocka_run_group_tests_name(spec, tests, NULL, NULL);
     ds_backend_free(B);

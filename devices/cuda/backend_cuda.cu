@@ -69,6 +69,7 @@ typedef struct cu_ctx {
     float *scratch;   /* widened weight for cuBLAS (float32), grown on demand */
     size_t scratch_n; /* floats */
     float *lut;       /* [256] FP8 values on the device */
+    bool exact;       /* matmul in the fixed order for every batch (no cuBLAS) */
 } cu_ctx;
 
 typedef struct cu_weight {
@@ -77,6 +78,31 @@ typedef struct cu_weight {
 } cu_weight;
 
 /* ---- kernels ---- */
+
+/* ds_expf (common/ds_numeric.c), the same sequence of float roundings (every operation an
+ * explicit round-to-nearest intrinsic): bit-identical to the engine's exp. */
+__device__ __forceinline__ float ds_expf_dev(float x)
+{
+    if (isnan(x))
+        return x;
+    if (x > 88.0f)
+        return INFINITY;
+    if (x < -87.0f)
+        return 0.0f;
+    float kf = __fmul_rn(x, 1.44269502f);
+    int k = (int)(kf >= 0.0f ? __fadd_rn(kf, 0.5f) : __fsub_rn(kf, 0.5f));
+    float r = __fsub_rn(x, __fmul_rn((float)k, 0.693359375f));
+    r = __fsub_rn(r, __fmul_rn((float)k, -2.12194440e-4f));
+    float p = 1.98412698e-4f;
+    p = __fadd_rn(__fmul_rn(p, r), 1.38888889e-3f);
+    p = __fadd_rn(__fmul_rn(p, r), 8.33333333e-3f);
+    p = __fadd_rn(__fmul_rn(p, r), 4.16666667e-2f);
+    p = __fadd_rn(__fmul_rn(p, r), 1.66666667e-1f);
+    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+    return __fmul_rn(p, __uint_as_float((unsigned)(k + 127) << 23));
+}
 
 __device__ __forceinline__ float wload(int dt, const void *w, size_t i, unsigned c,
                                        const float *srow, const float *lut, unsigned bcol)
@@ -233,7 +259,7 @@ __global__ void k_swiglu(float *g, const float *u, size_t count)
 {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count)
-        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        g[i] = __fdiv_rn(g[i], __fadd_rn(1.0f, ds_expf_dev(-g[i]))) * u[i];
 }
 
 __global__ void k_topk(const float *scores, const float *bias, unsigned n, unsigned E, unsigned k,
@@ -478,7 +504,7 @@ static int cu_matmul(void *impl, void *wp, const ds_bk_weight_desc *d, void *xp,
     if ((bcol & (bcol - 1)) == 0)
         bcol = 0x80000000u | (unsigned)__builtin_ctz(bcol);
     CU(cudaSetDevice(c->dev), "cudaSetDevice");
-    if (n >= CUBLAS_MIN_N) {
+    if (n >= CUBLAS_MIN_N && !c->exact) {
         /* y^T [rows, n] = W [rows, cols] x^T: in cuBLAS's column-major terms
          * Y (rows x n, ld rows) = W^T' ... i.e. op(A) = A^T with A = W stored as cols x rows. */
         const float *A = (const float *)w->data;
@@ -609,10 +635,344 @@ static int cu_finish(void *impl, ds_error *err)
     return 0;
 }
 
+/* ---- ABI 2 ops: the engine's orders (model/forward.c, model/router.c), as kernels/ops.cl ---- */
+
+__device__ __forceinline__ float welem(int dt, const void *w, const float *scale, const float *lut,
+                                       unsigned r, unsigned c, unsigned cols, unsigned nbc,
+                                       unsigned brow, unsigned bcol)
+{
+    size_t i = (size_t)r * cols + c;
+    if (dt == DS_BK_F32)
+        return ((const float *)w)[i];
+    if (dt == DS_BK_BF16)
+        return __uint_as_float((unsigned)((const unsigned short *)w)[i] << 16);
+    return __fmul_rn(lut[((const unsigned char *)w)[i]],
+                     scale[(size_t)(r / brow) * nbc + c / bcol]);
+}
+
+__device__ __forceinline__ float dot8_dev(const float *a, const float *b, unsigned n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    unsigned n8 = n & ~7u;
+    for (unsigned c = 0; c < n8; c += 8)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            acc[j] = __fmaf_rn(a[c + j], b[c + j], acc[j]);
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (unsigned c = n8; c < n; c++)
+        s = __fmaf_rn(a[c], b[c], s);
+    return s;
+}
+
+/* One block per row; thread 0 sums the squares in double in element order. */
+__global__ void k_rmsnorm_rows(const float *x, size_t xs, const float *gamma, unsigned d,
+                               double eps, float *y, size_t ys)
+{
+    __shared__ float rs;
+    const float *xr = x + (size_t)blockIdx.x * xs;
+    float *yr = y + (size_t)blockIdx.x * ys;
+    if (threadIdx.x == 0) {
+        double ss = 0;
+        for (unsigned c = 0; c < d; c++)
+            ss = __dadd_rn(ss, __dmul_rn((double)xr[c], (double)xr[c]));
+        rs = (float)__ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(__ddiv_rn(ss, (double)d), eps)));
+    }
+    __syncthreads();
+    float r = rs;
+    for (unsigned c = threadIdx.x; c < d; c += blockDim.x)
+        yr[c] = __fmul_rn(gamma[c], __fmul_rn(xr[c], r));
+}
+
+struct mla_args {
+    const float *q, *cache;
+    const void *w;
+    const float *scale, *lut;
+    int dt;
+    unsigned nbc, brow, bcol, H, dn, dr, dv, C, pos0, tmax;
+    float sc;
+    float *qlat, *olat, *scores, *att;
+};
+
+/* grid (ceil(C/64), H, n) */
+__global__ void k_mla_qlat(mla_args a)
+{
+    unsigned c = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, i = blockIdx.z;
+    if (c >= a.C)
+        return;
+    const float *qi = a.q + ((size_t)i * a.H + h) * (a.dn + a.dr);
+    float acc = 0.0f;
+    for (unsigned d = 0; d < a.dn; d++)
+        acc = __fmaf_rn(
+            qi[d],
+            welem(a.dt, a.w, a.scale, a.lut, h * (a.dn + a.dv) + d, c, a.C, a.nbc, a.brow, a.bcol),
+            acc);
+    a.qlat[((size_t)i * a.H + h) * a.C + c] = acc;
+}
+
+__global__ void k_mla_scores(mla_args a)
+{
+    unsigned t = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, i = blockIdx.z;
+    if (t > a.pos0 + i || t >= a.tmax)
+        return;
+    const float *ct = a.cache + (size_t)t * (a.C + a.dr);
+    const float *qp = a.q + ((size_t)i * a.H + h) * (a.dn + a.dr) + a.dn;
+    float x = dot8_dev(a.qlat + ((size_t)i * a.H + h) * a.C, ct, a.C);
+    float y = dot8_dev(qp, ct + a.C, a.dr);
+    a.scores[((size_t)i * a.H + h) * a.tmax + t] = __fmul_rn(__fadd_rn(x, y), a.sc);
+}
+
+/* grid (ceil(H/32), n) */
+__global__ void k_mla_softmax(mla_args a)
+{
+    unsigned h = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
+    if (h >= a.H)
+        return;
+    float *p = a.scores + ((size_t)i * a.H + h) * a.tmax;
+    unsigned T = a.pos0 + i + 1;
+    float mx = -INFINITY;
+    for (unsigned t = 0; t < T; t++)
+        if (p[t] > mx)
+            mx = p[t];
+    float sum = 0.0f;
+    for (unsigned t = 0; t < T; t++) {
+        p[t] = ds_expf_dev(__fsub_rn(p[t], mx));
+        sum = __fadd_rn(sum, p[t]);
+    }
+    for (unsigned t = 0; t < T; t++)
+        p[t] = __fdiv_rn(p[t], sum);
+}
+
+__global__ void k_mla_wsum(mla_args a)
+{
+    unsigned c = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, i = blockIdx.z;
+    if (c >= a.C)
+        return;
+    const float *p = a.scores + ((size_t)i * a.H + h) * a.tmax;
+    unsigned T = a.pos0 + i + 1;
+    float o = 0.0f;
+    for (unsigned t = 0; t < T; t++)
+        o = __fmaf_rn(p[t], a.cache[(size_t)t * (a.C + a.dr) + c], o);
+    a.olat[((size_t)i * a.H + h) * a.C + c] = o;
+}
+
+/* grid (ceil(dv/32), H, n) */
+__global__ void k_mla_out(mla_args a)
+{
+    unsigned j = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, i = blockIdx.z;
+    if (j >= a.dv)
+        return;
+    const float *o = a.olat + ((size_t)i * a.H + h) * a.C;
+    unsigned r = h * (a.dn + a.dv) + a.dn + j, n8 = a.C & ~7u;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (unsigned c = 0; c < n8; c += 8)
+#pragma unroll
+        for (int q = 0; q < 8; q++)
+            acc[q] = __fmaf_rn(
+                o[c + q], welem(a.dt, a.w, a.scale, a.lut, r, c + q, a.C, a.nbc, a.brow, a.bcol),
+                acc[q]);
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (unsigned c = n8; c < a.C; c++)
+        s = __fmaf_rn(o[c], welem(a.dt, a.w, a.scale, a.lut, r, c, a.C, a.nbc, a.brow, a.bcol), s);
+    a.att[((size_t)i * a.H + h) * a.dv + j] = s;
+}
+
+__device__ int argmax_free_dev(const float *v, const float *taken, unsigned n)
+{
+    int best = -1;
+    for (unsigned i = 0; i < n; i++) {
+        if (taken[i] != 0.0f || isnan(v[i]))
+            continue;
+        if (best < 0 || v[i] > v[best])
+            best = (int)i;
+    }
+    return best;
+}
+
+/* One thread per row: ds_router_select step for step. */
+__global__ void k_router(const float *logits, const float *bias, ds_bk_router_desc r, unsigned n,
+                         float *scr, int *ids, float *weights)
+{
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n)
+        return;
+    unsigned E = r.E, k = r.k, G = r.n_group;
+    const float *lg = logits + (size_t)i * E;
+    float *score = scr + (size_t)i * (3 * E + 2 * G), *choice = score + E;
+    float *taken = choice + E, *gscore = taken + E, *gtaken = gscore + G;
+    int *id = ids + (size_t)i * k;
+    float *wt = weights + (size_t)i * k;
+    if (r.sigmoid) {
+        for (unsigned e = 0; e < E; e++)
+            score[e] = __fdiv_rn(1.0f, __fadd_rn(1.0f, ds_expf_dev(-lg[e])));
+    } else {
+        float mx = -INFINITY, sum = 0.0f;
+        for (unsigned e = 0; e < E; e++)
+            mx = lg[e] > mx ? lg[e] : mx;
+        for (unsigned e = 0; e < E; e++) {
+            score[e] = ds_expf_dev(__fsub_rn(lg[e], mx));
+            sum = __fadd_rn(sum, score[e]);
+        }
+        for (unsigned e = 0; e < E; e++)
+            score[e] = __fdiv_rn(score[e], sum);
+    }
+    for (unsigned e = 0; e < E; e++)
+        choice[e] = bias ? __fadd_rn(score[e], bias[e]) : score[e];
+    if (G > 1 && r.method != DS_BK_ROUTER_GREEDY) {
+        unsigned per = E / G;
+        for (unsigned g = 0; g < G; g++) {
+            const float *v = choice + g * per;
+            float a = -INFINITY, b = -INFINITY;
+            for (unsigned j = 0; j < per; j++) {
+                if (r.method == DS_BK_ROUTER_GROUP_TOP2SUM) {
+                    if (v[j] > a) {
+                        b = a;
+                        a = v[j];
+                    } else if (v[j] > b) {
+                        b = v[j];
+                    }
+                } else {
+                    a = v[j] > a ? v[j] : a;
+                }
+            }
+            gscore[g] = r.method == DS_BK_ROUTER_GROUP_TOP2SUM ? __fadd_rn(a, b) : a;
+            gtaken[g] = 0.0f;
+        }
+        for (unsigned t = 0; t < r.topk_group; t++) {
+            int g = argmax_free_dev(gscore, gtaken, G);
+            if (g >= 0)
+                gtaken[g] = 1.0f;
+        }
+        for (unsigned g = 0; g < G; g++)
+            if (gtaken[g] == 0.0f)
+                for (unsigned j = 0; j < per; j++)
+                    choice[g * per + j] = -INFINITY;
+    }
+    for (unsigned e = 0; e < E; e++)
+        taken[e] = 0.0f;
+    float sum = 0.0f;
+    for (unsigned s = 0; s < k; s++) {
+        int e = argmax_free_dev(choice, taken, E);
+        if (e < 0)
+            for (e = 0; taken[e] != 0.0f; e++)
+                ;
+        taken[e] = 1.0f;
+        id[s] = e;
+        wt[s] = score[e];
+        sum = __fadd_rn(sum, score[e]);
+    }
+    if (r.norm && k > 1) {
+        float den = __fadd_rn(sum, 1e-20f);
+        for (unsigned s = 0; s < k; s++)
+            wt[s] = __fdiv_rn(wt[s], den);
+    }
+    for (unsigned s = 0; s < k; s++)
+        wt[s] = __fmul_rn(wt[s], r.scaling);
+}
+
+__global__ void k_gather(int dt, const void *w, const float *scale, const float *lut, unsigned cols,
+                         unsigned nbc, unsigned brow, unsigned bcol, const int *ids, float *y)
+{
+    unsigned c = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
+    if (c >= cols)
+        return;
+    y[(size_t)i * cols + c] = welem(dt, w, scale, lut, (unsigned)ids[i], c, cols, nbc, brow, bcol);
+}
+
+static int cu_rmsnorm_rows(void *impl, void *x, size_t x_off, size_t x_stride, void *gamma,
+                           uint32_t n, uint32_t d, double eps, void *y, size_t y_off,
+                           size_t y_stride, ds_error *err)
+{
+    cu_ctx *c = (cu_ctx *)impl;
+    cudaSetDevice(c->dev);
+    k_rmsnorm_rows<<<n, 256, 0, c->compute>>>((const float *)x + x_off, x_stride,
+                                              (const float *)gamma, d, eps, (float *)y + y_off,
+                                              y_stride);
+    return launch_check(err, "rmsnorm_rows");
+}
+
+static int cu_mla_attn(void *impl, const ds_bk_mla_desc *m, void *q, size_t q_off, void *wp,
+                       const ds_bk_weight_desc *d, void *cache, uint32_t pos0, uint32_t n,
+                       void *scratch, void *att, size_t att_off, ds_error *err)
+{
+    cu_ctx *c = (cu_ctx *)impl;
+    cu_weight *w = (cu_weight *)wp;
+    cudaSetDevice(c->dev);
+    mla_args a;
+    memset(&a, 0, sizeof(a));
+    a.q = (const float *)q + q_off;
+    a.cache = (const float *)cache;
+    a.w = w->data;
+    a.scale = w->scale;
+    a.lut = c->lut;
+    a.dt = d->dtype;
+    a.brow = d->block_rows ? d->block_rows : 1;
+    a.bcol = d->block_cols ? d->block_cols : 1;
+    a.nbc = (d->cols + a.bcol - 1) / a.bcol;
+    a.H = m->heads;
+    a.dn = m->nope;
+    a.dr = m->rope;
+    a.dv = m->v;
+    a.C = m->C;
+    a.pos0 = pos0;
+    a.tmax = pos0 + n;
+    a.sc = m->scale;
+    size_t seg = (size_t)n * a.H * a.C;
+    a.qlat = (float *)scratch;
+    a.olat = a.qlat + seg;
+    a.scores = a.olat + seg;
+    a.att = (float *)att + att_off;
+    dim3 g1((a.C + 63) / 64, a.H, n), g2((a.tmax + 63) / 64, a.H, n), g3((a.H + 31) / 32, n),
+        g5((a.dv + 31) / 32, a.H, n);
+    k_mla_qlat<<<g1, 64, 0, c->compute>>>(a);
+    k_mla_scores<<<g2, 64, 0, c->compute>>>(a);
+    k_mla_softmax<<<g3, 32, 0, c->compute>>>(a);
+    k_mla_wsum<<<g1, 64, 0, c->compute>>>(a);
+    k_mla_out<<<g5, 32, 0, c->compute>>>(a);
+    return launch_check(err, "mla_attn");
+}
+
+static int cu_router(void *impl, const ds_bk_router_desc *r, void *logits, void *bias, uint32_t n,
+                     void *scratch, void *ids, void *weights, ds_error *err)
+{
+    cu_ctx *c = (cu_ctx *)impl;
+    cudaSetDevice(c->dev);
+    k_router<<<(n + 63) / 64, 64, 0, c->compute>>>((const float *)logits, (const float *)bias, *r,
+                                                   n, (float *)scratch, (int *)ids,
+                                                   (float *)weights);
+    return launch_check(err, "router");
+}
+
+static int cu_gather_rows(void *impl, void *wp, const ds_bk_weight_desc *d, const int32_t *ids,
+                          uint32_t n, void *y, size_t y_off, ds_error *err)
+{
+    cu_ctx *c = (cu_ctx *)impl;
+    cu_weight *w = (cu_weight *)wp;
+    void *dids = NULL;
+    int rc = cu_buf_alloc(c, (size_t)n * sizeof(int32_t), &dids, err);
+    if (rc < 0)
+        return rc;
+    if ((rc = cu_buf_write(c, dids, 0, ids, (size_t)n * sizeof(int32_t), err)) == 0) {
+        unsigned brow = d->block_rows ? d->block_rows : 1, bcol = d->block_cols ? d->block_cols : 1;
+        dim3 g((d->cols + 63) / 64, n);
+        k_gather<<<g, 64, 0, c->compute>>>(d->dtype, w->data, w->scale, c->lut, d->cols,
+                                           (d->cols + bcol - 1) / bcol, brow, bcol,
+                                           (const int *)dids, (float *)y + y_off);
+        rc = launch_check(err, "gather_rows");
+    }
+    cu_buf_free(c, dids); /* waits for the compute stream */
+    return rc;
+}
+
+static void cu_set_exact(void *impl, bool exact)
+{
+    ((cu_ctx *)impl)->exact = exact;
+}
+
 /* The one exported symbol (positional: C++17 has no designated initialisers). */
 extern "C" __attribute__((visibility("default"))) const ds_backend_ops ds_backend_cuda_ops = {
-    DS_BACKEND_ABI, "cuda",       cu_open,     cu_close,         cu_buf_alloc,
-    cu_buf_free,    cu_buf_write, cu_buf_read, cu_weight_upload, cu_weight_free,
-    cu_matmul,      cu_rmsnorm,   cu_rope,     cu_mla,           cu_swiglu,
-    cu_topk,        cu_add,       cu_scale,    cu_copy,          cu_finish,
+    DS_BACKEND_ABI, "cuda",      cu_open,          cu_close,       cu_buf_alloc, cu_buf_free,
+    cu_buf_write,   cu_buf_read, cu_weight_upload, cu_weight_free, cu_matmul,    cu_rmsnorm,
+    cu_rope,        cu_mla,      cu_swiglu,        cu_topk,        cu_add,       cu_scale,
+    cu_copy,        cu_finish,   cu_rmsnorm_rows,  cu_mla_attn,    cu_router,    cu_gather_rows,
+    cu_set_exact,
 };

@@ -5,6 +5,40 @@
  * Contraction is off: OpenCL C allows the compiler to fuse a*b+c by default, which would
  * change the rounding of the FP8 dequantisation and of rope. Every fma below is explicit. */
 #pragma OPENCL FP_CONTRACT OFF
+#ifdef cl_khr_fp64
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+/* A correctly rounded float division: the double quotient rounded to float is the float
+ * quotient (53 >= 2*24 + 2 bits, so the double rounding is innocuous). OpenCL's float `/` may
+ * be off by 2.5 ulp. */
+#define DIVF(a, b) ((float)((double)(a) / (double)(b)))
+#else
+#define DIVF(a, b) ((a) / (b))
+#endif
+
+/* ds_expf (common/ds_numeric.c), the same sequence of float roundings: bit-identical to the
+ * engine's exp on a device that rounds +, -, * correctly (every OpenCL full-profile device). */
+static inline float ds_expf(float x)
+{
+    if (isnan(x))
+        return x;
+    if (x > 88.0f)
+        return INFINITY;
+    if (x < -87.0f)
+        return 0.0f;
+    float kf = x * 1.44269502f;
+    int k = (int)(kf >= 0.0f ? kf + 0.5f : kf - 0.5f);
+    float r = x - (float)k * 0.693359375f;
+    r = r - (float)k * -2.12194440e-4f;
+    float p = 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * as_float((uint)(k + 127) << 23);
+}
 
 /* NB (a macro parameter below): input rows per work-item; the weight element is loaded once
  * for NB rows. */
@@ -175,7 +209,7 @@ __kernel void swiglu(__global float *g, __global const float *u, ulong count)
 {
     ulong i = get_global_id(0);
     if (i < count)
-        g[i] = g[i] / (1.0f + exp(-g[i])) * u[i];
+        g[i] = DIVF(g[i], 1.0f + ds_expf(-g[i])) * u[i];
 }
 
 /* One work-item per row: k passes of arg-max over the unchosen (ties: lower index). */
@@ -229,4 +263,266 @@ __kernel void copy4(__global float4 *dst, __global const float4 *src, ulong coun
      * dominates on CPU runtimes otherwise). */
     for (ulong i = get_global_id(0); i < count4; i += get_global_size(0))
         dst[i] = src[i];
+}
+
+/* ---- ABI 2: the ops of whole units, in the engine's orders (model/forward.c, router.c) ---- */
+
+/* Element (r, c) of a weight of kind 0 F32, 1 BF16, 2 FP8 (value * block scale, rounded). */
+static inline float w_elem(uint kind, __global const void *w, __global const float *scale,
+                           __constant float *lut, uint r, uint c, uint cols, uint nbc, uint brow,
+                           uint bcol)
+{
+    ulong i = (ulong)r * cols + c;
+    if (kind == 0)
+        return ((__global const float *)w)[i];
+    if (kind == 1)
+        return as_float((uint)((__global const ushort *)w)[i] << 16);
+    return lut[((__global const uchar *)w)[i]] * scale[(ulong)(r / brow) * nbc + c / bcol];
+}
+
+/* ds_dot8's order (model/ds_tensor.h) over n elements. */
+static inline float dot8_gg(__global const float *a, __global const float *b, uint n)
+{
+    float acc[8];
+    for (int j = 0; j < 8; j++)
+        acc[j] = 0.0f;
+    uint n8 = n & ~7u;
+    for (uint c = 0; c < n8; c += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] = fma(a[c + j], b[c + j], acc[j]);
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (uint c = n8; c < n; c++)
+        s = fma(a[c], b[c], s);
+    return s;
+}
+
+#ifdef cl_khr_fp64
+/* One work-group per row: work-item 0 sums the squares in double in element order (the
+ * engine's sequential sum), then every work-item scales its elements. Needs fp64: without it
+ * the kernel is absent and the op is -ENOTSUP. */
+__kernel void rmsnorm_rows(__global const float *x, ulong x_off, ulong x_stride,
+                           __global const float *gamma, uint d, double eps, __global float *y,
+                           ulong y_off, ulong y_stride, __local float *rs)
+{
+    uint row = get_group_id(0), lid = get_local_id(0), L = get_local_size(0);
+    __global const float *xr = x + x_off + (ulong)row * x_stride;
+    __global float *yr = y + y_off + (ulong)row * y_stride;
+    if (lid == 0) {
+        double ss = 0;
+        for (uint c = 0; c < d; c++)
+            ss += (double)xr[c] * (double)xr[c];
+        rs[0] = (float)(1.0 / sqrt(ss / (double)d + eps));
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float r = rs[0];
+    for (uint c = lid; c < d; c += L)
+        yr[c] = gamma[c] * (xr[c] * r);
+}
+#endif
+
+/* Absorbed MLA, step 1. Global (C, H, n): q_lat[i, h, c] = one fma chain over d < nope. */
+__kernel void mla_qlat(__global const float *q, ulong q_off, uint kind, __global const void *w,
+                       __global const float *scale, __constant float *lut, uint nbc, uint brow,
+                       uint bcol, uint H, uint dn, uint dr, uint dv, uint C,
+                       __global float *scr, ulong qlat_o)
+{
+    __global float *qlat = scr + qlat_o;
+    uint c = get_global_id(0), h = get_global_id(1), i = get_global_id(2);
+    if (c >= C)
+        return;
+    __global const float *qi = q + q_off + ((ulong)i * H + h) * (dn + dr);
+    float acc = 0.0f;
+    for (uint d = 0; d < dn; d++)
+        acc = fma(qi[d], w_elem(kind, w, scale, lut, h * (dn + dv) + d, c, C, nbc, brow, bcol),
+                  acc);
+    qlat[((ulong)i * H + h) * C + c] = acc;
+}
+
+/* Step 2. Global (Tmax, H, n): s[i, h, t] = (dot8(q_lat, c_t) + dot8(q_pe, kpe_t)) * scale for
+ * t <= pos0 + i. */
+__kernel void mla_scores(__global const float *q, ulong q_off, __global float *scr,
+                         ulong qlat_o, __global const float *cache, uint H, uint dn, uint dr,
+                         uint C, uint pos0, uint tmax, float scale, ulong sc_o)
+{
+    __global const float *qlat = scr + qlat_o;
+    __global float *sc = scr + sc_o;
+    uint t = get_global_id(0), h = get_global_id(1), i = get_global_id(2);
+    if (t > pos0 + i || t >= tmax)
+        return;
+    __global const float *ct = cache + (ulong)t * (C + dr);
+    __global const float *qp = q + q_off + ((ulong)i * H + h) * (dn + dr) + dn;
+    float a = dot8_gg(qlat + ((ulong)i * H + h) * C, ct, C);
+    float b = dot8_gg(qp, ct + C, dr);
+    sc[((ulong)i * H + h) * tmax + t] = (a + b) * scale;
+}
+
+/* Step 3. Global (H, n): the softmax of one row and head in order (max, ds_expf, sum, divide). */
+__kernel void mla_softmax(uint H, uint pos0, uint tmax, __global float *scr, ulong sc_o)
+{
+    __global float *sc = scr + sc_o;
+    uint h = get_global_id(0), i = get_global_id(1);
+    if (h >= H)
+        return;
+    __global float *p = sc + ((ulong)i * H + h) * tmax;
+    uint T = pos0 + i + 1;
+    float mx = -INFINITY;
+    for (uint t = 0; t < T; t++)
+        if (p[t] > mx)
+            mx = p[t];
+    float sum = 0.0f;
+    for (uint t = 0; t < T; t++) {
+        p[t] = ds_expf(p[t] - mx);
+        sum += p[t];
+    }
+    for (uint t = 0; t < T; t++)
+        p[t] = DIVF(p[t], sum);
+}
+
+/* Step 4. Global (C, H, n): o_lat[i, h, c] = one fma chain over t of p_t * c_t[c]. */
+__kernel void mla_wsum(__global float *scr, ulong sc_o, __global const float *cache, uint H,
+                       uint dr, uint C, uint pos0, uint tmax, ulong olat_o)
+{
+    __global const float *sc = scr + sc_o;
+    __global float *olat = scr + olat_o;
+    uint c = get_global_id(0), h = get_global_id(1), i = get_global_id(2);
+    if (c >= C)
+        return;
+    __global const float *p = sc + ((ulong)i * H + h) * tmax;
+    uint T = pos0 + i + 1;
+    float o = 0.0f;
+    for (uint t = 0; t < T; t++)
+        o = fma(p[t], cache[(ulong)t * (C + dr) + c], o);
+    olat[((ulong)i * H + h) * C + c] = o;
+}
+
+/* Step 5. Global (dv, H, n): att[i, h*dv + j] = dot8(o_lat, W_UV[h] row j). */
+__kernel void mla_out(__global const float *scr, ulong olat_o, uint kind, __global const void *w,
+                      __global const float *scale, __constant float *lut, uint nbc, uint brow,
+                      uint bcol, uint H, uint dn, uint dv, uint C, __global float *att,
+                      ulong att_off)
+{
+    uint j = get_global_id(0), h = get_global_id(1), i = get_global_id(2);
+    if (j >= dv)
+        return;
+    __global const float *o = scr + olat_o + ((ulong)i * H + h) * C;
+    uint r = h * (dn + dv) + dn + j;
+    float acc[8];
+    for (int q = 0; q < 8; q++)
+        acc[q] = 0.0f;
+    uint n8 = C & ~7u;
+    for (uint c = 0; c < n8; c += 8)
+        for (int q = 0; q < 8; q++)
+            acc[q] = fma(o[c + q], w_elem(kind, w, scale, lut, r, c + q, C, nbc, brow, bcol),
+                         acc[q]);
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (uint c = n8; c < C; c++)
+        s = fma(o[c], w_elem(kind, w, scale, lut, r, c, C, nbc, brow, bcol), s);
+    att[att_off + ((ulong)i * H + h) * dv + j] = s;
+}
+
+/* Index of the largest v[i] with taken[i] == 0 (lowest on ties, NaN skipped), or -1. */
+static inline int argmax_free(__global const float *v, __global const float *taken, uint n)
+{
+    int best = -1;
+    for (uint i = 0; i < n; i++) {
+        if (taken[i] != 0.0f || isnan(v[i]))
+            continue;
+        if (best < 0 || v[i] > v[best])
+            best = (int)i;
+    }
+    return best;
+}
+
+/* One work-item per row: ds_router_select (model/router.c), step for step. */
+__kernel void router(__global const float *logits, __global const float *bias, uint has_bias,
+                     uint n, uint E, uint k, uint G, uint topk_group, uint sigmoid_, uint method,
+                     uint norm, float scaling, __global float *scr, __global int *ids,
+                     __global float *weights)
+{
+    uint i = get_global_id(0);
+    if (i >= n)
+        return;
+    __global const float *lg = logits + (ulong)i * E;
+    __global float *score = scr + (ulong)i * (3 * E + 2 * G), *choice = score + E;
+    __global float *taken = choice + E, *gscore = taken + E, *gtaken = gscore + G;
+    __global int *id = ids + (ulong)i * k;
+    __global float *wt = weights + (ulong)i * k;
+    if (sigmoid_) {
+        for (uint e = 0; e < E; e++)
+            score[e] = DIVF(1.0f, 1.0f + ds_expf(-lg[e]));
+    } else {
+        float mx = -INFINITY, sum = 0.0f;
+        for (uint e = 0; e < E; e++)
+            mx = lg[e] > mx ? lg[e] : mx;
+        for (uint e = 0; e < E; e++) {
+            score[e] = ds_expf(lg[e] - mx);
+            sum += score[e];
+        }
+        for (uint e = 0; e < E; e++)
+            score[e] = DIVF(score[e], sum);
+    }
+    for (uint e = 0; e < E; e++)
+        choice[e] = has_bias ? score[e] + bias[e] : score[e];
+    if (G > 1 && method != 0) {
+        uint per = E / G;
+        for (uint g = 0; g < G; g++) {
+            __global const float *v = choice + g * per;
+            float a = -INFINITY, b = -INFINITY;
+            for (uint j = 0; j < per; j++) {
+                if (method == 2) {
+                    if (v[j] > a) {
+                        b = a;
+                        a = v[j];
+                    } else if (v[j] > b) {
+                        b = v[j];
+                    }
+                } else {
+                    a = v[j] > a ? v[j] : a;
+                }
+            }
+            gscore[g] = method == 2 ? a + b : a;
+            gtaken[g] = 0.0f;
+        }
+        for (uint t = 0; t < topk_group; t++) {
+            int g = argmax_free(gscore, gtaken, G);
+            if (g >= 0)
+                gtaken[g] = 1.0f;
+        }
+        for (uint g = 0; g < G; g++)
+            if (gtaken[g] == 0.0f)
+                for (uint j = 0; j < per; j++)
+                    choice[g * per + j] = -INFINITY;
+    }
+    for (uint e = 0; e < E; e++)
+        taken[e] = 0.0f;
+    float sum = 0.0f;
+    for (uint s = 0; s < k; s++) {
+        int e = argmax_free(choice, taken, E);
+        if (e < 0)
+            for (e = 0; taken[e] != 0.0f; e++)
+                ;
+        taken[e] = 1.0f;
+        id[s] = e;
+        wt[s] = score[e];
+        sum += score[e];
+    }
+    if (norm && k > 1) {
+        float den = sum + 1e-20f;
+        for (uint s = 0; s < k; s++)
+            wt[s] = DIVF(wt[s], den);
+    }
+    for (uint s = 0; s < k; s++)
+        wt[s] *= scaling;
+}
+
+/* Global (cols, n): y[i, c] = W[ids[i], c] widened. */
+__kernel void gather_rows(uint kind, __global const void *w, __global const float *scale,
+                          __constant float *lut, uint nbc, uint brow, uint bcol, uint cols,
+                          __global const int *ids, __global float *y, ulong y_off)
+{
+    uint c = get_global_id(0), i = get_global_id(1);
+    if (c >= cols)
+        return;
+    y[y_off + (ulong)i * cols + c] = w_elem(kind, w, scale, lut, (uint)ids[i], c, cols, nbc, brow,
+                                            bcol);
 }
