@@ -128,6 +128,16 @@ int ds_backend_moe_new_subset(const ds_model *m, const char *dir, ds_backend *b,
         ds_error_set(err, rc, "backend moe: out of memory");
         goto out;
     }
+    size_t dl = strlen(dir);
+    if (dl > 5 && !strcmp(dir + dl - 5, ".gguf")) {
+        /* the expert backends read safetensors tensors (BF16/F32/FP8); a GGUF's experts run
+         * on the CPU engine, or with --device experts=... through the units path */
+        rc = ds_error_set(err, -ENOTSUP,
+                          "%s: routed experts on a compute backend need an HF checkpoint; run "
+                          "a GGUF's experts on the CPU engine",
+                          dir);
+        goto out;
+    }
     if ((rc = ds_st_open_dir(dir, &st, err)) < 0)
         goto out;
     uint32_t D = c->hidden_size, I = c->moe_intermediate_size;
@@ -217,7 +227,8 @@ static int run_k(ds_backend_moe *bm, uint32_t layer, const float *ffn_in, uint32
         return ds_error_set(err, rc, "layer %u: bad routing ids", layer);
     uint32_t rows = n * k;
     for (uint32_t e = 0; e < c->n_routed_experts; e++)
-        if (g.offsets[e + 1] > g.offsets[e] && !bm->ex[(size_t)layer * c->n_routed_experts + e].gate) {
+        if (g.offsets[e + 1] > g.offsets[e] &&
+            !bm->ex[(size_t)layer * c->n_routed_experts + e].gate) {
             rc = ds_error_set(err, -ENOENT, "expert[%u][%u] is not on this device", layer, e);
             goto out;
         }

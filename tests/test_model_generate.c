@@ -440,6 +440,49 @@ static void test_generate_device(void **state)
     free(o);
 }
 
+/* A GGUF of block-type weights with its attention units on the backend: the device widens the
+ * blocks to float32 on upload and computes the dequantised float path, so the run equals the
+ * CPU engine's in DS_QDOT=dequant mode byte for byte (the CPU's default integer kernels round
+ * the activations first: the same tokens here, other logits; docs/gguf.md). */
+static void test_generate_device_gguf(void **state)
+{
+    (void)state;
+    static const char *files[] = {"tiny-Q8_0", "tiny-Q4_K_M"};
+    for (int fi = 0; fi < 2; fi++) {
+        unsigned char *lg[2];
+        size_t ln[2];
+        char *out[2];
+        for (int r = 0; r < 2; r++) {
+            char lp[32] = "/tmp/ds_gen_gguf_XXXXXX", cmd[2048], extra[128] = "";
+            int fd = mkstemp(lp);
+            assert_true(fd >= 0);
+            close(fd);
+            if (r)
+                snprintf(extra, sizeof(extra), " --device attn=%s,experts=cpu0", spec);
+            snprintf(cmd, sizeof(cmd),
+                     "DS_QDOT=dequant " DSCTL " generate --local --model " DS_TEST_DATA
+                     "/gguf_ref/%s.gguf --tokens 3,17,42,99 --max-tokens 8 --greedy "
+                     "--logits-out %s --threads 2%s",
+                     files[fi], lp, extra);
+            size_t len;
+            out[r] = run_all(cmd, &len);
+            lg[r] = read_all(lp, &ln[r]);
+            unlink(lp);
+        }
+        assert_non_null(strstr(out[0], "tokens: "));
+        assert_string_equal(out[0], out[1]);
+        assert_true(ln[0] > 0);
+        assert_int_equal(ln[0], ln[1]);
+        if (memcmp(lg[0], lg[1], ln[0]))
+            fail_msg("%s --device attn=%s: logits differ from the CPU engine's dequantised path",
+                     files[fi], spec);
+        for (int r = 0; r < 2; r++) {
+            free(lg[r]);
+            free(out[r]);
+        }
+    }
+}
+
 /* --device attn=SPEC --fast: the fast kernels; the stated tolerance: every logit within 1e-3
  * (absolute) of the exact CPU run, and the HF reference tokens on every checkpoint. */
 static void test_generate_fast(void **state)
@@ -645,6 +688,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_generate_tiny_english),
         cmocka_unit_test(test_generate_tiny_experts_on),
         cmocka_unit_test(test_generate_device),
+        cmocka_unit_test(test_generate_device_gguf),
         cmocka_unit_test(test_generate_fast),
         cmocka_unit_test(test_generate_plan),
     };
