@@ -49,6 +49,7 @@ typedef struct dsd_opts {
     int64_t max_context;       /* positions per sequence (prompt + generated) */
     int64_t step_timeout_ms;   /* a unit host that does not answer in this time fails the step */
     int64_t max_request_bytes; /* largest client request accepted */
+    int64_t max_frame_bytes;   /* largest frame a data-plane peer may send */
     bool compute;              /* coordinator also hosts units */
     bool auto_replan;          /* coordinator: replan around failed / returning nodes */
     bool calibrate;            /* measure devices at start (cached in state_dir) */
@@ -316,6 +317,38 @@ int dsd_curve_server(void *sock, const char *domain);
 /* Makes sock a CURVE client of another node: the cluster key pair, the cluster public key as
  * server key (call before zmq_connect); 0 without doing anything when CURVE is off. */
 int dsd_curve_client(void *sock);
+
+/* ---- limits on peers (dsd_guard.c) --------------------------------------------------------- */
+#define DSD_NODE_NAME_MAX          64    /* bytes of a node name, NUL included */
+#define DSD_GUARD_MAX_DEVICES      64    /* devices one node may report */
+#define DSD_GUARD_MAX_MEMORY_BYTES 1e15  /* 1 PB: more memory than any one device has */
+#define DSD_GUARD_MAX_MEM_BW       1e14  /* 100 TB/s */
+#define DSD_GUARD_MAX_FLOPS        1e18  /* 1 EFLOP/s */
+#define DSD_GUARD_MAX_NEW_SEQS     4096u /* new sequences one step may open (= max_jobs' bound) */
+#define DSD_GUARD_CONTROL_BYTES    ((int64_t)DS_WIRE_MAX_ENVELOPE_BYTES + (1 << 20))
+/* the client socket: a request up to 4 x max_request_bytes is read and answered TOO_LARGE, a
+ * frame beyond drops the connection */
+#define DSD_GUARD_CLIENT_BYTES(max_request) ((int64_t)(max_request)*4 + (64 << 10))
+
+/* Sets sock's ZMQ_MAXMSGSIZE (bytes per frame; call before bind/connect: a connection whose
+ * frame announces more is dropped before anything is buffered). 0 or a negative errno. */
+int dsd_guard_sock_limit(void *sock, int64_t max_bytes);
+/* Whether name is 1..63 bytes of [A-Za-z0-9._-]. */
+bool dsd_guard_node_name_ok(const char *name);
+/* Checks a Hello before it touches membership or the plan: the node name, the data endpoint,
+ * and every device's profile (finite, non-negative, below physical bounds). -EINVAL with err
+ * naming the node, device and field. */
+int dsd_guard_hello(const Dsd__Hello *h, ds_error *err);
+/* Rows of one micro-batch whose largest frame (an expert host's combine reply) fits
+ * max_frame_bytes (>= 1, <= DSD_MAX_ROWS). */
+uint32_t dsd_guard_rows_per_frame(const ds_model_config *c, int64_t max_frame_bytes);
+/* The sequences a step's rows would open in seqs (rows of one sequence consecutive): their
+ * count, or -ENOSPC (err says why) when more than max_new; nothing is created. */
+int dsd_guard_step_seqs(ds_seqs *seqs, uint32_t n, const uint64_t *seq_ids, uint32_t max_new,
+                        ds_error *err);
+/* After a step failed: removes the sequences it opened (those starting at position 0). */
+void dsd_guard_step_rollback(ds_seqs *seqs, uint32_t n, const uint64_t *seq_ids,
+                             const uint32_t *positions);
 
 /* ---- notify (dsd_notify.c) ---------------------------------------------------------------- */
 void dsd_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -189,6 +189,7 @@ static void task_run(dsd_data *d, struct task *t)
             rc = ds_layer_step_run(t->st, t->layer, &dispatch_ops, t, &err);
         if (rc < 0) {
             chain_fail(d, t->rid, "attn[%u]: %s", t->layer, ds_error_str(&err));
+            dsd_guard_step_rollback(dsd_host_seqs(d->host), t->n, t->seq, t->pos);
             dsd_chain_task_free(t);
             return;
         }
@@ -477,6 +478,10 @@ void dsd_chain_serve_step(dsd_data *d, dsd_msg *m)
             code = DSD__ERROR_CODE__ERROR_CODE_MALFORMED;
             ds_error_set(&err, -EINVAL, "row %u: position %u past max_context", i, t->pos[i]);
         }
+    /* a step may open a bounded number of sequences, all or none (dsd_guard.c) */
+    if (!code &&
+        dsd_guard_step_seqs(dsd_host_seqs(d->host), n, t->seq, DSD_GUARD_MAX_NEW_SEQS, &err) < 0)
+        code = DSD__ERROR_CODE__ERROR_CODE_MALFORMED;
     if (code) {
         dsd_chain_task_free(t);
         chain_fail(d, rid, "%s", ds_error_str(&err));
@@ -593,6 +598,7 @@ void dsd_chain_expire(dsd_data *d, uint64_t now)
         if (t->used && t->pending && now > t->deadline) {
             chain_fail(d, t->rid, "layer %u: expert hosts did not answer within %lld ms", t->layer,
                        (long long)d->o.step_timeout_ms);
+            dsd_guard_step_rollback(dsd_host_seqs(d->host), t->n, t->seq, t->pos);
             dsd_chain_task_free(t);
         }
     }

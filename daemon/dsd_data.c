@@ -100,7 +100,8 @@ static void publish(dsd_data *d)
             continue;
         json_t *row = json_array();
         for (uint32_t e = 0; e < E; e++)
-            json_array_append_new(row, json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
+            json_array_append_new(row,
+                                  json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
         json_array_append_new(layers, json_pack("{s:i,s:o}", "layer", (int)l, "counts", row));
     }
     json_object_set_new(o, "expert_counts",
@@ -269,6 +270,14 @@ static int sched_start(dsd_data *d, ds_error *err)
         .step_timeout_ns = (uint64_t)d->o.step_timeout_ms * 1000000ull,
         .one_node = plan_one_node(&d->plan),
     };
+    /* every frame of a micro-batch must pass the peers' max_frame_bytes (dsd_guard.c) */
+    uint32_t fit = dsd_guard_rows_per_frame(ds_model_get_config(dsd_host_model(d->host)),
+                                            d->o.max_frame_bytes);
+    if (lim.max_rows_per_step > fit) {
+        ds_log_info("micro-batches carry at most %u rows (max_frame_bytes %lld)", fit,
+                    (long long)d->o.max_frame_bytes);
+        lim.max_rows_per_step = fit;
+    }
     int rc = dsd_sched_new(dsd_host_model(d->host), dsd_host_pool(d->host), &tok, &lim, &SCHED_PORT,
                            d, &d->sched, err);
     ds_tokenizer_free(tok);
@@ -352,7 +361,8 @@ static bool on_ctl(dsd_data *d)
         dsd_links_add(d, cm.name, cm.endpoint);
         return true;
     case OP_OPTS:
-        ds_log_info("data: reloaded options (step_timeout_ms %lld)", (long long)cm.o.step_timeout_ms);
+        ds_log_info("data: reloaded options (step_timeout_ms %lld)",
+                    (long long)cm.o.step_timeout_ms);
         d->o = cm.o;
         if (d->sched)
             dsd_sched_set_step_timeout(d->sched, (uint64_t)cm.o.step_timeout_ms * 1000000ull);

@@ -32,7 +32,9 @@ struct peer *dsd_links_add(dsd_data *d, const char *name, const char *endpoint)
     /* never drop or block on a slow peer: messages queue until the link takes them */
     zmq_setsockopt(p->sock, ZMQ_SNDHWM, &hwm, sizeof(hwm));
     zmq_setsockopt(p->sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
-    if (dsd_curve_client(p->sock) < 0 || zmq_connect(p->sock, endpoint) < 0) {
+    /* a peer's replies (combines, probe echoes) are bounded like what it may send us */
+    if (dsd_guard_sock_limit(p->sock, d->o.max_frame_bytes) < 0 || dsd_curve_client(p->sock) < 0 ||
+        zmq_connect(p->sock, endpoint) < 0) {
         ds_log_err("data: connect %s (%s): %s", endpoint, name, zmq_strerror(zmq_errno()));
         zmq_close(p->sock);
         return NULL;

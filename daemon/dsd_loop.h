@@ -67,6 +67,7 @@ struct dsd_worker {
     size_t pending_plan_len;
     char *load_json;      /* the plan being loaded: its JSON, written to state_dir once loaded */
     uint32_t load_layers; /* and its layers (n_layers_hint once loaded) */
+    char last_refusal[256]; /* the coordinator's last Error, logged once per reason */
 };
 
 /* The loop's state. coord is used on the coordinator only, worker on a worker only. */

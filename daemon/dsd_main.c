@@ -105,6 +105,8 @@ static void on_signal(struct dsd *d)
                 ds_log_err("reload: %s (kept the running options)", ds_error_str(&err));
             else {
                 dsd_opts_apply_reload(&d->o, &next);
+                if (d->client) /* new client connections get the reloaded limit */
+                    dsd_guard_sock_limit(d->client, DSD_GUARD_CLIENT_BYTES(d->o.max_request_bytes));
                 dsd_data_set_opts(d->dp, &d->o);
                 enum ds_log_level lv;
                 if (ds_log_level_parse(d->o.log_level, &lv) == 0)
@@ -118,13 +120,19 @@ static void on_signal(struct dsd *d)
     }
 }
 
-/* zap_domain: a TCP ROUTER's CURVE domain (dsd_curve.c), NULL for inproc sockets */
+/* zap_domain: a TCP ROUTER's CURVE domain (dsd_curve.c), NULL for inproc sockets; max_bytes:
+ * the largest frame a peer may send (dsd_guard.c), set before the first byte can arrive */
 static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_domain,
-                       ds_error *err)
+                       int64_t max_bytes, ds_error *err)
 {
     void *s = zmq_socket(zctx, type);
     int zero = 0, rc;
     zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof(zero));
+    if (max_bytes > 0 && (rc = dsd_guard_sock_limit(s, max_bytes)) < 0) {
+        ds_error_set(err, rc, "bind %s: message size limit: %s", ep, zmq_strerror(-rc));
+        zmq_close(s);
+        return NULL;
+    }
     if (zap_domain && (rc = dsd_curve_server(s, zap_domain)) < 0) {
         ds_error_set(err, rc, "bind %s: CURVE: %s", ep, zmq_strerror(-rc));
         zmq_close(s);
@@ -177,14 +185,15 @@ int main(int argc, char **argv)
     d.zctx = zmq_ctx_new();
     int ret = 1;
     if (dsd_curve_start(d.zctx, &d.o, &err) < 0 ||
-        !(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, DSD_CURVE_DOMAIN_CLUSTER, &err)))
+        !(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, DSD_CURVE_DOMAIN_CLUSTER,
+                             d.o.max_frame_bytes, &err)))
         goto out;
     if (d.coordinator) {
-        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind,
-                                    DSD_CURVE_DOMAIN_CLUSTER, &err)) ||
+        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind, DSD_CURVE_DOMAIN_CLUSTER,
+                                    DSD_GUARD_CONTROL_BYTES, &err)) ||
             !(d.client = bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, DSD_CURVE_DOMAIN_CLIENT,
-                                   &err)) ||
-            !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, &err)))
+                                   DSD_GUARD_CLIENT_BYTES(d.o.max_request_bytes), &err)) ||
+            !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, 0, &err)))
             goto out;
         int one = 1;
         zmq_setsockopt(d.client, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
@@ -208,7 +217,8 @@ int main(int argc, char **argv)
          * it refuses): the message is dropped, hellos and heartbeats are resent anyway */
         int sndtmo = (int)d.o.heartbeat_ms;
         zmq_setsockopt(d.control, ZMQ_SNDTIMEO, &sndtmo, sizeof(sndtmo));
-        if (dsd_curve_client(d.control) < 0 || zmq_connect(d.control, d.o.coordinator) < 0) {
+        if (dsd_guard_sock_limit(d.control, DSD_GUARD_CONTROL_BYTES) < 0 ||
+            dsd_curve_client(d.control) < 0 || zmq_connect(d.control, d.o.coordinator) < 0) {
             ds_error_set(&err, -EINVAL, "connect %s: %s", d.o.coordinator,
                          zmq_strerror(zmq_errno()));
             goto out;

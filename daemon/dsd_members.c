@@ -46,6 +46,24 @@ static void take_stats(struct dsd *d, struct node *n, const Dsd__StepStats *st)
     n->stats = j;
 }
 
+/* Refuses a hello with err's reason: an Error to the node (which logs it) and a log line here,
+ * repeated at most every 10 s for the same reason (a refused node says hello every heartbeat). */
+static void refuse_hello(struct dsd *d, const dsd_msg *m, uint64_t req, Dsd__ErrorCode code,
+                         const ds_error *err)
+{
+    static char last[256];
+    static uint64_t last_ns;
+    uint64_t now = dsd_now_ns();
+    const char *why = ds_error_str(err);
+    if (strncmp(last, why, sizeof(last) - 1) || now - last_ns > 10000000000ull) {
+        ds_log_err("control: refused hello from '%.*s': %s", (int)m->peer_len,
+                   (const char *)m->peer, why);
+        snprintf(last, sizeof(last), "%s", why);
+        last_ns = now;
+    }
+    dsd_send_error(d->control, m->peer, m->peer_len, req, code, "hello refused: %s", why);
+}
+
 void dsd_members_on_control(struct dsd *d)
 {
     dsd_msg m;
@@ -71,6 +89,12 @@ void dsd_members_on_control(struct dsd *d)
                         "data endpoint is required");
             dsd_send_error(d->control, m.peer, m.peer_len, env->request_id,
                            DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "bad hello");
+            break;
+        }
+        /* a profile that cannot be true never reaches membership or the planner: the node is
+         * refused as a whole, whatever it was before (the plan it is in stays as it is) */
+        if (dsd_guard_hello(h, &err) < 0) {
+            refuse_hello(d, &m, env->request_id, DSD__ERROR_CODE__ERROR_CODE_MALFORMED, &err);
             break;
         }
         if (!n) {

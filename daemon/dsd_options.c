@@ -71,6 +71,9 @@ static const struct opt OPTS[] = {
      "a unit host that does not answer within this time fails the step"},
     {"max_request_bytes", OPT_INT, I(max_request_bytes), 256, 16 << 20, "1048576", NULL, true,
      "largest client request accepted (bytes); larger ones are refused with TOO_LARGE"},
+    {"max_frame_bytes", OPT_INT, I(max_frame_bytes), 1 << 20, 1 << 30, "268435456", NULL, false,
+     "largest frame a data-plane peer may send (bytes); a connection announcing more is dropped "
+     "before it is buffered; the coordinator keeps a micro-batch's frames under it"},
     {"compute", OPT_BOOL, I(compute), 0, 1, "true", NULL, false,
      "coordinator: also host units (embed and head always stay on the coordinator)"},
     {"calibrate", OPT_BOOL, I(calibrate), 0, 1, "true", NULL, false,

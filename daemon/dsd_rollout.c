@@ -124,6 +124,16 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
 {
     ds_error err = j->err;
     int rc = j->rc;
+    if (rc < 0 && d->coord.have_plan) {
+        /* the plan serving now is intact (dsd_rollout_start kept it): it goes on serving */
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "%s; plan v%llu goes on serving",
+                 err.msg[0] ? ds_error_str(&err) : strerror(-rc),
+                 (unsigned long long)d->plan_version);
+        ds_log_err("plan: no new plan over %u nodes (strategy %s): %s", j->n, d->o.plan_strategy,
+                   d->coord.plan_error);
+        dsd_loop_set_state(d, d->coord.serving ? "serving" : "loading");
+        goto out;
+    }
     if (rc < 0) {
         snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "%s",
                  err.msg[0] ? ds_error_str(&err) : strerror(-rc));
@@ -133,6 +143,7 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
         dsd_notify("STATUS=no plan: %s", d->coord.plan_error);
         goto out;
     }
+    d->coord.serving = false; /* until every planned node loaded the new plan */
     dsd_plan_clear(&d->coord.plan);
     d->coord.plan = j->plan;
     memset(&j->plan, 0, sizeof(j->plan));
@@ -225,6 +236,18 @@ static double *measured_expert_stats(struct dsd *d, const ds_model_config *c)
     return st;
 }
 
+/* Whether every node of the current plan is up (a drained node still serves its units). */
+static bool plan_intact(struct dsd *d)
+{
+    for (uint32_t i = 0; i < d->coord.plan.n_nodes; i++) {
+        struct node *n =
+            dsd_members_find(d, d->coord.plan.nodes[i], strlen(d->coord.plan.nodes[i]));
+        if (!n || n->failed || !n->loaded)
+            return false;
+    }
+    return true;
+}
+
 /* Starts a new plan over the nodes that are up and not drained: round-robin at once, the
  * solver on its own thread (on_solved finishes). A call while one is being made asks for
  * another one after it (membership changed meanwhile). */
@@ -240,7 +263,13 @@ int dsd_rollout_start(struct dsd *d)
     j->efd = -1;
     int rc = ds_model_open(d->o.model, NULL, &j->probe, &j->err);
     if (rc < 0) {
-        ds_log_err("plan: cannot read the model: %s", ds_error_str(&j->err));
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "cannot read the model %s: %s",
+                 d->o.model, ds_error_str(&j->err));
+        ds_log_err("plan: %s", d->coord.plan_error);
+        if (!d->coord.have_plan) {
+            dsd_loop_set_state(d, "no-plan");
+            dsd_notify("STATUS=no plan: %s", d->coord.plan_error);
+        }
         dsd_rollout_solve_free(j);
         return rc;
     }
@@ -255,8 +284,14 @@ int dsd_rollout_start(struct dsd *d)
         snprintf(j->eps[j->n], DSD_STR_MAX, "%s", d->coord.nodes[i].endpoint);
         j->n++;
     }
-    d->coord.have_plan = false;
-    d->coord.serving = false;
+    /* a plan whose nodes are all still up and loaded keeps serving while the new one is made,
+     * and stays when it cannot be made (a failed `dsctl replan`, a node with a profile the
+     * solver cannot use); one that lost a node is given up at once */
+    bool keep = d->coord.have_plan && d->coord.serving && plan_intact(d);
+    if (!keep) {
+        d->coord.have_plan = false;
+        d->coord.serving = false;
+    }
     d->coord.plan_error[0] = 0;
     j->version = d->plan_version + 1;
     if (!j->names || !j->eps) {
@@ -288,7 +323,8 @@ int dsd_rollout_start(struct dsd *d)
             j->rc = ds_error_set(&j->err, -EAGAIN, "cannot start the solver thread");
         } else {
             d->coord.solving = j;
-            dsd_loop_set_state(d, "planning");
+            if (!keep)
+                dsd_loop_set_state(d, "planning");
             return 0;
         }
     }

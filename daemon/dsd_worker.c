@@ -189,6 +189,7 @@ void dsd_worker_on_control(struct dsd *d)
     case DSD__ENVELOPE__BODY_WELCOME:
         if (!d->worker.welcomed) {
             d->worker.welcomed = true;
+            d->worker.last_refusal[0] = 0;
             ds_log_notice("joined cluster '%s' as node %llu", env->welcome->cluster ?: "",
                           (unsigned long long)env->welcome->node_id);
             dsd_loop_set_state(d, "joined");
@@ -231,7 +232,15 @@ void dsd_worker_on_control(struct dsd *d)
     case DSD__ENVELOPE__BODY_HEARTBEAT:
         break;
     case DSD__ENVELOPE__BODY_ERROR:
-        ds_log_err("coordinator refused us: %s", env->error->message ?: "");
+        /* a refused hello is answered every heartbeat: say it once per reason */
+        if (strncmp(d->worker.last_refusal, env->error->message ?: "",
+                    sizeof(d->worker.last_refusal) - 1)) {
+            ds_log_err("coordinator refused us: %s", env->error->message ?: "");
+            snprintf(d->worker.last_refusal, sizeof(d->worker.last_refusal), "%s",
+                     env->error->message ?: "");
+        }
+        if (!d->worker.welcomed)
+            dsd_loop_set_state(d, "refused"); /* until a hello is welcomed */
         if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_VERSION)
             d->stopping = true;
         else if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT)

@@ -1,6 +1,8 @@
 # daemon/ and client/ (libdsclient, dsctl cluster commands): see docs/daemon.md, docs/client.md.
 ds_add_test(NAME test_daemon SOURCES test_daemon.c LIBS ds_daemon LABELS unit TIMEOUT 120)
 # the scheduler alone (no sockets): its tokens against the in-process engine
+# dsd_guard.c alone: hello profiles, node names, frame-sized micro-batches, a step's sequences
+ds_add_test(NAME test_guard_unit SOURCES test_guard.c LIBS ds_daemon LABELS unit TIMEOUT 60)
 ds_add_test(NAME test_sched SOURCES test_sched.c LIBS ds_daemon LABELS unit TIMEOUT 120)
 ds_add_test(NAME test_client SOURCES test_client.c LIBS dsclient_static ds_proto ds_model LABELS unit
             TIMEOUT 180)
@@ -49,3 +51,7 @@ ds_add_script_test(NAME test_failover COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluste
 ds_add_script_test(NAME test_accel COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_accel.sh
                    LABELS "cluster;opencl" TIMEOUT 300)
 set_tests_properties(test_accel PROPERTIES SKIP_RETURN_CODE 77)
+# bounds on what a peer can make a node hold or believe: oversized frames, a sequence flood,
+# impossible profiles, a replan that cannot succeed (tests/cluster/zmtp_peer.py: raw ZMTP)
+ds_add_script_test(NAME test_guard COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_guard.sh
+                   LABELS cluster TIMEOUT 300)
