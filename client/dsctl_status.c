@@ -173,6 +173,16 @@ static void status_table(json_t *j)
                    b;
                }),
                json_string_value(json_object_get(n, "endpoint")));
+    /* what is wrong, after the table (scripts reading the table see it unchanged) */
+    json_array_foreach(json_object_get(j, "nodes"), i, n) if (json_object_get(n, "problem"))
+        printf("node %s cannot host units: %s\n", json_string_value(json_object_get(n, "name")),
+               json_string_value(json_object_get(n, "problem")));
+    if (json_object_get(j, "plan_error"))
+        printf("plan error: %s\n", json_string_value(json_object_get(j, "plan_error")));
+    json_array_foreach(json_object_get(j, "refused"), i, n)
+        printf("refused %s %lld ms ago: %s\n", json_string_value(json_object_get(n, "name")),
+               (long long)json_integer_value(json_object_get(n, "age_ms")),
+               json_string_value(json_object_get(n, "reason")));
 }
 
 static int cmd_status(int argc, char **argv)

@@ -350,6 +350,24 @@ int dsd_guard_step_seqs(ds_seqs *seqs, uint32_t n, const uint64_t *seq_ids, uint
 void dsd_guard_step_rollback(ds_seqs *seqs, uint32_t n, const uint64_t *seq_ids,
                              const uint32_t *positions);
 
+/* ---- checkpoint digest, state directory (dsd_digest.c) ------------------------------------- */
+#define DSD_DIGEST_LEN 48 /* "fnv2x64:" + 32 hex digits + NUL, rounded up */
+/* The digest of the checkpoint at model (a directory, or one file) into out: its files' names,
+ * sizes, headers (the safetensors tensor tables) and sampled blocks; -ENOENT when it does not
+ * exist, -EBADMSG when a safetensors file is truncated or corrupt (err names the file and the
+ * sizes). */
+int dsd_digest_model(const char *model, char *out, size_t out_len, ds_error *err);
+/* Whether dir can store files (a file created, written and removed). */
+int dsd_state_dir_check(const char *dir, ds_error *err);
+/* Takes dir/dsd.lock (flock, held while *fd_out stays open; the pid written in it): -EBUSY
+ * with err naming the other daemon's pid when one holds it. */
+int dsd_state_dir_lock(const char *dir, int *fd_out, ds_error *err);
+/* What this node can offer, checked once at start: the digest of its checkpoint copy ("" with
+ * no copy), or in problem why it cannot host units (a copy that is truncated or unreadable; no
+ * copy and a state_dir that cannot store streamed weights); "" when it can. */
+void dsd_node_check(const dsd_opts *o, char *digest, size_t digest_len, char *problem,
+                    size_t problem_len);
+
 /* ---- notify (dsd_notify.c) ---------------------------------------------------------------- */
 void dsd_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

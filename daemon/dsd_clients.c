@@ -91,7 +91,7 @@ void dsd_clients_on_request(struct dsd *d)
         n->drained = !env->drain->undrain;
         ds_log_notice("node %s %s by a client", n->name, n->drained ? "drained" : "undrained");
         if (n != &d->coord.nodes[0])
-            dsd_send(d->control, n->name, strlen(n->name), env, NULL, NULL, 0);
+            dsd_members_send(d, n, env);
         char buf[160];
         snprintf(buf, sizeof(buf), "{\"node\":\"%s\",\"drained\":%s}", n->name,
                  n->drained ? "true" : "false");

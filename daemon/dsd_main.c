@@ -10,6 +10,7 @@
  * (the coordinator: once the cluster serves), STATUS=<one line> on every change, WATCHDOG=1
  * from the loop at half the watchdog period. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -42,6 +43,11 @@ static void on_timer(struct dsd *d)
         d->coord.plan_due_ns = 0;
         dsd_rollout_start(d);
         now = dsd_now_ns(); /* the solver took time; heartbeat clocks were restarted */
+    }
+    if (d->coordinator && d->coord.retry_ns && now >= d->coord.retry_ns && !d->coord.have_plan &&
+        !d->coord.solving) {
+        d->coord.retry_ns = 0;
+        dsd_rollout_start(d);
     }
     if (d->coordinator) {
         for (uint32_t i = 1; i < d->coord.n_nodes; i++) {
@@ -148,7 +154,7 @@ static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_dom
 
 int main(int argc, char **argv)
 {
-    struct dsd d = {0};
+    struct dsd d = {.lock_fd = -1};
     ds_error err = {0};
     dsd_opts_defaults(&d.o);
     int rc = dsd_opts_parse(&d.o, argc, argv, &d.config_path, &err);
@@ -172,6 +178,21 @@ int main(int argc, char **argv)
     d.coordinator = !strcmp(d.o.role, "coordinator");
     if (mkdir(d.o.state_dir, 0750) < 0 && errno != EEXIST)
         ds_log_warn("state directory %s: %s", d.o.state_dir, strerror(errno));
+    /* one daemon per state_dir (they would overwrite each other's plan.json and streams) */
+    rc = dsd_state_dir_lock(d.o.state_dir, &d.lock_fd, &err);
+    if (rc == -EBUSY) {
+        fprintf(stderr, "dsd: %s\n", ds_error_str(&err));
+        ds_log_err("%s", ds_error_str(&err));
+        return 2;
+    }
+    if (rc < 0)
+        ds_log_warn("%s (running without the state_dir lock)", ds_error_str(&err));
+    err = (ds_error){0};
+    dsd_node_check(&d.o, d.model_digest, sizeof(d.model_digest), d.problem, sizeof(d.problem));
+    if (d.model_digest[0])
+        ds_log_info("model %s: digest %s", d.o.model, d.model_digest);
+    if (d.problem[0])
+        ds_log_err("%s", d.problem);
 
     sigset_t mask;
     sigemptyset(&mask);
@@ -207,12 +228,27 @@ int main(int argc, char **argv)
         self->devices = dsd_local_devices();
         snprintf(self->klass, sizeof(self->klass), "%s", dsd_local_node_class());
         self->has_model_copy = true;
+        if (!d.model_digest[0]) /* planning says so too, and retries: the path may appear */
+            snprintf(d.coord.plan_error, sizeof(d.coord.plan_error), "cannot read the model: %s",
+                     d.problem[0] ? d.problem : "no such file or directory");
     } else {
         dsd_local_devices_discover(&d.o);
         d.control = zmq_socket(d.zctx, ZMQ_DEALER);
         int zero = 0;
         zmq_setsockopt(d.control, ZMQ_LINGER, &zero, sizeof(zero));
-        zmq_setsockopt(d.control, ZMQ_ROUTING_ID, d.o.node, strlen(d.o.node));
+        /* name#instance: a second daemon with this node's name reaches the coordinator (a
+         * ROUTER would drop a second connection with the same identity unheard) and is told
+         * the name is taken */
+        char ident[DSD_NODE_NAME_MAX + 24];
+        unsigned rnd[2] = {0};
+        int ufd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+        if (ufd >= 0) {
+            if (read(ufd, rnd, sizeof(rnd)) != sizeof(rnd))
+                rnd[0] = (unsigned)getpid();
+            close(ufd);
+        }
+        snprintf(ident, sizeof(ident), "%s#%08x%08x", d.o.node, rnd[0], rnd[1]);
+        zmq_setsockopt(d.control, ZMQ_ROUTING_ID, ident, strlen(ident));
         /* never block the loop on a coordinator that is not connected (e.g. a CURVE handshake
          * it refuses): the message is dropped, hellos and heartbeats are resent anyway */
         int sndtmo = (int)d.o.heartbeat_ms;
@@ -241,8 +277,8 @@ int main(int argc, char **argv)
     sd_watchdog_enabled(0, &d.wd_usec);
     ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node, d.o.data_advertise);
     dsd_loop_set_state(&d, "joining");
-    if (d.coordinator && d.o.expect_workers == 0 && dsd_rollout_start(&d) < 0)
-        goto out;
+    if (d.coordinator && d.o.expect_workers == 0)
+        dsd_rollout_start(&d); /* a failure is in plan_error (dsctl status) and retried */
     if (!d.coordinator)
         dsd_worker_hello(&d);
     while (!d.stopping) {
@@ -315,6 +351,8 @@ out:
     dsd_local_devices_free();
     if (d.sigfd >= 0)
         close(d.sigfd);
+    if (d.lock_fd >= 0)
+        close(d.lock_fd);
     ds_log_notice("stopped");
     return ret;
 }

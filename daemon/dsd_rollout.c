@@ -115,7 +115,7 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
     }
     ds_log_notice("node %s has no checkpoint copy: streaming its units (%.1f MiB)", n->name,
                   (double)dsd_stream_out_total(n->stream) / (1 << 20));
-    dsd_stream_out_pump(n->stream, d->control, n->name);
+    dsd_stream_out_pump(n->stream, d->control, (const char *)n->peer);
 }
 
 /* Rolls out the plan job j made (or reports why there is none): every planned worker gets the
@@ -169,8 +169,7 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
         Dsd__Envelope env = DSD__ENVELOPE__INIT;
         env.body_case = DSD__ENVELOPE__BODY_PLAN;
         env.plan = &wp;
-        dsd_send(d->control, d->coord.nodes[i].name, strlen(d->coord.nodes[i].name), &env, NULL,
-                 NULL, 0);
+        dsd_members_send(d, &d->coord.nodes[i], &env);
         start_stream(d, &d->coord.nodes[i], (uint32_t)idx);
     }
     dsd_plan_wire_clear(&wp);
@@ -269,6 +268,7 @@ int dsd_rollout_start(struct dsd *d)
         if (!d->coord.have_plan) {
             dsd_loop_set_state(d, "no-plan");
             dsd_notify("STATUS=no plan: %s", d->coord.plan_error);
+            d->coord.retry_ns = dsd_now_ns() + 5000000000ull; /* the path may appear */
         }
         dsd_rollout_solve_free(j);
         return rc;
@@ -277,7 +277,7 @@ int dsd_rollout_start(struct dsd *d)
     j->names = calloc(MAX_NODES, 64);
     j->eps = calloc(MAX_NODES, DSD_STR_MAX);
     for (uint32_t i = 0; j->names && j->eps && i < d->coord.n_nodes && i < MAX_NODES; i++) {
-        if (d->coord.nodes[i].failed || d->coord.nodes[i].drained)
+        if (!dsd_members_plannable(&d->coord.nodes[i]))
             continue;
         /* the coordinator is listed first even with compute = false (embed, head) */
         snprintf(j->names[j->n], 64, "%s", d->coord.nodes[i].name);
@@ -356,8 +356,10 @@ void dsd_rollout_maybe_serve(struct dsd *d)
 {
     if (d->coord.serving || !d->coord.have_plan)
         return;
+    /* every node of the plan that is up has loaded it (one outside the plan is not waited for) */
     for (uint32_t i = 0; i < d->coord.n_nodes; i++)
-        if (!d->coord.nodes[i].loaded && !d->coord.nodes[i].failed && !d->coord.nodes[i].drained)
+        if (!d->coord.nodes[i].loaded && !d->coord.nodes[i].failed && !d->coord.nodes[i].drained &&
+            dsd_plan_node_index(&d->coord.plan, d->coord.nodes[i].name) >= 0)
             return;
     d->coord.serving = true;
     dsd_loop_set_state(d, "serving");

@@ -165,6 +165,8 @@ void dsd_worker_hello(struct dsd *d)
     h.devices = devp;
     h.node_class = (char *)dsd_local_node_class();
     h.has_model_copy = access(d->o.model, R_OK) == 0;
+    h.model_digest = d->model_digest;
+    h.problem = d->problem;
     env.body_case = DSD__ENVELOPE__BODY_HELLO;
     env.hello = &h;
     dsd_send(d->control, NULL, 0, &env, NULL, NULL, 0);

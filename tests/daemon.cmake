@@ -55,3 +55,8 @@ set_tests_properties(test_accel PROPERTIES SKIP_RETURN_CODE 77)
 # impossible profiles, a replan that cannot succeed (tests/cluster/zmtp_peer.py: raw ZMTP)
 ds_add_script_test(NAME test_guard COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_guard.sh
                    LABELS cluster TIMEOUT 300)
+# names and identity: a duplicate node name, two daemons on one state_dir, other weights
+# (model digest), a truncated checkpoint, a state_dir that cannot store streamed weights, a
+# coordinator without its model
+ds_add_script_test(NAME test_identity COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_identity.sh
+                   LABELS cluster TIMEOUT 300)

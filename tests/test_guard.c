@@ -1,7 +1,8 @@
 /* test_guard.c — the limits of daemon/dsd_guard.c on their own: hello profiles that cannot be
  * true are refused with the field named (negative, NaN, infinite, absurd), real ones pass;
  * node names; the rows a micro-batch may carry under max_frame_bytes; a step's new sequences
- * counted without creating any, and removed again after a failed step. The live-daemon side
+ * counted without creating any, and removed again after a failed step; the checkpoint digest
+ * (same bytes agree, other weights or a truncated file do not). The live-daemon side
  * (oversized frames, floods, bogus hellos, a failed replan) is tests/cluster/test_guard.sh. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -9,7 +10,10 @@
 #include <stdint.h>
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -147,13 +151,55 @@ static void test_step_seqs(void **state)
     ds_model_free(m);
 }
 
+/* A copy digests the same; a changed byte of the data region (same shapes) or a truncated
+ * file does not; a missing path is -ENOENT. */
+static void test_digest(void **state)
+{
+    (void)state;
+    ds_error err = {0};
+    char a[DSD_DIGEST_LEN], b[DSD_DIGEST_LEN];
+    const char *src = DS_TEST_DATA "/../../models/tiny/model.safetensors";
+    assert_int_equal(dsd_digest_model(src, a, sizeof(a), &err), 0);
+    assert_int_equal(strncmp(a, "fnv2x64:", 8), 0);
+    assert_int_equal(strlen(a), 8 + 32);
+    FILE *f = fopen(src, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    rewind(f);
+    unsigned char *buf = malloc((size_t)size);
+    assert_int_equal(fread(buf, 1, (size_t)size, f), (size_t)size);
+    fclose(f);
+    char path[] = "/tmp/dsd-digest-XXXXXX.safetensors";
+    int fd = mkstemps(path, 12);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, buf, (size_t)size), size);
+    assert_int_equal(dsd_digest_model(path, b, sizeof(b), &err), 0);
+    assert_string_equal(a, b); /* same bytes, same digest (the name is the same too) */
+    /* flip every 4th byte of the data region: the header (shapes) stays */
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | buf[i];
+    for (long i = (long)(8 + hlen) + 1; i < size; i += 4)
+        buf[i] ^= 1;
+    assert_int_equal(pwrite(fd, buf, (size_t)size, 0), size);
+    assert_int_equal(dsd_digest_model(path, b, sizeof(b), &err), 0);
+    assert_string_not_equal(a, b);
+    assert_int_equal(ftruncate(fd, size / 2), 0);
+    assert_int_equal(dsd_digest_model(path, b, sizeof(b), &err), -EBADMSG);
+    assert_non_null(strstr(ds_error_str(&err), "truncated"));
+    close(fd);
+    unlink(path);
+    free(buf);
+    assert_true(dsd_digest_model("/nonexistent/model", b, sizeof(b), &err) == -ENOENT);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_hello_profiles),
-        cmocka_unit_test(test_node_names),
-        cmocka_unit_test(test_rows_per_frame),
-        cmocka_unit_test(test_step_seqs),
+        cmocka_unit_test(test_hello_profiles), cmocka_unit_test(test_node_names),
+        cmocka_unit_test(test_rows_per_frame), cmocka_unit_test(test_step_seqs),
+        cmocka_unit_test(test_digest),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
