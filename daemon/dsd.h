@@ -172,6 +172,7 @@ char *dsd_host_stats_json(dsd_host *h);
 
 /* ---- plan (dsd_plan.c) -------------------------------------------------------------------- */
 #define DSD_MAX_DEVNAMES 16
+#define DSD_TOKEN_LEN    33 /* 32 hex digits + NUL */
 typedef struct dsd_plan {
     uint64_t version;
     uint32_t n_nodes;
@@ -189,6 +190,8 @@ typedef struct dsd_plan {
     char strategy[32];   /* strategy requested ("round-robin" or a ds_strategy name) */
     char solver[32];     /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
     char *solver_json;   /* the placement library's plan JSON (predicted times), or NULL */
+    char token[DSD_TOKEN_LEN]; /* members' data-plane token (Plan.data_token), "" = none; never
+                                * in the plan JSON */
 } dsd_plan;
 
 /* A plan's tables for model c over n_nodes named nodes, zeroed (embed/head/attn = node 0,
@@ -333,6 +336,11 @@ int dsd_curve_client(void *sock);
 /* Sets sock's ZMQ_MAXMSGSIZE (bytes per frame; call before bind/connect: a connection whose
  * frame announces more is dropped before anything is buffered). 0 or a negative errno. */
 int dsd_guard_sock_limit(void *sock, int64_t max_bytes);
+/* Fills token (DSD_TOKEN_LEN) with 128 random bits in hex: a plan's member token. */
+int dsd_guard_new_token(char *token);
+/* Whether a data-plane message carries the installed plan's token (a plan without one, from
+ * an older coordinator, admits every message). */
+bool dsd_guard_member(const dsd_plan *p, const Dsd__Envelope *env);
 /* Whether name is 1..63 bytes of [A-Za-z0-9._-]. */
 bool dsd_guard_node_name_ok(const char *name);
 /* Checks a Hello before it touches membership or the plan: the node name, the data endpoint,

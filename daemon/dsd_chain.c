@@ -100,9 +100,18 @@ static void chain_fail(dsd_data *d, uint64_t rid, const char *fmt, ...)
         return;
     }
     struct peer *p = dsd_links_of_node(d, (uint32_t)d->plan.head);
-    if (p)
-        dsd_send_error(p->sock, NULL, 0, rid, DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "%s: %s",
-                       d->o.node, msg);
+    if (p) { /* with the plan's token (dsd_links_send): the head acts only on members' errors */
+        char text[512];
+        snprintf(text, sizeof(text), "%s: %s", d->o.node, msg);
+        Dsd__Envelope env = DSD__ENVELOPE__INIT;
+        Dsd__Error e = DSD__ERROR__INIT;
+        e.code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
+        e.message = text;
+        env.request_id = rid;
+        env.body_case = DSD__ENVELOPE__BODY_ERROR;
+        env.error = &e;
+        dsd_links_send(d, p, &env, NULL, NULL, 0);
+    }
 }
 
 static void step_header(Dsd__StepHeader *sh, const struct task *t, uint64_t plan_version,
@@ -417,7 +426,7 @@ void dsd_chain_release(dsd_data *d, uint64_t seq)
     for (uint32_t n = 0; d->have_plan && n < d->plan.n_nodes; n++) {
         struct peer *p = dsd_links_of_node(d, n);
         if (p)
-            dsd_send(p->sock, NULL, 0, &ce, NULL, NULL, 0);
+            dsd_links_send(d, p, &ce, NULL, NULL, 0);
     }
     dsd_host_release(d->host, seq);
 }
@@ -453,6 +462,11 @@ void dsd_chain_serve_step(dsd_data *d, dsd_msg *m)
         !tensor_is(env->tensors[0], DSD__DTYPE__DTYPE_F32, n, D))
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
                "step: need %u seq ids, %u positions and one f32 frame [rows, %u]", n, n, D);
+    /* well formed: acted on only when it comes from a member of this plan (dsd_guard.c) */
+    if (!dsd_guard_member(&d->plan, env)) {
+        dsd_data_refuse_nonmember(d, m);
+        return;
+    }
     const float *x = dsd_msg_frame(m, 0, NULL);
     if (!x)
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
@@ -513,6 +527,10 @@ void dsd_chain_serve_dispatch(dsd_data *d, dsd_msg *m)
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
                "dispatch: %zu pairs for %u rows, at most %u per row (num_experts_per_tok)", P, R,
                K);
+    if (!dsd_guard_member(&d->plan, env)) {
+        dsd_data_refuse_nonmember(d, m);
+        return;
+    }
     const float *rows = dsd_msg_frame(m, 0, NULL);
     float *out = malloc(P * D * sizeof(float));
     if (!rows || !out) {

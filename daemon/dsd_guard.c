@@ -6,8 +6,11 @@
  * and a step may open only a bounded number of new sequences, all or none. Invariant: nothing
  * a peer sends can grow the daemon past these bounds or take away a working plan. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dsd.h"
 
@@ -17,6 +20,34 @@ int dsd_guard_sock_limit(void *sock, int64_t max_bytes)
         return -EINVAL;
     return zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_bytes, sizeof(max_bytes)) < 0 ? -zmq_errno()
                                                                                    : 0;
+}
+
+int dsd_guard_new_token(char *token)
+{
+    unsigned char r[16];
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, r, sizeof(r));
+    close(fd);
+    if (n != (ssize_t)sizeof(r))
+        return -EIO;
+    for (int i = 0; i < 16; i++)
+        snprintf(token + 2 * i, 3, "%02x", r[i]);
+    return 0;
+}
+
+bool dsd_guard_member(const dsd_plan *p, const Dsd__Envelope *env)
+{
+    if (!p->token[0])
+        return true;
+    const char *t = env->data_token ? env->data_token : "";
+    if (strlen(t) != strlen(p->token))
+        return false;
+    unsigned diff = 0; /* the same time whatever the first wrong digit */
+    for (size_t i = 0; t[i]; i++)
+        diff |= (unsigned)(t[i] ^ p->token[i]);
+    return diff == 0;
 }
 
 bool dsd_guard_node_name_ok(const char *name)

@@ -60,6 +60,8 @@ int dsd_links_send(dsd_data *d, struct peer *p, Dsd__Envelope *env, void **fr, c
         bytes += sz[i];
     p->bytes += bytes;
     d->dirty = true;
+    if (d->have_plan && d->plan.token[0]) /* what makes the peer take it from a member */
+        env->data_token = d->plan.token;
     return dsd_send(p->sock, NULL, 0, env, fr, sz, n);
 }
 

@@ -147,6 +147,9 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
     dsd_plan_clear(&d->coord.plan);
     d->coord.plan = j->plan;
     memset(&j->plan, 0, sizeof(j->plan));
+    /* a new member token per plan: only the nodes it is sent to can feed its data plane */
+    if (dsd_guard_new_token(d->coord.plan.token) < 0)
+        ds_log_warn("plan: no random token (data plane open to every sender)");
     d->plan_version = d->coord.plan.version;
     d->coord.have_plan = true;
     Dsd__Plan wp;

@@ -60,3 +60,7 @@ ds_add_script_test(NAME test_guard COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/t
 # coordinator without its model
 ds_add_script_test(NAME test_identity COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_identity.sh
                    LABELS cluster TIMEOUT 300)
+# data-plane membership: forged and replayed rows, errors and cancels from a raw ZeroMQ peer
+# (tests/cluster/zmtp_peer.py) cannot change any job's output
+ds_add_script_test(NAME test_inject COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_inject.sh
+                   LABELS cluster TIMEOUT 300)

@@ -11,6 +11,9 @@ hello with an impossible profile, a step opening thousands of sequences.
   zmtp_peer.py step HOST PORT PLAN LAYER ROWS HIDDEN [IDENTITY] [FIRST_ID] [RID]
                                               a StepHeader of ROWS new sequences (ids FIRST_ID..)
                                               at position 0; prints the reply ("none" if none)
+  zmtp_peer.py flood HOST PORT PLAN LAYERS HIDDEN RIDS SEQS STOPFILE SECONDS
+                                              forged head results, errors, steps over running
+                                              jobs' sequences and cancels, until STOPFILE exists
 Replies are printed as "error CODE: MESSAGE", "welcome", or the body's field number."""
 import socket
 import struct
@@ -199,6 +202,43 @@ def main(argv):
                      more=True)
         p.send_frame(struct.pack("<f", 0.5) * (rows * hidden))
         print(reply(p, 10))
+        return 0
+    if cmd == "flood":
+        # FLOOD: until the file STOP exists (at most SECONDS), forged results for the head
+        # (layer LAYERS, one row) and errors for every request id 1..RIDS, and steps at layer
+        # 0..LAYERS-1 for sequences 1..SEQS at positions 0 and 3 (a job's KV cache overwritten)
+        plan, layers, hidden, rids, seqs = (int(x) for x in argv[4:9])
+        stop, seconds = argv[9], float(argv[10])
+        import os
+        import time
+        p = Peer(host, port)
+        p.s.setblocking(True)
+        sent, t_end = 0, time.time() + seconds
+        row = struct.pack("<f", 3.0) * hidden
+        while time.time() < t_end and not os.path.exists(stop):
+            for rid in range(1, rids + 1):
+                head = (f_varint(1, rid) + f_varint(2, plan) + f_varint(3, layers) +
+                        f_bytes(4, "head") + f_packed(5, [1]) + f_packed(6, [0]))
+                p.send_frame(envelope(20, head, tensors=[(1, [1, hidden])], request_id=rid),
+                             more=True)
+                p.send_frame(row)
+                err = f_varint(1, 7) + f_bytes(2, "forged failure")
+                p.send_frame(envelope(40, err, request_id=rid))
+                sent += 2
+            for layer in range(layers):
+                for seq in range(1, seqs + 1):
+                    for pos in (0, 3):
+                        st = (f_varint(1, 1) + f_varint(2, plan) + f_varint(3, layer) +
+                              f_bytes(4, "attn[%d]" % layer) + f_packed(5, [seq]) +
+                              f_packed(6, [pos]))
+                        p.send_frame(envelope(20, st, tensors=[(1, [1, hidden])],
+                                              request_id=1 << 40), more=True)
+                        p.send_frame(row)
+                        sent += 1
+                cancel = f_varint(1, layer + 1)
+                p.send_frame(envelope(32, cancel))
+                sent += 1
+        print("sent %d forged messages" % sent)
         return 0
     print(__doc__)
     return 2
