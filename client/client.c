@@ -401,6 +401,10 @@ int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout
     /* a bare end notice (cancelled, error) carries no token */
     tok->has_id = !(tok->last && (!strcmp(fr, "cancelled") || !strcmp(fr, "error")));
     snprintf(tok->finish_reason, sizeof(tok->finish_reason), "%s", fr);
+    /* why a job could not go on: ds_client_error() says it */
+    if (tok->last && !strcmp(fr, "error"))
+        set_err(c, 0, "job %llu ended with an error: %s", (unsigned long long)tok->job,
+                r->token->error && r->token->error[0] ? r->token->error : "(no reason given)");
     const char *tx = r->token->text ? r->token->text : "";
     tok->text_len = strnlen(tx, sizeof(tok->text) - 1);
     memcpy(tok->text, tx, tok->text_len);

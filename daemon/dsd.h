@@ -256,6 +256,9 @@ int dsd_data_install(dsd_data *d, const dsd_plan *plan, uint32_t self, dsd_host 
                      ds_error *err);
 /* The reloadable options changed (SIGHUP): step_timeout_ms now, max_jobs from the next plan. */
 void dsd_data_set_opts(dsd_data *d, const dsd_opts *o);
+/* Ends the coordinator's jobs with an error saying why (no plan can run them); the plan stays
+ * installed. Does not wait. */
+void dsd_data_fail_jobs(dsd_data *d, const char *why);
 /* Starts measuring the link to a node (latency, bandwidth) without waiting. */
 void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint);
 /* Snapshots (JSON, caller frees): "stats" this node's units, links and routing counts;

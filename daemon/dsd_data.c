@@ -184,7 +184,7 @@ char *dsd_data_json(dsd_data *d, const char *what)
     return r;
 }
 
-enum { OP_STOP = 1, OP_INSTALL, OP_PROBE, OP_OPTS };
+enum { OP_STOP = 1, OP_INSTALL, OP_PROBE, OP_OPTS, OP_FAIL_JOBS };
 
 struct ctl_msg {
     int op;
@@ -194,6 +194,7 @@ struct ctl_msg {
     char name[64];              /* OP_PROBE */
     char endpoint[DSD_STR_MAX]; /* OP_PROBE */
     dsd_opts o;                 /* OP_OPTS: the options after a reload */
+    char why[400];              /* OP_FAIL_JOBS: why the jobs cannot go on */
 };
 
 /* ---- the scheduler's port ------------------------------------------------------------------ */
@@ -302,6 +303,9 @@ static int sched_start(dsd_data *d, ds_error *err)
         .max_rows_per_step = (uint32_t)d->o.max_rows_per_step,
         .step_timeout_ns = (uint64_t)d->o.step_timeout_ms * 1000000ull,
         .one_node = plan_one_node(&d->plan),
+        /* a job is fed again (its prompt and tokens so far) after a failed micro-batch or on a
+         * new plan, this many times at most (dsd_sched_adopt) */
+        .max_replays = 8,
     };
     /* every frame of a micro-batch must pass the peers' max_frame_bytes (dsd_guard.c) */
     uint32_t fit = dsd_guard_rows_per_frame(ds_model_get_config(dsd_host_model(d->host)),
@@ -337,9 +341,16 @@ static void uninstall(dsd_data *d, const char *reason)
 
 static void install(dsd_data *d, struct ctl_msg *cm)
 {
-    uninstall(d, "error"); /* a new plan: jobs of the old one cannot continue */
+    /* the jobs belong to the coordinator, not to the plan: they outlive it and are replayed
+     * on the new one (dsd_sched_adopt); the old scheduler is kept aside meanwhile (it uses
+     * nothing of the old units once no micro-batch runs) */
+    dsd_sched *old = d->sched;
+    d->sched = NULL;
+    uninstall(d, "error");
     if (!cm->plan) {
         dsd_host_free(cm->host);
+        dsd_sched_fail_all(old, "the plan was withdrawn and no new one was made");
+        dsd_sched_free(old, "error");
         return;
     }
     d->plan = *cm->plan;
@@ -367,9 +378,21 @@ static void install(dsd_data *d, struct ctl_msg *cm)
     d->have_plan = true;
     if (d->coordinator) {
         ds_error err = {0};
-        if (sched_start(d, &err) < 0)
+        if (sched_start(d, &err) < 0) {
             ds_log_err("scheduler: %s", ds_error_str(&err));
+            char why[400];
+            snprintf(why, sizeof(why), "the new plan's scheduler did not start: %s",
+                     ds_error_str(&err));
+            dsd_sched_fail_all(old, why);
+        } else {
+            uint32_t n = dsd_sched_adopt(d->sched, old);
+            old = NULL;
+            if (n)
+                ds_log_notice("data: %u jobs replayed on plan v%llu", n,
+                              (unsigned long long)d->plan.version);
+        }
     }
+    dsd_sched_free(old, "error");
     ds_log_info("data: plan v%llu installed (node %u of %u)", (unsigned long long)d->plan.version,
                 d->self, N);
     d->dirty = true;
@@ -392,6 +415,10 @@ static bool on_ctl(dsd_data *d)
         return true;
     case OP_PROBE:
         dsd_links_add(d, cm.name, cm.endpoint);
+        return true;
+    case OP_FAIL_JOBS:
+        cm.why[sizeof(cm.why) - 1] = 0;
+        dsd_sched_fail_all(d->sched, cm.why);
         return true;
     case OP_OPTS:
         ds_log_info("data: reloaded options (step_timeout_ms %lld)",
@@ -532,6 +559,13 @@ int dsd_data_install(dsd_data *d, const dsd_plan *plan, uint32_t self, dsd_host 
     char ok[4];
     zmq_recv(d->loop_ctl, ok, sizeof(ok), 0); /* the thread has it (and freed the old units) */
     return 0;
+}
+
+void dsd_data_fail_jobs(dsd_data *d, const char *why)
+{
+    struct ctl_msg cm = {.op = OP_FAIL_JOBS};
+    snprintf(cm.why, sizeof(cm.why), "%s", why);
+    zmq_send(d->loop_ctl, &cm, sizeof(cm), 0);
 }
 
 void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint)

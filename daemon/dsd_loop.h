@@ -78,6 +78,8 @@ struct dsd_worker {
     char *load_json;      /* the plan being loaded: its JSON, written to state_dir once loaded */
     uint32_t load_layers; /* and its layers (n_layers_hint once loaded) */
     char last_refusal[256]; /* the coordinator's last Error, logged once per reason */
+    char load_token[DSD_TOKEN_LEN]; /* the data token of the plan being loaded */
+    char plan_token[DSD_TOKEN_LEN]; /* and of the plan installed */
 };
 
 /* The loop's state. coord is used on the coordinator only, worker on a worker only. */
@@ -96,6 +98,7 @@ struct dsd {
     char problem[512];                 /* why this node cannot host units, or "" */
     int lock_fd;                       /* state_dir/dsd.lock, held while running */
     uint64_t last_hb_ns, last_wd_ns, wd_usec;
+    uint64_t last_loop_ns; /* the timers' last run: a longer gap is a stall of this process */
     dsd_loader *loading; /* this node's units of a plan being opened on the loader thread */
     struct dsd_coord coord;
     struct dsd_worker worker;

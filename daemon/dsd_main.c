@@ -34,10 +34,23 @@ static void on_timer(struct dsd *d)
         sd_notify(0, "WATCHDOG=1");
         d->last_wd_ns = now;
     }
+    uint64_t dead = hb * (uint64_t)d->o.heartbeat_misses;
+    /* this loop itself did not run for a while (SIGSTOP, a swapped-out host): what it could
+     * not read says nothing about the peers, so they get a fresh window instead of being
+     * declared failed for our silence */
+    if (d->last_loop_ns && now - d->last_loop_ns > dead / 2 && now - d->last_loop_ns > 2 * hb) {
+        ds_log_warn("the event loop stalled for %llu ms: every peer gets a fresh heartbeat window",
+                    (unsigned long long)((now - d->last_loop_ns) / 1000000));
+        for (uint32_t i = 1; d->coordinator && i < d->coord.n_nodes; i++)
+            if (!d->coord.nodes[i].failed)
+                d->coord.nodes[i].last_seen_ns = now;
+        if (!d->coordinator)
+            d->worker.last_coord_ns = now;
+    }
+    d->last_loop_ns = now;
     if (now - d->last_hb_ns < hb)
         return;
     d->last_hb_ns = now;
-    uint64_t dead = hb * (uint64_t)d->o.heartbeat_misses;
     if (d->coordinator && d->coord.plan_due_ns && !d->coord.have_plan &&
         (now >= d->coord.plan_due_ns || dsd_members_links_measured(d))) {
         d->coord.plan_due_ns = 0;

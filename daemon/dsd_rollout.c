@@ -139,6 +139,11 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
                  err.msg[0] ? ds_error_str(&err) : strerror(-rc));
         ds_log_err("plan: no plan over %u nodes (strategy %s): %s; the cluster does not serve",
                    j->n, d->o.plan_strategy, d->coord.plan_error);
+        /* jobs waiting for a new plan cannot go on: they end now, saying why, instead of
+         * waiting for a client's timeout */
+        char why[600];
+        snprintf(why, sizeof(why), "no plan fits the %u nodes left: %s", j->n, d->coord.plan_error);
+        dsd_data_fail_jobs(d->dp, why);
         dsd_loop_set_state(d, "no-plan");
         dsd_notify("STATUS=no plan: %s", d->coord.plan_error);
         goto out;

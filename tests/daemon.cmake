@@ -64,3 +64,7 @@ ds_add_script_test(NAME test_identity COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluste
 # (tests/cluster/zmtp_peer.py) cannot change any job's output
 ds_add_script_test(NAME test_inject COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_inject.sh
                    LABELS cluster TIMEOUT 300)
+# chaos, bounded: kill -9 a worker, SIGSTOP one past the failure timeout, SIGSTOP the
+# coordinator, lose every worker; jobs replayed token-identical or ended with a clear error
+ds_add_script_test(NAME test_chaos COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_chaos.sh
+                   LABELS cluster TIMEOUT 600)
