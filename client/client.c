@@ -89,6 +89,8 @@ static int map_code(Dsd__ErrorCode code)
         return -ENOENT;
     case DSD__ERROR_CODE__ERROR_CODE_BUSY:
         return -EBUSY;
+    case DSD__ERROR_CODE__ERROR_CODE_FORBIDDEN:
+        return -EPERM;
     default:
         return -EIO;
     }

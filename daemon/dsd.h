@@ -64,6 +64,7 @@ typedef struct dsd_opts {
     char curve_secret_key_file[PATH_MAX]; /* cluster key pair file; "" = CURVE off */
     char curve_authorized_keys[PATH_MAX]; /* client public keys allowed; "" = any client key */
     char curve_server_public_key[41];     /* Z85; "" = the public key of the key file */
+    char curve_operator_keys[PATH_MAX];   /* client keys that may also drain/replan; "" = all */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -95,6 +96,7 @@ typedef struct dsd_msg {
     uint32_t n_frames;
     void *aligned[DS_WIRE_MAX_TENSOR_FRAMES]; /* copies of frames zmq delivered misaligned */
     Dsd__ErrorCode refused;                   /* why the message was refused (when env == NULL) */
+    char user_id[16]; /* the connection's ZAP User-Id (CURVE: its role), "" without one */
 } dsd_msg;
 
 /* Receives one multipart message. router: the first frame is the peer identity. Returns 0
@@ -315,6 +317,13 @@ int dsd_curve_start(void *zctx, const dsd_opts *o, ds_error *err);
 /* Joins the ZAP thread and forgets the keys; call after zmq_ctx_term (which ends the thread). */
 void dsd_curve_stop(void);
 bool dsd_curve_enabled(void);
+/* Roles of a client connection (the ZAP User-Id of its messages, dsd_msg.user_id). */
+#define DSD_ROLE_OPERATOR "operator"
+#define DSD_ROLE_CLIENT   "client"
+/* Whether a client whose messages carry user_id may drain, undrain and replan: an operator
+ * key (curve_operator_keys, or the cluster key), or anyone when no operator keys are set or
+ * CURVE is off. */
+bool dsd_curve_may_operate(const char *user_id);
 /* Connections refused by the ZAP handler since the start. */
 uint64_t dsd_curve_refused(void);
 /* Makes sock a CURVE server with the cluster secret in ZAP domain `domain` (call before

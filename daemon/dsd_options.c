@@ -107,6 +107,10 @@ static const struct opt OPTS[] = {
     {"curve_authorized_keys", OPT_STR, S(curve_authorized_keys), 0, 0, "", NULL, false,
      "CURVE, coordinator: file of client public keys (Z85, one a line, # comments) allowed on "
      "client_bind; empty = every client that knows the cluster public key"},
+    {"curve_operator_keys", OPT_STR, S(curve_operator_keys), 0, 0, "", NULL, false,
+     "CURVE, coordinator: file of client public keys (as curve_authorized_keys) that may also "
+     "drain, undrain and replan; the others may only submit, cancel and read status; empty = "
+     "every admitted client may"},
     {"curve_server_public_key", OPT_STR, S(curve_server_public_key), 0, 0, "", NULL, false,
      "CURVE: the coordinator's (= cluster) public key, to pin it; empty = the public key of "
      "curve_secret_key_file; a different key refuses to start"},
