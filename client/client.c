@@ -37,6 +37,7 @@ struct ds_client {
     pthread_mutex_t mu;
     void *ctx, *sock;
     int timeout_ms;
+    int submit_retry_ms; /* ds_client_opts.submit_retry_ms */
     uint64_t next_req;
     struct qmsg *head, *tail;
     size_t n_queued;
@@ -104,6 +105,7 @@ int ds_client_connect(const char *endpoint, const ds_client_opts *opts, ds_clien
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->err_mu, NULL);
     c->timeout_ms = opts && opts->timeout_ms > 0 ? opts->timeout_ms : 30000;
+    c->submit_retry_ms = opts && opts->submit_retry_ms > 0 ? opts->submit_retry_ms : 0;
     c->ctx = zmq_ctx_new();
     c->sock = c->ctx ? zmq_socket(c->ctx, ZMQ_DEALER) : NULL;
     if (!c->sock) {
@@ -379,8 +381,19 @@ int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
     sb.stop = (char **)req->stop;
     env.body_case = DSD__ENVELOPE__BODY_SUBMIT;
     env.submit = &sb;
-    uint64_t id = 0;
-    int rc = call_reply(c, &env, NULL, &id);
+    uint64_t id = 0, t0 = now_ms();
+    int rc;
+    for (;;) {
+        rc = call_reply(c, &env, NULL, &id);
+        /* refused before it started (no plan serving): safe to send again */
+        bool not_started = rc == -EBUSY && (strstr(ds_client_error(c), "not serving") ||
+                                            strstr(ds_client_error(c), "no plan is installed"));
+        if (!not_started ||
+            now_ms() - t0 >= (uint64_t)(c->submit_retry_ms > 0 ? c->submit_retry_ms : 0))
+            break;
+        struct timespec ts = {0, 100 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     if (rc < 0)
         return rc;
     if (!id)

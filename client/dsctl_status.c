@@ -53,8 +53,13 @@ int dsctl_connect_timeout(const char *endpoint, int timeout_ms, ds_client **c);
 int dsctl_connect_timeout(const char *endpoint, int timeout_ms, ds_client **c)
 {
     const char *t = getenv("DSD_TIMEOUT_MS"), *kf = getenv("DSD_CLIENT_KEY");
-    ds_client_opts o = {.timeout_ms = timeout_ms > 0 ? timeout_ms : t ? atoi(t) : 10000,
-                        .server_public_key = getenv("DSD_SERVER_KEY")};
+    const char *rt = getenv("DSD_SUBMIT_RETRY_MS");
+    ds_client_opts o = {.timeout_ms = timeout_ms > 0 ? timeout_ms
+                                      : t            ? atoi(t)
+                                                     : 10000,
+                        .server_public_key = getenv("DSD_SERVER_KEY"),
+                        /* a submit the cluster refused while it replans is sent again */
+                        .submit_retry_ms = rt ? atoi(rt) : 30000};
     if (o.server_public_key && !*o.server_public_key)
         o.server_public_key = NULL;
     char pub[DS_KEY_Z85_LEN + 1], sec[DS_KEY_Z85_LEN + 1];

@@ -119,8 +119,18 @@ wait_streaming || say FAIL "round 1: no job streamed"
 v=$(version) r=$(replays)
 t0=$(date +%s.%N)
 kill -9 "$W2"
+# a job submitted while the cluster replans: refused "not serving" and sent again by dsctl
+# (libdsclient's submit_retry_ms), or taken on the old plan and replayed: identical either way
+sleep 2.2
+late_want=$("$DSCTL" generate --local --model "$M" --tokens 7,7,7 --max-tokens 40 --threads 1 | tail -n1)
+DSD_TIMEOUT_MS=60000 timeout 120 "$DSCTL" submit --tokens 7,7,7 --max-tokens 40 >"$CLUSTER_DIR/late" 2>&1 &
+late=$!
 echo "  round 1: serving a new plan $(wait_serving "$t0" "$v") s after the kill"
 finish_round "round 1 (kill -9 w2)" identical
+wait $late
+[ "$(tail -n1 "$CLUSTER_DIR/late")" = "$late_want" ] &&
+    say ok "round 1: a job submitted during the replan completed, token-identical" ||
+    say FAIL "round 1: the job submitted during the replan: $(cat "$CLUSTER_DIR/late")"
 [ "$(replays)" -gt "$r" ] && say ok "round 1: $(($(replays) - r)) jobs replayed on the new plan" ||
     say FAIL "round 1: no job was replayed"
 
@@ -164,4 +174,7 @@ finish_round "round 4 (kill -9 w1 and w2)" error "$t0"
 st=$("$DSCTL" status --json)
 echo "$st" | jq -r .plan_error | grep -q "." && say ok "plan_error: $(echo "$st" | jq -r .plan_error)" ||
     say FAIL "no plan_error: $st"
+out=$(DSD_SUBMIT_RETRY_MS=1000 timeout 30 "$DSCTL" submit --tokens 5,6,7 --max-tokens 4 2>&1)
+echo "$out" | grep -q "not serving" && say ok "a new submit without a plan: $out" ||
+    say FAIL "a new submit without a plan: $out"
 exit $fail
