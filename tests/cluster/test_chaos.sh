@@ -5,10 +5,12 @@
 # 4 jobs of 240 tokens (2 greedy, 2 sampled with their seeds) stream:
 #   1. kill -9 w2                       -> replan over coord + w1, the jobs replayed
 #   2. (w2 restarted and taken back) SIGSTOP w1 until a plan without it serves, 1 s more, SIGCONT
-#   3. SIGSTOP the coordinator for 5 s, SIGCONT -> it recovers by itself
-#   4. kill -9 both workers             -> no plan fits: every job ends with an error saying
+#   3. cut w1's link (a TCP forwarder between it and the others, SIGSTOPped: open connections,
+#      nothing crosses) until a plan without it serves, 1 s more, mend it
+#   4. SIGSTOP the coordinator for 5 s, SIGCONT -> it recovers by itself
+#   5. kill -9 both workers             -> no plan fits: every job ends with an error saying
 #                                          so, within BOUND_S of the kill
-# In rounds 1-3 every job must complete with exactly the tokens of `dsctl generate --local`
+# In rounds 1-4 every job must complete with exactly the tokens of `dsctl generate --local`
 # (one uninterrupted stream: no client timeout, no error). Printed per round: jobs in flight,
 # completed identical, ended with error (and why), time to serve again. Every wait bounded.
 set -u
@@ -20,8 +22,15 @@ M="$DS_ROOT/models/tiny"
 BOUND_S=30 # a job that cannot go on ends within this many seconds of the failure
 cap_devices 70 "$M" >/dev/null
 opts=(--devices_config="$CLUSTER_DIR/devices.conf" --plan_context=300)
-cluster_start "$M" 2 "${opts[@]}" || { tail -n 20 "$CLUSTER_DIR"/*.log; exit 1; }
+# w1 reaches the coordinator, and the others reach w1's data port, through a "link" (a TCP
+# forwarder) that round 3 cuts
+LINK_C=$((BASE_PORT + 10)) LINK_D=$((BASE_PORT + 11))
+python3 "$(dirname "$0")/tcp_proxy.py" "$LINK_C:$BASE_PORT" "$LINK_D:$((BASE_PORT + 3))" &
+LINK=$!
+CLUSTER_WORKER_ARGS[1]="--coordinator=tcp://127.0.0.1:$LINK_C --data_advertise=tcp://127.0.0.1:$LINK_D"
+cluster_start "$M" 2 "${opts[@]}" || { kill $LINK; tail -n 20 "$CLUSTER_DIR"/*.log; exit 1; }
 COORD=${CLUSTER_PIDS[0]} W1=${CLUSTER_PIDS[1]} W2=${CLUSTER_PIDS[2]}
+CLUSTER_PIDS+=($LINK)
 say() { if [ "$1" = ok ]; then echo "ok   $2"; else echo "FAIL $2"; fail=1; fi; }
 N_TOK=240
 PROMPTS=("5,6,7" "10,20,30,40" "200,3,3,3" "1,2")
@@ -153,24 +162,41 @@ for ((k = 0; k < 300; k++)); do # w1 back in the plan once idle
     sleep 0.1
 done
 
-# 3. the coordinator hung for 5 s
+# 3. w1's link cut (nothing crosses it, the connections stay open) past the failure timeout
 start_jobs
 wait_streaming || say FAIL "round 3: no job streamed"
+v=$(version) r=$(replays)
+t0=$(date +%s.%N)
+kill -STOP "$LINK"
+echo "  round 3: serving a new plan $(wait_serving "$t0" "$v") s after the cut"
+sleep 1
+kill -CONT "$LINK"
+finish_round "round 3 (w1's link cut)" identical
+[ "$(replays)" -gt "$r" ] && say ok "round 3: $(($(replays) - r)) jobs replayed on the new plan" ||
+    say FAIL "round 3: no job was replayed"
+for ((k = 0; k < 300; k++)); do # w1 back in the plan once the link is back and no job runs
+    [ "$("$DSCTL" placement --json 2>/dev/null | jq -r '[.plan.units[] | split("/")[0]] | unique | length')" = 3 ] && break
+    sleep 0.1
+done
+
+# 4. the coordinator hung for 5 s
+start_jobs
+wait_streaming || say FAIL "round 4: no job streamed"
 t0=$(date +%s.%N)
 kill -STOP "$COORD"
 sleep 5
 kill -CONT "$COORD"
-echo "  round 3: serving $(wait_serving "$t0" 0) s after the stop (5 s of it stopped)"
-finish_round "round 3 (SIGSTOP coordinator 5 s)" identical
+echo "  round 4: serving $(wait_serving "$t0" 0) s after the stop (5 s of it stopped)"
+finish_round "round 4 (SIGSTOP coordinator 5 s)" identical
 grep -q "event loop stalled" "$CLUSTER_DIR/coord.log" && say ok "the coordinator noticed its stall" ||
     say FAIL "no stall line in coord.log"
 
-# 4. no plan fits: both workers gone
+# 5. no plan fits: both workers gone
 start_jobs
-wait_streaming || say FAIL "round 4: no job streamed"
+wait_streaming || say FAIL "round 5: no job streamed"
 t0=$(date +%s.%N)
 kill -9 "$W1" "$W2"
-finish_round "round 4 (kill -9 w1 and w2)" error "$t0"
+finish_round "round 5 (kill -9 w1 and w2)" error "$t0"
 st=$("$DSCTL" status --json)
 echo "$st" | jq -r .plan_error | grep -q "." && say ok "plan_error: $(echo "$st" | jq -r .plan_error)" ||
     say FAIL "no plan_error: $st"
