@@ -40,10 +40,12 @@ static const struct opt OPTS[] = {
     {"cluster", OPT_STR, S(cluster), 0, 0, "dsd", NULL, false, "cluster name (coordinator)"},
     {"coordinator", OPT_STR, S(coordinator), 0, 0, "", NULL, false,
      "worker: control endpoint of the coordinator, e.g. tcp://10.0.0.1:7100"},
-    {"control_bind", OPT_STR, S(control_bind), 0, 0, "tcp://*:7100", NULL, false,
-     "coordinator: where workers connect (ZeroMQ endpoint)"},
-    {"client_bind", OPT_STR, S(client_bind), 0, 0, "tcp://*:7101", NULL, false,
-     "coordinator: where clients (libdsclient, dsctl) connect"},
+    {"control_bind", OPT_STR, S(control_bind), 0, 0, "tcp://127.0.0.1:7100", NULL, false,
+     "coordinator: where workers connect (ZeroMQ endpoint; loopback unless an address is "
+     "given, e.g. tcp://10.0.0.1:7100 or tcp://*:7100)"},
+    {"client_bind", OPT_STR, S(client_bind), 0, 0, "tcp://127.0.0.1:7101", NULL, false,
+     "coordinator: where clients (libdsclient, dsctl) connect (loopback unless an address is "
+     "given)"},
     {"data_bind", OPT_STR, S(data_bind), 0, 0, "tcp://127.0.0.1:7102", NULL, false,
      "where this node's data ROUTER listens"},
     {"data_advertise", OPT_STR, S(data_advertise), 0, 0, "", NULL, false,
