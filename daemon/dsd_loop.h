@@ -97,6 +97,7 @@ struct dsd {
     char model_digest[DSD_DIGEST_LEN]; /* this node's checkpoint copy (dsd_digest.c), or "" */
     char problem[512];                 /* why this node cannot host units, or "" */
     int lock_fd;                       /* state_dir/dsd.lock, held while running */
+    char instance[DSD_TOKEN_LEN];      /* this process: random at start (status "instance") */
     uint64_t last_hb_ns, last_wd_ns, wd_usec;
     uint64_t last_loop_ns; /* the timers' last run: a longer gap is a stall of this process */
     dsd_loader *loading; /* this node's units of a plan being opened on the loader thread */

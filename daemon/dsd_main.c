@@ -201,6 +201,8 @@ int main(int argc, char **argv)
     if (rc < 0)
         ds_log_warn("%s (running without the state_dir lock)", ds_error_str(&err));
     err = (ds_error){0};
+    if (dsd_guard_new_token(d.instance) < 0)
+        snprintf(d.instance, sizeof(d.instance), "%08x", (unsigned)getpid());
     dsd_node_check(&d.o, d.model_digest, sizeof(d.model_digest), d.problem, sizeof(d.problem));
     if (d.model_digest[0])
         ds_log_info("model %s: digest %s", d.o.model, d.model_digest);

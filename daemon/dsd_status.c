@@ -225,6 +225,7 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
             json_object_set_new(r, "plan_error", json_string(d->coord.plan_error));
         if (d->model_digest[0])
             json_object_set_new(r, "model_digest", json_string(d->model_digest));
+        json_object_set_new(r, "instance", json_string(d->instance));
         if (d->coord.n_refused) { /* the last hellos refused, and why */
             json_t *rf = json_array();
             for (uint32_t k = 0; k < d->coord.n_refused; k++)
@@ -239,6 +240,10 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
         json_decref(st);
     } else if (!strcmp(what, "jobs")) {
         r = dsd_status_data(d, "jobs");
+        /* which coordinator process answers: a client whose job is not in the list of the
+         * instance it submitted to knows the job is lost (libdsclient) */
+        if (json_is_object(r))
+            json_object_set_new(r, "instance", json_string(d->instance));
     } else if (!strcmp(what, "placement")) {
         char *pj = d->coord.have_plan ? dsd_plan_json(&d->coord.plan) : NULL;
         json_t *plan = pj ? json_loads(pj, 0, NULL) : json_null();

@@ -8,7 +8,10 @@
 #   3. cut w1's link (a TCP forwarder between it and the others, SIGSTOPped: open connections,
 #      nothing crosses) until a plan without it serves, 1 s more, mend it
 #   4. SIGSTOP the coordinator for 5 s, SIGCONT -> it recovers by itself
-#   5. kill -9 both workers             -> no plan fits: every job ends with an error saying
+#   5. kill -9 the coordinator, restart it -> its jobs are lost with it: every client is told
+#                                          so (libdsclient asks the new process) within BOUND_S;
+#                                          the workers rejoin and it serves again
+#   6. kill -9 both workers             -> no plan fits: every job ends with an error saying
 #                                          so, within BOUND_S of the kill
 # In rounds 1-4 every job must complete with exactly the tokens of `dsctl generate --local`
 # (one uninterrupted stream: no client timeout, no error). Printed per round: jobs in flight,
@@ -92,6 +95,14 @@ finish_round() { # $1 label, $2 expect: identical | error, $3 t0 of the failure
         "$errs" "${why:+ (why: $why)}"
     if [ "$2" = identical ]; then
         [ $same = 4 ] && say ok "$1: every job completed, token-identical" || say FAIL "$1: $same of 4 identical"
+    elif [ "$2" = lost ]; then
+        local took
+        took=$(echo "$t_end - $3" | bc)
+        echo "  $1: the clients were told ${took} s after the kill (bound ${BOUND_S} s)"
+        [ $errs = 4 ] && echo "$why" | grep -qE "coordinator restarted|does not run job" &&
+            [ "$(echo "$took < $BOUND_S" | bc)" = 1 ] &&
+            say ok "$1: every client was told its job is lost, within the bound" ||
+            say FAIL "$1: errors $errs, why '$why', after $took s"
     else
         local took
         took=$(echo "$t_end - $3" | bc)
@@ -191,12 +202,34 @@ finish_round "round 4 (SIGSTOP coordinator 5 s)" identical
 grep -q "event loop stalled" "$CLUSTER_DIR/coord.log" && say ok "the coordinator noticed its stall" ||
     say FAIL "no stall line in coord.log"
 
-# 5. no plan fits: both workers gone
+# 5. the coordinator dies and restarts: its jobs are lost with it (they live in its memory);
+# every client is told so within the bound, the workers rejoin, and it serves again
 start_jobs
 wait_streaming || say FAIL "round 5: no job streamed"
 t0=$(date +%s.%N)
+kill -9 "$COORD"
+wait "$COORD" 2>/dev/null
+sleep 1
+"$DSD" --node=coord --role=coordinator --expect_workers=2 \
+    --control_bind="tcp://127.0.0.1:$BASE_PORT" --client_bind="tcp://127.0.0.1:$((BASE_PORT + 1))" \
+    --data_bind="tcp://127.0.0.1:$((BASE_PORT + 2))" --model="$M" --state_dir="$CLUSTER_DIR/coord" \
+    --threads=1 --heartbeat_ms=200 --heartbeat_misses=10 --calibrate=false --discover_opencl=false \
+    "${opts[@]}" >>"$CLUSTER_DIR/coord.log" 2>&1 &
+COORD=$!
+CLUSTER_PIDS+=($COORD)
+finish_round "round 5 (kill -9 and restart the coordinator)" lost "$t0"
+echo "  round 5: serving again $(wait_serving "$t0" 0) s after the kill"
+late_want=$("$DSCTL" generate --local --model "$M" --tokens 9,8,7 --max-tokens 30 --threads 1 | tail -n1)
+[ "$(timeout 60 "$DSCTL" submit --tokens 9,8,7 --max-tokens 30 | tail -n1)" = "$late_want" ] &&
+    say ok "round 5: the restarted coordinator serves, token-identical" ||
+    say FAIL "round 5: the restarted coordinator does not serve identical tokens"
+
+# 6. no plan fits: both workers gone
+start_jobs
+wait_streaming || say FAIL "round 6: no job streamed"
+t0=$(date +%s.%N)
 kill -9 "$W1" "$W2"
-finish_round "round 5 (kill -9 w1 and w2)" error "$t0"
+finish_round "round 6 (kill -9 w1 and w2)" error "$t0"
 st=$("$DSCTL" status --json)
 echo "$st" | jq -r .plan_error | grep -q "." && say ok "plan_error: $(echo "$st" | jq -r .plan_error)" ||
     say FAIL "no plan_error: $st"
