@@ -268,7 +268,10 @@ int dsd_rollout_start(struct dsd *d)
     if (!j)
         return -ENOMEM;
     j->efd = -1;
-    int rc = ds_model_open(d->o.model, NULL, &j->probe, &j->err);
+    /* a checkpoint found broken at start (truncated: dsd_digest.c) opens lazily and would fail
+     * only under a job */
+    int rc = d->problem[0] ? ds_error_set(&j->err, -EBADMSG, "%s", d->problem)
+                           : ds_model_open(d->o.model, NULL, &j->probe, &j->err);
     if (rc < 0) {
         snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "cannot read the model %s: %s",
                  d->o.model, ds_error_str(&j->err));

@@ -152,4 +152,19 @@ done
     say FAIL "missing model: $st"
 "$DSCTL" status --endpoint "tcp://127.0.0.1:$((P + 11))" | grep -q "plan error: cannot read the model" &&
     say ok "dsctl status prints the plan error" || say FAIL "dsctl status without the plan error"
+# a coordinator whose checkpoint is truncated: it says so instead of serving a broken model
+"$DSD" --node=c3 --role=coordinator --control_bind="tcp://127.0.0.1:$((P + 13))" \
+    --client_bind="tcp://127.0.0.1:$((P + 14))" --data_bind="tcp://127.0.0.1:$((P + 15))" \
+    --model="$CLUSTER_DIR/trunc" --state_dir="$CLUSTER_DIR/c3" --calibrate=false \
+    --discover_opencl=false --heartbeat_ms=200 >"$CLUSTER_DIR/c3.log" 2>&1 &
+CLUSTER_PIDS+=($!)
+ok=0
+for ((i = 0; i < 100; i++)); do
+    st=$(DSD_TIMEOUT_MS=1000 "$DSCTL" status --endpoint "tcp://127.0.0.1:$((P + 14))" --json 2>/dev/null)
+    [ "$(echo "$st" | jq -r .state 2>/dev/null)" = no-plan ] && { ok=1; break; }
+    sleep 0.1
+done
+[ $ok = 1 ] && echo "$st" | jq -r .plan_error | grep -q "truncated" &&
+    say ok "truncated checkpoint on the coordinator: $(echo "$st" | jq -r .plan_error)" ||
+    say FAIL "truncated checkpoint on the coordinator: $st"
 exit $fail
