@@ -25,6 +25,7 @@
 #include "ds_wire.h"
 
 #define SLICE_MS      20
+#define NEXT_PROBE_MS 2000 /* a job silent this long: ask whether the coordinator still runs it */
 #define MAX_QUEUE     65536
 #define MAX_CANCELLED 256 /* cancelled jobs whose stream may still be arriving */
 
@@ -37,6 +38,7 @@ struct ds_client {
     pthread_mutex_t mu;
     void *ctx, *sock;
     int timeout_ms;
+    int submit_retry_ms; /* ds_client_opts.submit_retry_ms */
     uint64_t next_req;
     struct qmsg *head, *tail;
     size_t n_queued;
@@ -52,6 +54,7 @@ struct ds_client {
     uint32_t next_cancel_req;
     pthread_mutex_t err_mu; /* guards err */
     char err[512];
+    char instance[40]; /* the coordinator process whose jobs this handle follows ("" unknown) */
 };
 
 static uint64_t now_ms(void)
@@ -89,6 +92,8 @@ static int map_code(Dsd__ErrorCode code)
         return -ENOENT;
     case DSD__ERROR_CODE__ERROR_CODE_BUSY:
         return -EBUSY;
+    case DSD__ERROR_CODE__ERROR_CODE_FORBIDDEN:
+        return -EPERM;
     default:
         return -EIO;
     }
@@ -102,6 +107,7 @@ int ds_client_connect(const char *endpoint, const ds_client_opts *opts, ds_clien
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->err_mu, NULL);
     c->timeout_ms = opts && opts->timeout_ms > 0 ? opts->timeout_ms : 30000;
+    c->submit_retry_ms = opts && opts->submit_retry_ms > 0 ? opts->submit_retry_ms : 0;
     c->ctx = zmq_ctx_new();
     c->sock = c->ctx ? zmq_socket(c->ctx, ZMQ_DEALER) : NULL;
     if (!c->sock) {
@@ -377,8 +383,19 @@ int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
     sb.stop = (char **)req->stop;
     env.body_case = DSD__ENVELOPE__BODY_SUBMIT;
     env.submit = &sb;
-    uint64_t id = 0;
-    int rc = call_reply(c, &env, NULL, &id);
+    uint64_t id = 0, t0 = now_ms();
+    int rc;
+    for (;;) {
+        rc = call_reply(c, &env, NULL, &id);
+        /* refused before it started (no plan serving): safe to send again */
+        bool not_started = rc == -EBUSY && (strstr(ds_client_error(c), "not serving") ||
+                                            strstr(ds_client_error(c), "no plan is installed"));
+        if (!not_started ||
+            now_ms() - t0 >= (uint64_t)(c->submit_retry_ms > 0 ? c->submit_retry_ms : 0))
+            break;
+        struct timespec ts = {0, 100 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     if (rc < 0)
         return rc;
     if (!id)
@@ -387,10 +404,73 @@ int ds_client_submit(ds_client *c, const ds_client_request *req, uint64_t *job)
     return 0;
 }
 
+/* Whether the coordinator still runs job: 1 when it answers that it does not (another
+ * process answers: it restarted, or the job is not in its list), 0 when it does, < 0 when it
+ * does not answer within timeout_ms. */
+static int job_lost(ds_client *c, uint64_t job, int timeout_ms, char *why, size_t why_len)
+{
+    Dsd__Envelope env = DSD__ENVELOPE__INIT;
+    Dsd__StatusRequest sr = DSD__STATUS_REQUEST__INIT;
+    sr.what = "jobs";
+    env.body_case = DSD__ENVELOPE__BODY_STATUS_REQUEST;
+    env.status_request = &sr;
+    pthread_mutex_lock(&c->mu);
+    uint64_t req = env.request_id = ++c->next_req;
+    int rc = send_env(c, &env);
+    pthread_mutex_unlock(&c->mu);
+    Dsd__Envelope *r = NULL;
+    if (rc < 0 || (rc = wait_for(c, match_req, req, timeout_ms, &r)) < 0)
+        return rc < 0 ? rc : -ETIMEDOUT;
+    const char *js = r->body_case == DSD__ENVELOPE__BODY_STATUS_REPLY && r->status_reply->json
+                         ? r->status_reply->json
+                         : "";
+    char inst[40] = "", pat[48];
+    const char *ip = strstr(js, "\"instance\":\"");
+    if (ip)
+        sscanf(ip + 12, "%39[0-9a-f]", inst);
+    snprintf(pat, sizeof(pat), "{\"id\":%llu,", (unsigned long long)job);
+    int lost = 0;
+    pthread_mutex_lock(&c->mu);
+    if (inst[0] && !c->instance[0])
+        snprintf(c->instance, sizeof(c->instance), "%s", inst);
+    if (inst[0] && strcmp(inst, c->instance)) {
+        snprintf(why, why_len,
+                 "the coordinator restarted (process %s, now %s): job %llu is lost; submit it "
+                 "again",
+                 c->instance, inst, (unsigned long long)job);
+        lost = 1;
+    } else if (inst[0] && !strstr(js, pat)) { /* a jobs list (it has the instance) without it */
+        snprintf(why, why_len, "the coordinator does not run job %llu (any more); submit it again",
+                 (unsigned long long)job);
+        lost = 1;
+    }
+    pthread_mutex_unlock(&c->mu);
+    ds_wire_free(r);
+    return lost;
+}
+
 int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout_ms)
 {
     Dsd__Envelope *r = NULL;
-    int rc = wait_for(c, match_job, job, timeout_ms, &r);
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms < 0 ? c->timeout_ms : timeout_ms);
+    int rc;
+    /* waits in slices of NEXT_PROBE_MS; after a silent slice it asks the coordinator whether
+     * it still runs the job, so a job lost with a coordinator that restarted ends with an
+     * error saying so instead of this wait's timeout */
+    for (;;) {
+        uint64_t now = now_ms(), left = deadline > now ? deadline - now : 0;
+        rc = wait_for(c, match_job, job, (int)(left < NEXT_PROBE_MS ? left : NEXT_PROBE_MS), &r);
+        if (rc != -ETIMEDOUT || now_ms() >= deadline)
+            break;
+        char why[256];
+        left = deadline - now_ms();
+        if (job_lost(c, job, (int)(left < NEXT_PROBE_MS ? left : NEXT_PROBE_MS), why,
+                     sizeof(why)) == 1 &&
+            (rc = wait_for(c, match_job, job, 1000, &r)) == -ETIMEDOUT) /* it may just have ended */
+            return set_err(c, -EIO, "%s", why);
+        if (rc == 0)
+            break;
+    }
     if (rc < 0)
         return rc;
     memset(tok, 0, sizeof(*tok));
@@ -401,6 +481,10 @@ int ds_client_next(ds_client *c, uint64_t job, ds_client_token *tok, int timeout
     /* a bare end notice (cancelled, error) carries no token */
     tok->has_id = !(tok->last && (!strcmp(fr, "cancelled") || !strcmp(fr, "error")));
     snprintf(tok->finish_reason, sizeof(tok->finish_reason), "%s", fr);
+    /* why a job could not go on: ds_client_error() says it */
+    if (tok->last && !strcmp(fr, "error"))
+        set_err(c, 0, "job %llu ended with an error: %s", (unsigned long long)tok->job,
+                r->token->error && r->token->error[0] ? r->token->error : "(no reason given)");
     const char *tx = r->token->text ? r->token->text : "";
     tok->text_len = strnlen(tx, sizeof(tok->text) - 1);
     memcpy(tok->text, tx, tok->text_len);

@@ -30,6 +30,10 @@ typedef struct ds_client_opts {
     const char *server_public_key; /* CURVE: Z85 server key; NULL = plain TCP */
     const char *public_key;        /* CURVE: this client's Z85 key pair (NULL: ephemeral) */
     const char *secret_key;
+    /* a Submit refused because the cluster is not serving yet (a plan being made or loaded,
+     * e.g. after a node was lost) never started: it is sent again, every 100 ms, for up to
+     * this long (0: refused at once, -EBUSY) */
+    int submit_retry_ms;
 } ds_client_opts;
 
 typedef struct ds_client_request {

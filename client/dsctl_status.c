@@ -53,8 +53,13 @@ int dsctl_connect_timeout(const char *endpoint, int timeout_ms, ds_client **c);
 int dsctl_connect_timeout(const char *endpoint, int timeout_ms, ds_client **c)
 {
     const char *t = getenv("DSD_TIMEOUT_MS"), *kf = getenv("DSD_CLIENT_KEY");
-    ds_client_opts o = {.timeout_ms = timeout_ms > 0 ? timeout_ms : t ? atoi(t) : 10000,
-                        .server_public_key = getenv("DSD_SERVER_KEY")};
+    const char *rt = getenv("DSD_SUBMIT_RETRY_MS");
+    ds_client_opts o = {.timeout_ms = timeout_ms > 0 ? timeout_ms
+                                      : t            ? atoi(t)
+                                                     : 10000,
+                        .server_public_key = getenv("DSD_SERVER_KEY"),
+                        /* a submit the cluster refused while it replans is sent again */
+                        .submit_retry_ms = rt ? atoi(rt) : 30000};
     if (o.server_public_key && !*o.server_public_key)
         o.server_public_key = NULL;
     char pub[DS_KEY_Z85_LEN + 1], sec[DS_KEY_Z85_LEN + 1];
@@ -189,6 +194,16 @@ static void status_table(json_t *j)
         else
             printf("%s: %.1f MiB, %.1f MiB/s\n", words[k], done / 1048576, rate / 1048576);
     }
+    /* what is wrong, after the table (scripts reading the table see it unchanged) */
+    json_array_foreach(json_object_get(j, "nodes"), i, n) if (json_object_get(n, "problem"))
+        printf("node %s cannot host units: %s\n", json_string_value(json_object_get(n, "name")),
+               json_string_value(json_object_get(n, "problem")));
+    if (json_object_get(j, "plan_error"))
+        printf("plan error: %s\n", json_string_value(json_object_get(j, "plan_error")));
+    json_array_foreach(json_object_get(j, "refused"), i, n)
+        printf("refused %s %lld ms ago: %s\n", json_string_value(json_object_get(n, "name")),
+               (long long)json_integer_value(json_object_get(n, "age_ms")),
+               json_string_value(json_object_get(n, "reason")));
 }
 
 static int cmd_status(int argc, char **argv)

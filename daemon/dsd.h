@@ -49,6 +49,7 @@ typedef struct dsd_opts {
     int64_t max_context;       /* positions per sequence (prompt + generated) */
     int64_t step_timeout_ms;   /* a unit host that does not answer in this time fails the step */
     int64_t max_request_bytes; /* largest client request accepted */
+    int64_t max_frame_bytes;   /* largest frame a data-plane peer may send */
     bool compute;              /* coordinator also hosts units */
     bool auto_replan;          /* coordinator: replan around failed / returning nodes */
     bool calibrate;            /* measure devices at start (cached in state_dir) */
@@ -72,6 +73,7 @@ typedef struct dsd_opts {
     int64_t http_max_connections;         /* concurrent HTTP connections */
     int64_t http_max_body_bytes;          /* largest HTTP request body */
     int64_t http_timeout_s;               /* an idle HTTP connection is closed after this */
+    char curve_operator_keys[PATH_MAX];   /* client keys that may also drain/replan; "" = all */
 } dsd_opts;
 
 void dsd_opts_defaults(dsd_opts *o);
@@ -108,6 +110,7 @@ typedef struct dsd_msg {
     uint32_t n_frames;
     void *aligned[DS_WIRE_MAX_TENSOR_FRAMES]; /* copies of frames zmq delivered misaligned */
     Dsd__ErrorCode refused;                   /* why the message was refused (when env == NULL) */
+    char user_id[16]; /* the connection's ZAP User-Id (CURVE: its role), "" without one */
 } dsd_msg;
 
 /* Receives one multipart message. router: the first frame is the peer identity. Returns 0
@@ -194,6 +197,7 @@ char *dsd_host_stats_json(dsd_host *h);
 
 /* ---- plan (dsd_plan.c) -------------------------------------------------------------------- */
 #define DSD_MAX_DEVNAMES 16
+#define DSD_TOKEN_LEN    33 /* 32 hex digits + NUL */
 typedef struct dsd_plan {
     uint64_t version;
     uint32_t n_nodes;
@@ -214,6 +218,8 @@ typedef struct dsd_plan {
     char solver[32];   /* what produced it ("round-robin", "exact-milp", "heuristic", ...) */
     uint8_t quantize;  /* enum ds_quantize every node applies to its units at load */
     char *solver_json; /* the placement library's plan JSON (predicted times), or NULL */
+    char token[DSD_TOKEN_LEN]; /* members' data-plane token (Plan.data_token), "" = none; never
+                                * in the plan JSON */
 } dsd_plan;
 
 /* A plan's tables for model c over n_nodes named nodes, zeroed (embed/head/attn = node 0,
@@ -282,6 +288,9 @@ int dsd_data_install(dsd_data *d, const dsd_plan *plan, uint32_t self, dsd_host 
                      ds_error *err);
 /* The reloadable options changed (SIGHUP): step_timeout_ms now, max_jobs from the next plan. */
 void dsd_data_set_opts(dsd_data *d, const dsd_opts *o);
+/* Ends the coordinator's jobs with an error saying why (no plan can run them); the plan stays
+ * installed. Does not wait. */
+void dsd_data_fail_jobs(dsd_data *d, const char *why);
 /* Starts measuring the link to a node (latency, bandwidth) without waiting. */
 void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint);
 /* Snapshots (JSON, caller frees): "stats" this node's units, links and routing counts;
@@ -343,6 +352,13 @@ int dsd_curve_start(void *zctx, const dsd_opts *o, ds_error *err);
 /* Joins the ZAP thread and forgets the keys; call after zmq_ctx_term (which ends the thread). */
 void dsd_curve_stop(void);
 bool dsd_curve_enabled(void);
+/* Roles of a client connection (the ZAP User-Id of its messages, dsd_msg.user_id). */
+#define DSD_ROLE_OPERATOR "operator"
+#define DSD_ROLE_CLIENT   "client"
+/* Whether a client whose messages carry user_id may drain, undrain and replan: an operator
+ * key (curve_operator_keys, or the cluster key), or anyone when no operator keys are set or
+ * CURVE is off. */
+bool dsd_curve_may_operate(const char *user_id);
 /* Connections refused by the ZAP handler since the start. */
 uint64_t dsd_curve_refused(void);
 /* Makes sock a CURVE server with the cluster secret in ZAP domain `domain` (call before
@@ -351,6 +367,61 @@ int dsd_curve_server(void *sock, const char *domain);
 /* Makes sock a CURVE client of another node: the cluster key pair, the cluster public key as
  * server key (call before zmq_connect); 0 without doing anything when CURVE is off. */
 int dsd_curve_client(void *sock);
+
+/* ---- limits on peers (dsd_guard.c) --------------------------------------------------------- */
+#define DSD_NODE_NAME_MAX          64    /* bytes of a node name, NUL included */
+#define DSD_GUARD_MAX_DEVICES      64    /* devices one node may report */
+#define DSD_GUARD_MAX_MEMORY_BYTES 1e15  /* 1 PB: more memory than any one device has */
+#define DSD_GUARD_MAX_MEM_BW       1e14  /* 100 TB/s */
+#define DSD_GUARD_MAX_FLOPS        1e18  /* 1 EFLOP/s */
+#define DSD_GUARD_MAX_NEW_SEQS     4096u /* new sequences one step may open (= max_jobs' bound) */
+#define DSD_GUARD_CONTROL_BYTES    ((int64_t)DS_WIRE_MAX_ENVELOPE_BYTES + (1 << 20))
+/* the client socket: a request up to 4 x max_request_bytes is read and answered TOO_LARGE, a
+ * frame beyond drops the connection */
+#define DSD_GUARD_CLIENT_BYTES(max_request) ((int64_t)(max_request)*4 + (64 << 10))
+
+/* Sets sock's ZMQ_MAXMSGSIZE (bytes per frame; call before bind/connect: a connection whose
+ * frame announces more is dropped before anything is buffered). 0 or a negative errno. */
+int dsd_guard_sock_limit(void *sock, int64_t max_bytes);
+/* Fills token (DSD_TOKEN_LEN) with 128 random bits in hex: a plan's member token. */
+int dsd_guard_new_token(char *token);
+/* Whether a data-plane message carries the installed plan's token (a plan without one, from
+ * an older coordinator, admits every message). */
+bool dsd_guard_member(const dsd_plan *p, const Dsd__Envelope *env);
+/* Whether name is 1..63 bytes of [A-Za-z0-9._-]. */
+bool dsd_guard_node_name_ok(const char *name);
+/* Checks a Hello before it touches membership or the plan: the node name, the data endpoint,
+ * and every device's profile (finite, non-negative, below physical bounds). -EINVAL with err
+ * naming the node, device and field. */
+int dsd_guard_hello(const Dsd__Hello *h, ds_error *err);
+/* Rows of one micro-batch whose largest frame (an expert host's combine reply) fits
+ * max_frame_bytes (>= 1, <= DSD_MAX_ROWS). */
+uint32_t dsd_guard_rows_per_frame(const ds_model_config *c, int64_t max_frame_bytes);
+/* The sequences a step's rows would open in seqs (rows of one sequence consecutive): their
+ * count, or -ENOSPC (err says why) when more than max_new; nothing is created. */
+int dsd_guard_step_seqs(ds_seqs *seqs, uint32_t n, const uint64_t *seq_ids, uint32_t max_new,
+                        ds_error *err);
+/* After a step failed: removes the sequences it opened (those starting at position 0). */
+void dsd_guard_step_rollback(ds_seqs *seqs, uint32_t n, const uint64_t *seq_ids,
+                             const uint32_t *positions);
+
+/* ---- checkpoint digest, state directory (dsd_digest.c) ------------------------------------- */
+#define DSD_DIGEST_LEN 48 /* "fnv2x64:" + 32 hex digits + NUL, rounded up */
+/* The digest of the checkpoint at model (a directory, or one file) into out: its files' names,
+ * sizes, headers (the safetensors tensor tables) and sampled blocks; -ENOENT when it does not
+ * exist, -EBADMSG when a safetensors file is truncated or corrupt (err names the file and the
+ * sizes). */
+int dsd_digest_model(const char *model, char *out, size_t out_len, ds_error *err);
+/* Whether dir can store files (a file created, written and removed). */
+int dsd_state_dir_check(const char *dir, ds_error *err);
+/* Takes dir/dsd.lock (flock, held while *fd_out stays open; the pid written in it): -EBUSY
+ * with err naming the other daemon's pid when one holds it. */
+int dsd_state_dir_lock(const char *dir, int *fd_out, ds_error *err);
+/* What this node can offer, checked once at start: the digest of its checkpoint copy ("" with
+ * no copy), or in problem why it cannot host units (a copy that is truncated or unreadable; no
+ * copy and a state_dir that cannot store streamed weights); "" when it can. */
+void dsd_node_check(const dsd_opts *o, char *digest, size_t digest_len, char *problem,
+                    size_t problem_len);
 
 /* ---- notify (dsd_notify.c) ---------------------------------------------------------------- */
 void dsd_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -101,9 +101,18 @@ static void chain_fail(dsd_data *d, uint64_t rid, const char *fmt, ...)
         return;
     }
     struct peer *p = dsd_links_of_node(d, (uint32_t)d->plan.head);
-    if (p)
-        dsd_send_error(p->sock, NULL, 0, rid, DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "%s: %s",
-                       d->o.node, msg);
+    if (p) { /* with the plan's token (dsd_links_send): the head acts only on members' errors */
+        char text[512];
+        snprintf(text, sizeof(text), "%s: %s", d->o.node, msg);
+        Dsd__Envelope env = DSD__ENVELOPE__INIT;
+        Dsd__Error e = DSD__ERROR__INIT;
+        e.code = DSD__ERROR_CODE__ERROR_CODE_INTERNAL;
+        e.message = text;
+        env.request_id = rid;
+        env.body_case = DSD__ENVELOPE__BODY_ERROR;
+        env.error = &e;
+        dsd_links_send(d, p, &env, NULL, NULL, 0);
+    }
 }
 
 static void step_header(Dsd__StepHeader *sh, const struct task *t, uint64_t plan_version,
@@ -190,6 +199,7 @@ static void task_run(dsd_data *d, struct task *t)
             rc = ds_layer_step_run(t->st, t->layer, &dispatch_ops, t, &err);
         if (rc < 0) {
             chain_fail(d, t->rid, "attn[%u]: %s", t->layer, ds_error_str(&err));
+            dsd_guard_step_rollback(dsd_host_seqs(d->host), t->n, t->seq, t->pos);
             dsd_chain_task_free(t);
             return;
         }
@@ -417,7 +427,7 @@ void dsd_chain_release(dsd_data *d, uint64_t seq)
     for (uint32_t n = 0; d->have_plan && n < d->plan.n_nodes; n++) {
         struct peer *p = dsd_links_of_node(d, n);
         if (p)
-            dsd_send(p->sock, NULL, 0, &ce, NULL, NULL, 0);
+            dsd_links_send(d, p, &ce, NULL, NULL, 0);
     }
     dsd_host_release(d->host, seq);
 }
@@ -453,6 +463,11 @@ void dsd_chain_serve_step(dsd_data *d, dsd_msg *m)
         !tensor_is(env->tensors[0], DSD__DTYPE__DTYPE_F32, n, D))
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
                "step: need %u seq ids, %u positions and one f32 frame [rows, %u]", n, n, D);
+    /* well formed: acted on only when it comes from a member of this plan (dsd_guard.c) */
+    if (!dsd_guard_member(&d->plan, env)) {
+        dsd_data_refuse_nonmember(d, m);
+        return;
+    }
     const float *x = dsd_msg_frame(m, 0, NULL);
     if (!x)
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_INTERNAL, "out of memory");
@@ -478,6 +493,10 @@ void dsd_chain_serve_step(dsd_data *d, dsd_msg *m)
             code = DSD__ERROR_CODE__ERROR_CODE_MALFORMED;
             ds_error_set(&err, -EINVAL, "row %u: position %u past max_context", i, t->pos[i]);
         }
+    /* a step may open a bounded number of sequences, all or none (dsd_guard.c) */
+    if (!code &&
+        dsd_guard_step_seqs(dsd_host_seqs(d->host), n, t->seq, DSD_GUARD_MAX_NEW_SEQS, &err) < 0)
+        code = DSD__ERROR_CODE__ERROR_CODE_MALFORMED;
     if (code) {
         dsd_chain_task_free(t);
         chain_fail(d, rid, "%s", ds_error_str(&err));
@@ -509,6 +528,10 @@ void dsd_chain_serve_dispatch(dsd_data *d, dsd_msg *m)
         REFUSE(DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
                "dispatch: %zu pairs for %u rows, at most %u per row (num_experts_per_tok)", P, R,
                K);
+    if (!dsd_guard_member(&d->plan, env)) {
+        dsd_data_refuse_nonmember(d, m);
+        return;
+    }
     const float *rows = dsd_msg_frame(m, 0, NULL);
     float *out = malloc(P * D * sizeof(float));
     if (!rows || !out) {
@@ -594,6 +617,7 @@ void dsd_chain_expire(dsd_data *d, uint64_t now)
         if (t->used && t->pending && now > t->deadline) {
             chain_fail(d, t->rid, "layer %u: expert hosts did not answer within %lld ms", t->layer,
                        (long long)d->o.step_timeout_ms);
+            dsd_guard_step_rollback(dsd_host_seqs(d->host), t->n, t->seq, t->pos);
             dsd_chain_task_free(t);
         }
     }

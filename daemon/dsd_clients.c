@@ -34,6 +34,21 @@ void dsd_clients_on_request(struct dsd *d)
         return;
     }
     Dsd__Envelope *env = m.env;
+    /* drain, undrain and replan change the cluster: operators only (dsd_curve.c roles) */
+    bool operating = env->body_case == DSD__ENVELOPE__BODY_DRAIN ||
+                     (env->body_case == DSD__ENVELOPE__BODY_STATUS_REQUEST &&
+                      env->status_request->what && !strcmp(env->status_request->what, "replan"));
+    if (operating && !dsd_curve_may_operate(m.user_id)) {
+        ds_log_warn("client: refused '%s' from a client key without the operator role",
+                    env->body_case == DSD__ENVELOPE__BODY_DRAIN ? "drain" : "replan");
+        dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                       DSD__ERROR_CODE__ERROR_CODE_FORBIDDEN,
+                       "%s needs an operator key (curve_operator_keys); this key may submit, "
+                       "cancel and read status",
+                       env->body_case == DSD__ENVELOPE__BODY_DRAIN ? "drain" : "replan");
+        dsd_msg_close(&m);
+        return;
+    }
     switch (env->body_case) {
     case DSD__ENVELOPE__BODY_SUBMIT:
     case DSD__ENVELOPE__BODY_CANCEL:
@@ -88,10 +103,18 @@ void dsd_clients_on_request(struct dsd *d)
                            DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT, "no node named '%.64s'", name);
             break;
         }
+        if (n == &d->coord.nodes[0] && !env->drain->undrain) {
+            dsd_send_error(d->client, m.peer, m.peer_len, env->request_id,
+                           DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+                           "%s is the coordinator: it embeds, samples and holds the jobs, and "
+                           "cannot be drained (drain workers)",
+                           n->name);
+            break;
+        }
         n->drained = !env->drain->undrain;
         ds_log_notice("node %s %s by a client", n->name, n->drained ? "drained" : "undrained");
         if (n != &d->coord.nodes[0])
-            dsd_send(d->control, n->name, strlen(n->name), env, NULL, NULL, 0);
+            dsd_members_send(d, n, env);
         char buf[160];
         snprintf(buf, sizeof(buf), "{\"node\":\"%s\",\"drained\":%s}", n->name,
                  n->drained ? "true" : "false");

@@ -37,6 +37,8 @@ static struct {
     uint8_t pub_bin[32];
     uint8_t (*auth)[32]; /* [n_auth] authorized client keys; NULL = any client key */
     size_t n_auth;
+    uint8_t (*ops)[32]; /* [n_ops] operator keys (curve_operator_keys); NULL = every client */
+    size_t n_ops;
     void *zap; /* the ZAP REP socket (owned by the thread once it runs) */
     pthread_t thread;
     bool thread_started;
@@ -46,12 +48,12 @@ static struct {
 /* Reads curve_authorized_keys: one Z85 public key a line, optionally followed by a # comment;
  * lines starting with # are comments ('#' is a Z85 character too, so a 40-character Z85 line
  * is a key even when it starts with '#'). */
-static int load_authorized(const char *path, ds_error *err)
+static int load_keys(const char *opt, const char *path, uint8_t (**keys)[32], size_t *n_keys,
+                     ds_error *err)
 {
     FILE *f = fopen(path, "re");
     if (!f)
-        return ds_error_set(err, -errno, "option curve_authorized_keys: %s: %s", path,
-                            strerror(errno));
+        return ds_error_set(err, -errno, "option %s: %s: %s", opt, path, strerror(errno));
     char line[512];
     unsigned ln = 0;
     int rc = 0;
@@ -69,25 +71,39 @@ static int load_authorized(const char *path, ds_error *err)
                               ln);
             break;
         }
-        if (g.n_auth >= MAX_AUTH_KEYS) {
+        if (*n_keys >= MAX_AUTH_KEYS) {
             rc = ds_error_set(err, -ERANGE, "%s:%u: more than %d keys", path, ln, MAX_AUTH_KEYS);
             break;
         }
-        void *grown = realloc(g.auth, (g.n_auth + 1) * sizeof(*g.auth));
+        void *grown = realloc(*keys, (*n_keys + 1) * sizeof(**keys));
         if (!grown) {
             rc = ds_error_set(err, -ENOMEM, "%s: out of memory", path);
             break;
         }
-        g.auth = grown;
-        zmq_z85_decode(g.auth[g.n_auth++], l);
+        *keys = grown;
+        zmq_z85_decode((*keys)[(*n_keys)++], l);
     }
     fclose(f);
-    if (rc == 0 && g.n_auth == 0)
-        rc = ds_error_set(err, -EBADMSG,
-                          "%s: no keys (leave curve_authorized_keys empty to "
-                          "accept every client key)",
-                          path);
+    if (rc == 0 && *n_keys == 0)
+        rc = ds_error_set(err, -EBADMSG, "%s: no keys (leave %s empty instead)", path, opt);
     return rc;
+}
+
+static bool key_in(const uint8_t (*keys)[32], size_t n, const uint8_t *key)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!memcmp(key, keys[i], 32))
+            return true;
+    return false;
+}
+
+/* The role of an admitted client key: "operator" (may also drain, undrain and replan) or
+ * "client" (submit, cancel, status). */
+static const char *key_role(const uint8_t *key)
+{
+    if (!memcmp(key, g.pub_bin, 32) || !g.ops || key_in((const uint8_t(*)[32])g.ops, g.n_ops, key))
+        return DSD_ROLE_OPERATOR;
+    return DSD_ROLE_CLIENT;
 }
 
 static bool key_authorized(const char *domain, const uint8_t *key)
@@ -98,10 +114,9 @@ static bool key_authorized(const char *domain, const uint8_t *key)
         return false; /* control/data: nodes only */
     if (!g.auth)
         return true;
-    for (size_t i = 0; i < g.n_auth; i++)
-        if (!memcmp(key, g.auth[i], 32))
-            return true;
-    return false;
+    /* an operator key is a client key too */
+    return key_in((const uint8_t(*)[32])g.auth, g.n_auth, key) ||
+           key_in((const uint8_t(*)[32])g.ops, g.n_ops, key);
 }
 
 /* The ZAP protocol (RFC 27): request version, request id, domain, address, routing id,
@@ -143,13 +158,16 @@ static void *zap_main(void *arg)
         COPY(address, 3);
         COPY(mech, 5);
 #undef COPY
-        const char *code = "400", *text = "not authorized";
+        const char *code = "400", *text = "not authorized", *user = "";
         char z85[DS_KEY_Z85_LEN + 1] = "?";
         if (n >= 7 && !strcmp(mech, "CURVE") && zmq_msg_size(&f[6]) == 32) {
             const uint8_t *key = zmq_msg_data(&f[6]);
             zmq_z85_encode(z85, key, 32);
-            if (key_authorized(domain, key))
+            if (key_authorized(domain, key)) {
                 code = "200", text = "OK";
+                /* the connection's User-Id: what each message on it may do */
+                user = strcmp(domain, DSD_CURVE_DOMAIN_CLIENT) ? DSD_ROLE_OPERATOR : key_role(key);
+            }
         }
         if (*code != '2') {
             uint64_t k = atomic_fetch_add(&g.refused, 1) + 1;
@@ -162,7 +180,7 @@ static void *zap_main(void *arg)
                  ZMQ_SNDMORE);
         zmq_send(g.zap, code, 3, ZMQ_SNDMORE);
         zmq_send(g.zap, text, strlen(text), ZMQ_SNDMORE);
-        zmq_send(g.zap, "", 0, ZMQ_SNDMORE); /* user id */
+        zmq_send(g.zap, user, strlen(user), ZMQ_SNDMORE); /* user id: the role */
         zmq_send(g.zap, "", 0, 0);           /* metadata */
         for (int i = 0; i < n; i++)
             zmq_msg_close(&f[i]);
@@ -202,7 +220,12 @@ int dsd_curve_start(void *zctx, const dsd_opts *o, ds_error *err)
     memcpy(g.pub, derived, sizeof(g.pub));
     memcpy(g.sec, sec, sizeof(g.sec));
     zmq_z85_decode(g.pub_bin, g.pub);
-    if (o->curve_authorized_keys[0] && (rc = load_authorized(o->curve_authorized_keys, err)) < 0)
+    if (o->curve_authorized_keys[0] &&
+        (rc = load_keys("curve_authorized_keys", o->curve_authorized_keys, &g.auth, &g.n_auth,
+                        err)) < 0)
+        goto fail;
+    if (o->curve_operator_keys[0] &&
+        (rc = load_keys("curve_operator_keys", o->curve_operator_keys, &g.ops, &g.n_ops, err)) < 0)
         goto fail;
     /* the handler must be bound before the first CURVE server socket accepts a handshake */
     g.zap = zmq_socket(zctx, ZMQ_REP);
@@ -228,6 +251,9 @@ fail:
     free(g.auth);
     g.auth = NULL;
     g.n_auth = 0;
+    free(g.ops);
+    g.ops = NULL;
+    g.n_ops = 0;
     memset(g.sec, 0, sizeof(g.sec));
     return rc;
 }
@@ -242,6 +268,12 @@ void dsd_curve_stop(void)
     g.n_auth = 0;
     memset(g.sec, 0, sizeof(g.sec));
     g.on = false;
+}
+
+bool dsd_curve_may_operate(const char *user_id)
+{
+    /* without CURVE there is no identity to tell a client from an operator */
+    return !g.on || !g.ops || !strcmp(user_id, DSD_ROLE_OPERATOR);
 }
 
 bool dsd_curve_enabled(void)

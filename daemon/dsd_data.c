@@ -15,6 +15,29 @@
 
 static void publish_jobs(dsd_data *d);
 
+/* A data-plane request without the plan's token: counted, and logged and answered (the sender
+ * may be a node that missed a plan) at most once a second, so a flood neither floods the log
+ * nor makes this node queue replies for a sender that never reads them. */
+void dsd_data_refuse_nonmember(dsd_data *d, dsd_msg *m)
+{
+    const Dsd__Envelope *env = m->env;
+    d->refused_nonmember++;
+    uint64_t now = dsd_now_ns();
+    if (now - d->last_refusal_log_ns <= 1000000000ull)
+        return; /* neither logged nor answered: a sender that never reads must not make us
+                 * queue replies (the data ROUTER has no high-water mark) */
+    ds_log_warn("data: refused '%s' (request %llu): not from a member of plan v%llu (%llu "
+                "refused so far)",
+                ds_wire_body_name(env), (unsigned long long)env->request_id,
+                (unsigned long long)d->plan.version, (unsigned long long)d->refused_nonmember);
+    d->last_refusal_log_ns = now;
+    if (env->body_case != DSD__ENVELOPE__BODY_ERROR) /* never answer an error with one */
+        dsd_send_error(d->router, m->peer, m->peer_len, env->request_id,
+                       DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT,
+                       "not a member of plan v%llu: data-plane requests need the plan's token",
+                       (unsigned long long)d->plan.version);
+}
+
 static void on_router(dsd_data *d)
 {
     dsd_msg msg, *m = &msg;
@@ -30,6 +53,16 @@ static void on_router(dsd_data *d)
         return;
     }
     Dsd__Envelope *env = m->env;
+    /* cancels and errors only from members of the installed plan: they carry its token, which
+     * only the plan's nodes were sent (dsd_guard.c); steps and dispatches are checked the same
+     * way once their header is found well formed (dsd_chain.c); a probe is only echoed */
+    if ((env->body_case == DSD__ENVELOPE__BODY_CANCEL ||
+         env->body_case == DSD__ENVELOPE__BODY_ERROR) &&
+        d->have_plan && !dsd_guard_member(&d->plan, env)) {
+        dsd_data_refuse_nonmember(d, m);
+        dsd_msg_close(m);
+        return;
+    }
     switch (env->body_case) {
     case DSD__ENVELOPE__BODY_LINK_PROBE:
         dsd_links_serve_probe(d, m);
@@ -100,7 +133,8 @@ static void publish(dsd_data *d)
             continue;
         json_t *row = json_array();
         for (uint32_t e = 0; e < E; e++)
-            json_array_append_new(row, json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
+            json_array_append_new(row,
+                                  json_integer((json_int_t)d->expert_counts[(size_t)l * E + e]));
         json_array_append_new(layers, json_pack("{s:i,s:o}", "layer", (int)l, "counts", row));
     }
     json_object_set_new(o, "expert_counts",
@@ -150,7 +184,7 @@ char *dsd_data_json(dsd_data *d, const char *what)
     return r;
 }
 
-enum { OP_STOP = 1, OP_INSTALL, OP_PROBE, OP_OPTS };
+enum { OP_STOP = 1, OP_INSTALL, OP_PROBE, OP_OPTS, OP_FAIL_JOBS };
 
 struct ctl_msg {
     int op;
@@ -160,6 +194,7 @@ struct ctl_msg {
     char name[64];              /* OP_PROBE */
     char endpoint[DSD_STR_MAX]; /* OP_PROBE */
     dsd_opts o;                 /* OP_OPTS: the options after a reload */
+    char why[400];              /* OP_FAIL_JOBS: why the jobs cannot go on */
 };
 
 /* ---- the scheduler's port ------------------------------------------------------------------ */
@@ -268,7 +303,18 @@ static int sched_start(dsd_data *d, ds_error *err)
         .max_rows_per_step = (uint32_t)d->o.max_rows_per_step,
         .step_timeout_ns = (uint64_t)d->o.step_timeout_ms * 1000000ull,
         .one_node = plan_one_node(&d->plan),
+        /* a job is fed again (its prompt and tokens so far) after a failed micro-batch or on a
+         * new plan, this many times at most (dsd_sched_adopt) */
+        .max_replays = 8,
     };
+    /* every frame of a micro-batch must pass the peers' max_frame_bytes (dsd_guard.c) */
+    uint32_t fit = dsd_guard_rows_per_frame(ds_model_get_config(dsd_host_model(d->host)),
+                                            d->o.max_frame_bytes);
+    if (lim.max_rows_per_step > fit) {
+        ds_log_info("micro-batches carry at most %u rows (max_frame_bytes %lld)", fit,
+                    (long long)d->o.max_frame_bytes);
+        lim.max_rows_per_step = fit;
+    }
     int rc = dsd_sched_new(dsd_host_model(d->host), dsd_host_pool(d->host), &tok, &lim, &SCHED_PORT,
                            d, &d->sched, err);
     if (rc == 0)
@@ -297,9 +343,16 @@ static void uninstall(dsd_data *d, const char *reason)
 
 static void install(dsd_data *d, struct ctl_msg *cm)
 {
-    uninstall(d, "error"); /* a new plan: jobs of the old one cannot continue */
+    /* the jobs belong to the coordinator, not to the plan: they outlive it and are replayed
+     * on the new one (dsd_sched_adopt); the old scheduler is kept aside meanwhile (it uses
+     * nothing of the old units once no micro-batch runs) */
+    dsd_sched *old = d->sched;
+    d->sched = NULL;
+    uninstall(d, "error");
     if (!cm->plan) {
         dsd_host_free(cm->host);
+        dsd_sched_fail_all(old, "the plan was withdrawn and no new one was made");
+        dsd_sched_free(old, "error");
         return;
     }
     d->plan = *cm->plan;
@@ -327,9 +380,21 @@ static void install(dsd_data *d, struct ctl_msg *cm)
     d->have_plan = true;
     if (d->coordinator) {
         ds_error err = {0};
-        if (sched_start(d, &err) < 0)
+        if (sched_start(d, &err) < 0) {
             ds_log_err("scheduler: %s", ds_error_str(&err));
+            char why[400];
+            snprintf(why, sizeof(why), "the new plan's scheduler did not start: %s",
+                     ds_error_str(&err));
+            dsd_sched_fail_all(old, why);
+        } else {
+            uint32_t n = dsd_sched_adopt(d->sched, old);
+            old = NULL;
+            if (n)
+                ds_log_notice("data: %u jobs replayed on plan v%llu", n,
+                              (unsigned long long)d->plan.version);
+        }
     }
+    dsd_sched_free(old, "error");
     ds_log_info("data: plan v%llu installed (node %u of %u)", (unsigned long long)d->plan.version,
                 d->self, N);
     d->dirty = true;
@@ -353,8 +418,13 @@ static bool on_ctl(dsd_data *d)
     case OP_PROBE:
         dsd_links_add(d, cm.name, cm.endpoint);
         return true;
+    case OP_FAIL_JOBS:
+        cm.why[sizeof(cm.why) - 1] = 0;
+        dsd_sched_fail_all(d->sched, cm.why);
+        return true;
     case OP_OPTS:
-        ds_log_info("data: reloaded options (step_timeout_ms %lld)", (long long)cm.o.step_timeout_ms);
+        ds_log_info("data: reloaded options (step_timeout_ms %lld)",
+                    (long long)cm.o.step_timeout_ms);
         d->o = cm.o;
         if (d->sched)
             dsd_sched_set_step_timeout(d->sched, (uint64_t)cm.o.step_timeout_ms * 1000000ull);
@@ -491,6 +561,13 @@ int dsd_data_install(dsd_data *d, const dsd_plan *plan, uint32_t self, dsd_host 
     char ok[4];
     zmq_recv(d->loop_ctl, ok, sizeof(ok), 0); /* the thread has it (and freed the old units) */
     return 0;
+}
+
+void dsd_data_fail_jobs(dsd_data *d, const char *why)
+{
+    struct ctl_msg cm = {.op = OP_FAIL_JOBS};
+    snprintf(cm.why, sizeof(cm.why), "%s", why);
+    zmq_send(d->loop_ctl, &cm, sizeof(cm), 0);
 }
 
 void dsd_data_probe(dsd_data *d, const char *name, const char *endpoint)

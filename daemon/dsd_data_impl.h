@@ -78,7 +78,13 @@ struct dsd_data {
     uint32_t jobs_running; /* the scheduler's running jobs, as last published */
     uint64_t last_publish_ns;
     bool dirty;
+    uint64_t refused_nonmember;   /* data-plane requests refused: not from a plan member */
+    uint64_t last_refusal_log_ns; /* when one was last logged */
 };
+
+/* ---- dsd_data.c ---- */
+/* Answers (and counts) a data-plane request that does not carry the plan's token. */
+void dsd_data_refuse_nonmember(dsd_data *d, dsd_msg *m);
 
 /* ---- dsd_links.c ---- */
 /* The peer at endpoint (added, connected and calibrated when new; renamed when known). NULL

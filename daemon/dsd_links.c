@@ -32,7 +32,9 @@ struct peer *dsd_links_add(dsd_data *d, const char *name, const char *endpoint)
     /* never drop or block on a slow peer: messages queue until the link takes them */
     zmq_setsockopt(p->sock, ZMQ_SNDHWM, &hwm, sizeof(hwm));
     zmq_setsockopt(p->sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
-    if (dsd_curve_client(p->sock) < 0 || zmq_connect(p->sock, endpoint) < 0) {
+    /* a peer's replies (combines, probe echoes) are bounded like what it may send us */
+    if (dsd_guard_sock_limit(p->sock, d->o.max_frame_bytes) < 0 || dsd_curve_client(p->sock) < 0 ||
+        zmq_connect(p->sock, endpoint) < 0) {
         ds_log_err("data: connect %s (%s): %s", endpoint, name, zmq_strerror(zmq_errno()));
         zmq_close(p->sock);
         return NULL;
@@ -58,6 +60,8 @@ int dsd_links_send(dsd_data *d, struct peer *p, Dsd__Envelope *env, void **fr, c
         bytes += sz[i];
     p->bytes += bytes;
     d->dirty = true;
+    if (d->have_plan && d->plan.token[0]) /* what makes the peer take it from a member */
+        env->data_token = d->plan.token;
     return dsd_send(p->sock, NULL, 0, env, fr, sz, n);
 }
 

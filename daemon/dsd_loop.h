@@ -40,6 +40,9 @@ struct node {
     uint64_t stream_acked;  /* bytes of them it acknowledged */
     char state[16];
     char klass[16]; /* server | gpu | edge */
+    uint8_t peer[DSD_MAX_PEER_ID + 1]; /* its control socket identity (name or name#instance) */
+    size_t peer_len;
+    char problem[512]; /* why it cannot host units (it said so, or its load failed), or "" */
 };
 
 /* The coordinator's state: membership, the plan and its rollout. */
@@ -56,6 +59,13 @@ struct dsd_coord {
     uint64_t replan_req;
     bool replan_when_idle; /* nodes are up outside the plan: take them in when idle */
     char plan_error[512];  /* why the last plan failed ("" when it did not) */
+    uint64_t retry_ns;     /* plan again at this time (the model could not be read) */
+    struct refusal {
+        char name[DSD_NODE_NAME_MAX];
+        char reason[256];
+        uint64_t at_ns;
+    } refused[8]; /* the last hellos refused (duplicate name, other model, bad profile) */
+    uint32_t n_refused;
 };
 
 /* A worker's state: its place in the cluster and the plan it loads. */
@@ -68,6 +78,9 @@ struct dsd_worker {
     size_t pending_plan_len;
     char *load_json;      /* the plan being loaded: its JSON, written to state_dir once loaded */
     uint32_t load_layers; /* and its layers (n_layers_hint once loaded) */
+    char last_refusal[256]; /* the coordinator's last Error, logged once per reason */
+    char load_token[DSD_TOKEN_LEN]; /* the data token of the plan being loaded */
+    char plan_token[DSD_TOKEN_LEN]; /* and of the plan installed */
 };
 
 /* A piece of long work watched by dsd_progress.c (bytes, rate, when last logged/extended). */
@@ -90,7 +103,12 @@ struct dsd {
     int sigfd;
     char state[16];
     uint64_t plan_version; /* the plan rolled out (coordinator) or installed (worker) */
+    char model_digest[DSD_DIGEST_LEN]; /* this node's checkpoint copy (dsd_digest.c), or "" */
+    char problem[512];                 /* why this node cannot host units, or "" */
+    int lock_fd;                       /* state_dir/dsd.lock, held while running */
+    char instance[DSD_TOKEN_LEN];      /* this process: random at start (status "instance") */
     uint64_t last_hb_ns, last_wd_ns, wd_usec;
+    uint64_t last_loop_ns; /* the timers' last run: a longer gap is a stall of this process */
     dsd_loader *loading; /* this node's units of a plan being opened on the loader thread */
     struct dsd_coord coord;
     struct dsd_worker worker;
@@ -151,6 +169,12 @@ int dsd_local_backend_spec(const char *name, char *spec, size_t n);
 /* ---- dsd_members.c ---- */
 void dsd_local_devices_free(void);
 struct node *dsd_members_find(struct dsd *d, const char *name, size_t len);
+/* The member whose control socket identity is peer, or NULL. */
+struct node *dsd_members_find_peer(struct dsd *d, const void *peer, size_t len);
+/* Sends env to member n on the control socket (by its socket identity). */
+int dsd_members_send(struct dsd *d, const struct node *n, Dsd__Envelope *env);
+/* Whether member n may be given units: up, not drained, nothing wrong with it. */
+bool dsd_members_plannable(const struct node *n);
 /* Coordinator: one message on the control socket. */
 void dsd_members_on_control(struct dsd *d);
 /* Coordinator: the links to every live node are measured (or nothing to wait for). */

@@ -10,6 +10,7 @@
  * (the coordinator: once the cluster serves), STATUS=<one line> on every change, WATCHDOG=1
  * from the loop at half the watchdog period. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -38,15 +39,33 @@ static void on_timer(struct dsd *d)
         sd_notify(0, "WATCHDOG=1");
         d->last_wd_ns = now;
     }
+    uint64_t dead = hb * (uint64_t)d->o.heartbeat_misses;
+    /* this loop itself did not run for a while (SIGSTOP, a swapped-out host): what it could
+     * not read says nothing about the peers, so they get a fresh window instead of being
+     * declared failed for our silence */
+    if (d->last_loop_ns && now - d->last_loop_ns > dead / 2 && now - d->last_loop_ns > 2 * hb) {
+        ds_log_warn("the event loop stalled for %llu ms: every peer gets a fresh heartbeat window",
+                    (unsigned long long)((now - d->last_loop_ns) / 1000000));
+        for (uint32_t i = 1; d->coordinator && i < d->coord.n_nodes; i++)
+            if (!d->coord.nodes[i].failed)
+                d->coord.nodes[i].last_seen_ns = now;
+        if (!d->coordinator)
+            d->worker.last_coord_ns = now;
+    }
+    d->last_loop_ns = now;
     if (now - d->last_hb_ns < hb)
         return;
     d->last_hb_ns = now;
-    uint64_t dead = hb * (uint64_t)d->o.heartbeat_misses;
     if (d->coordinator && d->coord.plan_due_ns && !d->coord.have_plan &&
         (now >= d->coord.plan_due_ns || dsd_members_links_measured(d))) {
         d->coord.plan_due_ns = 0;
         dsd_rollout_start(d);
         now = dsd_now_ns(); /* the solver took time; heartbeat clocks were restarted */
+    }
+    if (d->coordinator && d->coord.retry_ns && now >= d->coord.retry_ns && !d->coord.have_plan &&
+        !d->coord.solving) {
+        d->coord.retry_ns = 0;
+        dsd_rollout_start(d);
     }
     if (d->coordinator) {
         for (uint32_t i = 1; i < d->coord.n_nodes; i++) {
@@ -121,6 +140,8 @@ static void on_signal(struct dsd *d)
                 ds_log_err("reload: %s (kept the running options)", ds_error_str(&err));
             else {
                 dsd_opts_apply_reload(&d->o, &next);
+                if (d->client) /* new client connections get the reloaded limit */
+                    dsd_guard_sock_limit(d->client, DSD_GUARD_CLIENT_BYTES(d->o.max_request_bytes));
                 dsd_data_set_opts(d->dp, &d->o);
                 enum ds_log_level lv;
                 if (ds_log_level_parse(d->o.log_level, &lv) == 0)
@@ -134,13 +155,19 @@ static void on_signal(struct dsd *d)
     }
 }
 
-/* zap_domain: a TCP ROUTER's CURVE domain (dsd_curve.c), NULL for inproc sockets */
+/* zap_domain: a TCP ROUTER's CURVE domain (dsd_curve.c), NULL for inproc sockets; max_bytes:
+ * the largest frame a peer may send (dsd_guard.c), set before the first byte can arrive */
 static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_domain,
-                       ds_error *err)
+                       int64_t max_bytes, ds_error *err)
 {
     void *s = zmq_socket(zctx, type);
     int zero = 0, rc;
     zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof(zero));
+    if (max_bytes > 0 && (rc = dsd_guard_sock_limit(s, max_bytes)) < 0) {
+        ds_error_set(err, rc, "bind %s: message size limit: %s", ep, zmq_strerror(-rc));
+        zmq_close(s);
+        return NULL;
+    }
     if (zap_domain && (rc = dsd_curve_server(s, zap_domain)) < 0) {
         ds_error_set(err, rc, "bind %s: CURVE: %s", ep, zmq_strerror(-rc));
         zmq_close(s);
@@ -156,7 +183,7 @@ static void *bind_sock(void *zctx, int type, const char *ep, const char *zap_dom
 
 int main(int argc, char **argv)
 {
-    struct dsd d = {0};
+    struct dsd d = {.lock_fd = -1};
     ds_error err = {0};
     dsd_http *http = NULL;
     dsd_opts_defaults(&d.o);
@@ -183,6 +210,23 @@ int main(int argc, char **argv)
     d.coordinator = !strcmp(d.o.role, "coordinator");
     if (mkdir(d.o.state_dir, 0750) < 0 && errno != EEXIST)
         ds_log_warn("state directory %s: %s", d.o.state_dir, strerror(errno));
+    /* one daemon per state_dir (they would overwrite each other's plan.json and streams) */
+    rc = dsd_state_dir_lock(d.o.state_dir, &d.lock_fd, &err);
+    if (rc == -EBUSY) {
+        fprintf(stderr, "dsd: %s\n", ds_error_str(&err));
+        ds_log_err("%s", ds_error_str(&err));
+        return 2;
+    }
+    if (rc < 0)
+        ds_log_warn("%s (running without the state_dir lock)", ds_error_str(&err));
+    err = (ds_error){0};
+    if (dsd_guard_new_token(d.instance) < 0)
+        snprintf(d.instance, sizeof(d.instance), "%08x", (unsigned)getpid());
+    dsd_node_check(&d.o, d.model_digest, sizeof(d.model_digest), d.problem, sizeof(d.problem));
+    if (d.model_digest[0])
+        ds_log_info("model %s: digest %s", d.o.model, d.model_digest);
+    if (d.problem[0])
+        ds_log_err("%s", d.problem);
 
     sigset_t mask;
     sigemptyset(&mask);
@@ -196,14 +240,15 @@ int main(int argc, char **argv)
     d.zctx = zmq_ctx_new();
     int ret = 1;
     if (dsd_curve_start(d.zctx, &d.o, &err) < 0 ||
-        !(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, DSD_CURVE_DOMAIN_CLUSTER, &err)))
+        !(d.data = bind_sock(d.zctx, ZMQ_ROUTER, d.o.data_bind, DSD_CURVE_DOMAIN_CLUSTER,
+                             d.o.max_frame_bytes, &err)))
         goto out;
     if (d.coordinator) {
-        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind,
-                                    DSD_CURVE_DOMAIN_CLUSTER, &err)) ||
+        if (!(d.control = bind_sock(d.zctx, ZMQ_ROUTER, d.o.control_bind, DSD_CURVE_DOMAIN_CLUSTER,
+                                    DSD_GUARD_CONTROL_BYTES, &err)) ||
             !(d.client = bind_sock(d.zctx, ZMQ_ROUTER, d.o.client_bind, DSD_CURVE_DOMAIN_CLIENT,
-                                   &err)) ||
-            !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, &err)))
+                                   DSD_GUARD_CLIENT_BYTES(d.o.max_request_bytes), &err)) ||
+            !(d.pipe = bind_sock(d.zctx, ZMQ_PAIR, SCHED_PIPE, NULL, 0, &err)))
             goto out;
         if (zmq_bind(d.client, HTTP_CLIENT_EP) < 0) {
             ds_error_set(&err, -EIO, "bind %s: %s", HTTP_CLIENT_EP, zmq_strerror(zmq_errno()));
@@ -221,17 +266,33 @@ int main(int argc, char **argv)
         self->devices = dsd_local_devices();
         snprintf(self->klass, sizeof(self->klass), "%s", dsd_local_node_class());
         self->has_model_copy = true;
+        if (!d.model_digest[0]) /* planning says so too, and retries: the path may appear */
+            snprintf(d.coord.plan_error, sizeof(d.coord.plan_error), "cannot read the model: %s",
+                     d.problem[0] ? d.problem : "no such file or directory");
     } else {
         dsd_local_devices_discover(&d.o);
         d.control = zmq_socket(d.zctx, ZMQ_DEALER);
         int zero = 0;
         zmq_setsockopt(d.control, ZMQ_LINGER, &zero, sizeof(zero));
-        zmq_setsockopt(d.control, ZMQ_ROUTING_ID, d.o.node, strlen(d.o.node));
+        /* name#instance: a second daemon with this node's name reaches the coordinator (a
+         * ROUTER would drop a second connection with the same identity unheard) and is told
+         * the name is taken */
+        char ident[DSD_NODE_NAME_MAX + 24];
+        unsigned rnd[2] = {0};
+        int ufd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+        if (ufd >= 0) {
+            if (read(ufd, rnd, sizeof(rnd)) != sizeof(rnd))
+                rnd[0] = (unsigned)getpid();
+            close(ufd);
+        }
+        snprintf(ident, sizeof(ident), "%s#%08x%08x", d.o.node, rnd[0], rnd[1]);
+        zmq_setsockopt(d.control, ZMQ_ROUTING_ID, ident, strlen(ident));
         /* never block the loop on a coordinator that is not connected (e.g. a CURVE handshake
          * it refuses): the message is dropped, hellos and heartbeats are resent anyway */
         int sndtmo = (int)d.o.heartbeat_ms;
         zmq_setsockopt(d.control, ZMQ_SNDTIMEO, &sndtmo, sizeof(sndtmo));
-        if (dsd_curve_client(d.control) < 0 || zmq_connect(d.control, d.o.coordinator) < 0) {
+        if (dsd_guard_sock_limit(d.control, DSD_GUARD_CONTROL_BYTES) < 0 ||
+            dsd_curve_client(d.control) < 0 || zmq_connect(d.control, d.o.coordinator) < 0) {
             ds_error_set(&err, -EINVAL, "connect %s: %s", d.o.coordinator,
                          zmq_strerror(zmq_errno()));
             goto out;
@@ -260,8 +321,8 @@ int main(int argc, char **argv)
     sd_watchdog_enabled(0, &d.wd_usec);
     ds_log_notice("dsd %s: %s '%s', data %s", ds_version(), d.o.role, d.o.node, d.o.data_advertise);
     dsd_loop_set_state(&d, "joining");
-    if (d.coordinator && d.o.expect_workers == 0 && dsd_rollout_start(&d) < 0)
-        goto out;
+    if (d.coordinator && d.o.expect_workers == 0)
+        dsd_rollout_start(&d); /* a failure is in plan_error (dsctl status) and retried */
     if (!d.coordinator)
         dsd_worker_hello(&d);
     while (!d.stopping) {
@@ -338,6 +399,8 @@ out:
     dsd_local_devices_free();
     if (d.sigfd >= 0)
         close(d.sigfd);
+    if (d.lock_fd >= 0)
+        close(d.lock_fd);
     ds_log_notice("stopped");
     return ret;
 }

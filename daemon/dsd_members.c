@@ -46,6 +46,77 @@ static void take_stats(struct dsd *d, struct node *n, const Dsd__StepStats *st)
     n->stats = j;
 }
 
+/* Whether a control socket identity belongs to node `name`: the name itself, or
+ * name#instance (dsd_main.c: letters and digits after the '#'). */
+static bool identity_is(const char *name, const uint8_t *peer, size_t len)
+{
+    size_t n = strlen(name);
+    if (len < n || memcmp(name, peer, n))
+        return false;
+    if (len == n)
+        return true;
+    if (peer[n] != '#' || len - n > 33)
+        return false;
+    for (size_t i = n + 1; i < len; i++)
+        if (!((peer[i] >= '0' && peer[i] <= '9') || (peer[i] >= 'a' && peer[i] <= 'z') ||
+              (peer[i] >= 'A' && peer[i] <= 'Z')))
+            return false;
+    return true;
+}
+
+struct node *dsd_members_find_peer(struct dsd *d, const void *peer, size_t len)
+{
+    for (uint32_t i = 1; i < d->coord.n_nodes; i++)
+        if (d->coord.nodes[i].peer_len == len && !memcmp(d->coord.nodes[i].peer, peer, len))
+            return &d->coord.nodes[i];
+    return NULL;
+}
+
+int dsd_members_send(struct dsd *d, const struct node *n, Dsd__Envelope *env)
+{
+    if (!n->peer_len)
+        return -ENOTCONN;
+    return dsd_send(d->control, n->peer, n->peer_len, env, NULL, NULL, 0);
+}
+
+bool dsd_members_plannable(const struct node *n)
+{
+    return !n->failed && !n->drained && !n->problem[0];
+}
+
+/* Refuses a hello with err's reason: an Error to the node (which logs it), a log line here,
+ * repeated at most every 10 s for the same reason (a refused node says hello every heartbeat),
+ * and an entry in the status document's "refused" list. */
+static void refuse_hello(struct dsd *d, const dsd_msg *m, const char *name, uint64_t req,
+                         Dsd__ErrorCode code, const ds_error *err)
+{
+    struct dsd_coord *c = &d->coord;
+    uint32_t k = 0;
+    while (k < c->n_refused && strcmp(c->refused[k].name, name ? name : ""))
+        k++;
+    if (k == c->n_refused && c->n_refused == sizeof(c->refused) / sizeof(c->refused[0])) {
+        /* full: the oldest entry goes */
+        memmove(c->refused, c->refused + 1, sizeof(c->refused) - sizeof(c->refused[0]));
+        k = c->n_refused - 1;
+    } else if (k == c->n_refused) {
+        c->n_refused++;
+    }
+    snprintf(c->refused[k].name, sizeof(c->refused[k].name), "%s", name ? name : "");
+    snprintf(c->refused[k].reason, sizeof(c->refused[k].reason), "%s", ds_error_str(err));
+    c->refused[k].at_ns = dsd_now_ns();
+    static char last[256];
+    static uint64_t last_ns;
+    uint64_t now = dsd_now_ns();
+    const char *why = ds_error_str(err);
+    if (strncmp(last, why, sizeof(last) - 1) || now - last_ns > 10000000000ull) {
+        ds_log_err("control: refused hello from '%.*s': %s", (int)m->peer_len,
+                   (const char *)m->peer, why);
+        snprintf(last, sizeof(last), "%s", why);
+        last_ns = now;
+    }
+    dsd_send_error(d->control, m->peer, m->peer_len, req, code, "hello refused: %s", why);
+}
+
 void dsd_members_on_control(struct dsd *d)
 {
     dsd_msg m;
@@ -61,16 +132,47 @@ void dsd_members_on_control(struct dsd *d)
         return;
     }
     Dsd__Envelope *env = m.env;
-    struct node *n = dsd_members_find(d, (const char *)m.peer, m.peer_len);
+    struct node *n = dsd_members_find_peer(d, m.peer, m.peer_len);
     switch (env->body_case) {
     case DSD__ENVELOPE__BODY_HELLO: {
         Dsd__Hello *h = env->hello;
-        if (!h->node || strlen(h->node) != m.peer_len || memcmp(h->node, m.peer, m.peer_len) ||
-            !h->data_endpoint || !h->data_endpoint[0] || strlen(h->data_endpoint) >= DSD_STR_MAX) {
-            ds_log_warn("control: refused hello: node name must equal the socket identity and a "
-                        "data endpoint is required");
+        if (!h->node || !identity_is(h->node, m.peer, m.peer_len) || !h->data_endpoint ||
+            !h->data_endpoint[0] || strlen(h->data_endpoint) >= DSD_STR_MAX) {
+            ds_log_warn("control: refused hello: the socket identity must be the node name (or "
+                        "name#instance) and a data endpoint is required");
             dsd_send_error(d->control, m.peer, m.peer_len, env->request_id,
                            DSD__ERROR_CODE__ERROR_CODE_MALFORMED, "bad hello");
+            break;
+        }
+        /* a profile that cannot be true never reaches membership or the planner: the node is
+         * refused as a whole, whatever it was before (the plan it is in stays as it is) */
+        if (dsd_guard_hello(h, &err) < 0) {
+            refuse_hello(d, &m, h->node, env->request_id, DSD__ERROR_CODE__ERROR_CODE_MALFORMED,
+                         &err);
+            break;
+        }
+        n = dsd_members_find(d, h->node, strlen(h->node));
+        if (n == &d->coord.nodes[0] ||
+            (n && !n->failed &&
+             (n->peer_len != m.peer_len || memcmp(n->peer, m.peer, m.peer_len)))) {
+            /* another daemon holds this name (a live node's heartbeats keep it; a node that
+             * died is failed after heartbeat_misses and its name free again) */
+            ds_error_set(&err, -EEXIST,
+                         "node name '%s' is already taken by %s: give this node another name "
+                         "(node = ...)",
+                         h->node, n == &d->coord.nodes[0] ? "the coordinator" : "a live node");
+            refuse_hello(d, &m, h->node, env->request_id, DSD__ERROR_CODE__ERROR_CODE_BUSY, &err);
+            break;
+        }
+        /* a copy of the checkpoint must be the coordinator's: same files, same weights */
+        if (h->has_model_copy && h->model_digest && h->model_digest[0] && d->model_digest[0] &&
+            strcmp(h->model_digest, d->model_digest)) {
+            ds_error_set(&err, -EBADMSG,
+                         "model digest mismatch: node %s has %s, the coordinator has %s (%s); "
+                         "its checkpoint copy is another model",
+                         h->node, h->model_digest, d->model_digest, d->o.model);
+            refuse_hello(d, &m, h->node, env->request_id, DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT,
+                         &err);
             break;
         }
         if (!n) {
@@ -89,6 +191,15 @@ void dsd_members_on_control(struct dsd *d)
         n->failed = false;
         n->loaded = false;
         n->has_model_copy = h->has_model_copy;
+        memcpy(n->peer, m.peer, m.peer_len);
+        n->peer[m.peer_len] = 0;
+        n->peer_len = m.peer_len;
+        if (strcmp(n->problem, h->problem ? h->problem : "")) {
+            snprintf(n->problem, sizeof(n->problem), "%s", h->problem ? h->problem : "");
+            if (n->problem[0])
+                ds_log_err("node %s cannot host units: %s; planning without it", n->name,
+                           n->problem);
+        }
         n->stream = (dsd_stream_out_free(n->stream), NULL); /* it restarted: streams afresh */
         snprintf(n->endpoint, sizeof(n->endpoint), "%s", h->data_endpoint);
         json_decref(n->devices);
@@ -124,7 +235,7 @@ void dsd_members_on_control(struct dsd *d)
                 Dsd__Envelope pe = DSD__ENVELOPE__INIT;
                 pe.body_case = DSD__ENVELOPE__BODY_PLAN;
                 pe.plan = &wp;
-                dsd_send(d->control, n->name, strlen(n->name), &pe, NULL, NULL, 0);
+                dsd_members_send(d, n, &pe);
                 dsd_plan_wire_clear(&wp);
             }
         }
@@ -164,15 +275,22 @@ void dsd_members_on_control(struct dsd *d)
             break;
         }
         if (env->load_progress->error && env->load_progress->error[0]) {
-            ds_log_err("node %s failed to load: %s", n->name, env->load_progress->error);
-            n->failed = true;
+            /* it cannot host its units (a checkpoint that fails to open, streamed weights it
+             * cannot store, ...): it stays a member, the state says why, and the next plan is
+             * made without it until it says hello again */
+            ds_log_err("node %s failed to load plan v%llu: %s; planning without it", n->name,
+                       (unsigned long long)d->plan_version, env->load_progress->error);
+            snprintf(n->problem, sizeof(n->problem), "loading plan v%llu failed: %s",
+                     (unsigned long long)d->plan_version, env->load_progress->error);
             n->stream = (dsd_stream_out_free(n->stream), NULL);
+            if (d->o.auto_replan)
+                dsd_rollout_start(d);
             break;
         }
         if (!env->load_progress->done && n->stream) {
             dsd_stream_out_ack(n->stream, env->load_progress->bytes_loaded);
             n->stream_acked = env->load_progress->bytes_loaded;
-            dsd_stream_out_pump(n->stream, d->control, n->name);
+            dsd_stream_out_pump(n->stream, d->control, (const char *)n->peer);
             break;
         }
         if (env->load_progress->done) {

@@ -64,6 +64,8 @@ int dsd_msg_recv(void *sock, bool router, size_t max_envelope, dsd_msg *m, ds_er
     }
     size_t len = zmq_msg_size(&part);
     int rc;
+    const char *uid = zmq_msg_gets(&part, "User-Id");
+    snprintf(m->user_id, sizeof(m->user_id), "%s", uid ? uid : "");
     if (len > max_envelope) {
         zmq_msg_close(&part);
         drain_rest(sock);

@@ -40,10 +40,12 @@ static const struct opt OPTS[] = {
     {"cluster", OPT_STR, S(cluster), 0, 0, "dsd", NULL, false, "cluster name (coordinator)"},
     {"coordinator", OPT_STR, S(coordinator), 0, 0, "", NULL, false,
      "worker: control endpoint of the coordinator, e.g. tcp://10.0.0.1:7100"},
-    {"control_bind", OPT_STR, S(control_bind), 0, 0, "tcp://*:7100", NULL, false,
-     "coordinator: where workers connect (ZeroMQ endpoint)"},
-    {"client_bind", OPT_STR, S(client_bind), 0, 0, "tcp://*:7101", NULL, false,
-     "coordinator: where clients (libdsclient, dsctl) connect"},
+    {"control_bind", OPT_STR, S(control_bind), 0, 0, "tcp://127.0.0.1:7100", NULL, false,
+     "coordinator: where workers connect (ZeroMQ endpoint; loopback unless an address is "
+     "given, e.g. tcp://10.0.0.1:7100 or tcp://*:7100)"},
+    {"client_bind", OPT_STR, S(client_bind), 0, 0, "tcp://127.0.0.1:7101", NULL, false,
+     "coordinator: where clients (libdsclient, dsctl) connect (loopback unless an address is "
+     "given)"},
     {"data_bind", OPT_STR, S(data_bind), 0, 0, "tcp://127.0.0.1:7102", NULL, false,
      "where this node's data ROUTER listens"},
     {"data_advertise", OPT_STR, S(data_advertise), 0, 0, "", NULL, false,
@@ -76,6 +78,9 @@ static const struct opt OPTS[] = {
      "a unit host that does not answer within this time fails the step"},
     {"max_request_bytes", OPT_INT, I(max_request_bytes), 256, 16 << 20, "1048576", NULL, true,
      "largest client request accepted (bytes); larger ones are refused with TOO_LARGE"},
+    {"max_frame_bytes", OPT_INT, I(max_frame_bytes), 1 << 20, 1 << 30, "268435456", NULL, false,
+     "largest frame a data-plane peer may send (bytes); a connection announcing more is dropped "
+     "before it is buffered; the coordinator keeps a micro-batch's frames under it"},
     {"compute", OPT_BOOL, I(compute), 0, 1, "true", NULL, false,
      "coordinator: also host units (embed and head always stay on the coordinator)"},
     {"calibrate", OPT_BOOL, I(calibrate), 0, 1, "true", NULL, false,
@@ -113,6 +118,10 @@ static const struct opt OPTS[] = {
     {"curve_authorized_keys", OPT_STR, S(curve_authorized_keys), 0, 0, "", NULL, false,
      "CURVE, coordinator: file of client public keys (Z85, one a line, # comments) allowed on "
      "client_bind; empty = every client that knows the cluster public key"},
+    {"curve_operator_keys", OPT_STR, S(curve_operator_keys), 0, 0, "", NULL, false,
+     "CURVE, coordinator: file of client public keys (as curve_authorized_keys) that may also "
+     "drain, undrain and replan; the others may only submit, cancel and read status; empty = "
+     "every admitted client may"},
     {"curve_server_public_key", OPT_STR, S(curve_server_public_key), 0, 0, "", NULL, false,
      "CURVE: the coordinator's (= cluster) public key, to pin it; empty = the public key of "
      "curve_secret_key_file; a different key refuses to start"},

@@ -204,6 +204,7 @@ int dsd_plan_to_wire(const dsd_plan *p, Dsd__Plan *w)
     w->version = p->version;
     w->json = dsd_plan_json(p);
     w->quantize = (char *)ds_quantize_name((enum ds_quantize)p->quantize);
+    w->data_token = (char *)p->token;
     size_t n = 2 + p->n_layers + (size_t)p->n_layers * p->n_experts;
     for (size_t i = 0; i < (size_t)p->n_layers * p->n_experts; i++)
         n += (size_t)__builtin_popcountll(p->replicas[i]);
@@ -411,6 +412,11 @@ int dsd_plan_from_wire(const Dsd__Plan *w, const ds_model_config *c, dsd_plan *p
         goto fail;
     }
     p->quantize = (uint8_t)q;
+    if (w->data_token && strlen(w->data_token) >= DSD_TOKEN_LEN) {
+        rc = ds_error_set(err, -EPROTO, "plan: data token longer than %d bytes", DSD_TOKEN_LEN - 1);
+        goto fail;
+    }
+    snprintf(p->token, sizeof(p->token), "%s", w->data_token ? w->data_token : "");
     uint32_t L = p->n_layers, E = p->n_experts;
     p->embed = p->head = -1;
     for (uint32_t l = 0; l < L; l++) {

@@ -118,7 +118,7 @@ static void start_stream(struct dsd *d, struct node *n, uint32_t plan_idx)
     }
     ds_log_notice("node %s has no checkpoint copy: streaming its units (%.1f MiB)", n->name,
                   (double)dsd_stream_out_wire_bytes(n->stream) / (1 << 20));
-    dsd_stream_out_pump(n->stream, d->control, n->name);
+    dsd_stream_out_pump(n->stream, d->control, (const char *)n->peer);
 }
 
 /* Rolls out the plan job j made (or reports why there is none): every planned worker gets the
@@ -127,21 +127,40 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
 {
     ds_error err = j->err;
     int rc = j->rc;
+    if (rc < 0 && d->coord.have_plan) {
+        /* the plan serving now is intact (dsd_rollout_start kept it): it goes on serving */
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "%s; plan v%llu goes on serving",
+                 err.msg[0] ? ds_error_str(&err) : strerror(-rc),
+                 (unsigned long long)d->plan_version);
+        ds_log_err("plan: no new plan over %u nodes (strategy %s): %s", j->n, d->o.plan_strategy,
+                   d->coord.plan_error);
+        dsd_loop_set_state(d, d->coord.serving ? "serving" : "loading");
+        goto out;
+    }
     if (rc < 0) {
         snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "%s",
                  err.msg[0] ? ds_error_str(&err) : strerror(-rc));
         ds_log_err("plan: no plan over %u nodes (strategy %s): %s; the cluster does not serve",
                    j->n, d->o.plan_strategy, d->coord.plan_error);
+        /* jobs waiting for a new plan cannot go on: they end now, saying why, instead of
+         * waiting for a client's timeout */
+        char why[600];
+        snprintf(why, sizeof(why), "no plan fits the %u nodes left: %s", j->n, d->coord.plan_error);
+        dsd_data_fail_jobs(d->dp, why);
         dsd_loop_set_state(d, "no-plan");
         dsd_notify("STATUS=no plan: %s", d->coord.plan_error);
         goto out;
     }
+    d->coord.serving = false; /* until every planned node loaded the new plan */
     dsd_plan_clear(&d->coord.plan);
     d->coord.plan = j->plan;
     memset(&j->plan, 0, sizeof(j->plan));
     enum ds_quantize q = DS_QUANTIZE_NONE;
     ds_quantize_parse(d->o.quantize, &q); /* checked by the options table */
     d->coord.plan.quantize = (uint8_t)q;  /* every node quantises its units the same way */
+    /* a new member token per plan: only the nodes it is sent to can feed its data plane */
+    if (dsd_guard_new_token(d->coord.plan.token) < 0)
+        ds_log_warn("plan: no random token (data plane open to every sender)");
     d->plan_version = d->coord.plan.version;
     d->coord.have_plan = true;
     Dsd__Plan wp;
@@ -164,8 +183,7 @@ static int rollout_finish(struct dsd *d, struct solve_job *j)
         Dsd__Envelope env = DSD__ENVELOPE__INIT;
         env.body_case = DSD__ENVELOPE__BODY_PLAN;
         env.plan = &wp;
-        dsd_send(d->control, d->coord.nodes[i].name, strlen(d->coord.nodes[i].name), &env, NULL,
-                 NULL, 0);
+        dsd_members_send(d, &d->coord.nodes[i], &env);
         start_stream(d, &d->coord.nodes[i], (uint32_t)idx);
     }
     dsd_plan_wire_clear(&wp);
@@ -237,6 +255,18 @@ static bool want_no_unit(void *ctx, enum ds_unit_kind kind, uint32_t layer, uint
     return false;
 }
 
+/* Whether every node of the current plan is up (a drained node still serves its units). */
+static bool plan_intact(struct dsd *d)
+{
+    for (uint32_t i = 0; i < d->coord.plan.n_nodes; i++) {
+        struct node *n =
+            dsd_members_find(d, d->coord.plan.nodes[i], strlen(d->coord.plan.nodes[i]));
+        if (!n || n->failed || !n->loaded)
+            return false;
+    }
+    return true;
+}
+
 /* Starts a new plan over the nodes that are up and not drained: round-robin at once, the
  * solver on its own thread (on_solved finishes). A call while one is being made asks for
  * another one after it (membership changed meanwhile). */
@@ -251,11 +281,21 @@ int dsd_rollout_start(struct dsd *d)
         return -ENOMEM;
     j->efd = -1;
     /* the model's shape only: no unit bound, so no weight is read (NULL options would bind
-     * every unit: all norms converted and, for a GGUF, every layer's kv_b rebuilt) */
+     * every unit: all norms converted and, for a GGUF, every layer's kv_b rebuilt); a
+     * checkpoint found broken at start (truncated: dsd_digest.c) opens lazily and would fail
+     * only under a job */
     ds_model_open_opts shape_only = {.want = want_no_unit};
-    int rc = ds_model_open(d->o.model, &shape_only, &j->probe, &j->err);
+    int rc = d->problem[0] ? ds_error_set(&j->err, -EBADMSG, "%s", d->problem)
+                           : ds_model_open(d->o.model, &shape_only, &j->probe, &j->err);
     if (rc < 0) {
-        ds_log_err("plan: cannot read the model: %s", ds_error_str(&j->err));
+        snprintf(d->coord.plan_error, sizeof(d->coord.plan_error), "cannot read the model %s: %s",
+                 d->o.model, ds_error_str(&j->err));
+        ds_log_err("plan: %s", d->coord.plan_error);
+        if (!d->coord.have_plan) {
+            dsd_loop_set_state(d, "no-plan");
+            dsd_notify("STATUS=no plan: %s", d->coord.plan_error);
+            d->coord.retry_ns = dsd_now_ns() + 5000000000ull; /* the path may appear */
+        }
         dsd_rollout_solve_free(j);
         return rc;
     }
@@ -263,15 +303,21 @@ int dsd_rollout_start(struct dsd *d)
     j->names = calloc(MAX_NODES, 64);
     j->eps = calloc(MAX_NODES, DSD_STR_MAX);
     for (uint32_t i = 0; j->names && j->eps && i < d->coord.n_nodes && i < MAX_NODES; i++) {
-        if (d->coord.nodes[i].failed || d->coord.nodes[i].drained)
+        if (!dsd_members_plannable(&d->coord.nodes[i]))
             continue;
         /* the coordinator is listed first even with compute = false (embed, head) */
         snprintf(j->names[j->n], 64, "%s", d->coord.nodes[i].name);
         snprintf(j->eps[j->n], DSD_STR_MAX, "%s", d->coord.nodes[i].endpoint);
         j->n++;
     }
-    d->coord.have_plan = false;
-    d->coord.serving = false;
+    /* a plan whose nodes are all still up and loaded keeps serving while the new one is made,
+     * and stays when it cannot be made (a failed `dsctl replan`, a node with a profile the
+     * solver cannot use); one that lost a node is given up at once */
+    bool keep = d->coord.have_plan && d->coord.serving && plan_intact(d);
+    if (!keep) {
+        d->coord.have_plan = false;
+        d->coord.serving = false;
+    }
     d->coord.plan_error[0] = 0;
     j->version = d->plan_version + 1;
     if (!j->names || !j->eps) {
@@ -314,7 +360,8 @@ int dsd_rollout_start(struct dsd *d)
             j->rc = ds_error_set(&j->err, -EAGAIN, "cannot start the solver thread");
         } else {
             d->coord.solving = j;
-            dsd_loop_set_state(d, "planning");
+            if (!keep)
+                dsd_loop_set_state(d, "planning");
             return 0;
         }
     }
@@ -346,8 +393,10 @@ void dsd_rollout_maybe_serve(struct dsd *d)
 {
     if (d->coord.serving || !d->coord.have_plan)
         return;
+    /* every node of the plan that is up has loaded it (one outside the plan is not waited for) */
     for (uint32_t i = 0; i < d->coord.n_nodes; i++)
-        if (!d->coord.nodes[i].loaded && !d->coord.nodes[i].failed && !d->coord.nodes[i].drained)
+        if (!d->coord.nodes[i].loaded && !d->coord.nodes[i].failed && !d->coord.nodes[i].drained &&
+            dsd_plan_node_index(&d->coord.plan, d->coord.nodes[i].name) >= 0)
             return;
     d->coord.serving = true;
     dsd_loop_set_state(d, "serving");

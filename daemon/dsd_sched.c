@@ -49,15 +49,19 @@ void dsd_sched_client_error(dsd_sched *s, const uint8_t *peer, size_t peer_len, 
     dsd_sched_client_reply(s, peer, peer_len, &env);
 }
 
-/* Ends a job: the final Token (last = true) to its client when it is still there, the KV
- * caches freed on every attention host. Never called while the job is in flight. */
-static void job_finish(dsd_sched *s, struct job *j, const char *reason)
+/* Ends a job: the final Token (last = true, with why for an error) to its client when it is
+ * still there, the KV caches freed on every attention host. Never called while the job is in
+ * flight. */
+static void job_finish_why(dsd_sched *s, struct job *j, const char *reason, const char *why)
 {
     Dsd__Envelope env = DSD__ENVELOPE__INIT;
     Dsd__Token t = DSD__TOKEN__INIT;
     t.job = j->id;
     t.last = true;
     t.finish_reason = (char *)reason;
+    char why_buf[512];
+    snprintf(why_buf, sizeof(why_buf), "%s", why ? why : "");
+    t.error = why_buf;
     env.request_id = j->request_id;
     env.body_case = DSD__ENVELOPE__BODY_TOKEN;
     env.token = &t;
@@ -65,9 +69,14 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     size_t pl = j->peer_len;
     memcpy(peer, j->peer, pl);
     s->port->release(s->ctx, j->id);
-    ds_log_info("job %llu finished (%s) after %u tokens", (unsigned long long)j->id, reason,
-                j->n_gen);
+    if (why && why[0])
+        ds_log_notice("job %llu finished (%s) after %u tokens: %s", (unsigned long long)j->id,
+                      reason, j->n_gen, why);
+    else
+        ds_log_info("job %llu finished (%s) after %u tokens", (unsigned long long)j->id, reason,
+                    j->n_gen);
     free(j->prompt);
+    free(j->gen);
     for (uint32_t i = 0; i < j->n_stop_text; i++)
         free(j->stop_text[i]);
     ds_tok_stream_free(j->ts);
@@ -78,6 +87,35 @@ static void job_finish(dsd_sched *s, struct job *j, const char *reason)
     /* the job list a client reads after the last token must not show the job any more */
     dsd_sched_jobs_changed(s);
     dsd_sched_client_reply(s, peer, pl, &env);
+}
+
+static void job_finish(dsd_sched *s, struct job *j, const char *reason)
+{
+    job_finish_why(s, j, reason, NULL);
+}
+
+/* Makes job j start again from position 0: its prompt followed by every token it sent but the
+ * last (which is `next`, the token it feeds at its next decode step); a job still in its
+ * prompt just feeds it again. The KV caches it had are overwritten from position 0 (a lower
+ * position rewinds a cache). Its sampler is untouched: the token the replayed prefill's last
+ * row would sample was sampled already (skip_sample). */
+static int job_rewind(struct job *j)
+{
+    if (!j->n_prompt0)
+        j->n_prompt0 = j->n_prompt;
+    uint32_t keep = j->n_gen ? j->n_gen - 1 : 0, n = j->n_prompt0 + keep;
+    int32_t *p = realloc(j->prompt, (n ? n : 1) * sizeof(*p));
+    if (!p)
+        return -ENOMEM;
+    if (keep)
+        memcpy(p + j->n_prompt0, j->gen, keep * sizeof(*p));
+    j->prompt = p;
+    j->n_prompt = n;
+    j->fed = 0;
+    j->skip_sample = j->n_gen > 0;
+    j->mb = -1;
+    j->replays++;
+    return 0;
 }
 
 void dsd_sched_get_stats(const dsd_sched *s, dsd_sched_stats *st)
@@ -101,9 +139,10 @@ char *dsd_sched_jobs_json(const dsd_sched *s)
             continue;
         json_array_append_new(jobs, json_pack("{s:I,s:s,s:i,s:i,s:i,s:b}", "id", (json_int_t)j->id,
                                               "state", j->fed < j->n_prompt ? "prefill" : "decode",
-                                              "prompt_tokens", (int)j->n_prompt, "generated",
-                                              (int)j->n_gen, "max_tokens", (int)j->max_tokens,
-                                              "in_flight", j->mb >= 0));
+                                              "prompt_tokens",
+                                              (int)(j->n_prompt0 ? j->n_prompt0 : j->n_prompt),
+                                              "generated", (int)j->n_gen, "max_tokens",
+                                              (int)j->max_tokens, "in_flight", j->mb >= 0));
     }
     uint32_t inflight = 0;
     for (uint32_t i = 0; i < s->max_mbs; i++)
@@ -154,7 +193,8 @@ static void mb_release(struct mbatch *mb)
     mb->nj = 0;
 }
 
-/* Fails every job of a micro-batch (a node died or refused the step). */
+/* A micro-batch failed (a node died or refused the step): its jobs are fed again from
+ * position 0 while they have replays left (max_replays), else they end with the error. */
 static void mb_fail(dsd_sched *s, struct mbatch *mb, const char *why)
 {
     ds_log_err("step %llu (micro-batch %llu) failed: %s", (unsigned long long)mb->step,
@@ -162,7 +202,17 @@ static void mb_fail(dsd_sched *s, struct mbatch *mb, const char *why)
     for (uint32_t q = 0; q < mb->nj; q++) {
         struct job *j = &s->jobs[mb->jobs[q]];
         j->mb = -1;
-        job_finish(s, j, j->cancelled ? "cancelled" : "error");
+        if (j->cancelled) {
+            job_finish(s, j, "cancelled");
+        } else if (j->replays < s->lim.max_replays && job_rewind(j) == 0) {
+            ds_log_notice("job %llu: fed again from position 0 (%u tokens sent so far; replay "
+                          "%u of %u)",
+                          (unsigned long long)j->id, j->n_gen, j->replays, s->lim.max_replays);
+        } else {
+            char msg[512];
+            snprintf(msg, sizeof(msg), "%s%s", why, s->lim.max_replays ? " (no replays left)" : "");
+            job_finish_why(s, j, "error", msg);
+        }
     }
     mb_release(mb);
 }
@@ -237,6 +287,18 @@ static int job_text(dsd_sched *s, struct job *j, int32_t t, bool final, const ch
  * done or was cancelled while in flight. */
 static void job_emit(dsd_sched *s, struct job *j, int32_t t)
 {
+    if (j->n_gen >= j->gen_cap) { /* kept for a replay */
+        uint32_t cap = j->gen_cap ? j->gen_cap * 2 : 64;
+        int32_t *g = realloc(j->gen, cap * sizeof(*g));
+        if (g) {
+            j->gen = g;
+            j->gen_cap = cap;
+        }
+    }
+    if (j->n_gen < j->gen_cap)
+        j->gen[j->n_gen] = t;
+    else
+        j->replays = UINT32_MAX; /* cannot be replayed without its tokens */
     j->n_gen++;
     j->next = t;
     const char *reason = j->n_gen >= j->max_tokens ? "length" : NULL;
@@ -289,7 +351,7 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
     uint32_t ns = 0;
     for (uint32_t q = 0; q < mb->nj; q++) {
         struct job *j = &s->jobs[mb->jobs[q]];
-        ns += j->fed + mb->rows[q] >= j->n_prompt;
+        ns += j->fed + mb->rows[q] >= j->n_prompt && !j->skip_sample;
     }
     float *sel = ns ? malloc((size_t)ns * D * sizeof(float)) : NULL;
     float *logits = ns ? malloc((size_t)ns * V * sizeof(float)) : NULL;
@@ -301,7 +363,7 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
     }
     for (uint32_t q = 0, k = 0; q < mb->nj; q++) {
         struct job *j = &s->jobs[mb->jobs[q]];
-        if (j->fed + mb->rows[q] >= j->n_prompt)
+        if (j->fed + mb->rows[q] >= j->n_prompt && !j->skip_sample)
             memcpy(sel + (size_t)k++ * D, x + (size_t)mb->last[q] * D, D * sizeof(float));
     }
     if (ns &&
@@ -317,6 +379,12 @@ void dsd_sched_on_result(dsd_sched *s, uint64_t rid, const float *x, uint32_t n,
         j->mb = -1;
         j->fed += mb->rows[q];
         if (j->fed < j->n_prompt) { /* a prompt chunk: more of the prompt to feed */
+            if (j->cancelled)
+                job_finish(s, j, "cancelled");
+            continue;
+        }
+        if (j->skip_sample) { /* a replay caught up: it decodes `next` from here on */
+            j->skip_sample = false;
             if (j->cancelled)
                 job_finish(s, j, "cancelled");
             continue;
@@ -492,6 +560,73 @@ int dsd_sched_new(const ds_model *m, ds_pool *pool, ds_tokenizer **tok, const ds
     }
     *ret = s;
     return 0;
+}
+
+uint32_t dsd_sched_adopt(dsd_sched *s, dsd_sched *src)
+{
+    if (!src)
+        return 0;
+    /* ids go on from the old scheduler's (clients hold them; a late result of an old
+     * micro-batch must not match a new one) */
+    s->next_job = src->next_job > s->next_job ? src->next_job : s->next_job;
+    s->next_rid = src->next_rid > s->next_rid ? src->next_rid : s->next_rid;
+    s->step = src->step > s->step ? src->step : s->step;
+    if (src->tok) { /* the jobs' text decoders point into it */
+        ds_tokenizer_free(s->tok);
+        s->tok = src->tok;
+        src->tok = NULL;
+    }
+    uint32_t taken = 0, at = 0;
+    for (uint32_t i = 0; i < src->max_jobs; i++) {
+        struct job *j = &src->jobs[i];
+        if (!j->active)
+            continue;
+        while (at < s->max_jobs && s->jobs[at].active)
+            at++;
+        const char *why = NULL;
+        if (j->cancelled)
+            why = "cancelled";
+        else if (at == s->max_jobs)
+            why = "the new plan has fewer job slots (max_jobs)";
+        else if (j->replays >= s->lim.max_replays)
+            why = "the plan changed under it and it has no replays left";
+        else if (job_rewind(j) < 0)
+            why = "out of memory";
+        if (why) {
+            j->mb = -1;
+            if (!strcmp(why, "cancelled"))
+                job_finish(src, j, "cancelled");
+            else
+                job_finish_why(src, j, "error", why);
+            continue;
+        }
+        ds_log_notice("job %llu: replayed on the new plan from position 0 (%u prompt + %u sent "
+                      "tokens)",
+                      (unsigned long long)j->id, j->n_prompt0, j->n_gen);
+        s->jobs[at] = *j; /* the job and what it owns move over */
+        memset(j, 0, sizeof(*j));
+        j->mb = -1;
+        taken++;
+    }
+    s->jobs_done += src->jobs_done;
+    dsd_sched_free(src, "error"); /* nothing active is left in it */
+    if (taken)
+        dsd_sched_jobs_changed(s);
+    return taken;
+}
+
+void dsd_sched_fail_all(dsd_sched *s, const char *why)
+{
+    for (uint32_t i = 0; s && i < s->max_jobs; i++)
+        if (s->jobs[i].active) {
+            s->jobs[i].mb = -1;
+            if (s->jobs[i].cancelled)
+                job_finish(s, &s->jobs[i], "cancelled");
+            else
+                job_finish_why(s, &s->jobs[i], "error", why);
+        }
+    for (uint32_t i = 0; s && i < s->max_mbs; i++)
+        mb_release(&s->mbs[i]);
 }
 
 dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason)

@@ -61,6 +61,9 @@ typedef struct dsd_sched_limits {
     uint32_t max_rows_per_step; /* rows of one micro-batch (>= 1): a longer prefill is chunked */
     uint64_t step_timeout_ns;   /* a micro-batch with no result this long after launch fails */
     bool one_node;              /* the plan runs on one node: one micro-batch in flight */
+    uint32_t max_replays;       /* times a job is fed again (its prompt and tokens so far) after
+                                 * a failed micro-batch or a plan change before it ends with an
+                                 * error; 0: a failed micro-batch ends its jobs at once */
 } dsd_sched_limits;
 
 /* A scheduler over model m (embed and head bound; borrowed, must outlive it) computing with
@@ -75,6 +78,17 @@ void dsd_sched_set_units(dsd_sched *s, const ds_unit_runner_ops *ops, void *ctx)
  * stops) through the port, frees the scheduler. NULL-safe; returns NULL. */
 dsd_sched *dsd_sched_free(dsd_sched *s, const char *reason);
 
+/* Takes over every job of src (a scheduler of the plan being replaced), which is freed: each
+ * job is fed again from position 0 here, its prompt and the tokens streamed so far, and goes
+ * on where it was with its own sampler, so its client sees one uninterrupted stream,
+ * identical to an uninterrupted run (every unit is row-independent, the sampler's state
+ * travels with the job). Job ids, request ids and the tokenizer continue from src. A job
+ * that does not fit (fewer slots, or past max_replays) ends with an error saying why.
+ * Returns the number of jobs taken. src NULL: 0. */
+uint32_t dsd_sched_adopt(dsd_sched *s, dsd_sched *src);
+/* Ends every job (a cancelled one "cancelled") with finish_reason "error" and why in its final
+ * Token's `error`; micro-batches in flight are forgotten (their late results ignored). */
+void dsd_sched_fail_all(dsd_sched *s, const char *why);
 /* A client's Submit (request request_id from client id[id_len]): accepted (the port replies
  * with the job id) or refused with an Error reply. */
 void dsd_sched_submit(dsd_sched *s, const uint8_t *id, size_t id_len, uint64_t request_id,

@@ -33,6 +33,13 @@ struct job {
     size_t n_held;
     int32_t mb;     /* micro-batch slot it is in flight in, -1 when not */
     bool cancelled; /* cancel asked while in flight: finish when the micro-batch returns */
+    /* replay (dsd_sched_adopt, a failed micro-batch): the tokens streamed so far, so the job
+     * can be fed again from position 0 on another plan and go on where it was */
+    int32_t *gen;       /* [n_gen] every token sampled (and sent) so far */
+    uint32_t gen_cap;   /* allocated entries of gen */
+    uint32_t n_prompt0; /* the client's prompt length (prompt[0..n_prompt0)); 0 = n_prompt */
+    bool skip_sample;   /* a replayed prefill: its last row's token is `next`, already sent */
+    uint32_t replays;   /* times it was fed again */
 };
 
 struct mbatch {

@@ -60,13 +60,14 @@ static json_t *spec_links(json_t *st)
 
 /* The cluster spec of docs/cluster-spec.md: the nodes' reported devices and the links measured
  * over the real sockets (the running scheduler's, else the last one's). planned_only: leave
- * out failed and drained nodes (the planner's view); links to nodes left out are dropped. */
+ * out failed, drained and unusable nodes (the planner's view); links to nodes left out are dropped.
+ */
 json_t *dsd_status_cluster_spec(struct dsd *d, bool planned_only)
 {
     json_t *nodes = json_array(), *links;
     for (uint32_t i = 0; i < d->coord.n_nodes; i++) {
         struct node *n = &d->coord.nodes[i];
-        if (n->failed || (planned_only && n->drained))
+        if (n->failed || (planned_only && !dsd_members_plannable(n)))
             continue;
         json_array_append_new(nodes,
                               json_pack("{s:s,s:s,s:o}", "name", n->name, "class",
@@ -197,10 +198,11 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
         json_t *nodes = json_array();
         for (uint32_t i = 0; i < d->coord.n_nodes; i++) {
             struct node *n = &d->coord.nodes[i];
-            const char *st = n->failed    ? "failed"
-                             : n->drained ? "draining"
-                             : n->loaded  ? "serving"
-                                          : "loading";
+            const char *st = n->failed       ? "failed"
+                             : n->problem[0] ? "unusable"
+                             : n->drained    ? "draining"
+                             : n->loaded     ? "serving"
+                                             : "loading";
             if (i == 0)
                 st = d->state;
             json_array_append_new(
@@ -210,6 +212,9 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
                                  (json_int_t)(i == 0 ? 0 : (now - n->last_seen_ns) / 1000000),
                                  "devices", n->devices ? json_incref(n->devices) : json_array(),
                                  "drained", n->drained, "has_model_copy", n->has_model_copy));
+            if (n->problem[0])
+                json_object_set_new(json_array_get(nodes, json_array_size(nodes) - 1), "problem",
+                                    json_string(n->problem));
         }
         json_t *st = dsd_status_measured(d);
         json_t *links = json_is_object(st) ? json_object_get(st, "links") : NULL;
@@ -218,6 +223,18 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
                       "nodes", nodes, "links", links ? links : json_array());
         if (d->coord.plan_error[0])
             json_object_set_new(r, "plan_error", json_string(d->coord.plan_error));
+        if (d->model_digest[0])
+            json_object_set_new(r, "model_digest", json_string(d->model_digest));
+        json_object_set_new(r, "instance", json_string(d->instance));
+        if (d->coord.n_refused) { /* the last hellos refused, and why */
+            json_t *rf = json_array();
+            for (uint32_t k = 0; k < d->coord.n_refused; k++)
+                json_array_append_new(
+                    rf, json_pack("{s:s,s:s,s:I}", "name", d->coord.refused[k].name, "reason",
+                                  d->coord.refused[k].reason, "age_ms",
+                                  (json_int_t)((now - d->coord.refused[k].at_ns) / 1000000)));
+            json_object_set_new(r, "refused", rf);
+        }
         if (dsd_curve_enabled())
             json_object_set_new(r, "curve_refused", json_integer((json_int_t)dsd_curve_refused()));
         json_t *prog = dsd_progress_json(d); /* loading / streaming under way */
@@ -226,6 +243,10 @@ char *dsd_status_json(struct dsd *d, const char *what, int *code)
         json_decref(st);
     } else if (!strcmp(what, "jobs")) {
         r = dsd_status_data(d, "jobs");
+        /* which coordinator process answers: a client whose job is not in the list of the
+         * instance it submitted to knows the job is lost (libdsclient) */
+        if (json_is_object(r))
+            json_object_set_new(r, "instance", json_string(d->instance));
     } else if (!strcmp(what, "placement")) {
         char *pj = d->coord.have_plan ? dsd_plan_json(&d->coord.plan) : NULL;
         json_t *plan = pj ? json_loads(pj, 0, NULL) : json_null();

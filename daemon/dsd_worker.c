@@ -65,6 +65,7 @@ static void worker_load_plan(struct dsd *d, const Dsd__Plan *p, const char *mode
         free(d->worker.load_json);
         d->worker.load_json = p->json ? strdup(p->json) : NULL;
         d->worker.load_layers = plan.n_layers;
+        snprintf(d->worker.load_token, sizeof(d->worker.load_token), "%s", plan.token);
     }
     dsd_plan_clear(&plan);
     ds_model_free(probe);
@@ -82,6 +83,7 @@ static void worker_loaded(struct dsd *d, uint64_t version, int rc, const ds_erro
     }
     d->plan_version = version;
     d->worker.n_layers_hint = d->worker.load_layers;
+    memcpy(d->worker.plan_token, d->worker.load_token, sizeof(d->worker.plan_token));
     if (d->worker.load_json)
         dsd_plan_write_file(d->o.state_dir, d->worker.load_json);
     free(d->worker.load_json);
@@ -165,6 +167,8 @@ void dsd_worker_hello(struct dsd *d)
     h.devices = devp;
     h.node_class = (char *)dsd_local_node_class();
     h.has_model_copy = access(d->o.model, R_OK) == 0;
+    h.model_digest = d->model_digest;
+    h.problem = d->problem;
     env.body_case = DSD__ENVELOPE__BODY_HELLO;
     env.hello = &h;
     dsd_send(d->control, NULL, 0, &env, NULL, NULL, 0);
@@ -189,6 +193,7 @@ void dsd_worker_on_control(struct dsd *d)
     case DSD__ENVELOPE__BODY_WELCOME:
         if (!d->worker.welcomed) {
             d->worker.welcomed = true;
+            d->worker.last_refusal[0] = 0;
             ds_log_notice("joined cluster '%s' as node %llu", env->welcome->cluster ?: "",
                           (unsigned long long)env->welcome->node_id);
             dsd_loop_set_state(d, "joined");
@@ -196,6 +201,18 @@ void dsd_worker_on_control(struct dsd *d)
         }
         break;
     case DSD__ENVELOPE__BODY_PLAN:
+        /* the plan this node has installed already (same version, same random token: the
+         * coordinator sent it again after we said hello again, e.g. after it stalled): keep
+         * its units and KV caches, so the jobs running on it go on */
+        if (env->plan->version && env->plan->version == d->plan_version && !d->loading &&
+            env->plan->data_token && env->plan->data_token[0] &&
+            !strcmp(env->plan->data_token, d->worker.plan_token)) {
+            ds_log_notice("plan v%llu: already installed, kept",
+                          (unsigned long long)d->plan_version);
+            send_load(d, d->plan_version, 0, 0, true, NULL);
+            dsd_loop_set_state(d, "serving");
+            break;
+        }
         d->worker.stream_in = (dsd_stream_in_free(d->worker.stream_in), NULL);
         free(d->worker.pending_plan);
         d->worker.pending_plan = NULL;
@@ -231,7 +248,15 @@ void dsd_worker_on_control(struct dsd *d)
     case DSD__ENVELOPE__BODY_HEARTBEAT:
         break;
     case DSD__ENVELOPE__BODY_ERROR:
-        ds_log_err("coordinator refused us: %s", env->error->message ?: "");
+        /* a refused hello is answered every heartbeat: say it once per reason */
+        if (strncmp(d->worker.last_refusal, env->error->message ?: "",
+                    sizeof(d->worker.last_refusal) - 1)) {
+            ds_log_err("coordinator refused us: %s", env->error->message ?: "");
+            snprintf(d->worker.last_refusal, sizeof(d->worker.last_refusal), "%s",
+                     env->error->message ?: "");
+        }
+        if (!d->worker.welcomed)
+            dsd_loop_set_state(d, "refused"); /* until a hello is welcomed */
         if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_VERSION)
             d->stopping = true;
         else if (env->error->code == DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT)

@@ -1,6 +1,8 @@
 # daemon/ and client/ (libdsclient, dsctl cluster commands): see docs/daemon.md, docs/client.md.
 ds_add_test(NAME test_daemon SOURCES test_daemon.c LIBS ds_daemon LABELS unit TIMEOUT 120)
 # the scheduler alone (no sockets): its tokens against the in-process engine
+# dsd_guard.c alone: hello profiles, node names, frame-sized micro-batches, a step's sequences
+ds_add_test(NAME test_guard_unit SOURCES test_guard.c LIBS ds_daemon LABELS unit TIMEOUT 60)
 ds_add_test(NAME test_sched SOURCES test_sched.c LIBS ds_daemon LABELS unit TIMEOUT 120)
 ds_add_test(NAME test_client SOURCES test_client.c LIBS dsclient_static ds_proto ds_model LABELS unit
             TIMEOUT 180)
@@ -71,3 +73,20 @@ set_tests_properties(test_http_page PROPERTIES SKIP_RETURN_CODE 77)
 ds_add_script_test(NAME test_attn_device COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_attn_device.sh
                    LABELS "cluster;opencl" TIMEOUT 300)
 set_tests_properties(test_attn_device PROPERTIES SKIP_RETURN_CODE 77)
+# bounds on what a peer can make a node hold or believe: oversized frames, a sequence flood,
+# impossible profiles, a replan that cannot succeed (tests/cluster/zmtp_peer.py: raw ZMTP)
+ds_add_script_test(NAME test_guard COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_guard.sh
+                   LABELS cluster TIMEOUT 300)
+# names and identity: a duplicate node name, two daemons on one state_dir, other weights
+# (model digest), a truncated checkpoint, a state_dir that cannot store streamed weights, a
+# coordinator without its model
+ds_add_script_test(NAME test_identity COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_identity.sh
+                   LABELS cluster TIMEOUT 300)
+# data-plane membership: forged and replayed rows, errors and cancels from a raw ZeroMQ peer
+# (tests/cluster/zmtp_peer.py) cannot change any job's output
+ds_add_script_test(NAME test_inject COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_inject.sh
+                   LABELS cluster TIMEOUT 300)
+# chaos, bounded: kill -9 a worker, SIGSTOP one past the failure timeout, SIGSTOP the
+# coordinator, lose every worker; jobs replayed token-identical or ended with a clear error
+ds_add_script_test(NAME test_chaos COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cluster/test_chaos.sh
+                   LABELS cluster TIMEOUT 600)

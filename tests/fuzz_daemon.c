@@ -2,7 +2,9 @@
  * through the options table), a wire Plan turned into this node's units and into the whole
  * plan (unit names, node names, layer and expert indices checked against the model), and a
  * sequence of WeightChunks written by the streamed-weights receiver (file names, sizes,
- * offsets, plan version), and a worker's StepStats as the coordinator keeps it. Input: the
+ * offsets, plan version), a worker's StepStats as the coordinator keeps it, a Hello's
+ * checks (dsd_guard_hello: names, devices, profiles) and a checkpoint file's digest and
+ * truncation check (dsd_digest_model: the safetensors tensor table). Input: the
  * first byte selects the parser. */
 #include <stdint.h>
 #include <stdio.h>
@@ -69,6 +71,36 @@ size_t ds_fuzz_seeds(uint8_t **bufs, size_t *sizes, size_t max)
         dsd__step_stats__pack(&st, bufs[n] + 1);
         sizes[n++] = len + 1;
     }
+    /* a Hello with one device */
+    Dsd__Hello h = DSD__HELLO__INIT;
+    Dsd__Device dv = DSD__DEVICE__INIT, *dvs[1] = {&dv};
+    h.node = "w1";
+    h.data_endpoint = "tcp://127.0.0.1:7102";
+    h.n_devices = 1;
+    h.devices = dvs;
+    h.model_digest = "sha256:00";
+    dv.name = "cpu0";
+    dv.kind = "cpu";
+    dv.klass = "server";
+    dv.memory_bytes = 1 << 30;
+    dv.mem_bw_bytes_per_s = 1e10;
+    dv.flops = 1e11;
+    len = dsd__hello__get_packed_size(&h);
+    if (n < max && (bufs[n] = malloc(len + 1))) {
+        bufs[n][0] = 8;
+        dsd__hello__pack(&h, bufs[n] + 1);
+        sizes[n++] = len + 1;
+    }
+    /* a small safetensors file: one F32 tensor of 2 values */
+    static const char st_hdr[] = "{\"w\":{\"dtype\":\"F32\",\"shape\":[2],"
+                                 "\"data_offsets\":[0,8]}}";
+    size_t hl = sizeof(st_hdr) - 1;
+    if (n < max && (bufs[n] = calloc(1, 1 + 8 + hl + 8))) {
+        bufs[n][0] = 16;
+        bufs[n][1] = (uint8_t)hl;
+        memcpy(bufs[n] + 9, st_hdr, hl);
+        sizes[n++] = 1 + 8 + hl + 8;
+    }
     /* a WeightChunk sequence: [len][chunk][frame len][frame] */
     Dsd__WeightChunk wc = DSD__WEIGHT_CHUNK__INIT;
     wc.file = "config.json";
@@ -105,6 +137,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 dsd_opts_check(&o, &err);
         }
         close(fd);
+        return 0;
+    }
+    if (data[0] & 16) { /* a checkpoint file as dsd_digest_model reads it (safetensors) */
+        char path[64];
+        snprintf(path, sizeof(path), "/tmp/fuzz-digest-%d.safetensors", (int)getpid());
+        FILE *f = fopen(path, "wb");
+        if (!f)
+            return 0;
+        size_t w = fwrite(data + 1, 1, size - 1, f);
+        fclose(f);
+        char digest[DSD_DIGEST_LEN];
+        if (w == size - 1)
+            dsd_digest_model(path, digest, sizeof(digest), &err);
+        unlink(path);
+        return 0;
+    }
+    if (data[0] & 8) { /* a Hello as the coordinator checks it before membership sees it */
+        Dsd__Hello *h = dsd__hello__unpack(NULL, size - 1, data + 1);
+        if (h) {
+            dsd_guard_hello(h, &err);
+            dsd__hello__free_unpacked(h, NULL);
+        }
         return 0;
     }
     if (data[0] & 4) { /* StepStats from a worker, for a 4-layer, 8-expert model */

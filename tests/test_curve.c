@@ -5,7 +5,7 @@
  * a group/world-readable or malformed secret key file stops dsd at start with a message naming
  * the file; a worker holding the cluster key joins, serves a plan over both nodes (control
  * and data sockets under CURVE) and generates the same tokens, and one holding another key is
- * refused. */
+ * refused; with curve_operator_keys, only an operator key may replan or drain. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -401,6 +401,72 @@ static void test_two_nodes(void **state)
     assert_int_equal(dsd_stop(w), 0);
 }
 
+/* (f) roles: a coordinator with curve_operator_keys = the "other" key (not in
+ * curve_authorized_keys): the listed client may read status and generate but not replan or
+ * drain (-EPERM, the reply says why); the operator key may connect and replan; nobody may
+ * drain the coordinator. */
+static void test_operator_role(void **state)
+{
+    (void)state;
+    char ops[200], auth[200], text[128], a1[300], a2[300], a3[300];
+    path_in_dir(ops, sizeof(ops), "operator_keys");
+    path_in_dir(auth, sizeof(auth), "authorized_keys");
+    snprintf(text, sizeof(text), "%s # the operator\n", g_other_pub);
+    assert_int_equal(write_text(ops, text, 0644), 0);
+    snprintf(a1, sizeof(a1), "--curve_secret_key_file=%s", g_cluster_file);
+    snprintf(a2, sizeof(a2), "--curve_authorized_keys=%s", auth);
+    snprintf(a3, sizeof(a3), "--curve_operator_keys=%s", ops);
+    struct dsd_proc *p = &g_worker;
+    assert_int_equal(dsd_spawn_at(p, 1,
+                                  (const char *const[]){
+                                      "--node=roles", "--model=" DS_TEST_DATA "/../../models/tiny",
+                                      "--plan_strategy=round-robin", a1, a2, a3, NULL},
+                                  NULL),
+                     0);
+    ds_client_opts o = {.timeout_ms = 20000,
+                        .server_public_key = g_cluster_pub,
+                        .public_key = g_client_pub,
+                        .secret_key = g_client_sec};
+    ds_client *user = NULL, *op = NULL;
+    assert_int_equal(ds_client_connect(p->client_ep, &o, &user), 0);
+    char *js = NULL;
+    for (int i = 0; i < 200; i++) { /* serving */
+        free(js);
+        js = NULL;
+        if (ds_client_status(user, "status", &js) == 0 && strstr(js, "\"state\":\"serving\""))
+            break;
+        dsd_sleep_ms(50);
+    }
+    assert_non_null(strstr(js, "\"state\":\"serving\""));
+    free(js);
+    js = NULL;
+    assert_int_equal(ds_client_replan(user, &js), -EPERM);
+    assert_non_null(strstr(ds_client_error(user), "needs an operator key"));
+    assert_int_equal(ds_client_drain(user, "roles", false, &js), -EPERM);
+    uint32_t want[8];
+    assert_int_equal(local_tokens("5,6,7", 8, want), 8);
+    static const uint32_t prompt[] = {5, 6, 7};
+    expect_stream(user, prompt, 3, want, 8); /* a client may still generate */
+    o.public_key = g_other_pub;
+    o.secret_key = g_other_sec;
+    assert_int_equal(ds_client_connect(p->client_ep, &o, &op), 0);
+    int rc = -EBUSY;
+    for (int i = 0; i < 100 && rc == -EBUSY; i++) /* the job just ended may still count */
+        if ((rc = ds_client_replan(op, &js)) == -EBUSY)
+            dsd_sleep_ms(50);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(js, "\"plan_version\":2"));
+    free(js);
+    js = NULL;
+    assert_int_equal(ds_client_drain(op, "roles", false, &js), -EINVAL);
+    assert_non_null(strstr(ds_client_error(op), "is the coordinator"));
+    ds_client_close(user);
+    ds_client_close(op);
+    assert_true(dsd_log_count(p, "without the operator role") >= 2);
+    assert_int_equal(dsd_stop(p), 0);
+    unlink(ops);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -410,6 +476,7 @@ int main(void)
         cmocka_unit_test(test_unlisted_key_refused),
         cmocka_unit_test(test_bad_secret_file_refused),
         cmocka_unit_test(test_two_nodes),
+        cmocka_unit_test(test_operator_role),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

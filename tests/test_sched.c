@@ -44,6 +44,7 @@ struct tport {
         char reason[16];
     } out[MAX_JOBS];
     uint32_t n_out;
+    char last_why[512]; /* the last error token's reason */
 };
 
 /* The expert runner of a node that hosts every expert: the daemon host's own dispatch
@@ -163,6 +164,8 @@ static void t_reply(void *ctx, const uint8_t *id, size_t id_len, const Dsd__Enve
             assert_true(t->out[k].n < MAX_OUT);
             t->out[k].ids[t->out[k].n++] = (int32_t)env->token->id;
         }
+        if (env->token->last && env->token->error)
+            snprintf(t->last_why, sizeof(t->last_why), "%s", env->token->error);
         if (env->token->last) {
             t->out[k].ended = true;
             snprintf(t->out[k].reason, sizeof(t->out[k].reason), "%s", env->token->finish_reason);
@@ -455,6 +458,85 @@ static void test_step_timeout(void **state)
     dsd_sched_free(s, "cancelled");
 }
 
+/* Job replay: three jobs (greedy and sampled) run a few steps on one scheduler, which is then
+ * replaced by another (a new plan) that adopts them; one of them also loses a micro-batch (its
+ * result never comes) and is fed again. Each job's whole stream equals the engine's
+ * uninterrupted tokens: no token lost, repeated or changed, the sampler's state carried. */
+static void test_replay_matches_engine(void **state)
+{
+    struct fixture *f = *state;
+    dsd_sched *s = sched_new(f, 2, 4); /* 4 rows a step: the 11-token prompt is chunked */
+    static const uint32_t p0[] = {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, p1[] = {3, 1};
+    static const uint32_t p2[] = {100, 42, 7, 7, 7, 7, 7};
+    const uint32_t *prompts[] = {p0, p1, p2};
+    const uint32_t lens[] = {11, 2, 7}, max_tok[] = {9, 12, 6};
+    const float temps[] = {0, 0.8f, 1.3f};
+    const uint64_t seeds[] = {1, 7, 12345};
+    for (int i = 0; i < 3; i++)
+        submit(s, prompts[i], lens[i], max_tok[i], temps[i], seeds[i]);
+    uint64_t now = 1;
+    for (int k = 0; k < 5; k++)
+        dsd_sched_tick(s, now += 1000);
+    uint32_t sent = 0;
+    for (uint32_t k = 0; k < f->t.n_out; k++) {
+        assert_false(f->t.out[k].ended);
+        sent += f->t.out[k].n;
+    }
+    assert_true(sent > 0); /* some tokens streamed before the plan changes */
+    dsd_sched_limits lim = {.max_jobs = 4,
+                            .micro_batches = 2,
+                            .max_context = 256,
+                            .max_rows_per_step = 4,
+                            .step_timeout_ns = 1000000000ull,
+                            .max_replays = 3};
+    dsd_sched *s2;
+    ds_error err = {0};
+    assert_int_equal(dsd_sched_new(f->m, f->pool, NULL, &lim, &PORT, &f->t, &s2, &err), 0);
+    f->t.s = s2;
+    assert_int_equal(dsd_sched_adopt(s2, s), 3);
+    /* a micro-batch of the new plan is lost: its jobs are fed again at the step timeout */
+    f->t.hold = true;
+    dsd_sched_tick(s2, now += 1000);
+    f->t.hold = false;
+    dsd_sched_tick(s2, now += 1000000001ull);
+    for (uint32_t k = 0; k < f->t.n_out; k++)
+        assert_false(f->t.out[k].ended);
+    run_until_done(s2, &f->t, 3);
+    for (int i = 0; i < 3; i++) {
+        int32_t want[MAX_OUT];
+        engine_tokens(f, prompts[i], lens[i], max_tok[i], temps[i], seeds[i], want);
+        uint32_t k = out_of(&f->t, f->t.acked[i]);
+        assert_int_equal(f->t.out[k].n, max_tok[i]);
+        assert_memory_equal(f->t.out[k].ids, want, max_tok[i] * sizeof(int32_t));
+        assert_string_equal(f->t.out[k].reason, "length");
+    }
+    dsd_sched_stats st;
+    dsd_sched_get_stats(s2, &st);
+    assert_int_equal(st.jobs, 0);
+    assert_int_equal(st.finished, 3);
+    dsd_sched_free(s2, "cancelled");
+}
+
+/* A job that cannot go on ends with an error saying why (dsd_sched_fail_all). */
+static void test_fail_all_says_why(void **state)
+{
+    struct fixture *f = *state;
+    dsd_sched *s = sched_new(f, 1, 65536);
+    f->t.hold = true;
+    static const uint32_t p[] = {4, 4};
+    submit(s, p, 2, 5, 0, 1);
+    dsd_sched_tick(s, 1000);
+    dsd_sched_fail_all(s, "no plan fits the 1 nodes left: model does not fit");
+    uint32_t k = out_of(&f->t, f->t.acked[0]);
+    assert_true(f->t.out[k].ended);
+    assert_string_equal(f->t.out[k].reason, "error");
+    assert_string_equal(f->t.last_why, "no plan fits the 1 nodes left: model does not fit");
+    float x[64] = {0};
+    dsd_sched_on_result(s, 1, x, 1, NULL); /* the late result is ignored */
+    assert_int_equal(f->t.out[k].n, 0);
+    dsd_sched_free(s, "cancelled");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -464,6 +546,8 @@ int main(void)
         cmocka_unit_test(test_one_row_per_step),
         cmocka_unit_test(test_cancel_and_refusals),
         cmocka_unit_test(test_step_timeout),
+        cmocka_unit_test(test_replay_matches_engine),
+        cmocka_unit_test(test_fail_all_says_why),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
