@@ -225,7 +225,7 @@ check_rc "drain without NODE: usage" 2 "$DSCTL" drain
 # a port of this run's block that nothing listens on
 for cmd in status placement; do
     check_rc "$cmd on an unreachable endpoint: failure" 1 env DSD_TIMEOUT_MS=1500 \
-        DSD_ENDPOINT="tcp://127.0.0.1:$((BASE_PORT + 15))" timeout 30 "$DSCTL" $cmd
+        DSD_ENDPOINT="tcp://127.0.0.1:$((BASE_PORT + 14))" timeout 30 "$DSCTL" $cmd
 done
 
 if [ "$DSCTL_FAILS" -eq 0 ]; then
