@@ -35,6 +35,29 @@
 #include "ds_log.h"
 #include "dsd_data_impl.h"
 
+/* A data-plane request without the plan's token: counted, and logged and answered (the sender
+ * may be a node that missed a plan) at most once a second, so a flood neither floods the log
+ * nor makes this node queue replies for a sender that never reads them. */
+void dsd_data_refuse_nonmember(dsd_data *d, dsd_msg *m)
+{
+    const Dsd__Envelope *env = m->env;
+    d->refused_nonmember++;
+    uint64_t now = dsd_now_ns();
+    if (now - d->last_refusal_log_ns <= 1000000000ull)
+        return; /* neither logged nor answered: a sender that never reads must not make us
+                 * queue replies (the data ROUTER has no high-water mark) */
+    ds_log_warn("data: refused '%s' (request %llu): not from a member of plan v%llu (%llu "
+                "refused so far)",
+                ds_wire_body_name(env), (unsigned long long)env->request_id,
+                (unsigned long long)d->plan.version, (unsigned long long)d->refused_nonmember);
+    d->last_refusal_log_ns = now;
+    if (env->body_case != DSD__ENVELOPE__BODY_ERROR) /* never answer an error with one */
+        dsd_send_error(d->router, m->peer, m->peer_len, env->request_id,
+                       DSD__ERROR_CODE__ERROR_CODE_UNKNOWN_UNIT,
+                       "not a member of plan v%llu: data-plane requests need the plan's token",
+                       (unsigned long long)d->plan.version);
+}
+
 void dsd_chain_task_free(struct task *t)
 {
     free(t->seq);

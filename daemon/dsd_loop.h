@@ -39,7 +39,7 @@ struct node {
     dsd_stream_out *stream; /* its units' weights being streamed (no checkpoint copy) */
     uint64_t stream_acked;  /* bytes of them it acknowledged */
     char state[16];
-    char klass[16]; /* server | gpu | edge */
+    char klass[16];                    /* server | gpu | edge */
     uint8_t peer[DSD_MAX_PEER_ID + 1]; /* its control socket identity (name or name#instance) */
     size_t peer_len;
     char problem[512]; /* why it cannot host units (it said so, or its load failed), or "" */
@@ -76,8 +76,8 @@ struct dsd_worker {
     dsd_stream_in *stream_in; /* without a checkpoint copy: weights being received */
     uint8_t *pending_plan;    /* the packed Plan envelope waiting for them */
     size_t pending_plan_len;
-    char *load_json;      /* the plan being loaded: its JSON, written to state_dir once loaded */
-    uint32_t load_layers; /* and its layers (n_layers_hint once loaded) */
+    char *load_json;        /* the plan being loaded: its JSON, written to state_dir once loaded */
+    uint32_t load_layers;   /* and its layers (n_layers_hint once loaded) */
     char last_refusal[256]; /* the coordinator's last Error, logged once per reason */
     char load_token[DSD_TOKEN_LEN]; /* the data token of the plan being loaded */
     char plan_token[DSD_TOKEN_LEN]; /* and of the plan installed */
@@ -102,14 +102,14 @@ struct dsd {
     dsd_data *dp; /* the data thread */
     int sigfd;
     char state[16];
-    uint64_t plan_version; /* the plan rolled out (coordinator) or installed (worker) */
+    uint64_t plan_version;             /* the plan rolled out (coordinator) or installed (worker) */
     char model_digest[DSD_DIGEST_LEN]; /* this node's checkpoint copy (dsd_digest.c), or "" */
     char problem[512];                 /* why this node cannot host units, or "" */
     int lock_fd;                       /* state_dir/dsd.lock, held while running */
     char instance[DSD_TOKEN_LEN];      /* this process: random at start (status "instance") */
     uint64_t last_hb_ns, last_wd_ns, wd_usec;
     uint64_t last_loop_ns; /* the timers' last run: a longer gap is a stall of this process */
-    dsd_loader *loading; /* this node's units of a plan being opened on the loader thread */
+    dsd_loader *loading;   /* this node's units of a plan being opened on the loader thread */
     struct dsd_coord coord;
     struct dsd_worker worker;
     struct dsd_progress progress_load, progress_stream;
@@ -174,7 +174,10 @@ struct node *dsd_members_find_peer(struct dsd *d, const void *peer, size_t len);
 /* Sends env to member n on the control socket (by its socket identity). */
 int dsd_members_send(struct dsd *d, const struct node *n, Dsd__Envelope *env);
 /* Whether member n may be given units: up, not drained, nothing wrong with it. */
-bool dsd_members_plannable(const struct node *n);
+static inline bool dsd_members_plannable(const struct node *n)
+{
+    return !n->failed && !n->drained && !n->problem[0];
+}
 /* Coordinator: one message on the control socket. */
 void dsd_members_on_control(struct dsd *d);
 /* Coordinator: the links to every live node are measured (or nothing to wait for). */

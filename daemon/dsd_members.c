@@ -26,14 +26,6 @@ static json_t *device_from_wire(const Dsd__Device *d)
     return o;
 }
 
-struct node *dsd_members_find(struct dsd *d, const char *name, size_t len)
-{
-    for (uint32_t i = 0; i < d->coord.n_nodes; i++)
-        if (strlen(d->coord.nodes[i].name) == len && !memcmp(d->coord.nodes[i].name, name, len))
-            return &d->coord.nodes[i];
-    return NULL;
-}
-
 /* A worker's StepStats, checked and kept in dsd_data's "stats" JSON form. */
 static void take_stats(struct dsd *d, struct node *n, const Dsd__StepStats *st)
 {
@@ -62,26 +54,6 @@ static bool identity_is(const char *name, const uint8_t *peer, size_t len)
               (peer[i] >= 'A' && peer[i] <= 'Z')))
             return false;
     return true;
-}
-
-struct node *dsd_members_find_peer(struct dsd *d, const void *peer, size_t len)
-{
-    for (uint32_t i = 1; i < d->coord.n_nodes; i++)
-        if (d->coord.nodes[i].peer_len == len && !memcmp(d->coord.nodes[i].peer, peer, len))
-            return &d->coord.nodes[i];
-    return NULL;
-}
-
-int dsd_members_send(struct dsd *d, const struct node *n, Dsd__Envelope *env)
-{
-    if (!n->peer_len)
-        return -ENOTCONN;
-    return dsd_send(d->control, n->peer, n->peer_len, env, NULL, NULL, 0);
-}
-
-bool dsd_members_plannable(const struct node *n)
-{
-    return !n->failed && !n->drained && !n->problem[0];
 }
 
 /* Refuses a hello with err's reason: an Error to the node (which logs it), a log line here,
