@@ -562,6 +562,23 @@ QTARGET static QINLINE void kv(enum ds_dtype dt, const uint8_t *b, __m256i *p, _
     }
 }
 
+/* One super-block's float steps for activation row i (the order of the header): the lane sums
+ * s of S1, the 16-value sums of x times mv for S2. */
+QTARGET static QINLINE __m256 kstep(__m256 acc, __m256i s, const ds_matmul_in *in, uint32_t i,
+                                    uint32_t b, __m256i mv, const kdesc *k)
+{
+    uint32_t cols = in->cols;
+    const int16_t *bs = in->bsum + (size_t)i * (cols / 16) + (size_t)b * 16;
+    __m256i s2 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), mv);
+    float dx = in->d[(size_t)i * (cols / QK_K) + b];
+    if (k->bias) {
+        __m256i t = _mm256_add_epi32(s, _mm256_mullo_epi32(s2, _mm256_set1_epi32(k->bias)));
+        return _mm256_fmadd_ps(_mm256_set1_ps(dx * k->c1), _mm256_cvtepi32_ps(t), acc);
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * k->c1), _mm256_cvtepi32_ps(s), acc);
+    return _mm256_fmadd_ps(_mm256_set1_ps(dx * k->c2), _mm256_cvtepi32_ps(s2), acc);
+}
+
 /* One K-quant weight row against NX activation rows: each super-block unpacked once; the int32
  * lane sums go into 8 float lanes per row (no reduction per super-block). */
 QTARGET static QINLINE void rowk(enum ds_dtype dt, uint32_t bb, const uint8_t *w, uint32_t nb,
@@ -569,7 +586,7 @@ QTARGET static QINLINE void rowk(enum ds_dtype dt, uint32_t bb, const uint8_t *w
                                  size_t os)
 {
     __m256 acc[4];
-    uint32_t cols = in->cols, nbx = cols / QK_K;
+    uint32_t cols = in->cols;
 #pragma GCC unroll 4
     for (uint32_t i = 0; i < NX; i++)
         acc[i] = _mm256_setzero_ps();
@@ -587,16 +604,7 @@ QTARGET static QINLINE void rowk(enum ds_dtype dt, uint32_t bb, const uint8_t *w
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * c));
                 s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(p[c], xv), sc[c]));
             }
-            const int16_t *bs = in->bsum + (size_t)(i0 + i) * (cols / 16) + (size_t)b * 16;
-            __m256i s2 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), mv);
-            float dx = in->d[(size_t)(i0 + i) * nbx + b];
-            if (k.bias) {
-                __m256i t = _mm256_add_epi32(s, _mm256_mullo_epi32(s2, _mm256_set1_epi32(k.bias)));
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c1), _mm256_cvtepi32_ps(t), acc[i]);
-            } else {
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c1), _mm256_cvtepi32_ps(s), acc[i]);
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c2), _mm256_cvtepi32_ps(s2), acc[i]);
-            }
+            acc[i] = kstep(acc[i], s, in, i0 + i, b, mv, &k);
         }
     }
 #pragma GCC unroll 4
@@ -604,8 +612,6 @@ QTARGET static QINLINE void rowk(enum ds_dtype dt, uint32_t bb, const uint8_t *w
         out[i * os] = hsum_f8(acc[i]);
 }
 
-/* Rows [r0, r1): 4 activation rows at a time, then the rest, the weight row unpacked once per
- * group. One function per type so that the unpacking is inlined with constants. */
 /* ---- AVX-512 (BW, VNNI) ----
  * The same integers as above in fewer instructions: a K-quant super-block is 4 zmm of values
  * and 4 of scales, the per-lane int32 sums of the two halves added at the end (exact, so S1_l
@@ -622,7 +628,7 @@ Q512 static QINLINE void rowk512(enum ds_dtype dt, uint32_t bb, const uint8_t *w
                                  size_t os)
 {
     __m256 acc[4];
-    uint32_t cols = in->cols, nbx = cols / QK_K;
+    uint32_t cols = in->cols;
 #pragma GCC unroll 4
     for (uint32_t i = 0; i < NX; i++)
         acc[i] = _mm256_setzero_ps();
@@ -648,16 +654,7 @@ Q512 static QINLINE void rowk512(enum ds_dtype dt, uint32_t bb, const uint8_t *w
             }
             __m256i s8 =
                 _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
-            const int16_t *bs = in->bsum + (size_t)(i0 + i) * (cols / 16) + (size_t)b * 16;
-            __m256i s2 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), mv);
-            float dx = in->d[(size_t)(i0 + i) * nbx + b];
-            if (k.bias) {
-                __m256i t = _mm256_add_epi32(s8, _mm256_mullo_epi32(s2, _mm256_set1_epi32(k.bias)));
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c1), _mm256_cvtepi32_ps(t), acc[i]);
-            } else {
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c1), _mm256_cvtepi32_ps(s8), acc[i]);
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx * k.c2), _mm256_cvtepi32_ps(s2), acc[i]);
-            }
+            acc[i] = kstep(acc[i], s8, in, i0 + i, b, mv, &k);
         }
     }
 #pragma GCC unroll 4
@@ -698,6 +695,8 @@ QVNNI static QINLINE void row32_vnni(enum ds_dtype dt, uint32_t bb, const uint8_
         out[i * os] = hsum_f8(acc[i]);
 }
 
+/* Rows [r0, r1): 4 activation rows at a time, then the rest, the weight row unpacked once per
+ * group. One function per type so that the unpacking is inlined with constants. */
 #define QROWS_KERNEL(NAME, ROW, DT, BB)                                                            \
     QTARGET static void NAME(const ds_weight *w, size_t rb, const ds_matmul_in *in, float *y,      \
                              uint32_t r0, uint32_t r1)                                             \
@@ -767,62 +766,23 @@ void ds_qdot_rows(const ds_weight *w, const ds_matmul_in *in, float *y, uint32_t
         abort(); /* ds_qx_format gave a format only for the types above */
     size_t rb = (size_t)w->cols / qx_block(in->fmt) * t->bb;
 #if defined(__x86_64__)
-    if (isa >= 2) {
-        switch (w->dtype) {
-        case DS_DTYPE_Q8_0:
-            rows512_q8_0(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q4_0:
-            rows512_q4_0(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q5_0:
-            rows512_q5_0(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q2_K:
-            rows512_q2_k(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q3_K:
-            rows512_q3_k(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q4_K:
-            rows512_q4_k(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q5_K:
-            rows512_q5_k(w, rb, in, y, r0, r1);
-            return;
-        default:
-            rows512_q6_k(w, rb, in, y, r0, r1);
-            return;
-        }
-    }
-    if (isa == 1) {
-        switch (w->dtype) {
-        case DS_DTYPE_Q8_0:
-            rows_q8_0(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q4_0:
-            rows_q4_0(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q5_0:
-            rows_q5_0(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q2_K:
-            rows_q2_k(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q3_K:
-            rows_q3_k(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q4_K:
-            rows_q4_k(w, rb, in, y, r0, r1);
-            return;
-        case DS_DTYPE_Q5_K:
-            rows_q5_k(w, rb, in, y, r0, r1);
-            return;
-        default:
-            rows_q6_k(w, rb, in, y, r0, r1);
-            return;
-        }
-    }
+    typedef void (*rows_fn)(const ds_weight *, size_t, const ds_matmul_in *, float *, uint32_t,
+                            uint32_t);
+    static const struct {
+        enum ds_dtype dt;
+        rows_fn avx2, avx512;
+    } kernels[] = {
+        {DS_DTYPE_Q8_0, rows_q8_0, rows512_q8_0}, {DS_DTYPE_Q4_0, rows_q4_0, rows512_q4_0},
+        {DS_DTYPE_Q5_0, rows_q5_0, rows512_q5_0}, {DS_DTYPE_Q2_K, rows_q2_k, rows512_q2_k},
+        {DS_DTYPE_Q3_K, rows_q3_k, rows512_q3_k}, {DS_DTYPE_Q4_K, rows_q4_k, rows512_q4_k},
+        {DS_DTYPE_Q5_K, rows_q5_k, rows512_q5_k}, {DS_DTYPE_Q6_K, rows_q6_k, rows512_q6_k},
+    };
+    if (isa >= 1)
+        for (size_t i = 0; i < sizeof(kernels) / sizeof(kernels[0]); i++)
+            if (kernels[i].dt == w->dtype) {
+                (isa >= 2 ? kernels[i].avx512 : kernels[i].avx2)(w, rb, in, y, r0, r1);
+                return;
+            }
 #else
     (void)isa;
 #endif
