@@ -94,16 +94,19 @@ size_t ds_qx_bytes(uint32_t fmt, uint32_t n, uint32_t cols)
 static float quant_block(const float *x, uint32_t len, int8_t *q)
 {
     float amax = 0;
-    for (uint32_t i = 0; i < len; i++)
+    bool nan = false;
+    for (uint32_t i = 0; i < len; i++) {
         amax = fmaxf(amax, fabsf(x[i]));
-    if (!(amax > 0) || !isfinite(amax)) {
+        nan |= isnan(x[i]); /* fmaxf drops a NaN */
+    }
+    if (nan || !isfinite(amax) || !(amax > 0)) {
         memset(q, 0, len);
-        return amax > 0 ? NAN : 0; /* inf/NaN rows stay poisoned, not silently zero */
+        return nan || !isfinite(amax) ? NAN : 0; /* inf/NaN rows stay poisoned, not zero */
     }
     float id = 127.0f / amax;
     for (uint32_t i = 0; i < len; i++) {
-        float v = nearbyintf(x[i] * id);
-        q[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+        float v = nearbyintf(x[i] * id); /* NaN only as 0 * inf, when amax is subnormal */
+        q[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v == v ? v : 0);
     }
     return amax / 127.0f;
 }

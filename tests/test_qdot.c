@@ -138,6 +138,38 @@ static void test_activation_rounding(void **state)
     }
 }
 
+/* Rows that are not ordinary numbers: a NaN or an infinity poisons its block (scale NaN, so the
+ * products are NaN, as the float path's would be); a subnormal block still rounds into
+ * [-127, 127] (127 / amax overflows to infinity there) without a NaN quant. */
+static void test_activation_edges(void **state)
+{
+    (void)state;
+    uint8_t *wb = random_weight(&qtypes[0], 2, 64);
+    ds_weight w = {.dtype = DS_DTYPE_Q8_0, .rows = 2, .cols = 64, .data = wb};
+    float x[3 * 64];
+    for (int i = 0; i < 3 * 64; i++)
+        x[i] = 0.5f;
+    x[5] = NAN;            /* row 0, block 0 */
+    x[64 + 40] = INFINITY; /* row 1, block 1 */
+    for (int i = 128; i < 192; i++)
+        x[i] = (i & 1) ? 1e-45f : 0.0f; /* row 2: subnormal and zero values */
+    void *buf = qbuf(&w, 3);
+    ds_matmul_in in;
+    ds_matmul_in_prepare(&w, x, 3, buf, &in);
+    assert_true(isnan(in.d[0]) && in.d[1] == 0.5f / 127.0f);
+    assert_true(in.d[2] == 0.5f / 127.0f && isnan(in.d[3]));
+    for (int c = 0; c < 32; c++)
+        assert_int_equal(in.q[c], 0);
+    for (int c = 128; c < 192; c++)
+        assert_true(in.q[c] == ((c & 1) ? 127 : 0));
+    float y[6];
+    ds_weight_matmul(&w, x, 3, y, NULL);
+    assert_true(isnan(y[0]) && isnan(y[1]) && isnan(y[2]) && isnan(y[3]));
+    assert_true(isfinite(y[4]) && isfinite(y[5]));
+    free(buf);
+    free(wb);
+}
+
 /* The value against float64 over the reference dequantiser: each block's term is a product of
  * a few float32 roundings, so the difference is bounded by a small multiple of eps times the
  * sum of |terms| (plus the fmaf chain's own rounding, of the same size). */
@@ -274,9 +306,8 @@ static void test_dequant_mode(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_activation_rounding),
-        cmocka_unit_test(test_value_vs_dequantised),
-        cmocka_unit_test(test_invariance),
+        cmocka_unit_test(test_activation_rounding),  cmocka_unit_test(test_activation_edges),
+        cmocka_unit_test(test_value_vs_dequantised), cmocka_unit_test(test_invariance),
         cmocka_unit_test(test_dequant_mode),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
