@@ -156,8 +156,9 @@ bool ds_tensor_use_avx2(void);
  * neither ds_tensor_force_avx2 nor DS_NO_AVX512=1 keeps the AVX2 tile). Same bits either way. */
 bool ds_tensor_use_avx512(void);
 void ds_tensor_force_avx2(bool on);
-/* Weight rows the one-row decode tile interleaves: 3 (default) or 1; also DS_DECODE_ROWS=1.
- * Speed only: the bits are the same. */
+/* Weight rows the one-row decode tile interleaves: 3 (default; the AVX-512 decode where the CPU
+ * has it) or 1 (the AVX2 tile one row at a time); also DS_DECODE_ROWS=1. Speed only: the bits
+ * are the same. */
 void ds_tensor_set_decode_rows(uint32_t rows);
 
 #endif

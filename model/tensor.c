@@ -872,7 +872,7 @@ void ds_weight_matmul_rows(const ds_weight *w, const float *x, uint32_t n, float
             return;
         case DS_DTYPE_BF16:
         case DS_DTYPE_F16:
-            if (n == 1 && use_avx512() && decode_rows != 1)
+            if (n == 1 && use_avx512() && dec_step() != 1)
                 ds_gemv512_rows((const uint16_t *)w->data + (size_t)r0 * w->cols,
                                 w->dtype == DS_DTYPE_F16, w->cols, r1 - r0, x, y + r0);
             else if (w->dtype == DS_DTYPE_BF16)
