@@ -454,13 +454,16 @@ static void ffn_down_task(void *arg, uint32_t t)
                              k->r1);
 }
 
-/* Bytes of the prepared inputs of FFN f for n rows (each piece 64-byte aligned). */
+/* Bytes of w's prepared input for n rows, rounded to the 64-byte pieces the job lays out. */
+static size_t in_bytes64(const ds_weight *w, uint32_t n)
+{
+    return (ds_matmul_in_bytes(w, n) + 63) & ~(size_t)63;
+}
+
+/* Bytes of the prepared inputs of FFN f for n rows (gate, up and down; up may share gate's). */
 static size_t ffn_in_bytes(const ds_ffn *f, uint32_t n)
 {
-    size_t a = (ds_matmul_in_bytes(&f->gate, n) + 63) & ~(size_t)63;
-    size_t b = (ds_matmul_in_bytes(&f->up, n) + 63) & ~(size_t)63;
-    size_t c = (ds_matmul_in_bytes(&f->down, n) + 63) & ~(size_t)63;
-    return a + b + c;
+    return in_bytes64(&f->gate, n) + in_bytes64(&f->up, n) + in_bytes64(&f->down, n);
 }
 
 /* Chunks of `rows(f)` output rows over every FFN with rows to do; returns the task count. */
@@ -518,12 +521,12 @@ static int ffn_job_run(const ds_ffn *const *f, const uint32_t *off, uint32_t nf,
         uint32_t n = off[j + 1] - off[j];
         const float *x = in + (size_t)off[j] * D;
         ds_matmul_in_prepare(&f[j]->gate, x, n, qp, &job.gin[j]);
-        qp += (ds_matmul_in_bytes(&f[j]->gate, n) + 63) & ~(size_t)63;
+        qp += in_bytes64(&f[j]->gate, n);
         if (ds_matmul_in_fits(&job.gin[j], &f[j]->up)) {
             job.uin[j] = job.gin[j];
         } else {
             ds_matmul_in_prepare(&f[j]->up, x, n, qp, &job.uin[j]);
-            qp += (ds_matmul_in_bytes(&f[j]->up, n) + 63) & ~(size_t)63;
+            qp += in_bytes64(&f[j]->up, n);
         }
     }
     uint32_t nt = ffn_tasks(f, off, nf, false, threads, tasks, max_tasks);
@@ -531,7 +534,7 @@ static int ffn_job_run(const ds_ffn *const *f, const uint32_t *off, uint32_t nf,
     for (uint32_t j = 0; j < nf; j++) {
         uint32_t n = off[j + 1] - off[j];
         ds_matmul_in_prepare(&f[j]->down, g + goff[j], n, qp, &job.din[j]);
-        qp += (ds_matmul_in_bytes(&f[j]->down, n) + 63) & ~(size_t)63;
+        qp += in_bytes64(&f[j]->down, n);
     }
     nt = ffn_tasks(f, off, nf, true, threads, tasks, max_tasks);
     ds_pool_run(pool, nt, ffn_down_task, &job);
